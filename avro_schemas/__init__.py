@@ -1,0 +1,1 @@
+"""The schema registry's data: one ``<type>.avsc`` file per event type."""

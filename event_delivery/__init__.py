@@ -1,0 +1,1 @@
+"""Event Delivery: the shared library behind the per-type delivery jobs."""

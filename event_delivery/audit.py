@@ -1,0 +1,161 @@
+"""Audit delivered output: count every message's outcome and check the contract.
+
+For each type and hour it counts delivered, duplicate, late and dead-lettered
+messages from the files themselves, and checks that delivered ids are unique per
+hour, that every record sits in the folder of its own hour, and that each
+``_SUCCESS`` manifest matches the files beside it::
+
+    python -m event_delivery.audit --storage_root gs://event-delivery-local --window_seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import posixpath
+import sys
+
+from event_delivery import files, partitions
+from event_delivery.registry import load_registry
+
+
+@dataclasses.dataclass
+class HourAudit:
+    partition: str
+    delivered: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_lettered: int = 0
+    staged: int = 0
+    closed: bool = False
+    dead_letter_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    delivered_ids: list = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.delivered + self.duplicates + self.late + self.dead_lettered
+
+
+@dataclasses.dataclass
+class TypeAudit:
+    event_type: str
+    hours: dict = dataclasses.field(default_factory=dict)
+    problems: list = dataclasses.field(default_factory=list)
+
+    def hour(self, partition: str) -> HourAudit:
+        return self.hours.setdefault(partition, HourAudit(partition))
+
+    def total(self, name: str) -> int:
+        return sum(getattr(hour, name) for hour in self.hours.values())
+
+    @property
+    def closed_hours(self) -> int:
+        return sum(hour.closed for hour in self.hours.values())
+
+    @property
+    def settled(self) -> bool:
+        """Every hour with delivered data has closed and nothing waits in staging."""
+        return all(hour.closed or not hour.delivered for hour in self.hours.values()) and not self.total("staged")
+
+
+def partition_bounds(partition: str, window_seconds: int) -> tuple[int, int]:
+    """Epoch millis ``[start, end)`` of a ``dt=YYYY-MM-DD/hr=...`` partition."""
+    day, hour = (part.split("=", 1)[1] for part in partition.split("/"))
+    clock = hour.split("-") + ["00", "00"]
+    start = datetime.datetime.fromisoformat(f"{day}T{clock[0]}:{clock[1]}:{clock[2]}+00:00")
+    start_millis = int(start.timestamp() * 1000)
+    return start_millis, start_millis + window_seconds * 1000
+
+
+def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
+    by_partition = collections.defaultdict(list)
+    prefix = partitions.join(root, event_type) + "/"
+    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", "*")):
+        by_partition[posixpath.dirname(path[len(prefix):])].append(path)
+    return by_partition
+
+
+def _check_in_hour(audit, partition, records, window_seconds, what) -> None:
+    start, end = partition_bounds(partition, window_seconds)
+    for record in records:
+        millis = int(record["received_at"].timestamp() * 1000)
+        if not start <= millis < end:
+            audit.problems.append(f"{what} {partition}: a record's received_at is outside the partition")
+            return
+
+
+def audit_type(event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int):
+    audit = TypeAudit(event_type)
+    for partition, paths in _partition_files(output_root, event_type).items():
+        hour = audit.hour(partition)
+        counts = {}
+        for path in paths:
+            if posixpath.basename(path) == partitions.SUCCESS_MARKER:
+                continue
+            records = files.read_avro(path)
+            counts[path] = len(records)
+            hour.delivered += len(records)
+            hour.delivered_ids.extend(record["event_id"] for record in records)
+            _check_in_hour(audit, partition, records, window_seconds, "delivered")
+        if len(set(hour.delivered_ids)) != len(hour.delivered_ids):
+            audit.problems.append(f"delivered {partition}: duplicate event ids")
+        marker = partitions.join(output_root, event_type, partition, partitions.SUCCESS_MARKER)
+        if files.exists(marker):
+            hour.closed = True
+            manifest = files.read_json(marker)
+            hour.duplicates = manifest["accounting"]["duplicates"]
+            listed = {entry["path"]: entry["records"] for entry in manifest["files"]}
+            if listed != counts:
+                audit.problems.append(f"delivered {partition}: _SUCCESS lists other files or counts than the folder")
+            if manifest["accounting"]["delivered"] != hour.delivered:
+                audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
+    for partition, paths in _partition_files(partitions.join(output_root, "_staging"), event_type).items():
+        audit.hour(partition).staged += sum(files.count_avro_records(path) for path in paths)
+    for partition, paths in _partition_files(late_root, event_type).items():
+        for path in paths:
+            records = files.read_avro(path)
+            audit.hour(partition).late += len(records)
+            _check_in_hour(audit, partition, records, window_seconds, "late")
+    for partition, paths in _partition_files(dead_letter_root, event_type).items():
+        hour = audit.hour(partition)
+        for path in paths:
+            records = files.read_avro(path)
+            hour.dead_lettered += len(records)
+            hour.dead_letter_kinds.update(record["error_kind"].lower() for record in records)
+    return audit
+
+
+def main(argv=None) -> int:
+    registry = load_registry()
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.audit", description=__doc__.split("\n")[0])
+    parser.add_argument("--storage_root", required=True, help="The jobs' --storage_root.")
+    parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
+    parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
+    args = parser.parse_args(argv)
+    from event_delivery.cloud import use_emulator_credentials
+
+    use_emulator_credentials()
+    root = args.storage_root.rstrip("/")
+    report = {}
+    failed = False
+    for name in args.event_type or sorted(registry):
+        audit = audit_type(name, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", args.window_seconds)
+        failed |= bool(audit.problems)
+        report[name] = {
+            "delivered": audit.total("delivered"),
+            "duplicates": audit.total("duplicates"),
+            "late": audit.total("late"),
+            "dead_lettered": audit.total("dead_lettered"),
+            "closed_hours": audit.closed_hours,
+            "staged_in_open_hours": audit.total("staged"),
+            "problems": audit.problems,
+        }
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Reading and writing Avro and JSON on any Beam filesystem (local paths or gs://)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import fastavro
+from apache_beam.io.filesystems import FileSystems
+
+AVRO_CODEC = "deflate"
+
+
+def write_avro(path: str, parsed_schema, records) -> None:
+    """Writes one compressed Avro container file, with its schema, in a single upload."""
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, parsed_schema, records, codec=AVRO_CODEC)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with FileSystems.create(path, mime_type="application/octet-stream") as handle:
+        handle.write(data)
+
+
+def write_json(path: str, document) -> None:
+    write_bytes(path, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def read_avro(path: str) -> list[dict]:
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        return list(fastavro.reader(io.BytesIO(handle.read())))
+
+
+def count_avro_records(path: str) -> int:
+    """Records in an Avro file, counted from its block headers without decoding them."""
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        return sum(block.num_records for block in fastavro.block_reader(io.BytesIO(handle.read())))
+
+
+def read_json(path: str):
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching a glob; ``**`` crosses folders."""
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def move(source: str, destination: str) -> None:
+    """Moves a file; a retry after a completed move is a no-op."""
+    if not FileSystems.exists(source) and FileSystems.exists(destination):
+        return
+    parent = destination.rsplit("/", 1)[0]
+    if FileSystems.get_scheme(parent) is None:
+        os.makedirs(parent, exist_ok=True)  # object stores have no folders to create
+    FileSystems.rename([source], [destination])

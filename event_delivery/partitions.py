@@ -1,0 +1,43 @@
+"""Where things are written: the hour-partitioned layout of the output contract."""
+
+from __future__ import annotations
+
+import datetime
+
+HOUR_SECONDS = 3600
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def check_window_seconds(window_seconds: int) -> None:
+    """Buckets must tile the hour so that every bucket has one folder of its own."""
+    if window_seconds <= 0 or HOUR_SECONDS % window_seconds:
+        raise ValueError(f"window_seconds must divide 3600 (1 hour), not {window_seconds}")
+
+
+def partition(window_start_seconds: float, window_seconds: int = HOUR_SECONDS) -> str:
+    """``dt=YYYY-MM-DD/hr=HH``; buckets shorter than an hour add minutes and seconds."""
+    start = datetime.datetime.fromtimestamp(window_start_seconds, tz=datetime.timezone.utc)
+    hour = f"{start:%H}" if window_seconds == HOUR_SECONDS else f"{start:%H-%M-%S}"
+    return f"dt={start:%Y-%m-%d}/hr={hour}"
+
+
+def partition_dir(root: str, event_type: str, window_start_seconds: float, window_seconds: int) -> str:
+    return join(root, event_type, partition(window_start_seconds, window_seconds))
+
+
+def pane_file_name(event_type: str, run_id: str, pane_index: int, shard: int) -> str:
+    """Deterministic per (run, hour, pane, shard): a retried write replaces its file.
+
+    The run id keeps a restarted job, whose pane indices start again at 0, from
+    overwriting the files of the run before it.
+    """
+    return f"{event_type}-{run_id}-p{pane_index:05d}-s{shard:03d}.avro"
+
+
+def new_run_id() -> str:
+    """A job launch's id: its UTC start time, which sorts and reads well in file names."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dt%H%M%S")
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])

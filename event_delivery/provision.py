@@ -1,0 +1,80 @@
+"""Create each type's topic and delivery subscription, and the output bucket.
+
+Everything derives from the schema registry, and re-running is harmless::
+
+    python -m event_delivery.provision --project local-project --bucket event-delivery-local
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from google.api_core import exceptions
+
+from event_delivery import cloud
+from event_delivery.registry import EventType, load_registry
+
+ACK_DEADLINE_SECONDS = 60
+RETENTION_SECONDS = 7 * 24 * 3600
+
+
+def provision_type(project: str, event_type: EventType, publisher, subscriber) -> None:
+    topic = publisher.topic_path(project, event_type.topic)
+    subscription = subscriber.subscription_path(project, event_type.subscription)
+    try:
+        publisher.create_topic(name=topic)
+    except exceptions.AlreadyExists:
+        pass
+    try:
+        subscriber.create_subscription(
+            request={
+                "name": subscription,
+                "topic": topic,
+                "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
+                "message_retention_duration": {"seconds": RETENTION_SECONDS},
+            }
+        )
+    except exceptions.AlreadyExists:
+        pass
+
+
+def provision_bucket(project: str, bucket: str) -> None:
+    client = cloud.storage_client(project)
+    try:
+        client.create_bucket(bucket)
+    except exceptions.Conflict:
+        pass
+
+
+def provision(project: str, types: list[EventType], bucket: str | None) -> None:
+    publisher, subscriber = cloud.publisher_client(), cloud.subscriber_client()
+    for event_type in types:
+        provision_type(project, event_type, publisher, subscriber)
+    if bucket:
+        provision_bucket(project, bucket)
+
+
+def main(argv=None) -> int:
+    registry = load_registry()
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.provision", description=__doc__.split("\n")[0])
+    parser.add_argument("--project", required=True, help="GCP project (local-project on the emulators).")
+    parser.add_argument("--bucket", help="Output bucket to create, if any.")
+    parser.add_argument("--event_type", action="append", choices=sorted(registry),
+                        help="Only this type (repeatable). Default: every type in the registry.")
+    args = parser.parse_args(argv)
+    types = [registry[name] for name in (args.event_type or sorted(registry))]
+    try:
+        provision(args.project, types, args.bucket)
+    except exceptions.GoogleAPICallError as error:
+        print(f"error: provisioning failed: {error.message}", file=sys.stderr)
+        return 2
+    for event_type in types:
+        print(f"{event_type.name:16} topic {event_type.topic}, subscription {event_type.subscription}")
+    if args.bucket:
+        print(f"bucket gs://{args.bucket}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

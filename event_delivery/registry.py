@@ -1,0 +1,165 @@
+"""The schema registry: every event type is one Avro schema in ``avro_schemas/``.
+
+Record-level properties name the type (``event_type``), its priority ``tier`` and,
+optionally, the field that names the data subject (``subject_field``). A field-level
+``"personal": true`` marks personal data. Topics, subscriptions, jobs, output paths
+and tests all derive from this module; nothing else repeats a type's name or fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import resources
+
+import fastavro
+
+SCHEMA_PACKAGE = "avro_schemas"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """What a priority tier sets for each of its jobs."""
+
+    name: str
+    allowed_lateness_seconds: int
+    num_shards: int
+    max_workers: int
+    recovery_order: int
+
+
+# High-tier hours close soonest so consumers of revenue and royalty data start early;
+# low-tier types wait longer for stragglers and get the fewest resources.
+TIERS = {
+    "high": Tier("high", allowed_lateness_seconds=10 * 60, num_shards=16, max_workers=50, recovery_order=0),
+    "normal": Tier("normal", allowed_lateness_seconds=30 * 60, num_shards=8, max_workers=20, recovery_order=1),
+    "low": Tier("low", allowed_lateness_seconds=2 * 60 * 60, num_shards=4, max_workers=5, recovery_order=2),
+}
+
+# Envelope fields every delivered record carries ahead of the type's own fields.
+ENVELOPE_FIELDS = [
+    {"name": "event_id", "type": "string", "doc": "Producer-assigned id; unique per hour after delivery."},
+    {
+        "name": "received_at",
+        "type": {"type": "long", "logicalType": "timestamp-millis"},
+        "doc": "When the entry point received the event; it decides the hour.",
+    },
+]
+
+
+class RegistryError(ValueError):
+    """A schema in the registry breaks the registry's rules."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EventType:
+    """One event type, as declared by its schema file."""
+
+    name: str
+    tier: Tier
+    subject_field: str | None
+    personal_fields: tuple[str, ...]
+    schema: dict
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(field["name"] for field in self.schema["fields"])
+
+    @property
+    def topic(self) -> str:
+        return f"events-{self.name}"
+
+    @property
+    def subscription(self) -> str:
+        return f"events-{self.name}-delivery"
+
+    @functools.cached_property
+    def parsed_payload_schema(self):
+        """The schema of the message payload, as fastavro validates it."""
+        return fastavro.parse_schema(_without_registry_properties(self.schema))
+
+    @functools.cached_property
+    def delivered_schema(self) -> dict:
+        """The schema of delivered records: the envelope, then the type's fields."""
+        schema = _without_registry_properties(self.schema)
+        schema["fields"] = ENVELOPE_FIELDS + schema["fields"]
+        schema["name"] = schema["name"] + "Delivered"
+        return schema
+
+    @functools.cached_property
+    def parsed_delivered_schema(self):
+        return fastavro.parse_schema(self.delivered_schema)
+
+
+_REGISTRY_PROPERTIES = ("event_type", "tier", "subject_field", "personal", "examples", "range")
+
+
+def _without_registry_properties(node):
+    """A deep copy of a schema without the registry's own annotations."""
+    if isinstance(node, dict):
+        return {k: _without_registry_properties(v) for k, v in node.items() if k not in _REGISTRY_PROPERTIES}
+    if isinstance(node, list):
+        return [_without_registry_properties(v) for v in node]
+    return node
+
+
+def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventType:
+    """Validates one schema against the registry's rules and describes its type."""
+    name = schema.get("event_type")
+    where = f"{file_stem}.avsc" if file_stem else f"schema {schema.get('name')!r}"
+    if not name or not isinstance(name, str):
+        raise RegistryError(f"{where}: missing record-level property 'event_type'")
+    if file_stem is not None and name != file_stem:
+        raise RegistryError(f"{where}: event_type {name!r} must match the file name")
+    if not name.replace("_", "").isalnum() or not name.islower():
+        raise RegistryError(f"{where}: event_type must be lower_snake_case")
+    tier = schema.get("tier")
+    if tier not in TIERS:
+        raise RegistryError(f"{where}: tier must be one of {sorted(TIERS)}, not {tier!r}")
+    fields = {field["name"]: field for field in schema.get("fields", [])}
+    for reserved in ENVELOPE_FIELDS:
+        if reserved["name"] in fields:
+            raise RegistryError(f"{where}: field {reserved['name']!r} is reserved for the envelope")
+    personal = tuple(f["name"] for f in schema["fields"] if f.get("personal") is True)
+    subject = schema.get("subject_field")
+    if subject is not None:
+        if subject not in fields:
+            raise RegistryError(f"{where}: subject_field {subject!r} is not a field")
+        if subject not in personal:
+            raise RegistryError(f"{where}: subject_field {subject!r} must be marked personal")
+        if fields[subject]["type"] != "string":
+            raise RegistryError(f"{where}: subject_field {subject!r} must be a non-null string")
+    elif personal:
+        raise RegistryError(f"{where}: personal fields need a subject_field to key their encryption")
+    try:
+        fastavro.parse_schema(_without_registry_properties(schema))
+    except Exception as error:  # fastavro raises several unrelated types here
+        raise RegistryError(f"{where}: not a valid Avro schema: {error}") from None
+    return EventType(name=name, tier=TIERS[tier], subject_field=subject, personal_fields=personal, schema=schema)
+
+
+@functools.cache
+def load_registry() -> dict[str, EventType]:
+    """All event types, by name, from the packaged ``avro_schemas/``."""
+    types = {}
+    for entry in sorted(resources.files(SCHEMA_PACKAGE).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".avsc"):
+            continue
+        stem = entry.name[: -len(".avsc")]
+        try:
+            schema = json.loads(entry.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise RegistryError(f"{entry.name}: not JSON: {error}") from None
+        types[stem] = event_type_from_schema(schema, stem)
+    if not types:
+        raise RegistryError(f"no schemas found in package {SCHEMA_PACKAGE}")
+    return types
+
+
+def get_event_type(name: str) -> EventType:
+    """The named type, or a ``KeyError`` listing the known ones."""
+    registry = load_registry()
+    if name not in registry:
+        raise KeyError(f"unknown event type {name!r}; known types: {', '.join(sorted(registry))}")
+    return registry[name]

@@ -1,0 +1,1 @@
+"""Beam jobs: one entry point per job family."""

@@ -1,0 +1,30 @@
+"""Event Delivery: per-type Beam jobs from Pub/Sub to hourly, deduplicated Avro on GCS.
+
+Dataflow workers install this package (``--setup_file ./setup.py``), so it carries
+every module the jobs import and the schema registry as package data.
+"""
+
+import setuptools
+
+setuptools.setup(
+    name="event-delivery",
+    version="0.1.0",
+    description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
+    python_requires=">=3.10",
+    packages=["avro_schemas", "event_delivery", "pipelines", "transforms"],
+    package_data={"avro_schemas": ["*.avsc"]},
+    install_requires=[
+        "apache-beam[gcp]==2.77.0",
+        "fastavro==1.13.1",
+        "google-cloud-storage==3.17.1",
+        "google-cloud-pubsub==2.44.0",
+    ],
+    extras_require={
+        "dev": [
+            "pytest==9.2.0",
+            "hypothesis==6.170.15",
+            "ruff==0.17.6",
+            "gcp-storage-emulator==2026.7.19",
+        ],
+    },
+)

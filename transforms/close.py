@@ -1,0 +1,168 @@
+"""Close an hour: publish its staged files and write ``_SUCCESS``, exactly once.
+
+``CloseHour`` is the one authority on whether an hour is closed. Delivered panes
+are written to a staging folder; when the watermark passes the hour's end plus its
+allowed lateness, they move into the hour's folder and the marker is written last.
+A staged pane that turns up after that (or for an hour an earlier run closed) moves
+to the late root instead, so nothing is ever added to a folder that has a marker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import posixpath
+import typing
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+
+from event_delivery import files, partitions
+from event_delivery.cloud import use_emulator_credentials
+from transforms.hours import bucket_start_seconds
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE
+
+_LOG = logging.getLogger(__name__)
+
+
+def _iso(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def build_manifest(event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports) -> dict:
+    """The ``_SUCCESS`` document: the hour's files and its accounting at close.
+
+    ``delivered_files`` maps each published file to its record count; ``reports``
+    supply the duplicates and dead letters counted while the hour was open.
+    """
+    duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
+    dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
+    delivered = sum(delivered_files.values())
+    dead_lettered = sum(dead_letter_files.values())
+    return {
+        "event_type": event_type_name,
+        "hour_start": _iso(hour_start),
+        "hour_end": _iso(hour_start + window_seconds),
+        "closed_at_watermark": _iso(closes_at),
+        "files": [{"path": path, "records": n} for path, n in sorted(delivered_files.items())],
+        "dead_letter_files": [{"path": path, "records": n} for path, n in sorted(dead_letter_files.items())],
+        "accounting": {
+            "in": delivered + duplicates + dead_lettered,
+            "delivered": delivered,
+            "duplicates": duplicates,
+            "dead_lettered": dead_lettered,
+        },
+    }
+
+
+class CloseHourFn(beam.DoFn):
+    REPORTS = BagStateSpec("reports", beam.coders.FastPrimitivesCoder())
+    CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
+    CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
+
+    def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
+        self.output_root, self.late_root, self.staging_root = roots
+        self.event_type_name = event_type_name
+        self.window_seconds = window_seconds
+        self.run_id = run_id
+
+    def setup(self):
+        use_emulator_credentials()
+        self.delivered = beam.metrics.Metrics.counter("delivery", "delivered")
+        self.late = beam.metrics.Metrics.counter("delivery", "late")
+        self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
+
+    def _folder(self, root, window) -> str:
+        return partitions.partition_dir(root, self.event_type_name, bucket_start_seconds(window), self.window_seconds)
+
+    def _is_closed(self, closed, window) -> bool:
+        """Closed in this run, or by an earlier run that left its marker."""
+        state = closed.read()
+        if state is None:
+            state = files.exists(partitions.join(self._folder(self.output_root, window), partitions.SUCCESS_MARKER))
+            closed.write(state)
+        return state
+
+    def process(
+        self,
+        keyed_report,
+        window=beam.DoFn.WindowParam,
+        reports=beam.DoFn.StateParam(REPORTS),
+        closed=beam.DoFn.StateParam(CLOSED),
+        close=beam.DoFn.TimerParam(CLOSE),
+    ):
+        _, hour_report = keyed_report
+        kind, records, path = hour_report
+        if kind == LATE:
+            self.late.inc(records)
+        elif not self._is_closed(closed, window):
+            reports.add(hour_report)
+            close.set(window.end)
+        elif kind == DELIVERED:
+            files.move(path, partitions.join(self._folder(self.late_root, window), posixpath.basename(path)))
+            self.late.inc(records)
+
+    @on_timer(CLOSE)
+    def write_marker(
+        self,
+        window=beam.DoFn.WindowParam,
+        reports=beam.DoFn.StateParam(REPORTS),
+        closed=beam.DoFn.StateParam(CLOSED),
+    ):
+        if closed.read():
+            return  # the marker is written once, even if the runner fires the timer again
+        collected = list(reports.read())
+        staged = {path: records for kind, records, path in collected if kind == DELIVERED}
+        staged.update(self._left_by_earlier_runs(window))
+        folder = self._folder(self.output_root, window)
+        published = {}
+        for path, records in staged.items():
+            destination = partitions.join(folder, posixpath.basename(path))
+            files.move(path, destination)
+            published[destination] = records
+        hour_start = bucket_start_seconds(window)
+        manifest = build_manifest(
+            self.event_type_name, hour_start, self.window_seconds, window.end.micros / 1e6, published, collected
+        )
+        marker = partitions.join(folder, partitions.SUCCESS_MARKER)
+        files.write_json(marker, manifest)
+        closed.write(True)
+        reports.clear()
+        self.delivered.inc(manifest["accounting"]["delivered"])
+        self.closed_hours.inc()
+        _LOG.info("closed %s %s: %d records in %d files", self.event_type_name, _iso(hour_start),
+                  manifest["accounting"]["delivered"], len(published))
+        yield marker
+
+    def _left_by_earlier_runs(self, window) -> dict:
+        """Staged files of this hour from runs that stopped before it closed."""
+        this_run = f"-{self.run_id}-"
+        pattern = partitions.join(self._folder(self.staging_root, window), "*.avro")
+        return {
+            path: files.count_avro_records(path)
+            for path in files.glob(pattern)
+            if this_run not in posixpath.basename(path)
+        }
+
+
+class CloseHour(beam.PTransform):
+    """Hour reports in; the paths of written ``_SUCCESS`` markers out."""
+
+    def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
+        """``roots`` is ``(output_root, late_root, staging_root)``."""
+        super().__init__()
+        self.fn = CloseHourFn(roots, event_type_name, window_seconds, run_id)
+        self.event_type_name = event_type_name
+
+    def expand(self, reports):
+        return (
+            reports
+            | "KeyByType"
+            >> beam.Map(lambda hour_report, name: (name, hour_report), self.event_type_name).with_output_types(
+                typing.Tuple[str, typing.Any]
+            )
+            | "PublishHour" >> beam.ParDo(self.fn)
+        )

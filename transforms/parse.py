@@ -1,0 +1,179 @@
+"""Parse and validate raw messages against the type's schema; failures become dead letters."""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from fastavro.validation import ValidationError, validate
+
+from event_delivery import envelope
+from event_delivery.dead_letters import ErrorKind, dead_letter
+from event_delivery.registry import EventType
+
+DEAD_LETTERS = "dead_letters"
+_MISSING = object()
+
+
+class _Rejected(Exception):
+    """Internal: a message failed one check. The detail never quotes payload values."""
+
+    def __init__(self, kind: ErrorKind, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate object key")
+    return obj
+
+
+def _strings_encode(value) -> bool:
+    """False if any string holds a lone surrogate, which no UTF-8 file can store."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_strings_encode(k) and _strings_encode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_strings_encode(v) for v in value)
+    return True
+
+
+class ParseEventFn(beam.DoFn):
+    """Turns a ``PubsubMessage`` into ``(event_id, received_at_millis, record)``.
+
+    Anything that cannot become such an event goes to the ``dead_letters`` output as
+    ``(event_id or "", received_at_millis, dead_letter_record)``, with a kind from
+    ``ErrorKind``. When ``received_at`` is missing or bad, the message's arrival
+    time (its element timestamp: the Pub/Sub publish time) stands in for it.
+    """
+
+    def __init__(self, event_type: EventType, max_event_bytes: int, late_horizon_seconds: int, max_future_seconds: int):
+        self.event_type = event_type
+        self.max_event_bytes = max_event_bytes
+        self.late_horizon_millis = late_horizon_seconds * 1000
+        self.max_future_millis = max_future_seconds * 1000
+
+    def setup(self):
+        self.schema = self.event_type.parsed_payload_schema
+        self.fields = [(f["name"], f.get("default", _MISSING)) for f in self.event_type.schema["fields"]]
+        self.field_names = {name for name, _ in self.fields}
+        self.received = Metrics.counter("delivery", "in")
+        self.dead_lettered = {kind: Metrics.counter("delivery", f"dead_lettered_{kind.value}") for kind in ErrorKind}
+
+    def process(self, message, timestamp=beam.DoFn.TimestampParam):
+        self.received.inc()
+        attributes = message.attributes or {}
+        data = message.data or b""
+        arrival_millis = timestamp.micros // 1000
+        event_id = attributes.get(envelope.EVENT_ID) or None
+        received_at = arrival_millis
+        try:
+            received_at = self._received_at(attributes, arrival_millis)
+            record = self._validate(event_id, attributes, data)
+        except _Rejected as rejected:
+            self.dead_lettered[rejected.kind].inc()
+            record = dead_letter(
+                self.event_type.name, rejected.kind, rejected.detail, event_id, received_at, attributes, data
+            )
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, (event_id or "", received_at, record))
+            return
+        yield (event_id, received_at, record)
+
+    def _received_at(self, attributes, arrival_millis) -> int:
+        raw = attributes.get(envelope.RECEIVED_AT)
+        if raw is None:
+            return arrival_millis
+        try:
+            millis = envelope.parse_received_at(raw)
+        except envelope.BadTimestamp as error:
+            raise _Rejected(ErrorKind.BAD_TIMESTAMP, str(error)) from None
+        # Beyond these bounds the event would either be dropped by the runner as too
+        # late, or hold a window open far into the future.
+        if millis < arrival_millis - self.late_horizon_millis:
+            raise _Rejected(ErrorKind.BAD_TIMESTAMP, "received_at is older than the late horizon")
+        if millis > arrival_millis + self.max_future_millis:
+            raise _Rejected(ErrorKind.BAD_TIMESTAMP, "received_at is too far in the future")
+        return millis
+
+    def _validate(self, event_id, attributes, data: bytes) -> dict:
+        if len(data) > self.max_event_bytes:
+            raise _Rejected(ErrorKind.TOO_LARGE, f"payload is {len(data)} bytes; the limit is {self.max_event_bytes}")
+        if not event_id:
+            raise _Rejected(ErrorKind.MISSING_ID, "attribute event_id is missing or empty")
+        declared = attributes.get(envelope.EVENT_TYPE)
+        if declared is not None and declared != self.event_type.name:
+            raise _Rejected(ErrorKind.TYPE_MISMATCH, f"attribute event_type is not {self.event_type.name!r}")
+        if not data:
+            raise _Rejected(ErrorKind.EMPTY, "payload is empty")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _Rejected(ErrorKind.NOT_UTF8, f"payload is not UTF-8 (byte {error.start})") from None
+        try:
+            obj = json.loads(
+                text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+            )
+        except RecursionError:
+            raise _Rejected(ErrorKind.NOT_JSON, "payload nests too deeply") from None
+        except ValueError as error:
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+            raise _Rejected(ErrorKind.NOT_JSON, f"payload is not JSON: {reason}") from None
+        if not isinstance(obj, dict):
+            raise _Rejected(ErrorKind.NOT_OBJECT, "payload is JSON but not an object")
+        return self._conform(obj, has_escapes="\\u" in text)
+
+    def _conform(self, obj: dict, has_escapes: bool) -> dict:
+        unknown = len(obj.keys() - self.field_names)
+        if unknown:
+            # Unknown keys are not quoted: a broken producer may put personal data there.
+            raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"{unknown} field(s) not in the schema")
+        record = {}
+        for name, default in self.fields:
+            value = obj.get(name, default)
+            if value is _MISSING:
+                raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"required field {name!r} is missing")
+            record[name] = value
+        if not validate(record, self.schema, raise_errors=False):
+            raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"field(s) {self._invalid_fields(record)} have the wrong type")
+        if has_escapes and not _strings_encode(record):
+            raise _Rejected(ErrorKind.SCHEMA_VIOLATION, "a string holds a lone surrogate")
+        return record
+
+    def _invalid_fields(self, record) -> str:
+        try:
+            validate(record, self.schema, raise_errors=True)
+        except ValidationError as error:
+            names = sorted({str(e.field).rsplit(".", 1)[-1] for e in error.errors})
+            return ", ".join(repr(n) for n in names)
+        return "?"
+
+
+class ParseEvents(beam.PTransform):
+    """Messages in; ``events`` and ``dead_letters`` out."""
+
+    def __init__(self, event_type: EventType, max_event_bytes: int, late_horizon_seconds: int, max_future_seconds: int):
+        super().__init__()
+        self.fn = ParseEventFn(event_type, max_event_bytes, late_horizon_seconds, max_future_seconds)
+
+    def expand(self, messages):
+        return messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, main="events")

@@ -1,0 +1,20 @@
+"""Read a type's raw messages."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+
+class ReadMessages(beam.PTransform):
+    """``PubsubMessage``s, with attributes, from the type's delivery subscription.
+
+    The element timestamp is the Pub/Sub publish time; parsing replaces it with
+    ``received_at``.
+    """
+
+    def __init__(self, subscription: str):
+        super().__init__()
+        self.subscription = subscription
+
+    def expand(self, pipeline):
+        return pipeline | "ReadFromPubSub" >> beam.io.ReadFromPubSub(subscription=self.subscription, with_attributes=True)

@@ -1,0 +1,18 @@
+"""Hour reports: what each step tells ``CloseHour`` about an hour it touched.
+
+A report is a plain tuple ``(kind, records, path)``, so it travels with Beam's
+fastest coder. ``path`` is the written file, or empty for duplicate counts.
+"""
+
+from __future__ import annotations
+
+DELIVERED = "delivered"  # a pane staged for the hour's folder
+DUPLICATES = "duplicates"
+LATE = "late"  # a pane written to the late root
+DEAD_LETTERED = "dead_lettered"
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED)
+
+
+def report(kind: str, records: int, path: str = "") -> tuple:
+    assert kind in KINDS, kind
+    return (kind, records, path)
