@@ -25,7 +25,7 @@ from event_delivery.audit import TypeAudit, audit_type
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.emulators import EmulatorError, running_emulators
 from event_delivery.loadgen import Ledger, TrafficMix, publish_traffic, traffic
-from event_delivery.local_jobs import JobError, start_job
+from event_delivery.local_jobs import JobError, start_job, stop_jobs
 from event_delivery.producer import EventPublisher
 from event_delivery.registry import load_registry
 
@@ -42,10 +42,10 @@ class Scenario:
     trigger_seconds: int = 2
     late_horizon_seconds: int = 600
     num_shards: int = 2
-    publish_seconds: float = 20
-    rate: float = 15
+    publish_seconds: float = 25
+    rate: float = 10
     mix: TrafficMix = dataclasses.field(
-        default_factory=lambda: TrafficMix(duplicates=0.08, malformed=0.04, late=0.04, late_by_seconds=60)
+        default_factory=lambda: TrafficMix(duplicates=0.08, malformed=0.04, late=0.04, late_by_seconds=20)
     )
     close_timeout_seconds: float = 90
 
@@ -135,8 +135,7 @@ def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict
             else:
                 say("warning: some hours did not close in time; the table shows them open")
         finally:
-            for job in jobs:
-                job.stop()
+            stop_jobs(jobs)
         return {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
 
 
@@ -172,8 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--state_dir", type=pathlib.Path, default=pathlib.Path(".demo"),
                         help="Emulator data, job logs and the delivered output. Default: .demo")
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
-    parser.add_argument("--publish_seconds", type=float, default=20)
-    parser.add_argument("--rate", type=float, default=15, help="Messages per second per type.")
+    parser.add_argument("--publish_seconds", type=float, default=25)
+    parser.add_argument("--rate", type=float, default=10, help="Messages per second per type.")
     args = parser.parse_args(argv)
     shutil.rmtree(args.state_dir, ignore_errors=True)
     scenario = Scenario(types=args.event_type or sorted(registry), publish_seconds=args.publish_seconds,

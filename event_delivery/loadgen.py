@@ -4,8 +4,9 @@ Values come from the schema alone: enums pick a symbol, fields with ``examples``
 pick one, numeric fields with a ``range`` draw from it, and the subject field draws
 from a fixed pool of subjects. Injected trouble is exact and recorded in a ledger:
 duplicates (a producer retry: same id, same attributes), malformed messages (one of
-every dead-letter kind, in turn) and late events (stamped long enough ago that their
-hour has closed).
+every dead-letter kind, in turn) and late events (stamped ``late_by_seconds`` ago,
+once the traffic is that old, so that they belong to an hour that had traffic and
+has closed).
 
     python -m event_delivery.loadgen --project local-project --event_type play \\
         --count 1000 --rate 200 --duplicates 0.05 --malformed 0.01 --late 0.02
@@ -135,28 +136,36 @@ def traffic(event_type: EventType, count: int, mix: TrafficMix, rng: random.Rand
     recent = collections.deque(maxlen=RECENT_EVENTS)
     kinds = list(ErrorKind)
     malformed_sent = 0
+    first_millis = int(clock() * 1000)
     for _ in range(count):
         now_millis = int(clock() * 1000)
         draw = rng.random()
+        late_at = now_millis - mix.late_by_seconds * 1000
         if draw < mix.late:
-            fields = fake_fields(event_type, rng, mix.subjects)
-            late_at = now_millis - mix.late_by_seconds * 1000
-            attributes = attributes_for(event_type, str(uuid.UUID(int=rng.getrandbits(128))), late_at)
-            yield Message(json.dumps(fields).encode(), attributes, LATE)
+            # Late events belong to an hour that had traffic, so it has closed by now;
+            # until the traffic is that old, the draw yields an ordinary event.
+            if late_at >= first_millis:
+                yield _event(event_type, rng, mix, late_at, LATE)
+                continue
         elif draw < mix.late + mix.malformed:
             kind = kinds[malformed_sent % len(kinds)]
             malformed_sent += 1
             data, attributes = malformed(event_type, kind, rng, now_millis, mix.max_event_bytes)
             yield Message(data, attributes, DEAD_LETTER, kind)
+            continue
         elif draw < mix.late + mix.malformed + mix.duplicates and recent:
             original = rng.choice(recent)
             yield Message(original.data, original.attributes, DUPLICATE)
-        else:
-            fields = fake_fields(event_type, rng, mix.subjects)
-            attributes = attributes_for(event_type, str(uuid.UUID(int=rng.getrandbits(128))), now_millis)
-            message = Message(json.dumps(fields).encode(), attributes, DELIVERED)
-            recent.append(message)
-            yield message
+            continue
+        message = _event(event_type, rng, mix, now_millis, DELIVERED)
+        recent.append(message)
+        yield message
+
+
+def _event(event_type, rng, mix, received_at_millis, expected) -> Message:
+    fields = fake_fields(event_type, rng, mix.subjects)
+    attributes = attributes_for(event_type, str(uuid.UUID(int=rng.getrandbits(128))), received_at_millis)
+    return Message(json.dumps(fields).encode(), attributes, expected)
 
 
 def publish_traffic(publisher: EventPublisher, messages, rate: float, progress=None) -> Ledger:

@@ -37,15 +37,25 @@ class LocalJob:
             time.sleep(0.2)
         raise JobError(f"the {self.event_type} job did not start within {timeout_seconds}s:\n{self.log_tail()}")
 
-    def stop(self, timeout_seconds: float = 30) -> int:
+    def request_stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_seconds)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+    def wait_stopped(self, timeout_seconds: float = 15) -> int:
+        """Waits for the job to cancel; a Pub/Sub pull in flight can block it, so it is killed then."""
+        try:
+            self.process.wait(timeout_seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         return self.process.returncode
+
+
+def stop_jobs(jobs: list[LocalJob]) -> None:
+    for job in jobs:
+        job.request_stop()
+    for job in jobs:
+        job.wait_stopped()
 
 
 def start_job(event_type: str, args: list[str], log_dir: pathlib.Path, env: dict | None = None) -> LocalJob:
