@@ -233,16 +233,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def start(argv: list[str]):
+    """Builds and starts the job; returns its result and runner. Flag errors exit with code 2."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     try:
         settings = settings_from_args(args)
         subscription = subscription_path(args, settings.event_type)
-    except ValueError as error:
-        parser.error(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except (KeyError, ValueError) as error:
+        parser.error(str(error).strip("'\""))
     use_emulator_credentials()
     options = PipelineOptions(argv)
     standard = options.view_as(StandardOptions)
@@ -254,12 +253,25 @@ def main(argv=None) -> int:
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)
     result = pipeline.run()
-    signal.signal(signal.SIGTERM, _interrupt)
     logging.info("delivering %s from %s to %s", settings.event_type.name, subscription, settings.output_root)
+    return result, standard.runner
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    result, runner = start(argv)
+    if runner != LOCAL_RUNNER:
+        return 0  # the remote service runs the job from here on
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result.wait_until_finish()
     except KeyboardInterrupt:
-        logging.info("stopping the %s job", settings.event_type.name)
+        logging.info("stopping the job")
         result.cancel()
     return 0
 

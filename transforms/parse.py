@@ -6,6 +6,7 @@ import json
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from fastavro.validation import ValidationError, validate
 
 from event_delivery import envelope
@@ -84,9 +85,10 @@ class ParseEventFn(beam.DoFn):
         self.received.inc()
         attributes = message.attributes or {}
         data = message.data or b""
-        arrival_millis = timestamp.micros // 1000
+        # Without a source timestamp (a bounded replay), arrival is unknown.
+        arrival_millis = None if timestamp == MIN_TIMESTAMP else timestamp.micros // 1000
         event_id = attributes.get(envelope.EVENT_ID) or None
-        received_at = arrival_millis
+        received_at = arrival_millis or 0
         try:
             received_at = self._received_at(attributes, arrival_millis)
             record = self._validate(event_id, attributes, data)
@@ -102,11 +104,15 @@ class ParseEventFn(beam.DoFn):
     def _received_at(self, attributes, arrival_millis) -> int:
         raw = attributes.get(envelope.RECEIVED_AT)
         if raw is None:
+            if arrival_millis is None:
+                raise _Rejected(ErrorKind.BAD_TIMESTAMP, "no received_at and no arrival time")
             return arrival_millis
         try:
             millis = envelope.parse_received_at(raw)
         except envelope.BadTimestamp as error:
             raise _Rejected(ErrorKind.BAD_TIMESTAMP, str(error)) from None
+        if arrival_millis is None:
+            return millis
         # Beyond these bounds the event would either be dropped by the runner as too
         # late, or hold a window open far into the future.
         if millis < arrival_millis - self.late_horizon_millis:

@@ -1,0 +1,92 @@
+"""Deploy delivery jobs to Dataflow: one streaming job per type, sized by its tier.
+
+    python -m event_delivery.deploy --project my-project --region europe-west1 \\
+        --bucket my-bucket --event_type play          # one type
+    python -m event_delivery.deploy ... --tier high   # every type of a tier
+    python -m event_delivery.deploy ... --update      # replace running jobs in place
+    python -m event_delivery.deploy ... --dry_run     # build, validate and stage only
+
+A dry run translates each job for Dataflow and stages its artifacts (the package,
+the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
+runs it against the GCS emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from event_delivery.registry import TIERS, EventType, load_registry
+
+
+def dataflow_args(event_type: EventType, project: str, region: str, bucket: str, update: bool) -> list[str]:
+    """The delivery job's flags on Dataflow; the tier sets the resources."""
+    args = [
+        f"--event_type={event_type.name}",
+        f"--project={project}",
+        f"--region={region}",
+        f"--storage_root=gs://{bucket}",
+        "--runner=DataflowRunner",
+        f"--job_name=events-{event_type.name.replace('_', '-')}",
+        f"--temp_location=gs://{bucket}/tmp",
+        f"--staging_location=gs://{bucket}/staging",
+        "--setup_file=./setup.py",
+        "--enable_streaming_engine",
+        "--autoscaling_algorithm=THROUGHPUT_BASED",
+        f"--max_num_workers={event_type.tier.max_workers}",
+        f"--labels=event_type={event_type.name}",
+        f"--labels=tier={event_type.tier.name}",
+    ]
+    if update:
+        args.append("--update")
+    return args
+
+
+def dry_run(argv: list[str]):
+    """Translates and stages one job without submitting it; returns the staged job."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    from pipelines import delivery
+
+    argv = [*argv, "--dry_run=True", "--no_auth", "--sdk_location=container"]
+    result, _ = delivery.start(argv)
+    options = PipelineOptions(argv)
+    apiclient.DataflowApplicationClient(options, result.job.root_staging_location).create_job_description(result.job)
+    return result.job
+
+
+def selected_types(names: list[str] | None, tier: str | None) -> list[EventType]:
+    registry = load_registry()
+    if tier:
+        return sorted((t for t in registry.values() if t.tier.name == tier), key=lambda t: t.name)
+    return [registry[name] for name in names]
+
+
+def main(argv=None) -> int:
+    registry = load_registry()
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--bucket", required=True, help="Output, temp and staging bucket, without gs://.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event_type", action="append", choices=sorted(registry))
+    which.add_argument("--tier", choices=sorted(TIERS, key=lambda name: TIERS[name].recovery_order))
+    parser.add_argument("--update", action="store_true", help="Update running jobs in place (stable step names).")
+    parser.add_argument("--dry_run", action="store_true", help="Build and stage only; submit nothing.")
+    args = parser.parse_args(argv)
+    from pipelines import delivery
+
+    for event_type in selected_types(args.event_type, args.tier):
+        job_args = dataflow_args(event_type, args.project, args.region, args.bucket, args.update)
+        if args.dry_run:
+            job = dry_run(job_args)
+            print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")
+        else:
+            delivery.start(job_args)
+            print(f"{event_type.name}: submitted as events-{event_type.name.replace('_', '-')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
