@@ -1,0 +1,62 @@
+"""Deduplication across panes of an hour, bounded state, and late panes after the close."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import FixedWindows
+
+from transforms.dedup import Deduplicate
+from transforms.hours import BucketByHour
+from tests.streams import Clock, streaming_pipeline
+
+WINDOW, LATENESS, TRIGGER = 60, 30, 5
+
+
+def event(event_id, received_at_seconds):
+    return (event_id, received_at_seconds * 1000, {"n": event_id})
+
+
+def run(clock, unique, late, duplicates):
+    """Runs the stream through bucketing and deduplication and checks what comes out."""
+    with streaming_pipeline() as pipeline:
+        panes = pipeline | clock.finish() | BucketByHour(WINDOW, LATENESS, TRIGGER, 3600, num_shards=3)
+        result = panes | Deduplicate()
+        ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
+        assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
+        assert_that(ids("LateIds", result.late), equal_to(late), label="late")
+        counted = (
+            result.duplicates
+            | beam.Map(lambda report: report[1])
+            | beam.WindowInto(FixedWindows(10**6))  # one window for the whole test
+            | beam.CombineGlobally(sum).without_defaults()
+        )
+        assert_that(counted, equal_to(duplicates), label="duplicates")
+
+
+def test_repeats_are_dropped_within_a_pane_and_across_panes():
+    start = 600
+    clock = Clock(start)
+    clock.arrive(*(event(f"e{i}", start + i) for i in range(6)), event("e0", start))  # repeat in the same pane
+    clock.advance(TRIGGER * 2)  # the first pane fires
+    clock.arrive(event("e1", start + 1), event("e2", start + 2), event("e9", start + 9))  # repeats in a later pane
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e0", "e1", "e2", "e3", "e4", "e5", "e9"], late=[], duplicates=[3])
+
+
+def test_the_same_id_in_another_hour_is_not_a_duplicate():
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start), event("e1", start + WINDOW))
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1", "e1"], late=[], duplicates=[])
+
+
+def test_after_the_close_state_is_gone_and_panes_are_late():
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1), event("e2", start + 2))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
+    clock.arrive(event("e1", start + 1), event("e3", start + 3))  # a repeat and a straggler, both late
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1", "e2"], late=["e1", "e3"], duplicates=[])

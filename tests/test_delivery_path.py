@@ -1,0 +1,196 @@
+"""The whole delivery path on a TestStream, writing to local folders.
+
+Event time and processing time advance together, as they do on the DirectRunner
+reading Pub/Sub, so hours close exactly when the watermark passes their end plus
+the allowed lateness.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import random
+
+import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
+
+from event_delivery import files, partitions
+from event_delivery.audit import audit_type
+from event_delivery.dead_letters import ErrorKind
+from event_delivery.loadgen import malformed
+from pipelines.delivery import DeliverySettings, deliver
+from tests.conftest import message, raw_message, valid_fields
+from tests.streams import Clock, streaming_pipeline
+
+WINDOW, LATENESS, TRIGGER = 60, 30, 5
+START = 3600  # 1970-01-01T01:00:00Z: a TestStream's processing clock starts at 0
+
+
+@pytest.fixture
+def settings(tmp_path, registry):
+    def make(type_name="service_log", run_id="run1"):
+        return DeliverySettings(
+            registry[type_name],
+            output_root=str(tmp_path / "delivered"),
+            late_root=str(tmp_path / "late"),
+            dead_letter_root=str(tmp_path / "dead-letter"),
+            window_seconds=WINDOW,
+            allowed_lateness_seconds=LATENESS,
+            trigger_seconds=TRIGGER,
+            late_horizon_seconds=86400,
+            num_shards=3,
+            run_id=run_id,
+        )
+
+    return make
+
+
+def run(settings, clock):
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+
+def audit(settings):
+    return audit_type(
+        settings.event_type.name, settings.output_root, settings.late_root, settings.dead_letter_root, WINDOW
+    )
+
+
+def hour_folder(settings, start_seconds) -> pathlib.Path:
+    return pathlib.Path(partitions.partition_dir(settings.output_root, settings.event_type.name, start_seconds, WINDOW))
+
+
+def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
+    s = settings()
+    log = registry["service_log"]
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(10)))
+    clock.advance(TRIGGER * 2)
+    clock.arrive(message(valid_fields(log, 1), "e1", (START + 1) * 1000), raw_message(b"{oops", "bad"))
+    clock.advance(TRIGGER * 2)
+    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(20, 25)))
+    clock.advance(WINDOW + LATENESS)
+    run(s, clock)
+
+    result = audit(s)
+    assert not result.problems
+    [hour] = [h for h in result.hours.values() if h.delivered]
+    assert hour.closed
+    assert sorted(hour.delivered_ids) == sorted([f"e{i}" for i in range(10)] + [f"e{i}" for i in range(20, 25)])
+    assert (hour.duplicates, hour.late, hour.dead_lettered) == (1, 0, 1)
+    manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
+    assert manifest["accounting"] == {"in": 17, "delivered": 15, "duplicates": 1, "dead_lettered": 1}
+    assert manifest["hour_start"] == "1970-01-01T01:00:00Z"
+    assert not files.glob(f"{s.staging_root}/*/*/*/*"), "staging is empty once the hour is published"
+
+
+def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, registry):
+    s = settings()
+    log = registry["service_log"]
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(5)))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # closes the first hour
+    clock.arrive(
+        message(valid_fields(log, 7), "late-1", (START + 7) * 1000),
+        message(valid_fields(log, 1), "e1", (START + 1) * 1000),  # a repeat, after the close: late too
+        message(valid_fields(log, 8), "next-1", clock.now * 1000),
+    )
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    run(s, clock)
+
+    result = audit(s)
+    assert not result.problems
+    first = result.hours[partitions.partition(START, WINDOW)]
+    assert (first.delivered, first.late, first.closed) == (5, 2, True)
+    manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
+    listed = sorted(pathlib.Path(f["path"]).name for f in manifest["files"])
+    present = sorted(p.name for p in hour_folder(s, START).iterdir() if p.name != "_SUCCESS")
+    assert listed == present, "nothing was added to the folder after its marker"
+    late_records = [r for p in files.glob(f"{s.late_root}/service_log/*/*/*") for r in files.read_avro(p)]
+    assert sorted(r["event_id"] for r in late_records) == ["e1", "late-1"]
+
+
+def test_an_hour_closed_by_an_earlier_run_stays_closed(settings, registry):
+    log = registry["service_log"]
+    first = settings(run_id="run1")
+    clock = Clock(START)
+    clock.arrive(message(valid_fields(log, 1), "e1", (START + 1) * 1000))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    run(first, clock)
+    marker = hour_folder(first, START) / "_SUCCESS"
+    before = marker.read_bytes()
+
+    # A restarted job has no state, and its watermark may lag: the marker decides.
+    second = settings(run_id="run2")
+    clock = Clock(START)
+    clock.arrive(message(valid_fields(log, 2), "e2", (START + 2) * 1000))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    run(second, clock)
+
+    assert marker.read_bytes() == before
+    result = audit(second)
+    hour = result.hours[partitions.partition(START, WINDOW)]
+    assert (hour.delivered, hour.late) == (1, 1)
+    assert not result.problems
+
+
+def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, registry):
+    log = registry["service_log"]
+    resumed = settings(run_id="run2")
+    # A run that stopped before the hour closed left one staged pane behind.
+    staging = partitions.partition_dir(resumed.staging_root, "service_log", START, WINDOW)
+    leftover = {"event_id": "e1", "received_at": (START + 1) * 1000, **valid_fields(log, 1)}
+    files.write_avro(f"{staging}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}",
+                     log.parsed_delivered_schema, [leftover])
+
+    clock = Clock(START + 10)
+    clock.arrive(message(valid_fields(log, 2), "e2", (START + 12) * 1000))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    run(resumed, clock)
+
+    result = audit(resumed)
+    hour = result.hours[partitions.partition(START, WINDOW)]
+    assert sorted(hour.delivered_ids) == ["e1", "e2"] and hour.closed
+    assert not result.problems
+
+
+def test_every_message_is_accounted_for_in_every_hour(settings, registry):
+    """in = delivered + duplicates + late + dead-lettered, per hour, over a mixed stream."""
+    s = settings("search")
+    search = registry["search"]
+    rng = random.Random(7)
+    clock = Clock(START)
+    sent = collections.Counter()  # partition -> messages sent for it
+    fresh = []
+    for _ in range(12):
+        batch = []
+        for _ in range(8):
+            draw = rng.random()
+            if draw < 0.1:
+                kind = rng.choice([k for k in ErrorKind if k is not ErrorKind.BAD_TIMESTAMP])
+                data, attributes = malformed(search, kind, rng, clock.now * 1000, s.max_event_bytes)
+                batch.append(PubsubMessage(data, attributes))
+                sent[partitions.partition(clock.now - clock.now % WINDOW, WINDOW)] += 1
+                continue
+            if draw < 0.3 and fresh:
+                event_id, at = rng.choice(fresh)  # a producer retry: same id, same stamp
+            elif draw < 0.4 and clock.now - START > WINDOW + LATENESS:
+                event_id, at = f"late-{rng.getrandbits(32)}", START + rng.randrange(WINDOW)
+            else:
+                event_id, at = f"e-{rng.getrandbits(32)}", clock.now
+                fresh.append((event_id, at))
+            batch.append(message(valid_fields(search, rng.randrange(1000)), event_id, at * 1000))
+            sent[partitions.partition(at - at % WINDOW, WINDOW)] += 1
+        clock.arrive(*batch)
+        clock.advance(TRIGGER * 3)
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    run(s, clock)
+
+    result = audit(s)
+    assert not result.problems
+    assert {p: h.total for p, h in result.hours.items()} == dict(sent)
+    assert sum(h.late for h in result.hours.values()) > 0 and sum(h.duplicates for h in result.hours.values()) > 0
+    for hour in result.hours.values():
+        assert len(set(hour.delivered_ids)) == len(hour.delivered_ids)
+        assert hour.closed or not hour.delivered
