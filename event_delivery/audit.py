@@ -78,6 +78,17 @@ def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
     return by_partition
 
 
+def hours_settled(event_type: str, output_root: str) -> bool:
+    """True when nothing waits in staging and every hour folder has its marker.
+
+    It only lists files, so it is safe to call while a job is publishing an hour.
+    """
+    if files.glob(partitions.join(output_root, "_staging", event_type, "dt=*", "hr=*", "*.avro")):
+        return False
+    folders = _partition_files(output_root, event_type).values()
+    return all(any(posixpath.basename(p) == partitions.SUCCESS_MARKER for p in paths) for paths in folders)
+
+
 def _check_in_hour(audit, partition, records, window_seconds, what) -> None:
     start, end = partition_bounds(partition, window_seconds)
     for record in records:

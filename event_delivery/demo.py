@@ -21,7 +21,7 @@ import threading
 import time
 
 from event_delivery import provision
-from event_delivery.audit import TypeAudit, audit_type
+from event_delivery.audit import TypeAudit, audit_type, hours_settled
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.emulators import EmulatorError, running_emulators
 from event_delivery.loadgen import Ledger, TrafficMix, publish_traffic, traffic
@@ -106,37 +106,39 @@ def _publish_all(scenario: Scenario, say) -> dict[str, Ledger]:
 
 
 def _all_hours_closed(scenario: Scenario) -> bool:
-    return all(scenario.audit(name).settled for name in scenario.types)
+    return all(hours_settled(name, f"{scenario.storage_root}/delivered") for name in scenario.types)
 
 
 def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict[str, Outcome]:
-    """Runs the scenario on fresh emulators and returns each type's ledger and audit."""
-    with running_emulators(state_dir):
-        use_emulator_credentials()
-        provision.provision(scenario.project, [load_registry()[n] for n in scenario.types], scenario.bucket)
-        say(f"emulators up, {len(scenario.types)} types provisioned; starting one job per type")
-        jobs = [start_job(name, scenario.job_args(), state_dir / "logs") for name in scenario.types]
-        try:
-            for job in jobs:
-                job.wait_ready()
-            say(f"jobs running; publishing for {scenario.publish_seconds:.0f}s at {scenario.rate:.0f} msg/s per type")
-            ledgers = _publish_all(scenario, say)
-            # The last hour closes one window plus the lateness after the last publish.
-            earliest_close = time.monotonic() + scenario.window_seconds + scenario.allowed_lateness_seconds
-            deadline = earliest_close + scenario.close_timeout_seconds
-            say("published; waiting for the last hours to close")
-            while time.monotonic() < deadline:
-                time.sleep(2)
-                for job in jobs:
-                    if job.process.poll() is not None:
-                        raise JobError(f"the {job.event_type} job died:\n{job.log_tail()}")
-                if time.monotonic() >= earliest_close + scenario.trigger_seconds and _all_hours_closed(scenario):
-                    break
-            else:
-                say("warning: some hours did not close in time; the table shows them open")
-        finally:
-            stop_jobs(jobs)
-        return {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
+    """Runs the scenario on the emulators ``os.environ`` points at; returns each type's ledger and audit."""
+    use_emulator_credentials()
+    provision.provision(scenario.project, [load_registry()[n] for n in scenario.types], scenario.bucket)
+    say(f"{len(scenario.types)} types provisioned; starting one delivery job per type")
+    jobs = [start_job(name, scenario.job_args(), state_dir / "logs") for name in scenario.types]
+    try:
+        for job in jobs:
+            job.wait_ready()
+        say(f"jobs running; publishing for {scenario.publish_seconds:.0f}s at {scenario.rate:.0f} msg/s per type")
+        ledgers = _publish_all(scenario, say)
+        _wait_for_hours_to_close(scenario, jobs, say)
+    finally:
+        stop_jobs(jobs)
+    return {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
+
+
+def _wait_for_hours_to_close(scenario: Scenario, jobs, say) -> None:
+    # The last hour closes one window plus the lateness after the last publish.
+    earliest_close = time.monotonic() + scenario.window_seconds + scenario.allowed_lateness_seconds
+    deadline = earliest_close + scenario.close_timeout_seconds
+    say("published; waiting for the last hours to close")
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        for job in jobs:
+            if job.process.poll() is not None:
+                raise JobError(f"the {job.event_type} job died:\n{job.log_tail()}")
+        if time.monotonic() >= earliest_close + scenario.trigger_seconds and _all_hours_closed(scenario):
+            return
+    say("warning: some hours did not close in time; the table shows them open")
 
 
 def format_table(outcomes: dict[str, Outcome]) -> str:
@@ -178,8 +180,11 @@ def main(argv=None) -> int:
     scenario = Scenario(types=args.event_type or sorted(registry), publish_seconds=args.publish_seconds,
                         rate=args.rate)
     started = time.monotonic()
+    say = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        outcomes = run_scenario(scenario, args.state_dir, say=lambda line: print(line, flush=True))
+        with running_emulators(args.state_dir):
+            say("emulators up")
+            outcomes = run_scenario(scenario, args.state_dir, say)
     except (EmulatorError, JobError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -39,6 +39,14 @@ class Message:
     expected: str
     kind: ErrorKind | None = None
 
+    @property
+    def received_at_millis(self) -> int | None:
+        """The hour-deciding stamp, or None where it is missing or unparseable."""
+        try:
+            return envelope.parse_received_at(self.attributes[envelope.RECEIVED_AT])
+        except (KeyError, envelope.BadTimestamp):
+            return None
+
 
 @dataclasses.dataclass
 class Ledger:
@@ -47,10 +55,12 @@ class Ledger:
     published: int = 0
     expected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dead_letter_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    received_at_millis: list = dataclasses.field(default_factory=list)
 
     def record(self, message: Message) -> None:
         self.published += 1
         self.expected[message.expected] += 1
+        self.received_at_millis.append(message.received_at_millis)
         if message.kind is not None:
             self.dead_letter_kinds[message.kind.value] += 1
 
