@@ -74,7 +74,7 @@ def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
     by_partition = collections.defaultdict(list)
     prefix = partitions.join(root, event_type) + "/"
     for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", "*")):
-        by_partition[posixpath.dirname(path[len(prefix):])].append(path)
+        by_partition[posixpath.dirname(path[len(prefix) :])].append(path)
     return by_partition
 
 

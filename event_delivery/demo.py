@@ -66,9 +66,7 @@ class Scenario:
 
     def audit(self, event_type: str) -> TypeAudit:
         root = self.storage_root
-        return audit_type(
-            event_type, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", self.window_seconds
-        )
+        return audit_type(event_type, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", self.window_seconds)
 
 
 @dataclasses.dataclass
@@ -161,8 +159,12 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -170,15 +172,18 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
 def main(argv=None) -> int:
     registry = load_registry()
     parser = argparse.ArgumentParser(prog="python -m event_delivery.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--state_dir", type=pathlib.Path, default=pathlib.Path(".demo"),
-                        help="Emulator data, job logs and the delivered output. Default: .demo")
+    parser.add_argument(
+        "--state_dir",
+        type=pathlib.Path,
+        default=pathlib.Path(".demo"),
+        help="Emulator data, job logs and the delivered output. Default: .demo",
+    )
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
     parser.add_argument("--publish_seconds", type=float, default=25)
     parser.add_argument("--rate", type=float, default=10, help="Messages per second per type.")
     args = parser.parse_args(argv)
     shutil.rmtree(args.state_dir, ignore_errors=True)
-    scenario = Scenario(types=args.event_type or sorted(registry), publish_seconds=args.publish_seconds,
-                        rate=args.rate)
+    scenario = Scenario(types=args.event_type or sorted(registry), publish_seconds=args.publish_seconds, rate=args.rate)
     started = time.monotonic()
     say = lambda line: print(line, flush=True)  # noqa: E731
     try:
@@ -191,16 +196,20 @@ def main(argv=None) -> int:
     print()
     print(format_table(outcomes))
     print()
-    print("published = delivered + duplicates + late + dead-lettered:",
-          "holds for every type" if all(o.balanced for o in outcomes.values()) else "VIOLATED")
+    print(
+        "published = delivered + duplicates + late + dead-lettered:",
+        "holds for every type" if all(o.balanced for o in outcomes.values()) else "VIOLATED",
+    )
     for name, outcome in outcomes.items():
         for problem in outcome.audit.problems:
             print(f"problem in {name}: {problem}")
     data = args.state_dir / "gcs-data" / ".cloudstorage" / scenario.bucket
     print(f"\nfinished in {time.monotonic() - started:.0f}s. The output stays on disk under {data}/:")
     print("  delivered/<type>/dt=YYYY-MM-DD/hr=HH-MM-SS/*.avro and _SUCCESS, late/..., dead-letter/...")
-    print("Read a file with:  .venv/bin/python -c \"import fastavro,sys; "
-          "[print(r) for r in fastavro.reader(open(sys.argv[1],'rb'))]\" <file.avro>")
+    print(
+        'Read a file with:  .venv/bin/python -c "import fastavro,sys; '
+        "[print(r) for r in fastavro.reader(open(sys.argv[1],'rb'))]\" <file.avro>"
+    )
     print(f"Job logs: {args.state_dir / 'logs'}/<type>.log")
     return 0 if all(o.balanced for o in outcomes.values()) else 1
 

@@ -133,8 +133,13 @@ def start_all(state_dir: pathlib.Path, pubsub_port: int | None = None, storage_p
             start("Pub/Sub", pubsub_command(pubsub_port), PUBSUB_EMULATOR_HOST, pubsub_port, state_dir / "pubsub.log")
         )
         started.append(
-            start("GCS", storage_command(storage_port, data_dir), STORAGE_EMULATOR_HOST, storage_port,
-                  state_dir / "gcs.log")
+            start(
+                "GCS",
+                storage_command(storage_port, data_dir),
+                STORAGE_EMULATOR_HOST,
+                storage_port,
+                state_dir / "gcs.log",
+            )
         )
     except BaseException:
         for emulator in started:
@@ -189,8 +194,12 @@ def _down(state_dir: pathlib.Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m event_delivery.emulators", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--state_dir", type=pathlib.Path, default=pathlib.Path(".emulators"),
-                        help="Where logs, GCS data, pids and env.sh go. Default: .emulators")
+    parser.add_argument(
+        "--state_dir",
+        type=pathlib.Path,
+        default=pathlib.Path(".emulators"),
+        help="Where logs, GCS data, pids and env.sh go. Default: .emulators",
+    )
     parser.add_argument("--pubsub_port", type=int, help="Default: a free port.")
     parser.add_argument("--storage_port", type=int, help="Default: a free port.")
     args = parser.parse_args(argv)

@@ -8,7 +8,8 @@ As a library::
 
 As a command, one JSON object per line on stdin::
 
-    echo '{"service": "login", ...}' | python -m event_delivery.producer --project local-project --event_type service_log
+    echo '{"service": "login", ...}' | \\
+        python -m event_delivery.producer --project local-project --event_type service_log
 """
 
 from __future__ import annotations

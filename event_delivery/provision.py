@@ -8,6 +8,7 @@ Everything derives from the schema registry, and re-running is harmless::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from google.api_core import exceptions
@@ -22,11 +23,9 @@ RETENTION_SECONDS = 7 * 24 * 3600
 def provision_type(project: str, event_type: EventType, publisher, subscriber) -> None:
     topic = publisher.topic_path(project, event_type.topic)
     subscription = subscriber.subscription_path(project, event_type.subscription)
-    try:
+    with contextlib.suppress(exceptions.AlreadyExists):
         publisher.create_topic(name=topic)
-    except exceptions.AlreadyExists:
-        pass
-    try:
+    with contextlib.suppress(exceptions.AlreadyExists):
         subscriber.create_subscription(
             request={
                 "name": subscription,
@@ -35,16 +34,12 @@ def provision_type(project: str, event_type: EventType, publisher, subscriber) -
                 "message_retention_duration": {"seconds": RETENTION_SECONDS},
             }
         )
-    except exceptions.AlreadyExists:
-        pass
 
 
 def provision_bucket(project: str, bucket: str) -> None:
     client = cloud.storage_client(project)
-    try:
+    with contextlib.suppress(exceptions.Conflict):
         client.create_bucket(bucket)
-    except exceptions.Conflict:
-        pass
 
 
 def provision(project: str, types: list[EventType], bucket: str | None) -> None:
@@ -60,8 +55,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m event_delivery.provision", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True, help="GCP project (local-project on the emulators).")
     parser.add_argument("--bucket", help="Output bucket to create, if any.")
-    parser.add_argument("--event_type", action="append", choices=sorted(registry),
-                        help="Only this type (repeatable). Default: every type in the registry.")
+    parser.add_argument(
+        "--event_type",
+        action="append",
+        choices=sorted(registry),
+        help="Only this type (repeatable). Default: every type in the registry.",
+    )
     args = parser.parse_args(argv)
     types = [registry[name] for name in (args.event_type or sorted(registry))]
     try:

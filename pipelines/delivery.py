@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from event_delivery import partitions
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
-from event_delivery.registry import EventType, get_event_type, load_registry
+from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
 from transforms.close import CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
@@ -72,8 +72,9 @@ class DeliveryOptions(PipelineOptions):
         group.add_argument(
             "--allowed_lateness_seconds",
             type=int,
-            help="How long after a bucket ends it stays open. Default: the type's tier "
-            "(high 600, normal 1800, low 7200).",
+            help="How long after a bucket ends it stays open. Default: the type's tier ("
+            + ", ".join(f"{t.name} {t.allowed_lateness_seconds}" for t in TIERS.values())
+            + ").",
         )
         group.add_argument(
             "--trigger_seconds",
@@ -151,7 +152,12 @@ class DeliverySettings:
 def deliver(messages, settings: DeliverySettings):
     """The delivery path from raw messages to closed hours; returns the marker paths."""
     event_type = settings.event_type
-    name, schema, window_seconds, run = event_type.name, event_type.delivered_schema, settings.window_seconds, settings.run_id
+    name, schema, window_seconds, run = (
+        event_type.name,
+        event_type.delivered_schema,
+        settings.window_seconds,
+        settings.run_id,
+    )
     parsed = messages | "ParseEvents" >> ParseEvents(
         event_type, settings.max_event_bytes, settings.late_horizon_seconds, settings.max_future_seconds
     )

@@ -6,9 +6,9 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows
 
+from tests.streams import Clock, streaming_pipeline
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
-from tests.streams import Clock, streaming_pipeline
 
 WINDOW, LATENESS, TRIGGER = 60, 30, 5
 

@@ -19,6 +19,7 @@ from event_delivery import files, partitions
 from event_delivery.audit import audit_type
 from event_delivery.dead_letters import ErrorKind
 from event_delivery.loadgen import malformed
+from event_delivery.registry import load_registry
 from pipelines.delivery import DeliverySettings, deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import Clock, streaming_pipeline
@@ -141,8 +142,9 @@ def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, reg
     # A run that stopped before the hour closed left one staged pane behind.
     staging = partitions.partition_dir(resumed.staging_root, "service_log", START, WINDOW)
     leftover = {"event_id": "e1", "received_at": (START + 1) * 1000, **valid_fields(log, 1)}
-    files.write_avro(f"{staging}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}",
-                     log.parsed_delivered_schema, [leftover])
+    files.write_avro(
+        f"{staging}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}", log.parsed_delivered_schema, [leftover]
+    )
 
     clock = Clock(START + 10)
     clock.arrive(message(valid_fields(log, 2), "e2", (START + 12) * 1000))
@@ -155,10 +157,11 @@ def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, reg
     assert not result.problems
 
 
-def test_every_message_is_accounted_for_in_every_hour(settings, registry):
+@pytest.mark.parametrize("type_name", sorted(load_registry()))
+def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_name):
     """in = delivered + duplicates + late + dead-lettered, per hour, over a mixed stream."""
-    s = settings("search")
-    search = registry["search"]
+    s = settings(type_name)
+    event_type = registry[type_name]
     rng = random.Random(7)
     clock = Clock(START)
     sent = collections.Counter()  # partition -> messages sent for it
@@ -169,7 +172,7 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry):
             draw = rng.random()
             if draw < 0.1:
                 kind = rng.choice([k for k in ErrorKind if k is not ErrorKind.BAD_TIMESTAMP])
-                data, attributes = malformed(search, kind, rng, clock.now * 1000, s.max_event_bytes)
+                data, attributes = malformed(event_type, kind, rng, clock.now * 1000, s.max_event_bytes)
                 batch.append(PubsubMessage(data, attributes))
                 sent[partitions.partition(clock.now - clock.now % WINDOW, WINDOW)] += 1
                 continue
@@ -180,7 +183,7 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry):
             else:
                 event_id, at = f"e-{rng.getrandbits(32)}", clock.now
                 fresh.append((event_id, at))
-            batch.append(message(valid_fields(search, rng.randrange(1000)), event_id, at * 1000))
+            batch.append(message(valid_fields(event_type, rng.randrange(1000)), event_id, at * 1000))
             sent[partitions.partition(at - at % WINDOW, WINDOW)] += 1
         clock.arrive(*batch)
         clock.advance(TRIGGER * 3)

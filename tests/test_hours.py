@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from hypothesis import given
-from hypothesis import strategies as st
 from apache_beam.transforms.window import WindowFn
 from apache_beam.utils.timestamp import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from event_delivery.partitions import partition
 from transforms.hours import HourWindows, bucket_start_seconds, shard_of

@@ -6,16 +6,16 @@ import json
 import random
 
 import apache_beam as beam
-from apache_beam.io.gcp.pubsub import PubsubMessage
 import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
 from event_delivery.dead_letters import ErrorKind
 from event_delivery.loadgen import malformed
-from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 from tests.conftest import message, raw_message, valid_fields
+from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 
 ARRIVAL_MILLIS = 1_800_000_000_000
 MAX_BYTES = 4096

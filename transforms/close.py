@@ -133,8 +133,13 @@ class CloseHourFn(beam.DoFn):
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])
         self.closed_hours.inc()
-        _LOG.info("closed %s %s: %d records in %d files", self.event_type_name, _iso(hour_start),
-                  manifest["accounting"]["delivered"], len(published))
+        _LOG.info(
+            "closed %s %s: %d records in %d files",
+            self.event_type_name,
+            _iso(hour_start),
+            manifest["accounting"]["delivered"],
+            len(published),
+        )
         yield marker
 
     def _left_by_earlier_runs(self, window) -> dict:
@@ -162,7 +167,7 @@ class CloseHour(beam.PTransform):
             reports
             | "KeyByType"
             >> beam.Map(lambda hour_report, name: (name, hour_report), self.event_type_name).with_output_types(
-                typing.Tuple[str, typing.Any]
+                tuple[str, typing.Any]
             )
             | "PublishHour" >> beam.ParDo(self.fn)
         )

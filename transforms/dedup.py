@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
@@ -66,6 +65,4 @@ class Deduplicate(beam.PTransform):
     """``(shard, [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out."""
 
     def expand(self, panes):
-        return panes | "DropRepeatedIds" >> beam.ParDo(DeduplicateFn()).with_outputs(
-            DUPLICATES, LATE, main="unique"
-        )
+        return panes | "DropRepeatedIds" >> beam.ParDo(DeduplicateFn()).with_outputs(DUPLICATES, LATE, main="unique")

@@ -86,8 +86,7 @@ class BucketByHour(beam.PTransform):
         flush = trigger.AfterProcessingTime(self.trigger_seconds)
         return (
             elements
-            | "StampReceivedAt"
-            >> beam.Map(_keyed_by_shard, self.num_shards).with_output_types(typing.Tuple[int, typing.Any])
+            | "StampReceivedAt" >> beam.Map(_keyed_by_shard, self.num_shards).with_output_types(tuple[int, typing.Any])
             | "HourWindows"
             >> beam.WindowInto(
                 self.windows,
@@ -100,4 +99,3 @@ class BucketByHour(beam.PTransform):
             )
             | "GroupIntoPanes" >> beam.GroupByKey()
         )
-

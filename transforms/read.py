@@ -17,4 +17,6 @@ class ReadMessages(beam.PTransform):
         self.subscription = subscription
 
     def expand(self, pipeline):
-        return pipeline | "ReadFromPubSub" >> beam.io.ReadFromPubSub(subscription=self.subscription, with_attributes=True)
+        return pipeline | "ReadFromPubSub" >> beam.io.ReadFromPubSub(
+            subscription=self.subscription, with_attributes=True
+        )

@@ -1,0 +1,79 @@
+# Event Delivery: the operator's interface. `make help` lists the targets.
+#
+# Local targets run against the emulators (`make emulators` starts them and writes
+# .emulators/env.sh, which the other targets source). Cloud targets take
+# PROJECT, REGION and BUCKET.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+STATE_DIR ?= .emulators
+PROJECT ?= local-project
+REGION ?= europe-west1
+BUCKET ?= event-delivery-local
+STORAGE_ROOT ?= gs://$(BUCKET)
+WINDOW_SECONDS ?= 3600
+ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
+
+.PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit deploy update
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+$(INSTALLED): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(INSTALLED)
+
+install: $(INSTALLED)  ## Create .venv with the pinned dependencies.
+
+test: $(INSTALLED)  ## Run every test; starts and stops its own emulators.
+	$(PY) -m pytest
+
+test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
+	$(PY) -m pytest -m "not emulators"
+
+lint: $(INSTALLED)  ## ruff check and format check.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)  ## Apply ruff's fixes and formatting.
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(INSTALLED)  ## Every type end to end on fresh emulators (about 2 minutes); output in .demo/.
+	$(PY) -m event_delivery.demo
+
+emulators: $(INSTALLED)  ## Start the Pub/Sub and GCS emulators; writes $(STATE_DIR)/env.sh.
+	$(PY) -m event_delivery.emulators up --state_dir $(STATE_DIR)
+
+emulators-down:  ## Stop the emulators.
+	$(PY) -m event_delivery.emulators down --state_dir $(STATE_DIR)
+
+provision: $(INSTALLED)  ## Create every type's topic and subscription, and the bucket.
+	$(ENV) $(PY) -m event_delivery.provision --project $(PROJECT) --bucket $(BUCKET)
+
+run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARGS="--window_seconds 60"].
+	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARGS=...]" >&2; exit 2; }
+	$(ENV) $(PY) -m pipelines.delivery --event_type $(TYPE) --project $(PROJECT) \
+		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(ARGS)
+
+load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
+	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }
+	$(ENV) $(PY) -m event_delivery.loadgen --project $(PROJECT) --event_type $(TYPE) $(ARGS)
+
+audit: $(INSTALLED)  ## Count every message's outcome and check the output contract.
+	$(ENV) $(PY) -m event_delivery.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+		$(if $(TYPE),--event_type $(TYPE),)
+
+deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
+	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
+	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,)
+
+update: $(INSTALLED)  ## Replace running Dataflow jobs in place: make update TYPE=play | TIER=high.
+	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier>" >&2; exit 2; }
+	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update

@@ -1,0 +1,70 @@
+"""The job's command line: --help documents it, and a bad flag is one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_documents_every_option():
+    result = run("pipelines.delivery", "--help")
+    assert result.returncode == 0
+    for option in (
+        "--event_type",
+        "--storage_root",
+        "--window_seconds",
+        "--allowed_lateness_seconds",
+        "--trigger_seconds",
+        "--late_horizon_seconds",
+        "--num_shards",
+        "--max_event_bytes",
+    ):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["--event_type", "nope", "--storage_root", "/tmp/x", "--project", "p"], "invalid choice: 'nope'"),
+        (["--event_type", "play", "--project", "p"], "--storage_root"),
+        (["--event_type", "play", "--storage_root", "/tmp/x"], "--project"),
+        (
+            ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--window_seconds", "7"],
+            "must divide 3600",
+        ),
+        (
+            ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--num_shards", "0"],
+            "num_shards must be positive",
+        ),
+        (
+            ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--trigger_seconds", "soon"],
+            "invalid int value",
+        ),
+    ],
+)
+def test_bad_flags_explain_themselves_in_one_line(args, complaint):
+    result = run("pipelines.delivery", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert complaint in error
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("event_delivery.loadgen", ["--project", "p", "--event_type", "play", "--duplicates", "1.5"]),
+        ("event_delivery.provision", ["--event_type", "play"]),
+        ("event_delivery.deploy", ["--project", "p", "--region", "r", "--bucket", "b"]),
+        ("event_delivery.audit", []),
+    ],
+)
+def test_tools_reject_bad_flags_with_exit_code_2(module, args):
+    result = run(module, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -1,0 +1,49 @@
+"""Every type's job translates for Dataflow and stages to the GCS emulator (nothing is submitted)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from event_delivery import files
+from event_delivery.deploy import dataflow_args, dry_run
+
+pytestmark = pytest.mark.emulators
+
+STEPS = [
+    "ReadMessages",
+    "ParseEvents",
+    "BucketByHour",
+    "Deduplicate",
+    "EncryptPersonalFields",
+    "StageDelivered",
+    "WriteLate",
+    "WriteDeadLetters",
+    "CloseHour",
+]
+
+
+def test_every_type_builds_for_dataflow(registry, bucket):
+    for name, event_type in sorted(registry.items()):
+        job = dry_run(dataflow_args(event_type, "local-project", "europe-west1", bucket, update=False))
+        assert job.proto.type.name == "JOB_TYPE_STREAMING"
+        assert job.proto.name == f"events-{name.replace('_', '-')}"
+        labels = dict(job.proto.labels)
+        assert labels == {"event_type": name, "tier": event_type.tier.name}
+
+        staged = files.glob(f"gs://{bucket}/staging/{job.proto.name}.*/*")
+        [pipeline_path] = [p for p in staged if p.endswith("/pipeline.pb")]
+        pipeline = beam_runner_api_pb2.Pipeline()
+        with FileSystems.open(pipeline_path) as handle:
+            pipeline.ParseFromString(handle.read())
+        top_level = {t.unique_name for t in pipeline.components.transforms.values() if "/" not in t.unique_name}
+        assert set(STEPS) <= top_level, f"{name}: stable step names are what --update matches on"
+
+        [package] = [p for p in staged if p.endswith("/workflow.tar.gz")]
+        with FileSystems.open(package) as handle, tarfile.open(fileobj=io.BytesIO(handle.read())) as archive:
+            members = archive.getnames()
+        assert any(m.endswith(f"avro_schemas/{name}.avsc") for m in members), "workers get the registry"
