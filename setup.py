@@ -22,6 +22,7 @@ setuptools.setup(
     extras_require={
         "dev": [
             "pytest==9.2.0",
+            "avro==1.12.2",
             "hypothesis==6.170.15",
             "ruff==0.17.6",
             "gcp-storage-emulator==2026.7.19",

@@ -68,6 +68,7 @@ class Emulator:
     env_var: str
     port: int
     process: subprocess.Popen
+    log_path: pathlib.Path
 
     @property
     def address(self) -> str:
@@ -92,7 +93,7 @@ def start(name: str, command: list[str], env_var: str, port: int, log_path: path
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    emulator = Emulator(name, env_var, port, process)
+    emulator = Emulator(name, env_var, port, process, log_path)
     try:
         _wait_until_listening(emulator, log_path)
     except EmulatorError:
@@ -174,7 +175,7 @@ def _up(state_dir: pathlib.Path, pubsub_port, storage_port) -> None:
     exports = "".join(f"export {key}={value}\n" for key, value in env.items())
     (state_dir / "env.sh").write_text(exports)
     for emulator in emulators:
-        print(f"{emulator.name} emulator on {emulator.address} (log: {state_dir}/{emulator.name.lower()[:3]}*.log)")
+        print(f"{emulator.name} emulator on {emulator.address} (log: {emulator.log_path})")
     print(f"GCS objects are stored under {state_dir / 'gcs-data' / '.cloudstorage'}")
     print(f"To use them from a shell:  source {state_dir / 'env.sh'}\n" + exports, end="")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import io
 
+import avro.datafile
+import avro.io
 import fastavro
 import pytest
 from apache_beam.io.filesystems import FileSystems
@@ -81,6 +83,18 @@ def test_delivered_files_are_avro_with_their_schema_and_unique_ids(outcomes, reg
             assert [f["name"] for f in reader.writer_schema["fields"]][2:] == list(registry[name].field_names)
         for hour in by_type[name].audit.hours.values():
             assert len(hour.delivered_ids) == len(set(hour.delivered_ids))
+
+
+def test_delivered_files_read_with_the_apache_avro_reference_reader(outcomes):
+    """Apache Avro's own implementation, independent of fastavro, reads what was written."""
+    scenario, by_type = outcomes
+    for name in by_type:
+        for path in files.glob(f"{scenario.storage_root}/delivered/{name}/dt=*/hr=*/*.avro")[:3]:
+            with FileSystems.open(path) as handle:
+                reader = avro.datafile.DataFileReader(io.BytesIO(handle.read()), avro.io.DatumReader())
+            records = list(reader)
+            assert records and all(record["event_id"] for record in records)
+            assert len(records) == files.count_avro_records(path)
 
 
 def test_markers_list_exactly_the_files_of_their_hour(outcomes):
