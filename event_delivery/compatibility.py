@@ -29,7 +29,7 @@ def _samples(event_type: EventType, rng: random.Random) -> list[dict]:
 
 def check_backward_compatible(old: EventType, new: EventType) -> None:
     """Raises ``IncompatibleSchema`` naming the problem if ``new`` cannot read ``old`` data."""
-    writer = old.parsed_delivered_schema
+    writer = old.parsed_clear_schema
     buffer = io.BytesIO()
     records = [
         {"event_id": f"e{i}", "received_at": 0, **fields} for i, fields in enumerate(_samples(old, random.Random(0)))
@@ -37,6 +37,6 @@ def check_backward_compatible(old: EventType, new: EventType) -> None:
     fastavro.writer(buffer, writer, records)
     buffer.seek(0)
     try:
-        list(fastavro.reader(buffer, reader_schema=new.parsed_delivered_schema))
+        list(fastavro.reader(buffer, reader_schema=new.parsed_clear_schema))
     except (fastavro.read.SchemaResolutionError, ValueError, KeyError, TypeError) as error:
         raise IncompatibleSchema(f"{new.name}: the new schema cannot read old data: {error}") from None

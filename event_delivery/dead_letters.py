@@ -38,7 +38,13 @@ DEAD_LETTER_SCHEMA = {
         {"name": "error_kind", "type": {"type": "enum", "name": "ErrorKind", "symbols": [k.name for k in ErrorKind]}},
         {"name": "error_detail", "type": "string", "doc": "Names fields and limits, never values."},
         {"name": "attributes", "type": {"type": "map", "values": "string"}},
-        {"name": "payload", "type": "bytes", "doc": "The raw message data."},
+        {
+            "name": "payload",
+            "type": "bytes",
+            "doc": "The raw message data, AES-256-GCM encrypted under the type's quarantine key: it may hold "
+            "personal data that never passed validation.",
+        },
+        {"name": "quarantine_key_id", "type": ["null", "string"], "default": None},
     ],
 }
 
@@ -58,4 +64,10 @@ def dead_letter(event_type, kind: ErrorKind, detail, event_id, received_at_milli
         "error_detail": detail,
         "attributes": dict(attributes),
         "payload": payload,
+        "quarantine_key_id": None,
     }
+
+
+def quarantine_key_name(event_type: str) -> str:
+    """The keystore name of the key that seals a type's dead-letter payloads."""
+    return f"quarantine/{event_type}"

@@ -53,8 +53,10 @@ class Scenario:
     def storage_root(self) -> str:
         return f"gs://{self.bucket}"
 
-    def job_args(self) -> list[str]:
+    def job_args(self, state_dir: pathlib.Path) -> list[str]:
         return [
+            f"--keystore=sqlite:///{state_dir.resolve()}/keystore.db",
+            f"--local_key_file={state_dir.resolve()}/kek.key",
             f"--project={self.project}",
             f"--storage_root={self.storage_root}",
             f"--window_seconds={self.window_seconds}",
@@ -112,7 +114,7 @@ def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict
     use_emulator_credentials()
     provision.provision(scenario.project, [load_registry()[n] for n in scenario.types], scenario.bucket)
     say(f"{len(scenario.types)} types provisioned; starting one delivery job per type")
-    jobs = [start_job(name, scenario.job_args(), state_dir / "logs") for name in scenario.types]
+    jobs = [start_job(name, scenario.job_args(state_dir), state_dir / "logs") for name in scenario.types]
     try:
         for job in jobs:
             job.wait_ready()

@@ -19,9 +19,27 @@ import sys
 from event_delivery.registry import TIERS, EventType, load_registry
 
 
-def dataflow_args(event_type: EventType, project: str, region: str, bucket: str, update: bool) -> list[str]:
+def default_keystore(project: str) -> str:
+    return f"bigtable://{project}/event-delivery/subject-keys"
+
+
+def default_kms_key(project: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/keyRings/event-delivery/cryptoKeys/subject-keys"
+
+
+def dataflow_args(
+    event_type: EventType,
+    project: str,
+    region: str,
+    bucket: str,
+    update: bool,
+    keystore: str | None = None,
+    kms_key: str | None = None,
+) -> list[str]:
     """The delivery job's flags on Dataflow; the tier sets the resources."""
     args = [
+        f"--keystore={keystore or default_keystore(project)}",
+        f"--kms_key={kms_key or default_kms_key(project, region)}",
         f"--event_type={event_type.name}",
         f"--project={project}",
         f"--region={region}",
@@ -72,13 +90,20 @@ def main(argv=None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--event_type", action="append", choices=sorted(registry))
     which.add_argument("--tier", choices=sorted(TIERS, key=lambda name: TIERS[name].recovery_order))
+    parser.add_argument("--keystore", help="Default: bigtable://<project>/event-delivery/subject-keys")
+    parser.add_argument(
+        "--kms_key",
+        help="Default: projects/<project>/locations/<region>/keyRings/event-delivery/cryptoKeys/subject-keys",
+    )
     parser.add_argument("--update", action="store_true", help="Update running jobs in place (stable step names).")
     parser.add_argument("--dry_run", action="store_true", help="Build and stage only; submit nothing.")
     args = parser.parse_args(argv)
     from pipelines import delivery
 
     for event_type in selected_types(args.event_type, args.tier):
-        job_args = dataflow_args(event_type, args.project, args.region, args.bucket, args.update)
+        job_args = dataflow_args(
+            event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key
+        )
         if args.dry_run:
             job = dry_run(job_args)
             print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")

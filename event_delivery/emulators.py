@@ -1,4 +1,4 @@
-"""Start and stop the local emulators: Pub/Sub (from the gcloud SDK) and GCS (from PyPI).
+"""Start and stop the local emulators: Pub/Sub and Bigtable (gcloud SDK), GCS (PyPI).
 
 Tests use ``running_emulators()``; ``make emulators`` runs this module::
 
@@ -53,6 +53,16 @@ def pubsub_command(port: int) -> list[str]:
     if binary.exists():
         return [str(binary), f"--host={HOST}", f"--port={port}"]
     return ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port={HOST}:{port}", "--quiet"]
+
+
+def bigtable_command(port: int) -> list[str]:
+    root = _sdk_root()
+    if root is None:
+        raise EmulatorError("gcloud is not on PATH; install the Google Cloud SDK with its Bigtable emulator")
+    binary = root / "platform" / "bigtable-emulator" / "cbtemulator"
+    if binary.exists():
+        return [str(binary), "-host", HOST, "-port", str(port)]
+    return ["gcloud", "beta", "emulators", "bigtable", "start", f"--host-port={HOST}:{port}", "--quiet"]
 
 
 def storage_command(port: int, data_dir: pathlib.Path) -> list[str]:
@@ -122,8 +132,10 @@ def environment(emulators: list[Emulator]) -> dict[str, str]:
     return env
 
 
-def start_all(state_dir: pathlib.Path, pubsub_port: int | None = None, storage_port: int | None = None):
-    """Starts Pub/Sub and GCS; returns the emulators and the environment to use them."""
+def start_all(
+    state_dir: pathlib.Path, pubsub_port: int | None = None, storage_port: int | None = None, bigtable: bool = False
+):
+    """Starts Pub/Sub and GCS (and Bigtable if asked); returns the emulators and their environment."""
     pubsub_port = pubsub_port or free_port()
     storage_port = storage_port or free_port()
     data_dir = (state_dir / "gcs-data").resolve()
@@ -150,9 +162,9 @@ def start_all(state_dir: pathlib.Path, pubsub_port: int | None = None, storage_p
 
 
 @contextlib.contextmanager
-def running_emulators(state_dir: pathlib.Path):
+def running_emulators(state_dir: pathlib.Path, bigtable: bool = False):
     """Emulators for the duration of a block, with ``os.environ`` pointing at them."""
-    emulators, env = start_all(state_dir)
+    emulators, env = start_all(state_dir, bigtable=bigtable)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -170,7 +182,7 @@ def running_emulators(state_dir: pathlib.Path):
 def _up(state_dir: pathlib.Path, pubsub_port, storage_port) -> None:
     if (state_dir / "pids").exists():
         _down(state_dir)
-    emulators, env = start_all(state_dir, pubsub_port, storage_port)
+    emulators, env = start_all(state_dir, pubsub_port, storage_port, bigtable=True)
     (state_dir / "pids").write_text("\n".join(str(e.process.pid) for e in emulators) + "\n")
     exports = "".join(f"export {key}={value}\n" for key, value in env.items())
     (state_dir / "env.sh").write_text(exports)

@@ -48,6 +48,19 @@ ENVELOPE_FIELDS = [
 ]
 
 
+KEY_ID_FIELD = {
+    "name": "key_id",
+    "type": ["null", "string"],
+    "default": None,
+    "doc": "The data subject's opaque key id, in clear so analytics can count subjects; null once forgotten.",
+}
+ENCRYPTED_DOC = "Personal: AES-256-GCM ciphertext (nonce || ciphertext) under the subject's key."
+
+
+def _nullable(avro_type) -> bool:
+    return isinstance(avro_type, list) and "null" in avro_type
+
+
 class RegistryError(ValueError):
     """A schema in the registry breaks the registry's rules."""
 
@@ -81,15 +94,39 @@ class EventType:
 
     @functools.cached_property
     def delivered_schema(self) -> dict:
-        """The schema of delivered records: the envelope, then the type's fields."""
+        """Delivered records: the envelope, the subject's key id in clear, then the fields,
+        each personal one as AES-GCM ciphertext (null when its subject is forgotten)."""
         schema = _without_registry_properties(self.schema)
-        schema["fields"] = ENVELOPE_FIELDS + schema["fields"]
+        fields = []
+        for field in schema["fields"]:
+            if field["name"] in self.personal_fields:
+                field = {"name": field["name"], "type": ["null", "bytes"], "default": None, "doc": ENCRYPTED_DOC}
+            fields.append(field)
+        key_id = [KEY_ID_FIELD] if self.subject_field else []
+        schema["fields"] = ENVELOPE_FIELDS + key_id + fields
         schema["name"] = schema["name"] + "Delivered"
         return schema
 
     @functools.cached_property
     def parsed_delivered_schema(self):
         return fastavro.parse_schema(self.delivered_schema)
+
+    @functools.cached_property
+    def clear_schema(self) -> dict:
+        """Decrypted records: the envelope and the fields in clear; personal fields are
+        nullable, because a forgotten subject's values decrypt to null."""
+        schema = _without_registry_properties(self.schema)
+        for field in schema["fields"]:
+            if field["name"] in self.personal_fields and not _nullable(field["type"]):
+                field["type"] = ["null", field["type"]]
+                field["default"] = None
+        schema["fields"] = ENVELOPE_FIELDS + schema["fields"]
+        schema["name"] = schema["name"] + "Clear"
+        return schema
+
+    @functools.cached_property
+    def parsed_clear_schema(self):
+        return fastavro.parse_schema(self.clear_schema)
 
 
 _REGISTRY_PROPERTIES = ("event_type", "tier", "subject_field", "personal", "examples", "range")
@@ -118,7 +155,7 @@ def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventT
     if tier not in TIERS:
         raise RegistryError(f"{where}: tier must be one of {sorted(TIERS)}, not {tier!r}")
     fields = {field["name"]: field for field in schema.get("fields", [])}
-    for reserved in ENVELOPE_FIELDS:
+    for reserved in [*ENVELOPE_FIELDS, KEY_ID_FIELD]:
         if reserved["name"] in fields:
             raise RegistryError(f"{where}: field {reserved['name']!r} is reserved for the envelope")
     personal = tuple(f["name"] for f in schema["fields"] if f.get("personal") is True)

@@ -30,14 +30,15 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from event_delivery import partitions
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
+from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
 from transforms.close import CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
 from transforms.parse import ParseEvents
-from transforms.personal import EncryptPersonalFields
+from transforms.personal import EncryptPersonalFields, QuarantineDeadLetters
 from transforms.read import ReadMessages
-from transforms.reports import DEAD_LETTERED, DELIVERED, LATE
+from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
 from transforms.write import WriteAvroPanes, dead_letter_record
 
 DAY_SECONDS = 24 * 3600
@@ -99,6 +100,7 @@ class DeliveryOptions(PipelineOptions):
         group.add_argument(
             "--max_event_bytes", type=int, default=64 * 1024, help="Larger payloads are dead-lettered. Default: 65536."
         )
+        add_key_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,7 @@ class DeliverySettings:
     output_root: str
     late_root: str
     dead_letter_root: str
+    keys: KeyConfig
     window_seconds: int = partitions.HOUR_SECONDS
     allowed_lateness_seconds: int | None = None
     trigger_seconds: int = 60
@@ -151,42 +154,36 @@ class DeliverySettings:
 
 def deliver(messages, settings: DeliverySettings):
     """The delivery path from raw messages to closed hours; returns the marker paths."""
-    event_type = settings.event_type
-    name, schema, window_seconds, run = (
-        event_type.name,
-        event_type.delivered_schema,
-        settings.window_seconds,
-        settings.run_id,
-    )
+    event_type, keys, run = settings.event_type, settings.keys, settings.run_id
+    name, schema, window_seconds = event_type.name, event_type.delivered_schema, settings.window_seconds
+
     parsed = messages | "ParseEvents" >> ParseEvents(
         event_type, settings.max_event_bytes, settings.late_horizon_seconds, settings.max_future_seconds
     )
     panes = parsed.events | "BucketByHour" >> settings.bucket()
     deduplicated = panes | "Deduplicate" >> Deduplicate()
-    staged = (
-        deduplicated.unique
-        | "EncryptPersonalFields" >> EncryptPersonalFields(event_type)
-        | "StageDelivered" >> WriteAvroPanes(settings.staging_root, name, schema, window_seconds, run, DELIVERED)
+
+    protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, keys)
+    staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(
+        settings.staging_root, name, schema, window_seconds, run, DELIVERED
     )
-    late = (
-        deduplicated.late
-        | "EncryptLateFields" >> EncryptPersonalFields(event_type)
-        | "WriteLate" >> WriteAvroPanes(settings.late_root, name, schema, window_seconds, run, LATE)
+    late_protected = deduplicated.late | "EncryptLateFields" >> EncryptPersonalFields(event_type, keys)
+    late = late_protected["events"] | "WriteLate" >> WriteAvroPanes(
+        settings.late_root, name, schema, window_seconds, run, LATE
     )
+    quarantined = parsed.dead_letters | "QuarantineDeadLetters" >> QuarantineDeadLetters(name, keys)
     dead_lettered = (
-        parsed.dead_letters
+        quarantined
         | "BucketDeadLetters" >> settings.bucket()
         | "WriteDeadLetters"
         >> WriteAvroPanes(
             settings.dead_letter_root, name, DEAD_LETTER_SCHEMA, window_seconds, run, DEAD_LETTERED, dead_letter_record
         )
     )
+
+    reports = (staged, deduplicated.duplicates, protected[FORGOTTEN], late, dead_lettered)
     roots = (settings.output_root, settings.late_root, settings.staging_root)
-    return (
-        (staged, deduplicated.duplicates, late, dead_lettered)
-        | "HourReports" >> beam.Flatten()
-        | "CloseHour" >> CloseHour(roots, name, window_seconds, run)
-    )
+    return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(roots, name, window_seconds, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +214,7 @@ def settings_from_args(args) -> DeliverySettings:
         output_root=output_root,
         late_root=late_root,
         dead_letter_root=dead_letter_root,
+        keys=key_config_from_args(args),
         window_seconds=args.window_seconds,
         allowed_lateness_seconds=args.allowed_lateness_seconds,
         trigger_seconds=args.trigger_seconds,

@@ -18,6 +18,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from event_delivery import files, partitions
 from event_delivery.audit import audit_type
 from event_delivery.dead_letters import ErrorKind
+from event_delivery.keystore import KeyConfig
 from event_delivery.loadgen import malformed
 from event_delivery.registry import load_registry
 from pipelines.delivery import DeliverySettings, deliver
@@ -36,6 +37,7 @@ def settings(tmp_path, registry):
             output_root=str(tmp_path / "delivered"),
             late_root=str(tmp_path / "late"),
             dead_letter_root=str(tmp_path / "dead-letter"),
+            keys=KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key")),
             window_seconds=WINDOW,
             allowed_lateness_seconds=LATENESS,
             trigger_seconds=TRIGGER,
@@ -81,7 +83,7 @@ def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
     assert sorted(hour.delivered_ids) == sorted([f"e{i}" for i in range(10)] + [f"e{i}" for i in range(20, 25)])
     assert (hour.duplicates, hour.late, hour.dead_lettered) == (1, 0, 1)
     manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
-    assert manifest["accounting"] == {"in": 17, "delivered": 15, "duplicates": 1, "dead_lettered": 1}
+    assert manifest["accounting"] == {"in": 17, "delivered": 15, "duplicates": 1, "dead_lettered": 1, "forgotten": 0}
     assert manifest["hour_start"] == "1970-01-01T01:00:00Z"
     assert not files.glob(f"{s.staging_root}/*/*/*/*"), "staging is empty once the hour is published"
 

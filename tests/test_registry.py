@@ -39,13 +39,32 @@ def test_subject_field_is_personal(registry):
             assert event_type.subject_field in event_type.personal_fields
 
 
-def test_delivered_schema_is_envelope_then_fields(registry):
+def test_delivered_schema_is_envelope_key_id_then_fields_with_personal_ones_encrypted(registry):
+    envelope = [f["name"] for f in ENVELOPE_FIELDS]
     for event_type in registry.values():
         schema = event_type.delivered_schema
-        names = [f["name"] for f in schema["fields"]]
-        assert names == [f["name"] for f in ENVELOPE_FIELDS] + list(event_type.field_names)
+        fields = {f["name"]: f for f in schema["fields"]}
+        key_id = ["key_id"] if event_type.subject_field else []
+        assert list(fields) == envelope + key_id + list(event_type.field_names)
+        for name in event_type.personal_fields:
+            assert fields[name]["type"] == ["null", "bytes"]
+        for field in event_type.schema["fields"]:
+            if field["name"] not in event_type.personal_fields:
+                assert fields[field["name"]]["type"] == field["type"]
         assert not any("personal" in field for field in schema["fields"])
         fastavro.parse_schema(schema)
+
+
+def test_clear_schema_keeps_types_and_makes_personal_fields_nullable(registry):
+    for event_type in registry.values():
+        fields = {f["name"]: f for f in event_type.clear_schema["fields"]}
+        assert "key_id" not in fields
+        for field in event_type.schema["fields"]:
+            clear = fields[field["name"]]["type"]
+            if field["name"] in event_type.personal_fields:
+                assert "null" in clear
+            else:
+                assert clear == field["type"]
 
 
 def _schema(**changes):

@@ -22,7 +22,7 @@ def write_pane(root, event_type, events, pane_index=0, shard=3):
     fn = WritePaneFn(
         root,
         event_type.name,
-        event_type.delivered_schema,
+        event_type.clear_schema,
         3600,
         "run1",
         DELIVERED,
@@ -51,7 +51,7 @@ def test_a_pane_becomes_one_file_named_by_hour_pane_and_shard(tmp_path, registry
     reader = read(path)
     assert [r["event_id"] for r in reader] == ["a", "b"]
     assert reader.metadata["avro.codec"] == "deflate"
-    assert reader.writer_schema["name"].endswith("PlayDelivered")
+    assert reader.writer_schema["name"].endswith("PlayClear")
 
 
 def test_a_retried_pane_replaces_its_file(tmp_path, registry):

@@ -22,7 +22,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from event_delivery import files, partitions
 from event_delivery.cloud import use_emulator_credentials
 from transforms.hours import bucket_start_seconds
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,9 +36,11 @@ def build_manifest(event_type_name, hour_start, window_seconds, closes_at, deliv
     """The ``_SUCCESS`` document: the hour's files and its accounting at close.
 
     ``delivered_files`` maps each published file to its record count; ``reports``
-    supply the duplicates and dead letters counted while the hour was open.
+    supply the duplicates and dead letters counted while the hour was open, and how
+    many delivered events belonged to forgotten subjects (a part of ``delivered``).
     """
     duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
+    forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
     dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
     delivered = sum(delivered_files.values())
     dead_lettered = sum(dead_letter_files.values())
@@ -54,6 +56,7 @@ def build_manifest(event_type_name, hour_start, window_seconds, closes_at, deliv
             "delivered": delivered,
             "duplicates": duplicates,
             "dead_lettered": dead_lettered,
+            "forgotten": forgotten,
         },
     }
 

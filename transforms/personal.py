@@ -1,23 +1,102 @@
-"""Personal-data protection: the place in the delivery path where GDPR fields are handled."""
+"""Personal data: encrypt it per subject before anything is written (crypto-shredding).
+
+Every field the schema marks personal becomes AES-256-GCM ciphertext under its data
+subject's key; the record keeps the key id in clear. Keys are looked up once per pane
+(a batch) through a per-worker cache. A forgotten subject's fields are delivered as
+null, with no key id, and counted. Dead-letter payloads, which may hold personal data
+that never passed validation, are sealed with the type's quarantine key.
+"""
 
 from __future__ import annotations
 
 import apache_beam as beam
 
+from event_delivery.dead_letters import quarantine_key_name
+from event_delivery.fields import encrypt_bytes, encrypt_value
+from event_delivery.keystore import KeyConfig, SubjectKeyCache
 from event_delivery.registry import EventType
+from transforms.reports import FORGOTTEN, report
+
+
+class EncryptPersonalFieldsFn(beam.DoFn):
+    def __init__(self, event_type: EventType, keys: KeyConfig):
+        self.event_type = event_type
+        self.keys = keys
+
+    def setup(self):
+        self.cache = SubjectKeyCache(self.keys.open(), self.keys.cache_ttl_seconds)
+        self.forgotten = beam.metrics.Metrics.counter("delivery", "forgotten_subject_events")
+
+    def process(self, pane):
+        shard, events = pane
+        name, subject_field, personal = (
+            self.event_type.name,
+            self.event_type.subject_field,
+            self.event_type.personal_fields,
+        )
+        keys = self.cache.lookup(fields[subject_field] for _, _, fields in events)
+        protected, forgotten = [], 0
+        for event_id, received_at, fields in events:
+            key, aead = keys[fields[subject_field]]
+            sealed = dict(fields)
+            if key is None:
+                forgotten += 1
+                sealed["key_id"] = None
+                for field in personal:
+                    sealed[field] = None
+            else:
+                sealed["key_id"] = key.key_id
+                for field in personal:
+                    value = fields[field]
+                    sealed[field] = None if value is None else encrypt_value(aead, value, name, field, key.key_id)
+            protected.append((event_id, received_at, sealed))
+        yield shard, protected
+        if forgotten:
+            self.forgotten.inc(forgotten)
+            yield beam.pvalue.TaggedOutput(FORGOTTEN, report(FORGOTTEN, forgotten))
 
 
 class EncryptPersonalFields(beam.PTransform):
-    """``(shard, [events])`` panes in and out, after deduplication and before any write.
+    """``(shard, [events])`` panes in; ``events`` panes with personal fields sealed, and
+    ``forgotten`` reports, out. Types without a data subject pass through."""
 
-    Field encryption with per-subject keys (crypto-shredding) is not built yet; until
-    it is, events pass through unchanged. Every delivered and late pane already flows
-    through this step, so encryption lands here without touching the pipeline.
-    """
-
-    def __init__(self, event_type: EventType):
+    def __init__(self, event_type: EventType, keys: KeyConfig):
         super().__init__()
         self.event_type = event_type
+        self.keys = keys
 
     def expand(self, panes):
-        return panes | "PassThrough" >> beam.Map(lambda pane: pane)
+        if not self.event_type.subject_field:
+            return {"events": panes, FORGOTTEN: panes | "NoSubjects" >> beam.FlatMap(lambda _: [])}
+        encrypt = beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.keys))
+        return panes | "SealFields" >> encrypt.with_outputs(FORGOTTEN, main="events")
+
+
+class QuarantineDeadLettersFn(beam.DoFn):
+    def __init__(self, event_type_name: str, keys: KeyConfig):
+        self.event_type_name = event_type_name
+        self.keys = keys
+
+    def setup(self):
+        self.key = self.keys.open().named_key(quarantine_key_name(self.event_type_name))
+        self.aead = self.key.aead
+
+    def process(self, element):
+        event_id, received_at, record = element
+        sealed = dict(record)
+        sealed["payload"] = encrypt_bytes(
+            self.aead, record["payload"], self.event_type_name, "payload", self.key.key_id
+        )
+        sealed["quarantine_key_id"] = self.key.key_id
+        yield event_id, received_at, sealed
+
+
+class QuarantineDeadLetters(beam.PTransform):
+    """Dead letters in and out, their raw payloads sealed with the type's quarantine key."""
+
+    def __init__(self, event_type_name: str, keys: KeyConfig):
+        super().__init__()
+        self.fn = QuarantineDeadLettersFn(event_type_name, keys)
+
+    def expand(self, dead_letters):
+        return dead_letters | "SealPayloads" >> beam.ParDo(self.fn)

@@ -10,7 +10,8 @@ DELIVERED = "delivered"  # a pane staged for the hour's folder
 DUPLICATES = "duplicates"
 LATE = "late"  # a pane written to the late root
 DEAD_LETTERED = "dead_lettered"
-KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED)
+FORGOTTEN = "forgotten"  # delivered events of forgotten subjects, their personal fields null
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN)
 
 
 def report(kind: str, records: int, path: str = "") -> tuple:

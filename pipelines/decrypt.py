@@ -1,0 +1,140 @@
+"""The decrypt job: a decrypted copy of delivered partitions, for authorized readers.
+
+It reads one type's hour partitions in a range, decrypts every personal field with
+the subject's data key (unwrapped with the key-encryption key), and writes the same
+files under ``--output_root`` with the registry's clear schema. A forgotten subject's
+fields come out null. Run it where the output is allowed to hold personal data::
+
+    python -m pipelines.decrypt --event_type search --input_root gs://bucket/delivered \\
+        --output_root gs://restricted-bucket/decrypted --start 2026-11-29T00 --end 2026-11-30T00 \\
+        --keystore bigtable://my-project/event-delivery/subject-keys --kms_key projects/.../cryptoKeys/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import posixpath
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from event_delivery import files, partitions
+from event_delivery.audit import partition_bounds
+from event_delivery.cloud import use_emulator_credentials
+from event_delivery.fields import UndecryptableField, decrypt_value
+from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery.registry import EventType, get_event_type, load_registry
+
+_LOG = logging.getLogger(__name__)
+
+
+def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> tuple[dict, int]:
+    """The record in clear, and how many of its fields could not be decrypted."""
+    key_id = record.get("key_id")
+    clear = {name: value for name, value in record.items() if name != "key_id"}
+    failures = 0
+    for field in event_type.personal_fields:
+        ciphertext = record.get(field)
+        clear[field] = None
+        if aead is None or ciphertext is None:
+            continue
+        try:
+            clear[field] = decrypt_value(aead, ciphertext, event_type.name, field, key_id)
+        except UndecryptableField:
+            failures += 1
+    return clear, failures
+
+
+class DecryptFileFn(beam.DoFn):
+    def __init__(self, event_type: EventType, keys: KeyConfig, input_root: str, output_root: str):
+        self.event_type = event_type
+        self.keys = keys
+        self.input_root = input_root.rstrip("/")
+        self.output_root = output_root.rstrip("/")
+
+    def setup(self):
+        use_emulator_credentials()
+        self.keystore = self.keys.open()
+        self.records = beam.metrics.Metrics.counter("decrypt", "records")
+        self.forgotten = beam.metrics.Metrics.counter("decrypt", "forgotten_records")
+        self.undecryptable = beam.metrics.Metrics.counter("decrypt", "undecryptable_fields")
+
+    def process(self, path: str):
+        records = files.read_avro(path)
+        keys = self.keystore.data_keys(r["key_id"] for r in records if r.get("key_id"))  # one batch per file
+        aeads = {key_id: AESGCM(key) for key_id, key in keys.items() if key}
+        clear = []
+        for record in records:
+            aead = aeads.get(record.get("key_id"))
+            decrypted, failures = decrypt_record(record, self.event_type, aead)
+            clear.append(decrypted)
+            self.forgotten.inc(aead is None)
+            self.undecryptable.inc(failures)
+        destination = self.output_root + path[len(self.input_root) :]
+        files.write_avro(destination, self.event_type.parsed_clear_schema, clear)
+        self.records.inc(len(clear))
+        yield destination
+
+
+def partition_paths(input_root: str, event_type: str, start: datetime.datetime, end: datetime.datetime) -> list[str]:
+    """Delivered files of the hours that start in ``[start, end)``."""
+    start_millis, end_millis = start.timestamp() * 1000, end.timestamp() * 1000
+    selected = []
+    for path in files.glob(partitions.join(input_root, event_type, "dt=*", "hr=*", "*.avro")):
+        partition = "/".join(posixpath.dirname(path).split("/")[-2:])
+        if start_millis <= partition_bounds(partition, 1)[0] < end_millis:
+            selected.append(path)
+    return selected
+
+
+def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, input_root: str, output_root: str):
+    return (
+        pipeline
+        | "ListFiles" >> beam.Create(paths)
+        | "Spread" >> beam.Reshuffle()
+        | "DecryptFiles" >> beam.ParDo(DecryptFileFn(event_type, keys, input_root, output_root))
+    )
+
+
+def _utc(text: str) -> datetime.datetime:
+    moment = datetime.datetime.fromisoformat(text if len(text) > 13 else f"{text}:00")
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m pipelines.decrypt", description=__doc__.split("\n")[0])
+    parser.add_argument("--event_type", required=True, choices=sorted(load_registry()))
+    parser.add_argument("--input_root", required=True, help="A delivered (or late) root, e.g. gs://bucket/delivered.")
+    parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
+    parser.add_argument("--start", required=True, help="First hour, UTC: YYYY-MM-DDTHH (or full ISO 8601).")
+    parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
+    add_key_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        start, end = _utc(args.start), _utc(args.end)
+        keys = key_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_emulator_credentials()
+    event_type = get_event_type(args.event_type)
+    paths = partition_paths(args.input_root, event_type.name, start, end)
+    if not paths:
+        print(f"no {event_type.name} files in {args.input_root} for {start:%Y-%m-%dT%H}..{end:%Y-%m-%dT%H}")
+        return 0
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
+    with beam.Pipeline(options=options) as pipeline:
+        decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
+    print(f"decrypted {len(paths)} file(s) of {event_type.name} into {args.output_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

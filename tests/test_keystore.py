@@ -1,0 +1,180 @@
+"""The keystore, on SQLite and on the Bigtable emulator: one key per subject, forget, concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from event_delivery.cloud import BIGTABLE_EMULATOR_HOST
+from event_delivery.emulators import bigtable_command, free_port, start, stop_process_group
+from event_delivery.kek import CloudKms, LocalKeyFile
+from event_delivery.keystore import BigtableKeystore, SqliteKeystore, SubjectKeyCache, open_keystore
+
+
+@pytest.fixture(scope="module")
+def bigtable_emulator(tmp_path_factory):
+    port = free_port()
+    emulator = start(
+        "Bigtable",
+        bigtable_command(port),
+        BIGTABLE_EMULATOR_HOST,
+        port,
+        tmp_path_factory.mktemp("bigtable") / "bigtable.log",
+    )
+    previous = os.environ.get(BIGTABLE_EMULATOR_HOST)
+    os.environ[BIGTABLE_EMULATOR_HOST] = emulator.address
+    yield emulator.address
+    stop_process_group(emulator.process.pid)
+    if previous is None:
+        del os.environ[BIGTABLE_EMULATOR_HOST]
+    else:
+        os.environ[BIGTABLE_EMULATOR_HOST] = previous
+
+
+@pytest.fixture(params=["sqlite", pytest.param("bigtable", marks=pytest.mark.emulators)])
+def keystore_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/keystore.db"
+    request.getfixturevalue("bigtable_emulator")
+    return f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def kek(tmp_path):
+    return LocalKeyFile(tmp_path / "kek.key")
+
+
+def test_a_subject_gets_one_key_and_keeps_it(keystore_url, kek):
+    keystore = open_keystore(keystore_url, kek)
+    first = keystore.subject_keys(["alice", "bob"])
+    assert first["alice"].key_id != first["bob"].key_id
+    assert len(first["alice"].data_key) == 32
+    assert keystore.subject_keys(["alice"])["alice"] == first["alice"]
+    reopened = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reopened.subject_keys(["alice"])["alice"] == first["alice"]
+
+
+def test_forget_deletes_the_key_and_never_creates_another(keystore_url, kek):
+    keystore = open_keystore(keystore_url, kek)
+    key_id = keystore.subject_keys(["alice", "bob"])["alice"].key_id
+    assert keystore.forget("alice") is True
+    assert keystore.data_keys([key_id]) == {key_id: None}, "the wrapped key itself is gone"
+    assert keystore.subject_keys(["alice"]) == {"alice": None}
+    assert keystore.subject_keys(["alice"]) == {"alice": None}, "still no key after asking twice"
+    assert keystore.is_forgotten("alice") and not keystore.is_forgotten("bob")
+    assert keystore.subject_keys(["bob"])["bob"] is not None
+    assert keystore.forget("carol") is False, "an unknown subject is tombstoned ahead of time"
+    assert keystore.subject_keys(["carol"]) == {"carol": None}
+
+
+def _race(url, key_file, subjects, start_line, queue):
+    keystore = open_keystore(url, LocalKeyFile(key_file, create=False))
+    keystore.pseudonym("warm-up")  # open connections before the start line
+    start_line.wait()
+    queue.put({s: k.key_id for s, k in keystore.subject_keys(subjects).items()})
+
+
+def test_concurrent_workers_meeting_new_subjects_agree_on_one_key(keystore_url, kek):
+    subjects = [f"subject-{i}" for i in range(150)]
+    open_keystore(keystore_url, kek).named_key("warm-up")  # table and pseudonym secret exist before the race
+    context = multiprocessing.get_context("spawn")
+    queue, start_line = context.Queue(), context.Barrier(4)
+    workers = [
+        context.Process(target=_race, args=(keystore_url, str(kek.path), subjects, start_line, queue)) for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    seen = [queue.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    assert all(view == seen[0] for view in seen)
+    keystore = open_keystore(keystore_url, kek)
+    key_ids = list(seen[0].values())
+    assert len(set(key_ids)) == len(subjects)
+    assert all(keystore.data_keys(key_ids).values()), "every winning key is stored"
+
+
+def test_a_wrapped_key_only_unwraps_under_its_own_key_id(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keys = keystore.subject_keys(["alice", "bob"])
+    wrapped = keystore._read_wrapped_keys([keys["alice"].key_id])[keys["alice"].key_id]
+    with pytest.raises(InvalidTag):
+        kek.unwrap(wrapped, keys["bob"].key_id.encode())
+
+
+def test_the_keystore_holds_no_subject_id_and_no_clear_key(tmp_path, kek):
+    path = tmp_path / "keys.db"
+    keystore = SqliteKeystore(kek, str(path))
+    key = keystore.subject_keys(["subject-4f1d9e"])["subject-4f1d9e"]
+    keystore._connection.execute("PRAGMA wal_checkpoint(FULL)")
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("keys.db*"))
+    assert b"subject-4f1d9e" not in stored
+    assert key.data_key not in stored
+
+
+def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
+    now = [0.0]
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    cache = SubjectKeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
+    key, _ = cache.lookup(["alice"])["alice"]
+    keystore.forget("alice")
+    now[0] = 59
+    assert cache.lookup(["alice"])["alice"][0] == key
+    now[0] = 61
+    assert cache.lookup(["alice"])["alice"] == (None, None)
+
+
+def test_the_cache_batches_misses_into_one_keystore_call(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    calls = []
+    original = keystore.subject_keys
+    keystore.subject_keys = lambda subjects, create=True: calls.append(list(subjects)) or original(subjects, create)
+    cache = SubjectKeyCache(keystore, ttl_seconds=60)
+    cache.lookup(["a", "b", "c", "a"])
+    cache.lookup(["a", "b", "d"])
+    assert [sorted(c) for c in calls] == [["a", "b", "c"], ["d"]]
+
+
+class RecordingKmsClient:
+    """Stands in for the KMS API: AES-GCM under a local key, recording each request."""
+
+    def __init__(self, tmp_path):
+        self.local = LocalKeyFile(tmp_path / "kms.key")
+        self.requests = []
+
+    def encrypt(self, request):
+        self.requests.append(("encrypt", request["name"], request["additional_authenticated_data"]))
+        return type(
+            "Response",
+            (),
+            {"ciphertext": self.local.wrap(request["plaintext"], request["additional_authenticated_data"])},
+        )
+
+    def decrypt(self, request):
+        self.requests.append(("decrypt", request["name"], request["additional_authenticated_data"]))
+        return type(
+            "Response",
+            (),
+            {"plaintext": self.local.unwrap(request["ciphertext"], request["additional_authenticated_data"])},
+        )
+
+
+def test_cloud_kms_wraps_with_the_named_key_and_the_key_id_as_context(tmp_path):
+    client = RecordingKmsClient(tmp_path)
+    name = "projects/p/locations/europe-west1/keyRings/event-delivery/cryptoKeys/subject-keys"
+    keystore = SqliteKeystore(CloudKms(name, client=client), str(tmp_path / "keys.db"))
+    key = keystore.subject_keys(["alice"])["alice"]
+    assert ("encrypt", name, key.key_id.encode()) in client.requests
+    assert ("decrypt", name, key.key_id.encode()) in client.requests
+
+
+def test_bigtable_and_sqlite_urls():
+    assert isinstance(open_keystore("bigtable://p/i/t", None), BigtableKeystore)
+    with pytest.raises(ValueError, match="bigtable://"):
+        open_keystore("bigtable://p/i", None)
+    with pytest.raises(ValueError, match="unknown keystore"):
+        open_keystore("redis://x", None)
