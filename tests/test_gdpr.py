@@ -1,0 +1,189 @@
+"""Crypto-shredding end to end: deliver, decrypt, forget, and scan every output byte for leaks.
+
+The delivery path runs on a TestStream and writes to local folders; the decrypt job
+runs on its output. The keystore is SQLite with a local key file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import pathlib
+import sqlite3
+
+import apache_beam as beam
+import pytest
+
+from event_delivery import files
+from event_delivery.keystore import KeyConfig
+from event_delivery.registry import load_registry
+from pipelines.decrypt import decrypt, partition_paths
+from pipelines.delivery import DeliverySettings, deliver
+from tests.conftest import message, raw_message, valid_fields
+from tests.streams import Clock, streaming_pipeline
+
+WINDOW, LATENESS, TRIGGER = 60, 30, 5
+START = 3600
+PERSONAL_TYPES = sorted(name for name, t in load_registry().items() if t.personal_fields)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key"))
+
+
+def settings_for(tmp_path, event_type, keys, run_id="run1"):
+    return DeliverySettings(
+        event_type,
+        output_root=str(tmp_path / "out" / "delivered"),
+        late_root=str(tmp_path / "out" / "late"),
+        dead_letter_root=str(tmp_path / "out" / "dead-letter"),
+        keys=keys,
+        window_seconds=WINDOW,
+        allowed_lateness_seconds=LATENESS,
+        trigger_seconds=TRIGGER,
+        late_horizon_seconds=86400,
+        num_shards=2,
+        run_id=run_id,
+    )
+
+
+def deliver_events(settings, events, start=START):
+    """Delivers ``{event_id: fields}`` (plus any raw messages) and lets the hour close."""
+    clock = Clock(start)
+    clock.arrive(*(m if not isinstance(m, tuple) else message(m[1], m[0], (start + 1) * 1000) for m in events))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+
+def decrypted(tmp_path, event_type, keys) -> dict[str, dict]:
+    """Runs the decrypt job over every delivered hour; returns records by event id."""
+    root = str(tmp_path / "out" / "delivered")
+    paths = partition_paths(root, event_type.name, *_all_time())
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as pipeline:
+        decrypt(pipeline, paths, event_type, keys, root, str(tmp_path / "clear"))
+    records = [r for p in files.glob(f"{tmp_path}/clear/{event_type.name}/*/*/*.avro") for r in files.read_avro(p)]
+    return {r["event_id"]: r for r in records}
+
+
+def _all_time():
+    import datetime
+
+    utc = datetime.timezone.utc
+    return datetime.datetime(1970, 1, 1, tzinfo=utc), datetime.datetime(2100, 1, 1, tzinfo=utc)
+
+
+@pytest.mark.parametrize("type_name", PERSONAL_TYPES)
+def test_deliver_then_decrypt_gives_back_the_original(tmp_path, keys, type_name):
+    event_type = load_registry()[type_name]
+    originals = {f"e{i}": valid_fields(event_type, i) for i in range(12)}
+    deliver_events(settings_for(tmp_path, event_type, keys), list(originals.items()))
+
+    delivered = [r for p in files.glob(f"{tmp_path}/out/delivered/{type_name}/*/*/*.avro") for r in files.read_avro(p)]
+    assert len(delivered) == len(originals)
+    for record in delivered:
+        assert record["key_id"]
+        for field in event_type.personal_fields:
+            value = originals[record["event_id"]][field]
+            assert (record[field] is None) == (value is None)
+            assert value is None or isinstance(record[field], bytes) and record[field] != value
+
+    clear = decrypted(tmp_path, event_type, keys)
+    assert set(clear) == set(originals)
+    for event_id, fields in originals.items():
+        assert {name: clear[event_id][name] for name in fields} == fields
+
+
+def test_forget_shreds_past_and_future_events_of_one_subject(tmp_path, keys):
+    search = load_registry()["search"]
+    alice = {f"a{i}": {**valid_fields(search, i), "user_id": "alice"} for i in range(3)}
+    bob = {f"b{i}": {**valid_fields(search, 10 + i), "user_id": "bob"} for i in range(3)}
+    deliver_events(settings_for(tmp_path, search, keys), list({**alice, **bob}.items()))
+    keystore = keys.open()
+    assert keystore.forget("alice")
+
+    clear = decrypted(tmp_path, search, keys)
+    for event_id in alice:
+        assert clear[event_id]["user_id"] is None and clear[event_id]["query"] is None
+        assert clear[event_id]["results_count"] == alice[event_id]["results_count"], "other fields stay"
+    for event_id, fields in bob.items():
+        assert clear[event_id]["user_id"] == "bob" and clear[event_id]["query"] == fields["query"]
+
+    database = tmp_path / "keystore.db"
+    keys_before = sqlite3.connect(database).execute("SELECT COUNT(*) FROM data_keys").fetchone()[0]
+    later = {f"later{i}": {**valid_fields(search, 20 + i), "user_id": "alice"} for i in range(4)}
+    deliver_events(settings_for(tmp_path, search, keys, run_id="run2"), list(later.items()), start=START + 3600)
+    keys_after = sqlite3.connect(database).execute("SELECT COUNT(*) FROM data_keys").fetchone()[0]
+    assert keys_after == keys_before, "no new key for a forgotten subject"
+
+    later_records = [
+        r
+        for p in files.glob(f"{tmp_path}/out/delivered/search/dt=1970-01-01/hr=02-00-00/*.avro")
+        for r in files.read_avro(p)
+    ]
+    assert sorted(r["event_id"] for r in later_records) == sorted(later)
+    assert all(r["key_id"] is None and r["user_id"] is None and r["query"] is None for r in later_records)
+    manifest = json.loads(
+        pathlib.Path(f"{tmp_path}/out/delivered/search/dt=1970-01-01/hr=02-00-00/_SUCCESS").read_text()
+    )
+    assert manifest["accounting"]["forgotten"] == 4
+
+
+def _leak_forms(marker: str) -> list[bytes]:
+    raw = marker.encode()
+    forms = [raw, marker.encode("utf-16-le")]
+    for shift in range(3):  # base64 of the marker at every alignment inside a longer value
+        encoded = base64.b64encode(b"x" * shift + raw)[4 if shift else 0 :]
+        forms.append(encoded[: len(encoded) - 4])
+    return forms
+
+
+def _readable_bytes(path: pathlib.Path) -> bytes:
+    """A file's bytes, plus, for Avro, every decoded value: compression must not hide a leak."""
+    data = path.read_bytes()
+    if path.suffix != ".avro":
+        return data
+    values = []
+    for record in files.read_avro(str(path)):
+        for value in record.values():
+            values.append(value if isinstance(value, bytes) else str(value).encode())
+    return data + b"\0".join(values)
+
+
+def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
+    caplog.set_level(logging.DEBUG)
+    markers = []
+    for type_name in PERSONAL_TYPES:
+        event_type = load_registry()[type_name]
+        events = []
+        for i in range(6):
+            fields = valid_fields(event_type, i)
+            for field in event_type.personal_fields:
+                if (
+                    isinstance(fields[field], str)
+                    or fields[field] is None
+                    and "string" in json.dumps([f["type"] for f in event_type.schema["fields"] if f["name"] == field])
+                ):
+                    fields[field] = f"LEAKMARK{type_name}{field}{i}Z"
+                    markers.append(fields[field])
+            events.append((f"e{i}", fields))
+        # Dead letters hold raw payloads: personal values inside broken messages.
+        secret = f"LEAKMARK{type_name}deadletter"
+        markers.append(secret)
+        events.append(raw_message(f'{{"user_id": "{secret}", '.encode(), "dl-1"))
+        events.append(raw_message(json.dumps({**valid_fields(event_type, 0), secret: secret}).encode(), "dl-2"))
+        deliver_events(settings_for(tmp_path, event_type, keys), events)
+
+    outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "_SUCCESS" for p in outputs) and any("dead-letter" in str(p) for p in outputs)
+    blobs = {str(p): _readable_bytes(p) for p in outputs}
+    blobs["captured logs"] = caplog.text.encode()
+    leaks = [
+        (marker, where)
+        for marker in markers
+        for where, blob in blobs.items()
+        if any(form in blob for form in _leak_forms(marker))
+    ]
+    assert not leaks
