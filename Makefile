@@ -16,7 +16,9 @@ STORAGE_ROOT ?= gs://$(BUCKET)
 WINDOW_SECONDS ?= 3600
 ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
-.PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit deploy update
+KEY_ARGS ?=
+.PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit forget \
+	decrypt deploy update
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -58,7 +60,7 @@ provision: $(INSTALLED)  ## Create every type's topic and subscription, and the 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARGS="--window_seconds 60"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARGS=...]" >&2; exit 2; }
 	$(ENV) $(PY) -m pipelines.delivery --event_type $(TYPE) --project $(PROJECT) \
-		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(ARGS)
+		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(KEY_ARGS) $(ARGS)
 
 load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
 	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }
@@ -67,6 +69,16 @@ load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--c
 audit: $(INSTALLED)  ## Count every message's outcome and check the output contract.
 	$(ENV) $(PY) -m event_delivery.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
+
+forget: $(INSTALLED)  ## Crypto-shred subjects: make forget SUBJECT=user-1 | FILE=ids.txt [KEY_ARGS=...].
+	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget SUBJECT=<id> | FILE=<ids, one per line>" >&2; exit 2; }
+	$(ENV) $(PY) -m event_delivery.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
+
+decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
+	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \
+		{ echo "usage: make decrypt TYPE=<type> START=<hour> END=<hour> OUTPUT=<root> [KEY_ARGS=...]" >&2; exit 2; }
+	$(ENV) $(PY) -m pipelines.decrypt --event_type $(TYPE) --input_root $(STORAGE_ROOT)/delivered \
+		--output_root $(OUTPUT) --start $(START) --end $(END) $(KEY_ARGS)
 
 deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }

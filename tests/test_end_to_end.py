@@ -8,8 +8,10 @@ late messages. Then every message must be found in exactly one place.
 from __future__ import annotations
 
 import collections
+import datetime
 import io
 
+import apache_beam as beam
 import avro.datafile
 import avro.io
 import fastavro
@@ -18,7 +20,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from event_delivery import files, partitions
 from event_delivery.demo import Scenario, run_scenario
+from event_delivery.keystore import KeyConfig
 from event_delivery.loadgen import TrafficMix
+from pipelines.decrypt import decrypt, partition_paths
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -32,7 +36,9 @@ def outcomes(emulators, registry, tmp_path_factory):
         rate=8,
         mix=TrafficMix(duplicates=0.1, malformed=0.05, late=0.05, late_by_seconds=20),
     )
-    return scenario, run_scenario(scenario, tmp_path_factory.mktemp("e2e"), say=print)
+    state_dir = tmp_path_factory.mktemp("e2e")
+    scenario.state_dir = state_dir
+    return scenario, run_scenario(scenario, state_dir, say=print)
 
 
 def test_every_message_ends_up_in_exactly_one_place(outcomes):
@@ -80,7 +86,8 @@ def test_delivered_files_are_avro_with_their_schema_and_unique_ids(outcomes, reg
             with FileSystems.open(path) as handle:
                 reader = fastavro.reader(io.BytesIO(handle.read()))
             assert reader.metadata["avro.codec"] == files.AVRO_CODEC
-            assert [f["name"] for f in reader.writer_schema["fields"]][2:] == list(registry[name].field_names)
+            written = [f["name"] for f in reader.writer_schema["fields"]]
+            assert written == [f["name"] for f in registry[name].delivered_schema["fields"]]
         for hour in by_type[name].audit.hours.values():
             assert len(hour.delivered_ids) == len(set(hour.delivered_ids))
 
@@ -109,3 +116,34 @@ def test_markers_list_exactly_the_files_of_their_hour(outcomes):
             assert manifest["accounting"]["delivered"] == sum(files.count_avro_records(p) for p in present)
             closed += 1
     assert closed >= len(by_type), "at least one closed hour per type"
+
+
+def test_personal_fields_are_sealed_and_decrypt_on_gcs(outcomes, registry):
+    scenario, _ = outcomes
+    search = registry["search"]
+    sealed = [
+        r for p in files.glob(f"{scenario.storage_root}/delivered/search/dt=*/hr=*/*.avro") for r in files.read_avro(p)
+    ]
+    assert sealed and all(isinstance(r["query"], bytes) and r["key_id"] for r in sealed)
+    dead = [
+        r
+        for p in files.glob(f"{scenario.storage_root}/dead-letter/search/dt=*/hr=*/*.avro")
+        for r in files.read_avro(p)
+    ]
+    assert dead and all(r["quarantine_key_id"] for r in dead)
+
+    keys = KeyConfig(f"sqlite:///{scenario.state_dir.resolve()}/keystore.db", f"{scenario.state_dir.resolve()}/kek.key")
+    root = f"{scenario.storage_root}/delivered"
+    paths = partition_paths(
+        root,
+        "search",
+        datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc),
+    )
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as pipeline:
+        decrypt(pipeline, paths, search, keys, root, f"{scenario.storage_root}/clear")
+    clear = [
+        r for p in files.glob(f"{scenario.storage_root}/clear/search/dt=*/hr=*/*.avro") for r in files.read_avro(p)
+    ]
+    assert len(clear) == len(sealed)
+    assert all(r["user_id"].startswith("user-") and isinstance(r["query"], str) for r in clear)
