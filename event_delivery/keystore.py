@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import threading
@@ -144,6 +145,8 @@ class SqliteKeystore(Keystore):
         super().__init__(kek)
         self.path = path
         self._lock = threading.Lock()
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
         self._connection.execute("PRAGMA secure_delete = ON")

@@ -49,11 +49,19 @@ def settings_for(tmp_path, event_type, keys, run_id="run1"):
     )
 
 
-def deliver_events(settings, events, start=START):
-    """Delivers ``{event_id: fields}`` (plus any raw messages) and lets the hour close."""
+def deliver_events(settings, events, start=START, late_events=()):
+    """Delivers ``(event_id, fields)`` pairs and raw messages, lets the hour close, then
+    delivers ``late_events`` for the same hour, which therefore go to the late root."""
+
+    def as_message(m):
+        return m if not isinstance(m, tuple) else message(m[1], m[0], (start + 1) * 1000)
+
     clock = Clock(start)
-    clock.arrive(*(m if not isinstance(m, tuple) else message(m[1], m[0], (start + 1) * 1000) for m in events))
+    clock.arrive(*(as_message(m) for m in events))
     clock.advance(WINDOW + LATENESS + TRIGGER)
+    if late_events:
+        clock.arrive(*(as_message(m) for m in late_events))
+        clock.advance(TRIGGER * 2)
     with streaming_pipeline() as pipeline:
         deliver(pipeline | clock.finish(), settings)
 
@@ -158,7 +166,7 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
     for type_name in PERSONAL_TYPES:
         event_type = load_registry()[type_name]
         events = []
-        for i in range(6):
+        for i in range(8):
             fields = valid_fields(event_type, i)
             for field in event_type.personal_fields:
                 if (
@@ -174,10 +182,11 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
         markers.append(secret)
         events.append(raw_message(f'{{"user_id": "{secret}", '.encode(), "dl-1"))
         events.append(raw_message(json.dumps({**valid_fields(event_type, 0), secret: secret}).encode(), "dl-2"))
-        deliver_events(settings_for(tmp_path, event_type, keys), events)
+        deliver_events(settings_for(tmp_path, event_type, keys), events[:6] + events[8:], late_events=events[6:8])
 
     outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name == "_SUCCESS" for p in outputs) and any("dead-letter" in str(p) for p in outputs)
+    for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/"):
+        assert any(kind in str(p) for p in outputs), f"the scan covers {kind}"
     blobs = {str(p): _readable_bytes(p) for p in outputs}
     blobs["captured logs"] = caplog.text.encode()
     leaks = [
@@ -187,3 +196,17 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
         if any(form in blob for form in _leak_forms(marker))
     ]
     assert not leaks
+
+
+def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
+    from event_delivery.dead_letters import quarantine_key_name
+    from event_delivery.fields import decrypt_bytes
+
+    search = load_registry()["search"]
+    broken = b'{"user_id": "someone", "query": '
+    deliver_events(settings_for(tmp_path, search, keys), [raw_message(broken, "dl-1")])
+    [record] = [r for p in files.glob(f"{tmp_path}/out/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert record["payload"] != broken and record["error_kind"] == "NOT_JSON"
+    key = keys.open().named_key(quarantine_key_name("search"))
+    assert record["quarantine_key_id"] == key.key_id
+    assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id) == broken
