@@ -213,6 +213,12 @@ def main(argv=None) -> int:
         "[print(r) for r in fastavro.reader(open(sys.argv[1],'rb'))]\" <file.avro>"
     )
     print(f"Job logs: {args.state_dir / 'logs'}/<type>.log")
+    keys = f"--keystore sqlite:///{args.state_dir}/keystore.db --local_key_file {args.state_dir}/kek.key"
+    print("Personal fields are encrypted. A decrypted copy of every search hour:")
+    print(
+        f"  .venv/bin/python -m pipelines.decrypt --event_type search --input_root {data}/delivered "
+        f"--output_root {args.state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys}"
+    )
     return 0 if all(o.balanced for o in outcomes.values()) else 1
 
 

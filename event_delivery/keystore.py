@@ -325,10 +325,11 @@ class BigtableKeystore(Keystore):
 
 
 def open_keystore(url: str, kek: KeyEncryptionKey) -> Keystore:
-    """``sqlite:///path/keys.db`` or ``bigtable://project/instance/table``."""
+    """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "sqlite":
-        return SqliteKeystore(kek, parsed.path or ":memory:")
+        # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
+        return SqliteKeystore(kek, parsed.path[1:] or ":memory:")
     if parsed.scheme == "bigtable":
         parts = [parsed.netloc, *parsed.path.strip("/").split("/")]
         if len(parts) != 3 or not all(parts):

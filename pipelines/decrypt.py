@@ -130,9 +130,16 @@ def main(argv=None) -> int:
     options = PipelineOptions(beam_args)
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
-    with beam.Pipeline(options=options) as pipeline:
-        decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
-    print(f"decrypted {len(paths)} file(s) of {event_type.name} into {args.output_root}")
+    pipeline = beam.Pipeline(options=options)
+    decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    print(
+        f"decrypted {counts.get('records', 0)} record(s) in {len(paths)} file(s) of {event_type.name} into "
+        f"{args.output_root}; {counts.get('forgotten_records', 0)} belong to forgotten subjects (or keys this "
+        f"keystore does not hold) and came out null; {counts.get('undecryptable_fields', 0)} field(s) did not decrypt"
+    )
     return 0
 
 

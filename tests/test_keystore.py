@@ -172,6 +172,14 @@ def test_cloud_kms_wraps_with_the_named_key_and_the_key_id_as_context(tmp_path):
     assert ("decrypt", name, key.key_id.encode()) in client.requests
 
 
+def test_sqlite_urls_take_relative_and_absolute_paths(tmp_path, monkeypatch, kek):
+    monkeypatch.chdir(tmp_path)
+    open_keystore("sqlite:///keys/relative.db", kek).subject_keys(["alice"])
+    assert (tmp_path / "keys" / "relative.db").exists()
+    open_keystore(f"sqlite:///{tmp_path}/absolute.db", kek).subject_keys(["alice"])
+    assert (tmp_path / "absolute.db").exists()
+
+
 def test_bigtable_and_sqlite_urls():
     assert isinstance(open_keystore("bigtable://p/i/t", None), BigtableKeystore)
     with pytest.raises(ValueError, match="bigtable://"):
