@@ -27,7 +27,7 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from event_delivery import partitions
+from event_delivery import partitions, preflight
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
@@ -254,6 +254,13 @@ def start(argv: list[str]):
         # Beam's DirectRunner first tries Prism, which it downloads from the internet;
         # the Python DirectRunner needs nothing and is what CI runs.
         standard.runner = LOCAL_RUNNER
+    if standard.runner == LOCAL_RUNNER:
+        try:
+            preflight.check_subscription(subscription)
+            for root in {settings.output_root, settings.late_root, settings.dead_letter_root}:
+                preflight.check_root(root, args.project)
+        except preflight.PreflightError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)
     result = pipeline.run()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+from event_delivery import provision
+from event_delivery.registry import load_registry
 
 
 def run(*args):
@@ -68,3 +72,25 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
 def test_tools_reject_bad_flags_with_exit_code_2(module, args):
     result = run(module, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def _job(*extra, env=None):
+    args = ["pipelines.delivery", "--event_type", "play", "--project", "local-project", *extra]
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_an_unreachable_emulator_is_named(tmp_path):
+    line = _job("--storage_root", str(tmp_path), env={"PUBSUB_EMULATOR_HOST": "127.0.0.1:1"})
+    assert "cannot reach the Pub/Sub emulator at 127.0.0.1:1" in line
+
+
+@pytest.mark.emulators
+def test_a_missing_subscription_or_bucket_says_how_to_create_it(emulators, bucket):
+    assert "make provision" in _job("--storage_root", f"gs://{bucket}")
+    provision.provision("local-project", [load_registry()["play"]], None)
+    line = _job("--storage_root", "gs://no-such-bucket-here")
+    assert "bucket gs://no-such-bucket-here does not exist" in line
