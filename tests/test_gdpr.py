@@ -184,10 +184,11 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
         events.append(raw_message(json.dumps({**valid_fields(event_type, 0), secret: secret}).encode(), "dl-2"))
         deliver_events(settings_for(tmp_path, event_type, keys), events[:6] + events[8:], late_events=events[6:8])
 
-    outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
+    outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/"):
         assert any(kind in str(p) for p in outputs), f"the scan covers {kind}"
     blobs = {str(p): _readable_bytes(p) for p in outputs}
+    blobs["keystore"] = b"".join(p.read_bytes() for p in tmp_path.glob("keystore.db*") if p.exists())
     blobs["captured logs"] = caplog.text.encode()
     leaks = [
         (marker, where)
