@@ -18,7 +18,7 @@ ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
 .PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit forget \
-	decrypt deploy update
+	decrypt redrive deploy update
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -79,6 +79,12 @@ decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11
 		{ echo "usage: make decrypt TYPE=<type> START=<hour> END=<hour> OUTPUT=<root> [KEY_ARGS=...]" >&2; exit 2; }
 	$(ENV) $(PY) -m pipelines.decrypt --event_type $(TYPE) --input_root $(STORAGE_ROOT)/delivered \
 		--output_root $(OUTPUT) --start $(START) --end $(END) $(KEY_ARGS)
+
+redrive: $(INSTALLED)  ## Replay dead letters: make redrive TYPE=search START=... END=... [FIX=strip_unknown_fields].
+	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" || \
+		{ echo "usage: make redrive TYPE=<type> START=<hour> END=<hour> [FIX=<fix>] [KEY_ARGS=...]" >&2; exit 2; }
+	$(ENV) $(PY) -m pipelines.redrive --event_type $(TYPE) --storage_root $(STORAGE_ROOT) --start $(START) \
+		--end $(END) --window_seconds $(WINDOW_SECONDS) $(if $(FIX),--fix $(FIX),) $(KEY_ARGS)
 
 deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }

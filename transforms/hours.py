@@ -72,7 +72,7 @@ class BucketByHour(beam.PTransform):
         self,
         window_seconds: int,
         allowed_lateness_seconds: int,
-        trigger_seconds: int,
+        trigger_seconds: int | None,
         late_horizon_seconds: int,
         num_shards: int,
     ):
@@ -83,14 +83,18 @@ class BucketByHour(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, elements):
-        flush = trigger.AfterProcessingTime(self.trigger_seconds)
+        if self.trigger_seconds is None:  # a bounded input: one pane per hour and shard
+            when = trigger.DefaultTrigger()
+        else:
+            flush = trigger.AfterProcessingTime(self.trigger_seconds)
+            when = trigger.AfterWatermark(early=flush, late=flush)
         return (
             elements
             | "StampReceivedAt" >> beam.Map(_keyed_by_shard, self.num_shards).with_output_types(tuple[int, typing.Any])
             | "HourWindows"
             >> beam.WindowInto(
                 self.windows,
-                trigger=trigger.AfterWatermark(early=flush, late=flush),
+                trigger=when,
                 accumulation_mode=trigger.AccumulationMode.DISCARDING,
                 # Parsing dead-letters events older than one horizon on arrival; the
                 # second horizon is slack between arrival and the watermark, so the

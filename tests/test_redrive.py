@@ -1,0 +1,101 @@
+"""Redrive: fixed dead letters replay through the delivery path, and the counts still balance."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from event_delivery import files, partitions
+from event_delivery.audit import audit_type
+from event_delivery.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
+from event_delivery.fields import encrypt_bytes
+from event_delivery.keystore import KeyConfig
+from event_delivery.registry import load_registry
+from pipelines import redrive
+from pipelines.delivery import DeliverySettings, deliver
+from tests.conftest import message, raw_message, valid_fields
+from tests.streams import Clock, streaming_pipeline
+
+WINDOW, LATENESS, TRIGGER = 60, 30, 5
+START = 3600
+
+
+def setup(tmp_path):
+    search = load_registry()["search"]
+    keys = KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key"))
+    settings = DeliverySettings(
+        search,
+        str(tmp_path / "delivered"),
+        str(tmp_path / "late"),
+        str(tmp_path / "dead-letter"),
+        keys,
+        window_seconds=WINDOW,
+        allowed_lateness_seconds=LATENESS,
+        trigger_seconds=TRIGGER,
+        late_horizon_seconds=86400,
+        num_shards=2,
+        run_id="run1",
+    )
+    key_flags = [f"--keystore=sqlite:///{tmp_path}/keystore.db", f"--local_key_file={tmp_path}/kek.key"]
+    layout = [f"--window_seconds={WINDOW}", f"--allowed_lateness_seconds={LATENESS}"]
+    return search, settings, key_flags + layout
+
+
+def counts(tmp_path):
+    audit = audit_type("search", f"{tmp_path}/delivered", f"{tmp_path}/late", f"{tmp_path}/dead-letter", WINDOW)
+    assert not audit.problems
+    return {kind: audit.total(kind) for kind in ("delivered", "duplicates", "late", "dead_lettered")}
+
+
+def test_fixed_dead_letters_of_a_closed_hour_are_delivered_late(tmp_path):
+    search, settings, flags = setup(tmp_path)
+    ahead_of_schema = [{**valid_fields(search, i), "new_field": "x"} for i in range(3)]
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(search, i), f"ok{i}", (START + 1) * 1000) for i in range(5)))
+    clock.arrive(*(message(f, f"ahead{i}", (START + 2) * 1000) for i, f in enumerate(ahead_of_schema)))
+    clock.arrive(raw_message(b"{broken", "broken"))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+    before = counts(tmp_path)
+    assert before == {"delivered": 5, "duplicates": 0, "late": 0, "dead_lettered": 4}
+
+    args = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
+    assert redrive.main([*args, "--fix=strip_unknown_fields", *flags]) == 0
+    after = counts(tmp_path)
+    assert after == {"delivered": 5, "duplicates": 0, "late": 3, "dead_lettered": 1}
+    assert sum(after.values()) == sum(before.values())
+    late = [r for p in files.glob(f"{tmp_path}/late/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert sorted(r["event_id"] for r in late) == ["ahead0", "ahead1", "ahead2"]
+    assert all(r["key_id"] and isinstance(r["query"], bytes) for r in late), "redriven events are encrypted too"
+
+    assert redrive.main([*args, "--fix=strip_unknown_fields", *flags]) == 0
+    assert counts(tmp_path) == after, "a second redrive finds nothing more to do"
+
+
+def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
+    search, settings, flags = setup(tmp_path)
+    now = int(time.time())
+    hour = now - now % WINDOW
+    keystore = settings.keys.open()
+    key = keystore.named_key(quarantine_key_name("search"))
+    payload = json.dumps(valid_fields(search, 1)).encode()
+    record = dead_letter("search", ErrorKind.BAD_TIMESTAMP, "test", "e1", now * 1000, {"event_id": "e1"}, payload)
+    record.update(
+        payload=encrypt_bytes(key.aead, payload, "search", "payload", key.key_id), quarantine_key_id=key.key_id
+    )
+    folder = partitions.partition_dir(settings.dead_letter_root, "search", hour, WINDOW)
+    files.write_avro(
+        f"{folder}/search-run1-p00000-s000.avro", files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), [record]
+    )
+
+    day = time.strftime("%Y-%m-%dT00", time.gmtime(now))
+    assert (
+        redrive.main(
+            ["--event_type=search", f"--storage_root={tmp_path}", f"--start={day}", "--end=2100-01-01T00", *flags]
+        )
+        == 0
+    )
+    staged = files.glob(f"{tmp_path}/delivered/_staging/search/*/*/*.avro")
+    assert [r["event_id"] for p in staged for r in files.read_avro(p)] == ["e1"]
+    assert not files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro")
