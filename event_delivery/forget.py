@@ -17,7 +17,6 @@ import argparse
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 
@@ -41,10 +40,9 @@ class ForgetSubjectsFn(beam.DoFn):
 
 def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, int]:
     """Runs the batch job over a file of subject ids; returns (keys deleted, tombstones only)."""
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
-    pipeline = beam.Pipeline(options=options)
+    from pipelines.runtime import pipeline_options
+
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     (
         pipeline
         | "ReadSubjects" >> beam.io.ReadFromText(path)

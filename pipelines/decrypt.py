@@ -13,23 +13,17 @@ fields come out null. Run it where the output is allowed to hold personal data::
 from __future__ import annotations
 
 import argparse
-import datetime
-import logging
-import posixpath
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from event_delivery import files, partitions
-from event_delivery.audit import partition_bounds
+from event_delivery import files
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.fields import UndecryptableField, decrypt_value
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import EventType, get_event_type, load_registry
-
-_LOG = logging.getLogger(__name__)
+from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_logging, utc_hour
 
 
 def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> tuple[dict, int]:
@@ -80,17 +74,6 @@ class DecryptFileFn(beam.DoFn):
         yield destination
 
 
-def partition_paths(input_root: str, event_type: str, start: datetime.datetime, end: datetime.datetime) -> list[str]:
-    """Delivered files of the hours that start in ``[start, end)``."""
-    start_millis, end_millis = start.timestamp() * 1000, end.timestamp() * 1000
-    selected = []
-    for path in files.glob(partitions.join(input_root, event_type, "dt=*", "hr=*", "*.avro")):
-        partition = "/".join(posixpath.dirname(path).split("/")[-2:])
-        if start_millis <= partition_bounds(partition, 1)[0] < end_millis:
-            selected.append(path)
-    return selected
-
-
 def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, input_root: str, output_root: str):
     return (
         pipeline
@@ -100,37 +83,28 @@ def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, 
     )
 
 
-def _utc(text: str) -> datetime.datetime:
-    moment = datetime.datetime.fromisoformat(text if len(text) > 13 else f"{text}:00")
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m pipelines.decrypt", description=__doc__.split("\n")[0])
     parser.add_argument("--event_type", required=True, choices=sorted(load_registry()))
     parser.add_argument("--input_root", required=True, help="A delivered (or late) root, e.g. gs://bucket/delivered.")
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
-    parser.add_argument("--start", required=True, help="First hour, UTC: YYYY-MM-DDTHH (or full ISO 8601).")
-    parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
+    add_hour_range_arguments(parser, "delivered data")
     add_key_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     try:
-        start, end = _utc(args.start), _utc(args.end)
+        start, end = utc_hour(args.start), utc_hour(args.end)
         keys = key_config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     use_emulator_credentials()
     event_type = get_event_type(args.event_type)
     paths = partition_paths(args.input_root, event_type.name, start, end)
     if not paths:
         print(f"no {event_type.name} files in {args.input_root} for {start:%Y-%m-%dT%H}..{end:%Y-%m-%dT%H}")
         return 0
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
     result = pipeline.run()
     result.wait_until_finish()

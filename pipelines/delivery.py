@@ -32,6 +32,7 @@ from event_delivery.cloud import use_emulator_credentials
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
+from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.close import CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
@@ -42,7 +43,6 @@ from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
 from transforms.write import WriteAvroPanes, dead_letter_record
 
 DAY_SECONDS = 24 * 3600
-LOCAL_RUNNER = "BundleBasedDirectRunner"
 
 
 class DeliveryOptions(PipelineOptions):
@@ -247,13 +247,9 @@ def start(argv: list[str]):
     except (KeyError, ValueError) as error:
         parser.error(str(error).strip("'\""))
     use_emulator_credentials()
-    options = PipelineOptions(argv)
+    options = pipeline_options(argv)
     standard = options.view_as(StandardOptions)
     standard.streaming = True
-    if standard.runner in (None, "DirectRunner"):
-        # Beam's DirectRunner first tries Prism, which it downloads from the internet;
-        # the Python DirectRunner needs nothing and is what CI runs.
-        standard.runner = LOCAL_RUNNER
     if standard.runner == LOCAL_RUNNER:
         try:
             preflight.check_subscription(subscription)
@@ -273,7 +269,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     argv = sys.argv[1:] if argv is None else argv
     result, runner = start(argv)
     if runner != LOCAL_RUNNER:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import sys
 import time
 
@@ -25,7 +24,6 @@ import apache_beam as beam
 import fastavro
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 
 from event_delivery import files, partitions
@@ -35,7 +33,7 @@ from event_delivery.fields import decrypt_bytes
 from event_delivery.fixes import FIXES
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import EventType, get_event_type, load_registry
-from pipelines.decrypt import _utc, partition_paths
+from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_logging, utc_hour
 from transforms.hours import BucketByHour, bucket_start_seconds
 from transforms.parse import DEAD_LETTERS, ParseEventFn
 from transforms.personal import EncryptPersonalFields
@@ -173,8 +171,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.redrive", description=__doc__.split("\n")[0])
     parser.add_argument("--event_type", required=True, choices=sorted(load_registry()))
     parser.add_argument("--storage_root", required=True, help="The delivery job's --storage_root.")
-    parser.add_argument("--start", required=True, help="First hour of dead letters, UTC: YYYY-MM-DDTHH.")
-    parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
+    add_hour_range_arguments(parser, "dead letters")
     parser.add_argument("--fix", default="none", choices=sorted(FIXES), help="A registered fix. Default: none.")
     parser.add_argument(
         "--window_seconds", type=int, default=partitions.HOUR_SECONDS, help="The delivery job's bucket length."
@@ -183,11 +180,11 @@ def main(argv=None) -> int:
     add_key_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     try:
-        start, end = _utc(args.start), _utc(args.end)
+        start, end = utc_hour(args.start), utc_hour(args.end)
         keys = key_config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     use_emulator_credentials()
     event_type = get_event_type(args.event_type)
     root = args.storage_root.rstrip("/")
@@ -198,13 +195,10 @@ def main(argv=None) -> int:
     # redrive of what an earlier one left behind (other contents) never overwrites its files.
     replayed = "\n".join(f"{path} {count}" for path, count in counts.items()) + f"\n{args.fix}"
     run_id = "redrive-" + hashlib.sha256(replayed.encode()).hexdigest()[:12]
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     lateness = args.allowed_lateness_seconds
     layout = (args.window_seconds, event_type.tier.allowed_lateness_seconds if lateness is None else lateness)
     roots = (f"{root}/delivered", f"{root}/late", f"{root}/delivered/_staging")
-    with beam.Pipeline(options=options) as pipeline:
+    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         redrive(pipeline, paths, event_type, keys, roots, layout, args.fix, run_id)
     remaining = sum(
         files.count_avro_records(p) for p in partition_paths(f"{root}/dead-letter", event_type.name, start, end)

@@ -11,7 +11,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 
-from pipelines.delivery import LOCAL_RUNNER
+from pipelines.runtime import LOCAL_RUNNER
 
 
 class Clock:

@@ -22,7 +22,8 @@ from event_delivery import files, partitions
 from event_delivery.demo import Scenario, run_scenario
 from event_delivery.keystore import KeyConfig
 from event_delivery.loadgen import TrafficMix
-from pipelines.decrypt import decrypt, partition_paths
+from pipelines.decrypt import decrypt
+from pipelines.runtime import LOCAL_RUNNER, partition_paths
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -140,7 +141,7 @@ def test_personal_fields_are_sealed_and_decrypt_on_gcs(outcomes, registry):
         datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc),
         datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc),
     )
-    with beam.Pipeline(runner="BundleBasedDirectRunner") as pipeline:
+    with beam.Pipeline(runner=LOCAL_RUNNER) as pipeline:
         decrypt(pipeline, paths, search, keys, root, f"{scenario.storage_root}/clear")
     clear = [
         r for p in files.glob(f"{scenario.storage_root}/clear/search/dt=*/hr=*/*.avro") for r in files.read_avro(p)

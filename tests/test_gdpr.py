@@ -18,8 +18,9 @@ import pytest
 from event_delivery import files
 from event_delivery.keystore import KeyConfig
 from event_delivery.registry import load_registry
-from pipelines.decrypt import decrypt, partition_paths
+from pipelines.decrypt import decrypt
 from pipelines.delivery import DeliverySettings, deliver
+from pipelines.runtime import LOCAL_RUNNER, partition_paths
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import Clock, streaming_pipeline
 
@@ -70,7 +71,7 @@ def decrypted(tmp_path, event_type, keys) -> dict[str, dict]:
     """Runs the decrypt job over every delivered hour; returns records by event id."""
     root = str(tmp_path / "out" / "delivered")
     paths = partition_paths(root, event_type.name, *_all_time())
-    with beam.Pipeline(runner="BundleBasedDirectRunner") as pipeline:
+    with beam.Pipeline(runner=LOCAL_RUNNER) as pipeline:
         decrypt(pipeline, paths, event_type, keys, root, str(tmp_path / "clear"))
     records = [r for p in files.glob(f"{tmp_path}/clear/{event_type.name}/*/*/*.avro") for r in files.read_avro(p)]
     return {r["event_id"]: r for r in records}

@@ -1,0 +1,51 @@
+"""What the jobs share as they start: the runner, logging, and the hour ranges of batch jobs."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import posixpath
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from event_delivery import files, partitions
+from event_delivery.audit import partition_bounds
+
+# Beam's "DirectRunner" first tries Prism, which it downloads from the internet; the
+# Python DirectRunner needs nothing and is what CI runs.
+LOCAL_RUNNER = "BundleBasedDirectRunner"
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam's own flags, on the local runner unless ``--runner`` names another."""
+    options = PipelineOptions(beam_args)
+    standard = options.view_as(StandardOptions)
+    if standard.runner in (None, "DirectRunner"):
+        standard.runner = LOCAL_RUNNER
+    return options
+
+
+def start_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_hour_range_arguments(parser, what: str) -> None:
+    parser.add_argument("--start", required=True, help=f"First hour of {what}, UTC: YYYY-MM-DDTHH (or ISO 8601).")
+    parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
+
+
+def utc_hour(text: str) -> datetime.datetime:
+    """``YYYY-MM-DDTHH`` or any ISO 8601 time; UTC unless it says otherwise."""
+    moment = datetime.datetime.fromisoformat(text if len(text) > 13 else f"{text}:00")
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def partition_paths(root: str, event_type: str, start: datetime.datetime, end: datetime.datetime) -> list[str]:
+    """Avro files under ``root`` of the hours that start in ``[start, end)``."""
+    start_millis, end_millis = start.timestamp() * 1000, end.timestamp() * 1000
+    selected = []
+    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", "*.avro")):
+        partition = "/".join(posixpath.dirname(path).split("/")[-2:])
+        if start_millis <= partition_bounds(partition, 1)[0] < end_millis:
+            selected.append(path)
+    return selected
