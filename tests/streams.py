@@ -11,7 +11,14 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 
+from event_delivery.keystore import KeyConfig
+from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_RUNNER
+
+# Short "hours" for the tests, placed near the epoch because a TestStream's processing
+# clock starts at 0: START is 1970-01-01T01:00:00Z.
+WINDOW, LATENESS, TRIGGER = 60, 30, 5
+START = 3600
 
 
 class Clock:
@@ -39,3 +46,25 @@ def streaming_pipeline():
     options = PipelineOptions(runner=LOCAL_RUNNER)
     options.view_as(StandardOptions).streaming = True
     return beam.Pipeline(options=options)
+
+
+def local_keys(folder) -> KeyConfig:
+    """A SQLite keystore and a local key file in ``folder``."""
+    return KeyConfig(f"sqlite:///{folder}/keystore.db", f"{folder}/kek.key")
+
+
+def local_settings(root, event_type, keys: KeyConfig, run_id="run1", num_shards=2) -> DeliverySettings:
+    """Delivery into ``root``'s delivered/, late/ and dead-letter/ folders, with the short hours above."""
+    return DeliverySettings(
+        event_type,
+        output_root=f"{root}/delivered",
+        late_root=f"{root}/late",
+        dead_letter_root=f"{root}/dead-letter",
+        keys=keys,
+        window_seconds=WINDOW,
+        allowed_lateness_seconds=LATENESS,
+        trigger_seconds=TRIGGER,
+        late_horizon_seconds=86400,
+        num_shards=num_shards,
+        run_id=run_id,
+    )

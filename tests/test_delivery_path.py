@@ -18,33 +18,17 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from event_delivery import files, partitions
 from event_delivery.audit import audit_type
 from event_delivery.dead_letters import ErrorKind
-from event_delivery.keystore import KeyConfig
 from event_delivery.loadgen import malformed
 from event_delivery.registry import load_registry
-from pipelines.delivery import DeliverySettings, deliver
+from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
-from tests.streams import Clock, streaming_pipeline
-
-WINDOW, LATENESS, TRIGGER = 60, 30, 5
-START = 3600  # 1970-01-01T01:00:00Z: a TestStream's processing clock starts at 0
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 
 
 @pytest.fixture
 def settings(tmp_path, registry):
     def make(type_name="service_log", run_id="run1"):
-        return DeliverySettings(
-            registry[type_name],
-            output_root=str(tmp_path / "delivered"),
-            late_root=str(tmp_path / "late"),
-            dead_letter_root=str(tmp_path / "dead-letter"),
-            keys=KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key")),
-            window_seconds=WINDOW,
-            allowed_lateness_seconds=LATENESS,
-            trigger_seconds=TRIGGER,
-            late_horizon_seconds=86400,
-            num_shards=3,
-            run_id=run_id,
-        )
+        return local_settings(tmp_path, registry[type_name], local_keys(tmp_path), run_id, num_shards=3)
 
     return make
 

@@ -16,38 +16,23 @@ import apache_beam as beam
 import pytest
 
 from event_delivery import files
-from event_delivery.keystore import KeyConfig
 from event_delivery.registry import load_registry
 from pipelines.decrypt import decrypt
-from pipelines.delivery import DeliverySettings, deliver
+from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
 from tests.conftest import message, raw_message, valid_fields
-from tests.streams import Clock, streaming_pipeline
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 
-WINDOW, LATENESS, TRIGGER = 60, 30, 5
-START = 3600
 PERSONAL_TYPES = sorted(name for name, t in load_registry().items() if t.personal_fields)
 
 
 @pytest.fixture
 def keys(tmp_path):
-    return KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key"))
+    return local_keys(tmp_path)
 
 
 def settings_for(tmp_path, event_type, keys, run_id="run1"):
-    return DeliverySettings(
-        event_type,
-        output_root=str(tmp_path / "out" / "delivered"),
-        late_root=str(tmp_path / "out" / "late"),
-        dead_letter_root=str(tmp_path / "out" / "dead-letter"),
-        keys=keys,
-        window_seconds=WINDOW,
-        allowed_lateness_seconds=LATENESS,
-        trigger_seconds=TRIGGER,
-        late_horizon_seconds=86400,
-        num_shards=2,
-        run_id=run_id,
-    )
+    return local_settings(tmp_path / "out", event_type, keys, run_id)
 
 
 def deliver_events(settings, events, start=START, late_events=()):

@@ -35,8 +35,8 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
     assert sorted(s for s, key in after.items() if key is not None) == sorted(subjects[200:])
 
 
-def test_decrypt_command_explains_bad_flags_in_one_line(tmp_path):
-    result = run(
+def decrypt_command(tmp_path, start, *extra):
+    return run(
         "pipelines.decrypt",
         "--event_type",
         "search",
@@ -45,28 +45,20 @@ def test_decrypt_command_explains_bad_flags_in_one_line(tmp_path):
         "--output_root",
         str(tmp_path / "x"),
         "--start",
-        "yesterday",
+        start,
         "--end",
         "2026-11-30T00",
+        *extra,
     )
+
+
+def test_decrypt_command_explains_bad_flags_in_one_line(tmp_path):
+    result = decrypt_command(tmp_path, "yesterday")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error:" in result.stderr
 
 
 def test_decrypt_command_with_nothing_to_do(tmp_path):
-    result = run(
-        "pipelines.decrypt",
-        "--event_type",
-        "search",
-        "--input_root",
-        str(tmp_path),
-        "--output_root",
-        str(tmp_path / "x"),
-        "--start",
-        "2026-11-29T00",
-        "--end",
-        "2026-11-30T00",
-        f"--keystore=sqlite:///{tmp_path}/k.db",
-        f"--local_key_file={tmp_path}/kek.key",
-    )
+    key_flags = (f"--keystore=sqlite:///{tmp_path}/k.db", f"--local_key_file={tmp_path}/kek.key")
+    result = decrypt_command(tmp_path, "2026-11-29T00", *key_flags)
     assert result.returncode == 0 and "no search files" in result.stdout

@@ -9,33 +9,16 @@ from event_delivery import files, partitions
 from event_delivery.audit import audit_type
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
 from event_delivery.fields import encrypt_bytes
-from event_delivery.keystore import KeyConfig
 from event_delivery.registry import load_registry
 from pipelines import redrive
-from pipelines.delivery import DeliverySettings, deliver
+from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
-from tests.streams import Clock, streaming_pipeline
-
-WINDOW, LATENESS, TRIGGER = 60, 30, 5
-START = 3600
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 
 
 def setup(tmp_path):
     search = load_registry()["search"]
-    keys = KeyConfig(f"sqlite:///{tmp_path}/keystore.db", str(tmp_path / "kek.key"))
-    settings = DeliverySettings(
-        search,
-        str(tmp_path / "delivered"),
-        str(tmp_path / "late"),
-        str(tmp_path / "dead-letter"),
-        keys,
-        window_seconds=WINDOW,
-        allowed_lateness_seconds=LATENESS,
-        trigger_seconds=TRIGGER,
-        late_horizon_seconds=86400,
-        num_shards=2,
-        run_id="run1",
-    )
+    settings = local_settings(tmp_path, search, local_keys(tmp_path))
     key_flags = [f"--keystore=sqlite:///{tmp_path}/keystore.db", f"--local_key_file={tmp_path}/kek.key"]
     layout = [f"--window_seconds={WINDOW}", f"--allowed_lateness_seconds={LATENESS}"]
     return search, settings, key_flags + layout
