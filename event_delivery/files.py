@@ -12,10 +12,18 @@ from apache_beam.io.filesystems import FileSystems
 AVRO_CODEC = "deflate"
 
 
+class AvroWriteError(RuntimeError):
+    """A record does not match the file's schema. The message never quotes record values."""
+
+
 def write_avro(path: str, parsed_schema, records) -> None:
     """Writes one compressed Avro container file, with its schema, in a single upload."""
     buffer = io.BytesIO()
-    fastavro.writer(buffer, parsed_schema, records, codec=AVRO_CODEC)
+    try:
+        fastavro.writer(buffer, parsed_schema, records, codec=AVRO_CODEC)
+    except (ValueError, TypeError, KeyError):
+        # fastavro's message quotes the offending value, which may be personal.
+        raise AvroWriteError(f"a record does not match the Avro schema of {path}") from None
     write_bytes(path, buffer.getvalue())
 
 
