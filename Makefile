@@ -18,7 +18,7 @@ ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
 .PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit forget \
-	decrypt redrive deploy update
+	decrypt redrive backfill deploy update drain
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -57,10 +57,11 @@ emulators-down:  ## Stop the emulators.
 provision: $(INSTALLED)  ## Create every type's topic and subscription, and the bucket.
 	$(ENV) $(PY) -m event_delivery.provision --project $(PROJECT) --bucket $(BUCKET)
 
-run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARGS="--window_seconds 60"].
-	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARGS=...]" >&2; exit 2; }
+run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
+	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
 	$(ENV) $(PY) -m pipelines.delivery --event_type $(TYPE) --project $(PROJECT) \
-		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(KEY_ARGS) $(ARGS)
+		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+		$(if $(ARCHIVE),--raw_archive_root $(STORAGE_ROOT)/raw,) $(KEY_ARGS) $(ARGS)
 
 load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
 	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }
@@ -86,6 +87,13 @@ redrive: $(INSTALLED)  ## Replay dead letters: make redrive TYPE=search START=..
 	$(ENV) $(PY) -m pipelines.redrive --event_type $(TYPE) --storage_root $(STORAGE_ROOT) --start $(START) \
 		--end $(END) --window_seconds $(WINDOW_SECONDS) $(if $(FIX),--fix $(FIX),) $(KEY_ARGS)
 
+backfill: $(INSTALLED)  ## Re-deliver hours from the raw archive: make backfill TYPE=play START=... END=... [OUTPUT=root].
+	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" || \
+		{ echo "usage: make backfill TYPE=<type> START=<hour> END=<hour> [OUTPUT=<root>] [KEY_ARGS=...]" >&2; exit 2; }
+	$(ENV) $(PY) -m pipelines.backfill --event_type $(TYPE) --raw_archive_root $(STORAGE_ROOT)/raw \
+		--storage_root $(or $(OUTPUT),$(STORAGE_ROOT)/backfill) --start $(START) --end $(END) \
+		--window_seconds $(WINDOW_SECONDS) $(KEY_ARGS) $(ARGS)
+
 deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
@@ -95,3 +103,8 @@ update: $(INSTALLED)  ## Replace running Dataflow jobs in place: make update TYP
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier>" >&2; exit 2; }
 	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update
+
+drain: $(INSTALLED)  ## Drain Dataflow jobs (open hours close, then they stop): make drain TYPE=play | TIER=high.
+	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
+	$(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)

@@ -5,15 +5,19 @@
     python -m event_delivery.deploy ... --tier high   # every type of a tier
     python -m event_delivery.deploy ... --update      # replace running jobs in place
     python -m event_delivery.deploy ... --dry_run     # build, validate and stage only
+    python -m event_delivery.deploy ... --drain       # stop reading, finish open hours, stop
 
 A dry run translates each job for Dataflow and stages its artifacts (the package,
 the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
-runs it against the GCS emulator.
+runs it against the GCS emulator. A drain goes through ``gcloud dataflow jobs drain``:
+the job stops pulling, its watermark advances to the end, so every open hour closes
+with its marker, and no message is left unacknowledged.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from event_delivery.registry import TIERS, EventType, load_registry
@@ -44,8 +48,9 @@ def dataflow_args(
         f"--project={project}",
         f"--region={region}",
         f"--storage_root=gs://{bucket}",
+        f"--raw_archive_root=gs://{bucket}/raw",
         "--runner=DataflowRunner",
-        f"--job_name=events-{event_type.name.replace('_', '-')}",
+        f"--job_name={job_name(event_type)}",
         f"--temp_location=gs://{bucket}/tmp",
         f"--staging_location=gs://{bucket}/staging",
         "--setup_file=./setup.py",
@@ -58,6 +63,23 @@ def dataflow_args(
     if update:
         args.append("--update")
     return args
+
+
+def job_name(event_type: EventType) -> str:
+    return f"events-{event_type.name.replace('_', '-')}"
+
+
+def drain(event_type: EventType, project: str, region: str, dry_run: bool) -> list[str]:
+    """Drains the type's running job; returns the ids drained (or, dry, the commands it would run)."""
+    where = [f"--project={project}", f"--region={region}"]
+    listing = ["gcloud", "dataflow", "jobs", "list", *where, "--status=active"]
+    listing += [f"--filter=name={job_name(event_type)}", "--format=value(id)"]
+    if dry_run:
+        return [" ".join(listing), " ".join(["gcloud", "dataflow", "jobs", "drain", *where, "<job id>"])]
+    ids = subprocess.run(listing, check=True, capture_output=True, text=True).stdout.split()
+    for job_id in ids:
+        subprocess.run(["gcloud", "dataflow", "jobs", "drain", *where, job_id], check=True)
+    return ids
 
 
 def dry_run(argv: list[str]):
@@ -96,11 +118,18 @@ def main(argv=None) -> int:
         help="Default: projects/<project>/locations/<region>/keyRings/event-delivery/cryptoKeys/subject-keys",
     )
     parser.add_argument("--update", action="store_true", help="Update running jobs in place (stable step names).")
-    parser.add_argument("--dry_run", action="store_true", help="Build and stage only; submit nothing.")
+    parser.add_argument(
+        "--drain", action="store_true", help="Drain the running jobs instead: open hours close, then they stop."
+    )
+    parser.add_argument("--dry_run", action="store_true", help="Build and stage (or list the drain) only.")
     args = parser.parse_args(argv)
     from pipelines import delivery
 
     for event_type in selected_types(args.event_type, args.tier):
+        if args.drain:
+            done = drain(event_type, args.project, args.region, args.dry_run)
+            print(f"{event_type.name}: " + ("would run: " + "; ".join(done) if args.dry_run else f"draining {done}"))
+            continue
         job_args = dataflow_args(
             event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key
         )
@@ -109,7 +138,7 @@ def main(argv=None) -> int:
             print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")
         else:
             delivery.start(job_args)
-            print(f"{event_type.name}: submitted as events-{event_type.name.replace('_', '-')}")
+            print(f"{event_type.name}: submitted as {job_name(event_type)}")
     return 0
 
 

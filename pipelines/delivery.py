@@ -33,10 +33,11 @@ from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
+from transforms.archive import ArchiveRawMessages
 from transforms.close import CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
-from transforms.parse import ParseEvents
+from transforms.parse import RAW_MESSAGES, ParseEvents
 from transforms.personal import EncryptPersonalFields, QuarantineDeadLetters
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
@@ -48,34 +49,10 @@ DAY_SECONDS = 24 * 3600
 class DeliveryOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        group = parser.add_argument_group("delivery")
-        group.add_argument(
-            "--event_type", choices=sorted(load_registry()), help="The event type to deliver (one job per type)."
-        )
+        group = add_delivery_arguments(parser)
         group.add_argument(
             "--subscription",
             help="Full subscription path. Default: projects/<project>/subscriptions/events-<type>-delivery.",
-        )
-        group.add_argument(
-            "--storage_root",
-            help="Where output goes, a gs:// URL or a local folder. The output, late and dead-letter "
-            "roots default to its delivered/, late/ and dead-letter/ folders.",
-        )
-        group.add_argument("--output_root", help="Root of delivered hour partitions.")
-        group.add_argument("--late_root", help="Root of events that arrived after their hour closed.")
-        group.add_argument("--dead_letter_root", help="Root of dead-lettered messages.")
-        group.add_argument(
-            "--window_seconds",
-            type=int,
-            default=partitions.HOUR_SECONDS,
-            help="Bucket length; must divide 3600. Shorter buckets are for tests and demos. Default: 3600.",
-        )
-        group.add_argument(
-            "--allowed_lateness_seconds",
-            type=int,
-            help="How long after a bucket ends it stays open. Default: the type's tier ("
-            + ", ".join(f"{t.name} {t.allowed_lateness_seconds}" for t in TIERS.values())
-            + ").",
         )
         group.add_argument(
             "--trigger_seconds",
@@ -84,23 +61,58 @@ class DeliveryOptions(PipelineOptions):
             help="How often open buckets flush a file per shard. Default: 60.",
         )
         group.add_argument(
-            "--late_horizon_seconds",
-            type=int,
-            default=7 * DAY_SECONDS,
-            help="Events older than this on arrival are dead-lettered (kind bad_timestamp) instead of "
-            "delivered late, so the job never holds state for them. Default: 604800 (7 days).",
+            "--raw_archive_root",
+            help="Also archive every message as it arrived (sealed where personal) under this root, for "
+            "backfills (make backfill). Conventionally <storage_root>/raw. Default: no archive.",
         )
-        group.add_argument(
-            "--max_future_seconds",
-            type=int,
-            default=3600,
-            help="Events stamped further than this ahead of their arrival are dead-lettered. Default: 3600.",
-        )
-        group.add_argument("--num_shards", type=int, help="Files per bucket and pane. Default: the type's tier.")
-        group.add_argument(
-            "--max_event_bytes", type=int, default=64 * 1024, help="Larger payloads are dead-lettered. Default: 65536."
-        )
-        add_key_arguments(parser)
+
+
+def add_delivery_arguments(parser):
+    """The flags the streaming job and the backfill share; returns their group."""
+    group = parser.add_argument_group("delivery")
+    group.add_argument(
+        "--event_type", choices=sorted(load_registry()), help="The event type to deliver (one job per type)."
+    )
+    group.add_argument(
+        "--storage_root",
+        help="Where output goes, a gs:// URL or a local folder. The output, late and dead-letter "
+        "roots default to its delivered/, late/ and dead-letter/ folders.",
+    )
+    group.add_argument("--output_root", help="Root of delivered hour partitions.")
+    group.add_argument("--late_root", help="Root of events that arrived after their hour closed.")
+    group.add_argument("--dead_letter_root", help="Root of dead-lettered messages.")
+    group.add_argument(
+        "--window_seconds",
+        type=int,
+        default=partitions.HOUR_SECONDS,
+        help="Bucket length; must divide 3600. Shorter buckets are for tests and demos. Default: 3600.",
+    )
+    group.add_argument(
+        "--allowed_lateness_seconds",
+        type=int,
+        help="How long after a bucket ends it stays open. Default: the type's tier ("
+        + ", ".join(f"{t.name} {t.allowed_lateness_seconds}" for t in TIERS.values())
+        + ").",
+    )
+    group.add_argument(
+        "--late_horizon_seconds",
+        type=int,
+        default=7 * DAY_SECONDS,
+        help="Events older than this on arrival are dead-lettered (kind bad_timestamp) instead of "
+        "delivered late, so the job never holds state for them. Default: 604800 (7 days).",
+    )
+    group.add_argument(
+        "--max_future_seconds",
+        type=int,
+        default=3600,
+        help="Events stamped further than this ahead of their arrival are dead-lettered. Default: 3600.",
+    )
+    group.add_argument("--num_shards", type=int, help="Files per bucket and pane. Default: the type's tier.")
+    group.add_argument(
+        "--max_event_bytes", type=int, default=64 * 1024, help="Larger payloads are dead-lettered. Default: 65536."
+    )
+    add_key_arguments(parser)
+    return group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +126,13 @@ class DeliverySettings:
     keys: KeyConfig
     window_seconds: int = partitions.HOUR_SECONDS
     allowed_lateness_seconds: int | None = None
-    trigger_seconds: int = 60
+    trigger_seconds: int | None = 60  # None: a bounded input, one pane per hour and shard
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     num_shards: int | None = None
     max_event_bytes: int = 64 * 1024
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
+    raw_archive_root: str | None = None
 
     @property
     def staging_root(self) -> str:
@@ -137,7 +150,7 @@ class DeliverySettings:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         for name in ("trigger_seconds", "num_shards", "max_event_bytes"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.late_horizon_seconds <= self.window_seconds + self.allowed_lateness_seconds:
             raise ValueError("late_horizon_seconds must exceed window_seconds + allowed_lateness_seconds")
@@ -157,9 +170,12 @@ def deliver(messages, settings: DeliverySettings):
     event_type, keys, run = settings.event_type, settings.keys, settings.run_id
     name, schema, window_seconds = event_type.name, event_type.delivered_schema, settings.window_seconds
 
+    archive = settings.raw_archive_root is not None
     parsed = messages | "ParseEvents" >> ParseEvents(
-        event_type, settings.max_event_bytes, settings.late_horizon_seconds, settings.max_future_seconds
+        event_type, settings.max_event_bytes, settings.late_horizon_seconds, settings.max_future_seconds, archive
     )
+    if archive:
+        parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings)
     panes = parsed.events | "BucketByHour" >> settings.bucket()
     deduplicated = panes | "Deduplicate" >> Deduplicate()
 
@@ -222,6 +238,7 @@ def settings_from_args(args) -> DeliverySettings:
         max_future_seconds=args.max_future_seconds,
         num_shards=args.num_shards,
         max_event_bytes=args.max_event_bytes,
+        raw_archive_root=args.raw_archive_root,
     )
 
 
@@ -253,7 +270,8 @@ def start(argv: list[str]):
     if standard.runner == LOCAL_RUNNER:
         try:
             preflight.check_subscription(subscription)
-            for root in {settings.output_root, settings.late_root, settings.dead_letter_root}:
+            roots = (settings.output_root, settings.late_root, settings.dead_letter_root, settings.raw_archive_root)
+            for root in set(roots) - {None}:
                 preflight.check_root(root, args.project)
         except preflight.PreflightError as error:
             parser.exit(2, f"{parser.prog}: error: {error}\n")
@@ -262,10 +280,6 @@ def start(argv: list[str]):
     result = pipeline.run()
     logging.info("delivering %s from %s to %s", settings.event_type.name, subscription, settings.output_root)
     return result, standard.runner
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:

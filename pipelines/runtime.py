@@ -40,11 +40,13 @@ def utc_hour(text: str) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
-def partition_paths(root: str, event_type: str, start: datetime.datetime, end: datetime.datetime) -> list[str]:
-    """Avro files under ``root`` of the hours that start in ``[start, end)``."""
+def partition_paths(
+    root: str, event_type: str, start: datetime.datetime, end: datetime.datetime, pattern: str = "*.avro"
+) -> list[str]:
+    """Files (Avro, unless ``pattern`` says otherwise) under ``root`` of the hours that start in ``[start, end)``."""
     start_millis, end_millis = start.timestamp() * 1000, end.timestamp() * 1000
     selected = []
-    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", "*.avro")):
+    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", pattern)):
         partition = "/".join(posixpath.dirname(path).split("/")[-2:])
         if start_millis <= partition_bounds(partition, 1)[0] < end_millis:
             selected.append(path)

@@ -67,11 +67,38 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
         ("event_delivery.provision", ["--event_type", "play"]),
         ("event_delivery.deploy", ["--project", "p", "--region", "r", "--bucket", "b"]),
         ("event_delivery.audit", []),
+        ("pipelines.backfill", ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"]),
+        (
+            "pipelines.backfill",
+            ["--event_type", "play", "--raw_archive_root", "/tmp/r", "--storage_root", "/tmp/b"]
+            + ["--start", "yesterday", "--end", "2026-11-29T01"],
+        ),
     ],
 )
 def test_tools_reject_bad_flags_with_exit_code_2(module, args):
     result = run(module, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_drain_names_the_jobs_of_a_tier():
+    result = run(
+        "event_delivery.deploy",
+        "--project",
+        "p",
+        "--region",
+        "r",
+        "--bucket",
+        "b",
+        "--tier",
+        "high",
+        "--drain",
+        "--dry_run",
+    )
+    assert result.returncode == 0, result.stderr
+    high = sorted(name for name, t in load_registry().items() if t.tier.name == "high")
+    for name in high:
+        assert f"--filter=name=events-{name.replace('_', '-')}" in result.stdout
+    assert result.stdout.count("gcloud dataflow jobs drain") == len(high)
 
 
 def _job(*extra, env=None):

@@ -24,6 +24,7 @@ STEPS = [
     "WriteLate",
     "WriteDeadLetters",
     "CloseHour",
+    "ArchiveRawMessages",
 ]
 
 

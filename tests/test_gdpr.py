@@ -7,6 +7,7 @@ runs on its output. The keystore is SQLite with a local key file.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import pathlib
@@ -32,7 +33,9 @@ def keys(tmp_path):
 
 
 def settings_for(tmp_path, event_type, keys, run_id="run1"):
-    return local_settings(tmp_path / "out", event_type, keys, run_id)
+    """Local delivery that also keeps the raw archive, so every test covers it too."""
+    settings = local_settings(tmp_path / "out", event_type, keys, run_id)
+    return dataclasses.replace(settings, raw_archive_root=str(tmp_path / "out" / "raw"))
 
 
 def deliver_events(settings, events, start=START, late_events=()):
@@ -179,7 +182,7 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
         deliver_events(settings_for(tmp_path, event_type, keys), events[:6] + events[8:], late_events=events[6:8])
 
     outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/"):
+    for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/", "/raw/"):
         assert any(kind in str(p) for p in outputs), f"the scan covers {kind}"
     blobs = {str(p): _readable_bytes(p) for p in outputs}
     blobs["keystore"] = b"".join(_read_if_present(p) for p in tmp_path.glob("keystore.db*"))

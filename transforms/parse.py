@@ -14,6 +14,7 @@ from event_delivery.dead_letters import ErrorKind, dead_letter
 from event_delivery.registry import EventType
 
 DEAD_LETTERS = "dead_letters"
+RAW_MESSAGES = "raw_messages"
 _MISSING = object()
 
 
@@ -66,13 +67,25 @@ class ParseEventFn(beam.DoFn):
     ``(event_id or "", received_at_millis, dead_letter_record)``, with a kind from
     ``ErrorKind``. When ``received_at`` is missing or bad, the message's arrival
     time (its element timestamp: the Pub/Sub publish time) stands in for it.
+
+    With ``keep_raw``, every message also goes to the ``raw_messages`` output as
+    ``(event_id or "", received_at_millis, (subject or None, arrival_millis, attributes, data))``
+    for the raw archive; the subject is known only for valid events.
     """
 
-    def __init__(self, event_type: EventType, max_event_bytes: int, late_horizon_seconds: int, max_future_seconds: int):
+    def __init__(
+        self,
+        event_type: EventType,
+        max_event_bytes: int,
+        late_horizon_seconds: int,
+        max_future_seconds: int,
+        keep_raw: bool = False,
+    ):
         self.event_type = event_type
         self.max_event_bytes = max_event_bytes
         self.late_horizon_millis = late_horizon_seconds * 1000
         self.max_future_millis = max_future_seconds * 1000
+        self.keep_raw = keep_raw
 
     def setup(self):
         self.schema = self.event_type.parsed_payload_schema
@@ -98,8 +111,17 @@ class ParseEventFn(beam.DoFn):
                 self.event_type.name, rejected.kind, rejected.detail, event_id, received_at, attributes, data
             )
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, (event_id or "", received_at, record))
+            if self.keep_raw:
+                yield beam.pvalue.TaggedOutput(
+                    RAW_MESSAGES, (event_id or "", received_at, (None, arrival_millis, attributes, data))
+                )
             return
         yield (event_id, received_at, record)
+        if self.keep_raw:
+            subject = record[self.event_type.subject_field] if self.event_type.subject_field else None
+            yield beam.pvalue.TaggedOutput(
+                RAW_MESSAGES, (event_id, received_at, (subject, arrival_millis, attributes, data))
+            )
 
     def _received_at(self, attributes, arrival_millis) -> int:
         raw = attributes.get(envelope.RECEIVED_AT)
@@ -175,11 +197,18 @@ class ParseEventFn(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Messages in; ``events`` and ``dead_letters`` out."""
+    """Messages in; ``events``, ``dead_letters`` and (with ``keep_raw``) ``raw_messages`` out."""
 
-    def __init__(self, event_type: EventType, max_event_bytes: int, late_horizon_seconds: int, max_future_seconds: int):
+    def __init__(
+        self,
+        event_type: EventType,
+        max_event_bytes: int,
+        late_horizon_seconds: int,
+        max_future_seconds: int,
+        keep_raw: bool = False,
+    ):
         super().__init__()
-        self.fn = ParseEventFn(event_type, max_event_bytes, late_horizon_seconds, max_future_seconds)
+        self.fn = ParseEventFn(event_type, max_event_bytes, late_horizon_seconds, max_future_seconds, keep_raw)
 
     def expand(self, messages):
-        return messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, main="events")
+        return messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, RAW_MESSAGES, main="events")

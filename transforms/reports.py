@@ -11,7 +11,8 @@ DUPLICATES = "duplicates"
 LATE = "late"  # a pane written to the late root
 DEAD_LETTERED = "dead_lettered"
 FORGOTTEN = "forgotten"  # delivered events of forgotten subjects, their personal fields null
-KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN)
+ARCHIVED = "archived"  # a pane of raw messages written to the raw archive
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED)
 
 
 def report(kind: str, records: int, path: str = "") -> tuple:
