@@ -17,7 +17,7 @@ WINDOW_SECONDS ?= 3600
 ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
-.PHONY: help install test test-fast lint format demo emulators emulators-down provision run load audit forget \
+.PHONY: help install test soak test-fast lint format demo emulators emulators-down provision run load audit forget \
 	decrypt redrive backfill deploy update drain
 
 help:  ## List the targets.
@@ -33,6 +33,9 @@ install: $(INSTALLED)  ## Create .venv with the pinned dependencies.
 
 test: $(INSTALLED)  ## Run every test; starts and stops its own emulators.
 	$(PY) -m pytest
+
+soak: $(INSTALLED)  ## Every type under load for minutes; prints the figures (SOAK_SECONDS=180 SOAK_RATE=20).
+	$(PY) -m pytest -m soak -s tests/test_soak.py
 
 test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
 	$(PY) -m pytest -m "not emulators"

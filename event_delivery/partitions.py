@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 
+from event_delivery import files
+
 HOUR_SECONDS = 3600
 SUCCESS_MARKER = "_SUCCESS"
 
@@ -32,6 +34,13 @@ def pane_file_name(event_type: str, run_id: str, pane_index: int, shard: int) ->
     overwriting the files of the run before it.
     """
     return f"{event_type}-{run_id}-p{pane_index:05d}-s{shard:03d}.avro"
+
+
+def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
+    """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given)."""
+    shard_part = "*" if shard is None else f"s{shard:03d}"
+    pattern = join(folder, f"{event_type}-*-p*-{shard_part}.avro")
+    return [path for path in files.glob(pattern) if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
 
 
 def new_run_id() -> str:

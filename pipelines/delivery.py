@@ -177,7 +177,7 @@ def deliver(messages, settings: DeliverySettings):
     if archive:
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings)
     panes = parsed.events | "BucketByHour" >> settings.bucket()
-    deduplicated = panes | "Deduplicate" >> Deduplicate()
+    deduplicated = panes | "Deduplicate" >> Deduplicate((settings.staging_root, name, window_seconds, run))
 
     protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, keys)
     staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(
@@ -198,7 +198,7 @@ def deliver(messages, settings: DeliverySettings):
     )
 
     reports = (staged, deduplicated.duplicates, protected[FORGOTTEN], late, dead_lettered)
-    roots = (settings.output_root, settings.late_root, settings.staging_root)
+    roots = (settings.output_root, settings.late_root, settings.staging_root, settings.dead_letter_root)
     return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(roots, name, window_seconds, run)
 
 

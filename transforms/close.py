@@ -22,7 +22,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from event_delivery import files, partitions
 from event_delivery.cloud import use_emulator_credentials
 from transforms.hours import bucket_start_seconds
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, report
 
 _LOG = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class CloseHourFn(beam.DoFn):
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
     def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
-        self.output_root, self.late_root, self.staging_root = roots
+        self.output_root, self.late_root, self.staging_root, self.dead_letter_root = roots
         self.event_type_name = event_type_name
         self.window_seconds = window_seconds
         self.run_id = run_id
@@ -118,8 +118,8 @@ class CloseHourFn(beam.DoFn):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
         collected = list(reports.read())
+        collected += self._left_by_earlier_runs(window)
         staged = {path: records for kind, records, path in collected if kind == DELIVERED}
-        staged.update(self._left_by_earlier_runs(window))
         folder = self._folder(self.output_root, window)
         published = {}
         for path, records in staged.items():
@@ -145,22 +145,21 @@ class CloseHourFn(beam.DoFn):
         )
         yield marker
 
-    def _left_by_earlier_runs(self, window) -> dict:
-        """Staged files of this hour from runs that stopped before it closed."""
-        this_run = f"-{self.run_id}-"
-        pattern = partitions.join(self._folder(self.staging_root, window), "*.avro")
-        return {
-            path: files.count_avro_records(path)
-            for path in files.glob(pattern)
-            if this_run not in posixpath.basename(path)
-        }
+    def _left_by_earlier_runs(self, window) -> list[tuple]:
+        """Reports of the files that runs stopped before the hour closed left for it."""
+        left = []
+        for kind, root in ((DELIVERED, self.staging_root), (DEAD_LETTERED, self.dead_letter_root)):
+            folder = self._folder(root, window)
+            for path in partitions.shard_files_of_other_runs(folder, self.event_type_name, self.run_id):
+                left.append(report(kind, files.count_avro_records(path), path))
+        return left
 
 
 class CloseHour(beam.PTransform):
     """Hour reports in; the paths of written ``_SUCCESS`` markers out."""
 
     def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
-        """``roots`` is ``(output_root, late_root, staging_root)``."""
+        """``roots`` is ``(output_root, late_root, staging_root, dead_letter_root)``."""
         super().__init__()
         self.fn = CloseHourFn(roots, event_type_name, window_seconds, run_id)
         self.event_type_name = event_type_name
