@@ -17,7 +17,7 @@ WINDOW_SECONDS ?= 3600
 ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
-.PHONY: help install test soak test-fast lint format demo emulators emulators-down provision run load audit forget \
+.PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit forget \
 	decrypt redrive backfill deploy update drain
 
 help:  ## List the targets.
@@ -36,6 +36,9 @@ test: $(INSTALLED)  ## Run every test; starts and stops its own emulators.
 
 soak: $(INSTALLED)  ## Every type under load for minutes; prints the figures (SOAK_SECONDS=180 SOAK_RATE=20).
 	$(PY) -m pytest -m soak -s tests/test_soak.py
+
+bench: $(INSTALLED)  ## Cost per event vs the floor, scaling, memory, latency (about 15 min) [ARGS="--events 50000"].
+	$(PY) -m benchmarks.bench $(ARGS)
 
 test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
 	$(PY) -m pytest -m "not emulators"

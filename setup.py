@@ -15,7 +15,10 @@ setuptools.setup(
     package_data={"avro_schemas": ["*.avsc"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
+        "cryptography==50.0.2",
         "fastavro==1.13.1",
+        "google-cloud-bigtable==2.50.2",
+        "google-cloud-kms==3.18.0",
         "google-cloud-storage==3.17.1",
         "google-cloud-pubsub==2.44.0",
     ],
@@ -26,6 +29,7 @@ setuptools.setup(
             "hypothesis==6.170.15",
             "ruff==0.17.6",
             "gcp-storage-emulator==2026.7.19",
+            "matplotlib==3.10.9",  # make bench's chart
         ],
     },
 )

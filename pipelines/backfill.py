@@ -28,21 +28,35 @@ from apache_beam.io.filesystems import FileSystems
 from event_delivery import files, partitions
 from event_delivery.cloud import use_emulator_credentials
 from pipelines.delivery import DeliverySettings, add_delivery_arguments, deliver, settings_from_args
-from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_logging, utc_hour
+from pipelines.runtime import (
+    LOCAL_BATCH_RUNNER,
+    add_hour_range_arguments,
+    partition_paths,
+    pipeline_options,
+    start_logging,
+    utc_hour,
+)
 from transforms.archive import ERASED, ReplayArchiveFn
 
 RUN_ID = "backfill"
 
 
-def backfill(pipeline, archive_paths: list[str], settings: DeliverySettings):
-    """The delivery path fed from archive files; returns the paths of the written markers."""
-    messages = (
-        pipeline
-        | "ListArchiveFiles" >> beam.Create(archive_paths)
-        | "Spread" >> beam.Reshuffle()
-        | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(settings.event_type, settings.keys))
-    )
-    return deliver(messages, settings)
+class Backfill(beam.PTransform):
+    """Archive files in; the delivery path's markers out."""
+
+    def __init__(self, archive_paths: list[str], settings: DeliverySettings):
+        super().__init__()
+        self.archive_paths = archive_paths
+        self.settings = settings
+
+    def expand(self, pipeline):
+        messages = (
+            pipeline
+            | "ListArchiveFiles" >> beam.Create(self.archive_paths)
+            | "Spread" >> beam.Reshuffle()
+            | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, self.settings.keys))
+        )
+        return deliver(messages, self.settings)
 
 
 def clear_hours(settings: DeliverySettings, start, end) -> int:
@@ -88,8 +102,8 @@ def main(argv=None) -> int:
     if not paths:
         print(f"no archived {name} messages in {source} for {start:%Y-%m-%dT%H}..{end:%Y-%m-%dT%H}")
         return 0
-    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    backfill(pipeline, paths, settings)
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args, LOCAL_BATCH_RUNNER))
+    pipeline | f"Backfill {name}" >> Backfill(paths, settings)
     result = pipeline.run()
     result.wait_until_finish()
     counts = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}

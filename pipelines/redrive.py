@@ -24,7 +24,7 @@ import apache_beam as beam
 import fastavro
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.transforms.window import GlobalWindows, TimestampedValue
+from apache_beam.transforms.window import GlobalWindows
 
 from event_delivery import files, partitions
 from event_delivery.cloud import use_emulator_credentials
@@ -61,8 +61,8 @@ class ReplayDeadLettersFn(beam.DoFn):
         for index, record in enumerate(files.read_avro(path)):
             payload = decrypt_bytes(self.key.aead, record["payload"], self.event_type.name, "payload", self.key.key_id)
             data, attributes = self.fix(payload, dict(record["attributes"]), self.event_type)
-            arrival = record["received_at"].timestamp()
-            yield TimestampedValue(PubsubMessage(data, {**attributes, SOURCE: f"{index}:{path}"}), arrival)
+            attributes[SOURCE] = f"{index}:{path}"
+            yield PubsubMessage(data, attributes, publish_time=record["received_at"])
 
 
 class ReparseFn(beam.DoFn):
@@ -74,10 +74,10 @@ class ReparseFn(beam.DoFn):
     def setup(self):
         self.parse.setup()
 
-    def process(self, message, timestamp=beam.DoFn.TimestampParam):
+    def process(self, message):
         attributes = dict(message.attributes)
         source = attributes.pop(SOURCE)
-        for output in self.parse.process(PubsubMessage(message.data, attributes), timestamp=timestamp):
+        for output in self.parse.process(PubsubMessage(message.data, attributes, publish_time=message.publish_time)):
             if getattr(output, "tag", None) == DEAD_LETTERS:
                 return  # still broken: it stays where it is
             yield output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 
@@ -47,6 +48,12 @@ def message(fields: dict | None = None, event_id: str | None = "e-1", received_a
         attrs[envelope.RECEIVED_AT] = str(received_at_millis)
     attrs.update(attributes)
     return PubsubMessage(data, attrs)
+
+
+def published_at(message: PubsubMessage, millis: float) -> PubsubMessage:
+    """The message as Pub/Sub delivers it, with its publish time."""
+    moment = datetime.datetime.fromtimestamp(millis / 1000, tz=datetime.timezone.utc)
+    return PubsubMessage(message.data, message.attributes, publish_time=moment)
 
 
 def raw_message(data: bytes, event_id: str | None = "e-1", **attributes):

@@ -8,12 +8,14 @@ tests use event times near the epoch and advance both clocks together.
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 
 from event_delivery.keystore import KeyConfig
 from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_RUNNER
+from tests.conftest import published_at
 
 # Short "hours" for the tests, placed near the epoch because a TestStream's processing
 # clock starts at 0: START is 1970-01-01T01:00:00Z.
@@ -29,8 +31,9 @@ class Clock:
         self.stream = TestStream().advance_processing_time(start_seconds).advance_watermark_to(start_seconds)
 
     def arrive(self, *elements):
-        """Elements arriving now; their element timestamp (the publish time) is now."""
-        self.stream = self.stream.add_elements([beam.window.TimestampedValue(e, self.now) for e in elements])
+        """Elements arriving now: their element timestamp, and a message's publish time, is now."""
+        stamped = [published_at(e, self.now * 1000) if isinstance(e, PubsubMessage) else e for e in elements]
+        self.stream = self.stream.add_elements([beam.window.TimestampedValue(e, self.now) for e in stamped])
         return self
 
     def advance(self, seconds: int):

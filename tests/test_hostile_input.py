@@ -8,13 +8,13 @@ import json
 
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.utils.timestamp import Timestamp
 from fastavro.validation import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from event_delivery.dead_letters import ErrorKind, parsed_dead_letter_schema
 from event_delivery.registry import load_registry
+from tests.conftest import published_at
 from transforms.parse import DEAD_LETTERS, ParseEventFn
 
 ARRIVAL_MILLIS = 1_800_000_000_000
@@ -40,7 +40,7 @@ timestamps = st.one_of(
 def parse_once(type_name, data, attributes, max_bytes=4096):
     fn = ParseEventFn(load_registry()[type_name], max_bytes, late_horizon_seconds=7 * 86400, max_future_seconds=3600)
     fn.setup()
-    outputs = list(fn.process(PubsubMessage(data, attributes), timestamp=Timestamp(micros=ARRIVAL_MILLIS * 1000)))
+    outputs = list(fn.process(published_at(PubsubMessage(data, attributes), ARRIVAL_MILLIS)))
     assert len(outputs) == 1, "every message comes out exactly once"
     return outputs[0]
 

@@ -10,11 +10,10 @@ import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
 from event_delivery.dead_letters import ErrorKind
 from event_delivery.loadgen import malformed
-from tests.conftest import message, raw_message, valid_fields
+from tests.conftest import message, published_at, raw_message, valid_fields
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 
 ARRIVAL_MILLIS = 1_800_000_000_000
@@ -25,7 +24,7 @@ def parse(event_type, msg, arrival_millis=ARRIVAL_MILLIS):
     """Runs the DoFn on one message: ``("event", element)`` or ``("dead_letter", element)``."""
     fn = ParseEventFn(event_type, MAX_BYTES, late_horizon_seconds=86400, max_future_seconds=3600)
     fn.setup()
-    [output] = list(fn.process(msg, timestamp=Timestamp(micros=arrival_millis * 1000)))
+    [output] = list(fn.process(published_at(msg, arrival_millis)))
     if isinstance(output, beam.pvalue.TaggedOutput):
         assert output.tag == DEAD_LETTERS
         return "dead_letter", output.value
@@ -103,9 +102,9 @@ def test_without_any_timestamp_the_hour_is_unknown(registry):
     fn = ParseEventFn(registry["play"], MAX_BYTES, late_horizon_seconds=86400, max_future_seconds=3600)
     fn.setup()
     fields = valid_fields(registry["play"])
-    [without] = fn.process(message(fields), timestamp=MIN_TIMESTAMP)
+    [without] = fn.process(message(fields))
     assert without.value[2]["error_kind"] == "BAD_TIMESTAMP"
-    [stamped] = fn.process(message(fields, received_at_millis=123), timestamp=MIN_TIMESTAMP)
+    [stamped] = fn.process(message(fields, received_at_millis=123))
     assert stamped[1] == 123, "with no arrival time, received_at is trusted as it is"
 
 
@@ -124,7 +123,7 @@ def test_parse_events_transform_splits_events_and_dead_letters(registry):
     log = registry["service_log"]
     good = message(valid_fields(log), "good", ARRIVAL_MILLIS)
     bad = raw_message(b"{", event_id="bad")
-    arrived = [beam.window.TimestampedValue(m, ARRIVAL_MILLIS / 1000) for m in (good, bad)]
+    arrived = [published_at(m, ARRIVAL_MILLIS) for m in (good, bad)]
     with TestPipeline() as pipeline:
         parsed = pipeline | beam.Create(arrived) | ParseEvents(log, MAX_BYTES, 86400, 3600)
         assert_that(parsed.events | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")

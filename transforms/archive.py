@@ -15,7 +15,6 @@ import functools
 import apache_beam as beam
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.transforms.window import TimestampedValue
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery import files
@@ -29,6 +28,7 @@ from transforms.write import WriteAvroPanes
 
 RAW = "raw"  # the field name sealed payloads are bound to
 ERASED = "erased"
+MAX_CACHED_KEYS = 500_000
 
 RAW_ARCHIVE_SCHEMA = {
     "type": "record",
@@ -134,7 +134,7 @@ class ArchiveRawMessages(beam.PTransform):
 
 
 class ReplayArchiveFn(beam.DoFn):
-    """An archive file in; its messages out as they arrived, stamped with their arrival time.
+    """An archive file in; its messages out as they arrived, with their publish time.
 
     A message sealed under a key that is gone (its subject was forgotten) cannot be
     replayed; it is counted as ``erased``.
@@ -147,14 +147,19 @@ class ReplayArchiveFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.keystore = self.keys.open()
+        self.aeads = {}  # a backfill is short: keys read once stay for the run
         self.erased = beam.metrics.Metrics.counter("backfill", ERASED)
         self.replayed = beam.metrics.Metrics.counter("backfill", "replayed")
 
     def process(self, path: str):
         records = files.read_avro(path)
-        keys = self.keystore.data_keys(r["key_id"] for r in records if r["key_id"])  # one batch per file
-        aeads = {key_id: AESGCM(key) for key_id, key in keys.items() if key}
-        name = self.event_type.name
+        aeads = self.aeads
+        wanted = {r["key_id"] for r in records if r["key_id"]}
+        if len(aeads) + len(wanted) > MAX_CACHED_KEYS:
+            aeads.clear()
+        missing = wanted - aeads.keys()  # one keystore read per file
+        aeads.update({key_id: AESGCM(key) if key else None for key_id, key in self.keystore.data_keys(missing).items()})
+        name, erased = self.event_type.name, 0
         for record in records:
             data = record["payload"]
             if record["key_id"] is not None:
@@ -164,9 +169,8 @@ class ReplayArchiveFn(beam.DoFn):
                 except UndecryptableField:
                     data = None
             if data is None:
-                self.erased.inc()
+                erased += 1
                 continue
-            self.replayed.inc()
-            message = PubsubMessage(data, record["attributes"])
-            arrival = record["arrival"]
-            yield TimestampedValue(message, arrival.timestamp()) if arrival else message
+            yield PubsubMessage(data, record["attributes"], publish_time=record["arrival"])
+        self.erased.inc(erased)
+        self.replayed.inc(len(records) - erased)

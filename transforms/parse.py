@@ -6,7 +6,6 @@ import json
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from fastavro.validation import ValidationError, validate
 
 from event_delivery import envelope
@@ -66,7 +65,7 @@ class ParseEventFn(beam.DoFn):
     Anything that cannot become such an event goes to the ``dead_letters`` output as
     ``(event_id or "", received_at_millis, dead_letter_record)``, with a kind from
     ``ErrorKind``. When ``received_at`` is missing or bad, the message's arrival
-    time (its element timestamp: the Pub/Sub publish time) stands in for it.
+    time (its Pub/Sub ``publish_time``) stands in for it.
 
     With ``keep_raw``, every message also goes to the ``raw_messages`` output as
     ``(event_id or "", received_at_millis, (subject or None, arrival_millis, attributes, data))``
@@ -91,15 +90,19 @@ class ParseEventFn(beam.DoFn):
         self.schema = self.event_type.parsed_payload_schema
         self.fields = [(f["name"], f.get("default", _MISSING)) for f in self.event_type.schema["fields"]]
         self.field_names = {name for name, _ in self.fields}
+        self.decoder = json.JSONDecoder(
+            parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+        )
         self.received = Metrics.counter("delivery", "in")
         self.dead_lettered = {kind: Metrics.counter("delivery", f"dead_lettered_{kind.value}") for kind in ErrorKind}
 
-    def process(self, message, timestamp=beam.DoFn.TimestampParam):
+    def process(self, message):
         self.received.inc()
         attributes = message.attributes or {}
         data = message.data or b""
-        # Without a source timestamp (a bounded replay), arrival is unknown.
-        arrival_millis = None if timestamp == MIN_TIMESTAMP else timestamp.micros // 1000
+        # Without a publish time (a message from elsewhere than Pub/Sub), arrival is unknown.
+        published = message.publish_time
+        arrival_millis = None if published is None else int(published.timestamp() * 1000)
         event_id = attributes.get(envelope.EVENT_ID) or None
         received_at = arrival_millis or 0
         try:
@@ -158,9 +161,7 @@ class ParseEventFn(beam.DoFn):
         except UnicodeDecodeError as error:
             raise _Rejected(ErrorKind.NOT_UTF8, f"payload is not UTF-8 (byte {error.start})") from None
         try:
-            obj = json.loads(
-                text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
-            )
+            obj = self.decoder.decode(text)
         except RecursionError:
             raise _Rejected(ErrorKind.NOT_JSON, "payload nests too deeply") from None
         except ValueError as error:

@@ -1,0 +1,171 @@
+"""make bench: the delivery path's cost per event, side by side with the floor.
+
+    python -m benchmarks.bench [--events 200000] [--rounds 3] [--skip_latency]
+
+Each measurement runs in a fresh process, and the rounds interleave floor, pipeline with
+1 worker and pipeline with 2 workers, so a noisy neighbour hits all three alike; the
+table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x the
+workload. Streaming latency is measured on the emulators. Writes
+benchmarks/results.json and benchmarks/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import latency
+from benchmarks.runs import workload_for
+
+HERE = pathlib.Path(__file__).parent
+PEAK_EVENTS_PER_SECOND = 8_000_000
+
+
+def measured(what: str, events: int, workers: int = 1) -> dict:
+    command = [sys.executable, "-m", "benchmarks.runs", what, "--events", str(events), "--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command[2:])} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def throughput(events: int, rounds: int, say) -> dict:
+    runs = {"floor": [], "pipeline_1_worker": [], "pipeline_2_workers": []}
+    for round_number in range(1, rounds + 1):
+        for name, what, workers in (
+            ("floor", "floor", 1),
+            ("pipeline_1_worker", "pipeline", 1),
+            ("pipeline_2_workers", "pipeline", 2),
+        ):
+            run = measured(what, events, workers)
+            runs[name].append(run)
+            rate = events / run["seconds"]
+            say(f"  round {round_number}/{rounds}: {name:<19} {run['seconds']:7.1f}s  {rate:8.0f} events/s")
+    return {
+        name: {
+            "seconds": [r["seconds"] for r in results],
+            "median_seconds": statistics.median(r["seconds"] for r in results),
+            "events_per_second": events / statistics.median(r["seconds"] for r in results),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+        }
+        for name, results in runs.items()
+    }
+
+
+def memory(events: int, say) -> dict:
+    growth = {}
+    for factor in (1, 2, 4):
+        workload_for(events * factor)  # built outside the measured process
+        run = measured("pipeline", events * factor, 1)
+        growth[f"{factor}x"] = {"events": events * factor, "peak_rss_bytes": run["peak_rss_bytes"]}
+        say(f"  memory {factor}x ({events * factor} events): peak {run['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return growth
+
+
+def table(results: dict) -> str:
+    t, m = results["throughput"], results["memory"]
+    floor, one, two = t["floor"], t["pipeline_1_worker"], t["pipeline_2_workers"]
+    rows = [
+        ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s"),
+        ("floor (plain loop)", floor, None, None, None),
+        ("pipeline, 1 worker", one, None, None, None),
+        ("pipeline, 2 workers", two, None, None, None),
+    ]
+    lines = []
+    for label, run, *_ in rows[1:]:
+        rate = run["events_per_second"]
+        per_core = rate / (2 if run is two else 1)
+        lines.append(
+            f"| {label} | {rate:,.0f} | {rate / floor['events_per_second']:.2f} | "
+            f"{run['peak_rss_bytes'] / 2**20:,.0f} | {PEAK_EVENTS_PER_SECOND / per_core:,.0f} |"
+        )
+    header = "| " + " | ".join(rows[0]) + " |\n|---|---:|---:|---:|---:|\n"
+    out = header + "\n".join(lines)
+    out += f"\n\nScaling 1 → 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x."
+    out += "\nPeak memory of the 1-worker pipeline: " + ", ".join(
+        f"{k} ({v['events']:,} events) {v['peak_rss_bytes'] / 2**20:,.0f} MiB" for k, v in m.items()
+    )
+    if results.get("latency"):
+        lat = results["latency"]
+        out += (
+            f"\nStreaming latency, publish to readable in the final file ({lat['window_seconds']} s buckets, "
+            f"{lat['allowed_lateness_seconds']} s lateness, {lat['trigger_seconds']} s trigger, "
+            f"{lat['events']} events): p50 {lat['final_p50_seconds']:.1f} s, p95 {lat['final_p95_seconds']:.1f} s"
+        )
+        if lat.get("staged_p50_seconds") is not None:
+            out += (
+                f"; readable in staging: p50 {lat['staged_p50_seconds']:.1f} s, p95 {lat['staged_p95_seconds']:.1f} s"
+            )
+        out += "."
+    return out
+
+
+def chart(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    t, m = results["throughput"], results["memory"]
+    figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(11, 4))
+    names = ["floor", "pipeline_1_worker", "pipeline_2_workers"]
+    labels = ["floor", "pipeline\n1 worker", "pipeline\n2 workers"]
+    bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=["#888", "#1f77b4", "#2ca02c"])
+    rates.bar_label(bars, fmt="{:,.0f}")
+    rates.set_ylabel("events/s (median)")
+    rates.set_title(f"Throughput, {results['events']:,} events")
+    sizes = [v["events"] for v in m.values()]
+    peaks.plot(sizes, [v["peak_rss_bytes"] / 2**20 for v in m.values()], marker="o")
+    peaks.set_xlabel("events in the workload")
+    peaks.set_ylabel("peak RSS, MiB")
+    peaks.set_ylim(bottom=0)
+    peaks.set_title("Memory of the 1-worker pipeline")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=200_000, help="Workload size. Default: 200000.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are quoted. Default: 3.")
+    parser.add_argument("--skip_latency", action="store_true", help="Skip the streaming latency (needs emulators).")
+    parser.add_argument("--output", type=pathlib.Path, default=HERE, help="Where results.json/.png go.")
+    args = parser.parse_args(argv)
+    if args.events < 1000 or args.rounds < 1:
+        parser.error("--events must be at least 1000 and --rounds at least 1")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    started = time.monotonic()
+    say(f"workload: {args.events} events (built once, then reused from benchmarks/.workloads/)")
+    work = workload_for(args.events)
+    say(f"throughput: {args.rounds} interleaved rounds")
+    results = {
+        "command": "make bench " + " ".join(argv or sys.argv[1:]),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "events": args.events,
+        "workload": {k: v for k, v in work.counts.items()},
+        "throughput": throughput(args.events, args.rounds, say),
+    }
+    say("memory: 1-worker pipeline at 1x, 2x and 4x")
+    results["memory"] = memory(args.events, say)
+    if not args.skip_latency:
+        say("streaming latency on the emulators")
+        with tempfile.TemporaryDirectory(prefix="bench-latency-") as state:
+            results["latency"] = latency.measure(pathlib.Path(state), say=say)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, args.output / "results.png")
+    say("")
+    say(table(results))
+    say(f"\nwrote {args.output / 'results.json'} and results.png in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

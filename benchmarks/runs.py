@@ -1,0 +1,96 @@
+"""One measured run, in a process of its own: the floor, or the backfill pipeline.
+
+    python -m benchmarks.runs floor --events 200000
+    python -m benchmarks.runs pipeline --events 200000 --workers 2
+
+Prints one JSON line: events read, seconds, and peak resident memory (this process and
+its worker processes). The workload is built first if it is not there yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from benchmarks import floor, workload
+from event_delivery.registry import load_registry
+from pipelines.backfill import Backfill
+from pipelines.delivery import DeliverySettings
+from pipelines.runtime import LOCAL_BATCH_RUNNER
+
+WORKLOADS = pathlib.Path(__file__).parent / ".workloads"
+
+
+def workload_for(events: int) -> workload.Workload:
+    return workload.build(WORKLOADS / f"{events}", events)
+
+
+def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int) -> int:
+    """The backfill job over the whole workload: one branch per type, as one Beam job."""
+    options = PipelineOptions(
+        flags=[],
+        runner=LOCAL_BATCH_RUNNER,
+        direct_num_workers=workers,
+        direct_running_mode="multi_processing" if workers > 1 else "in_memory",
+    )
+    registry = load_registry()
+    with beam.Pipeline(options=options) as pipeline:
+        for name in workload.MIX:
+            settings = DeliverySettings(
+                registry[name],
+                output_root=str(out / "delivered"),
+                late_root=str(out / "late"),
+                dead_letter_root=str(out / "dead-letter"),
+                keys=work.keys,
+                trigger_seconds=None,
+                run_id="bench",
+            )
+            pipeline | f"Backfill {name}" >> Backfill(work.archive_paths(name), settings)
+    return work.events
+
+
+def peak_rss_bytes() -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + workers) * 1024  # Linux reports KiB
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runs", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["floor", "pipeline"])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    work = workload_for(args.events)
+    out = pathlib.Path(tempfile.mkdtemp(prefix=f"bench-{args.what}-"))
+    try:
+        started = time.perf_counter()
+        events = floor.run_floor(work, out) if args.what == "floor" else run_pipeline(work, out, args.workers)
+        seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(
+        json.dumps(
+            {
+                "what": args.what,
+                "workers": args.workers,
+                "events": events,
+                "seconds": seconds,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
