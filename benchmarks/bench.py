@@ -88,14 +88,14 @@ def table(results: dict) -> str:
         )
     header = "| " + " | ".join(rows[0]) + " |\n|---|---:|---:|---:|---:|\n"
     out = header + "\n".join(lines)
-    out += f"\n\nScaling 1 → 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x."
-    out += "\nPeak memory of the 1-worker pipeline: " + ", ".join(
+    out += f"\n\n- Scaling from 1 to 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x."
+    out += "\n- Peak memory of the 1-worker pipeline: " + ", ".join(
         f"{k} ({v['events']:,} events) {v['peak_rss_bytes'] / 2**20:,.0f} MiB" for k, v in m.items()
     )
     if results.get("latency"):
         lat = results["latency"]
         out += (
-            f"\nStreaming latency, publish to readable in the final file ({lat['window_seconds']} s buckets, "
+            f"\n- Streaming latency, publish to readable in the final file ({lat['window_seconds']} s buckets, "
             f"{lat['allowed_lateness_seconds']} s lateness, {lat['trigger_seconds']} s trigger, "
             f"{lat['events']} events): p50 {lat['final_p50_seconds']:.1f} s, p95 {lat['final_p95_seconds']:.1f} s"
         )
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     work = workload_for(args.events)
     say(f"throughput: {args.rounds} interleaved rounds")
     results = {
-        "command": "make bench " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["make bench", *(argv or sys.argv[1:])]),
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "events": args.events,
         "workload": {k: v for k, v in work.counts.items()},
