@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from event_delivery import provision
+from event_delivery import files, provision
 from event_delivery.audit import TypeAudit, audit_type, hours_settled
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.emulators import EmulatorError, running_emulators
@@ -48,6 +48,9 @@ class Scenario:
         default_factory=lambda: TrafficMix(duplicates=0.08, malformed=0.04, late=0.04, late_by_seconds=20)
     )
     close_timeout_seconds: float = 90
+    # After the last close, how long the output must stay unchanged before the jobs stop:
+    # late panes of the last seconds are still on their way (0: stop at the last close).
+    quiet_seconds: float = 0
 
     @property
     def storage_root(self) -> str:
@@ -137,8 +140,26 @@ def _wait_for_hours_to_close(scenario: Scenario, jobs, say) -> None:
             if job.process.poll() is not None:
                 raise JobError(f"the {job.event_type} job died:\n{job.log_tail()}")
         if time.monotonic() >= earliest_close + scenario.trigger_seconds and _all_hours_closed(scenario):
+            _wait_until_quiet(scenario, deadline, say)
             return
     say("warning: some hours did not close in time; the table shows them open")
+
+
+def _output_files(scenario: Scenario) -> int:
+    root = scenario.storage_root
+    return sum(len(files.glob(f"{root}/{kind}/*/*/*/*")) for kind in ("delivered", "late", "dead-letter"))
+
+
+def _wait_until_quiet(scenario: Scenario, deadline: float, say) -> None:
+    if not scenario.quiet_seconds:
+        return
+    say(f"hours closed; waiting until no file has appeared for {scenario.quiet_seconds:.0f}s")
+    count, since = _output_files(scenario), time.monotonic()
+    while time.monotonic() - since < scenario.quiet_seconds and time.monotonic() < deadline:
+        time.sleep(2)
+        now_count = _output_files(scenario)
+        if now_count != count:
+            count, since = now_count, time.monotonic()
 
 
 def format_table(outcomes: dict[str, Outcome]) -> str:

@@ -1,6 +1,6 @@
 """The soak: every type under sustained load at once, and not one message lost.
 
-Not part of ``make test``: run it with ``make soak`` (about 5 minutes; SOAK_SECONDS and
+Not part of ``make test``: run it with ``make soak`` (about 6 minutes; SOAK_SECONDS and
 SOAK_RATE scale it). It prints the figures of the run.
 """
 
@@ -21,9 +21,10 @@ def test_nothing_is_lost_under_sustained_load_on_every_type(emulators, registry,
         types=sorted(registry),
         bucket="event-delivery-soak",
         publish_seconds=float(os.environ.get("SOAK_SECONDS", 180)),
-        rate=float(os.environ.get("SOAK_RATE", 20)),
+        rate=float(os.environ.get("SOAK_RATE", 4)),
         mix=TrafficMix(duplicates=0.05, malformed=0.02, late=0.02, late_by_seconds=20),
-        close_timeout_seconds=180,
+        close_timeout_seconds=240,
+        quiet_seconds=40,  # the local runner's empty pull blocks for up to 30 s
     )
     outcomes = run_scenario(scenario, tmp_path, say=print)
 
