@@ -8,8 +8,8 @@ import apache_beam as beam
 class ReadMessages(beam.PTransform):
     """``PubsubMessage``s, with attributes, from the type's delivery subscription.
 
-    The element timestamp is the Pub/Sub publish time; parsing replaces it with
-    ``received_at``.
+    Each message carries its Pub/Sub ``publish_time``, its arrival; bucketing uses the
+    ``received_at`` that parsing finds in its attributes.
     """
 
     def __init__(self, subscription: str):
