@@ -26,15 +26,13 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from event_delivery import files, partitions
-from event_delivery.cloud import use_emulator_credentials
 from pipelines.delivery import DeliverySettings, add_delivery_arguments, deliver, settings_from_args
 from pipelines.runtime import (
     LOCAL_BATCH_RUNNER,
     add_hour_range_arguments,
     partition_paths,
     pipeline_options,
-    start_logging,
-    utc_hour,
+    start_batch_job,
 )
 from transforms.archive import ERASED, ReplayArchiveFn
 
@@ -69,6 +67,11 @@ def clear_hours(settings: DeliverySettings, start, end) -> int:
     return len(stale)
 
 
+def _settings(args) -> DeliverySettings:
+    """The delivery path's settings for a bounded replay: no archive of its own, fixed file names."""
+    return dataclasses.replace(settings_from_args(args), raw_archive_root=None, run_id=RUN_ID)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.backfill",
@@ -87,15 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    try:
-        start, end = utc_hour(args.start), utc_hour(args.end)
-        source = args.raw_archive_root
-        settings = dataclasses.replace(settings_from_args(args), raw_archive_root=None, run_id=RUN_ID)
-    except (KeyError, ValueError) as error:
-        parser.error(str(error).strip("'\""))
-    start_logging()
-    use_emulator_credentials()
+    args, beam_args, (start, end), settings = start_batch_job(parser, argv, _settings)
+    source = args.raw_archive_root
     name = settings.event_type.name
     paths = partition_paths(source, name, start, end)
     cleared = clear_hours(settings, start, end)

@@ -23,7 +23,7 @@ from event_delivery.cloud import use_emulator_credentials
 from event_delivery.fields import UndecryptableField, decrypt_value
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import EventType, get_event_type, load_registry
-from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_logging, utc_hour
+from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
 
 
 def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> tuple[dict, int]:
@@ -91,14 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
     add_hour_range_arguments(parser, "delivered data")
     add_key_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    try:
-        start, end = utc_hour(args.start), utc_hour(args.end)
-        keys = key_config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    start_logging()
-    use_emulator_credentials()
+    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args)
     event_type = get_event_type(args.event_type)
     paths = partition_paths(args.input_root, event_type.name, start, end)
     if not paths:

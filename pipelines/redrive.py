@@ -33,7 +33,7 @@ from event_delivery.fields import decrypt_bytes
 from event_delivery.fixes import FIXES
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import EventType, get_event_type, load_registry
-from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_logging, utc_hour
+from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
 from transforms.hours import BucketByHour, bucket_start_seconds
 from transforms.parse import DEAD_LETTERS, ParseEventFn
 from transforms.personal import EncryptPersonalFields
@@ -178,14 +178,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--allowed_lateness_seconds", type=int, help="The delivery job's lateness. Default: tier's.")
     add_key_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    try:
-        start, end = utc_hour(args.start), utc_hour(args.end)
-        keys = key_config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    start_logging()
-    use_emulator_credentials()
+    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args)
     event_type = get_event_type(args.event_type)
     root = args.storage_root.rstrip("/")
     paths = partition_paths(f"{root}/dead-letter", event_type.name, start, end)

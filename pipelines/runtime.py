@@ -10,6 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from event_delivery import files, partitions
 from event_delivery.audit import partition_bounds
+from event_delivery.cloud import use_emulator_credentials
 
 # Beam's "DirectRunner" first tries Prism, which it downloads from the internet; the
 # Python DirectRunner needs nothing and is what CI runs. For a batch job it would pick the
@@ -34,6 +35,23 @@ def start_logging() -> None:
 def add_hour_range_arguments(parser, what: str) -> None:
     parser.add_argument("--start", required=True, help=f"First hour of {what}, UTC: YYYY-MM-DDTHH (or ISO 8601).")
     parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
+
+
+def start_batch_job(parser, argv: list[str], resolve):
+    """Parses a batch job's flags: its hour range, and what ``resolve(args)`` makes of the rest.
+
+    A bad value exits with one line and code 2. Then logging starts and, against the
+    emulators, their credentials are in place. Returns ``(args, beam_args, (start, end), resolved)``.
+    """
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        hours = utc_hour(args.start), utc_hour(args.end)
+        resolved = resolve(args)
+    except (KeyError, ValueError) as error:
+        parser.error(error.args[0] if isinstance(error, KeyError) else str(error))
+    start_logging()
+    use_emulator_credentials()
+    return args, beam_args, hours, resolved
 
 
 def utc_hour(text: str) -> datetime.datetime:
