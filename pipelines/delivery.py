@@ -41,7 +41,7 @@ from transforms.parse import RAW_MESSAGES, ParseEvents
 from transforms.personal import EncryptPersonalFields, QuarantineDeadLetters
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
-from transforms.write import WriteAvroPanes, dead_letter_record
+from transforms.write import WriteAvroPanes, prepared_record
 
 DAY_SECONDS = 24 * 3600
 
@@ -193,7 +193,7 @@ def deliver(messages, settings: DeliverySettings):
         | "BucketDeadLetters" >> settings.bucket()
         | "WriteDeadLetters"
         >> WriteAvroPanes(
-            settings.dead_letter_root, name, DEAD_LETTER_SCHEMA, window_seconds, run, DEAD_LETTERED, dead_letter_record
+            settings.dead_letter_root, name, DEAD_LETTER_SCHEMA, window_seconds, run, DEAD_LETTERED, prepared_record
         )
     )
 

@@ -24,7 +24,7 @@ from event_delivery.fields import UndecryptableField, decrypt_bytes, encrypt_byt
 from event_delivery.keystore import KeyConfig, SubjectKeyCache
 from event_delivery.registry import EventType
 from transforms.reports import ARCHIVED
-from transforms.write import WriteAvroPanes
+from transforms.write import WriteAvroPanes, prepared_record
 
 RAW = "raw"  # the field name sealed payloads are bound to
 ERASED = "erased"
@@ -68,10 +68,6 @@ RAW_ARCHIVE_SCHEMA = {
 @functools.cache
 def parsed_raw_archive_schema():
     return fastavro.parse_schema(RAW_ARCHIVE_SCHEMA)
-
-
-def archived_record(element) -> dict:
-    return element[2]
 
 
 class SealRawMessagesFn(beam.DoFn):
@@ -128,7 +124,7 @@ class ArchiveRawMessages(beam.PTransform):
             | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, s.keys))
             | "WriteRawArchive"
             >> WriteAvroPanes(
-                s.raw_archive_root, name, RAW_ARCHIVE_SCHEMA, window_seconds, s.run_id, ARCHIVED, archived_record
+                s.raw_archive_root, name, RAW_ARCHIVE_SCHEMA, window_seconds, s.run_id, ARCHIVED, prepared_record
             )
         )
 

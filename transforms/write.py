@@ -17,7 +17,9 @@ def event_record(event) -> dict:
     return {"event_id": event_id, "received_at": received_at_millis, **fields}
 
 
-def dead_letter_record(element) -> dict:
+def prepared_record(element) -> dict:
+    """An ``(id, received_at_millis, record)`` element whose record is ready for Avro
+    (a dead letter, an archived message)."""
     return element[2]
 
 
