@@ -135,6 +135,11 @@ class DeliverySettings:
     raw_archive_root: str | None = None
 
     @property
+    def bounded(self) -> bool:
+        """A bounded input (a backfill): each hour and shard comes as one pane."""
+        return self.trigger_seconds is None
+
+    @property
     def staging_root(self) -> str:
         """Delivered panes wait here until their hour closes; ``_`` hides it from Hive and Spark."""
         return partitions.join(self.output_root, "_staging")
@@ -177,7 +182,8 @@ def deliver(messages, settings: DeliverySettings):
     if archive:
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings)
     panes = parsed.events | "BucketByHour" >> settings.bucket()
-    deduplicated = panes | "Deduplicate" >> Deduplicate((settings.staging_root, name, window_seconds, run))
+    staging = (settings.staging_root, name, window_seconds, run)
+    deduplicated = panes | "Deduplicate" >> Deduplicate(staging, settings.bounded)
 
     protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, keys)
     staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(

@@ -6,6 +6,7 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows
 
+from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.streams import Clock, streaming_pipeline
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
@@ -60,3 +61,16 @@ def test_after_the_close_state_is_gone_and_panes_are_late():
     clock.arrive(event("e1", start + 1), event("e3", start + 3))  # a repeat and a straggler, both late
     clock.advance(TRIGGER * 2)
     run(clock, unique=["e1", "e2"], late=["e1", "e3"], duplicates=[])
+
+
+def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest():
+    start, ids = 600, [f"e{i % 7}" for i in range(30)]  # 7 ids, most of them repeated
+    events = [event(i, start + n) for n, i in enumerate(ids)] + [event("e1", start + WINDOW)]  # e1 again, next hour
+    with beam.Pipeline(runner=LOCAL_BATCH_RUNNER) as pipeline:
+        panes = pipeline | beam.Create(events) | BucketByHour(WINDOW, LATENESS, None, 3600, num_shards=3)
+        result = panes | Deduplicate(bounded=True)
+        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        assert_that(unique, equal_to(sorted(set(ids)) + ["e1"]), label="unique")
+        per_hour = result.duplicates | beam.Map(lambda report: report[1]) | beam.CombineGlobally(sum).without_defaults()
+        assert_that(per_hour, equal_to([len(ids) - len(set(ids))]), label="duplicates")  # none in the second hour
+        assert_that(result.late, equal_to([]), label="late")

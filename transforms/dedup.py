@@ -1,5 +1,11 @@
 """Deduplicate by event id within (type, hour), across all panes of the hour, and across
-restarts of the job before the hour closed."""
+restarts of the job before the hour closed.
+
+A streaming job sees an hour in many panes, so it keeps the ids seen so far in state.
+A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
+alone decides and no state is kept: a runner can then spread the shards over its
+workers (the local runner runs a stateful step on one worker only).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,57 @@ from transforms.reports import DUPLICATES, report
 LATE = "late"
 
 
-class DeduplicateFn(beam.DoFn):
+def keep_first_copies(events: list, seen: set) -> list:
+    """The events whose id is not in ``seen``, first copy only; their ids are added to ``seen``."""
+    unique = []
+    for event in events:
+        event_id = event[0]
+        if event_id not in seen:
+            seen.add(event_id)
+            unique.append(event)
+    return unique
+
+
+def staged_by_earlier_runs(staging, window, shard: int) -> list[str]:
+    """Ids in the shard's files that earlier runs staged for the hour and never published."""
+    if not staging:
+        return []
+    root, name, window_seconds, run_id = staging
+    folder = partitions.partition_dir(root, name, bucket_start_seconds(window), window_seconds)
+    paths = partitions.shard_files_of_other_runs(folder, name, run_id, shard)
+    return [record["event_id"] for path in paths for record in files.read_avro(path)]
+
+
+def _count_duplicates(counter, duplicates: int):
+    if duplicates:
+        counter.inc(duplicates)
+        yield beam.pvalue.TaggedOutput(DUPLICATES, report(DUPLICATES, duplicates))
+
+
+class DeduplicateWholeHourFn(beam.DoFn):
+    """Keeps the first copy of each id in a pane that holds the whole of its (hour, shard),
+    as a bounded input's one pane does, and counts the others. No pane can come after
+    it, so none is late, and no state is kept.
+
+    With a ``staging`` place, see ``DeduplicateFn``.
+    """
+
+    def __init__(self, staging=None):
+        self.staging = staging
+
+    def setup(self):
+        self.duplicates = beam.metrics.Metrics.counter("delivery", "duplicates")
+        if self.staging:
+            use_emulator_credentials()
+
+    def process(self, pane_elements, window=beam.DoFn.WindowParam):
+        shard, events = pane_elements
+        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.staging, window, shard)))
+        yield shard, unique
+        yield from _count_duplicates(self.duplicates, len(events) - len(unique))
+
+
+class DeduplicateFn(DeduplicateWholeHourFn):
     """Keeps the first copy of each id in an hour's shard and counts the others.
 
     State is the ids seen in earlier panes of this (hour, shard). It is dropped the
@@ -35,22 +91,6 @@ class DeduplicateFn(beam.DoFn):
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
-    def __init__(self, staging=None):
-        self.staging = staging
-
-    def setup(self):
-        self.duplicates = beam.metrics.Metrics.counter("delivery", "duplicates")
-        if self.staging:
-            use_emulator_credentials()
-
-    def _staged_by_earlier_runs(self, window, shard: int) -> list[str]:
-        if not self.staging:
-            return []
-        root, name, window_seconds, run_id = self.staging
-        folder = partitions.partition_dir(root, name, bucket_start_seconds(window), window_seconds)
-        paths = partitions.shard_files_of_other_runs(folder, name, run_id, shard)
-        return [record["event_id"] for path in paths for record in files.read_avro(path)]
-
     def process(
         self,
         pane_elements,
@@ -67,21 +107,13 @@ class DeduplicateFn(beam.DoFn):
         close.set(window.end)
         if not started.read():
             started.write(True)
-            for event_id in self._staged_by_earlier_runs(window, shard):
+            for event_id in staged_by_earlier_runs(self.staging, window, shard):
                 seen.add(event_id)
-        earlier = set(seen.read())
-        unique = []
-        for event in events:
-            event_id = event[0]
-            if event_id not in earlier:
-                earlier.add(event_id)
-                seen.add(event_id)
-                unique.append(event)
+        unique = keep_first_copies(events, set(seen.read()))
+        for event in unique:
+            seen.add(event[0])
         yield shard, unique
-        duplicates = len(events) - len(unique)
-        if duplicates:
-            self.duplicates.inc(duplicates)
-            yield beam.pvalue.TaggedOutput(DUPLICATES, report(DUPLICATES, duplicates))
+        yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
     @on_timer(CLOSE)
     def close_hour(
@@ -98,13 +130,16 @@ class DeduplicateFn(beam.DoFn):
 class Deduplicate(beam.PTransform):
     """``(shard, [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out.
 
-    ``staging`` is where the delivery path stages panes, see ``DeduplicateFn``.
+    ``staging`` is where the delivery path stages panes, see ``DeduplicateFn``. With
+    ``bounded``, the panes come from a bounded input: one per (hour, shard).
     """
 
-    def __init__(self, staging=None):
+    def __init__(self, staging=None, bounded: bool = False):
         super().__init__()
         self.staging = staging
+        self.bounded = bounded
 
     def expand(self, panes):
-        dedup = beam.ParDo(DeduplicateFn(self.staging))
+        fn = DeduplicateWholeHourFn if self.bounded else DeduplicateFn
+        dedup = beam.ParDo(fn(self.staging))
         return panes | "DropRepeatedIds" >> dedup.with_outputs(DUPLICATES, LATE, main="unique")
