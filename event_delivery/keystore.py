@@ -24,8 +24,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import os
 import secrets
 import sqlite3
@@ -34,6 +32,8 @@ import time
 import urllib.parse
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from event_delivery.kek import KEY_BYTES, KeyEncryptionKey, key_encryption_key
 
@@ -62,7 +62,7 @@ class Keystore(abc.ABC):
 
     def __init__(self, kek: KeyEncryptionKey):
         self.kek = kek
-        self._pseudonym_secret = None
+        self._pseudonym_mac = None
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
     @abc.abstractmethod
@@ -87,12 +87,14 @@ class Keystore(abc.ABC):
 
     # The interface the pipeline and the tools use.
     def pseudonym(self, subject_id: str) -> str:
-        if self._pseudonym_secret is None:
-            self._pseudonym_secret = self.named_key(PSEUDONYM_KEY).data_key
-        return hmac.new(self._pseudonym_secret, subject_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        if self._pseudonym_mac is None:
+            self._pseudonym_mac = HMAC(self.named_key(PSEUDONYM_KEY).data_key, SHA256())
+        mac = self._pseudonym_mac.copy()  # the keyed state, without keying a new HMAC for every subject
+        mac.update(subject_id.encode("utf-8"))
+        return mac.finalize().hex()[:32]
 
-    def subject_keys(self, subject_ids, create: bool = True) -> dict[str, SubjectKey | None]:
-        """Keys for many subjects in one batch; None for forgotten (or, without ``create``, unknown) ones."""
+    def subject_key_ids(self, subject_ids, create: bool = True) -> dict[str, str | None]:
+        """Key ids for many subjects in one batch; None for forgotten (or, without ``create``, unknown) ones."""
         by_pseudonym = {self.pseudonym(s): s for s in set(subject_ids)}
         known = self._read_subjects(list(by_pseudonym))
         missing = [p for p in by_pseudonym if p not in known]
@@ -103,11 +105,13 @@ class Keystore(abc.ABC):
                 fresh[pseudonym] = (key_id, self.kek.wrap(secrets.token_bytes(KEY_BYTES), key_id.encode()))
             self._create_subjects(fresh)
             known.update(self._read_subjects(missing))
-        keys = self.data_keys([k for k in known.values() if k])
-        return {
-            subject: SubjectKey(known[p], keys[known[p]]) if known.get(p) and keys.get(known[p]) else None
-            for p, subject in by_pseudonym.items()
-        }
+        return {subject: known.get(p) for p, subject in by_pseudonym.items()}
+
+    def subject_keys(self, subject_ids, create: bool = True) -> dict[str, SubjectKey | None]:
+        """Keys for many subjects in one batch; None for forgotten (or, without ``create``, unknown) ones."""
+        key_ids = self.subject_key_ids(subject_ids, create)
+        keys = self.data_keys([k for k in key_ids.values() if k])
+        return {s: SubjectKey(k, keys[k]) if k and keys.get(k) else None for s, k in key_ids.items()}
 
     def data_keys(self, key_ids) -> dict[str, bytes | None]:
         """Unwrapped data keys by key id; None where the key was deleted (its subject forgotten)."""
@@ -166,9 +170,9 @@ class SqliteKeystore(Keystore):
             self._connection.execute("COMMIT")
 
     def _select(self, sql: str, values: list) -> list[tuple]:
-        rows = []
-        for start in range(0, len(values), 500):
-            chunk = values[start : start + 500]
+        rows, size = [], min(5000, self._connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        for start in range(0, len(values), size):
+            chunk = values[start : start + size]
             marks = ",".join("?" * len(chunk))
             with self._lock:
                 rows.extend(self._connection.execute(sql.format(marks=marks), chunk).fetchall())
@@ -338,38 +342,67 @@ def open_keystore(url: str, kek: KeyEncryptionKey) -> Keystore:
     raise ValueError(f"unknown keystore {url!r}: use sqlite:///path or bigtable://project/instance/table")
 
 
-class SubjectKeyCache:
-    """Per-worker cache of subject keys with a TTL.
+class KeyCache:
+    """A worker's cache of keys, with a TTL: subject -> key id, and key id -> data key.
 
-    The TTL is the upper bound on how long a worker may keep encrypting with a key
-    after its subject was forgotten. Events encrypted in that window are unreadable
-    anyway, because the key they used is gone.
+    A step that unseals by key id (replaying the archive) fills the second map, so a
+    step that then seals by subject only asks the keystore which key id a subject has.
+
+    The TTL is the upper bound on how long a worker may keep using a key after its
+    subject was forgotten: both maps expire. Events encrypted in that window are
+    unreadable anyway, because the key they used is gone.
     """
+
+    MAX_ENTRIES = 1_000_000  # past this, expired entries are dropped
 
     def __init__(self, keystore: Keystore, ttl_seconds: float, clock=time.monotonic):
         self.keystore = keystore
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._entries: dict[str, tuple[float, SubjectKey | None, AESGCM | None]] = {}
+        self._key_ids: dict[str, tuple[float, str | None]] = {}
+        self._keys: dict[str, tuple[float, SubjectKey | None, AESGCM | None]] = {}
+
+    @staticmethod
+    def _split(entries: dict, wanted, now: float) -> tuple[dict, list]:
+        """The fresh entries among ``wanted`` (without their expiry), and the rest."""
+        found, missing = {}, []
+        for item in set(wanted):
+            entry = entries.get(item)
+            if entry and entry[0] > now:
+                found[item] = entry[1:]
+            else:
+                missing.append(item)
+        return found, missing
+
+    def _store(self, entries: dict, item: str, entry: tuple, now: float) -> None:
+        entries[item] = entry
+        if len(entries) > self.MAX_ENTRIES:
+            for stale in [i for i, e in entries.items() if e[0] <= now]:
+                del entries[stale]
+
+    def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
+        """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
+        now = self.clock()
+        found, missing = self._split(self._keys, key_ids, now)
+        if missing:
+            expires = now + self.ttl_seconds
+            for key_id, data_key in self.keystore.data_keys(missing).items():
+                key = SubjectKey(key_id, data_key) if data_key else None
+                found[key_id] = (key, key.aead if key else None)
+                self._store(self._keys, key_id, (expires, *found[key_id]), now)
+        return found
 
     def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
-        """Keys for a batch of subjects; the misses cost one keystore batch."""
+        """Keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""
         now = self.clock()
-        found, missing = {}, []
-        for subject in set(subject_ids):
-            entry = self._entries.get(subject)
-            if entry and entry[0] > now:
-                found[subject] = entry[1:]
-            else:
-                missing.append(subject)
+        key_ids, missing = self._split(self._key_ids, subject_ids, now)
         if missing:
-            for subject, key in self.keystore.subject_keys(missing).items():
-                entry = (now + self.ttl_seconds, key, key.aead if key else None)
-                self._entries[subject] = entry
-                found[subject] = entry[1:]
-        if len(self._entries) > 1_000_000:
-            self._entries = {s: e for s, e in self._entries.items() if e[0] > now}
-        return found
+            expires = now + self.ttl_seconds
+            for subject, key_id in self.keystore.subject_key_ids(missing).items():
+                key_ids[subject] = (key_id,)
+                self._store(self._key_ids, subject, (expires, key_id), now)
+        keys = self.data_keys(k for (k,) in key_ids.values() if k)
+        return {subject: keys[k] if k else (None, None) for subject, (k,) in key_ids.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,7 @@ class Backfill(beam.PTransform):
             pipeline
             | "ListArchiveFiles" >> beam.Create(self.archive_paths)
             | "Spread" >> beam.Reshuffle()
-            | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, self.settings.keys))
+            | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, self.settings.key_cache))
         )
         return deliver(messages, self.settings)
 

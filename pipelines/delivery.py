@@ -38,7 +38,7 @@ from transforms.close import CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
-from transforms.personal import EncryptPersonalFields, QuarantineDeadLetters
+from transforms.personal import EncryptPersonalFields, JobKeyCache, QuarantineDeadLetters
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
 from transforms.write import WriteAvroPanes, prepared_record
@@ -133,6 +133,7 @@ class DeliverySettings:
     max_event_bytes: int = 64 * 1024
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
     raw_archive_root: str | None = None
+    key_cache: JobKeyCache = dataclasses.field(init=False, repr=False, compare=False)
 
     @property
     def bounded(self) -> bool:
@@ -145,6 +146,7 @@ class DeliverySettings:
         return partitions.join(self.output_root, "_staging")
 
     def __post_init__(self):
+        object.__setattr__(self, "key_cache", JobKeyCache(self.keys))
         tier = self.event_type.tier
         if self.allowed_lateness_seconds is None:
             object.__setattr__(self, "allowed_lateness_seconds", tier.allowed_lateness_seconds)
@@ -185,11 +187,11 @@ def deliver(messages, settings: DeliverySettings):
     staging = (settings.staging_root, name, window_seconds, run)
     deduplicated = panes | "Deduplicate" >> Deduplicate(staging, settings.bounded)
 
-    protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, keys)
+    protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, settings.key_cache)
     staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(
         settings.staging_root, name, schema, window_seconds, run, DELIVERED
     )
-    late_protected = deduplicated.late | "EncryptLateFields" >> EncryptPersonalFields(event_type, keys)
+    late_protected = deduplicated.late | "EncryptLateFields" >> EncryptPersonalFields(event_type, settings.key_cache)
     late = late_protected["events"] | "WriteLate" >> WriteAvroPanes(
         settings.late_root, name, schema, window_seconds, run, LATE
     )

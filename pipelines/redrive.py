@@ -36,7 +36,7 @@ from event_delivery.registry import EventType, get_event_type, load_registry
 from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
 from transforms.hours import BucketByHour, bucket_start_seconds
 from transforms.parse import DEAD_LETTERS, ParseEventFn
-from transforms.personal import EncryptPersonalFields
+from transforms.personal import EncryptPersonalFields, JobKeyCache
 from transforms.reports import DELIVERED, LATE
 from transforms.write import WriteAvroPanes
 
@@ -145,7 +145,7 @@ def redrive(pipeline, paths, event_type: EventType, keys: KeyConfig, roots, layo
     )
     panes = replayed.events | "BucketByHour" >> BucketByHour(window_seconds, lateness_seconds, None, horizon, shards)
     # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
-    protected = panes | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, keys)
+    protected = panes | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, JobKeyCache(keys))
     route = RouteByCloseFn(output_root, name, window_seconds, lateness_seconds)
     routed = protected["events"] | "RouteByClose" >> beam.ParDo(route).with_outputs(LATE, main="open")
     written = (

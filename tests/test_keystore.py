@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import multiprocessing
 import os
+import pickle
 import uuid
 
 import pytest
@@ -12,7 +15,15 @@ from cryptography.exceptions import InvalidTag
 from event_delivery.cloud import BIGTABLE_EMULATOR_HOST
 from event_delivery.emulators import bigtable_command, free_port, start, stop_process_group
 from event_delivery.kek import CloudKms, LocalKeyFile
-from event_delivery.keystore import BigtableKeystore, SqliteKeystore, SubjectKeyCache, open_keystore
+from event_delivery.keystore import (
+    PSEUDONYM_KEY,
+    BigtableKeystore,
+    KeyCache,
+    KeyConfig,
+    SqliteKeystore,
+    open_keystore,
+)
+from transforms.personal import JobKeyCache
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +130,7 @@ def test_the_keystore_holds_no_subject_id_and_no_clear_key(tmp_path, kek):
 def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
     now = [0.0]
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
-    cache = SubjectKeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
+    cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
     key, _ = cache.lookup(["alice"])["alice"]
     keystore.forget("alice")
     now[0] = 59
@@ -131,12 +142,51 @@ def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
 def test_the_cache_batches_misses_into_one_keystore_call(tmp_path, kek):
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
     calls = []
-    original = keystore.subject_keys
-    keystore.subject_keys = lambda subjects, create=True: calls.append(list(subjects)) or original(subjects, create)
-    cache = SubjectKeyCache(keystore, ttl_seconds=60)
+    original = keystore.subject_key_ids
+    keystore.subject_key_ids = lambda subjects, create=True: calls.append(list(subjects)) or original(subjects, create)
+    cache = KeyCache(keystore, ttl_seconds=60)
     cache.lookup(["a", "b", "c", "a"])
     cache.lookup(["a", "b", "d"])
     assert [sorted(c) for c in calls] == [["a", "b", "c"], ["d"]]
+
+
+def test_a_pseudonym_is_hmac_sha256_of_the_subject_id_so_existing_keystores_stay_readable(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    secret = keystore.named_key(PSEUDONYM_KEY).data_key
+    for subject in ("alice", "user-00042", "zoë", ""):
+        assert keystore.pseudonym(subject) == hmac.new(secret, subject.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def test_a_key_read_by_key_id_serves_a_later_lookup_by_subject(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    key = keystore.subject_keys(["alice"])["alice"]
+    reads = []
+    original = keystore.data_keys
+    keystore.data_keys = lambda key_ids: reads.append(sorted(key_ids)) or original(key_ids)
+    cache = KeyCache(keystore, ttl_seconds=60)
+    assert cache.data_keys([key.key_id])[key.key_id][0] == key
+    assert cache.lookup(["alice"])["alice"][0] == key
+    assert reads == [[key.key_id]], "the subject's key came from the cache"
+
+
+def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
+    now = [0.0]
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    key_id = keystore.subject_keys(["alice"])["alice"].key_id
+    cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
+    assert cache.data_keys([key_id])[key_id][0] is not None
+    keystore.forget("alice")
+    now[0] = 61
+    assert cache.data_keys([key_id])[key_id] == (None, None)
+    assert cache.lookup(["alice"])["alice"] == (None, None)
+
+
+def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
+    keys = KeyConfig(f"sqlite:///{tmp_path}/keys.db", str(tmp_path / "kek.key"))
+    job, other_job = JobKeyCache(keys), JobKeyCache(keys)
+    step = pickle.loads(pickle.dumps(job))  # as a worker receives it
+    assert step.acquire() is job.acquire()
+    assert other_job.acquire() is not job.acquire()
 
 
 class RecordingKmsClient:

@@ -15,20 +15,18 @@ import functools
 import apache_beam as beam
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery import files
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.dead_letters import quarantine_key_name
 from event_delivery.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
-from event_delivery.keystore import KeyConfig, SubjectKeyCache
 from event_delivery.registry import EventType
+from transforms.personal import JobKeyCache
 from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record
 
 RAW = "raw"  # the field name sealed payloads are bound to
 ERASED = "erased"
-MAX_CACHED_KEYS = 500_000
 
 RAW_ARCHIVE_SCHEMA = {
     "type": "record",
@@ -73,14 +71,13 @@ def parsed_raw_archive_schema():
 class SealRawMessagesFn(beam.DoFn):
     """``(shard, [(id, received_at, (subject, arrival, attributes, data))])`` panes in, archive records out."""
 
-    def __init__(self, event_type: EventType, keys: KeyConfig):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         self.event_type = event_type
-        self.keys = keys
+        self.key_cache = key_cache
 
     def setup(self):
-        keystore = self.keys.open()
-        self.cache = SubjectKeyCache(keystore, self.keys.cache_ttl_seconds)
-        self.quarantine = keystore.named_key(quarantine_key_name(self.event_type.name))
+        self.cache = self.key_cache.acquire()
+        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
 
     def process(self, pane):
         shard, messages = pane
@@ -121,7 +118,7 @@ class ArchiveRawMessages(beam.PTransform):
         return (
             raw
             | "BucketRawMessages" >> s.bucket()
-            | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, s.keys))
+            | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, s.key_cache))
             | "WriteRawArchive"
             >> WriteAvroPanes(
                 s.raw_archive_root, name, RAW_ARCHIVE_SCHEMA, window_seconds, s.run_id, ARCHIVED, prepared_record
@@ -136,30 +133,24 @@ class ReplayArchiveFn(beam.DoFn):
     replayed; it is counted as ``erased``.
     """
 
-    def __init__(self, event_type: EventType, keys: KeyConfig):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         self.event_type = event_type
-        self.keys = keys
+        self.key_cache = key_cache
 
     def setup(self):
         use_emulator_credentials()
-        self.keystore = self.keys.open()
-        self.aeads = {}  # a backfill is short: keys read once stay for the run
+        self.cache = self.key_cache.acquire()
         self.erased = beam.metrics.Metrics.counter("backfill", ERASED)
         self.replayed = beam.metrics.Metrics.counter("backfill", "replayed")
 
     def process(self, path: str):
         records = files.read_avro(path)
-        aeads = self.aeads
-        wanted = {r["key_id"] for r in records if r["key_id"]}
-        if len(aeads) + len(wanted) > MAX_CACHED_KEYS:
-            aeads.clear()
-        missing = wanted - aeads.keys()  # one keystore read per file
-        aeads.update({key_id: AESGCM(key) if key else None for key_id, key in self.keystore.data_keys(missing).items()})
+        keys = self.cache.data_keys(r["key_id"] for r in records if r["key_id"])  # one keystore read per file
         name, erased = self.event_type.name, 0
         for record in records:
             data = record["payload"]
             if record["key_id"] is not None:
-                aead = aeads.get(record["key_id"])
+                aead = keys[record["key_id"]][1]
                 try:
                     data = decrypt_bytes(aead, data, name, RAW, record["key_id"]) if aead and data else None
                 except UndecryptableField:

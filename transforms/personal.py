@@ -2,7 +2,8 @@
 
 Every field the schema marks personal becomes AES-256-GCM ciphertext under its data
 subject's key; the record keeps the key id in clear. Keys are looked up once per pane
-(a batch) through a per-worker cache. A forgotten subject's fields are delivered as
+(a batch) through a cache that all steps of a job share in each worker process
+(``JobKeyCache``). A forgotten subject's fields are delivered as
 null, with no key id, and counted. Dead-letter payloads, which may hold personal data
 that never passed validation, are sealed with the type's quarantine key.
 """
@@ -10,21 +11,36 @@ that never passed validation, are sealed with the type's quarantine key.
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.utils.shared import Shared
 
 from event_delivery.dead_letters import quarantine_key_name
 from event_delivery.fields import encrypt_bytes, encrypt_value
-from event_delivery.keystore import KeyConfig, SubjectKeyCache
+from event_delivery.keystore import KeyCache, KeyConfig
 from event_delivery.registry import EventType
 from transforms.reports import FORGOTTEN, report
 
 
-class EncryptPersonalFieldsFn(beam.DoFn):
-    def __init__(self, event_type: EventType, keys: KeyConfig):
-        self.event_type = event_type
+class JobKeyCache:
+    """A handle, made once per job, to one ``KeyCache`` per worker process that every
+    step of the job holding the handle shares: a key one step read is there for the
+    next. Another job, or another run of it in the same process, gets a cache of its
+    own, so no key outlives the job that read it by more than the cache's TTL."""
+
+    def __init__(self, keys: KeyConfig):
         self.keys = keys
+        self._handle = Shared()
+
+    def acquire(self) -> KeyCache:
+        return self._handle.acquire(lambda: KeyCache(self.keys.open(), self.keys.cache_ttl_seconds))
+
+
+class EncryptPersonalFieldsFn(beam.DoFn):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
+        self.event_type = event_type
+        self.key_cache = key_cache
 
     def setup(self):
-        self.cache = SubjectKeyCache(self.keys.open(), self.keys.cache_ttl_seconds)
+        self.cache = self.key_cache.acquire()
         self.forgotten = beam.metrics.Metrics.counter("delivery", "forgotten_subject_events")
 
     def process(self, pane):
@@ -60,15 +76,15 @@ class EncryptPersonalFields(beam.PTransform):
     """``(shard, [events])`` panes in; ``events`` panes with personal fields sealed, and
     ``forgotten`` reports, out. Types without a data subject pass through."""
 
-    def __init__(self, event_type: EventType, keys: KeyConfig):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         super().__init__()
         self.event_type = event_type
-        self.keys = keys
+        self.key_cache = key_cache
 
     def expand(self, panes):
         if not self.event_type.subject_field:
             return {"events": panes, FORGOTTEN: panes | "NoSubjects" >> beam.FlatMap(lambda _: [])}
-        encrypt = beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.keys))
+        encrypt = beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.key_cache))
         return panes | "SealFields" >> encrypt.with_outputs(FORGOTTEN, main="events")
 
 
