@@ -3,7 +3,8 @@
 For each type and hour it counts delivered, duplicate, late and dead-lettered
 messages from the files themselves, and checks that delivered ids are unique per
 hour, that every record sits in the folder of its own hour, and that each
-``_SUCCESS`` manifest matches the files beside it::
+``_SUCCESS`` manifest matches the files beside it. It may run while jobs write: when
+a close moves a file the audit listed, the audit starts over from a fresh listing::
 
     python -m event_delivery.audit --storage_root gs://event-delivery-local --window_seconds 10
 """
@@ -98,7 +99,31 @@ def _check_in_hour(audit, partition, records, window_seconds, what) -> None:
             return
 
 
-def audit_type(event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int):
+class FileMoved(Exception):
+    """A listed file was gone when the audit came to read it: a close moved it meanwhile."""
+
+
+def _read(read, path: str):
+    try:
+        return read(path)
+    except Exception:
+        if files.exists(path):
+            raise
+        raise FileMoved(path) from None
+
+
+def audit_type(
+    event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int, attempts: int = 5
+):
+    for attempt in range(1, attempts + 1):
+        try:
+            return _audit_type(event_type, output_root, late_root, dead_letter_root, window_seconds)
+        except FileMoved:
+            if attempt == attempts:
+                raise
+
+
+def _audit_type(event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int):
     audit = TypeAudit(event_type)
     for partition, paths in _partition_files(output_root, event_type).items():
         hour = audit.hour(partition)
@@ -106,7 +131,7 @@ def audit_type(event_type: str, output_root: str, late_root: str, dead_letter_ro
         for path in paths:
             if posixpath.basename(path) == partitions.SUCCESS_MARKER:
                 continue
-            records = files.read_avro(path)
+            records = _read(files.read_avro, path)
             counts[path] = len(records)
             hour.delivered += len(records)
             hour.delivered_ids.extend(record["event_id"] for record in records)
@@ -116,7 +141,7 @@ def audit_type(event_type: str, output_root: str, late_root: str, dead_letter_ro
         marker = partitions.join(output_root, event_type, partition, partitions.SUCCESS_MARKER)
         if files.exists(marker):
             hour.closed = True
-            manifest = files.read_json(marker)
+            manifest = _read(files.read_json, marker)
             hour.duplicates = manifest["accounting"]["duplicates"]
             listed = {entry["path"]: entry["records"] for entry in manifest["files"]}
             if listed != counts:
@@ -124,16 +149,16 @@ def audit_type(event_type: str, output_root: str, late_root: str, dead_letter_ro
             if manifest["accounting"]["delivered"] != hour.delivered:
                 audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
     for partition, paths in _partition_files(partitions.join(output_root, "_staging"), event_type).items():
-        audit.hour(partition).staged += sum(files.count_avro_records(path) for path in paths)
+        audit.hour(partition).staged += sum(_read(files.count_avro_records, path) for path in paths)
     for partition, paths in _partition_files(late_root, event_type).items():
         for path in paths:
-            records = files.read_avro(path)
+            records = _read(files.read_avro, path)
             audit.hour(partition).late += len(records)
             _check_in_hour(audit, partition, records, window_seconds, "late")
     for partition, paths in _partition_files(dead_letter_root, event_type).items():
         hour = audit.hour(partition)
         for path in paths:
-            records = files.read_avro(path)
+            records = _read(files.read_avro, path)
             hour.dead_lettered += len(records)
             hour.dead_letter_kinds.update(record["error_kind"].lower() for record in records)
     return audit
