@@ -2,9 +2,10 @@
 
     python -m benchmarks.bench [--events 200000] [--rounds 3] [--skip_latency]
 
-Each measurement runs in a fresh process, and the rounds interleave floor, pipeline with
-1 worker and pipeline with 2 workers, so a noisy neighbour hits all three alike; the
-table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x the
+Each measurement runs in a fresh process, and the rounds interleave the floor, two
+floors at once (how far this machine's cores scale the same work with nothing shared),
+the pipeline with 1 worker and with 2 workers, so a noisy neighbour hits them all
+alike; the table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x the
 workload. Streaming latency is measured on the emulators. Writes
 benchmarks/results.json and benchmarks/results.png.
 """
@@ -26,33 +27,62 @@ from benchmarks.runs import workload_for
 
 HERE = pathlib.Path(__file__).parent
 PEAK_EVENTS_PER_SECOND = 8_000_000
+COPIES_START_SECONDS = 10  # enough for each copy to start Python and load the workload
+
+
+def _command(what: str, events: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.runs", what, "--events", str(events), "--workers", str(workers)]
+
+
+def _result(command: list[str], returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode:
+        raise RuntimeError(f"{' '.join(command[2:])} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def measured(what: str, events: int, workers: int = 1) -> dict:
-    command = [sys.executable, "-m", "benchmarks.runs", what, "--events", str(events), "--workers", str(workers)]
+    command = _command(what, events, workers)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(command[2:])} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _result(command, result.returncode, result.stdout, result.stderr)
+
+
+def measured_together(what: str, events: int, copies: int) -> dict:
+    """``copies`` runs at once, each a process of its own that starts its work at the same
+    moment: how far this machine's cores scale the same work when nothing is shared.
+    Events are those of all of them; seconds, the slowest one's."""
+    command = [*_command(what, events, 1), "--start_at", str(time.time() + COPIES_START_SECONDS)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(copies)
+    ]
+    outputs = [p.communicate() for p in processes]
+    runs = [_result(command, p.returncode, *output) for p, output in zip(processes, outputs, strict=True)]
+    return {
+        "events": events * copies,
+        "seconds": max(r["seconds"] for r in runs),
+        "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in runs),
+    }
 
 
 def throughput(events: int, rounds: int, say) -> dict:
-    runs = {"floor": [], "pipeline_1_worker": [], "pipeline_2_workers": []}
+    plan = (
+        ("floor", lambda: measured("floor", events)),
+        ("floor_2_at_once", lambda: measured_together("floor", events, 2)),
+        ("pipeline_1_worker", lambda: measured("pipeline", events, 1)),
+        ("pipeline_2_workers", lambda: measured("pipeline", events, 2)),
+    )
+    runs = {name: [] for name, _ in plan}
     for round_number in range(1, rounds + 1):
-        for name, what, workers in (
-            ("floor", "floor", 1),
-            ("pipeline_1_worker", "pipeline", 1),
-            ("pipeline_2_workers", "pipeline", 2),
-        ):
-            run = measured(what, events, workers)
+        for name, measure in plan:
+            run = measure()
             runs[name].append(run)
-            rate = events / run["seconds"]
+            rate = run["events"] / run["seconds"]
             say(f"  round {round_number}/{rounds}: {name:<19} {run['seconds']:7.1f}s  {rate:8.0f} events/s")
     return {
         name: {
+            "events": results[0]["events"],
             "seconds": [r["seconds"] for r in results],
             "median_seconds": statistics.median(r["seconds"] for r in results),
-            "events_per_second": events / statistics.median(r["seconds"] for r in results),
+            "events_per_second": results[0]["events"] / statistics.median(r["seconds"] for r in results),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
         }
         for name, results in runs.items()
@@ -72,23 +102,26 @@ def memory(events: int, say) -> dict:
 def table(results: dict) -> str:
     t, m = results["throughput"], results["memory"]
     floor, one, two = t["floor"], t["pipeline_1_worker"], t["pipeline_2_workers"]
-    rows = [
-        ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s"),
-        ("floor (plain loop)", floor, None, None, None),
-        ("pipeline, 1 worker", one, None, None, None),
-        ("pipeline, 2 workers", two, None, None, None),
-    ]
-    lines = []
-    for label, run, *_ in rows[1:]:
+    rows = (  # label, run, cores it used
+        ("floor (plain loop)", floor, 1),
+        ("floor, 2 copies at once", t["floor_2_at_once"], 2),
+        ("pipeline, 1 worker", one, 1),
+        ("pipeline, 2 workers", two, 2),
+    )
+    header = ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s")
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
+    for label, run, cores in rows:
         rate = run["events_per_second"]
-        per_core = rate / (2 if run is two else 1)
         lines.append(
             f"| {label} | {rate:,.0f} | {rate / floor['events_per_second']:.2f} | "
-            f"{run['peak_rss_bytes'] / 2**20:,.0f} | {PEAK_EVENTS_PER_SECOND / per_core:,.0f} |"
+            f"{run['peak_rss_bytes'] / 2**20:,.0f} | {PEAK_EVENTS_PER_SECOND / (rate / cores):,.0f} |"
         )
-    header = "| " + " | ".join(rows[0]) + " |\n|---|---:|---:|---:|---:|\n"
-    out = header + "\n".join(lines)
-    out += f"\n\n- Scaling from 1 to 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x."
+    out = "\n".join(lines)
+    out += (
+        f"\n\n- Scaling from 1 to 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x; "
+        f"this machine's own scaling of the same work, two floors at once: "
+        f"{t['floor_2_at_once']['events_per_second'] / floor['events_per_second']:.2f}x."
+    )
     out += "\n- Peak memory of the 1-worker pipeline: " + ", ".join(
         f"{k} ({v['events']:,} events) {v['peak_rss_bytes'] / 2**20:,.0f} MiB" for k, v in m.items()
     )
@@ -115,9 +148,10 @@ def chart(results: dict, path: pathlib.Path) -> None:
 
     t, m = results["throughput"], results["memory"]
     figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(11, 4))
-    names = ["floor", "pipeline_1_worker", "pipeline_2_workers"]
-    labels = ["floor", "pipeline\n1 worker", "pipeline\n2 workers"]
-    bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=["#888", "#1f77b4", "#2ca02c"])
+    names = ["floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers"]
+    labels = ["floor", "2 floors\nat once", "pipeline\n1 worker", "pipeline\n2 workers"]
+    colors = ["#888", "#bbb", "#1f77b4", "#2ca02c"]
+    bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=colors)
     rates.bar_label(bars, fmt="{:,.0f}")
     rates.set_ylabel("events/s (median)")
     rates.set_title(f"Throughput, {results['events']:,} events")

@@ -69,9 +69,14 @@ def main(argv=None) -> int:
     parser.add_argument("what", choices=["floor", "pipeline"])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--start_at", type=float, help="Wall-clock time (epoch seconds) to start at, so that copies run side by side."
+    )
     args = parser.parse_args(argv)
     work = workload_for(args.events)
     out = pathlib.Path(tempfile.mkdtemp(prefix=f"bench-{args.what}-"))
+    if args.start_at:
+        time.sleep(max(0.0, args.start_at - time.time()))
     try:
         started = time.perf_counter()
         events = floor.run_floor(work, out) if args.what == "floor" else run_pipeline(work, out, args.workers)
