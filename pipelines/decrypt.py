@@ -78,7 +78,6 @@ def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, 
     return (
         pipeline
         | "ListFiles" >> beam.Create(paths)
-        | "Spread" >> beam.Reshuffle()
         | "DecryptFiles" >> beam.ParDo(DecryptFileFn(event_type, keys, input_root, output_root))
     )
 

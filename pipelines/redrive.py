@@ -139,7 +139,6 @@ def redrive(pipeline, paths, event_type: EventType, keys: KeyConfig, roots, layo
     replayed = (
         pipeline
         | "ListFiles" >> beam.Create(paths)
-        | "Spread" >> beam.Reshuffle()
         | "ReplayDeadLetters" >> beam.ParDo(ReplayDeadLettersFn(event_type, keys, fix))
         | "ParseEvents" >> beam.ParDo(ReparseFn(event_type, horizon)).with_outputs(REDRIVEN, main="events")
     )
