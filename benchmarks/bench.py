@@ -5,8 +5,9 @@
 Each measurement runs in a fresh process, and the rounds interleave the floor, two
 floors at once (how far this machine's cores scale the same work with nothing shared),
 the pipeline with 1 worker and with 2 workers, so a noisy neighbour hits them all
-alike; the table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x the
-workload. Streaming latency is measured on the emulators. Writes
+alike; the table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x
+the workload; one 2-worker run at 4x beside the last shows how scaling grows as the
+job's fixed cost weighs less. Streaming latency is measured on the emulators. Writes
 benchmarks/results.json and benchmarks/results.png.
 """
 
@@ -94,9 +95,24 @@ def memory(events: int, say) -> dict:
     for factor in (1, 2, 4):
         workload_for(events * factor)  # built outside the measured process
         run = measured("pipeline", events * factor, 1)
-        growth[f"{factor}x"] = {"events": events * factor, "peak_rss_bytes": run["peak_rss_bytes"]}
+        growth[f"{factor}x"] = {"events": events * factor, "peak_rss_bytes": run["peak_rss_bytes"], **_rate(run)}
         say(f"  memory {factor}x ({events * factor} events): peak {run['peak_rss_bytes'] / 2**20:.0f} MiB")
     return growth
+
+
+def scaling_at(one_worker: dict, say) -> dict:
+    """2 workers on the workload of a 1-worker ``memory`` run, once: how much of the
+    shortfall of 2 workers is the job's fixed cost (building it, starting worker
+    processes), which weighs less the more events there are."""
+    events = one_worker["events"]
+    two = _rate(measured("pipeline", events, 2))
+    scaling = two["events_per_second"] / one_worker["events_per_second"]
+    say(f"  {events} events: 1 worker {one_worker['seconds']:.1f}s, 2 workers {two['seconds']:.1f}s: {scaling:.2f}x")
+    return {"events": events, "pipeline_2_workers": two, "scaling": scaling}
+
+
+def _rate(run: dict) -> dict:
+    return {"seconds": run["seconds"], "events_per_second": run["events"] / run["seconds"]}
 
 
 def table(results: dict) -> str:
@@ -122,6 +138,9 @@ def table(results: dict) -> str:
         f"this machine's own scaling of the same work, two floors at once: "
         f"{t['floor_2_at_once']['events_per_second'] / floor['events_per_second']:.2f}x."
     )
+    if results.get("scaling_at_4x"):
+        larger = results["scaling_at_4x"]
+        out += f" At {larger['events']:,} events (one run each): {larger['scaling']:.2f}x."
     out += "\n- Peak memory of the 1-worker pipeline: " + ", ".join(
         f"{k} ({v['events']:,} events) {v['peak_rss_bytes'] / 2**20:,.0f} MiB" for k, v in m.items()
     )
@@ -188,6 +207,8 @@ def main(argv=None) -> int:
     }
     say("memory: 1-worker pipeline at 1x, 2x and 4x")
     results["memory"] = memory(args.events, say)
+    say("scaling at 4x: 2 workers, once")
+    results["scaling_at_4x"] = scaling_at(results["memory"]["4x"], say)
     if not args.skip_latency:
         say("streaming latency on the emulators")
         with tempfile.TemporaryDirectory(prefix="bench-latency-") as state:
