@@ -361,6 +361,7 @@ class KeyCache:
         self.clock = clock
         self._key_ids: dict[str, tuple[float, str | None]] = {}
         self._keys: dict[str, tuple[float, SubjectKey | None, AESGCM | None]] = {}
+        self._pruning = threading.Lock()
 
     @staticmethod
     def _split(entries: dict, wanted, now: float) -> tuple[dict, list]:
@@ -374,11 +375,13 @@ class KeyCache:
                 missing.append(item)
         return found, missing
 
-    def _store(self, entries: dict, item: str, entry: tuple, now: float) -> None:
-        entries[item] = entry
+    def _prune(self, entries: dict, now: float) -> None:
+        """Drops expired entries once there are too many. Steps in other threads may use
+        the cache meanwhile: they only ever add or replace single entries."""
         if len(entries) > self.MAX_ENTRIES:
-            for stale in [i for i, e in entries.items() if e[0] <= now]:
-                del entries[stale]
+            with self._pruning:
+                for stale in [i for i, e in list(entries.items()) if e[0] <= now]:
+                    entries.pop(stale, None)
 
     def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
@@ -389,7 +392,8 @@ class KeyCache:
             for key_id, data_key in self.keystore.data_keys(missing).items():
                 key = SubjectKey(key_id, data_key) if data_key else None
                 found[key_id] = (key, key.aead if key else None)
-                self._store(self._keys, key_id, (expires, *found[key_id]), now)
+                self._keys[key_id] = (expires, *found[key_id])
+            self._prune(self._keys, now)
         return found
 
     def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
@@ -400,7 +404,8 @@ class KeyCache:
             expires = now + self.ttl_seconds
             for subject, key_id in self.keystore.subject_key_ids(missing).items():
                 key_ids[subject] = (key_id,)
-                self._store(self._key_ids, subject, (expires, key_id), now)
+                self._key_ids[subject] = (expires, key_id)
+            self._prune(self._key_ids, now)
         keys = self.data_keys(k for (k,) in key_ids.values() if k)
         return {subject: keys[k] if k else (None, None) for subject, (k,) in key_ids.items()}
 

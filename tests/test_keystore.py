@@ -181,6 +181,17 @@ def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
     assert cache.lookup(["alice"])["alice"] == (None, None)
 
 
+def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
+    now = [0.0]
+    cache = KeyCache(SqliteKeystore(kek, str(tmp_path / "keys.db")), ttl_seconds=60, clock=lambda: now[0])
+    cache.MAX_ENTRIES = 2
+    cache.lookup(["a", "b"])
+    now[0] = 61
+    key = cache.lookup(["c"])["c"][0]
+    assert (len(cache._key_ids), len(cache._keys)) == (1, 1), "only c's entries are left"
+    assert cache.lookup(["c"])["c"][0] == key
+
+
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
     keys = KeyConfig(f"sqlite:///{tmp_path}/keys.db", str(tmp_path / "kek.key"))
     job, other_job = JobKeyCache(keys), JobKeyCache(keys)
