@@ -359,21 +359,27 @@ class KeyCache:
         self.keystore = keystore
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._key_ids: dict[str, tuple[float, str | None]] = {}
-        self._keys: dict[str, tuple[float, SubjectKey | None, AESGCM | None]] = {}
+        self._key_ids: dict[str, tuple[float, str | None]] = {}  # subject -> (expires, key id)
+        self._keys: dict[str, tuple[float, tuple]] = {}  # key id -> (expires, (key, aead))
         self._pruning = threading.Lock()
 
-    @staticmethod
-    def _split(entries: dict, wanted, now: float) -> tuple[dict, list]:
-        """The fresh entries among ``wanted`` (without their expiry), and the rest."""
+    def _cached(self, entries: dict, wanted, fetch) -> dict:
+        """Fresh entries of ``wanted``; the rest from one ``fetch(missing)``, stored until the TTL."""
+        now = self.clock()
         found, missing = {}, []
         for item in set(wanted):
             entry = entries.get(item)
             if entry and entry[0] > now:
-                found[item] = entry[1:]
+                found[item] = entry[1]
             else:
                 missing.append(item)
-        return found, missing
+        if missing:
+            expires = now + self.ttl_seconds
+            for item, value in fetch(missing).items():
+                found[item] = value
+                entries[item] = (expires, value)
+            self._prune(entries, now)
+        return found
 
     def _prune(self, entries: dict, now: float) -> None:
         """Drops expired entries once there are too many. Steps in other threads may use
@@ -383,31 +389,22 @@ class KeyCache:
                 for stale in [i for i, e in list(entries.items()) if e[0] <= now]:
                     entries.pop(stale, None)
 
+    def _fetch_data_keys(self, key_ids: list[str]) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
+        fetched = {}
+        for key_id, data_key in self.keystore.data_keys(key_ids).items():
+            key = SubjectKey(key_id, data_key) if data_key else None
+            fetched[key_id] = (key, key.aead if key else None)
+        return fetched
+
     def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
-        now = self.clock()
-        found, missing = self._split(self._keys, key_ids, now)
-        if missing:
-            expires = now + self.ttl_seconds
-            for key_id, data_key in self.keystore.data_keys(missing).items():
-                key = SubjectKey(key_id, data_key) if data_key else None
-                found[key_id] = (key, key.aead if key else None)
-                self._keys[key_id] = (expires, *found[key_id])
-            self._prune(self._keys, now)
-        return found
+        return self._cached(self._keys, key_ids, self._fetch_data_keys)
 
     def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""
-        now = self.clock()
-        key_ids, missing = self._split(self._key_ids, subject_ids, now)
-        if missing:
-            expires = now + self.ttl_seconds
-            for subject, key_id in self.keystore.subject_key_ids(missing).items():
-                key_ids[subject] = (key_id,)
-                self._key_ids[subject] = (expires, key_id)
-            self._prune(self._key_ids, now)
-        keys = self.data_keys(k for (k,) in key_ids.values() if k)
-        return {subject: keys[k] if k else (None, None) for subject, (k,) in key_ids.items()}
+        key_ids = self._cached(self._key_ids, subject_ids, self.keystore.subject_key_ids)
+        keys = self.data_keys(k for k in key_ids.values() if k)
+        return {subject: keys[k] if k else (None, None) for subject, k in key_ids.items()}
 
 
 @dataclasses.dataclass(frozen=True)
