@@ -54,7 +54,7 @@ format: $(INSTALLED)  ## Apply ruff's fixes and formatting.
 demo: $(INSTALLED)  ## Every type end to end on fresh emulators (about 2 minutes); output in .demo/.
 	$(PY) -m event_delivery.demo
 
-emulators: $(INSTALLED)  ## Start the Pub/Sub and GCS emulators; writes $(STATE_DIR)/env.sh.
+emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; writes $(STATE_DIR)/env.sh.
 	$(PY) -m event_delivery.emulators up --state_dir $(STATE_DIR)
 
 emulators-down:  ## Stop the emulators.
@@ -79,7 +79,8 @@ audit: $(INSTALLED)  ## Count every message's outcome and check the output contr
 
 forget: $(INSTALLED)  ## Crypto-shred subjects: make forget SUBJECT=user-1 | FILE=ids.txt [KEY_ARGS=...].
 	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget SUBJECT=<id> | FILE=<ids, one per line>" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
+	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
+	@$(ENV) $(PY) -m event_delivery.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
 
 decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \

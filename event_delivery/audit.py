@@ -171,10 +171,13 @@ def main(argv=None) -> int:
     parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
     args = parser.parse_args(argv)
+    from event_delivery import preflight
     from event_delivery.cloud import use_emulator_credentials
 
-    use_emulator_credentials()
     root = args.storage_root.rstrip("/")
+    with preflight.exit_on_failure(parser):
+        preflight.check_root(root, create=False)
+    use_emulator_credentials()
     report = {}
     failed = False
     for name in args.event_type or sorted(registry):

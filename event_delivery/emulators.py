@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from event_delivery.cloud import PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
+from event_delivery.cloud import BIGTABLE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_SECONDS = 60
@@ -154,6 +154,11 @@ def start_all(
                 state_dir / "gcs.log",
             )
         )
+        if bigtable:
+            port = free_port()
+            started.append(
+                start("Bigtable", bigtable_command(port), BIGTABLE_EMULATOR_HOST, port, state_dir / "bigtable.log")
+            )
     except BaseException:
         for emulator in started:
             stop_process_group(emulator.process.pid)

@@ -9,16 +9,24 @@ the command line or, one per line, from a file; a file runs as a batch job::
     python -m event_delivery.forget --subjects_file requests.txt --keystore ... --kms_key ...
 
 It prints counts only: subject ids are personal data and stay out of logs.
+
+It never creates a key-encryption key or a keystore: a forget that points at the
+wrong place stops with exit code 2 instead of tombstoning subjects in a new, empty
+keystore. A keystore that holds no key at all is refused too, unless
+``--allow_empty_keystore`` says that is expected.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import apache_beam as beam
 
-from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery import cloud, preflight
+from event_delivery.kek import KeysNotFound
+from event_delivery.keystore import KeyConfig, Keystore, add_key_arguments, key_config_from_args
 
 
 class ForgetSubjectsFn(beam.DoFn):
@@ -26,7 +34,7 @@ class ForgetSubjectsFn(beam.DoFn):
         self.keys = keys
 
     def setup(self):
-        self.keystore = self.keys.open()
+        self.keystore = self.keys.open(create=False)
         self.deleted = beam.metrics.Metrics.counter("forget", "keys_deleted")
         self.tombstoned = beam.metrics.Metrics.counter("forget", "tombstones_without_key")
 
@@ -57,19 +65,48 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
     return counters.get("keys_deleted", 0), counters.get("tombstones_without_key", 0)
 
 
-def main(argv=None) -> int:
+def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
+    """The keystore the flags name, which must exist and, unless ``allow_empty``, hold keys."""
+    if keys.keystore.startswith("bigtable://"):
+        preflight.check_credentials(cloud.BIGTABLE_EMULATOR_HOST, "Bigtable")
+    if keys.kms_key:
+        preflight.check_credentials(None, "Cloud KMS")
+    try:
+        keystore = keys.open(create=False)
+        empty = not keystore.holds_keys()
+    except KeysNotFound as error:
+        raise preflight.PreflightError(f"{error}; check --keystore and --local_key_file (or --kms_key)") from None
+    if empty and not allow_empty:
+        raise preflight.PreflightError(
+            f"the keystore {keys.keystore} holds no keys, so nothing can be forgotten in it; check --keystore, "
+            "or pass --allow_empty_keystore to tombstone the subjects anyway"
+        )
+    return keystore
 
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m event_delivery.forget", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--subject", action="append", help="A subject id to forget (repeatable).")
     which.add_argument("--subjects_file", help="A file of subject ids, one per line (runs as a Beam batch job).")
+    parser.add_argument(
+        "--allow_empty_keystore",
+        action="store_true",
+        help="Tombstone the subjects even in a keystore that holds no keys yet (normally a wrong --keystore).",
+    )
     add_key_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
-    keys = key_config_from_args(args)
+    try:
+        keys = key_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.subjects_file and not os.path.isfile(args.subjects_file):
+        parser.error(f"there is no file {args.subjects_file}")
+    with preflight.exit_on_failure(parser):
+        keystore = open_existing_keystore(keys, args.allow_empty_keystore)
     if args.subjects_file:
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)
     else:
-        keystore = keys.open()
         outcomes = [keystore.forget(subject) for subject in args.subject]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
     print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")

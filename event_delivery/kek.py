@@ -19,6 +19,10 @@ NONCE_BYTES = 12
 KEY_BYTES = 32
 
 
+class KeysNotFound(FileNotFoundError):
+    """A key-encryption key or a keystore that a tool must not create is not there."""
+
+
 class KeyEncryptionKey:
     """Wraps and unwraps 256-bit data keys."""
 
@@ -36,7 +40,7 @@ class LocalKeyFile(KeyEncryptionKey):
         self.path = pathlib.Path(path)
         if not self.path.exists():
             if not create:
-                raise FileNotFoundError(f"no key-encryption key file at {self.path}")
+                raise KeysNotFound(f"there is no key-encryption key file at {self.path}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -89,10 +93,10 @@ class CloudKms(KeyEncryptionKey):
         return (CloudKms, (self.key_name,))
 
 
-def key_encryption_key(local_key_file: str | None, kms_key: str | None) -> KeyEncryptionKey:
-    """The KEK the options select: Cloud KMS if named, else the local key file."""
+def key_encryption_key(local_key_file: str | None, kms_key: str | None, create: bool = True) -> KeyEncryptionKey:
+    """The KEK the options select: Cloud KMS if named, else the local key file (made here only with ``create``)."""
     if kms_key:
         return CloudKms(kms_key)
     if local_key_file:
-        return LocalKeyFile(local_key_file)
+        return LocalKeyFile(local_key_file, create)
     raise ValueError("set --kms_key (production) or --local_key_file (local runs)")

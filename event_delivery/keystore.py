@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from event_delivery.kek import KEY_BYTES, KeyEncryptionKey, key_encryption_key
+from event_delivery.kek import KEY_BYTES, KeyEncryptionKey, KeysNotFound, key_encryption_key
 
 PSEUDONYM_KEY = "subject-pseudonyms"
 DEFAULT_KEYSTORE = "sqlite:///.keys/keystore.db"
@@ -84,6 +84,10 @@ class Keystore(abc.ABC):
     @abc.abstractmethod
     def _named_key_id(self, name: str, candidate: tuple[str, bytes]) -> str:
         """The key id stored under ``name``, storing ``candidate`` first if there is none."""
+
+    @abc.abstractmethod
+    def holds_keys(self) -> bool:
+        """Whether any data key is stored: a keystore that jobs have used holds some."""
 
     # The interface the pipeline and the tools use.
     def pseudonym(self, subject_id: str) -> str:
@@ -145,11 +149,13 @@ class SqliteKeystore(Keystore):
         CREATE TABLE IF NOT EXISTS named_keys (name TEXT PRIMARY KEY, key_id TEXT NOT NULL);
     """
 
-    def __init__(self, kek: KeyEncryptionKey, path: str):
+    def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = True):
         super().__init__(kek)
         self.path = path
         self._lock = threading.Lock()
         if path != ":memory:":
+            if not create and not os.path.exists(path):
+                raise KeysNotFound(f"there is no keystore at {path}")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
@@ -214,6 +220,10 @@ class SqliteKeystore(Keystore):
             db.execute("INSERT INTO named_keys VALUES (?, ?)", (name, key_id))
             return key_id
 
+    def holds_keys(self):
+        with self._lock:
+            return self._connection.execute("SELECT 1 FROM data_keys LIMIT 1").fetchone() is not None
+
     def __reduce__(self):
         return (SqliteKeystore, (self.kek, self.path))
 
@@ -223,10 +233,11 @@ class BigtableKeystore(Keystore):
 
     FAMILY = "k"
 
-    def __init__(self, kek: KeyEncryptionKey, project: str, instance: str, table: str):
+    def __init__(self, kek: KeyEncryptionKey, project: str, instance: str, table: str, create: bool = True):
         super().__init__(kek)
         self.project, self.instance_id, self.table_id = project, instance, table
         self._table = None
+        self._create = create
 
     @property
     def table(self):
@@ -237,6 +248,8 @@ class BigtableKeystore(Keystore):
             client = bigtable.Client(project=self.project, admin=True)
             table = client.instance(self.instance_id).table(self.table_id)
             if not table.exists():
+                if not self._create:
+                    raise KeysNotFound(f"there is no keystore table {self.table_id} in {self.instance_id}")
                 with contextlib.suppress(Exception):  # another worker may create it first
                     table.create(column_families={self.FAMILY: column_family.MaxVersionsGCRule(1)})
             self._table = table
@@ -324,21 +337,24 @@ class BigtableKeystore(Keystore):
         self._delete_rows([b"d#" + key_id.encode()])
         return self._read_rows([row_key])[row_key][b"key_id"].decode()
 
+    def holds_keys(self):
+        return any(self.table.read_rows(start_key=b"d#", end_key=b"d$", limit=1))
+
     def __reduce__(self):
-        return (BigtableKeystore, (self.kek, self.project, self.instance_id, self.table_id))
+        return (BigtableKeystore, (self.kek, self.project, self.instance_id, self.table_id, self._create))
 
 
-def open_keystore(url: str, kek: KeyEncryptionKey) -> Keystore:
+def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = True) -> Keystore:
     """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "sqlite":
         # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
-        return SqliteKeystore(kek, parsed.path[1:] or ":memory:")
+        return SqliteKeystore(kek, parsed.path[1:] or ":memory:", create)
     if parsed.scheme == "bigtable":
         parts = [parsed.netloc, *parsed.path.strip("/").split("/")]
         if len(parts) != 3 or not all(parts):
             raise ValueError("a Bigtable keystore is bigtable://<project>/<instance>/<table>")
-        return BigtableKeystore(kek, *parts)
+        return BigtableKeystore(kek, *parts, create)
     raise ValueError(f"unknown keystore {url!r}: use sqlite:///path or bigtable://project/instance/table")
 
 
@@ -416,8 +432,9 @@ class KeyConfig:
     kms_key: str | None = None
     cache_ttl_seconds: float = 300
 
-    def open(self) -> Keystore:
-        return open_keystore(self.keystore, key_encryption_key(self.local_key_file, self.kms_key))
+    def open(self, create: bool = True) -> Keystore:
+        """The keystore; without ``create``, ``KeysNotFound`` unless it and a local KEK already exist."""
+        return open_keystore(self.keystore, key_encryption_key(self.local_key_file, self.kms_key, create), create)
 
 
 def add_key_arguments(parser) -> None:

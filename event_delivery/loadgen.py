@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 
-from event_delivery import envelope
+from event_delivery import envelope, preflight
 from event_delivery.dead_letters import ErrorKind
 from event_delivery.producer import EventPublisher, attributes_for
 from event_delivery.registry import EventType, load_registry
@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     def progress(ledger):
         print(f"{event_type.name}: {ledger.published}/{args.count} published", file=sys.stderr, flush=True)
 
+    with preflight.exit_on_failure(parser):
+        preflight.check_topic(f"projects/{args.project}/topics/{event_type.topic}")
     ledger = publish_traffic(EventPublisher(args.project, event_type), messages, args.rate, progress)
     print(json.dumps({"published": ledger.published, "expected": ledger.expected}, sort_keys=True))
     return 0

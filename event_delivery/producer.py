@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 
-from event_delivery import cloud, envelope
+from event_delivery import cloud, envelope, preflight
 from event_delivery.registry import EventType, load_registry
 
 
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--event_type", required=True, choices=sorted(registry))
     args = parser.parse_args(argv)
+    with preflight.exit_on_failure(parser):
+        preflight.check_topic(f"projects/{args.project}/topics/{registry[args.event_type].topic}")
     publisher = EventPublisher(args.project, registry[args.event_type])
     for number, line in enumerate(sys.stdin, start=1):
         if not line.strip():

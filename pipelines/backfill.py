@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, beam_args, (start, end), settings = start_batch_job(parser, argv, _settings)
+    args, beam_args, (start, end), settings = start_batch_job(parser, argv, _settings, "raw_archive_root")
     source = args.raw_archive_root
     name = settings.event_type.name
     paths = partition_paths(source, name, start, end)

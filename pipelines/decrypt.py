@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
     add_hour_range_arguments(parser, "delivered data")
     add_key_arguments(parser)
-    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args)
+    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args, "input_root")
     event_type = get_event_type(args.event_type)
     paths = partition_paths(args.input_root, event_type.name, start, end)
     if not paths:

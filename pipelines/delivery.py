@@ -28,7 +28,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from event_delivery import partitions, preflight
-from event_delivery.cloud import use_emulator_credentials
+from event_delivery.cloud import lift_emulator_pull_limit, use_emulator_credentials
 from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
@@ -276,13 +276,12 @@ def start(argv: list[str]):
     standard = options.view_as(StandardOptions)
     standard.streaming = True
     if standard.runner == LOCAL_RUNNER:
-        try:
+        with preflight.exit_on_failure(parser):
             preflight.check_subscription(subscription)
             roots = (settings.output_root, settings.late_root, settings.dead_letter_root, settings.raw_archive_root)
             for root in set(roots) - {None}:
                 preflight.check_root(root, args.project)
-        except preflight.PreflightError as error:
-            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        lift_emulator_pull_limit()
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)
     result = pipeline.run()

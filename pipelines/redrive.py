@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--allowed_lateness_seconds", type=int, help="The delivery job's lateness. Default: tier's.")
     add_key_arguments(parser)
-    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args)
+    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args, "storage_root")
     event_type = get_event_type(args.event_type)
     root = args.storage_root.rstrip("/")
     paths = partition_paths(f"{root}/dead-letter", event_type.name, start, end)

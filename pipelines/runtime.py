@@ -8,7 +8,7 @@ import posixpath
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from event_delivery import files, partitions
+from event_delivery import files, partitions, preflight
 from event_delivery.audit import partition_bounds
 from event_delivery.cloud import use_emulator_credentials
 
@@ -37,10 +37,11 @@ def add_hour_range_arguments(parser, what: str) -> None:
     parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
 
 
-def start_batch_job(parser, argv: list[str], resolve):
+def start_batch_job(parser, argv: list[str], resolve, source: str):
     """Parses a batch job's flags: its hour range, and what ``resolve(args)`` makes of the rest.
 
-    A bad value exits with one line and code 2. Then logging starts and, against the
+    A bad value, or a ``source`` flag naming a root that is not there (or not
+    reachable), exits with one line and code 2. Then logging starts and, against the
     emulators, their credentials are in place. Returns ``(args, beam_args, (start, end), resolved)``.
     """
     args, beam_args = parser.parse_known_args(argv)
@@ -49,6 +50,8 @@ def start_batch_job(parser, argv: list[str], resolve):
         resolved = resolve(args)
     except (KeyError, ValueError) as error:
         parser.error(error.args[0] if isinstance(error, KeyError) else str(error))
+    with preflight.exit_on_failure(parser):
+        preflight.check_root(getattr(args, source), create=False)
     start_logging()
     use_emulator_credentials()
     return args, beam_args, hours, resolved

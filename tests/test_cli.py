@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from event_delivery import provision
+from event_delivery.kek import LocalKeyFile
+from event_delivery.keystore import open_keystore
 from event_delivery.registry import load_registry
 
 
@@ -121,3 +125,113 @@ def test_a_missing_subscription_or_bucket_says_how_to_create_it(emulators, bucke
     provision.provision("local-project", [load_registry()["play"]], None)
     line = _job("--storage_root", "gs://no-such-bucket-here")
     assert "bucket gs://no-such-bucket-here does not exist" in line
+
+
+def _without_cloud(tmp_path) -> dict:
+    """The environment of a fresh machine: no emulator configured and no Google credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    return {**env, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "HOME": str(tmp_path)}
+
+
+NO_CLOUD = "no {} emulator ({}_EMULATOR_HOST is not set) and no Google credentials: run `make emulators`"
+
+
+@pytest.mark.parametrize(
+    "module, args, service",
+    [
+        (
+            "pipelines.delivery",
+            ["--event_type", "play", "--project", "local-project", "--storage_root", "gs://b"],
+            "Pub/Sub",
+        ),
+        ("event_delivery.loadgen", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("event_delivery.producer", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("event_delivery.audit", ["--storage_root", "gs://b"], "Cloud Storage"),
+        (
+            "pipelines.decrypt",
+            ["--event_type", "search", "--input_root", "gs://b/delivered", "--output_root", "out"]
+            + ["--start", "2026-11-29T00", "--end", "2026-11-29T06"],
+            "Cloud Storage",
+        ),
+        (
+            "pipelines.redrive",
+            ["--event_type", "search", "--storage_root", "gs://b"]
+            + ["--start", "2026-11-29T00", "--end", "2026-11-29T06"],
+            "Cloud Storage",
+        ),
+    ],
+)
+def test_first_commands_without_emulators_or_credentials_say_what_is_missing(tmp_path, module, args, service):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=_without_cloud(tmp_path),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    env_prefix = "PUBSUB" if service == "Pub/Sub" else "STORAGE"
+    assert NO_CLOUD.format(service, env_prefix) in line
+    assert time.monotonic() - started < 20, "it answered within seconds"
+    assert list(tmp_path.iterdir()) == [], "it created nothing"
+
+
+def _forget(tmp_path, *extra):
+    keys = [f"--keystore=sqlite:///{tmp_path}/keys/keystore.db", f"--local_key_file={tmp_path}/keys/kek.key"]
+    return run("event_delivery.forget", "--subject", "user-1", *keys, *extra)
+
+
+def test_forget_creates_no_key_encryption_key_and_no_keystore(tmp_path):
+    result = _forget(tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"there is no key-encryption key file at {tmp_path}/keys/kek.key" in result.stderr
+    assert not (tmp_path / "keys").exists()
+
+    LocalKeyFile(tmp_path / "keys" / "kek.key")
+    result = _forget(tmp_path)
+    assert result.returncode == 2 and f"there is no keystore at {tmp_path}/keys/keystore.db" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"]
+
+
+def test_forget_refuses_a_keystore_without_keys_unless_told(tmp_path):
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
+    open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    result = _forget(tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds no keys" in result.stderr and "--allow_empty_keystore" in result.stderr
+
+    result = _forget(tmp_path, "--allow_empty_keystore")
+    assert result.returncode == 0, result.stderr
+    assert "0 key(s) deleted, 1 subject(s) had no key and are tombstoned" in result.stdout
+    assert open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek).is_forgotten("user-1")
+
+
+def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
+    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    keystore.subject_keys(["user-1", "user-2"])
+    result = _forget(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 key(s) deleted, 0 subject(s) had no key" in result.stdout
+    assert "user-1" not in result.stdout + result.stderr
+    assert keystore.is_forgotten("user-1") and not keystore.is_forgotten("user-2")
+
+
+@pytest.mark.emulators
+def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
+    up = run("event_delivery.emulators", "up", "--state_dir", str(tmp_path))
+    try:
+        assert up.returncode == 0, up.stderr
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in (tmp_path / "env.sh").read_text().splitlines()
+        )
+        for variable in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "BIGTABLE_EMULATOR_HOST"):
+            host, port = exports[variable].removeprefix("http://").split(":")
+            socket.create_connection((host, int(port)), timeout=5).close()
+    finally:
+        down = run("event_delivery.emulators", "down", "--state_dir", str(tmp_path))
+    assert down.returncode == 0 and not (tmp_path / "env.sh").exists()
