@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from event_delivery import files, provision
+from event_delivery import provision
 from event_delivery.audit import TypeAudit, audit_type, hours_settled
 from event_delivery.cloud import use_emulator_credentials
 from event_delivery.emulators import EmulatorError, running_emulators
@@ -48,9 +48,6 @@ class Scenario:
         default_factory=lambda: TrafficMix(duplicates=0.08, malformed=0.04, late=0.04, late_by_seconds=20)
     )
     close_timeout_seconds: float = 90
-    # After the last close, how long the output must stay unchanged before the jobs stop:
-    # late panes of the last seconds are still on their way (0: stop at the last close).
-    quiet_seconds: float = 0
 
     @property
     def storage_root(self) -> str:
@@ -123,43 +120,30 @@ def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict
             job.wait_ready()
         say(f"jobs running; publishing for {scenario.publish_seconds:.0f}s at {scenario.rate:.0f} msg/s per type")
         ledgers = _publish_all(scenario, say)
-        _wait_for_hours_to_close(scenario, jobs, say)
+        return _wait_until_accounted(scenario, jobs, ledgers, say)
     finally:
         stop_jobs(jobs)
-    return {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
 
 
-def _wait_for_hours_to_close(scenario: Scenario, jobs, say) -> None:
+def _wait_until_accounted(scenario: Scenario, jobs, ledgers: dict[str, Ledger], say) -> dict[str, Outcome]:
+    """Each type's outcome once its hours have closed and every message it published is
+    accounted for (late panes come after the last close), or at the deadline as it is."""
     # The last hour closes one window plus the lateness after the last publish.
-    earliest_close = time.monotonic() + scenario.window_seconds + scenario.allowed_lateness_seconds
-    deadline = earliest_close + scenario.close_timeout_seconds
-    say("published; waiting for the last hours to close")
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + scenario.window_seconds + scenario.allowed_lateness_seconds
+    deadline += scenario.close_timeout_seconds
+    say("published; waiting until every message is accounted for and every hour closed")
+    while True:
         time.sleep(2)
         for job in jobs:
             if job.process.poll() is not None:
                 raise JobError(f"the {job.event_type} job died:\n{job.log_tail()}")
-        if time.monotonic() >= earliest_close + scenario.trigger_seconds and _all_hours_closed(scenario):
-            _wait_until_quiet(scenario, deadline, say)
-            return
-    say("warning: some hours did not close in time; the table shows them open")
-
-
-def _output_files(scenario: Scenario) -> int:
-    root = scenario.storage_root
-    return sum(len(files.glob(f"{root}/{kind}/*/*/*/*")) for kind in ("delivered", "late", "dead-letter"))
-
-
-def _wait_until_quiet(scenario: Scenario, deadline: float, say) -> None:
-    if not scenario.quiet_seconds:
-        return
-    say(f"hours closed; waiting until no file has appeared for {scenario.quiet_seconds:.0f}s")
-    count, since = _output_files(scenario), time.monotonic()
-    while time.monotonic() - since < scenario.quiet_seconds and time.monotonic() < deadline:
-        time.sleep(2)
-        now_count = _output_files(scenario)
-        if now_count != count:
-            count, since = now_count, time.monotonic()
+        if _all_hours_closed(scenario) or time.monotonic() > deadline:
+            outcomes = {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
+            if all(o.balanced and o.audit.settled for o in outcomes.values()):
+                return outcomes
+            if time.monotonic() > deadline:
+                say("warning: not everything was accounted for in time; the table shows where")
+                return outcomes
 
 
 def format_table(outcomes: dict[str, Outcome]) -> str:

@@ -50,12 +50,13 @@ class Message:
 
 @dataclasses.dataclass
 class Ledger:
-    """What was published, by expected outcome."""
+    """What was published, by expected outcome, with the event ids of each outcome."""
 
     published: int = 0
     expected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dead_letter_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     received_at_millis: list = dataclasses.field(default_factory=list)
+    ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
 
     def record(self, message: Message) -> None:
         self.published += 1
@@ -63,6 +64,13 @@ class Ledger:
         self.received_at_millis.append(message.received_at_millis)
         if message.kind is not None:
             self.dead_letter_kinds[message.kind.value] += 1
+        if envelope.EVENT_ID in message.attributes:
+            self.ids[message.expected].append(message.attributes[envelope.EVENT_ID])
+
+    @property
+    def unique_ids(self) -> list[str]:
+        """The ids that must come out exactly once, delivered or late."""
+        return self.ids[DELIVERED] + self.ids[LATE]
 
 
 def _branch_types(field_type):

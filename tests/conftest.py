@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
+from hypothesis import settings
 
 from event_delivery import cloud, envelope
 from event_delivery.emulators import running_emulators
@@ -15,6 +16,12 @@ from event_delivery.loadgen import fake_fields
 from event_delivery.registry import load_registry
 
 PROJECT = "local-project"
+
+# Hypothesis fails any example slower than 200 ms by default. On a loaded 2-core CI runner a
+# slow example is no bug, so no generated test has a deadline (set before any test module
+# builds its own settings, which inherit this profile).
+settings.register_profile("no_deadline", deadline=None)
+settings.load_profile("no_deadline")
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,18 @@
-"""Deduplication across panes of an hour, bounded state, and late panes after the close."""
+"""Deduplication across panes of an hour, bounded state, and late panes after the close.
+
+Bounded state means: while an hour is open its state holds each distinct id once, and
+once the hour closes nothing of its ids is left, whatever arrives afterwards.
+"""
 
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import FixedWindows
+from apache_beam.transforms.window import FixedWindows, IntervalWindow
 
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.streams import Clock, streaming_pipeline
-from transforms.dedup import Deduplicate
+from transforms.dedup import LATE, Deduplicate, DeduplicateFn
 from transforms.hours import BucketByHour
 
 WINDOW, LATENESS, TRIGGER = 60, 30, 5
@@ -53,7 +57,7 @@ def test_the_same_id_in_another_hour_is_not_a_duplicate():
     run(clock, unique=["e1", "e1"], late=[], duplicates=[])
 
 
-def test_after_the_close_state_is_gone_and_panes_are_late():
+def test_after_the_close_repeats_and_stragglers_are_late():
     start = 600
     clock = Clock(start)
     clock.arrive(event("e1", start + 1), event("e2", start + 2))
@@ -74,3 +78,77 @@ def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest():
         per_hour = result.duplicates | beam.Map(lambda report: report[1]) | beam.CombineGlobally(sum).without_defaults()
         assert_that(per_hour, equal_to([len(ids) - len(set(ids))]), label="duplicates")  # none in the second hour
         assert_that(result.late, equal_to([]), label="late")
+
+
+class BagState:
+    """An in-memory stand-in for Beam's bag state, so a test can see what a step keeps."""
+
+    def __init__(self):
+        self.values = []
+
+    def add(self, value):
+        self.values.append(value)
+
+    def read(self):
+        return list(self.values)
+
+    def clear(self):
+        self.values = []
+
+
+class ValueState:
+    """An in-memory stand-in for Beam's read-modify-write state; None when cleared."""
+
+    def __init__(self):
+        self.value = None
+
+    def write(self, value):
+        self.value = value
+
+    def read(self):
+        return self.value
+
+    def clear(self):
+        self.value = None
+
+
+class WatermarkTimer:
+    def set(self, timestamp):
+        self.at = timestamp
+
+
+class OneHourShard:
+    """Drives ``DeduplicateFn`` for one (hour, shard) by hand, with state it can inspect."""
+
+    def __init__(self):
+        self.fn = DeduplicateFn()
+        self.fn.setup()
+        self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+        self.seen, self.started, self.closed, self.timer = BagState(), ValueState(), ValueState(), WatermarkTimer()
+
+    def pane(self, *event_ids) -> list:
+        events = [event(i, 600) for i in event_ids]
+        state = {"seen": self.seen, "started": self.started, "closed": self.closed}
+        return list(self.fn.process((0, events), self.window, close=self.timer, **state))
+
+    def close(self):
+        self.fn.close_hour(seen=self.seen, started=self.started, closed=self.closed)
+
+    def held(self) -> dict:
+        """Everything the (hour, shard) keeps in state, bar the ``closed`` flag that routes late panes."""
+        return {"seen": self.seen.read(), "started": self.started.read()}
+
+
+def test_an_open_hour_holds_each_distinct_id_once_and_a_closed_hour_holds_none():
+    shard = OneHourShard()
+    shard.pane("e1", "e2", "e1")
+    shard.pane("e2", "e3", "e3", "e1")
+    assert sorted(shard.seen.read()) == ["e1", "e2", "e3"], "repeats add nothing to the state"
+    assert shard.timer.at == shard.window.end, "the state is dropped when the watermark closes the hour"
+
+    shard.close()
+    assert shard.held() == {"seen": [], "started": None}
+
+    outputs = shard.pane("e1", "e4")
+    assert [(o.tag, [e[0] for e in o.value[1]]) for o in outputs] == [(LATE, ["e1", "e4"])]
+    assert shard.held() == {"seen": [], "started": None}, "a late pane adds nothing to a closed hour's state"

@@ -17,12 +17,13 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery import files, partitions
 from event_delivery.audit import audit_type
-from event_delivery.dead_letters import ErrorKind
+from event_delivery.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.loadgen import malformed
 from event_delivery.registry import load_registry
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms.hours import shard_of
 
 
 @pytest.fixture
@@ -46,6 +47,17 @@ def audit(settings):
 
 def hour_folder(settings, start_seconds) -> pathlib.Path:
     return pathlib.Path(partitions.partition_dir(settings.output_root, settings.event_type.name, start_seconds, WINDOW))
+
+
+def hour_closes_at(received_at_seconds) -> int:
+    """When the watermark closes the hour of an event stamped ``received_at_seconds``."""
+    return received_at_seconds - received_at_seconds % WINDOW + WINDOW + LATENESS
+
+
+def late_ids(settings) -> list[str]:
+    """The ids in every late file of the type, one entry per record."""
+    paths = files.glob(f"{settings.late_root}/{settings.event_type.name}/*/*/*.avro")
+    return [record["event_id"] for path in paths for record in files.read_avro(path)]
 
 
 def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
@@ -94,8 +106,7 @@ def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, r
     listed = sorted(pathlib.Path(f["path"]).name for f in manifest["files"])
     present = sorted(p.name for p in hour_folder(s, START).iterdir() if p.name != "_SUCCESS")
     assert listed == present, "nothing was added to the folder after its marker"
-    late_records = [r for p in files.glob(f"{s.late_root}/service_log/*/*/*") for r in files.read_avro(p)]
-    assert sorted(r["event_id"] for r in late_records) == ["e1", "late-1"]
+    assert sorted(late_ids(s)) == ["e1", "late-1"]
 
 
 def test_an_hour_closed_by_an_earlier_run_stays_closed(settings, registry):
@@ -118,22 +129,28 @@ def test_an_hour_closed_by_an_earlier_run_stays_closed(settings, registry):
     assert marker.read_bytes() == before
     result = audit(second)
     hour = result.hours[partitions.partition(START, WINDOW)]
-    assert (hour.delivered, hour.late) == (1, 1)
+    assert (hour.delivered_ids, late_ids(second)) == (["e1"], ["e2"])
     assert not result.problems
 
 
 def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, registry):
     log = registry["service_log"]
     resumed = settings(run_id="run2")
-    # A run that stopped before the hour closed left one staged pane behind.
+    # A run that stopped before the hour closed left a staged pane and a dead letter behind.
+    staged = {"event_id": "e1", "received_at": (START + 1) * 1000, **valid_fields(log, 1)}
     staging = partitions.partition_dir(resumed.staging_root, "service_log", START, WINDOW)
-    leftover = {"event_id": "e1", "received_at": (START + 1) * 1000, **valid_fields(log, 1)}
-    files.write_avro(
-        f"{staging}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}", log.parsed_delivered_schema, [leftover]
-    )
+    leftover = partitions.pane_file_name("service_log", "run1", 0, shard_of("e1", resumed.num_shards))
+    files.write_avro(f"{staging}/{leftover}", log.parsed_delivered_schema, [staged])
+    rejected = dead_letter("service_log", ErrorKind.NOT_JSON, "not JSON", "bad", (START + 2) * 1000, {}, b"sealed")
+    dead_letters = partitions.partition_dir(resumed.dead_letter_root, "service_log", START, WINDOW)
+    leftover = partitions.pane_file_name("service_log", "run1", 0, shard_of("bad", resumed.num_shards))
+    files.write_avro(f"{dead_letters}/{leftover}", parsed_dead_letter_schema(), [rejected])
 
     clock = Clock(START + 10)
-    clock.arrive(message(valid_fields(log, 2), "e2", (START + 12) * 1000))
+    clock.arrive(
+        message(valid_fields(log, 1), "e1", (START + 1) * 1000),  # a producer retry of what the stopped run staged
+        message(valid_fields(log, 2), "e2", (START + 12) * 1000),
+    )
     clock.advance(WINDOW + LATENESS + TRIGGER)
     run(resumed, clock)
 
@@ -141,16 +158,23 @@ def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, reg
     hour = result.hours[partitions.partition(START, WINDOW)]
     assert sorted(hour.delivered_ids) == ["e1", "e2"] and hour.closed
     assert not result.problems
+    manifest = json.loads((hour_folder(resumed, START) / "_SUCCESS").read_text())
+    listed_ids = [r["event_id"] for f in manifest["files"] for r in files.read_avro(f["path"])]
+    assert sorted(listed_ids) == ["e1", "e2"]
+    assert manifest["accounting"] == {"in": 4, "delivered": 2, "duplicates": 1, "dead_lettered": 1, "forgotten": 0}
 
 
 @pytest.mark.parametrize("type_name", sorted(load_registry()))
 def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_name):
-    """in = delivered + duplicates + late + dead-lettered, per hour, over a mixed stream."""
+    """in = delivered + duplicates + late + dead-lettered, per hour, over a mixed stream; and
+    by id: every event is written exactly once, and only producer retries count as duplicates."""
     s = settings(type_name)
     event_type = registry[type_name]
     rng = random.Random(7)
     clock = Clock(START)
     sent = collections.Counter()  # partition -> messages sent for it
+    retries = collections.Counter()  # partition -> producer retries sent for it
+    written_once = []  # the id of every valid event, each of which must be delivered or late exactly once
     fresh = []
     for _ in range(12):
         batch = []
@@ -162,13 +186,19 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_n
                 batch.append(PubsubMessage(data, attributes))
                 sent[partitions.partition(clock.now - clock.now % WINDOW, WINDOW)] += 1
                 continue
-            if draw < 0.3 and fresh:
-                event_id, at = rng.choice(fresh)  # a producer retry: same id, same stamp
-            elif draw < 0.4 and clock.now - START > WINDOW + LATENESS:
+            # Retries only while their hour stays open through this step: a retry after the close
+            # is written again, to the late root (README, "Deduplication and its state").
+            retryable = [(i, at) for i, at in fresh if clock.now + TRIGGER * 3 < hour_closes_at(at)]
+            if draw < 0.3 and retryable:
+                event_id, at = rng.choice(retryable)  # a producer retry: same id, same stamp
+                retries[partitions.partition(at - at % WINDOW, WINDOW)] += 1
+            elif draw < 0.5 and clock.now - START > WINDOW + LATENESS:
                 event_id, at = f"late-{rng.getrandbits(32)}", START + rng.randrange(WINDOW)
+                written_once.append(event_id)
             else:
                 event_id, at = f"e-{rng.getrandbits(32)}", clock.now
                 fresh.append((event_id, at))
+                written_once.append(event_id)
             batch.append(message(valid_fields(event_type, rng.randrange(1000)), event_id, at * 1000))
             sent[partitions.partition(at - at % WINDOW, WINDOW)] += 1
         clock.arrive(*batch)
@@ -183,3 +213,10 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_n
     for hour in result.hours.values():
         assert len(set(hour.delivered_ids)) == len(hour.delivered_ids)
         assert hour.closed or not hour.delivered
+    # Totals alone would not see an event dropped and counted as a duplicate.
+    delivered = [event_id for hour in result.hours.values() for event_id in hour.delivered_ids]
+    written = collections.Counter(delivered + late_ids(s))
+    assert [i for i, n in written.items() if n > 1] == [], "written more than once"
+    assert sorted(set(written_once) - set(written)) == [], "neither delivered nor late"
+    assert sorted(set(written) - set(written_once)) == [], "written but never sent as a valid event"
+    assert {p: h.duplicates for p, h in result.hours.items() if h.duplicates} == dict(retries)

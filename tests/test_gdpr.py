@@ -12,6 +12,7 @@ import json
 import logging
 import pathlib
 import sqlite3
+import struct
 
 import apache_beam as beam
 import pytest
@@ -93,6 +94,25 @@ def test_deliver_then_decrypt_gives_back_the_original(tmp_path, keys, type_name)
         assert {name: clear[event_id][name] for name in fields} == fields
 
 
+def test_each_event_of_a_shared_pane_is_sealed_under_its_own_subjects_key(tmp_path, keys):
+    """A pane mixes subjects. A pane sealed under one subject's key would still decrypt,
+    since decryption follows the record's key id, but forgetting that one subject would
+    then shred the others' events and leave the forgotten subject's own readable."""
+    search = load_registry()["search"]
+    subjects = ["alice", "bob", "carol"]
+    originals = {f"e{i}": {**valid_fields(search, i), "user_id": subjects[i % 3]} for i in range(9)}
+    one_shard = dataclasses.replace(settings_for(tmp_path, search, keys), num_shards=1)
+    deliver_events(one_shard, list(originals.items()))
+
+    [path] = files.glob(f"{tmp_path}/out/delivered/search/*/*/*.avro")  # one shard, one pane: one file
+    records = files.read_avro(path)
+    assert sorted(r["event_id"] for r in records) == sorted(originals)
+    key_ids = keys.open().subject_key_ids(subjects, create=False)
+    assert len(set(key_ids.values()) - {None}) == len(subjects), "each subject has a key of its own"
+    sealed_under = {r["event_id"]: r["key_id"] for r in records}
+    assert sealed_under == {event_id: key_ids[fields["user_id"]] for event_id, fields in originals.items()}
+
+
 def test_forget_shreds_past_and_future_events_of_one_subject(tmp_path, keys):
     search = load_registry()["search"]
     alice = {f"a{i}": {**valid_fields(search, i), "user_id": "alice"} for i in range(3)}
@@ -128,6 +148,18 @@ def test_forget_shreds_past_and_future_events_of_one_subject(tmp_path, keys):
     assert manifest["accounting"]["forgotten"] == 4
 
 
+def _avro_types(event_type, field: str) -> set[str]:
+    """The Avro type names a field may hold, e.g. ``{"null", "double"}`` for an optional double."""
+    [declared] = [f["type"] for f in event_type.schema["fields"] if f["name"] == field]
+    branches = declared if isinstance(declared, list) else [declared]
+    return {b if isinstance(b, str) else b["type"] for b in branches}
+
+
+def _number_leak_forms(value: float) -> list[bytes]:
+    """A double as text (as JSON and logs write it) and as bytes (Avro writes it little-endian)."""
+    return _leak_forms(repr(value)) + [struct.pack("<d", value), struct.pack(">d", value)]
+
+
 def _leak_forms(marker: str) -> list[bytes]:
     raw = marker.encode()
     forms = [raw, marker.encode("utf-16-le")]
@@ -159,26 +191,29 @@ def _readable_bytes(path: pathlib.Path) -> bytes:
 
 def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
     caplog.set_level(logging.DEBUG)
-    markers = []
+    markers = {}  # what was planted -> the byte forms it would take if it leaked
     for type_name in PERSONAL_TYPES:
         event_type = load_registry()[type_name]
         events = []
         for i in range(8):
             fields = valid_fields(event_type, i)
-            for field in event_type.personal_fields:
-                if (
-                    isinstance(fields[field], str)
-                    or fields[field] is None
-                    and "string" in json.dumps([f["type"] for f in event_type.schema["fields"] if f["name"] == field])
-                ):
+            for n, field in enumerate(event_type.personal_fields):
+                types = _avro_types(event_type, field)
+                if "string" in types:
                     fields[field] = f"LEAKMARK{type_name}{field}{i}Z"
-                    markers.append(fields[field])
+                    markers[fields[field]] = _leak_forms(fields[field])
+                elif "double" in types:
+                    # More digits than a generated value has, within every latitude and longitude.
+                    fields[field] = float(f"{i + 1}.{n}135792468{i}")
+                    markers[f"{type_name}.{field}={fields[field]!r}"] = _number_leak_forms(fields[field])
+                else:
+                    pytest.fail(f"no leak marker for {type_name}.{field} of type {sorted(types)}")
             events.append((f"e{i}", fields))
         # Dead letters hold raw payloads: personal values inside broken messages.
         secret = f"LEAKMARK{type_name}deadletter"
-        markers.append(secret)
+        markers[secret] = _leak_forms(secret)
         events.append(raw_message(f'{{"user_id": "{secret}", '.encode(), "dl-1"))
-        events.append(raw_message(json.dumps({**valid_fields(event_type, 0), secret: secret}).encode(), "dl-2"))
+        events.append(raw_message(json.dumps({**events[0][1], secret: secret}).encode(), "dl-2"))
         deliver_events(settings_for(tmp_path, event_type, keys), events[:6] + events[8:], late_events=events[6:8])
 
     outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
@@ -189,9 +224,9 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
     blobs["captured logs"] = caplog.text.encode()
     leaks = [
         (marker, where)
-        for marker in markers
+        for marker, forms in markers.items()
         for where, blob in blobs.items()
-        if any(form in blob for form in _leak_forms(marker))
+        if any(form in blob for form in forms)
     ]
     assert not leaks
 

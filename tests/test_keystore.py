@@ -93,15 +93,19 @@ def test_concurrent_workers_meeting_new_subjects_agree_on_one_key(keystore_url, 
     subjects = [f"subject-{i}" for i in range(150)]
     open_keystore(keystore_url, kek).named_key("warm-up")  # table and pseudonym secret exist before the race
     context = multiprocessing.get_context("spawn")
-    queue, start_line = context.Queue(), context.Barrier(4)
+    # A worker that never reaches the start line breaks it for the others instead of holding them forever.
+    queue, start_line = context.Queue(), context.Barrier(4, timeout=120)
     workers = [
         context.Process(target=_race, args=(keystore_url, str(kek.path), subjects, start_line, queue)) for _ in range(4)
     ]
     for worker in workers:
         worker.start()
-    seen = [queue.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(60)
+    try:
+        seen = [queue.get(timeout=120) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(10)
+            worker.kill()  # a stuck worker would otherwise keep pytest waiting for it at exit
     assert all(view == seen[0] for view in seen)
     keystore = open_keystore(keystore_url, kek)
     key_ids = list(seen[0].values())
