@@ -59,7 +59,10 @@ def start_batch_job(parser, argv: list[str], resolve, source: str):
 
 def utc_hour(text: str) -> datetime.datetime:
     """``YYYY-MM-DDTHH`` or any ISO 8601 time; UTC unless it says otherwise."""
-    moment = datetime.datetime.fromisoformat(text if len(text) > 13 else f"{text}:00")
+    try:
+        moment = datetime.datetime.fromisoformat(text if len(text) > 13 else f"{text}:00")
+    except ValueError:
+        raise ValueError(f"{text!r} is not an hour: use YYYY-MM-DDTHH (UTC) or ISO 8601") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 

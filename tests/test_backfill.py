@@ -87,6 +87,11 @@ def test_backfill_redelivers_every_archived_message_and_a_rerun_changes_nothing(
 
     assert backfill.main(backfill_flags(tmp_path, keys, event_type)) == 0
     once = audit(f"{tmp_path}/backfill", type_name)
+    # Against what the live run was sent, not only against the live run (the same code):
+    # 25 messages, of which 18 unique ids, 4 repeats (one after its hour closed), 3 bad.
+    unique = [f"a{i}" for i in range(12)] + [f"b{i}" for i in range(5)] + ["late-1"]
+    assert sorted(i for hour in once.hours.values() for i in hour.delivered_ids) == sorted(unique)
+    assert (once.total("duplicates"), once.total("dead_lettered"), once.total("late")) == (4, 3, 0)
     for partition, hour in streamed.hours.items():
         again = once.hours[partition]
         assert again.closed and again.late == 0

@@ -65,23 +65,39 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
 
 
 @pytest.mark.parametrize(
-    "module, args",
+    "module, args, complaint",
     [
-        ("event_delivery.loadgen", ["--project", "p", "--event_type", "play", "--duplicates", "1.5"]),
-        ("event_delivery.provision", ["--event_type", "play"]),
-        ("event_delivery.deploy", ["--project", "p", "--region", "r", "--bucket", "b"]),
-        ("event_delivery.audit", []),
-        ("pipelines.backfill", ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"]),
+        (
+            "event_delivery.loadgen",
+            ["--project", "p", "--event_type", "play", "--duplicates", "1.5"],
+            "--duplicates must be a fraction between 0 and 1",
+        ),
+        ("event_delivery.provision", ["--event_type", "play"], "the following arguments are required: --project"),
+        (
+            "event_delivery.deploy",
+            ["--project", "p", "--region", "r", "--bucket", "b"],
+            "one of the arguments --event_type --tier is required",
+        ),
+        ("event_delivery.audit", [], "the following arguments are required: --storage_root"),
+        (
+            "pipelines.backfill",
+            ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"],
+            "the following arguments are required: --raw_archive_root",
+        ),
         (
             "pipelines.backfill",
             ["--event_type", "play", "--raw_archive_root", "/tmp/r", "--storage_root", "/tmp/b"]
             + ["--start", "yesterday", "--end", "2026-11-29T01"],
+            "'yesterday' is not an hour: use YYYY-MM-DDTHH (UTC)",
         ),
+        ("event_delivery.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must not be negative"),
     ],
 )
-def test_tools_reject_bad_flags_with_exit_code_2(module, args):
+def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):
     result = run(module, *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error.startswith(f"python -m {module}: error: ") and complaint in error
 
 
 def test_drain_names_the_jobs_of_a_tier():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import datetime
 import io
+import re
 
 import apache_beam as beam
 import avro.datafile
@@ -76,6 +77,24 @@ def test_every_unique_id_comes_out_delivered_or_late_and_only_repeats_twice(outc
         repeats_written = sum((both - unique).values())
         repeats_counted = outcome.audit.total("duplicates")
         assert repeats_written + repeats_counted == outcome.ledger.expected["duplicate"], name
+
+
+def test_no_subject_id_is_in_clear_in_any_output_file_or_job_log(outcomes):
+    """Generated subjects are ``user-NNNNNN`` and the subject field is personal: none may be readable
+    in the records (read decompressed) or in the manifests on GCS, nor in any job's log."""
+    scenario, by_type = outcomes
+    subject = re.compile(rb"user-\d{6}")
+    for name in by_type:
+        for root in ("delivered", "late", "dead-letter"):
+            for path in files.glob(f"{scenario.storage_root}/{root}/{name}/dt=*/hr=*/*"):
+                readable = [repr(r).encode() for r in files.read_avro(path)] if path.endswith(".avro") else []
+                with FileSystems.open(path) as handle:
+                    readable.append(handle.read())
+                assert not any(subject.search(text) for text in readable), path
+    logs = sorted((scenario.state_dir / "logs").glob("*.log"))
+    assert len(logs) == len(by_type)
+    for log in logs:
+        assert not subject.search(log.read_bytes()), log
 
 
 def test_in_equals_outcomes_for_every_type_and_hour(outcomes):

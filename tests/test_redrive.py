@@ -58,12 +58,14 @@ def test_fixed_dead_letters_of_a_closed_hour_are_delivered_late(tmp_path):
 
 def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
     search, settings, flags = setup(tmp_path)
+    # The next window: open for at least WINDOW + LATENESS seconds from now, however long
+    # the redrive takes, since the redrive routes an hour by its marker or its close time.
     now = int(time.time())
-    hour = now - now % WINDOW
+    hour = now - now % WINDOW + WINDOW
     keystore = settings.keys.open()
     key = keystore.named_key(quarantine_key_name("search"))
     payload = json.dumps(valid_fields(search, 1)).encode()
-    record = dead_letter("search", ErrorKind.BAD_TIMESTAMP, "test", "e1", now * 1000, {"event_id": "e1"}, payload)
+    record = dead_letter("search", ErrorKind.BAD_TIMESTAMP, "test", "e1", hour * 1000, {"event_id": "e1"}, payload)
     record.update(
         payload=encrypt_bytes(key.aead, payload, "search", "payload", key.key_id), quarantine_key_id=key.key_id
     )

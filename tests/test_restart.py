@@ -54,6 +54,10 @@ def wait_for(condition, timeout_seconds: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def records(root: str) -> int:
+    return sum(files.count_avro_records(p) for p in files.glob(f"{root}/{TYPE}/dt=*/hr=*/*.avro"))
+
+
 def test_a_restarted_job_delivers_each_id_once(emulators, registry, bucket, tmp_path):
     event_type = registry[TYPE]
     root = f"gs://{bucket}"
@@ -80,7 +84,14 @@ def test_a_restarted_job_delivers_each_id_once(emulators, registry, bucket, tmp_
         now = time.time()  # a bucket with at least 80 s to go, so both runs see it open
         hour = int(now - now % WINDOW) + (WINDOW if now % WINDOW > 10 else 0)
         published = publish([*range(30), 0, 1, 2], malformed=2)
-        wait_for(lambda: audit(root).total("staged") == 30, 90, "the first run to stage its panes")
+        # Stop only once every branch has written what the second run relies on: the staged
+        # panes, the dead letters and the raw archive each come from their own grouping step.
+        wait_for(
+            lambda: (audit(root).total("staged"), records(f"{root}/dead-letter"), records(f"{root}/raw"))
+            == (30, 2, published),
+            90,
+            "the first run to stage its panes, dead letters and raw archive",
+        )
     finally:
         stop_jobs([first])
     # Redeliveries of ids the first run staged, new ids, and one more dead letter.
