@@ -87,8 +87,10 @@ def test_a_restarted_job_delivers_each_id_once(emulators, registry, bucket, tmp_
         # Stop only once every branch has written what the second run relies on: the staged
         # panes, the dead letters and the raw archive each come from their own grouping step.
         wait_for(
-            lambda: (audit(root).total("staged"), records(f"{root}/dead-letter"), records(f"{root}/raw"))
-            == (30, 2, published),
+            lambda: (
+                (audit(root).total("staged"), records(f"{root}/dead-letter"), records(f"{root}/raw"))
+                == (30, 2, published)
+            ),
             90,
             "the first run to stage its panes, dead letters and raw archive",
         )
