@@ -43,25 +43,26 @@ bench: $(INSTALLED)  ## Cost per event vs the floor, scaling, memory, latency (a
 test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
 	$(PY) -m pytest -m "not emulators"
 
-lint: $(INSTALLED)  ## ruff check and format check.
+lint: $(INSTALLED)  ## ruff check, format check, and the import contracts (imports only go down).
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(INSTALLED)  ## Apply ruff's fixes and formatting.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 demo: $(INSTALLED)  ## Every type end to end on fresh emulators (about 2 minutes); output in .demo/.
-	$(PY) -m event_delivery.demo
+	$(PY) -m event_delivery.local.demo
 
 emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; writes $(STATE_DIR)/env.sh.
-	$(PY) -m event_delivery.emulators up --state_dir $(STATE_DIR)
+	$(PY) -m event_delivery.local.emulators up --state_dir $(STATE_DIR)
 
 emulators-down:  ## Stop the emulators.
-	$(PY) -m event_delivery.emulators down --state_dir $(STATE_DIR)
+	$(PY) -m event_delivery.local.emulators down --state_dir $(STATE_DIR)
 
 provision: $(INSTALLED)  ## Create every type's topic and subscription, and the bucket.
-	$(ENV) $(PY) -m event_delivery.provision --project $(PROJECT) --bucket $(BUCKET)
+	$(ENV) $(PY) -m event_delivery.ops.provision --project $(PROJECT) --bucket $(BUCKET)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
@@ -71,16 +72,16 @@ run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1]
 
 load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
 	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.loadgen --project $(PROJECT) --event_type $(TYPE) $(ARGS)
+	$(ENV) $(PY) -m event_delivery.local.loadgen --project $(PROJECT) --event_type $(TYPE) $(ARGS)
 
 audit: $(INSTALLED)  ## Count every message's outcome and check the output contract.
-	$(ENV) $(PY) -m event_delivery.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+	$(ENV) $(PY) -m event_delivery.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
 
 forget: $(INSTALLED)  ## Crypto-shred subjects: make forget SUBJECT=user-1 | FILE=ids.txt [KEY_ARGS=...].
 	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget SUBJECT=<id> | FILE=<ids, one per line>" >&2; exit 2; }
 	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
-	@$(ENV) $(PY) -m event_delivery.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
+	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
 
 decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \
@@ -103,15 +104,15 @@ backfill: $(INSTALLED)  ## Re-deliver hours from the raw archive: make backfill 
 
 deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,)
 
 update: $(INSTALLED)  ## Replace running Dataflow jobs in place: make update TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier>" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update
 
 drain: $(INSTALLED)  ## Drain Dataflow jobs (open hours close, then they stop): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
-	$(PY) -m event_delivery.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)

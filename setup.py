@@ -11,7 +11,7 @@ setuptools.setup(
     version="0.1.0",
     description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
     python_requires=">=3.10",
-    packages=["avro_schemas", "event_delivery", "pipelines", "transforms"],
+    packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "transforms"]),
     package_data={"avro_schemas": ["*.avsc"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
@@ -28,6 +28,7 @@ setuptools.setup(
             "avro==1.12.2",
             "hypothesis==6.170.15",
             "ruff==0.17.6",
+            "import-linter==2.17",  # make lint: imports only go down
             "gcp-storage-emulator==2026.7.19",
             "matplotlib==3.10.9",  # make bench's chart
         ],

@@ -17,10 +17,10 @@ import fastavro
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastavro.validation import validate
 
-from event_delivery.dead_letters import parsed_dead_letter_schema, quarantine_key_name
-from event_delivery.envelope import parse_received_at
-from event_delivery.fields import decrypt_bytes, encrypt_bytes, encrypt_value
-from event_delivery.registry import load_registry
+from event_delivery.contract.dead_letters import parsed_dead_letter_schema, quarantine_key_name
+from event_delivery.contract.envelope import parse_received_at
+from event_delivery.contract.registry import load_registry
+from event_delivery.keys.fields import decrypt_bytes, encrypt_bytes, encrypt_value
 from transforms.archive import RAW
 
 _MISSING = object()

@@ -14,13 +14,14 @@ import random
 import statistics
 import time
 
-from event_delivery import files, provision
-from event_delivery.cloud import use_emulator_credentials
-from event_delivery.emulators import running_emulators
-from event_delivery.loadgen import fake_fields
-from event_delivery.local_jobs import start_job, stop_jobs
-from event_delivery.producer import EventPublisher
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract.registry import load_registry
+from event_delivery.contract.samples import fake_fields
+from event_delivery.local.emulators import running_emulators
+from event_delivery.local.jobs import start_job, stop_jobs
+from event_delivery.ops import provision
+from event_delivery.ops.producer import EventPublisher
 
 PROJECT, BUCKET, TYPE = "local-project", "event-delivery-bench", "play"
 WINDOW, LATENESS, TRIGGER = 10, 2, 1

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks import floor, workload
-from event_delivery.registry import load_registry
+from event_delivery.contract.registry import load_registry
 from pipelines.backfill import Backfill
 from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_BATCH_RUNNER

@@ -25,7 +25,8 @@ import sys
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from event_delivery import files, partitions
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
 from pipelines.delivery import DeliverySettings, add_delivery_arguments, deliver, settings_from_args
 from pipelines.runtime import (
     LOCAL_BATCH_RUNNER,

@@ -18,11 +18,11 @@ import sys
 import apache_beam as beam
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from event_delivery import files
-from event_delivery.cloud import use_emulator_credentials
-from event_delivery.fields import UndecryptableField, decrypt_value
-from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
-from event_delivery.registry import EventType, get_event_type, load_registry
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract.registry import EventType, get_event_type, load_registry
+from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery.keys.fields import UndecryptableField, decrypt_value
 from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
 
 

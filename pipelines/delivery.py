@@ -27,11 +27,12 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from event_delivery import partitions, preflight
-from event_delivery.cloud import lift_emulator_pull_limit, use_emulator_credentials
-from event_delivery.dead_letters import DEAD_LETTER_SCHEMA
-from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
-from event_delivery.registry import TIERS, EventType, get_event_type, load_registry
+from event_delivery.cloud import preflight
+from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
+from event_delivery.contract import partitions
+from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
+from event_delivery.contract.registry import TIERS, EventType, get_event_type, load_registry
+from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
 from transforms.close import CloseHour

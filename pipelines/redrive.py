@@ -1,7 +1,7 @@
 """The redrive job: replay a type's fixed dead letters through the normal delivery path.
 
 It reads the dead letters of an hour range, unseals each payload with the type's
-quarantine key, applies a registered fix (``event_delivery/fixes.py``; ``none`` after a
+quarantine key, applies a registered fix (``event_delivery/contract/fixes.py``; ``none`` after a
 schema update), and parses it again with the current schema. What now passes is
 bucketed and encrypted by the delivery path's own transforms, and written to the late
 root if its hour has closed, or staged for the streaming job to publish when the hour
@@ -26,13 +26,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.transforms.window import GlobalWindows
 
-from event_delivery import files, partitions
-from event_delivery.cloud import use_emulator_credentials
-from event_delivery.dead_letters import DEAD_LETTER_SCHEMA, quarantine_key_name
-from event_delivery.fields import decrypt_bytes
-from event_delivery.fixes import FIXES
-from event_delivery.keystore import KeyConfig, add_key_arguments, key_config_from_args
-from event_delivery.registry import EventType, get_event_type, load_registry
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions
+from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, quarantine_key_name
+from event_delivery.contract.fixes import FIXES
+from event_delivery.contract.registry import EventType, get_event_type, load_registry
+from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery.keys.fields import decrypt_bytes
 from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
 from transforms.hours import BucketByHour, bucket_start_seconds
 from transforms.parse import DEAD_LETTERS, ParseEventFn

@@ -8,9 +8,9 @@ import posixpath
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from event_delivery import files, partitions, preflight
-from event_delivery.audit import partition_bounds
-from event_delivery.cloud import use_emulator_credentials
+from event_delivery.cloud import files, preflight
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions
 
 # Beam's "DirectRunner" first tries Prism, which it downloads from the internet; the
 # Python DirectRunner needs nothing and is what CI runs. For a batch job it would pick the
@@ -74,6 +74,6 @@ def partition_paths(
     selected = []
     for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", pattern)):
         partition = "/".join(posixpath.dirname(path).split("/")[-2:])
-        if start_millis <= partition_bounds(partition, 1)[0] < end_millis:
+        if start_millis <= partitions.partition_bounds(partition, 1)[0] < end_millis:
             selected.append(path)
     return selected

@@ -10,10 +10,11 @@ import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from hypothesis import settings
 
-from event_delivery import cloud, envelope
-from event_delivery.emulators import running_emulators
-from event_delivery.loadgen import fake_fields
-from event_delivery.registry import load_registry
+from event_delivery.cloud import clients
+from event_delivery.contract import envelope
+from event_delivery.contract.registry import load_registry
+from event_delivery.contract.samples import fake_fields
+from event_delivery.local.emulators import running_emulators
 
 PROJECT = "local-project"
 
@@ -28,7 +29,7 @@ settings.load_profile("no_deadline")
 def emulators(tmp_path_factory):
     """Pub/Sub and GCS emulators for the whole session; ``os.environ`` points at them."""
     with running_emulators(tmp_path_factory.mktemp("emulators")) as env:
-        cloud.use_emulator_credentials()
+        clients.use_emulator_credentials()
         yield env
 
 
@@ -36,7 +37,7 @@ def emulators(tmp_path_factory):
 def bucket(emulators):
     """A fresh bucket on the GCS emulator."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    cloud.storage_client(PROJECT).create_bucket(name)
+    clients.storage_client(PROJECT).create_bucket(name)
     return name
 
 

@@ -12,7 +12,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 
-from event_delivery.keystore import KeyConfig
+from event_delivery.keys.config import KeyConfig
 from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_RUNNER
 from tests.conftest import published_at

@@ -6,7 +6,9 @@ import datetime
 
 import fastavro
 
-from event_delivery import audit, files, partitions
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.ops import audit
 
 HOUR = 1_795_946_400  # 2026-11-29T10:00:00Z
 SCHEMA = fastavro.parse_schema(

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from event_delivery import files
-from event_delivery.audit import audit_type
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.contract.registry import load_registry
+from event_delivery.ops.audit import audit_type
 from pipelines import backfill
 from pipelines.decrypt import decrypt_record
 from pipelines.delivery import deliver

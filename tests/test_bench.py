@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from benchmarks import floor, runs, workload
-from event_delivery import files
-from event_delivery.audit import audit_type
+from event_delivery.cloud import files
+from event_delivery.ops.audit import audit_type
 
 
 def test_the_floor_and_the_backfill_pipeline_do_the_same_work(tmp_path):

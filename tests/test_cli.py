@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from event_delivery import provision
-from event_delivery.kek import LocalKeyFile
-from event_delivery.keystore import open_keystore
-from event_delivery.registry import load_registry
+from event_delivery.contract.registry import load_registry
+from event_delivery.keys.config import open_keystore
+from event_delivery.keys.kek import LocalKeyFile
+from event_delivery.ops import provision
 
 
 def run(*args):
@@ -68,17 +68,17 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
     "module, args, complaint",
     [
         (
-            "event_delivery.loadgen",
+            "event_delivery.local.loadgen",
             ["--project", "p", "--event_type", "play", "--duplicates", "1.5"],
             "--duplicates must be a fraction between 0 and 1",
         ),
-        ("event_delivery.provision", ["--event_type", "play"], "the following arguments are required: --project"),
+        ("event_delivery.ops.provision", ["--event_type", "play"], "the following arguments are required: --project"),
         (
-            "event_delivery.deploy",
+            "event_delivery.ops.deploy",
             ["--project", "p", "--region", "r", "--bucket", "b"],
             "one of the arguments --event_type --tier is required",
         ),
-        ("event_delivery.audit", [], "the following arguments are required: --storage_root"),
+        ("event_delivery.ops.audit", [], "the following arguments are required: --storage_root"),
         (
             "pipelines.backfill",
             ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"],
@@ -90,7 +90,7 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
             + ["--start", "yesterday", "--end", "2026-11-29T01"],
             "'yesterday' is not an hour: use YYYY-MM-DDTHH (UTC)",
         ),
-        ("event_delivery.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must not be negative"),
+        ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must not be negative"),
     ],
 )
 def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):
@@ -102,7 +102,7 @@ def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):
 
 def test_drain_names_the_jobs_of_a_tier():
     result = run(
-        "event_delivery.deploy",
+        "event_delivery.ops.deploy",
         "--project",
         "p",
         "--region",
@@ -161,9 +161,9 @@ NO_CLOUD = "no {} emulator ({}_EMULATOR_HOST is not set) and no Google credentia
             ["--event_type", "play", "--project", "local-project", "--storage_root", "gs://b"],
             "Pub/Sub",
         ),
-        ("event_delivery.loadgen", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
-        ("event_delivery.producer", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
-        ("event_delivery.audit", ["--storage_root", "gs://b"], "Cloud Storage"),
+        ("event_delivery.local.loadgen", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("event_delivery.ops.producer", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("event_delivery.ops.audit", ["--storage_root", "gs://b"], "Cloud Storage"),
         (
             "pipelines.decrypt",
             ["--event_type", "search", "--input_root", "gs://b/delivered", "--output_root", "out"]
@@ -198,7 +198,7 @@ def test_first_commands_without_emulators_or_credentials_say_what_is_missing(tmp
 
 def _forget(tmp_path, *extra):
     keys = [f"--keystore=sqlite:///{tmp_path}/keys/keystore.db", f"--local_key_file={tmp_path}/keys/kek.key"]
-    return run("event_delivery.forget", "--subject", "user-1", *keys, *extra)
+    return run("pipelines.forget", "--subject", "user-1", *keys, *extra)
 
 
 def test_forget_creates_no_key_encryption_key_and_no_keystore(tmp_path):
@@ -239,7 +239,7 @@ def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
 
 @pytest.mark.emulators
 def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
-    up = run("event_delivery.emulators", "up", "--state_dir", str(tmp_path))
+    up = run("event_delivery.local.emulators", "up", "--state_dir", str(tmp_path))
     try:
         assert up.returncode == 0, up.stderr
         exports = dict(
@@ -249,5 +249,5 @@ def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
             host, port = exports[variable].removeprefix("http://").split(":")
             socket.create_connection((host, int(port)), timeout=5).close()
     finally:
-        down = run("event_delivery.emulators", "down", "--state_dir", str(tmp_path))
+        down = run("event_delivery.local.emulators", "down", "--state_dir", str(tmp_path))
     assert down.returncode == 0 and not (tmp_path / "env.sh").exists()

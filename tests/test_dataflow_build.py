@@ -9,8 +9,8 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from event_delivery import files
-from event_delivery.deploy import dataflow_args, dry_run
+from event_delivery.cloud import files
+from event_delivery.ops.deploy import dataflow_args, dry_run
 
 pytestmark = pytest.mark.emulators
 

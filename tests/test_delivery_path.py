@@ -15,11 +15,12 @@ import random
 import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
 
-from event_delivery import files, partitions
-from event_delivery.audit import audit_type
-from event_delivery.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
-from event_delivery.loadgen import malformed
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
+from event_delivery.contract.registry import load_registry
+from event_delivery.local.loadgen import malformed
+from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline

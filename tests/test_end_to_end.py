@@ -19,10 +19,11 @@ import fastavro
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from event_delivery import files, partitions
-from event_delivery.demo import Scenario, run_scenario
-from event_delivery.keystore import KeyConfig
-from event_delivery.loadgen import TrafficMix
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.keys.config import KeyConfig
+from event_delivery.local.demo import Scenario, run_scenario
+from event_delivery.local.loadgen import TrafficMix
 from pipelines.decrypt import decrypt
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
 

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from event_delivery.fields import UndecryptableField, decrypt_value, encrypt_value
+from event_delivery.keys.fields import UndecryptableField, decrypt_value, encrypt_value
 
 KEY = AESGCM(secrets.token_bytes(32))
 values = st.one_of(

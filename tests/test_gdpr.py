@@ -17,8 +17,8 @@ import struct
 import apache_beam as beam
 import pytest
 
-from event_delivery import files
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.contract.registry import load_registry
 from pipelines.decrypt import decrypt
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
@@ -232,8 +232,8 @@ def test_no_personal_value_leaks_into_any_file_or_log(tmp_path, keys, caplog):
 
 
 def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
-    from event_delivery.dead_letters import quarantine_key_name
-    from event_delivery.fields import decrypt_bytes
+    from event_delivery.contract.dead_letters import quarantine_key_name
+    from event_delivery.keys.fields import decrypt_bytes
 
     search = load_registry()["search"]
     broken = b'{"user_id": "someone", "query": '

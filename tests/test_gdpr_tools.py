@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from event_delivery.kek import LocalKeyFile
-from event_delivery.keystore import SqliteKeystore
+from event_delivery.keys.kek import LocalKeyFile
+from event_delivery.keys.sqlite import SqliteKeystore
 
 
 def run(*args):
@@ -20,13 +20,13 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
     keystore.subject_keys(subjects)
     key_flags = [f"--keystore=sqlite:///{db}", f"--local_key_file={kek_path}"]
 
-    one = run("event_delivery.forget", "--subject", "user-0", *key_flags)
+    one = run("pipelines.forget", "--subject", "user-0", *key_flags)
     assert one.returncode == 0, one.stderr
     assert "1 key(s) deleted" in one.stdout and "user-0" not in one.stdout + one.stderr
 
     listing = tmp_path / "requests.txt"
     listing.write_text("\n".join(subjects[1:200] + ["", "never-seen"]) + "\n")
-    batch = run("event_delivery.forget", "--subjects_file", str(listing), *key_flags)
+    batch = run("pipelines.forget", "--subjects_file", str(listing), *key_flags)
     assert batch.returncode == 0, batch.stderr
     assert "199 key(s) deleted, 1 subject(s) had no key" in batch.stdout
     assert "user-1" not in batch.stdout + batch.stderr

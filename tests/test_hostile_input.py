@@ -12,8 +12,8 @@ from fastavro.validation import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from event_delivery.dead_letters import ErrorKind, parsed_dead_letter_schema
-from event_delivery.registry import load_registry
+from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema
+from event_delivery.contract.registry import load_registry
 from tests.conftest import published_at
 from transforms.parse import DEAD_LETTERS, ParseEventFn
 

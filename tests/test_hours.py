@@ -11,7 +11,7 @@ from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from event_delivery.partitions import partition
+from event_delivery.contract.partitions import partition
 from transforms.hours import HourWindows, bucket_start_seconds, shard_of
 
 

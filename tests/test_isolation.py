@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from event_delivery import files, provision
-from event_delivery.audit import audit_type
-from event_delivery.loadgen import TrafficMix, publish_traffic, traffic
-from event_delivery.local_jobs import start_job, stop_jobs
-from event_delivery.producer import EventPublisher
+from event_delivery.cloud import files
+from event_delivery.local.jobs import start_job, stop_jobs
+from event_delivery.local.loadgen import TrafficMix, publish_traffic, traffic
+from event_delivery.ops import provision
+from event_delivery.ops.audit import audit_type
+from event_delivery.ops.producer import EventPublisher
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 

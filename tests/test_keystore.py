@@ -12,17 +12,14 @@ import uuid
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from event_delivery.cloud import BIGTABLE_EMULATOR_HOST
-from event_delivery.emulators import bigtable_command, free_port, start, stop_process_group
-from event_delivery.kek import CloudKms, LocalKeyFile
-from event_delivery.keystore import (
-    PSEUDONYM_KEY,
-    BigtableKeystore,
-    KeyCache,
-    KeyConfig,
-    SqliteKeystore,
-    open_keystore,
-)
+from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
+from event_delivery.keys.bigtable import BigtableKeystore
+from event_delivery.keys.cache import KeyCache
+from event_delivery.keys.config import KeyConfig, open_keystore
+from event_delivery.keys.kek import CloudKms, LocalKeyFile
+from event_delivery.keys.keystore import PSEUDONYM_KEY
+from event_delivery.keys.sqlite import SqliteKeystore
+from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.personal import JobKeyCache
 
 

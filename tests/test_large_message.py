@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from event_delivery import provision
-from event_delivery.audit import audit_type
-from event_delivery.local_jobs import start_job, stop_jobs
-from event_delivery.producer import EventPublisher, attributes_for
+from event_delivery.local.jobs import start_job, stop_jobs
+from event_delivery.ops import provision
+from event_delivery.ops.audit import audit_type
+from event_delivery.ops.producer import EventPublisher, attributes_for
 from tests.conftest import PROJECT, valid_fields
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]

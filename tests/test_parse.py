@@ -11,8 +11,8 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from event_delivery.dead_letters import ErrorKind
-from event_delivery.loadgen import malformed
+from event_delivery.contract.dead_letters import ErrorKind
+from event_delivery.local.loadgen import malformed
 from tests.conftest import message, published_at, raw_message, valid_fields
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 

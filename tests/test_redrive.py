@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 
-from event_delivery import files, partitions
-from event_delivery.audit import audit_type
-from event_delivery.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
-from event_delivery.fields import encrypt_bytes
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
+from event_delivery.contract.registry import load_registry
+from event_delivery.keys.fields import encrypt_bytes
+from event_delivery.ops.audit import audit_type
 from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields

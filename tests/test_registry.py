@@ -11,8 +11,8 @@ import subprocess
 import fastavro
 import pytest
 
-from event_delivery.compatibility import IncompatibleSchema, check_backward_compatible
-from event_delivery.registry import ENVELOPE_FIELDS, RegistryError, event_type_from_schema
+from event_delivery.contract.compatibility import IncompatibleSchema, check_backward_compatible
+from event_delivery.contract.registry import ENVELOPE_FIELDS, RegistryError, event_type_from_schema
 
 SCHEMAS = pathlib.Path(__file__).parent.parent / "avro_schemas"
 

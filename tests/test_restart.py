@@ -8,10 +8,11 @@ import uuid
 
 import pytest
 
-from event_delivery import cloud, files, provision
-from event_delivery.audit import audit_type
-from event_delivery.local_jobs import start_job, stop_jobs
-from event_delivery.producer import EventPublisher
+from event_delivery.cloud import clients, files
+from event_delivery.local.jobs import start_job, stop_jobs
+from event_delivery.ops import provision
+from event_delivery.ops.audit import audit_type
+from event_delivery.ops.producer import EventPublisher
 from pipelines import backfill
 from tests.conftest import PROJECT, valid_fields
 
@@ -24,9 +25,9 @@ TYPE = "page_view"
 def fresh_subscription(event_type) -> str:
     """A subscription of the type's topic that sees only what this test publishes."""
     provision.provision(PROJECT, [event_type], None)
-    subscriber = cloud.subscriber_client()
+    subscriber = clients.subscriber_client()
     path = subscriber.subscription_path(PROJECT, f"restart-{uuid.uuid4().hex[:8]}")
-    subscriber.create_subscription(name=path, topic=cloud.publisher_client().topic_path(PROJECT, event_type.topic))
+    subscriber.create_subscription(name=path, topic=clients.publisher_client().topic_path(PROJECT, event_type.topic))
     return path
 
 

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from event_delivery.demo import Scenario, format_table, run_scenario
-from event_delivery.loadgen import TrafficMix
+from event_delivery.local.demo import Scenario, format_table, run_scenario
+from event_delivery.local.loadgen import TrafficMix
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow, pytest.mark.soak]
 

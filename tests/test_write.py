@@ -10,7 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import IntervalWindow
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
-from event_delivery import files
+from event_delivery.cloud import files
 from tests.conftest import valid_fields
 from transforms.reports import DELIVERED
 from transforms.write import WritePaneFn

@@ -16,11 +16,11 @@ import apache_beam as beam
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
 
-from event_delivery import files
-from event_delivery.cloud import use_emulator_credentials
-from event_delivery.dead_letters import quarantine_key_name
-from event_delivery.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
-from event_delivery.registry import EventType
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract.dead_letters import quarantine_key_name
+from event_delivery.contract.registry import EventType
+from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.personal import JobKeyCache
 from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record

@@ -19,8 +19,9 @@ from apache_beam.coders import BooleanCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 
-from event_delivery import files, partitions
-from event_delivery.cloud import use_emulator_credentials
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions
 from transforms.hours import bucket_start_seconds
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, report
 

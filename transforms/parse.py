@@ -8,9 +8,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from fastavro.validation import ValidationError, validate
 
-from event_delivery import envelope
-from event_delivery.dead_letters import ErrorKind, dead_letter
-from event_delivery.registry import EventType
+from event_delivery.contract import envelope
+from event_delivery.contract.dead_letters import ErrorKind, dead_letter
+from event_delivery.contract.registry import EventType
 
 DEAD_LETTERS = "dead_letters"
 RAW_MESSAGES = "raw_messages"

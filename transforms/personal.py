@@ -13,10 +13,11 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
-from event_delivery.dead_letters import quarantine_key_name
-from event_delivery.fields import encrypt_bytes, encrypt_value
-from event_delivery.keystore import KeyCache, KeyConfig
-from event_delivery.registry import EventType
+from event_delivery.contract.dead_letters import quarantine_key_name
+from event_delivery.contract.registry import EventType
+from event_delivery.keys.cache import KeyCache
+from event_delivery.keys.config import KeyConfig
+from event_delivery.keys.fields import encrypt_bytes, encrypt_value
 from transforms.reports import FORGOTTEN, report
 
 

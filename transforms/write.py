@@ -5,8 +5,9 @@ from __future__ import annotations
 import apache_beam as beam
 import fastavro
 
-from event_delivery import files, partitions
-from event_delivery.cloud import use_emulator_credentials
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
 

@@ -9,7 +9,7 @@ As a library::
 As a command, one JSON object per line on stdin::
 
     echo '{"service": "login", ...}' | \\
-        python -m event_delivery.producer --project local-project --event_type service_log
+        python -m event_delivery.ops.producer --project local-project --event_type service_log
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 import time
 import uuid
 
-from event_delivery import cloud, envelope, preflight
-from event_delivery.registry import EventType, load_registry
+from event_delivery.cloud import clients, preflight
+from event_delivery.contract import envelope
+from event_delivery.contract.registry import EventType, load_registry
 
 
 def attributes_for(event_type: EventType, event_id: str, received_at_millis: int) -> dict[str, str]:
@@ -37,7 +38,7 @@ class EventPublisher:
 
     def __init__(self, project: str, event_type: EventType, publisher=None):
         self.event_type = event_type
-        self.client = publisher or cloud.publisher_client()
+        self.client = publisher or clients.publisher_client()
         self.topic = self.client.topic_path(project, event_type.topic)
         self.pending = []
 
@@ -67,7 +68,7 @@ class EventPublisher:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.producer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.producer", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True)
     parser.add_argument("--event_type", required=True, choices=sorted(registry))
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ hour, that every record sits in the folder of its own hour, and that each
 ``_SUCCESS`` manifest matches the files beside it. It may run while jobs write: when
 a close moves a file the audit listed, the audit starts over from a fresh listing::
 
-    python -m event_delivery.audit --storage_root gs://event-delivery-local --window_seconds 10
+    python -m event_delivery.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import json
 import posixpath
 import sys
 
-from event_delivery import files, partitions
-from event_delivery.registry import load_registry
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.contract.registry import load_registry
 
 
 @dataclasses.dataclass
@@ -62,15 +62,6 @@ class TypeAudit:
         return all(hour.closed or not hour.delivered for hour in self.hours.values()) and not self.total("staged")
 
 
-def partition_bounds(partition: str, window_seconds: int) -> tuple[int, int]:
-    """Epoch millis ``[start, end)`` of a ``dt=YYYY-MM-DD/hr=...`` partition."""
-    day, hour = (part.split("=", 1)[1] for part in partition.split("/"))
-    clock = hour.split("-") + ["00", "00"]
-    start = datetime.datetime.fromisoformat(f"{day}T{clock[0]}:{clock[1]}:{clock[2]}+00:00")
-    start_millis = int(start.timestamp() * 1000)
-    return start_millis, start_millis + window_seconds * 1000
-
-
 def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
     by_partition = collections.defaultdict(list)
     prefix = partitions.join(root, event_type) + "/"
@@ -91,7 +82,7 @@ def hours_settled(event_type: str, output_root: str) -> bool:
 
 
 def _check_in_hour(audit, partition, records, window_seconds, what) -> None:
-    start, end = partition_bounds(partition, window_seconds)
+    start, end = partitions.partition_bounds(partition, window_seconds)
     for record in records:
         millis = int(record["received_at"].timestamp() * 1000)
         if not start <= millis < end:
@@ -166,13 +157,13 @@ def _audit_type(event_type: str, output_root: str, late_root: str, dead_letter_r
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.audit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--storage_root", required=True, help="The jobs' --storage_root.")
     parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
     args = parser.parse_args(argv)
-    from event_delivery import preflight
-    from event_delivery.cloud import use_emulator_credentials
+    from event_delivery.cloud import preflight
+    from event_delivery.cloud.clients import use_emulator_credentials
 
     root = args.storage_root.rstrip("/")
     with preflight.exit_on_failure(parser):

@@ -1,11 +1,11 @@
 """Deploy delivery jobs to Dataflow: one streaming job per type, sized by its tier.
 
-    python -m event_delivery.deploy --project my-project --region europe-west1 \\
+    python -m event_delivery.ops.deploy --project my-project --region europe-west1 \\
         --bucket my-bucket --event_type play          # one type
-    python -m event_delivery.deploy ... --tier high   # every type of a tier
-    python -m event_delivery.deploy ... --update      # replace running jobs in place
-    python -m event_delivery.deploy ... --dry_run     # build, validate and stage only
-    python -m event_delivery.deploy ... --drain       # stop reading, finish open hours, stop
+    python -m event_delivery.ops.deploy ... --tier high   # every type of a tier
+    python -m event_delivery.ops.deploy ... --update      # replace running jobs in place
+    python -m event_delivery.ops.deploy ... --dry_run     # build, validate and stage only
+    python -m event_delivery.ops.deploy ... --drain       # stop reading, finish open hours, stop
 
 A dry run translates each job for Dataflow and stages its artifacts (the package,
 the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
@@ -20,7 +20,7 @@ import argparse
 import subprocess
 import sys
 
-from event_delivery.registry import TIERS, EventType, load_registry
+from event_delivery.contract.registry import TIERS, EventType, load_registry
 
 
 def default_keystore(project: str) -> str:
@@ -105,7 +105,7 @@ def selected_types(names: list[str] | None, tier: str | None) -> list[EventType]
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument("--bucket", required=True, help="Output, temp and staging bucket, without gs://.")

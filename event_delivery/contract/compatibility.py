@@ -12,8 +12,8 @@ import random
 
 import fastavro
 
-from event_delivery.loadgen import fake_value
-from event_delivery.registry import EventType
+from event_delivery.contract.registry import EventType
+from event_delivery.contract.samples import fake_fields
 
 SAMPLES = 64
 
@@ -23,8 +23,7 @@ class IncompatibleSchema(ValueError):
 
 
 def _samples(event_type: EventType, rng: random.Random) -> list[dict]:
-    fields = event_type.schema["fields"]
-    return [{f["name"]: fake_value(f, rng, None) for f in fields} for _ in range(SAMPLES)]
+    return [fake_fields(event_type, rng, SAMPLES) for _ in range(SAMPLES)]
 
 
 def check_backward_compatible(old: EventType, new: EventType) -> None:

@@ -8,7 +8,7 @@ every dead-letter kind, in turn) and late events (stamped ``late_by_seconds`` ag
 once the traffic is that old, so that they belong to an hour that had traffic and
 has closed).
 
-    python -m event_delivery.loadgen --project local-project --event_type play \\
+    python -m event_delivery.local.loadgen --project local-project --event_type play \\
         --count 1000 --rate 200 --duplicates 0.05 --malformed 0.01 --late 0.02
 """
 
@@ -23,10 +23,12 @@ import sys
 import time
 import uuid
 
-from event_delivery import envelope, preflight
-from event_delivery.dead_letters import ErrorKind
-from event_delivery.producer import EventPublisher, attributes_for
-from event_delivery.registry import EventType, load_registry
+from event_delivery.cloud import preflight
+from event_delivery.contract import envelope
+from event_delivery.contract.dead_letters import ErrorKind
+from event_delivery.contract.registry import EventType, load_registry
+from event_delivery.contract.samples import fake_fields
+from event_delivery.ops.producer import EventPublisher, attributes_for
 
 DELIVERED, DUPLICATE, LATE, DEAD_LETTER = "delivered", "duplicate", "late", "dead_letter"
 RECENT_EVENTS = 64
@@ -71,42 +73,6 @@ class Ledger:
     def unique_ids(self) -> list[str]:
         """The ids that must come out exactly once, delivered or late."""
         return self.ids[DELIVERED] + self.ids[LATE]
-
-
-def _branch_types(field_type):
-    return field_type if isinstance(field_type, list) else [field_type]
-
-
-def fake_value(field: dict, rng: random.Random, subject: str | None):
-    """A plausible value for one schema field."""
-    if subject is not None:
-        return subject
-    branches = [t for t in _branch_types(field["type"]) if t != "null"]
-    if len(branches) < len(_branch_types(field["type"])) and rng.random() < 0.1:
-        return None
-    avro_type = branches[0]
-    if isinstance(avro_type, dict) and avro_type.get("type") == "enum":
-        return rng.choice(avro_type["symbols"])
-    if field.get("examples"):
-        return rng.choice(field["examples"])
-    low, high = field.get("range", (0, 1000))
-    if avro_type in ("int", "long"):
-        return rng.randint(int(low), int(high))
-    if avro_type in ("float", "double"):
-        return round(rng.uniform(low, high), 6)
-    if avro_type == "boolean":
-        return rng.random() < 0.5
-    if avro_type == "string":
-        return f"{field['name']}-{rng.getrandbits(32):08x}"
-    raise ValueError(f"field {field['name']!r}: no generator for type {avro_type!r}")
-
-
-def fake_fields(event_type: EventType, rng: random.Random, subjects: int) -> dict:
-    subject = f"user-{rng.randrange(subjects):06d}" if event_type.subject_field else None
-    return {
-        field["name"]: fake_value(field, rng, subject if field["name"] == event_type.subject_field else None)
-        for field in event_type.schema["fields"]
-    }
 
 
 def malformed(event_type: EventType, kind: ErrorKind, rng: random.Random, now_millis: int, max_event_bytes: int):
@@ -207,7 +173,7 @@ def publish_traffic(publisher: EventPublisher, messages, rate: float, progress=N
 def main(argv=None) -> int:
     registry = load_registry()
     parser = argparse.ArgumentParser(
-        prog="python -m event_delivery.loadgen",
+        prog="python -m event_delivery.local.loadgen",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from event_delivery import envelope
+from event_delivery.contract import envelope
 
 
 def none(data: bytes, attributes: dict, event_type) -> tuple[bytes, dict]:

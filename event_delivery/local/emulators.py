@@ -2,9 +2,9 @@
 
 Tests use ``running_emulators()``; ``make emulators`` runs this module::
 
-    python -m event_delivery.emulators up --state_dir .emulators
+    python -m event_delivery.local.emulators up --state_dir .emulators
     source .emulators/env.sh
-    python -m event_delivery.emulators down --state_dir .emulators
+    python -m event_delivery.local.emulators down --state_dir .emulators
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from event_delivery.cloud import BIGTABLE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
+from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_SECONDS = 60
@@ -210,7 +210,9 @@ def _down(state_dir: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.emulators", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m event_delivery.local.emulators", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument(
         "--state_dir",

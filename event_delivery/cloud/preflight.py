@@ -11,7 +11,7 @@ import os
 from google.api_core import exceptions, retry
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from event_delivery import cloud
+from event_delivery.cloud import clients
 
 TIMEOUT_SECONDS = 10
 UNREACHABLE = (exceptions.ServiceUnavailable, exceptions.DeadlineExceeded, exceptions.RetryError)
@@ -67,21 +67,21 @@ def check_credentials(env_var: str | None, service: str) -> None:
 
 
 def check_subscription(subscription: str) -> None:
-    _check_pubsub("subscription", subscription, lambda **call: cloud.subscriber_client().get_subscription(**call))
+    _check_pubsub("subscription", subscription, lambda **call: clients.subscriber_client().get_subscription(**call))
 
 
 def check_topic(topic: str) -> None:
-    _check_pubsub("topic", topic, lambda **call: cloud.publisher_client().get_topic(**call))
+    _check_pubsub("topic", topic, lambda **call: clients.publisher_client().get_topic(**call))
 
 
 def _check_pubsub(what: str, path: str, get) -> None:
-    check_credentials(cloud.PUBSUB_EMULATOR_HOST, "Pub/Sub")
+    check_credentials(clients.PUBSUB_EMULATOR_HOST, "Pub/Sub")
     try:
         get(**{what: path}, timeout=TIMEOUT_SECONDS, retry=retry.Retry(timeout=TIMEOUT_SECONDS))
     except exceptions.NotFound:
         raise PreflightError(f"{what} {path} does not exist; create it with `make provision`") from None
     except UNREACHABLE:
-        raise PreflightError(f"cannot reach {_where(cloud.PUBSUB_EMULATOR_HOST, 'Pub/Sub')}") from None
+        raise PreflightError(f"cannot reach {_where(clients.PUBSUB_EMULATOR_HOST, 'Pub/Sub')}") from None
     except exceptions.GoogleAPICallError as error:
         raise PreflightError(f"cannot read {what} {path}: {error.message}") from None
 
@@ -98,12 +98,12 @@ def check_root(root: str, project: str | None = None, create: bool = True) -> No
         except OSError as error:
             raise PreflightError(f"cannot create output folder {root}: {error.strerror}") from None
         return
-    check_credentials(cloud.STORAGE_EMULATOR_HOST, "Cloud Storage")
+    check_credentials(clients.STORAGE_EMULATOR_HOST, "Cloud Storage")
     bucket = root[len("gs://") :].split("/", 1)[0]
     try:
-        client = cloud.storage_client(project or "local-project")
+        client = clients.storage_client(project or "local-project")
         found = client.lookup_bucket(bucket, timeout=TIMEOUT_SECONDS, retry=DEFAULT_RETRY.with_timeout(TIMEOUT_SECONDS))
     except (exceptions.GoogleAPICallError, OSError, *UNREACHABLE):
-        raise PreflightError(f"cannot reach {_where(cloud.STORAGE_EMULATOR_HOST, 'Cloud Storage')}") from None
+        raise PreflightError(f"cannot reach {_where(clients.STORAGE_EMULATOR_HOST, 'Cloud Storage')}") from None
     if found is None:
         raise PreflightError(f"bucket gs://{bucket} does not exist; create it with `make provision`")

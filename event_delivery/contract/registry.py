@@ -141,6 +141,19 @@ def _without_registry_properties(node):
     return node
 
 
+def _binary_type(avro_type) -> str | None:
+    """``bytes`` or ``fixed`` if the type holds one anywhere (JSON has no binary values), else None."""
+    if isinstance(avro_type, list):
+        return next(filter(None, map(_binary_type, avro_type)), None)
+    if isinstance(avro_type, dict):
+        kind = avro_type["type"]
+        if kind == "record":
+            return next(filter(None, (_binary_type(f["type"]) for f in avro_type["fields"])), None)
+        nested = avro_type.get("items", avro_type.get("values"))
+        return _binary_type(nested if kind in ("array", "map") else kind)
+    return avro_type if avro_type in ("bytes", "fixed") else None
+
+
 def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventType:
     """Validates one schema against the registry's rules and describes its type."""
     name = schema.get("event_type")
@@ -173,6 +186,12 @@ def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventT
         fastavro.parse_schema(_without_registry_properties(schema))
     except Exception as error:  # fastavro raises several unrelated types here
         raise RegistryError(f"{where}: not a valid Avro schema: {error}") from None
+    for field in schema["fields"]:
+        binary = _binary_type(field["type"])
+        if binary:
+            raise RegistryError(
+                f"{where}: field {field['name']!r} holds Avro {binary}, which a JSON payload cannot carry"
+            )
     return EventType(name=name, tier=TIERS[tier], subject_field=subject, personal_fields=personal, schema=schema)
 
 

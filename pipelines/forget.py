@@ -5,8 +5,8 @@ more, and the delivery jobs deliver their later events with personal fields null
 (once the key caches expire: ``--key_cache_ttl_seconds``). Subject ids are read from
 the command line or, one per line, from a file; a file runs as a batch job::
 
-    python -m event_delivery.forget --subject user-000123
-    python -m event_delivery.forget --subjects_file requests.txt --keystore ... --kms_key ...
+    python -m pipelines.forget --subject user-000123
+    python -m pipelines.forget --subjects_file requests.txt --keystore ... --kms_key ...
 
 It prints counts only: subject ids are personal data and stay out of logs.
 
@@ -24,9 +24,10 @@ import sys
 
 import apache_beam as beam
 
-from event_delivery import cloud, preflight
-from event_delivery.kek import KeysNotFound
-from event_delivery.keystore import KeyConfig, Keystore, add_key_arguments, key_config_from_args
+from event_delivery.cloud import clients, preflight
+from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery.keys.kek import KeysNotFound
+from event_delivery.keys.keystore import Keystore
 
 
 class ForgetSubjectsFn(beam.DoFn):
@@ -68,7 +69,7 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
 def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
     """The keystore the flags name, which must exist and, unless ``allow_empty``, hold keys."""
     if keys.keystore.startswith("bigtable://"):
-        preflight.check_credentials(cloud.BIGTABLE_EMULATOR_HOST, "Bigtable")
+        preflight.check_credentials(clients.BIGTABLE_EMULATOR_HOST, "Bigtable")
     if keys.kms_key:
         preflight.check_credentials(None, "Cloud KMS")
     try:
@@ -85,7 +86,7 @@ def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.forget", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.forget", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--subject", action="append", help="A subject id to forget (repeatable).")
     which.add_argument("--subjects_file", help="A file of subject ids, one per line (runs as a Beam batch job).")

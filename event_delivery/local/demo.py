@@ -6,7 +6,7 @@ bucket, and runs one delivery job per type on the DirectRunner with 10-second
 events, waits until every hour with data has closed, stops everything and prints
 what happened to every message::
 
-    python -m event_delivery.demo            # or: make demo
+    python -m event_delivery.local.demo            # or: make demo
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import sys
 import threading
 import time
 
-from event_delivery import provision
-from event_delivery.audit import TypeAudit, audit_type, hours_settled
-from event_delivery.cloud import use_emulator_credentials
-from event_delivery.emulators import EmulatorError, running_emulators
-from event_delivery.loadgen import Ledger, TrafficMix, publish_traffic, traffic
-from event_delivery.local_jobs import JobError, start_job, stop_jobs
-from event_delivery.producer import EventPublisher
-from event_delivery.registry import load_registry
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract.registry import load_registry
+from event_delivery.local.emulators import EmulatorError, running_emulators
+from event_delivery.local.jobs import JobError, start_job, stop_jobs
+from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
+from event_delivery.ops import provision
+from event_delivery.ops.audit import TypeAudit, audit_type, hours_settled
+from event_delivery.ops.producer import EventPublisher
 
 
 @dataclasses.dataclass
@@ -178,7 +178,7 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.local.demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--state_dir",
         type=pathlib.Path,

@@ -2,7 +2,7 @@
 
 Everything derives from the schema registry, and re-running is harmless::
 
-    python -m event_delivery.provision --project local-project --bucket event-delivery-local
+    python -m event_delivery.ops.provision --project local-project --bucket event-delivery-local
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 
 from google.api_core import exceptions
 
-from event_delivery import cloud
-from event_delivery.registry import EventType, load_registry
+from event_delivery.cloud import clients
+from event_delivery.contract.registry import EventType, load_registry
 
 ACK_DEADLINE_SECONDS = 60
 RETENTION_SECONDS = 7 * 24 * 3600
@@ -37,13 +37,13 @@ def provision_type(project: str, event_type: EventType, publisher, subscriber) -
 
 
 def provision_bucket(project: str, bucket: str) -> None:
-    client = cloud.storage_client(project)
+    client = clients.storage_client(project)
     with contextlib.suppress(exceptions.Conflict):
         client.create_bucket(bucket)
 
 
 def provision(project: str, types: list[EventType], bucket: str | None) -> None:
-    publisher, subscriber = cloud.publisher_client(), cloud.subscriber_client()
+    publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
     for event_type in types:
         provision_type(project, event_type, publisher, subscriber)
     if bucket:
@@ -52,7 +52,7 @@ def provision(project: str, types: list[EventType], bucket: str | None) -> None:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.provision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.provision", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True, help="GCP project (local-project on the emulators).")
     parser.add_argument("--bucket", help="Output bucket to create, if any.")
     parser.add_argument(

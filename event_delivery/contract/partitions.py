@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from event_delivery import files
+from event_delivery.cloud import files
 
 HOUR_SECONDS = 3600
 SUCCESS_MARKER = "_SUCCESS"
@@ -21,6 +21,15 @@ def partition(window_start_seconds: float, window_seconds: int = HOUR_SECONDS) -
     start = datetime.datetime.fromtimestamp(window_start_seconds, tz=datetime.timezone.utc)
     hour = f"{start:%H}" if window_seconds == HOUR_SECONDS else f"{start:%H-%M-%S}"
     return f"dt={start:%Y-%m-%d}/hr={hour}"
+
+
+def partition_bounds(partition: str, window_seconds: int) -> tuple[int, int]:
+    """Epoch millis ``[start, end)`` of a ``dt=YYYY-MM-DD/hr=...`` partition."""
+    day, hour = (part.split("=", 1)[1] for part in partition.split("/"))
+    clock = hour.split("-") + ["00", "00"]
+    start = datetime.datetime.fromisoformat(f"{day}T{clock[0]}:{clock[1]}:{clock[2]}+00:00")
+    start_millis = int(start.timestamp() * 1000)
+    return start_millis, start_millis + window_seconds * 1000
 
 
 def partition_dir(root: str, event_type: str, window_start_seconds: float, window_seconds: int) -> str:

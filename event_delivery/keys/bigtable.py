@@ -1,0 +1,125 @@
+"""The production keystore backend: Cloud Bigtable (tested against its emulator)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.keystore import Keystore
+
+
+class BigtableKeystore(Keystore):
+    """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>`` and ``n#<name>`` in one family."""
+
+    FAMILY = "k"
+
+    def __init__(self, kek: KeyEncryptionKey, project: str, instance: str, table: str, create: bool = True):
+        super().__init__(kek)
+        self.project, self.instance_id, self.table_id = project, instance, table
+        self._table = None
+        self._create = create
+
+    @property
+    def table(self):
+        if self._table is None:
+            from google.cloud import bigtable
+            from google.cloud.bigtable import column_family
+
+            client = bigtable.Client(project=self.project, admin=True)
+            table = client.instance(self.instance_id).table(self.table_id)
+            if not table.exists():
+                if not self._create:
+                    raise KeysNotFound(f"there is no keystore table {self.table_id} in {self.instance_id}")
+                with contextlib.suppress(Exception):  # another worker may create it first
+                    table.create(column_families={self.FAMILY: column_family.MaxVersionsGCRule(1)})
+            self._table = table
+        return self._table
+
+    def _read_rows(self, keys: list[bytes]) -> dict[bytes, dict[bytes, bytes]]:
+        from google.cloud.bigtable.row_set import RowSet
+
+        if not keys:
+            return {}
+        row_set = RowSet()
+        for key in keys:
+            row_set.add_row_key(key)
+        return {
+            row.row_key: {qualifier: cells[0].value for qualifier, cells in row.cells.get(self.FAMILY, {}).items()}
+            for row in self.table.read_rows(row_set=row_set)
+        }
+
+    def _read_subjects(self, pseudonyms):
+        rows = self._read_rows([b"s#" + p.encode() for p in pseudonyms])
+        return {
+            key[2:].decode(): (cells[b"key_id"].decode() if b"key_id" in cells else None) for key, cells in rows.items()
+        }
+
+    def _write_data_keys(self, keys: dict[str, bytes]) -> None:
+        rows = []
+        for key_id, wrapped in keys.items():
+            row = self.table.direct_row(b"d#" + key_id.encode())
+            row.set_cell(self.FAMILY, b"wrapped", wrapped)
+            rows.append(row)
+        for status in self.table.mutate_rows(rows):
+            if status.code != 0:
+                raise RuntimeError(f"Bigtable refused a key write: {status.message}")
+
+    def _claim(self, row_key: bytes, qualifier: bytes, value: bytes) -> bool:
+        """Writes the cell only if the row is empty; True if this call wrote it."""
+        from google.cloud.bigtable.row_filters import PassAllFilter
+
+        row = self.table.conditional_row(row_key, filter_=PassAllFilter(True))
+        row.set_cell(self.FAMILY, qualifier, value, state=False)
+        existed = row.commit()
+        return not existed
+
+    def _create_subjects(self, new):
+        # Keys first, so that no subject entry ever names a key that is not there.
+        self._write_data_keys({key_id: wrapped for key_id, wrapped in new.values()})
+        losers = [
+            key_id for p, (key_id, _) in new.items() if not self._claim(b"s#" + p.encode(), b"key_id", key_id.encode())
+        ]
+        self._delete_rows([b"d#" + key_id.encode() for key_id in losers])
+
+    def _delete_rows(self, keys: list[bytes]) -> None:
+        rows = []
+        for key in keys:
+            row = self.table.direct_row(key)
+            row.delete()
+            rows.append(row)
+        if rows:
+            self.table.mutate_rows(rows)
+
+    def _read_wrapped_keys(self, key_ids):
+        rows = self._read_rows([b"d#" + k.encode() for k in key_ids])
+        return {key[2:].decode(): cells[b"wrapped"] for key, cells in rows.items() if b"wrapped" in cells}
+
+    def _forget(self, pseudonym):
+        row_key = b"s#" + pseudonym.encode()
+        key_id = self._read_rows([row_key]).get(row_key, {}).get(b"key_id")
+        tombstone = self.table.direct_row(row_key)
+        tombstone.delete()
+        tombstone.set_cell(self.FAMILY, b"forgotten_at", str(time.time()).encode())
+        tombstone.commit()
+        if key_id:
+            self._delete_rows([b"d#" + key_id])
+        return bool(key_id)
+
+    def _named_key_id(self, name, candidate):
+        key_id, wrapped = candidate
+        row_key = b"n#" + name.encode()
+        existing = self._read_rows([row_key]).get(row_key, {}).get(b"key_id")
+        if existing:
+            return existing.decode()
+        self._write_data_keys({key_id: wrapped})
+        if self._claim(row_key, b"key_id", key_id.encode()):
+            return key_id
+        self._delete_rows([b"d#" + key_id.encode()])
+        return self._read_rows([row_key])[row_key][b"key_id"].decode()
+
+    def holds_keys(self):
+        return any(self.table.read_rows(start_key=b"d#", end_key=b"d$", limit=1))
+
+    def __reduce__(self):
+        return (BigtableKeystore, (self.kek, self.project, self.instance_id, self.table_id, self._create))

@@ -1,0 +1,75 @@
+"""A worker's key cache: what bounds how long a forgotten key can still be used."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from event_delivery.keys.keystore import Keystore, SubjectKey
+
+
+class KeyCache:
+    """A worker's cache of keys, with a TTL: subject -> key id, and key id -> data key.
+
+    A step that unseals by key id (replaying the archive) fills the second map, so a
+    step that then seals by subject only asks the keystore which key id a subject has.
+
+    The TTL is the upper bound on how long a worker may keep using a key after its
+    subject was forgotten: both maps expire. Events encrypted in that window are
+    unreadable anyway, because the key they used is gone.
+    """
+
+    MAX_ENTRIES = 1_000_000  # past this, expired entries are dropped
+
+    def __init__(self, keystore: Keystore, ttl_seconds: float, clock=time.monotonic):
+        self.keystore = keystore
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+        self._key_ids: dict[str, tuple[float, str | None]] = {}  # subject -> (expires, key id)
+        self._keys: dict[str, tuple[float, tuple]] = {}  # key id -> (expires, (key, aead))
+        self._pruning = threading.Lock()
+
+    def _cached(self, entries: dict, wanted, fetch) -> dict:
+        """Fresh entries of ``wanted``; the rest from one ``fetch(missing)``, stored until the TTL."""
+        now = self.clock()
+        found, missing = {}, []
+        for item in set(wanted):
+            entry = entries.get(item)
+            if entry and entry[0] > now:
+                found[item] = entry[1]
+            else:
+                missing.append(item)
+        if missing:
+            expires = now + self.ttl_seconds
+            for item, value in fetch(missing).items():
+                found[item] = value
+                entries[item] = (expires, value)
+            self._prune(entries, now)
+        return found
+
+    def _prune(self, entries: dict, now: float) -> None:
+        """Drops expired entries once there are too many. Steps in other threads may use
+        the cache meanwhile: they only ever add or replace single entries."""
+        if len(entries) > self.MAX_ENTRIES:
+            with self._pruning:
+                for stale in [i for i, e in list(entries.items()) if e[0] <= now]:
+                    entries.pop(stale, None)
+
+    def _fetch_data_keys(self, key_ids: list[str]) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
+        fetched = {}
+        for key_id, data_key in self.keystore.data_keys(key_ids).items():
+            key = SubjectKey(key_id, data_key) if data_key else None
+            fetched[key_id] = (key, key.aead if key else None)
+        return fetched
+
+    def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
+        """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
+        return self._cached(self._keys, key_ids, self._fetch_data_keys)
+
+    def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
+        """Keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""
+        key_ids = self._cached(self._key_ids, subject_ids, self.keystore.subject_key_ids)
+        keys = self.data_keys(k for k in key_ids.values() if k)
+        return {subject: keys[k] if k else (None, None) for subject, k in key_ids.items()}

@@ -1,0 +1,76 @@
+"""Where keys live and what wraps them: the keystore URL, the KEK, the cache TTL, and their flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+
+from event_delivery.keys.bigtable import BigtableKeystore
+from event_delivery.keys.kek import KeyEncryptionKey, key_encryption_key
+from event_delivery.keys.keystore import Keystore
+from event_delivery.keys.sqlite import SqliteKeystore
+
+DEFAULT_KEYSTORE = "sqlite:///.keys/keystore.db"
+DEFAULT_KEY_FILE = ".keys/kek.key"
+
+
+def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = True) -> Keystore:
+    """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "sqlite":
+        # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
+        return SqliteKeystore(kek, parsed.path[1:] or ":memory:", create)
+    if parsed.scheme == "bigtable":
+        parts = [parsed.netloc, *parsed.path.strip("/").split("/")]
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("a Bigtable keystore is bigtable://<project>/<instance>/<table>")
+        return BigtableKeystore(kek, *parts, create)
+    raise ValueError(f"unknown keystore {url!r}: use sqlite:///path or bigtable://project/instance/table")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyConfig:
+    """Where keys live and what wraps them; picklable, so workers open their own keystore."""
+
+    keystore: str
+    local_key_file: str | None = None
+    kms_key: str | None = None
+    cache_ttl_seconds: float = 300
+
+    def open(self, create: bool = True) -> Keystore:
+        """The keystore; without ``create``, ``KeysNotFound`` unless it and a local KEK already exist."""
+        return open_keystore(self.keystore, key_encryption_key(self.local_key_file, self.kms_key, create), create)
+
+
+def add_key_arguments(parser) -> None:
+    """The keystore and key-encryption-key flags, shared by every job that touches personal data."""
+    group = parser.add_argument_group("keys")
+    group.add_argument(
+        "--keystore",
+        default=DEFAULT_KEYSTORE,
+        help=f"Subject keys: sqlite:///<path> (embedded) or bigtable://<project>/<instance>/<table>. "
+        f"Default: {DEFAULT_KEYSTORE}",
+    )
+    group.add_argument(
+        "--local_key_file",
+        default=DEFAULT_KEY_FILE,
+        help=f"Key-encryption key for local runs, created on first use. Default: {DEFAULT_KEY_FILE}",
+    )
+    group.add_argument(
+        "--kms_key",
+        help="Cloud KMS key that wraps data keys in production (projects/.../cryptoKeys/...); "
+        "overrides --local_key_file.",
+    )
+    group.add_argument(
+        "--key_cache_ttl_seconds",
+        type=float,
+        default=300,
+        help="How long a worker caches a subject's key: the upper bound on how long a forgotten "
+        "key can still be used. Default: 300.",
+    )
+
+
+def key_config_from_args(args) -> KeyConfig:
+    if args.key_cache_ttl_seconds < 0:
+        raise ValueError("key_cache_ttl_seconds must not be negative")
+    return KeyConfig(args.keystore, args.local_key_file, args.kms_key, args.key_cache_ttl_seconds)

@@ -1,0 +1,100 @@
+"""The embedded keystore backend: one SQLite file (the default for local runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+
+from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.keystore import Keystore
+
+
+class SqliteKeystore(Keystore):
+    """The embedded keystore: one SQLite file, safe for concurrent writers on one machine."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS subjects (pseudonym TEXT PRIMARY KEY, key_id TEXT, forgotten_at REAL);
+        CREATE TABLE IF NOT EXISTS data_keys (key_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
+        CREATE TABLE IF NOT EXISTS named_keys (name TEXT PRIMARY KEY, key_id TEXT NOT NULL);
+    """
+
+    def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = True):
+        super().__init__(kek)
+        self.path = path
+        self._lock = threading.Lock()
+        if path != ":memory:":
+            if not create and not os.path.exists(path):
+                raise KeysNotFound(f"there is no keystore at {path}")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
+        self._connection.execute("PRAGMA secure_delete = ON")
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.executescript(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def _select(self, sql: str, values: list) -> list[tuple]:
+        rows, size = [], min(5000, self._connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        for start in range(0, len(values), size):
+            chunk = values[start : start + size]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows.extend(self._connection.execute(sql.format(marks=marks), chunk).fetchall())
+        return rows
+
+    def _read_subjects(self, pseudonyms):
+        return dict(self._select("SELECT pseudonym, key_id FROM subjects WHERE pseudonym IN ({marks})", pseudonyms))
+
+    def _create_subjects(self, new):
+        with self._transaction() as db:
+            for pseudonym, (key_id, wrapped) in new.items():
+                if db.execute("SELECT 1 FROM subjects WHERE pseudonym = ?", (pseudonym,)).fetchone():
+                    continue  # another writer got there first; its key stands
+                db.execute("INSERT INTO data_keys VALUES (?, ?)", (key_id, wrapped))
+                db.execute("INSERT INTO subjects VALUES (?, ?, NULL)", (pseudonym, key_id))
+
+    def _read_wrapped_keys(self, key_ids):
+        return dict(self._select("SELECT key_id, wrapped FROM data_keys WHERE key_id IN ({marks})", key_ids))
+
+    def _forget(self, pseudonym):
+        with self._transaction() as db:
+            row = db.execute("SELECT key_id FROM subjects WHERE pseudonym = ?", (pseudonym,)).fetchone()
+            if row and row[0]:
+                db.execute("DELETE FROM data_keys WHERE key_id = ?", (row[0],))
+            db.execute(
+                "INSERT INTO subjects VALUES (?, NULL, ?) "
+                "ON CONFLICT (pseudonym) DO UPDATE SET key_id = NULL, forgotten_at = excluded.forgotten_at",
+                (pseudonym, time.time()),
+            )
+        return bool(row and row[0])
+
+    def _named_key_id(self, name, candidate):
+        key_id, wrapped = candidate
+        with self._transaction() as db:
+            row = db.execute("SELECT key_id FROM named_keys WHERE name = ?", (name,)).fetchone()
+            if row:
+                return row[0]
+            db.execute("INSERT INTO data_keys VALUES (?, ?)", (key_id, wrapped))
+            db.execute("INSERT INTO named_keys VALUES (?, ?)", (name, key_id))
+            return key_id
+
+    def holds_keys(self):
+        with self._lock:
+            return self._connection.execute("SELECT 1 FROM data_keys LIMIT 1").fetchone() is not None
+
+    def __reduce__(self):
+        return (SqliteKeystore, (self.kek, self.path))
