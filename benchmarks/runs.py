@@ -22,10 +22,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks import floor, workload
+from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
 from pipelines.backfill import Backfill
-from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_BATCH_RUNNER
+from transforms.settings import DeliverySettings
 
 WORKLOADS = pathlib.Path(__file__).parent / ".workloads"
 
@@ -45,12 +46,13 @@ def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int) -> in
     registry = load_registry()
     with beam.Pipeline(options=options) as pipeline:
         for name in workload.MIX:
+            event_type = registry[name]
             settings = DeliverySettings(
-                registry[name],
-                output_root=str(out / "delivered"),
-                late_root=str(out / "late"),
-                dead_letter_root=str(out / "dead-letter"),
+                event_type,
+                layout=Layout.under(str(out), name, HOUR_SECONDS),
                 keys=work.keys,
+                allowed_lateness_seconds=event_type.tier.allowed_lateness_seconds,
+                num_shards=event_type.tier.num_shards,
                 trigger_seconds=None,
                 run_id="bench",
             )

@@ -17,9 +17,7 @@ as erased::
 
 from __future__ import annotations
 
-import argparse
 import collections
-import dataclasses
 import sys
 
 import apache_beam as beam
@@ -27,16 +25,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
-from pipelines.delivery import DeliverySettings, add_delivery_arguments, deliver, settings_from_args
-from pipelines.runtime import (
-    LOCAL_BATCH_RUNNER,
-    add_hour_range_arguments,
-    partition_paths,
-    pipeline_options,
-    start_batch_job,
-)
+from pipelines.delivery import deliver
+from pipelines.options import DeliveryOptions, delivery_settings
+from pipelines.runtime import LOCAL_BATCH_RUNNER, partition_paths, start_replay_job
 from transforms.archive import ERASED, ReplayArchiveFn
+from transforms.personal import JobKeyCache
+from transforms.settings import DeliverySettings
 
+PROG = "python -m pipelines.backfill"
 RUN_ID = "backfill"
 
 
@@ -49,66 +45,56 @@ class Backfill(beam.PTransform):
         self.settings = settings
 
     def expand(self, pipeline):
+        # The replay unseals with the keys the path then encrypts with: one cache serves both.
+        key_cache = JobKeyCache(self.settings.keys)
         messages = (
             pipeline
             | "ListArchiveFiles" >> beam.Create(self.archive_paths)  # it spreads the files over workers
-            | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, self.settings.key_cache))
+            | "ReplayArchive" >> beam.ParDo(ReplayArchiveFn(self.settings.event_type, key_cache))
         )
-        return deliver(messages, self.settings)
+        return deliver(messages, self.settings, key_cache)
 
 
 def clear_hours(settings: DeliverySettings, start, end) -> int:
     """Deletes what an earlier backfill wrote to the hours of the range; returns how many files."""
-    name = settings.event_type.name
-    roots = (settings.output_root, settings.staging_root, settings.late_root, settings.dead_letter_root)
-    stale = [path for root in roots for path in partition_paths(root, name, start, end, pattern="*")]
+    layout = settings.layout
+    roots = (layout.delivered, layout.staging, layout.late, layout.dead_letter)
+    stale = [path for root in roots for path in partition_paths(root, layout.event_type, start, end, pattern="*")]
     if stale:
         FileSystems.delete(stale)
     return len(stale)
 
 
-def _settings(args) -> DeliverySettings:
+def _settings(options: DeliveryOptions) -> DeliverySettings:
     """The delivery path's settings for a bounded replay: no archive of its own, fixed file names."""
-    return dataclasses.replace(settings_from_args(args), raw_archive_root=None, run_id=RUN_ID)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.backfill",
-        description=__doc__.split("\n")[0],
-        epilog="Beam's own options (--runner, --direct_num_workers, ...) pass through.",
-    )
-    parser.add_argument(
-        "--raw_archive_root", required=True, help="The delivery job's --raw_archive_root, e.g. gs://bucket/raw."
-    )
-    add_hour_range_arguments(parser, "the backfill")
-    add_delivery_arguments(parser)
-    parser.set_defaults(trigger_seconds=None)
-    return parser
+    if not options.raw_archive_root:
+        raise ValueError("--raw_archive_root is required: the archive to replay")
+    return delivery_settings(options, bounded=True, archive=False, run_id=RUN_ID)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args, beam_args, (start, end), settings = start_batch_job(parser, argv, _settings, "raw_archive_root")
-    source = args.raw_archive_root
+    options, settings, (start, end) = start_replay_job(
+        PROG, __doc__, argv, _settings, lambda family, _: family.raw_archive_root, LOCAL_BATCH_RUNNER
+    )
+    source = options.view_as(DeliveryOptions).raw_archive_root
     name = settings.event_type.name
     paths = partition_paths(source, name, start, end)
     cleared = clear_hours(settings, start, end)
     if not paths:
         print(f"no archived {name} messages in {source} for {start:%Y-%m-%dT%H}..{end:%Y-%m-%dT%H}")
         return 0
-    pipeline = beam.Pipeline(options=pipeline_options(beam_args, LOCAL_BATCH_RUNNER))
+    pipeline = beam.Pipeline(options=options)
     pipeline | f"Backfill {name}" >> Backfill(paths, settings)
     result = pipeline.run()
     result.wait_until_finish()
     counts = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
     accounting = collections.Counter()
-    for marker in partition_paths(settings.output_root, name, start, end, pattern=partitions.SUCCESS_MARKER):
+    for marker in partition_paths(settings.layout.delivered, name, start, end, pattern=partitions.SUCCESS_MARKER):
         accounting.update(files.read_json(marker)["accounting"])
     print(
         f"{name}: replayed {counts.get('replayed', 0)} archived message(s) from {len(paths)} file(s) into "
-        f"{settings.output_root} ({cleared} file(s) of an earlier backfill replaced): {accounting['delivered']} "
+        f"{settings.layout.delivered} ({cleared} file(s) of an earlier backfill replaced): {accounting['delivered']} "
         f"delivered, {accounting['duplicates']} duplicates, {accounting['dead_lettered']} dead-lettered; "
         f"{counts.get(ERASED, 0)} erased (subject forgotten)"
     )

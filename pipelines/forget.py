@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if args.subjects_file and not os.path.isfile(args.subjects_file):
         parser.error(f"there is no file {args.subjects_file}")
-    with preflight.exit_on_failure(parser):
+    with preflight.exit_on_failure(parser.prog):
         keystore = open_existing_keystore(keys, args.allow_empty_keystore)
     if args.subjects_file:
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)

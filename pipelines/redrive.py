@@ -2,10 +2,11 @@
 
 It reads the dead letters of an hour range, unseals each payload with the type's
 quarantine key, applies a registered fix (``event_delivery/contract/fixes.py``; ``none`` after a
-schema update), and parses it again with the current schema. What now passes is
-bucketed and encrypted by the delivery path's own transforms, and written to the late
-root if its hour has closed, or staged for the streaming job to publish when the hour
-closes (a close publishes the staged files of every run). The rest stays dead-lettered:
+schema update), and parses it again with the current schema. What now passes goes through the
+delivery path's own transforms (parse, bucket, encrypt, stage) and to ``CloseHour``,
+which alone knows whether an hour is closed: a staged file of an hour that has its
+marker moves to the late root; otherwise it waits for the close of the streaming job
+that owns the hour (a close publishes the staged files of every run). The rest stays dead-lettered:
 each dead-letter file is rewritten without the messages that left it, so every message is
 still in exactly one place::
 
@@ -15,10 +16,9 @@ still in exactly one place::
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import sys
-import time
 
 import apache_beam as beam
 import fastavro
@@ -28,25 +28,31 @@ from apache_beam.transforms.window import GlobalWindows
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, quarantine_key_name
 from event_delivery.contract.fixes import FIXES
-from event_delivery.contract.registry import EventType, get_event_type, load_registry
-from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
+from event_delivery.contract.registry import EventType
+from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_bytes
-from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
-from transforms.hours import BucketByHour, bucket_start_seconds
-from transforms.parse import DEAD_LETTERS, ParseEventFn
+from pipelines.options import DeliveryOptions, add_redrive_arguments, delivery_settings
+from pipelines.runtime import LOCAL_RUNNER, partition_paths, start_replay_job
+from transforms.close import CloseHour
+from transforms.hours import BucketByHour
+from transforms.parse import ParseEvents
 from transforms.personal import EncryptPersonalFields, JobKeyCache
-from transforms.reports import DELIVERED, LATE
+from transforms.reports import DELIVERED
+from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes
 
-REDRIVEN = "redriven"
+PROG = "python -m pipelines.redrive"
+REPLAYED = "replayed"
 SOURCE = "redrive_source"  # attribute carrying the dead letter's place while it is replayed
+# A redrive may replay old hours on purpose: nothing it reads is too old.
+HORIZON_SECONDS = 10 * 365 * 24 * 3600
 
 
 class ReplayDeadLettersFn(beam.DoFn):
-    """A dead-letter file in; each of its messages, unsealed and fixed, out as a Pub/Sub message."""
+    """A dead-letter file in; each of its messages, unsealed and fixed, out as a Pub/Sub message,
+    and the place of each (``index:path``) on the ``replayed`` output."""
 
     def __init__(self, event_type: EventType, keys: KeyConfig, fix_name: str):
         self.event_type = event_type
@@ -64,48 +70,7 @@ class ReplayDeadLettersFn(beam.DoFn):
             data, attributes = self.fix(payload, dict(record["attributes"]), self.event_type)
             attributes[SOURCE] = f"{index}:{path}"
             yield PubsubMessage(data, attributes, publish_time=record["received_at"])
-
-
-class ReparseFn(beam.DoFn):
-    """Parses a replayed message with the current schema; reports where each one ends up."""
-
-    def __init__(self, event_type: EventType, late_horizon_seconds: int):
-        self.parse = ParseEventFn(event_type, 64 * 1024, late_horizon_seconds, 3600)
-
-    def setup(self):
-        self.parse.setup()
-
-    def process(self, message):
-        attributes = dict(message.attributes)
-        source = attributes.pop(SOURCE)
-        for output in self.parse.process(PubsubMessage(message.data, attributes, publish_time=message.publish_time)):
-            if getattr(output, "tag", None) == DEAD_LETTERS:
-                return  # still broken: it stays where it is
-            yield output
-            yield beam.pvalue.TaggedOutput(REDRIVEN, source)
-
-
-class RouteByCloseFn(beam.DoFn):
-    """Panes of a closed hour go to the late root; those of an hour still open, to staging."""
-
-    def __init__(self, output_root: str, event_type_name: str, window_seconds: int, lateness_seconds: int):
-        self.output_root = output_root
-        self.event_type_name = event_type_name
-        self.window_seconds = window_seconds
-        self.lateness_seconds = lateness_seconds
-
-    def setup(self):
-        use_emulator_credentials()
-
-    def process(self, pane, window=beam.DoFn.WindowParam):
-        start = bucket_start_seconds(window)
-        folder = partitions.partition_dir(self.output_root, self.event_type_name, start, self.window_seconds)
-        marked = files.exists(partitions.join(folder, partitions.SUCCESS_MARKER))
-        over = time.time() > start + self.window_seconds + self.lateness_seconds
-        if marked or over:
-            yield beam.pvalue.TaggedOutput(LATE, pane)
-        else:
-            yield pane
+            yield beam.pvalue.TaggedOutput(REPLAYED, attributes[SOURCE])
 
 
 class RemoveRedrivenFn(beam.DoFn):
@@ -131,72 +96,68 @@ def _source_place(source: str) -> tuple[str, int]:
     return path, int(index)
 
 
-def redrive(pipeline, paths, event_type: EventType, keys: KeyConfig, roots, layout, fix: str, run_id: str):
+def _passed(source_outcomes) -> list[str]:
+    source, outcomes = source_outcomes
+    return [] if outcomes["still_broken"] else [source]
+
+
+def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
     """Replays the dead letters in ``paths``; returns how many left each rewritten file."""
-    output_root, late_root, staging_root = roots
-    window_seconds, lateness_seconds = layout
-    name, schema, shards = event_type.name, event_type.delivered_schema, event_type.tier.num_shards
-    horizon = 10 * 365 * 24 * 3600  # a redrive may replay old hours on purpose
     replayed = (
         pipeline
         | "ListFiles" >> beam.Create(paths)
-        | "ReplayDeadLetters" >> beam.ParDo(ReplayDeadLettersFn(event_type, keys, fix))
-        | "ParseEvents" >> beam.ParDo(ReparseFn(event_type, horizon)).with_outputs(REDRIVEN, main="events")
-    )
-    panes = replayed.events | "BucketByHour" >> BucketByHour(window_seconds, lateness_seconds, None, horizon, shards)
-    # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
-    protected = panes | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, JobKeyCache(keys))
-    route = RouteByCloseFn(output_root, name, window_seconds, lateness_seconds)
-    routed = protected["events"] | "RouteByClose" >> beam.ParDo(route).with_outputs(LATE, main="open")
-    written = (
-        (
-            routed.open
-            | "StageForClose" >> WriteAvroPanes(staging_root, name, schema, window_seconds, run_id, DELIVERED),
-            routed[LATE] | "WriteLate" >> WriteAvroPanes(late_root, name, schema, window_seconds, run_id, LATE),
+        | "ReplayDeadLetters"
+        >> beam.ParDo(ReplayDeadLettersFn(settings.event_type, settings.keys, fix)).with_outputs(
+            REPLAYED, main="messages"
         )
-        | "Written" >> beam.Flatten()
-        | "OneWindow" >> beam.WindowInto(GlobalWindows())
     )
+    parsed = replayed.messages | "ParseEvents" >> ParseEvents(settings)
+    # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
+    panes = parsed.events | "BucketByHour" >> BucketByHour(settings)
+    key_cache = JobKeyCache(settings.keys)
+    protected = panes | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
+    staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
+    staged | "CloseHour" >> CloseHour(settings, publish=False)
+
+    # What came out of parsing as a dead letter again stays where it is; the rest left its file.
+    still_broken = parsed.dead_letters | "StillBroken" >> beam.Map(lambda dead: (dead[2]["attributes"][SOURCE], 1))
+    places = replayed[REPLAYED] | "Places" >> beam.Map(lambda source: (source, 1))
+    written = staged | "OneWindow" >> beam.WindowInto(GlobalWindows())
     # The side input makes every rewrite wait until all redriven events are written.
     return (
-        replayed[REDRIVEN]
+        {"replayed": places, "still_broken": still_broken}
+        | "JoinOutcomes" >> beam.CoGroupByKey()
+        | "Redriven" >> beam.FlatMap(_passed)
         | "ByFile" >> beam.Map(_source_place)
         | "GroupByFile" >> beam.GroupByKey()
         | "RemoveRedriven" >> beam.ParDo(RemoveRedrivenFn(), written=beam.pvalue.AsList(written))
     )
 
 
+def _settings(options: DeliveryOptions) -> DeliverySettings:
+    if options.fix not in FIXES:
+        raise ValueError(f"--fix must be one of {', '.join(sorted(FIXES))}")
+    return delivery_settings(options, bounded=True, archive=False, late_horizon_seconds=HORIZON_SECONDS)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m pipelines.redrive", description=__doc__.split("\n")[0])
-    parser.add_argument("--event_type", required=True, choices=sorted(load_registry()))
-    parser.add_argument("--storage_root", required=True, help="The delivery job's --storage_root.")
-    add_hour_range_arguments(parser, "dead letters")
-    parser.add_argument("--fix", default="none", choices=sorted(FIXES), help="A registered fix. Default: none.")
-    parser.add_argument(
-        "--window_seconds", type=int, default=partitions.HOUR_SECONDS, help="The delivery job's bucket length."
+    options, settings, (start, end) = start_replay_job(
+        PROG, __doc__, argv, _settings, lambda _, s: s.layout.dead_letter, LOCAL_RUNNER, add_redrive_arguments
     )
-    parser.add_argument("--allowed_lateness_seconds", type=int, help="The delivery job's lateness. Default: tier's.")
-    add_key_arguments(parser)
-    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args, "storage_root")
-    event_type = get_event_type(args.event_type)
-    root = args.storage_root.rstrip("/")
-    paths = partition_paths(f"{root}/dead-letter", event_type.name, start, end)
+    fix = options.view_as(DeliveryOptions).fix
+    name, dead_letters = settings.event_type.name, settings.layout.dead_letter
+    paths = partition_paths(dead_letters, name, start, end)
     counts = {path: files.count_avro_records(path) for path in paths}
     before = sum(counts.values())
     # Named after what it replays: a re-run after a failure rewrites the same files, while a
     # redrive of what an earlier one left behind (other contents) never overwrites its files.
-    replayed = "\n".join(f"{path} {count}" for path, count in counts.items()) + f"\n{args.fix}"
-    run_id = "redrive-" + hashlib.sha256(replayed.encode()).hexdigest()[:12]
-    lateness = args.allowed_lateness_seconds
-    layout = (args.window_seconds, event_type.tier.allowed_lateness_seconds if lateness is None else lateness)
-    roots = (f"{root}/delivered", f"{root}/late", f"{root}/delivered/_staging")
-    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
-        redrive(pipeline, paths, event_type, keys, roots, layout, args.fix, run_id)
-    remaining = sum(
-        files.count_avro_records(p) for p in partition_paths(f"{root}/dead-letter", event_type.name, start, end)
-    )
-    print(f"{event_type.name}: {before} dead letter(s) in range; {before - remaining} redriven, {remaining} remain")
+    replayed = "\n".join(f"{path} {count}" for path, count in counts.items()) + f"\n{fix}"
+    settings = dataclasses.replace(settings, run_id="redrive-" + hashlib.sha256(replayed.encode()).hexdigest()[:12])
+    with beam.Pipeline(options=options) as pipeline:
+        redrive(pipeline, paths, settings, fix)
+    remaining = sum(files.count_avro_records(p) for p in partition_paths(dead_letters, name, start, end))
+    print(f"{name}: {before} dead letter(s) in range; {before - remaining} redriven, {remaining} remain")
     return 0
 
 

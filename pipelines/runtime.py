@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import posixpath
+import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -50,11 +51,48 @@ def start_batch_job(parser, argv: list[str], resolve, source: str):
         resolved = resolve(args)
     except (KeyError, ValueError) as error:
         parser.error(error.args[0] if isinstance(error, KeyError) else str(error))
-    with preflight.exit_on_failure(parser):
+    with preflight.exit_on_failure(parser.prog):
         preflight.check_root(getattr(args, source), create=False)
     start_logging()
     use_emulator_credentials()
     return args, beam_args, hours, resolved
+
+
+def fail(prog: str, reason: str):
+    """A bad flag or a failed check: one line on stderr, exit code 2."""
+    sys.stderr.write(f"{prog}: error: {reason}\n")
+    sys.exit(2)
+
+
+def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_of, runner: str, *groups):
+    """Parses a batch job of the delivery family (backfill, redrive) once, with Beam.
+
+    ``settings_of(options)`` resolves its settings and ``source_of(options, settings)`` names the
+    root it reads, which must be there. ``--help`` shows the family's flags and ``groups``.
+    A bad value or a failed check exits with one line and code 2. Then logging starts and,
+    against the emulators, their credentials are in place.
+    Returns ``(options, settings, (start, end))``.
+    """
+    from pipelines.options import DeliveryOptions, add_replay_arguments, help_parser
+
+    if {"-h", "--help"} & set(argv):
+        help_parser(prog, doc, add_replay_arguments, *groups).print_help()
+        sys.exit(0)
+    options = pipeline_options(argv, runner)
+    family = options.view_as(DeliveryOptions)
+    try:
+        if not (family.start and family.end):
+            raise ValueError("--start and --end are required")
+        hours = utc_hour(family.start), utc_hour(family.end)
+        settings = settings_of(family)
+        source = source_of(family, settings)
+    except (KeyError, ValueError) as error:
+        fail(prog, error.args[0] if isinstance(error, KeyError) else str(error))
+    with preflight.exit_on_failure(prog):
+        preflight.check_root(source, create=False)
+    start_logging()
+    use_emulator_credentials()
+    return options, settings, hours
 
 
 def utc_hour(text: str) -> datetime.datetime:

@@ -12,10 +12,11 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 
+from event_delivery.contract.partitions import Layout
 from event_delivery.keys.config import KeyConfig
-from pipelines.delivery import DeliverySettings
 from pipelines.runtime import LOCAL_RUNNER
 from tests.conftest import published_at
+from transforms.settings import DeliverySettings
 
 # Short "hours" for the tests, placed near the epoch because a TestStream's processing
 # clock starts at 0: START is 1970-01-01T01:00:00Z.
@@ -56,18 +57,17 @@ def local_keys(folder) -> KeyConfig:
     return KeyConfig(f"sqlite:///{folder}/keystore.db", f"{folder}/kek.key")
 
 
-def local_settings(root, event_type, keys: KeyConfig, run_id="run1", num_shards=2) -> DeliverySettings:
-    """Delivery into ``root``'s delivered/, late/ and dead-letter/ folders, with the short hours above."""
+def local_settings(
+    root, event_type, keys: KeyConfig, run_id="run1", num_shards=2, raw_archive=False, window_seconds=WINDOW, **more
+) -> DeliverySettings:
+    """Delivery into ``root``'s delivered/, late/ and dead-letter/ folders (and raw/ with
+    ``raw_archive``), with the short hours above unless told otherwise."""
+    values = dict(allowed_lateness_seconds=LATENESS, trigger_seconds=TRIGGER, late_horizon_seconds=86400)
     return DeliverySettings(
         event_type,
-        output_root=f"{root}/delivered",
-        late_root=f"{root}/late",
-        dead_letter_root=f"{root}/dead-letter",
+        layout=Layout.under(str(root), event_type.name, window_seconds, raw_archive),
         keys=keys,
-        window_seconds=WINDOW,
-        allowed_lateness_seconds=LATENESS,
-        trigger_seconds=TRIGGER,
-        late_horizon_seconds=86400,
         num_shards=num_shards,
         run_id=run_id,
+        **{**values, **more},
     )

@@ -24,10 +24,10 @@ SCHEMA = fastavro.parse_schema(
 
 
 def test_a_file_that_a_close_moves_while_the_audit_reads_is_counted_where_it_went(tmp_path, monkeypatch):
-    root = str(tmp_path / "delivered")
+    layout = partitions.Layout.under(str(tmp_path), "play", 3600)
     name = partitions.pane_file_name("play", "run1", 0, 0)
-    staged = partitions.join(partitions.partition_dir(f"{root}/_staging", "play", HOUR, 3600), name)
-    published = partitions.join(partitions.partition_dir(root, "play", HOUR, 3600), name)
+    staged = partitions.join(layout.hour(layout.staging, HOUR), name)
+    published = partitions.join(layout.hour(layout.delivered, HOUR), name)
     received_at = datetime.datetime.fromtimestamp(HOUR + 5, tz=datetime.timezone.utc)
     files.write_avro(staged, SCHEMA, [{"event_id": f"e{i}", "received_at": received_at} for i in range(3)])
 
@@ -41,7 +41,7 @@ def test_a_file_that_a_close_moves_while_the_audit_reads_is_counted_where_it_wen
         return count(path)
 
     monkeypatch.setattr(files, "count_avro_records", close_meanwhile)
-    result = audit.audit_type("play", root, str(tmp_path / "late"), str(tmp_path / "dead-letter"), 3600)
+    result = audit.audit_type(layout)
     assert moves == [staged]
     assert (result.total("staged"), result.total("delivered")) == (0, 3)
     assert sorted(result.hours[partitions.partition(HOUR)].delivered_ids) == ["e0", "e1", "e2"]

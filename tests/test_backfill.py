@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery.cloud import files
+from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.ops.audit import audit_type
 from pipelines import backfill
@@ -19,9 +18,7 @@ from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, l
 
 def live_run(root, event_type, keys):
     """Streams two hours with duplicates, dead letters and late events, archiving every message."""
-    settings = dataclasses.replace(
-        local_settings(f"{root}/live", event_type, keys), raw_archive_root=f"{root}/live/raw"
-    )
+    settings = local_settings(f"{root}/live", event_type, keys, raw_archive=True)
     clock = Clock(START)
     first = [message(valid_fields(event_type, i), f"a{i}", (START + i) * 1000) for i in range(12)]
     clock.arrive(*first, first[0], first[3], raw_message(b"{oops", "bad-1"), raw_message(b"", "bad-2"))
@@ -53,7 +50,7 @@ def backfill_flags(root, keys, event_type) -> list[str]:
 
 
 def audit(root, name):
-    result = audit_type(name, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", WINDOW)
+    result = audit_type(Layout.under(root, name, WINDOW))
     assert not result.problems
     return result
 
@@ -100,7 +97,7 @@ def test_backfill_redelivers_every_archived_message_and_a_rerun_changes_nothing(
         assert again.dead_letter_kinds == hour.dead_letter_kinds
     live_records = clear_records(f"{tmp_path}/live", event_type, keys)
     assert clear_records(f"{tmp_path}/backfill", event_type, keys) == live_records
-    assert live.raw_archive_root and files.glob(f"{live.raw_archive_root}/{type_name}/*/*/*.avro")
+    assert live.layout.raw_archive and files.glob(f"{live.layout.raw_archive}/{type_name}/*/*/*.avro")
 
     first_manifests = manifests(f"{tmp_path}/backfill", type_name)
     first_files = sorted(p[len(str(tmp_path)) :] for p in files.glob(f"{tmp_path}/backfill/**"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from benchmarks import floor, runs, workload
 from event_delivery.cloud import files
+from event_delivery.contract.partitions import Layout
 from event_delivery.ops.audit import audit_type
 
 
@@ -18,7 +19,7 @@ def test_the_floor_and_the_backfill_pipeline_do_the_same_work(tmp_path):
         by_floor = [r["event_id"] for r in files.read_avro(str(tmp_path / "floor" / f"{name}.avro"))]
         dead_by_floor = files.count_avro_records(str(tmp_path / "floor" / f"{name}-dead-letters.avro"))
         root = tmp_path / "pipeline"
-        audit = audit_type(name, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", 3600)
+        audit = audit_type(Layout.under(root, name, 3600))
         assert not audit.problems
         [hour] = audit.hours.values()
         assert sorted(hour.delivered_ids) == sorted(by_floor), name

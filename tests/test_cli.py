@@ -82,7 +82,7 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
         (
             "pipelines.backfill",
             ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"],
-            "the following arguments are required: --raw_archive_root",
+            "--raw_archive_root is required: the archive to replay",
         ),
         (
             "pipelines.backfill",

@@ -10,23 +10,28 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows, IntervalWindow
 
+from event_delivery.contract.registry import load_registry
 from pipelines.runtime import LOCAL_BATCH_RUNNER
-from tests.streams import Clock, streaming_pipeline
+from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.dedup import LATE, Deduplicate, DeduplicateFn
 from transforms.hours import BucketByHour
-
-WINDOW, LATENESS, TRIGGER = 60, 30, 5
 
 
 def event(event_id, received_at_seconds):
     return (event_id, received_at_seconds * 1000, {"n": event_id})
 
 
-def run(clock, unique, late, duplicates):
+def settings(tmp_path, **more):
+    """Three shards, and a staging folder of its own that no earlier run wrote to."""
+    return local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path), num_shards=3, **more)
+
+
+def run(clock, unique, late, duplicates, tmp_path):
     """Runs the stream through bucketing and deduplication and checks what comes out."""
     with streaming_pipeline() as pipeline:
-        panes = pipeline | clock.finish() | BucketByHour(WINDOW, LATENESS, TRIGGER, 3600, num_shards=3)
-        result = panes | Deduplicate()
+        s = settings(tmp_path, late_horizon_seconds=3600)
+        panes = pipeline | clock.finish() | BucketByHour(s)
+        result = panes | Deduplicate(s)
         ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
         assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
         assert_that(ids("LateIds", result.late), equal_to(late), label="late")
@@ -39,40 +44,41 @@ def run(clock, unique, late, duplicates):
         assert_that(counted, equal_to(duplicates), label="duplicates")
 
 
-def test_repeats_are_dropped_within_a_pane_and_across_panes():
+def test_repeats_are_dropped_within_a_pane_and_across_panes(tmp_path):
     start = 600
     clock = Clock(start)
     clock.arrive(*(event(f"e{i}", start + i) for i in range(6)), event("e0", start))  # repeat in the same pane
     clock.advance(TRIGGER * 2)  # the first pane fires
     clock.arrive(event("e1", start + 1), event("e2", start + 2), event("e9", start + 9))  # repeats in a later pane
     clock.advance(TRIGGER * 2)
-    run(clock, unique=["e0", "e1", "e2", "e3", "e4", "e5", "e9"], late=[], duplicates=[3])
+    run(clock, unique=["e0", "e1", "e2", "e3", "e4", "e5", "e9"], late=[], duplicates=[3], tmp_path=tmp_path)
 
 
-def test_the_same_id_in_another_hour_is_not_a_duplicate():
+def test_the_same_id_in_another_hour_is_not_a_duplicate(tmp_path):
     start = 600
     clock = Clock(start)
     clock.arrive(event("e1", start), event("e1", start + WINDOW))
     clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1", "e1"], late=[], duplicates=[])
+    run(clock, unique=["e1", "e1"], late=[], duplicates=[], tmp_path=tmp_path)
 
 
-def test_after_the_close_repeats_and_stragglers_are_late():
+def test_after_the_close_repeats_and_stragglers_are_late(tmp_path):
     start = 600
     clock = Clock(start)
     clock.arrive(event("e1", start + 1), event("e2", start + 2))
     clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
     clock.arrive(event("e1", start + 1), event("e3", start + 3))  # a repeat and a straggler, both late
     clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1", "e2"], late=["e1", "e3"], duplicates=[])
+    run(clock, unique=["e1", "e2"], late=["e1", "e3"], duplicates=[], tmp_path=tmp_path)
 
 
-def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest():
+def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_path):
     start, ids = 600, [f"e{i % 7}" for i in range(30)]  # 7 ids, most of them repeated
     events = [event(i, start + n) for n, i in enumerate(ids)] + [event("e1", start + WINDOW)]  # e1 again, next hour
     with beam.Pipeline(runner=LOCAL_BATCH_RUNNER) as pipeline:
-        panes = pipeline | beam.Create(events) | BucketByHour(WINDOW, LATENESS, None, 3600, num_shards=3)
-        result = panes | Deduplicate(bounded=True)
+        s = settings(tmp_path, late_horizon_seconds=3600, trigger_seconds=None)
+        panes = pipeline | beam.Create(events) | BucketByHour(s)
+        result = panes | Deduplicate(s)
         unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         assert_that(unique, equal_to(sorted(set(ids)) + ["e1"]), label="unique")
         per_hour = result.duplicates | beam.Map(lambda report: report[1]) | beam.CombineGlobally(sum).without_defaults()
@@ -120,8 +126,8 @@ class WatermarkTimer:
 class OneHourShard:
     """Drives ``DeduplicateFn`` for one (hour, shard) by hand, with state it can inspect."""
 
-    def __init__(self):
-        self.fn = DeduplicateFn()
+    def __init__(self, tmp_path):
+        self.fn = DeduplicateFn(settings(tmp_path))
         self.fn.setup()
         self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
         self.seen, self.started, self.closed, self.timer = BagState(), ValueState(), ValueState(), WatermarkTimer()
@@ -139,8 +145,8 @@ class OneHourShard:
         return {"seen": self.seen.read(), "started": self.started.read()}
 
 
-def test_an_open_hour_holds_each_distinct_id_once_and_a_closed_hour_holds_none():
-    shard = OneHourShard()
+def test_an_open_hour_holds_each_distinct_id_once_and_a_closed_hour_holds_none(tmp_path):
+    shard = OneHourShard(tmp_path)
     shard.pane("e1", "e2", "e1")
     shard.pane("e2", "e3", "e3", "e1")
     assert sorted(shard.seen.read()) == ["e1", "e2", "e3"], "repeats add nothing to the state"

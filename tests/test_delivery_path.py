@@ -41,13 +41,11 @@ def run(settings, clock):
 
 
 def audit(settings):
-    return audit_type(
-        settings.event_type.name, settings.output_root, settings.late_root, settings.dead_letter_root, WINDOW
-    )
+    return audit_type(settings.layout)
 
 
 def hour_folder(settings, start_seconds) -> pathlib.Path:
-    return pathlib.Path(partitions.partition_dir(settings.output_root, settings.event_type.name, start_seconds, WINDOW))
+    return pathlib.Path(settings.layout.hour(settings.layout.delivered, start_seconds))
 
 
 def hour_closes_at(received_at_seconds) -> int:
@@ -57,7 +55,7 @@ def hour_closes_at(received_at_seconds) -> int:
 
 def late_ids(settings) -> list[str]:
     """The ids in every late file of the type, one entry per record."""
-    paths = files.glob(f"{settings.late_root}/{settings.event_type.name}/*/*/*.avro")
+    paths = files.glob(f"{settings.layout.late}/{settings.event_type.name}/*/*/*.avro")
     return [record["event_id"] for path in paths for record in files.read_avro(path)]
 
 
@@ -82,7 +80,7 @@ def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
     manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
     assert manifest["accounting"] == {"in": 17, "delivered": 15, "duplicates": 1, "dead_lettered": 1, "forgotten": 0}
     assert manifest["hour_start"] == "1970-01-01T01:00:00Z"
-    assert not files.glob(f"{s.staging_root}/*/*/*/*"), "staging is empty once the hour is published"
+    assert not files.glob(f"{s.layout.staging}/*/*/*/*"), "staging is empty once the hour is published"
 
 
 def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, registry):
@@ -139,11 +137,11 @@ def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, reg
     resumed = settings(run_id="run2")
     # A run that stopped before the hour closed left a staged pane and a dead letter behind.
     staged = {"event_id": "e1", "received_at": (START + 1) * 1000, **valid_fields(log, 1)}
-    staging = partitions.partition_dir(resumed.staging_root, "service_log", START, WINDOW)
+    staging = resumed.layout.hour(resumed.layout.staging, START)
     leftover = partitions.pane_file_name("service_log", "run1", 0, shard_of("e1", resumed.num_shards))
     files.write_avro(f"{staging}/{leftover}", log.parsed_delivered_schema, [staged])
     rejected = dead_letter("service_log", ErrorKind.NOT_JSON, "not JSON", "bad", (START + 2) * 1000, {}, b"sealed")
-    dead_letters = partitions.partition_dir(resumed.dead_letter_root, "service_log", START, WINDOW)
+    dead_letters = resumed.layout.hour(resumed.layout.dead_letter, START)
     leftover = partitions.pane_file_name("service_log", "run1", 0, shard_of("bad", resumed.num_shards))
     files.write_avro(f"{dead_letters}/{leftover}", parsed_dead_letter_schema(), [rejected])
 

@@ -35,8 +35,7 @@ def keys(tmp_path):
 
 def settings_for(tmp_path, event_type, keys, run_id="run1"):
     """Local delivery that also keeps the raw archive, so every test covers it too."""
-    settings = local_settings(tmp_path / "out", event_type, keys, run_id)
-    return dataclasses.replace(settings, raw_archive_root=str(tmp_path / "out" / "raw"))
+    return local_settings(tmp_path / "out", event_type, keys, run_id, raw_archive=True)
 
 
 def deliver_events(settings, events, start=START, late_events=()):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from event_delivery.cloud import files
+from event_delivery.contract.partitions import Layout
 from event_delivery.local.jobs import start_job, stop_jobs
 from event_delivery.local.loadgen import TrafficMix, publish_traffic, traffic
 from event_delivery.ops import provision
@@ -75,9 +76,7 @@ def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, t
         stop_jobs(jobs)
 
     assert "Not a directory" in jobs[1].log_path.read_text(errors="replace"), "the broken type did break"
-    audit = audit_type(
-        "play", f"{healthy_root}/delivered", f"{healthy_root}/late", f"{healthy_root}/dead-letter", WINDOW
-    )
+    audit = audit_type(Layout.under(healthy_root, "play", WINDOW))
     assert not audit.problems and audit.settled
     accounted = sum(audit.total(k) for k in ("delivered", "duplicates", "late", "dead_lettered"))
     assert accounted == ledger.published

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from event_delivery.contract.partitions import Layout
 from event_delivery.local.jobs import start_job, stop_jobs
 from event_delivery.ops import provision
 from event_delivery.ops.audit import audit_type
@@ -72,7 +73,7 @@ def _wait_until_accounted(root, published: int, timeout_seconds: float):
     """The audit once every published message is accounted for and every hour closed."""
     deadline = time.monotonic() + timeout_seconds
     while True:
-        audit = audit_type("play", f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", WINDOW)
+        audit = audit_type(Layout.under(root, "play", WINDOW))
         accounted = sum(audit.total(k) for k in ("delivered", "duplicates", "late", "dead_lettered"))
         if (accounted == published and audit.settled) or time.monotonic() > deadline:
             return audit

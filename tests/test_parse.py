@@ -14,6 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from event_delivery.contract.dead_letters import ErrorKind
 from event_delivery.local.loadgen import malformed
 from tests.conftest import message, published_at, raw_message, valid_fields
+from tests.streams import local_keys, local_settings
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 
 ARRIVAL_MILLIS = 1_800_000_000_000
@@ -119,13 +120,14 @@ def test_timestamps_beyond_the_horizons_are_bad(registry):
         assert dead_letter_received_at == ARRIVAL_MILLIS, "a bad timestamp falls back to arrival"
 
 
-def test_parse_events_transform_splits_events_and_dead_letters(registry):
+def test_parse_events_transform_splits_events_and_dead_letters(registry, tmp_path):
     log = registry["service_log"]
     good = message(valid_fields(log), "good", ARRIVAL_MILLIS)
     bad = raw_message(b"{", event_id="bad")
     arrived = [published_at(m, ARRIVAL_MILLIS) for m in (good, bad)]
     with TestPipeline() as pipeline:
-        parsed = pipeline | beam.Create(arrived) | ParseEvents(log, MAX_BYTES, 86400, 3600)
+        settings = local_settings(tmp_path, log, local_keys(tmp_path), max_event_bytes=MAX_BYTES)
+        parsed = pipeline | beam.Create(arrived) | ParseEvents(settings)
         assert_that(parsed.events | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")
         kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[2]["error_kind"]))
         assert_that(kinds, equal_to([("bad", "NOT_JSON")]), label="dead_letters")

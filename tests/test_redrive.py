@@ -6,8 +6,8 @@ import json
 import time
 
 from event_delivery.cloud import files
-from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
+from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import encrypt_bytes
 from event_delivery.ops.audit import audit_type
@@ -26,7 +26,7 @@ def setup(tmp_path):
 
 
 def counts(tmp_path):
-    audit = audit_type("search", f"{tmp_path}/delivered", f"{tmp_path}/late", f"{tmp_path}/dead-letter", WINDOW)
+    audit = audit_type(Layout.under(tmp_path, "search", WINDOW))
     assert not audit.problems
     return {kind: audit.total(kind) for kind in ("delivered", "duplicates", "late", "dead_lettered")}
 
@@ -70,7 +70,7 @@ def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
     record.update(
         payload=encrypt_bytes(key.aead, payload, "search", "payload", key.key_id), quarantine_key_id=key.key_id
     )
-    folder = partitions.partition_dir(settings.dead_letter_root, "search", hour, WINDOW)
+    folder = settings.layout.hour(settings.layout.dead_letter, hour)
     files.write_avro(
         f"{folder}/search-run1-p00000-s000.avro", files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), [record]
     )

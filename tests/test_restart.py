@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from event_delivery.cloud import clients, files
+from event_delivery.contract.partitions import Layout
 from event_delivery.local.jobs import start_job, stop_jobs
 from event_delivery.ops import provision
 from event_delivery.ops.audit import audit_type
@@ -75,7 +76,7 @@ def test_a_restarted_job_delivers_each_id_once(emulators, registry, bucket, tmp_
         return publisher.flush()
 
     def audit(output):
-        result = audit_type(TYPE, f"{output}/delivered", f"{output}/late", f"{output}/dead-letter", WINDOW)
+        result = audit_type(Layout.under(output, TYPE, WINDOW))
         assert not result.problems
         return result
 

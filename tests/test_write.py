@@ -12,6 +12,7 @@ from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from event_delivery.cloud import files
 from tests.conftest import valid_fields
+from tests.streams import local_keys, local_settings
 from transforms.reports import DELIVERED
 from transforms.write import WritePaneFn
 
@@ -19,15 +20,9 @@ HOUR = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00:00Z
 
 
 def write_pane(root, event_type, events, pane_index=0, shard=3):
-    fn = WritePaneFn(
-        root,
-        event_type.name,
-        event_type.clear_schema,
-        3600,
-        "run1",
-        DELIVERED,
-        lambda e: {"event_id": e[0], "received_at": e[1], **e[2]},
-    )
+    settings = local_settings(root, event_type, local_keys(root), window_seconds=3600)
+    record = lambda e: {"event_id": e[0], "received_at": e[1], **e[2]}  # noqa: E731
+    fn = WritePaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
     fn.setup()
     window = IntervalWindow(HOUR, HOUR + 3600 + 600)
     pane = PaneInfo(pane_index == 0, False, PaneInfoTiming.EARLY, pane_index, -1)

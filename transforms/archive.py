@@ -21,6 +21,7 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
+from transforms.hours import BucketByHour
 from transforms.personal import JobKeyCache
 from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record
@@ -108,21 +109,19 @@ class ArchiveRawMessages(beam.PTransform):
     ``settings`` are the job's ``DeliverySettings``: the archive is bucketed like the events.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, key_cache: JobKeyCache):
         super().__init__()
         self.settings = settings
+        self.key_cache = key_cache
 
     def expand(self, raw):
         s = self.settings
-        name, window_seconds = s.event_type.name, s.window_seconds
         return (
             raw
-            | "BucketRawMessages" >> s.bucket()
-            | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, s.key_cache))
+            | "BucketRawMessages" >> BucketByHour(s)
+            | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, self.key_cache))
             | "WriteRawArchive"
-            >> WriteAvroPanes(
-                s.raw_archive_root, name, RAW_ARCHIVE_SCHEMA, window_seconds, s.run_id, ARCHIVED, prepared_record
-            )
+            >> WriteAvroPanes(s, s.layout.raw_archive, ARCHIVED, RAW_ARCHIVE_SCHEMA, prepared_record)
         )
 
 

@@ -67,11 +67,10 @@ class CloseHourFn(beam.DoFn):
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
-    def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
-        self.output_root, self.late_root, self.staging_root, self.dead_letter_root = roots
-        self.event_type_name = event_type_name
-        self.window_seconds = window_seconds
-        self.run_id = run_id
+    def __init__(self, settings, publish: bool = True):
+        self.layout = settings.layout
+        self.run_id = settings.run_id
+        self.publish = publish
 
     def setup(self):
         use_emulator_credentials()
@@ -80,13 +79,13 @@ class CloseHourFn(beam.DoFn):
         self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
 
     def _folder(self, root, window) -> str:
-        return partitions.partition_dir(root, self.event_type_name, bucket_start_seconds(window), self.window_seconds)
+        return self.layout.hour(root, bucket_start_seconds(window))
 
     def _is_closed(self, closed, window) -> bool:
         """Closed in this run, or by an earlier run that left its marker."""
         state = closed.read()
         if state is None:
-            state = files.exists(partitions.join(self._folder(self.output_root, window), partitions.SUCCESS_MARKER))
+            state = files.exists(self.layout.marker(bucket_start_seconds(window)))
             closed.write(state)
         return state
 
@@ -103,10 +102,11 @@ class CloseHourFn(beam.DoFn):
         if kind == LATE:
             self.late.inc(records)
         elif not self._is_closed(closed, window):
-            reports.add(hour_report)
-            close.set(window.end)
+            if self.publish:
+                reports.add(hour_report)
+                close.set(window.end)
         elif kind == DELIVERED:
-            files.move(path, partitions.join(self._folder(self.late_root, window), posixpath.basename(path)))
+            files.move(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
             self.late.inc(records)
 
     @on_timer(CLOSE)
@@ -121,7 +121,7 @@ class CloseHourFn(beam.DoFn):
         collected = list(reports.read())
         collected += self._left_by_earlier_runs(window)
         staged = {path: records for kind, records, path in collected if kind == DELIVERED}
-        folder = self._folder(self.output_root, window)
+        folder = self._folder(self.layout.delivered, window)
         published = {}
         for path, records in staged.items():
             destination = partitions.join(folder, posixpath.basename(path))
@@ -129,9 +129,14 @@ class CloseHourFn(beam.DoFn):
             published[destination] = records
         hour_start = bucket_start_seconds(window)
         manifest = build_manifest(
-            self.event_type_name, hour_start, self.window_seconds, window.end.micros / 1e6, published, collected
+            self.layout.event_type,
+            hour_start,
+            self.layout.window_seconds,
+            window.end.micros / 1e6,
+            published,
+            collected,
         )
-        marker = partitions.join(folder, partitions.SUCCESS_MARKER)
+        marker = self.layout.marker(hour_start)
         files.write_json(marker, manifest)
         closed.write(True)
         reports.clear()
@@ -139,7 +144,7 @@ class CloseHourFn(beam.DoFn):
         self.closed_hours.inc()
         _LOG.info(
             "closed %s %s: %d records in %d files",
-            self.event_type_name,
+            self.layout.event_type,
             _iso(hour_start),
             manifest["accounting"]["delivered"],
             len(published),
@@ -149,21 +154,26 @@ class CloseHourFn(beam.DoFn):
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
         left = []
-        for kind, root in ((DELIVERED, self.staging_root), (DEAD_LETTERED, self.dead_letter_root)):
+        for kind, root in ((DELIVERED, self.layout.staging), (DEAD_LETTERED, self.layout.dead_letter)):
             folder = self._folder(root, window)
-            for path in partitions.shard_files_of_other_runs(folder, self.event_type_name, self.run_id):
+            for path in partitions.shard_files_of_other_runs(folder, self.layout.event_type, self.run_id):
                 left.append(report(kind, files.count_avro_records(path), path))
         return left
 
 
 class CloseHour(beam.PTransform):
-    """Hour reports in; the paths of written ``_SUCCESS`` markers out."""
+    """Hour reports in; the paths of written ``_SUCCESS`` markers out.
 
-    def __init__(self, roots, event_type_name: str, window_seconds: int, run_id: str):
-        """``roots`` is ``(output_root, late_root, staging_root, dead_letter_root)``."""
+    ``settings`` are the job's ``DeliverySettings``: its layout and its run. Without
+    ``publish`` (a redrive, which never owns an hour) nothing is published: staged
+    files of hours that have their marker move to the late root, and the rest wait
+    in staging for the close of the job that owns the hour.
+    """
+
+    def __init__(self, settings, publish: bool = True):
         super().__init__()
-        self.fn = CloseHourFn(roots, event_type_name, window_seconds, run_id)
-        self.event_type_name = event_type_name
+        self.fn = CloseHourFn(settings, publish)
+        self.event_type_name = settings.event_type.name
 
     def expand(self, reports):
         return (

@@ -34,13 +34,11 @@ def keep_first_copies(events: list, seen: set) -> list:
     return unique
 
 
-def staged_by_earlier_runs(staging, window, shard: int) -> list[str]:
+def staged_by_earlier_runs(settings, window, shard: int) -> list[str]:
     """Ids in the shard's files that earlier runs staged for the hour and never published."""
-    if not staging:
-        return []
-    root, name, window_seconds, run_id = staging
-    folder = partitions.partition_dir(root, name, bucket_start_seconds(window), window_seconds)
-    paths = partitions.shard_files_of_other_runs(folder, name, run_id, shard)
+    layout = settings.layout
+    folder = layout.hour(layout.staging, bucket_start_seconds(window))
+    paths = partitions.shard_files_of_other_runs(folder, layout.event_type, settings.run_id, shard)
     return [record["event_id"] for path in paths for record in files.read_avro(path)]
 
 
@@ -55,20 +53,19 @@ class DeduplicateWholeHourFn(beam.DoFn):
     as a bounded input's one pane does, and counts the others. No pane can come after
     it, so none is late, and no state is kept.
 
-    With a ``staging`` place, see ``DeduplicateFn``.
+    What earlier runs staged for the hour counts as seen, see ``DeduplicateFn``.
     """
 
-    def __init__(self, staging=None):
-        self.staging = staging
+    def __init__(self, settings):
+        self.settings = settings
 
     def setup(self):
         self.duplicates = beam.metrics.Metrics.counter("delivery", "duplicates")
-        if self.staging:
-            use_emulator_credentials()
+        use_emulator_credentials()
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
         shard, events = pane_elements
-        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.staging, window, shard)))
+        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.settings, window, shard)))
         yield shard, unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
@@ -81,10 +78,9 @@ class DeduplicateFn(DeduplicateWholeHourFn):
     A pane that arrives after that can no longer be checked against the hour, so
     it goes out as ``late``, whatever timing label the runner gave it.
 
-    With a ``staging`` place ``(staging_root, type name, window_seconds, run_id)``, the
-    first pane of an (hour, shard) in a run also reads the ids of the shard's files that
-    earlier runs staged for the hour and never published: a job restarted mid-hour does
-    not deliver again what its previous run delivered (the shard count must not change).
+    The first pane of an (hour, shard) in a run also reads the ids of the shard's files
+    that earlier runs staged for the hour and never published: a job restarted mid-hour
+    does not deliver again what its previous run delivered (the shard count must not change).
     """
 
     SEEN = BagStateSpec("seen", StrUtf8Coder())
@@ -108,7 +104,7 @@ class DeduplicateFn(DeduplicateWholeHourFn):
         close.set(window.end)
         if not started.read():
             started.write(True)
-            for event_id in staged_by_earlier_runs(self.staging, window, shard):
+            for event_id in staged_by_earlier_runs(self.settings, window, shard):
                 seen.add(event_id)
         unique = keep_first_copies(events, set(seen.read()))
         for event in unique:
@@ -131,16 +127,15 @@ class DeduplicateFn(DeduplicateWholeHourFn):
 class Deduplicate(beam.PTransform):
     """``(shard, [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out.
 
-    ``staging`` is where the delivery path stages panes, see ``DeduplicateFn``. With
-    ``bounded``, the panes come from a bounded input: one per (hour, shard).
+    ``settings`` are the job's ``DeliverySettings``: where panes are staged, the run, and
+    whether the input is bounded (one pane per hour and shard).
     """
 
-    def __init__(self, staging=None, bounded: bool = False):
+    def __init__(self, settings):
         super().__init__()
-        self.staging = staging
-        self.bounded = bounded
+        self.settings = settings
 
     def expand(self, panes):
-        fn = DeduplicateWholeHourFn if self.bounded else DeduplicateFn
-        dedup = beam.ParDo(fn(self.staging))
+        fn = DeduplicateWholeHourFn if self.settings.bounded else DeduplicateFn
+        dedup = beam.ParDo(fn(self.settings))
         return panes | "DropRepeatedIds" >> dedup.with_outputs(DUPLICATES, LATE, main="unique")

@@ -104,20 +104,14 @@ class BucketByHour(beam.PTransform):
     labels panes with a watermark that event timestamps from the past can hold back.
     """
 
-    def __init__(
-        self,
-        window_seconds: int,
-        allowed_lateness_seconds: int,
-        trigger_seconds: int | None,
-        late_horizon_seconds: int,
-        num_shards: int,
-    ):
+    def __init__(self, settings):
+        """``settings`` is the job's ``DeliverySettings``."""
         super().__init__()
-        self.windows = HourWindows(window_seconds, allowed_lateness_seconds)
-        self.window_seconds = window_seconds
-        self.trigger_seconds = trigger_seconds
-        self.late_horizon_seconds = late_horizon_seconds
-        self.num_shards = num_shards
+        self.windows = HourWindows(settings.window_seconds, settings.allowed_lateness_seconds)
+        self.window_seconds = settings.window_seconds
+        self.trigger_seconds = settings.trigger_seconds
+        self.late_horizon_seconds = settings.late_horizon_seconds
+        self.num_shards = settings.num_shards
 
     def expand(self, elements):
         if self.trigger_seconds is None:  # a bounded input: one pane per hour and shard

@@ -198,18 +198,21 @@ class ParseEventFn(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Messages in; ``events``, ``dead_letters`` and (with ``keep_raw``) ``raw_messages`` out."""
+    """Messages in; ``events``, ``dead_letters`` and (with ``keep_raw``) ``raw_messages`` out.
 
-    def __init__(
-        self,
-        event_type: EventType,
-        max_event_bytes: int,
-        late_horizon_seconds: int,
-        max_future_seconds: int,
-        keep_raw: bool = False,
-    ):
+    ``settings`` are the job's ``DeliverySettings``: the type, its size limit and its
+    bounds on ``received_at``.
+    """
+
+    def __init__(self, settings, keep_raw: bool = False):
         super().__init__()
-        self.fn = ParseEventFn(event_type, max_event_bytes, late_horizon_seconds, max_future_seconds, keep_raw)
+        self.fn = ParseEventFn(
+            settings.event_type,
+            settings.max_event_bytes,
+            settings.late_horizon_seconds,
+            settings.max_future_seconds,
+            keep_raw,
+        )
 
     def expand(self, messages):
         return messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, RAW_MESSAGES, main="events")

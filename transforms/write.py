@@ -25,12 +25,11 @@ def prepared_record(element) -> dict:
 
 
 class WritePaneFn(beam.DoFn):
-    def __init__(self, root, event_type_name, schema, window_seconds, run_id, report_kind, to_record):
+    def __init__(self, settings, root: str, report_kind: str, schema: dict, to_record):
+        self.layout = settings.layout
+        self.run_id = settings.run_id
         self.root = root
-        self.event_type_name = event_type_name
         self.schema = schema
-        self.window_seconds = window_seconds
-        self.run_id = run_id
         self.report_kind = report_kind
         self.to_record = to_record
 
@@ -42,25 +41,25 @@ class WritePaneFn(beam.DoFn):
         shard, elements = pane_elements
         if not elements:
             return
-        folder = partitions.partition_dir(
-            self.root, self.event_type_name, bucket_start_seconds(window), self.window_seconds
-        )
-        name = partitions.pane_file_name(self.event_type_name, self.run_id, pane.index, shard)
+        folder = self.layout.hour(self.root, bucket_start_seconds(window))
+        name = partitions.pane_file_name(self.layout.event_type, self.run_id, pane.index, shard)
         path = partitions.join(folder, name)
         files.write_avro(path, self.parsed_schema, [self.to_record(e) for e in elements])
         yield report(self.report_kind, len(elements), path)
 
 
 class WriteAvroPanes(beam.PTransform):
-    """``(shard, [elements])`` panes in; one file per non-empty pane; hour reports out.
+    """``(shard, [elements])`` panes in; one file per non-empty pane under ``root``; hour reports out.
 
     The file name is fixed by (run, hour, pane index, shard), so a retried bundle
-    rewrites the same file instead of adding a second copy.
+    rewrites the same file instead of adding a second copy. Records follow the type's
+    delivered schema unless ``schema`` says otherwise.
     """
 
-    def __init__(self, root, event_type_name, schema, window_seconds, run_id, report_kind, to_record=event_record):
+    def __init__(self, settings, root: str, report_kind: str, schema: dict | None = None, to_record=event_record):
         super().__init__()
-        self.fn = WritePaneFn(root, event_type_name, schema, window_seconds, run_id, report_kind, to_record)
+        schema = schema or settings.event_type.delivered_schema
+        self.fn = WritePaneFn(settings, root, report_kind, schema, to_record)
 
     def expand(self, panes):
         return panes | "WriteFiles" >> beam.ParDo(self.fn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from google.api_core import exceptions, retry
 from google.cloud.storage.retry import DEFAULT_RETRY
@@ -22,12 +23,13 @@ class PreflightError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exit_on_failure(parser):
-    """A check that fails inside the block ends the command: one line on stderr, exit code 2."""
+def exit_on_failure(prog: str):
+    """A check that fails inside the block ends the command ``prog``: one line on stderr, exit code 2."""
     try:
         yield
     except PreflightError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        sys.stderr.write(f"{prog}: error: {error}\n")
+        sys.exit(2)
 
 
 def _where(env_var: str, service: str) -> str:

@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 from event_delivery.cloud import files
 
 HOUR_SECONDS = 3600
 SUCCESS_MARKER = "_SUCCESS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Every place a type's job writes, from its roots: the one source of output paths.
+
+    ``<storage_root>/delivered``, ``late``, ``dead-letter`` and (optionally) ``raw`` by
+    default; each can be placed elsewhere. Staged panes wait under ``delivered/_staging``
+    until their hour closes (``_`` hides the folder from Hive and Spark).
+    """
+
+    event_type: str
+    window_seconds: int
+    delivered: str
+    late: str
+    dead_letter: str
+    raw_archive: str | None = None
+
+    @classmethod
+    def under(cls, storage_root: str, event_type: str, window_seconds: int, raw_archive: bool = False) -> Layout:
+        root = str(storage_root).rstrip("/")
+        raw = f"{root}/raw" if raw_archive else None
+        return cls(event_type, window_seconds, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", raw)
+
+    @property
+    def staging(self) -> str:
+        return join(self.delivered, "_staging")
+
+    def hour(self, root: str, window_start_seconds: float) -> str:
+        """The folder of the hour (bucket) starting at ``window_start_seconds`` under ``root``."""
+        return partition_dir(root, self.event_type, window_start_seconds, self.window_seconds)
+
+    def marker(self, window_start_seconds: float) -> str:
+        return join(self.hour(self.delivered, window_start_seconds), SUCCESS_MARKER)
 
 
 def check_window_seconds(window_seconds: int) -> None:

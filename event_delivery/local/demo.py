@@ -21,6 +21,7 @@ import threading
 import time
 
 from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.local.emulators import EmulatorError, running_emulators
 from event_delivery.local.jobs import JobError, start_job, stop_jobs
@@ -67,8 +68,10 @@ class Scenario:
         ]
 
     def audit(self, event_type: str) -> TypeAudit:
-        root = self.storage_root
-        return audit_type(event_type, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", self.window_seconds)
+        return audit_type(self.layout(event_type))
+
+    def layout(self, event_type: str) -> Layout:
+        return Layout.under(self.storage_root, event_type, self.window_seconds)
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ def _publish_all(scenario: Scenario, say) -> dict[str, Ledger]:
 
 
 def _all_hours_closed(scenario: Scenario) -> bool:
-    return all(hours_settled(name, f"{scenario.storage_root}/delivered") for name in scenario.types)
+    return all(hours_settled(scenario.layout(name)) for name in scenario.types)
 
 
 def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict[str, Outcome]:

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     def progress(ledger):
         print(f"{event_type.name}: {ledger.published}/{args.count} published", file=sys.stderr, flush=True)
 
-    with preflight.exit_on_failure(parser):
+    with preflight.exit_on_failure(parser.prog):
         preflight.check_topic(f"projects/{args.project}/topics/{event_type.topic}")
     ledger = publish_traffic(EventPublisher(args.project, event_type), messages, args.rate, progress)
     print(json.dumps({"published": ledger.published, "expected": ledger.expected}, sort_keys=True))

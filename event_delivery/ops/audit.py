@@ -20,6 +20,7 @@ import sys
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
+from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 
 
@@ -70,14 +71,14 @@ def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
     return by_partition
 
 
-def hours_settled(event_type: str, output_root: str) -> bool:
+def hours_settled(layout: Layout) -> bool:
     """True when nothing waits in staging and every hour folder has its marker.
 
     It only lists files, so it is safe to call while a job is publishing an hour.
     """
-    if files.glob(partitions.join(output_root, "_staging", event_type, "dt=*", "hr=*", "*.avro")):
+    if files.glob(partitions.join(layout.staging, layout.event_type, "dt=*", "hr=*", "*.avro")):
         return False
-    folders = _partition_files(output_root, event_type).values()
+    folders = _partition_files(layout.delivered, layout.event_type).values()
     return all(any(posixpath.basename(p) == partitions.SUCCESS_MARKER for p in paths) for paths in folders)
 
 
@@ -103,18 +104,19 @@ def _read(read, path: str):
         raise FileMoved(path) from None
 
 
-def audit_type(
-    event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int, attempts: int = 5
-):
+def audit_type(layout: Layout, attempts: int = 5) -> TypeAudit:
+    """Counts every outcome of a type's messages, per hour, from its files under ``layout``,
+    and checks the output contract; a close that moves files meanwhile starts it over."""
     for attempt in range(1, attempts + 1):
         try:
-            return _audit_type(event_type, output_root, late_root, dead_letter_root, window_seconds)
+            return _audit_type(layout)
         except FileMoved:
             if attempt == attempts:
                 raise
 
 
-def _audit_type(event_type: str, output_root: str, late_root: str, dead_letter_root: str, window_seconds: int):
+def _audit_type(layout: Layout) -> TypeAudit:
+    event_type, output_root, window_seconds = layout.event_type, layout.delivered, layout.window_seconds
     audit = TypeAudit(event_type)
     for partition, paths in _partition_files(output_root, event_type).items():
         hour = audit.hour(partition)
@@ -139,14 +141,14 @@ def _audit_type(event_type: str, output_root: str, late_root: str, dead_letter_r
                 audit.problems.append(f"delivered {partition}: _SUCCESS lists other files or counts than the folder")
             if manifest["accounting"]["delivered"] != hour.delivered:
                 audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
-    for partition, paths in _partition_files(partitions.join(output_root, "_staging"), event_type).items():
+    for partition, paths in _partition_files(layout.staging, event_type).items():
         audit.hour(partition).staged += sum(_read(files.count_avro_records, path) for path in paths)
-    for partition, paths in _partition_files(late_root, event_type).items():
+    for partition, paths in _partition_files(layout.late, event_type).items():
         for path in paths:
             records = _read(files.read_avro, path)
             audit.hour(partition).late += len(records)
             _check_in_hour(audit, partition, records, window_seconds, "late")
-    for partition, paths in _partition_files(dead_letter_root, event_type).items():
+    for partition, paths in _partition_files(layout.dead_letter, event_type).items():
         hour = audit.hour(partition)
         for path in paths:
             records = _read(files.read_avro, path)
@@ -166,13 +168,13 @@ def main(argv=None) -> int:
     from event_delivery.cloud.clients import use_emulator_credentials
 
     root = args.storage_root.rstrip("/")
-    with preflight.exit_on_failure(parser):
+    with preflight.exit_on_failure(parser.prog):
         preflight.check_root(root, create=False)
     use_emulator_credentials()
     report = {}
     failed = False
     for name in args.event_type or sorted(registry):
-        audit = audit_type(name, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", args.window_seconds)
+        audit = audit_type(Layout.under(root, name, args.window_seconds))
         failed |= bool(audit.problems)
         report[name] = {
             "delivered": audit.total("delivered"),

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--event_type", required=True, choices=sorted(registry))
     args = parser.parse_args(argv)
-    with preflight.exit_on_failure(parser):
+    with preflight.exit_on_failure(parser.prog):
         preflight.check_topic(f"projects/{args.project}/topics/{registry[args.event_type].topic}")
     publisher = EventPublisher(args.project, registry[args.event_type])
     for number, line in enumerate(sys.stdin, start=1):

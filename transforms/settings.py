@@ -1,0 +1,53 @@
+"""The settings every delivery transform takes: one object, resolved and checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from event_delivery.contract import partitions
+from event_delivery.contract.partitions import Layout
+from event_delivery.contract.registry import EventType
+from event_delivery.keys.config import KeyConfig
+
+DAY_SECONDS = 24 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliverySettings:
+    """Everything the delivery path needs about one type's job.
+
+    ``trigger_seconds`` is None for a bounded input (a backfill, a redrive): each hour
+    and shard then comes as one pane. Tier defaults are resolved by whoever builds the
+    settings (``pipelines.options.delivery_settings``); here every value is final.
+    """
+
+    event_type: EventType
+    layout: Layout
+    keys: KeyConfig
+    allowed_lateness_seconds: int
+    num_shards: int
+    trigger_seconds: int | None = 60
+    late_horizon_seconds: int = 7 * DAY_SECONDS
+    max_future_seconds: int = 3600
+    max_event_bytes: int = 64 * 1024
+    run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
+
+    def __post_init__(self):
+        partitions.check_window_seconds(self.window_seconds)
+        for name in ("allowed_lateness_seconds", "late_horizon_seconds", "max_future_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("trigger_seconds", "num_shards", "max_event_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.late_horizon_seconds <= self.window_seconds + self.allowed_lateness_seconds:
+            raise ValueError("late_horizon_seconds must exceed window_seconds + allowed_lateness_seconds")
+
+    @property
+    def window_seconds(self) -> int:
+        return self.layout.window_seconds
+
+    @property
+    def bounded(self) -> bool:
+        """A bounded input: each hour and shard comes as one pane."""
+        return self.trigger_seconds is None
