@@ -1,34 +1,47 @@
-"""Isolation: one type flooded with garbage and with a broken sink; another type next to it
-keeps delivering and closes its hours on time."""
+"""Isolation: a type whose Cloud Storage sink is down, and which is flooded with garbage, does not
+hold back the type next to it.
+
+The broken type's job stays alive through the outage, retrying its uploads, as a real job would.
+Meanwhile the healthy type delivers every message it was sent (its ledger balances), closes every
+hour with data, and closes each at the event time the contract says, soon after publishing ends.
+"""
 
 from __future__ import annotations
 
 import datetime
+import http.client
+import http.server
+import os
 import pathlib
 import random
 import threading
 import time
+import urllib.parse
+import uuid
 
 import pytest
 
-from event_delivery.cloud import files
+from event_delivery.cloud import clients, files
+from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.local.jobs import start_job, stop_jobs
-from event_delivery.local.loadgen import TrafficMix, publish_traffic, traffic
+from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
 from event_delivery.ops import provision
-from event_delivery.ops.audit import audit_type
+from event_delivery.ops.audit import TypeAudit, audit_type
 from event_delivery.ops.producer import EventPublisher
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
+PROJECT = "local-project"
 WINDOW, LATENESS, TRIGGER = 10, 5, 2
-# The DirectRunner's Pub/Sub read blocks up to 30 s on an empty pull, which delays closes.
-ON_TIME_SLACK_SECONDS = 35
+# The last hour closes once the watermark passes its end plus the lateness; the DirectRunner's
+# Pub/Sub read then blocks up to 30 s on an empty pull before the watermark moves on.
+CLOSE_BOUND_SECONDS = WINDOW + LATENESS + 60
 
 
-def job_args(root: pathlib.Path, state: pathlib.Path) -> list[str]:
+def job_args(root: str, state: pathlib.Path) -> list[str]:
     return [
-        "--project=local-project",
+        f"--project={PROJECT}",
         f"--storage_root={root}",
         f"--window_seconds={WINDOW}",
         f"--allowed_lateness_seconds={LATENESS}",
@@ -42,58 +55,135 @@ def job_args(root: pathlib.Path, state: pathlib.Path) -> list[str]:
 
 def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, tmp_path):
     healthy, broken = registry["play"], registry["search"]
-    provision.provision("local-project", [healthy, broken], None)
-    healthy_root, broken_root = tmp_path / "play-root", tmp_path / "search-root"
-    # The broken type's sink cannot write: a file stands where its folders must go.
-    for blocked in ("delivered/_staging/search", "dead-letter/search", "late/search"):
-        (broken_root / blocked).parent.mkdir(parents=True, exist_ok=True)
-        (broken_root / blocked).write_text("not a folder")
+    provision.provision(PROJECT, [healthy, broken], None)
+    healthy_root = str(tmp_path / "play-root")
+    # The job's start-up check looks its bucket up, which the outage lets through.
+    broken_bucket = f"test-{uuid.uuid4().hex[:12]}"
+    clients.storage_client(PROJECT).create_bucket(broken_bucket)
 
-    jobs = [
-        start_job("play", job_args(healthy_root, tmp_path), tmp_path / "logs"),
-        start_job("search", job_args(broken_root, tmp_path), tmp_path / "logs"),
-    ]
+    outage = UploadOutageProxy(os.environ[clients.STORAGE_EMULATOR_HOST])
+    threading.Thread(target=outage.serve_forever, daemon=True).start()
+    jobs = []
     try:
+        jobs.append(start_job("play", job_args(healthy_root, tmp_path), tmp_path / "logs"))
+        jobs.append(
+            start_job(
+                "search",
+                job_args(f"gs://{broken_bucket}", tmp_path),
+                tmp_path / "logs",
+                env={clients.STORAGE_EMULATOR_HOST: outage.url},
+            )
+        )
+        broken_job = jobs[1]
         for job in jobs:
             job.wait_ready()
-        flood = threading.Thread(
-            target=publish_traffic,
-            args=(
-                EventPublisher("local-project", broken),
-                traffic(broken, 3000, TrafficMix(duplicates=0, malformed=1.0, late=0), random.Random(1)),
-                300,
-            ),
-        )
+        flood = threading.Thread(target=_flood_with_malformed_messages, args=(broken,))
         flood.start()
         ledger = publish_traffic(
-            EventPublisher("local-project", healthy),
+            EventPublisher(PROJECT, healthy),
             traffic(healthy, 200, TrafficMix(duplicates=0.1, malformed=0.05, late=0), random.Random(2)),
             rate=10,
         )
+        published_by = time.time()
         flood.join()
-        first_seen = _watch_markers(healthy_root, deadline=time.time() + WINDOW + LATENESS + ON_TIME_SLACK_SECONDS + 10)
+        audit = _wait_until_accounted(healthy_root, ledger, deadline=published_by + CLOSE_BOUND_SECONDS)
+        done_at = time.time()
+        # Taken now, not after stopping: the broken job must have been alive and failing all along.
+        broken_alive, failed_uploads = broken_job.process.poll() is None, outage.failed_uploads
     finally:
         stop_jobs(jobs)
+        outage.shutdown()
+        outage.server_close()
 
-    assert "Not a directory" in jobs[1].log_path.read_text(errors="replace"), "the broken type did break"
-    audit = audit_type(Layout.under(healthy_root, "play", WINDOW))
-    assert not audit.problems and audit.settled
-    accounted = sum(audit.total(k) for k in ("delivered", "duplicates", "late", "dead_lettered"))
-    assert accounted == ledger.published
-    for partition, seen_at in first_seen.items():
-        day, hour = partition.split("/")
-        start = datetime.datetime.fromisoformat(f"{day[3:]}T{hour[3:].replace('-', ':')}+00:00").timestamp()
-        assert seen_at - (start + WINDOW + LATENESS) < ON_TIME_SLACK_SECONDS, f"{partition} closed late"
+    assert not audit.problems, audit.problems
+    assert _accounted(audit) == ledger.published, f"{_accounted(audit)} of {ledger.published} messages accounted"
+    assert audit.settled, "an hour with data did not close, or files wait in staging"
+    assert broken_alive, f"the broken job died:\n{broken_job.log_tail()}"
+    assert failed_uploads > 0, f"the broken job never tried to upload:\n{broken_job.log_tail()}"
+    assert not list(clients.storage_client(PROJECT).list_blobs(broken_bucket)), "an upload got through the outage"
+    assert done_at - published_by <= CLOSE_BOUND_SECONDS
+    for partition in (p for p, hour in audit.hours.items() if hour.closed):
+        manifest = files.read_json(partitions.join(healthy_root, "delivered", "play", partition, "_SUCCESS"))
+        hour_end = _utc(manifest["hour_end"])
+        expected = hour_end + datetime.timedelta(seconds=LATENESS)
+        assert _utc(manifest["closed_at_watermark"]) == expected, f"{partition} closed at the wrong event time"
 
 
-def _watch_markers(root: pathlib.Path, deadline: float) -> dict[str, float]:
-    """When each hour's marker first appeared, until every hour with files has one."""
-    seen = {}
-    while time.time() < deadline:
-        for marker in files.glob(f"{root}/delivered/play/dt=*/hr=*/_SUCCESS"):
-            seen.setdefault("/".join(marker.split("/")[-3:-1]), time.time())
-        staged = files.glob(f"{root}/delivered/_staging/play/dt=*/hr=*/*.avro")
-        if seen and not staged:
-            return seen
+def _flood_with_malformed_messages(event_type) -> None:
+    messages = traffic(event_type, 3000, TrafficMix(duplicates=0, malformed=1.0, late=0), random.Random(1))
+    publish_traffic(EventPublisher(PROJECT, event_type), messages, rate=300)
+
+
+def _accounted(audit: TypeAudit) -> int:
+    return sum(audit.total(outcome) for outcome in ("delivered", "duplicates", "late", "dead_lettered"))
+
+
+def _wait_until_accounted(root: str, ledger: Ledger, deadline: float) -> TypeAudit:
+    """Audits until every published message is accounted for and every hour has closed.
+
+    Waiting on the outcome, not on the first marker, leaves no message in flight when it returns.
+    """
+    while True:
+        audit = audit_type(Layout.under(root, "play", WINDOW))
+        if (_accounted(audit) == ledger.published and audit.settled) or time.time() >= deadline:
+            return audit
         time.sleep(1)
-    return seen
+
+
+def _utc(iso: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+class UploadOutageProxy(http.server.ThreadingHTTPServer):
+    """Cloud Storage with its uploads down: forwards every request to the emulator, except object
+    uploads, which get 503 (and are counted). Clients retry a 503 with backoff, so a job behind
+    this keeps running and keeps failing to write, as in a real outage."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), _OutageHandler)
+        self.upstream = urllib.parse.urlsplit(upstream if "://" in upstream else f"http://{upstream}")
+        self.failed_uploads = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def count_failed_upload(self) -> None:
+        with self._count_lock:
+            self.failed_uploads += 1
+
+
+class _OutageHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.startswith("/upload/"):
+            self.server.count_failed_upload()
+            self.reply(503, [("Content-Type", "application/json")], b'{"error": {"code": 503}}')
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=60)
+        try:
+            headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
+            upstream.request(self.command, self.path, body, headers)
+            response = upstream.getresponse()
+            self.reply(response.status, response.getheaders(), response.read())
+        finally:
+            upstream.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+    def reply(self, status: int, headers, body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:
+        pass  # the jobs retry many times a second; their logs say enough
