@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import io
 
+import apache_beam as beam
 import fastavro
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import IntervalWindow
-from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
+from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from event_delivery.cloud import files
 from tests.conftest import valid_fields
-from tests.streams import local_keys, local_settings
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms.close import CloseHour
+from transforms.hours import BucketByHour
 from transforms.reports import DELIVERED
-from transforms.write import WritePaneFn
+from transforms.write import WriteAvroPanes, WritePaneFn
 
 HOUR = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00:00Z
 
 
-def write_pane(root, event_type, events, pane_index=0, shard=3):
+def write_pane(root, event_type, events, number=0, shard=3):
     settings = local_settings(root, event_type, local_keys(root), window_seconds=3600)
     record = lambda e: {"event_id": e[0], "received_at": e[1], **e[2]}  # noqa: E731
     fn = WritePaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
     fn.setup()
     window = IntervalWindow(HOUR, HOUR + 3600 + 600)
-    pane = PaneInfo(pane_index == 0, False, PaneInfoTiming.EARLY, pane_index, -1)
-    return list(fn.process((shard, events), window=window, pane=pane))
+    return list(fn.write((shard, events), window, number))
 
 
 def events(event_type, ids):
@@ -38,9 +40,9 @@ def read(path):
         return fastavro.reader(io.BytesIO(handle.read()))
 
 
-def test_a_pane_becomes_one_file_named_by_hour_pane_and_shard(tmp_path, registry):
+def test_a_pane_becomes_one_file_named_by_hour_number_and_shard(tmp_path, registry):
     play = registry["play"]
-    [(kind, records, path)] = write_pane(str(tmp_path), play, events(play, ["a", "b"]), pane_index=7, shard=3)
+    [(kind, records, path)] = write_pane(str(tmp_path), play, events(play, ["a", "b"]), number=7, shard=3)
     assert (kind, records) == (DELIVERED, 2)
     assert path == f"{tmp_path}/play/dt=2027-01-15/hr=08/play-run1-p00007-s003.avro"
     reader = read(path)
@@ -70,3 +72,34 @@ def test_panes_land_on_the_gcs_emulator(bucket, registry):
     assert path.startswith(f"gs://{bucket}/delivered/search/dt=2027-01-15/hr=08/")
     assert [r["event_id"] for r in read(path)] == ["x"]
     assert files.count_avro_records(path) == 1
+
+
+class ResetPaneInfoFn(beam.DoFn):
+    """What Dataflow's Runner v2 does to panes after a reshuffle: each looks like the first."""
+
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        yield WindowedValue(element, timestamp, [window], PaneInfo(True, True, PaneInfoTiming.UNKNOWN, 0, 0))
+
+
+def test_file_names_survive_a_runner_that_resets_pane_indices(tmp_path, registry):
+    """Three panes of one (hour, shard) reach the writer as pane 0 each: three files, every record counted."""
+    log = registry["service_log"]
+    settings = local_settings(tmp_path, log, local_keys(tmp_path), num_shards=1)
+    clock, sent = Clock(START), []
+    for batch in range(3):
+        ids = [f"b{batch}-{i}" for i in range(4)]
+        clock.arrive(*((i, (START + 1) * 1000, valid_fields(log, n)) for n, i in enumerate(ids)))
+        clock.advance(TRIGGER * 2)
+        sent += ids
+    clock.advance(WINDOW + LATENESS)
+    with streaming_pipeline() as pipeline:
+        panes = pipeline | clock.finish() | BucketByHour(settings) | "ResetPaneInfo" >> beam.ParDo(ResetPaneInfoFn())
+        staged = panes | WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
+        staged | CloseHour(settings)
+
+    [marker] = files.glob(f"{settings.layout.delivered}/service_log/*/*/_SUCCESS")
+    manifest = files.read_json(marker)
+    assert len(manifest["files"]) == 3, "one file per pane, none written over another"
+    assert manifest["accounting"]["delivered"] == len(sent)
+    delivered = [r["event_id"] for entry in manifest["files"] for r in files.read_avro(entry["path"])]
+    assert sorted(delivered) == sorted(sent)

@@ -71,13 +71,14 @@ def partition_dir(root: str, event_type: str, window_start_seconds: float, windo
     return join(root, event_type, partition(window_start_seconds, window_seconds))
 
 
-def pane_file_name(event_type: str, run_id: str, pane_index: int, shard: int) -> str:
-    """Deterministic per (run, hour, pane, shard): a retried write replaces its file.
+def pane_file_name(event_type: str, run_id: str, number: int, shard: int) -> str:
+    """Deterministic per (run, hour, file number, shard): a retried write replaces its file.
 
-    The run id keeps a restarted job, whose pane indices start again at 0, from
-    overwriting the files of the run before it.
+    The number counts the panes of an (hour, shard) within a run; the run id keeps a
+    restarted job, whose numbers start again at 0, from overwriting the files of the
+    run before it.
     """
-    return f"{event_type}-{run_id}-p{pane_index:05d}-s{shard:03d}.avro"
+    return f"{event_type}-{run_id}-p{number:05d}-s{shard:03d}.avro"
 
 
 def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
