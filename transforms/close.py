@@ -16,16 +16,19 @@ import typing
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
+from event_delivery.contract.partitions import Layout
 from transforms.hours import bucket_start_seconds
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, report
 
 _LOG = logging.getLogger(__name__)
+CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 
 
 def _iso(seconds: float) -> str:
@@ -60,6 +63,33 @@ def build_manifest(event_type_name, hour_start, window_seconds, closes_at, deliv
             "forgotten": forgotten,
         },
     }
+
+
+def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: list) -> dict:
+    """Moves an hour's staged files into its folder and writes its marker; returns the manifest.
+
+    The manifest is saved in the staging folder (``_CLOSING.json``) before any file
+    moves, and a close that finds one uses it as it is: a close retried after a
+    partial move publishes exactly the files the first attempt chose and writes the
+    same manifest, however many of them had moved already. The moves are one batch.
+    """
+    staging = layout.hour(layout.staging, hour_start)
+    plan = partitions.join(staging, CLOSE_PLAN)
+    if files.exists(plan):
+        manifest = files.read_json(plan)
+    else:
+        folder = layout.hour(layout.delivered, hour_start)
+        staged = {path: records for kind, records, path in collected if kind == DELIVERED}
+        published = {partitions.join(folder, posixpath.basename(path)): n for path, n in staged.items()}
+        manifest = build_manifest(layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected)
+        files.write_json(plan, manifest)
+    waiting = set(files.glob(partitions.join(staging, "*.avro")))
+    moves = [(partitions.join(staging, posixpath.basename(f["path"])), f["path"]) for f in manifest["files"]]
+    moves = [(source, destination) for source, destination in moves if source in waiting]
+    files.move_all([source for source, _ in moves], [destination for _, destination in moves])
+    files.write_json(layout.marker(hour_start), manifest)
+    FileSystems.delete([plan])
+    return manifest
 
 
 class CloseHourFn(beam.DoFn):
@@ -118,26 +148,9 @@ class CloseHourFn(beam.DoFn):
     ):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
-        collected = list(reports.read())
-        collected += self._left_by_earlier_runs(window)
-        staged = {path: records for kind, records, path in collected if kind == DELIVERED}
-        folder = self._folder(self.layout.delivered, window)
-        published = {}
-        for path, records in staged.items():
-            destination = partitions.join(folder, posixpath.basename(path))
-            files.move(path, destination)
-            published[destination] = records
         hour_start = bucket_start_seconds(window)
-        manifest = build_manifest(
-            self.layout.event_type,
-            hour_start,
-            self.layout.window_seconds,
-            window.end.micros / 1e6,
-            published,
-            collected,
-        )
-        marker = self.layout.marker(hour_start)
-        files.write_json(marker, manifest)
+        collected = list(reports.read()) + self._left_by_earlier_runs(window)
+        manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected)
         closed.write(True)
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])
@@ -147,9 +160,9 @@ class CloseHourFn(beam.DoFn):
             self.layout.event_type,
             _iso(hour_start),
             manifest["accounting"]["delivered"],
-            len(published),
+            len(manifest["files"]),
         )
-        yield marker
+        yield self.layout.marker(hour_start)
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
@@ -173,14 +186,17 @@ class CloseHour(beam.PTransform):
     def __init__(self, settings, publish: bool = True):
         super().__init__()
         self.fn = CloseHourFn(settings, publish)
-        self.event_type_name = settings.event_type.name
 
     def expand(self, reports):
+        # Keyed by hour, so that closes of different hours run side by side: a runner
+        # processes one key's work one item at a time.
         return (
             reports
-            | "KeyByType"
-            >> beam.Map(lambda hour_report, name: (name, hour_report), self.event_type_name).with_output_types(
-                tuple[str, typing.Any]
-            )
+            | "KeyByHour" >> beam.ParDo(KeyByHourFn()).with_output_types(tuple[int, typing.Any])
             | "PublishHour" >> beam.ParDo(self.fn)
         )
+
+
+class KeyByHourFn(beam.DoFn):
+    def process(self, hour_report, window=beam.DoFn.WindowParam):
+        yield bucket_start_seconds(window), hour_report

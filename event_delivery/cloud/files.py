@@ -61,6 +61,16 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
+def move_all(sources: list[str], destinations: list[str]) -> None:
+    """Moves many files in one batched rename (object stores copy them in parallel)."""
+    if not sources:
+        return
+    for parent in {d.rsplit("/", 1)[0] for d in destinations}:
+        if FileSystems.get_scheme(parent) is None:
+            os.makedirs(parent, exist_ok=True)  # object stores have no folders to create
+    FileSystems.rename(sources, destinations)
+
+
 def move(source: str, destination: str) -> None:
     """Moves a file; a retry after a completed move is a no-op."""
     if not FileSystems.exists(source) and FileSystems.exists(destination):

@@ -63,10 +63,10 @@ class TypeAudit:
         return all(hour.closed or not hour.delivered for hour in self.hours.values()) and not self.total("staged")
 
 
-def _partition_files(root: str, event_type: str) -> dict[str, list[str]]:
+def _partition_files(root: str, event_type: str, pattern: str = "*") -> dict[str, list[str]]:
     by_partition = collections.defaultdict(list)
     prefix = partitions.join(root, event_type) + "/"
-    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", "*")):
+    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", pattern)):
         by_partition[posixpath.dirname(path[len(prefix) :])].append(path)
     return by_partition
 
@@ -141,7 +141,7 @@ def _audit_type(layout: Layout) -> TypeAudit:
                 audit.problems.append(f"delivered {partition}: _SUCCESS lists other files or counts than the folder")
             if manifest["accounting"]["delivered"] != hour.delivered:
                 audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
-    for partition, paths in _partition_files(layout.staging, event_type).items():
+    for partition, paths in _partition_files(layout.staging, event_type, "*.avro").items():
         audit.hour(partition).staged += sum(_read(files.count_avro_records, path) for path in paths)
     for partition, paths in _partition_files(layout.late, event_type).items():
         for path in paths:
