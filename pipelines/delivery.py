@@ -36,7 +36,7 @@ from pipelines.options import (
 )
 from pipelines.runtime import LOCAL_RUNNER, fail, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
-from transforms.close import CloseHour
+from transforms.close import AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
@@ -78,6 +78,8 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     )
 
     reports = (staged, deduplicated.duplicates, protected[FORGOTTEN], late, dead_lettered)
+    if not settings.bounded:  # hours a drained or stopped run left open close with this run's
+        reports += (messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),)
     return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(settings)
 
 

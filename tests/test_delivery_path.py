@@ -8,6 +8,7 @@ the allowed lateness.
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import pathlib
 import random
@@ -24,6 +25,7 @@ from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms import close
 from transforms.hours import shard_of
 
 
@@ -219,3 +221,30 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_n
     assert sorted(set(written_once) - set(written)) == [], "neither delivered nor late"
     assert sorted(set(written) - set(written_once)) == [], "written but never sent as a valid event"
     assert {p: h.duplicates for p, h in result.hours.items() if h.duplicates} == dict(retries)
+
+
+def test_a_drain_publishes_no_open_hour_and_the_next_run_closes_it(settings, registry, monkeypatch):
+    """Dataflow's drain moves the watermark to infinity while the hour is still open by the clock."""
+    log = registry["service_log"]
+    drained, next_run = settings(run_id="run1"), settings(run_id="run2")
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + 1) * 1000) for i in range(5)))
+    clock.arrive(raw_message(b"{broken", "bad"))
+    clock.advance(TRIGGER * 2)  # panes are staged; then the drain
+    monkeypatch.setattr(close, "wall_clock", lambda: START + TRIGGER * 2)
+    run(drained, clock)
+
+    assert not (hour_folder(drained, START) / "_SUCCESS").exists(), "an open hour is never published"
+    staged = audit(drained).hours[partitions.partition(START, WINDOW)]
+    assert staged.staged == 5 and not staged.closed
+
+    # The next run sees no traffic for the hour; its start-up finds the hour and closes it on time.
+    monkeypatch.setattr(close, "wall_clock", lambda: hour_closes_at(START) + 1)
+    run(next_run, Clock(START + TRIGGER * 3).advance(WINDOW + LATENESS))
+    manifest = json.loads((hour_folder(next_run, START) / "_SUCCESS").read_text())
+    listed_ids = [r["event_id"] for f in manifest["files"] for r in files.read_avro(f["path"])]
+    assert sorted(listed_ids) == [f"e{i}" for i in range(5)]
+    assert (manifest["accounting"]["delivered"], manifest["accounting"]["dead_lettered"]) == (5, 1)
+    closes = datetime.datetime.fromtimestamp(hour_closes_at(START), tz=datetime.timezone.utc)
+    assert manifest["closed_at_watermark"] == closes.isoformat().replace("+00:00", "Z")
+    assert not audit(next_run).problems and audit(next_run).settled

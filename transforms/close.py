@@ -5,6 +5,11 @@ are written to a staging folder; when the watermark passes the hour's end plus i
 allowed lateness, they move into the hour's folder and the marker is written last.
 A staged pane that turns up after that (or for an hour an earlier run closed) moves
 to the late root instead, so nothing is ever added to a folder that has a marker.
+
+A drain moves the watermark to infinity, so every close timer fires at once, also for
+hours that are still open by the clock. Such a close publishes nothing: the hour's
+files stay staged, and the next run's start-up (``AnnounceLeftoverHours``) hands the
+hour back to ``CloseHour``, which closes it when its time comes, with every run's files.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import posixpath
+import time
 import typing
 
 import apache_beam as beam
@@ -19,16 +25,18 @@ from apache_beam.coders import BooleanCoder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from transforms.hours import bucket_start_seconds
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, report
+from transforms.hours import HourWindows, bucket_start_seconds, hour_windows
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, report
 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
+wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
 
 
 def _iso(seconds: float) -> str:
@@ -101,12 +109,14 @@ class CloseHourFn(beam.DoFn):
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.publish = publish
+        self.streaming = not settings.bounded
 
     def setup(self):
         use_emulator_credentials()
         self.delivered = beam.metrics.Metrics.counter("delivery", "delivered")
         self.late = beam.metrics.Metrics.counter("delivery", "late")
         self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
+        self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
 
     def _folder(self, root, window) -> str:
         return self.layout.hour(root, bucket_start_seconds(window))
@@ -148,6 +158,9 @@ class CloseHourFn(beam.DoFn):
     ):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
+        if self.streaming and wall_clock() < window.end.micros / 1e6:
+            self.left_open.inc()  # a drain: the hour is not over, so it is not published
+            return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
         manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected)
@@ -200,3 +213,41 @@ class CloseHour(beam.PTransform):
 class KeyByHourFn(beam.DoFn):
     def process(self, hour_report, window=beam.DoFn.WindowParam):
         yield bucket_start_seconds(window), hour_report
+
+
+class AnnounceLeftoverHoursFn(beam.DoFn):
+    """At start, one ``left_over`` report per hour that other runs left staged files for
+    and that has no marker, stamped in the hour, so that ``CloseHour`` closes it."""
+
+    def __init__(self, settings):
+        self.layout = settings.layout
+        self.run_id = settings.run_id
+
+    def setup(self):
+        use_emulator_credentials()
+
+    def process(self, _):
+        staged = files.glob(partitions.join(self.layout.staging, self.layout.event_type, "dt=*", "hr=*", "*.avro"))
+        hours = {posixpath.dirname(path) for path in staged if f"-{self.run_id}-p" not in posixpath.basename(path)}
+        for folder in sorted(hours):
+            hour_start = partitions.partition_bounds("/".join(folder.split("/")[-2:]), 1)[0] // 1000
+            if not files.exists(self.layout.marker(hour_start)):
+                yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
+
+
+class AnnounceLeftoverHours(beam.PTransform):
+    """Hours that a drained or stopped run left open, as hour reports for ``CloseHour``."""
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, pipeline):
+        s = self.settings
+        return (
+            pipeline
+            | "Start" >> beam.Impulse()
+            | "FindLeftoverHours" >> beam.ParDo(AnnounceLeftoverHoursFn(s))
+            | "IntoHours"
+            >> hour_windows(HourWindows(s.window_seconds, s.allowed_lateness_seconds), s.late_horizon_seconds)
+        )

@@ -44,6 +44,19 @@ class HourWindows(window.NonMergingWindowFn):
         return hash((type(self), self.window_seconds, self.allowed_lateness_seconds))
 
 
+def hour_windows(windows: HourWindows, late_horizon_seconds: int, when=None) -> beam.WindowInto:
+    """Into the hour windows, as every step of the delivery path sees them."""
+    return beam.WindowInto(
+        windows,
+        trigger=when or trigger.DefaultTrigger(),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING,
+        # Parsing dead-letters events older than one horizon on arrival; the second
+        # horizon is slack between arrival and the watermark, so the runner never
+        # drops an event as too late.
+        allowed_lateness=Duration(seconds=2 * late_horizon_seconds),
+    )
+
+
 def bucket_start_seconds(interval_window) -> int:
     """The start of the hour (bucket) a window belongs to, in epoch seconds."""
     return interval_window.start.micros // 1_000_000
@@ -123,16 +136,7 @@ class BucketByHour(beam.PTransform):
             elements
             | "PackByShard"
             >> beam.ParDo(PackByShardFn(self.window_seconds, self.num_shards)).with_output_types(tuple[int, bytes])
-            | "HourWindows"
-            >> beam.WindowInto(
-                self.windows,
-                trigger=when,
-                accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                # Parsing dead-letters events older than one horizon on arrival; the
-                # second horizon is slack between arrival and the watermark, so the
-                # runner never drops an event as too late.
-                allowed_lateness=Duration(seconds=2 * self.late_horizon_seconds),
-            )
+            | "HourWindows" >> hour_windows(self.windows, self.late_horizon_seconds, when)
             | "GroupIntoPanes" >> beam.GroupByKey()
             | "Unpack" >> beam.Map(_unpack)
         )

@@ -12,7 +12,8 @@ LATE = "late"  # a pane written to the late root
 DEAD_LETTERED = "dead_lettered"
 FORGOTTEN = "forgotten"  # delivered events of forgotten subjects, their personal fields null
 ARCHIVED = "archived"  # a pane of raw messages written to the raw archive
-KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED)
+LEFT_OVER = "left_over"  # an hour that earlier runs left staged files for, found at start
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED, LEFT_OVER)
 
 
 def report(kind: str, records: int, path: str = "") -> tuple:
