@@ -107,10 +107,10 @@ deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high 
 	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,)
 
-update: $(INSTALLED)  ## Replace running Dataflow jobs in place: make update TYPE=play | TIER=high.
-	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier>" >&2; exit 2; }
+update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [DRY_RUN=1].
+	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
-		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,)
 
 drain: $(INSTALLED)  ## Drain Dataflow jobs (open hours close, then they stop): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }

@@ -96,6 +96,11 @@ def add_streaming_arguments(parser) -> None:
         default=60,
         help="How often open buckets flush a file per shard. Default: 60.",
     )
+    group.add_argument(
+        "--run_id",
+        help="Names this run's files and tells them from earlier runs' staged files. An in-place "
+        "update must keep the running job's (make update passes it on). Default: a new one at launch.",
+    )
 
 
 def add_replay_arguments(parser) -> None:
@@ -155,4 +160,6 @@ def delivery_settings(
         max_future_seconds=options.max_future_seconds,
         max_event_bytes=options.max_event_bytes,
     )
+    if options.run_id:
+        values["run_id"] = options.run_id
     return DeliverySettings(**{**values, **overrides})

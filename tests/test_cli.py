@@ -251,3 +251,15 @@ def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
     finally:
         down = run("event_delivery.local.emulators", "down", "--state_dir", str(tmp_path))
     assert down.returncode == 0 and not (tmp_path / "env.sh").exists()
+
+
+def test_a_dry_run_update_prints_the_steps_for_each_job_of_a_tier():
+    # No gcloud on the PATH: a dry run must not need it.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
+    args = ["event_delivery.ops.deploy", "--project", "p", "--region", "r", "--bucket", "b"]
+    args += ["--tier", "high", "--update", "--dry_run"]
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    high = sorted(name for name, t in load_registry().items() if t.tier.name == "high")
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == high
+    assert result.stdout.count("gcloud dataflow jobs describe --project=p --region=r <job id> --full") == len(high)

@@ -8,6 +8,7 @@ import random
 import apache_beam as beam
 import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -131,3 +132,23 @@ def test_parse_events_transform_splits_events_and_dead_letters(registry, tmp_pat
         assert_that(parsed.events | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")
         kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[2]["error_kind"]))
         assert_that(kinds, equal_to([("bad", "NOT_JSON")]), label="dead_letters")
+
+
+def test_without_publish_time_the_element_timestamp_is_the_arrival(registry, tmp_path):
+    """Dataflow's own Pub/Sub reader may leave ``publish_time`` unset; its element timestamp is then the arrival."""
+    log = registry["service_log"]
+    settings = local_settings(tmp_path, log, local_keys(tmp_path), max_event_bytes=MAX_BYTES)
+    too_old = ARRIVAL_MILLIS - (settings.late_horizon_seconds + 60) * 1000
+    unstamped = message(valid_fields(log), "fresh")
+    stale = message(valid_fields(log), "stale", received_at_millis=too_old)
+    pipeline = TestPipeline()
+    arrived = [beam.window.TimestampedValue(m, ARRIVAL_MILLIS / 1000) for m in (unstamped, stale)]
+    parsed = pipeline | beam.Create(arrived) | ParseEvents(settings)
+    events = parsed.events | "Events" >> beam.Map(lambda e: (e[0], e[1]))
+    assert_that(events, equal_to([("fresh", ARRIVAL_MILLIS)]), label="events")
+    kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[1], d[2]["error_kind"]))
+    assert_that(kinds, equal_to([("stale", ARRIVAL_MILLIS, "BAD_TIMESTAMP")]), label="dead_letters")
+    result = pipeline.run()
+    result.wait_until_finish()
+    query = result.metrics().query(MetricsFilter().with_namespace("delivery").with_name("missing_publish_time"))
+    assert sum(counter.committed for counter in query["counters"]) == 2

@@ -3,7 +3,7 @@
     python -m event_delivery.ops.deploy --project my-project --region europe-west1 \\
         --bucket my-bucket --event_type play          # one type
     python -m event_delivery.ops.deploy ... --tier high   # every type of a tier
-    python -m event_delivery.ops.deploy ... --update      # replace running jobs in place
+    python -m event_delivery.ops.deploy ... --update      # replace running jobs in place, keeping their run
     python -m event_delivery.ops.deploy ... --dry_run     # build, validate and stage only
     python -m event_delivery.ops.deploy ... --drain       # stop reading, finish open hours, stop
 
@@ -12,15 +12,26 @@ the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
 runs it against the GCS emulator. A drain goes through ``gcloud dataflow jobs drain``:
 the job stops pulling, its watermark advances to the end, so every open hour closes
 with its marker, and no message is left unacknowledged.
+
+An update replaces the running job in place, keeping its state, so the new job must
+keep its run id (which tells its staged files from earlier runs') and the options
+that place an event in an hour and a shard. The running job's options come from
+``gcloud dataflow jobs describe``; an update that would change one is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
+from event_delivery.contract import partitions
 from event_delivery.contract.registry import TIERS, EventType, load_registry
+
+
+class UpdateRefused(Exception):
+    """An update would not keep the running job's hours whole; the message is one line."""
 
 
 def default_keystore(project: str) -> str:
@@ -39,8 +50,14 @@ def dataflow_args(
     update: bool,
     keystore: str | None = None,
     kms_key: str | None = None,
+    run_id: str | None = None,
 ) -> list[str]:
-    """The delivery job's flags on Dataflow; the tier sets the resources."""
+    """The delivery job's flags on Dataflow; the tier sets the resources.
+
+    The layout and the run id are always explicit, so the job's options record them
+    for a later ``--update`` to compare and keep. ``run_id`` defaults to a new one.
+    """
+    layout = [f"--{name}={value}" for name, value in job_layout(event_type).items()]
     args = [
         f"--keystore={keystore or default_keystore(project)}",
         f"--kms_key={kms_key or default_kms_key(project, region)}",
@@ -59,6 +76,8 @@ def dataflow_args(
         f"--max_num_workers={event_type.tier.max_workers}",
         f"--labels=event_type={event_type.name}",
         f"--labels=tier={event_type.tier.name}",
+        *layout,
+        f"--run_id={run_id or partitions.new_run_id()}",
     ]
     if update:
         args.append("--update")
@@ -69,17 +88,101 @@ def job_name(event_type: EventType) -> str:
     return f"events-{event_type.name.replace('_', '-')}"
 
 
+def job_layout(event_type: EventType) -> dict[str, int]:
+    """The options a deployed job of the type runs with that an in-place update must keep.
+
+    Each decides an in-flight event's hour, when that hour closes, or its shard, so
+    changing one under kept state would split an hour (it could close twice).
+    """
+    tier = event_type.tier
+    return {
+        "window_seconds": partitions.HOUR_SECONDS,
+        "allowed_lateness_seconds": tier.allowed_lateness_seconds,
+        "num_shards": tier.num_shards,
+    }
+
+
+def _gcloud_jobs(project: str, region: str, verb: str, *rest: str) -> list[str]:
+    return ["gcloud", "dataflow", "jobs", verb, f"--project={project}", f"--region={region}", *rest]
+
+
+def _listing(event_type: EventType, project: str, region: str) -> list[str]:
+    """The command that prints the ids of the type's active jobs."""
+    return _gcloud_jobs(
+        project, region, "list", "--status=active", f"--filter=name={job_name(event_type)}", "--format=value(id)"
+    )
+
+
+def _describing(project: str, region: str, job_id: str) -> list[str]:
+    # The default summary view leaves out the environment, which holds the options.
+    return _gcloud_jobs(project, region, "describe", job_id, "--full", "--format=json")
+
+
+def running_job(event_type: EventType, project: str, region: str) -> dict:
+    """The type's running job as a Dataflow ``Job`` resource (full view), from gcloud.
+
+    The only call to the cloud an update makes; tests replace it with a recorded job.
+    Raises ``UpdateRefused`` unless exactly one job of that name is active.
+    """
+    ids = subprocess.run(_listing(event_type, project, region), check=True, capture_output=True, text=True).stdout
+    if len(ids.split()) != 1:
+        raise UpdateRefused(f"{job_name(event_type)}: {len(ids.split())} active jobs, not one, to update")
+    described = subprocess.run(_describing(project, region, ids.strip()), check=True, capture_output=True, text=True)
+    return json.loads(described.stdout)
+
+
+def job_options(job: dict) -> dict:
+    """The pipeline options a ``Job`` resource records (``environment.sdkPipelineOptions.options``).
+
+    The Python SDK stores them under their own snake_case names, numbers as floats
+    (a protobuf ``Struct``); the camelCase names of Java-style options are read too.
+    """
+    recorded = job.get("environment", {}).get("sdkPipelineOptions", {}).get("options", {})
+    return {**{_snake(name): value for name, value in recorded.items()}, **recorded}
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def kept_run_id(event_type: EventType, job: dict) -> str:
+    """The running job's run id, for the new job to keep; raises ``UpdateRefused`` (one line)
+    if the job records none or the new job's layout differs from it."""
+    running = job_options(job)
+    name = job_name(event_type)
+    for option, new in job_layout(event_type).items():
+        old = running.get(option)
+        if old is None:
+            raise UpdateRefused(f"{name}: the running job records no --{option}; drain it and deploy instead")
+        if int(old) != new:
+            raise UpdateRefused(
+                f"{name}: --{option} would change from {int(old)} to {new}, splitting open hours; "
+                "drain the job and deploy instead"
+            )
+    if not running.get("run_id"):
+        raise UpdateRefused(f"{name}: the running job records no --run_id; drain it and deploy instead")
+    return running["run_id"]
+
+
 def drain(event_type: EventType, project: str, region: str, dry_run: bool) -> list[str]:
     """Drains the type's running job; returns the ids drained (or, dry, the commands it would run)."""
-    where = [f"--project={project}", f"--region={region}"]
-    listing = ["gcloud", "dataflow", "jobs", "list", *where, "--status=active"]
-    listing += [f"--filter=name={job_name(event_type)}", "--format=value(id)"]
+    listing = _listing(event_type, project, region)
     if dry_run:
-        return [" ".join(listing), " ".join(["gcloud", "dataflow", "jobs", "drain", *where, "<job id>"])]
+        return [" ".join(listing), " ".join(_gcloud_jobs(project, region, "drain", "<job id>"))]
     ids = subprocess.run(listing, check=True, capture_output=True, text=True).stdout.split()
     for job_id in ids:
-        subprocess.run(["gcloud", "dataflow", "jobs", "drain", *where, job_id], check=True)
+        subprocess.run(_gcloud_jobs(project, region, "drain", job_id), check=True)
     return ids
+
+
+def update_plan(event_type: EventType, project: str, region: str) -> list[str]:
+    """What an update of the type's job does, for ``--dry_run``: nothing here calls gcloud."""
+    layout = " ".join(f"--{name}={value}" for name, value in job_layout(event_type).items())
+    return [
+        " ".join(_listing(event_type, project, region)),
+        " ".join(_describing(project, region, "<job id>")),
+        f"submit {job_name(event_type)} with --update and the running job's --run_id, if it runs with {layout}",
+    ]
 
 
 def dry_run(argv: list[str]):
@@ -117,28 +220,48 @@ def main(argv=None) -> int:
         "--kms_key",
         help="Default: projects/<project>/locations/<region>/keyRings/event-delivery/cryptoKeys/subject-keys",
     )
-    parser.add_argument("--update", action="store_true", help="Update running jobs in place (stable step names).")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="Update running jobs in place (stable step names), keeping their run id; refused if the "
+        "window, lateness or shard count would change. With --dry_run, print the steps only.",
+    )
     parser.add_argument(
         "--drain", action="store_true", help="Drain the running jobs instead: open hours close, then they stop."
     )
-    parser.add_argument("--dry_run", action="store_true", help="Build and stage (or list the drain) only.")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="Build and stage only (or print the steps of a drain or an update)."
+    )
     args = parser.parse_args(argv)
     from pipelines import delivery
 
-    for event_type in selected_types(args.event_type, args.tier):
-        if args.drain:
+    types = selected_types(args.event_type, args.tier)
+    if args.drain:
+        for event_type in types:
             done = drain(event_type, args.project, args.region, args.dry_run)
             print(f"{event_type.name}: " + ("would run: " + "; ".join(done) if args.dry_run else f"draining {done}"))
-            continue
+        return 0
+    if args.update and args.dry_run:
+        for event_type in types:
+            print(f"{event_type.name}: would run: " + "; ".join(update_plan(event_type, args.project, args.region)))
+        return 0
+    try:
+        # Every type is checked before any is submitted, so a refused tier updates no job.
+        run_ids = {t.name: kept_run_id(t, running_job(t, args.project, args.region)) for t in types if args.update}
+    except UpdateRefused as refused:
+        parser.exit(2, f"{parser.prog}: error: {refused}\n")
+    for event_type in types:
+        run_id = run_ids.get(event_type.name)
         job_args = dataflow_args(
-            event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key
+            event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key, run_id
         )
         if args.dry_run:
             job = dry_run(job_args)
             print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")
         else:
             delivery.start(job_args)
-            print(f"{event_type.name}: submitted as {job_name(event_type)}")
+            kept = f", keeping run {run_id}" if run_id else ""
+            print(f"{event_type.name}: submitted as {job_name(event_type)}{kept}")
     return 0
 
 
