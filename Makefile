@@ -112,7 +112,7 @@ update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): m
 	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,)
 
-drain: $(INSTALLED)  ## Drain Dataflow jobs (open hours close, then they stop): make drain TYPE=play | TIER=high.
+drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged for the next run): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)

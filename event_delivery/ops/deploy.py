@@ -5,13 +5,14 @@
     python -m event_delivery.ops.deploy ... --tier high   # every type of a tier
     python -m event_delivery.ops.deploy ... --update      # replace running jobs in place, keeping their run
     python -m event_delivery.ops.deploy ... --dry_run     # build, validate and stage only
-    python -m event_delivery.ops.deploy ... --drain       # stop reading, finish open hours, stop
+    python -m event_delivery.ops.deploy ... --drain       # stop reading and stop; open hours stay staged
 
 A dry run translates each job for Dataflow and stages its artifacts (the package,
 the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
 runs it against the GCS emulator. A drain goes through ``gcloud dataflow jobs drain``:
-the job stops pulling, its watermark advances to the end, so every open hour closes
-with its marker, and no message is left unacknowledged.
+the job stops pulling and its watermark jumps to the end, so every close timer fires;
+a close whose hour is still open by the clock publishes nothing, and the next run
+closes such hours when their time comes (``transforms/close.py``).
 
 An update replaces the running job in place, keeping its state, so the new job must
 keep its run id (which tells its staged files from earlier runs') and the options
