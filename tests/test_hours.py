@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from event_delivery.contract.partitions import partition
-from transforms.hours import HourWindows, bucket_start_seconds, shard_of
+from transforms.hours import HourWindows, PackByShardFn, _unpack, bucket_start_seconds, shard_of
 
 
 @given(
@@ -48,3 +48,17 @@ def test_shards_are_the_same_in_every_process():
 def test_window_fns_compare_by_settings():
     assert HourWindows(3600, 600) == HourWindows(3600, 600)
     assert HourWindows(3600, 600) != HourWindows(3600, 601)
+
+
+def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
+    """A flood of id-less dead letters must not land on one key; an id keeps its shard, which dedup needs."""
+    fn = PackByShardFn(window_seconds=3600, num_shards=16)
+    fn.start_bundle()
+    start = 1_800_000_000_000 - 1_800_000_000_000 % 3_600_000
+    for n in range(200):
+        fn.process(("", start + n, {"n": n}))
+    fn.process(("e-42", start + 7, {"n": "event"}))
+    packs = dict(_unpack((shard, [pack])) for shard, pack in (wv.value for wv in fn.finish_bundle()))
+    assert len(packs) > 8, "id-less messages spread over the shards"
+    [event_shard] = [shard for shard, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
+    assert event_shard == shard_of("e-42", 16)

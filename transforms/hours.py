@@ -87,7 +87,9 @@ class PackByShardFn(beam.DoFn):
 
     def process(self, element):
         event_id, received_at_millis, _ = element
-        key = (received_at_millis - received_at_millis % self.window_millis, shard_of(event_id, self.num_shards))
+        # Messages without an id (dead letters) spread by their arrival instead of all landing in one shard.
+        shard = shard_of(event_id or str(received_at_millis), self.num_shards)
+        key = (received_at_millis - received_at_millis % self.window_millis, shard)
         pack = self.packs.get(key)
         if pack is None:
             self.packs[key] = [received_at_millis, [element]]
