@@ -9,7 +9,8 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from event_delivery.cloud import files
+from event_delivery.cloud import clients, files
+from event_delivery.ops import provision
 from event_delivery.ops.deploy import dataflow_args, dry_run
 
 pytestmark = pytest.mark.emulators
@@ -48,3 +49,20 @@ def test_every_type_builds_for_dataflow(registry, bucket):
         with FileSystems.open(package) as handle, tarfile.open(fileobj=io.BytesIO(handle.read())) as archive:
             members = archive.getnames()
         assert any(m.endswith(f"avro_schemas/{name}.avsc") for m in members), "workers get the registry"
+
+
+def test_the_job_keeps_cleartext_out_of_temp_files_and_encrypts_its_state(registry, bucket):
+    """Exception sampling would copy a failing step's input, cleartext before encryption, to
+    temp_location: it is off, temp files go to a bucket of their own, and state uses our KMS key."""
+    job = dry_run(dataflow_args(registry["search"], "local-project", "europe-west1", bucket, update=False))
+    environment = job.proto.environment
+    assert "disable_always_on_exception_sampling" in environment.experiments
+    assert environment.temp_storage_prefix.startswith(f"storage.googleapis.com/{bucket}-dataflow-tmp/")
+    assert environment.service_kms_key_name.endswith("/keyRings/event-delivery/cryptoKeys/dataflow-state")
+
+
+def test_provisioning_makes_the_temp_bucket_with_a_lifecycle_rule(bucket):
+    provision.provision("local-project", [], bucket)
+    provision.provision("local-project", [], bucket)  # again: nothing changes
+    temp = clients.storage_client("local-project").get_bucket(provision.temp_bucket(bucket))
+    assert [rule["condition"] for rule in temp.lifecycle_rules] == [{"age": provision.TEMP_RETENTION_DAYS}]

@@ -29,6 +29,7 @@ import sys
 
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import TIERS, EventType, load_registry
+from event_delivery.ops.provision import temp_bucket
 
 
 class UpdateRefused(Exception):
@@ -41,6 +42,10 @@ def default_keystore(project: str) -> str:
 
 def default_kms_key(project: str, region: str) -> str:
     return f"projects/{project}/locations/{region}/keyRings/event-delivery/cryptoKeys/subject-keys"
+
+
+def state_kms_key(project: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/keyRings/event-delivery/cryptoKeys/dataflow-state"
 
 
 def dataflow_args(
@@ -69,7 +74,12 @@ def dataflow_args(
         f"--raw_archive_root=gs://{bucket}/raw",
         "--runner=DataflowRunner",
         f"--job_name={job_name(event_type)}",
-        f"--temp_location=gs://{bucket}/tmp",
+        # Dataflow's temporary files go to a bucket of their own, which a lifecycle rule empties
+        # (make provision); exception sampling, which would copy a failing step's input element
+        # (cleartext before encryption) there, is off; the job's state is encrypted with our key.
+        f"--temp_location=gs://{temp_bucket(bucket)}/tmp",
+        "--experiments=disable_always_on_exception_sampling",
+        f"--dataflow_kms_key={state_kms_key(project, region)}",
         f"--staging_location=gs://{bucket}/staging",
         "--setup_file=./setup.py",
         "--enable_streaming_engine",

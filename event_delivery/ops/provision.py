@@ -36,10 +36,25 @@ def provision_type(project: str, event_type: EventType, publisher, subscriber) -
         )
 
 
+TEMP_RETENTION_DAYS = 1
+
+
+def temp_bucket(bucket: str) -> str:
+    """Where Dataflow's temporary files go: a bucket of their own, emptied by a lifecycle rule."""
+    return f"{bucket}-dataflow-tmp"
+
+
 def provision_bucket(project: str, bucket: str) -> None:
+    """The output bucket, and the Dataflow temp bucket beside it, emptied by a lifecycle rule."""
     client = clients.storage_client(project)
     with contextlib.suppress(exceptions.Conflict):
         client.create_bucket(bucket)
+    with contextlib.suppress(exceptions.Conflict):
+        client.create_bucket(temp_bucket(bucket))
+    temp = client.get_bucket(temp_bucket(bucket))
+    temp.clear_lifecycle_rules()  # set, not added to: provisioning again changes nothing
+    temp.add_lifecycle_delete_rule(age=TEMP_RETENTION_DAYS)
+    temp.patch()
 
 
 def provision(project: str, types: list[EventType], bucket: str | None) -> None:
