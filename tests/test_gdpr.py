@@ -242,3 +242,29 @@ def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
     key = keys.open().named_key(quarantine_key_name("search"))
     assert record["quarantine_key_id"] == key.key_id
     assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id) == broken
+
+
+def test_a_step_that_raises_leaks_nothing_into_its_exception_or_the_logs(tmp_path, keys, caplog, monkeypatch):
+    """A failing bundle holds cleartext events; the runner's error and logs must not show them."""
+    import traceback
+
+    from event_delivery.keys.cache import KeyCache
+
+    def keystore_down(self, subjects):
+        list(subjects)
+        raise RuntimeError("keystore unavailable")
+
+    monkeypatch.setattr(KeyCache, "lookup", keystore_down)
+    caplog.set_level(logging.DEBUG)
+    search = load_registry()["search"]
+    events = []
+    for i in range(4):
+        fields = {**valid_fields(search, i), "query": f"LEAKMARKquery{i}Z", "user_id": f"LEAKMARKuser{i}Z"}
+        events.append((f"e{i}", fields))
+    with pytest.raises(Exception) as failed:
+        deliver_events(settings_for(tmp_path, search, keys), events)
+
+    told = "".join(traceback.format_exception(failed.value))
+    assert "keystore unavailable" in told, "the step did fail, and said why"
+    assert "LEAKMARK" not in told
+    assert "LEAKMARK" not in caplog.text
