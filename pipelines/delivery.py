@@ -37,7 +37,7 @@ from pipelines.options import (
 from pipelines.runtime import LOCAL_RUNNER, fail, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
 from transforms.close import AnnounceLeftoverHours, CloseHour
-from transforms.dedup import Deduplicate
+from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
 from transforms.personal import EncryptPersonalFields, JobKeyCache, QuarantineDeadLetters
@@ -62,7 +62,10 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     parsed = messages | "ParseEvents" >> ParseEvents(settings, keep_raw=archive)
     if archive:
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
-    panes = parsed.events | "BucketByHour" >> BucketByHour(settings)
+    events = parsed.events
+    if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
+        events = events | "MarkRepeats" >> MarkRepeats(settings)
+    panes = events | "BucketByHour" >> BucketByHour(settings)
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
 
     protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)

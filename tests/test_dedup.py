@@ -7,13 +7,18 @@ once the hour closes nothing of its ids is left, whatever arrives afterwards.
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import FixedWindows, IntervalWindow
+from apache_beam.transforms.window import FixedWindows, IntervalWindow, TimestampedValue
 
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
 from event_delivery.contract.registry import load_registry
 from pipelines.runtime import LOCAL_BATCH_RUNNER
+from tests.conftest import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms.dedup import LATE, Deduplicate, DeduplicateFn
+from transforms import dedup
+from transforms.dedup import LATE, REPEAT, Deduplicate, DeduplicateFn, MarkRepeats, MarkRepeatsFn, keep_first_copies
 from transforms.hours import BucketByHour
 
 
@@ -21,16 +26,16 @@ def event(event_id, received_at_seconds):
     return (event_id, received_at_seconds * 1000, {"n": event_id})
 
 
-def settings(tmp_path, **more):
-    """Three shards, and a staging folder of its own that no earlier run wrote to."""
-    return local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path), num_shards=3, **more)
+def settings(tmp_path, num_shards=3, **more):
+    """Three shards unless told otherwise, and a staging folder of the test's own."""
+    return local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path), num_shards=num_shards, **more)
 
 
 def run(clock, unique, late, duplicates, tmp_path):
     """Runs the stream through bucketing and deduplication and checks what comes out."""
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, late_horizon_seconds=3600)
-        panes = pipeline | clock.finish() | BucketByHour(s)
+        panes = pipeline | clock.finish() | MarkRepeats(s) | BucketByHour(s)
         result = panes | Deduplicate(s)
         ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
         assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
@@ -124,18 +129,28 @@ class WatermarkTimer:
 
 
 class OneHourShard:
-    """Drives ``DeduplicateFn`` for one (hour, shard) by hand, with state it can inspect."""
+    """Drives ``DeduplicateFn`` for one (hour, shard) by hand, with state it can inspect.
 
-    def __init__(self, tmp_path):
-        self.fn = DeduplicateFn(settings(tmp_path))
+    An earlier run of the job left one staged file with ``earlier`` ids for the shard.
+    """
+
+    def __init__(self, tmp_path, earlier=("old-1", "old-2")):
+        self.settings = settings(tmp_path, run_id="run2")
+        layout = self.settings.layout
+        log = self.settings.event_type
+        staged = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in earlier]
+        folder = layout.hour(layout.staging, 600)
+        files.write_avro(
+            f"{folder}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}", log.parsed_delivered_schema, staged
+        )
+        self.fn = DeduplicateFn(self.settings)
         self.fn.setup()
         self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
         self.seen, self.started, self.closed, self.timer = BagState(), ValueState(), ValueState(), WatermarkTimer()
 
-    def pane(self, *event_ids) -> list:
-        events = [event(i, 600) for i in event_ids]
+    def pane(self, *events) -> list:
         state = {"seen": self.seen, "started": self.started, "closed": self.closed}
-        return list(self.fn.process((0, events), self.window, close=self.timer, **state))
+        return list(self.fn.process((0, list(events)), self.window, close=self.timer, **state))
 
     def close(self):
         self.fn.close_hour(seen=self.seen, started=self.started, closed=self.closed)
@@ -145,16 +160,63 @@ class OneHourShard:
         return {"seen": self.seen.read(), "started": self.started.read()}
 
 
-def test_an_open_hour_holds_each_distinct_id_once_and_a_closed_hour_holds_none(tmp_path):
+def repeat(event_id):
+    return (*event(event_id, 600), REPEAT)
+
+
+def test_a_shard_holds_only_what_earlier_runs_staged_and_nothing_once_the_hour_closed(tmp_path):
     shard = OneHourShard(tmp_path)
-    shard.pane("e1", "e2", "e1")
-    shard.pane("e2", "e3", "e3", "e1")
-    assert sorted(shard.seen.read()) == ["e1", "e2", "e3"], "repeats add nothing to the state"
+    [unique, duplicates] = shard.pane(event("e1", 600), event("old-1", 600), repeat("e1"))
+    assert [e[0] for e in unique[1]] == ["e1"], "marked repeats and what an earlier run staged are dropped"
+    assert duplicates.value[1] == 2
+    shard.pane(event("e2", 600), event("e3", 600))
+    assert sorted(shard.seen.read()) == ["old-1", "old-2"], "this run's ids add nothing to the shard's state"
     assert shard.timer.at == shard.window.end, "the state is dropped when the watermark closes the hour"
 
     shard.close()
     assert shard.held() == {"seen": [], "started": None}
 
-    outputs = shard.pane("e1", "e4")
-    assert [(o.tag, [e[0] for e in o.value[1]]) for o in outputs] == [(LATE, ["e1", "e4"])]
+    outputs = shard.pane(event("e1", 600), repeat("e4"))
+    assert [(o.tag, o.value[1]) for o in outputs] == [(LATE, [event("e1", 600), event("e4", 600)])], "late, unmarked"
     assert shard.held() == {"seen": [], "started": None}, "a late pane adds nothing to a closed hour's state"
+
+
+def test_an_id_holds_one_cell_while_its_hour_is_open_and_none_after(tmp_path):
+    fn, seen, timer = MarkRepeatsFn(), ValueState(), WatermarkTimer()
+    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+    first = list(fn.process(("e1", event("e1", 600)), window, seen=seen, forget=timer))
+    again = list(fn.process(("e1", event("e1", 601)), window, seen=seen, forget=timer))
+    assert first == [event("e1", 600)] and again == [(*event("e1", 601), REPEAT)]
+    assert seen.read() is True and timer.at == window.end
+    fn.forget_id(seen=seen)
+    assert seen.read() is None
+
+
+def test_what_a_pane_reads_from_state_does_not_grow_with_the_hour(tmp_path, monkeypatch):
+    """50 panes of new ids in one hour: the last pane reads no more state than the first.
+
+    Each pane checks its events against what it read from its (hour, shard)'s state;
+    counting that set per pane is the state-access counter. (The per-id cells of
+    ``MarkRepeats`` are one read per event by construction.)
+    """
+    reads = []
+
+    def counted(events, seen):
+        reads.append(len(seen))
+        return keep_first_copies(events, seen)
+
+    monkeypatch.setattr(dedup, "keep_first_copies", counted)
+    s = settings(tmp_path, late_horizon_seconds=3600, num_shards=1, run_id="run2")
+    OneHourShard(tmp_path)  # an earlier run's staged file, so there is something to read
+    # Processing time runs ahead while the watermark creeps within the hour: each batch is a pane.
+    stream = TestStream().advance_processing_time(600).advance_watermark_to(600)
+    for n in range(50):
+        batch = [event(f"p{n}-{i}", 600 + i) for i in range(20)]
+        stream = stream.add_elements([TimestampedValue(e, 600 + n % 10) for e in batch])
+        stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
+    pipeline = streaming_pipeline()
+    pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s) | BucketByHour(s) | Deduplicate(s)
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert len(reads) == 50, "the hour came in 50 panes"
+    assert max(reads) <= reads[0] == 2, "each pane reads the earlier run's 2 ids, no more"

@@ -1,7 +1,11 @@
 """Deduplicate by event id within (type, hour), across all panes of the hour, and across
 restarts of the job before the hour closed.
 
-A streaming job sees an hour in many panes, so it keeps the ids seen so far in state.
+A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
+(id, hour), keyed by the id, so each event reads and writes only its own cell however
+full the hour is, and the work spreads over as many keys as there are ids. It marks
+every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked copies
+while the hour is open and sends whole panes to the late root once it has closed.
 A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
 alone decides and no state is kept: a runner can then spread the shards over its
 workers (the local runner runs a stateful step on one worker only).
@@ -13,14 +17,81 @@ import apache_beam as beam
 from apache_beam.coders import BooleanCoder, StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
-from transforms.hours import bucket_start_seconds
+from transforms.hours import HourWindows, bucket_start_seconds, hour_windows
 from transforms.reports import DUPLICATES, report
 
 LATE = "late"
+REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
+
+
+def is_repeat(event) -> bool:
+    return len(event) > 3
+
+
+def unmarked(events: list) -> list:
+    """The events as ``(event_id, received_at_millis, fields)``, marks removed."""
+    return [event[:3] if is_repeat(event) else event for event in events]
+
+
+class MarkRepeatsFn(beam.DoFn):
+    """Marks every copy of an id after the first in its hour, with one state cell per (id, hour).
+
+    The cell lives until the hour closes. A copy that arrives after that finds none
+    and is not marked: the hour's panes then go to the late root whole, as before.
+    """
+
+    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
+
+    def process(
+        self,
+        keyed_event,
+        window=beam.DoFn.WindowParam,
+        seen=beam.DoFn.StateParam(SEEN),
+        forget=beam.DoFn.TimerParam(FORGET),
+    ):
+        _, event = keyed_event
+        if seen.read():
+            yield (*event, REPEAT)
+            return
+        seen.write(True)
+        forget.set(window.end)
+        yield event
+
+    @on_timer(FORGET)
+    def forget_id(self, seen=beam.DoFn.StateParam(SEEN)):
+        seen.clear()
+
+
+def _keyed_in_its_hour(event) -> TimestampedValue:
+    """``(event_id, event)``, stamped with its ``received_at``, which decides its hour."""
+    return TimestampedValue((event[0], event), event[1] / 1000)
+
+
+class MarkRepeats(beam.PTransform):
+    """``(event_id, received_at_millis, fields)`` events in, the same out, repeats marked.
+
+    ``settings`` are the job's ``DeliverySettings``: its hours and lateness.
+    """
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, events):
+        s = self.settings
+        return (
+            events
+            | "KeyById" >> beam.Map(_keyed_in_its_hour)
+            | "IntoHours"
+            >> hour_windows(HourWindows(s.window_seconds, s.allowed_lateness_seconds), s.late_horizon_seconds)
+            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn())
+        )
 
 
 def keep_first_copies(events: list, seen: set) -> list:
@@ -71,16 +142,17 @@ class DeduplicateWholeHourFn(beam.DoFn):
 
 
 class DeduplicateFn(DeduplicateWholeHourFn):
-    """Keeps the first copy of each id in an hour's shard and counts the others.
+    """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them.
 
-    State is the ids seen in earlier panes of this (hour, shard). It is dropped the
-    moment the watermark closes the hour, so a job holds ids only for open hours.
-    A pane that arrives after that can no longer be checked against the hour, so
-    it goes out as ``late``, whatever timing label the runner gave it.
+    A pane that arrives after the watermark closed the hour can no longer be checked
+    against it, so it goes out as ``late``, whole, whatever timing label the runner gave it.
 
-    The first pane of an (hour, shard) in a run also reads the ids of the shard's files
-    that earlier runs staged for the hour and never published: a job restarted mid-hour
-    does not deliver again what its previous run delivered (the shard count must not change).
+    State is not the ids of this run: those are in ``MarkRepeats``. It is the ids of the
+    shard's files that earlier runs staged for the hour and never published, read at the
+    first pane of the (hour, shard) in this run, so that a job restarted mid-hour does
+    not deliver again what its previous run delivered (the shard count must not change).
+    Each pane reads that set, whose size this run's traffic does not change. Everything
+    is dropped the moment the hour closes.
     """
 
     SEEN = BagStateSpec("seen", StrUtf8Coder())
@@ -99,16 +171,14 @@ class DeduplicateFn(DeduplicateWholeHourFn):
     ):
         shard, events = pane_elements
         if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE, (shard, events))
+            yield beam.pvalue.TaggedOutput(LATE, (shard, unmarked(events)))
             return
         close.set(window.end)
         if not started.read():
             started.write(True)
             for event_id in staged_by_earlier_runs(self.settings, window, shard):
                 seen.add(event_id)
-        unique = keep_first_copies(events, set(seen.read()))
-        for event in unique:
-            seen.add(event[0])
+        unique = keep_first_copies([e for e in events if not is_repeat(e)], set(seen.read()))
         yield shard, unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 

@@ -86,7 +86,7 @@ class PackByShardFn(beam.DoFn):
         self.packs = {}
 
     def process(self, element):
-        event_id, received_at_millis, _ = element
+        event_id, received_at_millis = element[0], element[1]
         # Messages without an id (dead letters) spread by their arrival instead of all landing in one shard.
         shard = shard_of(event_id or str(received_at_millis), self.num_shards)
         key = (received_at_millis - received_at_millis % self.window_millis, shard)
