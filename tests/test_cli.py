@@ -90,7 +90,8 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
             + ["--start", "yesterday", "--end", "2026-11-29T01"],
             "'yesterday' is not an hour: use YYYY-MM-DDTHH (UTC)",
         ),
-        ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must not be negative"),
+        ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must be between 0 and 3600"),
+        ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "inf"], "must be between 0 and 3600"),
     ],
 )
 def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):

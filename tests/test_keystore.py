@@ -7,6 +7,7 @@ import hmac
 import multiprocessing
 import os
 import pickle
+import stat
 import uuid
 
 import pytest
@@ -248,3 +249,27 @@ def test_bigtable_and_sqlite_urls():
         open_keystore("bigtable://p/i", None)
     with pytest.raises(ValueError, match="unknown keystore"):
         open_keystore("redis://x", None)
+
+
+def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, kek):
+    """WAL mode keeps the frame that wrote a key until a truncating checkpoint; secure_delete alone is not enough."""
+    url = f"sqlite:///{tmp_path}/keys/keystore.db"
+    keystore = open_keystore(url, kek)
+    reader = open_keystore(url, kek)  # another connection, as a running job holds one
+    keystore.subject_keys(["alice", "bob"])
+    key_id = keystore.subject_key_ids(["alice"])["alice"]
+    wrapped = keystore._read_wrapped_keys([key_id])[key_id]
+    reader.subject_keys(["bob"])
+    keystore_files = lambda: [p for p in (tmp_path / "keys").iterdir() if p.name.startswith("keystore.db")]  # noqa: E731
+    assert any(wrapped in p.read_bytes() for p in keystore_files()), "the scan can see a stored key"
+
+    assert keystore.forget("alice")
+    assert not [p.name for p in keystore_files() if wrapped in p.read_bytes()]
+    assert reader.subject_keys(["bob"], create=False)["bob"], "others' keys stay readable"
+
+
+def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
+    LocalKeyFile(tmp_path / "keys" / "kek.key")
+    open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None)
+    for folder in ("keys", "store"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder

@@ -12,6 +12,7 @@ from event_delivery.keys.sqlite import SqliteKeystore
 
 DEFAULT_KEYSTORE = "sqlite:///.keys/keystore.db"
 DEFAULT_KEY_FILE = ".keys/kek.key"
+MAX_KEY_CACHE_TTL_SECONDS = 3600
 
 
 def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = True) -> Keystore:
@@ -66,11 +67,14 @@ def add_key_arguments(parser) -> None:
         type=float,
         default=300,
         help="How long a worker caches a subject's key: the upper bound on how long a forgotten "
-        "key can still be used. Default: 300.",
+        f"key can still be used. At most {MAX_KEY_CACHE_TTL_SECONDS}. Default: 300.",
     )
 
 
 def key_config_from_args(args) -> KeyConfig:
-    if args.key_cache_ttl_seconds < 0:
-        raise ValueError("key_cache_ttl_seconds must not be negative")
+    if not 0 <= args.key_cache_ttl_seconds <= MAX_KEY_CACHE_TTL_SECONDS:
+        raise ValueError(
+            f"key_cache_ttl_seconds must be between 0 and {MAX_KEY_CACHE_TTL_SECONDS}: "
+            "it bounds how long a forgotten key can still be used"
+        )
     return KeyConfig(args.keystore, args.local_key_file, args.kms_key, args.key_cache_ttl_seconds)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_BYTES = 12
 KEY_BYTES = 32
+PRIVATE_FOLDER = 0o700  # a folder of keys is readable by its owner alone
 
 
 class KeysNotFound(FileNotFoundError):
@@ -41,7 +42,7 @@ class LocalKeyFile(KeyEncryptionKey):
         if not self.path.exists():
             if not create:
                 raise KeysNotFound(f"there is no key-encryption key file at {self.path}")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n")

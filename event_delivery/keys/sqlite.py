@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 
-from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.kek import PRIVATE_FOLDER, KeyEncryptionKey, KeysNotFound
 from event_delivery.keys.keystore import Keystore
 
 
@@ -28,7 +28,7 @@ class SqliteKeystore(Keystore):
         if path != ":memory:":
             if not create and not os.path.exists(path):
                 raise KeysNotFound(f"there is no keystore at {path}")
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=PRIVATE_FOLDER, exist_ok=True)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
         self._connection.execute("PRAGMA secure_delete = ON")
@@ -80,7 +80,24 @@ class SqliteKeystore(Keystore):
                 "ON CONFLICT (pseudonym) DO UPDATE SET key_id = NULL, forgotten_at = excluded.forgotten_at",
                 (pseudonym, time.time()),
             )
+        self._truncate_log()
         return bool(row and row[0])
+
+    def _truncate_log(self) -> None:
+        """Copies the write-ahead log into the database and empties it.
+
+        ``secure_delete`` overwrites a deleted key in the database file, but the log
+        still holds the frame that wrote it until a truncating checkpoint; a forget is
+        not done before then. It waits for readers (the busy timeout) and fails loudly
+        if they hold on, rather than report an erasure that is not complete.
+        """
+        with self._lock:
+            busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError(
+                f"the key is deleted, but {self.path}-wal could not be emptied while other connections read; "
+                "run forget again once they are idle"
+            )
 
     def _named_key_id(self, name, candidate):
         key_id, wrapped = candidate
