@@ -273,3 +273,71 @@ def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
     open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None)
     for folder in ("keys", "store"):
         assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+
+
+def _forget_or_claim(url, key_file, subjects, action, start_line, queue):
+    keystore = open_keystore(url, LocalKeyFile(key_file, create=False))
+    keystore.pseudonym("warm-up")
+    for subject in subjects:
+        start_line.wait()  # every subject is raced afresh: the four meet it at once
+        keystore.forget(subject) if action == "forget" else keystore.subject_keys([subject])
+    queue.put(action)
+
+
+@pytest.mark.emulators
+def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_path, kek):
+    """First sight and forget of the same subjects race in four processes: every subject ends
+    forgotten, and no data key is left that nothing points to (a readable orphan)."""
+    url = f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}"
+    keystore = open_keystore(url, kek)
+    keystore.named_key("warm-up")
+    subjects = [f"subject-{i}" for i in range(120)]
+    context = multiprocessing.get_context("spawn")
+    queue, start_line = context.Queue(), context.Barrier(4, timeout=120)
+    actions = ["forget", "claim", "forget", "claim"]
+    workers = [
+        context.Process(target=_forget_or_claim, args=(url, str(kek.path), subjects, a, start_line, queue))
+        for a in actions
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        assert sorted(queue.get(timeout=180) for _ in workers) == sorted(actions)
+    finally:
+        for worker in workers:
+            worker.join(10)
+            worker.kill()
+    assert all(keystore.is_forgotten(s) for s in subjects)
+    named = [row.row_key for row in keystore.table.read_rows(start_key=b"n#", end_key=b"n$")]
+    keys = [row.row_key for row in keystore.table.read_rows(start_key=b"d#", end_key=b"d$")]
+    assert len(keys) == len(named), "the only keys left are the named ones"
+
+
+@pytest.mark.emulators
+def test_a_forget_interrupted_after_its_tombstone_finishes_when_run_again(bigtable_emulator, kek, monkeypatch):
+    keystore = open_keystore(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    key_id = keystore.subject_keys(["alice"])["alice"].key_id
+    delete_rows = keystore._delete_rows
+    monkeypatch.setattr(keystore, "_delete_rows", lambda keys: (_ for _ in ()).throw(OSError("worker died")))
+    with pytest.raises(OSError):
+        keystore.forget("alice")
+    assert keystore.is_forgotten("alice"), "the tombstone stands: no key is used or made from here on"
+    assert keystore.subject_keys(["alice"]) == {"alice": None}
+
+    monkeypatch.setattr(keystore, "_delete_rows", delete_rows)
+    assert keystore.forget("alice") is True, "the retry finds the key id the tombstone kept"
+    assert keystore.data_keys([key_id]) == {key_id: None}
+
+
+@pytest.mark.emulators
+def test_forget_fails_when_bigtable_refuses_the_deletion(bigtable_emulator, kek, monkeypatch):
+    from google.rpc import status_pb2
+
+    keystore = open_keystore(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    key_id = keystore.subject_keys(["alice"])["alice"].key_id
+    refused = [status_pb2.Status(code=14, message="unavailable")]
+    monkeypatch.setattr(keystore.table, "mutate_rows", lambda rows: refused)
+    with pytest.raises(RuntimeError, match="Bigtable refused a key deletion: unavailable"):
+        keystore.forget("alice")
+    monkeypatch.undo()
+    assert keystore.data_keys([key_id])[key_id] is not None, "nothing claims an erasure that did not happen"

@@ -8,6 +8,20 @@ import time
 from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound
 from event_delivery.keys.keystore import Keystore
 
+KEY_ID, FORGOTTEN_AT = b"key_id", b"forgotten_at"
+
+
+def _live_key_id(cells: dict) -> str | None:
+    """A subject row's key id, or None once it is a tombstone (whose key may still await deletion)."""
+    return None if FORGOTTEN_AT in cells or KEY_ID not in cells else cells[KEY_ID].decode()
+
+
+def _check(statuses, what: str) -> None:
+    """Bigtable answers a batch with one status per row: any failure is an error, never ignored."""
+    failed = [status for status in statuses if getattr(status, "code", 0) != 0]
+    if failed:
+        raise RuntimeError(f"Bigtable refused {what}: {failed[0].message}")
+
 
 class BigtableKeystore(Keystore):
     """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>`` and ``n#<name>`` in one family."""
@@ -51,9 +65,7 @@ class BigtableKeystore(Keystore):
 
     def _read_subjects(self, pseudonyms):
         rows = self._read_rows([b"s#" + p.encode() for p in pseudonyms])
-        return {
-            key[2:].decode(): (cells[b"key_id"].decode() if b"key_id" in cells else None) for key, cells in rows.items()
-        }
+        return {key[2:].decode(): _live_key_id(cells) for key, cells in rows.items()}
 
     def _write_data_keys(self, keys: dict[str, bytes]) -> None:
         rows = []
@@ -61,9 +73,7 @@ class BigtableKeystore(Keystore):
             row = self.table.direct_row(b"d#" + key_id.encode())
             row.set_cell(self.FAMILY, b"wrapped", wrapped)
             rows.append(row)
-        for status in self.table.mutate_rows(rows):
-            if status.code != 0:
-                raise RuntimeError(f"Bigtable refused a key write: {status.message}")
+        _check(self.table.mutate_rows(rows), "a key write")
 
     def _claim(self, row_key: bytes, qualifier: bytes, value: bytes) -> bool:
         """Writes the cell only if the row is empty; True if this call wrote it."""
@@ -89,21 +99,34 @@ class BigtableKeystore(Keystore):
             row.delete()
             rows.append(row)
         if rows:
-            self.table.mutate_rows(rows)
+            _check(self.table.mutate_rows(rows), "a key deletion")
 
     def _read_wrapped_keys(self, key_ids):
         rows = self._read_rows([b"d#" + k.encode() for k in key_ids])
         return {key[2:].decode(): cells[b"wrapped"] for key, cells in rows.items() if b"wrapped" in cells}
 
     def _forget(self, pseudonym):
+        """Tombstone first, keeping the key id; then delete the key; then drop the pointer.
+
+        The tombstone is written whatever the row holds, atomically, so a first-sight
+        claim can no longer win afterwards; one that won just before is read back and
+        its key deleted too. A forget interrupted after the tombstone finds the key id
+        still there when it runs again, and finishes.
+        """
+        from google.cloud.bigtable.row_filters import PassAllFilter
+
         row_key = b"s#" + pseudonym.encode()
-        key_id = self._read_rows([row_key]).get(row_key, {}).get(b"key_id")
-        tombstone = self.table.direct_row(row_key)
-        tombstone.delete()
-        tombstone.set_cell(self.FAMILY, b"forgotten_at", str(time.time()).encode())
+        tombstone = self.table.conditional_row(row_key, filter_=PassAllFilter(True))
+        stamp = str(time.time()).encode()
+        for state in (True, False):  # the same write whether or not the row exists
+            tombstone.set_cell(self.FAMILY, FORGOTTEN_AT, stamp, state=state)
         tombstone.commit()
+        key_id = self._read_rows([row_key]).get(row_key, {}).get(KEY_ID)
         if key_id:
             self._delete_rows([b"d#" + key_id])
+            pointer = self.table.direct_row(row_key)
+            pointer.delete_cell(self.FAMILY, KEY_ID)
+            _check([pointer.commit()], "dropping a forgotten key's id")
         return bool(key_id)
 
     def _named_key_id(self, name, candidate):
