@@ -52,6 +52,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                 data = decrypt_bytes(unseal[archived["key_id"]], data, name, RAW, archived["key_id"])
             attributes = archived["attributes"]
             event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
+            obj = None
             try:
                 obj = json.loads(data)
                 record = {n: obj.get(n, d) for n, d in fields}
@@ -63,7 +64,11 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
             except (ValueError, AttributeError):
                 valid = False
             if not valid:
-                sealed = encrypt_bytes(quarantine.aead, data, name, "payload", quarantine.key_id)
+                # Sealed under the subject's key when the payload names one, as the pipeline does.
+                subject = obj.get(subject_field) if subject_field and isinstance(obj, dict) else None
+                named = isinstance(subject, str) and subject
+                key = keystore.subject_keys([subject])[subject] if named else quarantine
+                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id) if key else None
                 dead.append(
                     {
                         "event_id": event_id,
@@ -73,7 +78,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                         "error_detail": "",
                         "attributes": attributes,
                         "payload": sealed,
-                        "quarantine_key_id": quarantine.key_id,
+                        "quarantine_key_id": key.key_id if key else None,
                     }
                 )
                 continue

@@ -40,7 +40,7 @@ from transforms.close import AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
-from transforms.personal import EncryptPersonalFields, JobKeyCache, QuarantineDeadLetters
+from transforms.personal import EncryptPersonalFields, JobKeyCache, SealDeadLetters
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
 from transforms.settings import DeliverySettings
@@ -74,7 +74,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     late = late_protected["events"] | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE)
     dead_lettered = (
         parsed.dead_letters
-        | "QuarantineDeadLetters" >> QuarantineDeadLetters(event_type.name, settings.keys)
+        | "SealDeadLetters" >> SealDeadLetters(event_type, key_cache)
         | "BucketDeadLetters" >> BucketByHour(settings)
         | "WriteDeadLetters"
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)

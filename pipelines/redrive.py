@@ -25,10 +25,11 @@ import fastavro
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.transforms.window import GlobalWindows
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, quarantine_key_name
+from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.contract.fixes import FIXES
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.config import KeyConfig
@@ -61,12 +62,19 @@ class ReplayDeadLettersFn(beam.DoFn):
 
     def setup(self):
         use_emulator_credentials()
-        self.key = self.keys.open().named_key(quarantine_key_name(self.event_type.name))
+        self.keystore = self.keys.open()
         self.fix = FIXES[self.fix_name]
+        self.erased = beam.metrics.Metrics.counter("redrive", "erased")
 
     def process(self, path: str):
-        for index, record in enumerate(files.read_avro(path)):
-            payload = decrypt_bytes(self.key.aead, record["payload"], self.event_type.name, "payload", self.key.key_id)
+        records = files.read_avro(path)
+        keys = self.keystore.data_keys(r["quarantine_key_id"] for r in records if r["quarantine_key_id"])
+        for index, record in enumerate(records):
+            key_id, key = record["quarantine_key_id"], keys.get(record["quarantine_key_id"])
+            if key is None or record["payload"] is None:
+                self.erased.inc()  # its subject was forgotten: it cannot be read, and it stays as it is
+                continue
+            payload = decrypt_bytes(AESGCM(key), record["payload"], self.event_type.name, "payload", key_id)
             data, attributes = self.fix(payload, dict(record["attributes"]), self.event_type)
             attributes[SOURCE] = f"{index}:{path}"
             yield PubsubMessage(data, attributes, publish_time=record["received_at"])

@@ -85,3 +85,37 @@ def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
     staged = files.glob(f"{tmp_path}/delivered/_staging/search/*/*/*.avro")
     assert [r["event_id"] for p in staged for r in files.read_avro(p)] == ["e1"]
     assert not files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro")
+
+
+def test_a_dead_letter_that_names_its_subject_is_erased_by_forget_and_the_rest_still_redrive(tmp_path):
+    search, settings, flags = setup(tmp_path)
+    alice = {**valid_fields(search, 1), "user_id": "alice", "new_field": "x"}
+    bob = {**valid_fields(search, 2), "user_id": "bob", "new_field": "x"}
+    clock = Clock(START)
+    clock.arrive(message(alice, "a1", (START + 1) * 1000), message(bob, "b1", (START + 1) * 1000))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+    keystore = settings.keys.open()
+    subject_keys = keystore.subject_key_ids(["alice", "bob"], create=False)
+    dead = {
+        r["event_id"]: r for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)
+    }
+    assert {i: r["quarantine_key_id"] for i, r in dead.items()} == {
+        "a1": subject_keys["alice"],
+        "b1": subject_keys["bob"],
+    }
+
+    keystore.forget("alice")
+    assert keystore.data_keys([subject_keys["alice"]]) == {subject_keys["alice"]: None}, (
+        "alice's dead letter is sealed for good"
+    )
+
+    args = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
+    assert redrive.main([*args, "--fix=strip_unknown_fields", *flags]) == 0
+    late = [r["event_id"] for p in files.glob(f"{tmp_path}/late/search/*/*/*.avro") for r in files.read_avro(p)]
+    remaining = [
+        r["event_id"] for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)
+    ]
+    assert (late, remaining) == (["b1"], ["a1"]), "bob's is redriven; alice's stays, unreadable"

@@ -5,10 +5,13 @@ subject's key; the record keeps the key id in clear. Keys are looked up once per
 (a batch) through a cache that all steps of a job share in each worker process
 (``JobKeyCache``). A forgotten subject's fields are delivered as
 null, with no key id, and counted. Dead-letter payloads, which may hold personal data
-that never passed validation, are sealed with the type's quarantine key.
+that never passed validation, are sealed under the subject's key when they name one,
+else under the type's quarantine key.
 """
 
 from __future__ import annotations
+
+import json
 
 import apache_beam as beam
 from apache_beam.utils.shared import Shared
@@ -89,31 +92,49 @@ class EncryptPersonalFields(beam.PTransform):
         return panes | "SealFields" >> encrypt.with_outputs(FORGOTTEN, main="events")
 
 
-class QuarantineDeadLettersFn(beam.DoFn):
-    def __init__(self, event_type_name: str, keys: KeyConfig):
-        self.event_type_name = event_type_name
-        self.keys = keys
+def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
+    """The data subject a payload names, if it is a JSON object that does (valid or not)."""
+    if not subject_field or not payload:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    subject = obj.get(subject_field) if isinstance(obj, dict) else None
+    return subject if isinstance(subject, str) and subject else None
+
+
+class SealDeadLettersFn(beam.DoFn):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
+        self.event_type = event_type
+        self.key_cache = key_cache
 
     def setup(self):
-        self.key = self.keys.open().named_key(quarantine_key_name(self.event_type_name))
-        self.aead = self.key.aead
+        self.cache = self.key_cache.acquire()
+        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
+        self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
 
     def process(self, element):
         event_id, received_at, record = element
-        sealed = dict(record)
-        sealed["payload"] = encrypt_bytes(
-            self.aead, record["payload"], self.event_type_name, "payload", self.key.key_id
-        )
-        sealed["quarantine_key_id"] = self.key.key_id
+        subject = subject_named_in(record["payload"], self.event_type.subject_field)
+        key, aead = self.cache.lookup([subject])[subject] if subject else (self.quarantine, self.quarantine.aead)
+        sealed = dict(record, payload=None, quarantine_key_id=None)
+        if key is None:
+            self.erased.inc()  # the subject was forgotten: nothing of it is kept
+        else:
+            sealed["payload"] = encrypt_bytes(aead, record["payload"], self.event_type.name, "payload", key.key_id)
+            sealed["quarantine_key_id"] = key.key_id
         yield event_id, received_at, sealed
 
 
-class QuarantineDeadLetters(beam.PTransform):
-    """Dead letters in and out, their raw payloads sealed with the type's quarantine key."""
+class SealDeadLetters(beam.PTransform):
+    """Dead letters in and out, their raw payloads sealed: under the subject's key when the
+    payload names one (so forgetting the subject erases it here too), else under the type's
+    quarantine key, which a retention bound limits. A forgotten subject's payload is dropped."""
 
-    def __init__(self, event_type_name: str, keys: KeyConfig):
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         super().__init__()
-        self.fn = QuarantineDeadLettersFn(event_type_name, keys)
+        self.fn = SealDeadLettersFn(event_type, key_cache)
 
     def expand(self, dead_letters):
         return dead_letters | "SealPayloads" >> beam.ParDo(self.fn)

@@ -40,11 +40,18 @@ DEAD_LETTER_SCHEMA = {
         {"name": "attributes", "type": {"type": "map", "values": "string"}},
         {
             "name": "payload",
-            "type": "bytes",
-            "doc": "The raw message data, AES-256-GCM encrypted under the type's quarantine key: it may hold "
-            "personal data that never passed validation.",
+            "type": ["null", "bytes"],
+            "default": None,
+            "doc": "The raw message data, AES-256-GCM encrypted: it may hold personal data that never passed "
+            "validation. Null when it named a subject that was already forgotten.",
         },
-        {"name": "quarantine_key_id", "type": ["null", "string"], "default": None},
+        {
+            "name": "quarantine_key_id",
+            "type": ["null", "string"],
+            "default": None,
+            "doc": "The key that seals the payload: the subject's, when the payload names one, else the "
+            "type's quarantine key.",
+        },
     ],
 }
 
