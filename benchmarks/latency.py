@@ -16,6 +16,8 @@ import time
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions
+from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
 from event_delivery.local.emulators import running_emulators
@@ -49,6 +51,8 @@ def measure(state_dir: pathlib.Path, seconds: float = 40, rate: float = 20, say=
         use_emulator_credentials()
         provision.provision(PROJECT, [event_type], BUCKET)
         root = f"gs://{BUCKET}"
+        layout = Layout.under(root, TYPE, WINDOW)
+        staging, delivered = (partitions.join(r, TYPE, "*", "*", "*.avro") for r in (layout.staging, layout.delivered))
         args = [
             f"--project={PROJECT}",
             f"--storage_root={root}",
@@ -70,13 +74,13 @@ def measure(state_dir: pathlib.Path, seconds: float = 40, rate: float = 20, say=
                 publisher.publish(fake_fields(event_type, rng, 1000), event_id)
                 publisher.flush()
                 published[event_id] = time.time()
-                _first_seen(f"{root}/delivered/_staging/{TYPE}/*/*/*.avro", staged, staged_files)
+                _first_seen(staging, staged, staged_files)
                 time.sleep(max(0.0, started + len(published) / rate - time.time()))
             say(f"  latency: published {len(published)} events; waiting for the last hour to close")
             deadline = time.time() + WINDOW + LATENESS + 60
             while time.time() < deadline and len(final) < len(published):
-                _first_seen(f"{root}/delivered/_staging/{TYPE}/*/*/*.avro", staged, staged_files)
-                _first_seen(f"{root}/delivered/{TYPE}/*/*/*.avro", final, final_files)
+                _first_seen(staging, staged, staged_files)
+                _first_seen(delivered, final, final_files)
                 time.sleep(0.25)
         finally:
             stop_jobs([job])
