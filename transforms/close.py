@@ -31,7 +31,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from transforms.hours import HourWindows, bucket_start_seconds, hour_windows
+from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, report
 
 _LOG = logging.getLogger(__name__)
@@ -248,6 +248,5 @@ class AnnounceLeftoverHours(beam.PTransform):
             pipeline
             | "Start" >> beam.Impulse()
             | "FindLeftoverHours" >> beam.ParDo(AnnounceLeftoverHoursFn(s))
-            | "IntoHours"
-            >> hour_windows(HourWindows(s.window_seconds, s.allowed_lateness_seconds), s.late_horizon_seconds)
+            | "IntoHours" >> hour_windows(s)
         )

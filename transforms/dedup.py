@@ -22,7 +22,7 @@ from apache_beam.transforms.window import TimestampedValue
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
-from transforms.hours import HourWindows, bucket_start_seconds, hour_windows
+from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DUPLICATES, report
 
 LATE = "late"
@@ -88,8 +88,7 @@ class MarkRepeats(beam.PTransform):
         return (
             events
             | "KeyById" >> beam.Map(_keyed_in_its_hour)
-            | "IntoHours"
-            >> hour_windows(HourWindows(s.window_seconds, s.allowed_lateness_seconds), s.late_horizon_seconds)
+            | "IntoHours" >> hour_windows(s)
             | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn())
         )
 

@@ -44,16 +44,16 @@ class HourWindows(window.NonMergingWindowFn):
         return hash((type(self), self.window_seconds, self.allowed_lateness_seconds))
 
 
-def hour_windows(windows: HourWindows, late_horizon_seconds: int, when=None) -> beam.WindowInto:
-    """Into the hour windows, as every step of the delivery path sees them."""
+def hour_windows(settings, when=None) -> beam.WindowInto:
+    """Into the hour windows of ``settings`` (a ``DeliverySettings``), as every step of the path sees them."""
     return beam.WindowInto(
-        windows,
+        HourWindows(settings.window_seconds, settings.allowed_lateness_seconds),
         trigger=when or trigger.DefaultTrigger(),
         accumulation_mode=trigger.AccumulationMode.DISCARDING,
         # Parsing dead-letters events older than one horizon on arrival; the second
         # horizon is slack between arrival and the watermark, so the runner never
         # drops an event as too late.
-        allowed_lateness=Duration(seconds=2 * late_horizon_seconds),
+        allowed_lateness=Duration(seconds=2 * settings.late_horizon_seconds),
     )
 
 
@@ -122,23 +122,20 @@ class BucketByHour(beam.PTransform):
     def __init__(self, settings):
         """``settings`` is the job's ``DeliverySettings``."""
         super().__init__()
-        self.windows = HourWindows(settings.window_seconds, settings.allowed_lateness_seconds)
-        self.window_seconds = settings.window_seconds
-        self.trigger_seconds = settings.trigger_seconds
-        self.late_horizon_seconds = settings.late_horizon_seconds
-        self.num_shards = settings.num_shards
+        self.settings = settings
 
     def expand(self, elements):
-        if self.trigger_seconds is None:  # a bounded input: one pane per hour and shard
+        s = self.settings
+        if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
             when = trigger.DefaultTrigger()
         else:
-            flush = trigger.AfterProcessingTime(self.trigger_seconds)
+            flush = trigger.AfterProcessingTime(s.trigger_seconds)
             when = trigger.AfterWatermark(early=flush, late=flush)
         return (
             elements
             | "PackByShard"
-            >> beam.ParDo(PackByShardFn(self.window_seconds, self.num_shards)).with_output_types(tuple[int, bytes])
-            | "HourWindows" >> hour_windows(self.windows, self.late_horizon_seconds, when)
+            >> beam.ParDo(PackByShardFn(s.window_seconds, s.num_shards)).with_output_types(tuple[int, bytes])
+            | "HourWindows" >> hour_windows(s, when)
             | "GroupIntoPanes" >> beam.GroupByKey()
             | "Unpack" >> beam.Map(_unpack)
         )
