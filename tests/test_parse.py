@@ -17,6 +17,7 @@ from event_delivery.local.loadgen import malformed
 from tests.conftest import message, published_at, raw_message, valid_fields
 from tests.streams import local_keys, local_settings
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
+from transforms.read import StampArrivalFn
 
 ARRIVAL_MILLIS = 1_800_000_000_000
 MAX_BYTES = 4096
@@ -135,7 +136,8 @@ def test_parse_events_transform_splits_events_and_dead_letters(registry, tmp_pat
 
 
 def test_without_publish_time_the_element_timestamp_is_the_arrival(registry, tmp_path):
-    """Dataflow's own Pub/Sub reader may leave ``publish_time`` unset; its element timestamp is then the arrival."""
+    """Dataflow's own Pub/Sub reader may leave ``publish_time`` unset; the read then takes the
+    element timestamp as the arrival, and parsing bounds ``received_at`` by it."""
     log = registry["service_log"]
     settings = local_settings(tmp_path, log, local_keys(tmp_path), max_event_bytes=MAX_BYTES)
     too_old = ARRIVAL_MILLIS - (settings.late_horizon_seconds + 60) * 1000
@@ -143,7 +145,7 @@ def test_without_publish_time_the_element_timestamp_is_the_arrival(registry, tmp
     stale = message(valid_fields(log), "stale", received_at_millis=too_old)
     pipeline = TestPipeline()
     arrived = [beam.window.TimestampedValue(m, ARRIVAL_MILLIS / 1000) for m in (unstamped, stale)]
-    parsed = pipeline | beam.Create(arrived) | ParseEvents(settings)
+    parsed = pipeline | beam.Create(arrived) | beam.ParDo(StampArrivalFn()) | ParseEvents(settings)
     events = parsed.events | "Events" >> beam.Map(lambda e: (e[0], e[1]))
     assert_that(events, equal_to([("fresh", ARRIVAL_MILLIS)]), label="events")
     kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[1], d[2]["error_kind"]))

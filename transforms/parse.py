@@ -6,7 +6,6 @@ import json
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 from fastavro.validation import ValidationError, validate
 
 from event_delivery.contract import envelope
@@ -66,10 +65,8 @@ class ParseEventFn(beam.DoFn):
     Anything that cannot become such an event goes to the ``dead_letters`` output as
     ``(event_id or "", received_at_millis, dead_letter_record)``, with a kind from
     ``ErrorKind``. When ``received_at`` is missing or bad, the message's arrival
-    time stands in for it: its Pub/Sub ``publish_time`` or, when the reader leaves
-    that unset (Dataflow's own may), its element timestamp, which a Pub/Sub read
-    sets to the publish time. Messages without ``publish_time`` are counted
-    (``missing_publish_time``).
+    time (its Pub/Sub ``publish_time``, which ``ReadMessages`` guarantees) stands in
+    for it.
 
     With ``keep_raw``, every message also goes to the ``raw_messages`` output as
     ``(event_id or "", received_at_millis, (subject or None, arrival_millis, attributes, data))``
@@ -98,14 +95,15 @@ class ParseEventFn(beam.DoFn):
             parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
         )
         self.received = Metrics.counter("delivery", "in")
-        self.missing_publish_time = Metrics.counter("delivery", "missing_publish_time")
         self.dead_lettered = {kind: Metrics.counter("delivery", f"dead_lettered_{kind.value}") for kind in ErrorKind}
 
-    def process(self, message, timestamp=beam.DoFn.TimestampParam):
+    def process(self, message):
         self.received.inc()
         attributes = message.attributes or {}
         data = message.data or b""
-        arrival_millis = self._arrival_millis(message, timestamp)
+        # Without a publish time (a message from elsewhere than Pub/Sub), arrival is unknown.
+        published = message.publish_time
+        arrival_millis = None if published is None else int(published.timestamp() * 1000)
         event_id = attributes.get(envelope.EVENT_ID) or None
         received_at = arrival_millis or 0
         try:
@@ -128,19 +126,6 @@ class ParseEventFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 RAW_MESSAGES, (event_id, received_at, (subject, arrival_millis, attributes, data))
             )
-
-    def _arrival_millis(self, message, timestamp) -> int | None:
-        """The publish time, else the element timestamp, else None (arrival unknown).
-
-        A bounded source's elements carry ``MIN_TIMESTAMP``, and a direct call to
-        ``process`` leaves the ``TimestampParam`` default itself: neither is an arrival.
-        """
-        if message.publish_time is not None:
-            return int(message.publish_time.timestamp() * 1000)
-        self.missing_publish_time.inc()
-        if isinstance(timestamp, Timestamp) and MIN_TIMESTAMP < timestamp < MAX_TIMESTAMP:
-            return timestamp.micros // 1000
-        return None
 
     def _received_at(self, attributes, arrival_millis) -> int:
         raw = attributes.get(envelope.RECEIVED_AT)
