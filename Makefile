@@ -78,8 +78,8 @@ audit: $(INSTALLED)  ## Count every message's outcome and check the output contr
 	$(ENV) $(PY) -m event_delivery.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
 
-forget: $(INSTALLED)  ## Crypto-shred subjects: make forget SUBJECT=user-1 | FILE=ids.txt [KEY_ARGS=...].
-	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget SUBJECT=<id> | FILE=<ids, one per line>" >&2; exit 2; }
+forget: $(INSTALLED)  ## Crypto-shred subjects: make forget FILE=ids.txt | FILE=- (ids on stdin) [KEY_ARGS=...].
+	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids" >&2; exit 2; }
 	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
 	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
 

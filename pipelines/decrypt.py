@@ -13,6 +13,7 @@ fields come out null. Run it where the output is allowed to hold personal data::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import apache_beam as beam
@@ -82,6 +83,22 @@ def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, 
     )
 
 
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies under it (local paths compared as real paths)."""
+    if "://" not in path and "://" not in root:
+        path, root = os.path.realpath(path), os.path.realpath(root)
+    path, root = path.rstrip("/") + "/", root.rstrip("/") + "/"
+    return path.startswith(root)
+
+
+def _resolve(args) -> KeyConfig:
+    if _inside(args.output_root, args.input_root):
+        raise ValueError(
+            "--output_root must not be --input_root or inside it: a clear copy never sits among sealed data"
+        )
+    return key_config_from_args(args)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m pipelines.decrypt", description=__doc__.split("\n")[0])
@@ -90,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
     add_hour_range_arguments(parser, "delivered data")
     add_key_arguments(parser)
-    args, beam_args, (start, end), keys = start_batch_job(parser, argv, key_config_from_args, "input_root")
+    args, beam_args, (start, end), keys = start_batch_job(parser, argv, _resolve, "input_root")
     event_type = get_event_type(args.event_type)
     paths = partition_paths(args.input_root, event_type.name, start, end)
     if not paths:

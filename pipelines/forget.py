@@ -3,9 +3,10 @@
 Afterwards nothing any subject's delivered values were encrypted with exists any
 more, and the delivery jobs deliver their later events with personal fields null
 (once the key caches expire: ``--key_cache_ttl_seconds``). Subject ids are read from
-the command line or, one per line, from a file; a file runs as a batch job::
+standard input or, one per line, from a file, which runs as a batch job; on the
+command line they would stay in the shell's history::
 
-    python -m pipelines.forget --subject user-000123
+    printf 'user-000123\n' | python -m pipelines.forget --subjects_file -
     python -m pipelines.forget --subjects_file requests.txt --keystore ... --kms_key ...
 
 It prints counts only: subject ids are personal data and stay out of logs.
@@ -88,8 +89,13 @@ def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.forget", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--subject", action="append", help="A subject id to forget (repeatable).")
-    which.add_argument("--subjects_file", help="A file of subject ids, one per line (runs as a Beam batch job).")
+    which.add_argument(
+        "--subject", action="append", help="A subject id to forget (repeatable; prefer --subjects_file -)."
+    )
+    which.add_argument(
+        "--subjects_file",
+        help="A file of subject ids, one per line (runs as a Beam batch job), or - to read them from standard input.",
+    )
     parser.add_argument(
         "--allow_empty_keystore",
         action="store_true",
@@ -101,14 +107,15 @@ def main(argv=None) -> int:
         keys = key_config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    if args.subjects_file and not os.path.isfile(args.subjects_file):
+    if args.subjects_file and args.subjects_file != "-" and not os.path.isfile(args.subjects_file):
         parser.error(f"there is no file {args.subjects_file}")
     with preflight.exit_on_failure(parser.prog):
         keystore = open_existing_keystore(keys, args.allow_empty_keystore)
-    if args.subjects_file:
+    if args.subjects_file and args.subjects_file != "-":
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)
     else:
-        outcomes = [keystore.forget(subject) for subject in args.subject]
+        subjects = args.subject or [line.strip() for line in sys.stdin if line.strip()]
+        outcomes = [keystore.forget(subject) for subject in subjects]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
     print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")
     return 0

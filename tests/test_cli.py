@@ -91,6 +91,18 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
             "'yesterday' is not an hour: use YYYY-MM-DDTHH (UTC)",
         ),
         ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "-1"], "must be between 0 and 3600"),
+        (
+            "pipelines.decrypt",
+            ["--event_type", "search", "--input_root", "/tmp/d", "--output_root", "/tmp/d/clear"]
+            + ["--start", "2026-11-29T00", "--end", "2026-11-29T01"],
+            "--output_root must not be --input_root or inside it",
+        ),
+        (
+            "pipelines.decrypt",
+            ["--event_type", "search", "--input_root", "gs://b/delivered/", "--output_root", "gs://b/delivered"]
+            + ["--start", "2026-11-29T00", "--end", "2026-11-29T01"],
+            "--output_root must not be --input_root or inside it",
+        ),
         ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "inf"], "must be between 0 and 3600"),
     ],
 )
@@ -264,3 +276,21 @@ def test_a_dry_run_update_prints_the_steps_for_each_job_of_a_tier():
     high = sorted(name for name, t in load_registry().items() if t.tier.name == "high")
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == high
     assert result.stdout.count("gcloud dataflow jobs describe --project=p --region=r <job id> --full") == len(high)
+
+
+def test_forget_reads_subjects_from_standard_input_and_prints_none(tmp_path):
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
+    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    keystore.subject_keys(["user-1", "user-2", "user-3"])
+    keys = [f"--keystore=sqlite:///{tmp_path}/keys/keystore.db", f"--local_key_file={tmp_path}/keys/kek.key"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.forget", "--subjects_file", "-", *keys],
+        input="user-1\n\nuser-3\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 key(s) deleted, 0 subject(s) had no key" in result.stdout
+    assert "user-" not in result.stdout + result.stderr
+    assert [keystore.is_forgotten(s) for s in ("user-1", "user-2", "user-3")] == [True, False, True]
