@@ -61,8 +61,12 @@ def test_the_job_keeps_cleartext_out_of_temp_files_and_encrypts_its_state(regist
     assert environment.service_kms_key_name.endswith("/keyRings/event-delivery/cryptoKeys/dataflow-state")
 
 
-def test_provisioning_makes_the_temp_bucket_with_a_lifecycle_rule(bucket):
+def test_provisioning_sets_the_retention_of_dead_letters_and_temp_files(bucket):
     provision.provision("local-project", [], bucket)
     provision.provision("local-project", [], bucket)  # again: nothing changes
-    temp = clients.storage_client("local-project").get_bucket(provision.temp_bucket(bucket))
+    client = clients.storage_client("local-project")
+    temp = client.get_bucket(provision.temp_bucket(bucket))
     assert [rule["condition"] for rule in temp.lifecycle_rules] == [{"age": provision.TEMP_RETENTION_DAYS}]
+    output = client.get_bucket(bucket)
+    dead_letters_expire = {"age": provision.QUARANTINE_RETENTION_DAYS, "matchesPrefix": ["dead-letter/"]}
+    assert [rule["condition"] for rule in output.lifecycle_rules] == [dead_letters_expire]

@@ -37,6 +37,8 @@ def provision_type(project: str, event_type: EventType, publisher, subscriber) -
 
 
 TEMP_RETENTION_DAYS = 1
+QUARANTINE_RETENTION_DAYS = 30
+DEAD_LETTERS = "dead-letter/"  # under the storage root, which is the bucket's root in production
 
 
 def temp_bucket(bucket: str) -> str:
@@ -44,25 +46,31 @@ def temp_bucket(bucket: str) -> str:
     return f"{bucket}-dataflow-tmp"
 
 
-def provision_bucket(project: str, bucket: str) -> None:
-    """The output bucket, and the Dataflow temp bucket beside it, emptied by a lifecycle rule."""
+def provision_bucket(project: str, bucket: str, quarantine_retention_days: int = QUARANTINE_RETENTION_DAYS) -> None:
+    """The output bucket, whose dead letters a lifecycle rule deletes after the quarantine
+    retention, and the Dataflow temp bucket beside it, emptied daily."""
     client = clients.storage_client(project)
-    with contextlib.suppress(exceptions.Conflict):
-        client.create_bucket(bucket)
-    with contextlib.suppress(exceptions.Conflict):
-        client.create_bucket(temp_bucket(bucket))
-    temp = client.get_bucket(temp_bucket(bucket))
-    temp.clear_lifecycle_rules()  # set, not added to: provisioning again changes nothing
-    temp.add_lifecycle_delete_rule(age=TEMP_RETENTION_DAYS)
-    temp.patch()
+    for name in (bucket, temp_bucket(bucket)):
+        with contextlib.suppress(exceptions.Conflict):
+            client.create_bucket(name)
+    _delete_after(client.get_bucket(bucket), quarantine_retention_days, [DEAD_LETTERS])
+    _delete_after(client.get_bucket(temp_bucket(bucket)), TEMP_RETENTION_DAYS)
 
 
-def provision(project: str, types: list[EventType], bucket: str | None) -> None:
+def _delete_after(bucket, days: int, prefixes: list[str] | None = None) -> None:
+    bucket.clear_lifecycle_rules()  # set, not added to: provisioning again changes nothing
+    bucket.add_lifecycle_delete_rule(age=days, **({"matches_prefix": prefixes} if prefixes else {}))
+    bucket.patch()
+
+
+def provision(
+    project: str, types: list[EventType], bucket: str | None, quarantine_retention_days: int = QUARANTINE_RETENTION_DAYS
+) -> None:
     publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
     for event_type in types:
         provision_type(project, event_type, publisher, subscriber)
     if bucket:
-        provision_bucket(project, bucket)
+        provision_bucket(project, bucket, quarantine_retention_days)
 
 
 def main(argv=None) -> int:
@@ -71,15 +79,24 @@ def main(argv=None) -> int:
     parser.add_argument("--project", required=True, help="GCP project (local-project on the emulators).")
     parser.add_argument("--bucket", help="Output bucket to create, if any.")
     parser.add_argument(
+        "--quarantine_retention_days",
+        type=int,
+        default=QUARANTINE_RETENTION_DAYS,
+        help="Days after which a lifecycle rule deletes dead letters: they may hold personal data that names "
+        f"no subject, which only this bound erases. Default: {QUARANTINE_RETENTION_DAYS}.",
+    )
+    parser.add_argument(
         "--event_type",
         action="append",
         choices=sorted(registry),
         help="Only this type (repeatable). Default: every type in the registry.",
     )
     args = parser.parse_args(argv)
+    if args.quarantine_retention_days <= 0:
+        parser.error("--quarantine_retention_days must be positive")
     types = [registry[name] for name in (args.event_type or sorted(registry))]
     try:
-        provision(args.project, types, args.bucket)
+        provision(args.project, types, args.bucket, args.quarantine_retention_days)
     except exceptions.GoogleAPICallError as error:
         print(f"error: provisioning failed: {error.message}", file=sys.stderr)
         return 2
