@@ -39,8 +39,14 @@ def _first_seen(pattern: str, seen: dict, already: set) -> None:
     for path in files.glob(pattern):
         if path in already:
             continue
+        try:
+            records = files.read_avro(path)
+        except Exception:
+            if files.exists(path):
+                raise
+            continue  # a close moved it after the listing: its records turn up in the hour's folder
         already.add(path)
-        for record in files.read_avro(path):
+        for record in records:
             seen.setdefault(record["event_id"], now)
 
 
