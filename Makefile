@@ -61,7 +61,7 @@ emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; write
 emulators-down:  ## Stop the emulators.
 	$(PY) -m event_delivery.local.emulators down --state_dir $(STATE_DIR)
 
-provision: $(INSTALLED)  ## Create every type's topic and subscription, and the bucket.
+provision: $(INSTALLED)  ## Create every type's topic and subscription, the bucket (dead letters expire after 30 days) and its Dataflow temp bucket.
 	$(ENV) $(PY) -m event_delivery.ops.provision --project $(PROJECT) --bucket $(BUCKET)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
