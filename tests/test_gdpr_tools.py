@@ -36,14 +36,15 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
 
 
 def decrypt_command(tmp_path, start, *extra):
+    (tmp_path / "delivered").mkdir(exist_ok=True)
     return run(
         "pipelines.decrypt",
         "--event_type",
         "search",
         "--input_root",
-        str(tmp_path),
+        str(tmp_path / "delivered"),
         "--output_root",
-        str(tmp_path / "x"),
+        str(tmp_path / "clear"),
         "--start",
         start,
         "--end",
