@@ -74,10 +74,9 @@ def _settings(options: DeliveryOptions) -> DeliverySettings:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    options, settings, (start, end) = start_replay_job(
+    options, settings, (start, end), source = start_replay_job(
         PROG, __doc__, argv, _settings, lambda family, _: family.raw_archive_root, LOCAL_BATCH_RUNNER
     )
-    source = options.view_as(DeliveryOptions).raw_archive_root
     name = settings.event_type.name
     paths = partition_paths(source, name, start, end)
     cleared = clear_hours(settings, start, end)

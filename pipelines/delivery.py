@@ -34,7 +34,7 @@ from pipelines.options import (
     delivery_settings,
     help_parser,
 )
-from pipelines.runtime import LOCAL_RUNNER, fail, pipeline_options, start_logging
+from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
 from transforms.close import AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
@@ -110,7 +110,7 @@ def start(argv: list[str]):
         settings = delivery_settings(options.view_as(DeliveryOptions))
         subscription = subscription_path(options, settings)
     except (KeyError, ValueError) as error:
-        fail(PROG, str(error).strip("'\""))
+        preflight.fail(PROG, str(error).strip("'\""))
     use_emulator_credentials()
     standard = options.view_as(StandardOptions)
     standard.streaming = True

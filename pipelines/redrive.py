@@ -1,13 +1,14 @@
 """The redrive job: replay a type's fixed dead letters through the normal delivery path.
 
-It reads the dead letters of an hour range, unseals each payload with the type's
-quarantine key, applies a registered fix (``event_delivery/contract/fixes.py``; ``none`` after a
-schema update), and parses it again with the current schema. What now passes goes through the
-delivery path's own transforms (parse, bucket, encrypt, stage) and to ``CloseHour``,
-which alone knows whether an hour is closed: a staged file of an hour that has its
-marker moves to the late root; otherwise it waits for the close of the streaming job
-that owns the hour (a close publishes the staged files of every run). The rest stays dead-lettered:
-each dead-letter file is rewritten without the messages that left it, so every message is
+It reads the dead letters of an hour range, unseals each payload with the key that
+sealed it (its subject's, or the type's quarantine key), applies a registered fix
+(``event_delivery/contract/fixes.py``; ``none`` after a schema update), and parses it
+again with the current schema. What now passes goes through the delivery path's own
+transforms (parse, bucket, encrypt, stage) and to ``CloseHour``, which alone knows
+whether an hour is closed: a staged file of an hour that has its marker moves to the
+late root; otherwise it waits for the close of the streaming job that owns the hour (a
+close publishes the staged files of every run). The rest stays dead-lettered: each
+dead-letter file is rewritten without the messages that left it, so every message is
 still in exactly one place::
 
     python -m pipelines.redrive --event_type search --storage_root gs://bucket \\
@@ -150,11 +151,10 @@ def _settings(options: DeliveryOptions) -> DeliverySettings:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    options, settings, (start, end) = start_replay_job(
+    options, settings, (start, end), dead_letters = start_replay_job(
         PROG, __doc__, argv, _settings, lambda _, s: s.layout.dead_letter, LOCAL_RUNNER, add_redrive_arguments
     )
-    fix = options.view_as(DeliveryOptions).fix
-    name, dead_letters = settings.event_type.name, settings.layout.dead_letter
+    fix, name = options.view_as(DeliveryOptions).fix, settings.event_type.name
     paths = partition_paths(dead_letters, name, start, end)
     counts = {path: files.count_avro_records(path) for path in paths}
     before = sum(counts.values())

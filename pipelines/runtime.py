@@ -58,12 +58,6 @@ def start_batch_job(parser, argv: list[str], resolve, source: str):
     return args, beam_args, hours, resolved
 
 
-def fail(prog: str, reason: str):
-    """A bad flag or a failed check: one line on stderr, exit code 2."""
-    sys.stderr.write(f"{prog}: error: {reason}\n")
-    sys.exit(2)
-
-
 def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_of, runner: str, *groups):
     """Parses a batch job of the delivery family (backfill, redrive) once, with Beam.
 
@@ -71,7 +65,7 @@ def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_o
     root it reads, which must be there. ``--help`` shows the family's flags and ``groups``.
     A bad value or a failed check exits with one line and code 2. Then logging starts and,
     against the emulators, their credentials are in place.
-    Returns ``(options, settings, (start, end))``.
+    Returns ``(options, settings, (start, end), source)``.
     """
     from pipelines.options import DeliveryOptions, add_replay_arguments, help_parser
 
@@ -87,12 +81,12 @@ def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_o
         settings = settings_of(family)
         source = source_of(family, settings)
     except (KeyError, ValueError) as error:
-        fail(prog, error.args[0] if isinstance(error, KeyError) else str(error))
+        preflight.fail(prog, error.args[0] if isinstance(error, KeyError) else str(error))
     with preflight.exit_on_failure(prog):
         preflight.check_root(source, create=False)
     start_logging()
     use_emulator_credentials()
-    return options, settings, hours
+    return options, settings, hours, source
 
 
 def utc_hour(text: str) -> datetime.datetime:

@@ -28,8 +28,13 @@ def exit_on_failure(prog: str):
     try:
         yield
     except PreflightError as error:
-        sys.stderr.write(f"{prog}: error: {error}\n")
-        sys.exit(2)
+        fail(prog, str(error))
+
+
+def fail(prog: str, reason: str):
+    """Ends the command ``prog`` over a bad flag or a failed check: one line on stderr, exit code 2."""
+    sys.stderr.write(f"{prog}: error: {reason}\n")
+    sys.exit(2)
 
 
 def _where(env_var: str, service: str) -> str:
