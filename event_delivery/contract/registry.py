@@ -18,23 +18,69 @@ import fastavro
 SCHEMA_PACKAGE = "avro_schemas"
 
 
+AUDIT_SUBSCRIPTION = "subscription"  # the auditor reads a second subscription of the type's topic
+AUDIT_PRODUCER_COUNTS = "producer_counts"  # the auditor sums the producers' count reports
+
+
 @dataclasses.dataclass(frozen=True)
 class Tier:
-    """What a priority tier sets for each of its jobs."""
+    """What a priority tier sets for each of its jobs, and the service levels it promises.
+
+    An hour must close (its ``_SUCCESS`` written) by its end + ``allowed_lateness_seconds``
+    + ``close_margin_seconds``; it must lose nothing (published = delivered + duplicates +
+    late + dead-lettered); and at most ``max_dead_letter_rate`` of what was published may
+    be dead-lettered. ``audit_source`` says where the auditor counts what was published.
+    """
 
     name: str
     allowed_lateness_seconds: int
     num_shards: int
     max_workers: int
     recovery_order: int
+    close_margin_seconds: int
+    max_dead_letter_rate: float
+    audit_source: str
+
+    def close_deadline_seconds(self, window_seconds: int) -> int:
+        """Seconds after an hour's start by which its marker must be written."""
+        return window_seconds + self.allowed_lateness_seconds + self.close_margin_seconds
 
 
 # High-tier hours close soonest so consumers of revenue and royalty data start early;
-# low-tier types wait longer for stragglers and get the fewest resources.
+# low-tier types wait longer for stragglers and get the fewest resources. The busy
+# tiers are audited from producer count reports: a second subscription would deliver
+# every byte twice.
 TIERS = {
-    "high": Tier("high", allowed_lateness_seconds=10 * 60, num_shards=16, max_workers=50, recovery_order=0),
-    "normal": Tier("normal", allowed_lateness_seconds=30 * 60, num_shards=8, max_workers=20, recovery_order=1),
-    "low": Tier("low", allowed_lateness_seconds=2 * 60 * 60, num_shards=4, max_workers=5, recovery_order=2),
+    "high": Tier(
+        "high",
+        allowed_lateness_seconds=10 * 60,
+        num_shards=16,
+        max_workers=50,
+        recovery_order=0,
+        close_margin_seconds=5 * 60,
+        max_dead_letter_rate=0.001,
+        audit_source=AUDIT_PRODUCER_COUNTS,
+    ),
+    "normal": Tier(
+        "normal",
+        allowed_lateness_seconds=30 * 60,
+        num_shards=8,
+        max_workers=20,
+        recovery_order=1,
+        close_margin_seconds=10 * 60,
+        max_dead_letter_rate=0.005,
+        audit_source=AUDIT_PRODUCER_COUNTS,
+    ),
+    "low": Tier(
+        "low",
+        allowed_lateness_seconds=2 * 60 * 60,
+        num_shards=4,
+        max_workers=5,
+        recovery_order=2,
+        close_margin_seconds=15 * 60,
+        max_dead_letter_rate=0.01,
+        audit_source=AUDIT_SUBSCRIPTION,
+    ),
 }
 
 # Envelope fields every delivered record carries ahead of the type's own fields.
@@ -86,6 +132,11 @@ class EventType:
     @property
     def subscription(self) -> str:
         return f"events-{self.name}-delivery"
+
+    @property
+    def audit_subscription(self) -> str:
+        """The auditor's own subscription to the topic (tiers audited from a subscription)."""
+        return f"events-{self.name}-audit"
 
     @functools.cached_property
     def parsed_payload_schema(self):
