@@ -40,9 +40,9 @@ from transforms.close import AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
-from transforms.personal import EncryptPersonalFields, JobKeyCache, SealDeadLetters
+from transforms.personal import CountForgotten, EncryptPersonalFields, JobKeyCache, SealDeadLetters
 from transforms.read import ReadMessages
-from transforms.reports import DEAD_LETTERED, DELIVERED, FORGOTTEN, LATE
+from transforms.reports import DEAD_LETTERED, DELIVERED, LATE
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes, prepared_record
 
@@ -62,16 +62,16 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     parsed = messages | "ParseEvents" >> ParseEvents(settings, keep_raw=archive)
     if archive:
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
-    events = parsed.events
+    # Sealed where they were read: nothing personal crosses a shuffle in clear.
+    events = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         events = events | "MarkRepeats" >> MarkRepeats(settings)
     panes = events | "BucketByHour" >> BucketByHour(settings)
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
 
-    protected = deduplicated.unique | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
-    staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(settings, layout.staging, DELIVERED)
-    late_protected = deduplicated.late | "EncryptLateFields" >> EncryptPersonalFields(event_type, key_cache)
-    late = late_protected["events"] | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE)
+    staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(settings, layout.staging, DELIVERED)
+    forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
+    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE)
     dead_lettered = (
         parsed.dead_letters
         | "SealDeadLetters" >> SealDeadLetters(event_type, key_cache)
@@ -80,7 +80,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)
     )
 
-    reports = (staged, deduplicated.duplicates, protected[FORGOTTEN], late, dead_lettered)
+    reports = (staged, deduplicated.duplicates, forgotten, late, dead_lettered)
     if not settings.bounded:  # hours a drained or stopped run left open close with this run's
         reports += (messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),)
     return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(settings)

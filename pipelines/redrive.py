@@ -121,11 +121,11 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
         )
     )
     parsed = replayed.messages | "ParseEvents" >> ParseEvents(settings)
-    # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
-    panes = parsed.events | "BucketByHour" >> BucketByHour(settings)
     key_cache = JobKeyCache(settings.keys)
-    protected = panes | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
-    staged = protected["events"] | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
+    protected = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
+    # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
+    panes = protected | "BucketByHour" >> BucketByHour(settings)
+    staged = panes | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
     staged | "CloseHour" >> CloseHour(settings, publish=False)
 
     # What came out of parsing as a dead letter again stays where it is; the rest left its file.

@@ -15,6 +15,10 @@ from event_delivery.ops.deploy import dataflow_args, dry_run
 
 pytestmark = pytest.mark.emulators
 
+# Where cleartext enters the job, and the steps that seal it; everything else passes it on.
+CLEARTEXT_FROM = "ParseEvents/"
+SEALERS = ("EncryptPersonalFields/", "SealDeadLetters/", "ArchiveRawMessages/SealRawMessages")
+
 STEPS = [
     "ReadMessages",
     "ParseEvents",
@@ -45,6 +49,10 @@ def test_every_type_builds_for_dataflow(registry, bucket):
         top_level = {t.unique_name for t in pipeline.components.transforms.values() if "/" not in t.unique_name}
         assert set(STEPS) <= top_level, f"{name}: stable step names are what --update matches on"
 
+        if event_type.personal_fields:
+            shuffled = shuffles_of_cleartext(pipeline)
+            assert not shuffled, f"{name}: personal data in clear crosses {shuffled}"
+
         [package] = [p for p in staged if p.endswith("/workflow.tar.gz")]
         with FileSystems.open(package) as handle, tarfile.open(fileobj=io.BytesIO(handle.read())) as archive:
             members = archive.getnames()
@@ -70,3 +78,32 @@ def test_provisioning_sets_the_retention_of_dead_letters_and_temp_files(bucket):
     output = client.get_bucket(bucket)
     dead_letters_expire = {"age": provision.QUARANTINE_RETENTION_DAYS, "matchesPrefix": ["dead-letter/"]}
     assert [rule["condition"] for rule in output.lifecycle_rules] == [dead_letters_expire]
+
+
+def shuffles_of_cleartext(pipeline) -> list[str]:
+    """The steps that shuffle or keep state (group by key, stateful ParDo) on a collection
+    that holds parsed, not yet sealed, messages."""
+    transforms = pipeline.components.transforms
+    leaves = {name: t for name, t in transforms.items() if not t.subtransforms}
+    cleartext = set()
+    changed = True
+    while changed:  # propagate along the graph until nothing new is reached
+        changed = False
+        for leaf in leaves.values():
+            name = leaf.unique_name
+            if name.startswith(SEALERS):
+                continue
+            if name.startswith(CLEARTEXT_FROM) or cleartext & set(leaf.inputs.values()):
+                new = set(leaf.outputs.values()) - cleartext
+                cleartext |= new
+                changed |= bool(new)
+    return [leaf.unique_name for leaf in leaves.values() if cleartext & set(leaf.inputs.values()) and _shuffles(leaf)]
+
+
+def _shuffles(transform) -> bool:
+    if transform.spec.urn == "beam:transform:group_by_key:v1":
+        return True
+    if transform.spec.urn == "beam:transform:pardo:v1":
+        payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+        return bool(payload.state_specs or payload.timer_family_specs)
+    return False

@@ -22,7 +22,7 @@ from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.hours import BucketByHour
-from transforms.personal import JobKeyCache
+from transforms.personal import JobKeyCache, SealInBatchesFn
 from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record
 
@@ -69,19 +69,14 @@ def parsed_raw_archive_schema():
     return fastavro.parse_schema(RAW_ARCHIVE_SCHEMA)
 
 
-class SealRawMessagesFn(beam.DoFn):
-    """``(shard, [(id, received_at, (subject, arrival, attributes, data))])`` panes in, archive records out."""
-
-    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
-        self.event_type = event_type
-        self.key_cache = key_cache
+class SealRawMessagesFn(SealInBatchesFn):
+    """``(id, received_at, (subject, arrival, attributes, data))`` messages in, archive records out."""
 
     def setup(self):
-        self.cache = self.key_cache.acquire()
+        super().setup()
         self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
 
-    def process(self, pane):
-        shard, messages = pane
+    def seal(self, messages):
         name, sealed = self.event_type.name, self.event_type.personal_fields
         keys = self.cache.lookup(m[2][0] for m in messages if m[2][0] is not None) if sealed else {}
         records = []
@@ -100,7 +95,7 @@ class SealRawMessagesFn(beam.DoFn):
                 "payload": payload,
             }
             records.append((event_id, received_at, record))
-        yield shard, records
+        return records
 
 
 class ArchiveRawMessages(beam.PTransform):
@@ -118,8 +113,8 @@ class ArchiveRawMessages(beam.PTransform):
         s = self.settings
         return (
             raw
-            | "BucketRawMessages" >> BucketByHour(s)
             | "SealRawMessages" >> beam.ParDo(SealRawMessagesFn(s.event_type, self.key_cache))
+            | "BucketRawMessages" >> BucketByHour(s)
             | "WriteRawArchive"
             >> WriteAvroPanes(s, s.layout.raw_archive, ARCHIVED, RAW_ARCHIVE_SCHEMA, prepared_record)
         )

@@ -1,10 +1,10 @@
 """Personal data: encrypt it per subject before anything is written (crypto-shredding).
 
 Every field the schema marks personal becomes AES-256-GCM ciphertext under its data
-subject's key; the record keeps the key id in clear. Keys are looked up once per pane
-(a batch) through a cache that all steps of a job share in each worker process
-(``JobKeyCache``). A forgotten subject's fields are delivered as
-null, with no key id, and counted. Dead-letter payloads, which may hold personal data
+subject's key, in the bundle that read the message, before any shuffle; the record
+keeps the key id in clear. Keys are looked up in batches through a cache that all
+steps of a job share in each worker process (``JobKeyCache``). A forgotten subject's
+fields are delivered as null, with no key id, and counted. Dead-letter payloads, which may hold personal data
 that never passed validation, are sealed under the subject's key when they name one,
 else under the type's quarantine key.
 """
@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
+from apache_beam.utils.timestamp import Timestamp
 
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.contract.registry import EventType
@@ -38,24 +40,57 @@ class JobKeyCache:
         return self._handle.acquire(lambda: KeyCache(self.keys.open(), self.keys.cache_ttl_seconds))
 
 
-class EncryptPersonalFieldsFn(beam.DoFn):
+class SealInBatchesFn(beam.DoFn):
+    """Seals elements in the bundle that read them, ``BATCH`` at a time, so that keys are
+    looked up in one keystore round trip per batch of first-seen subjects.
+
+    Sealing runs before the first shuffle, where elements are in the global window;
+    each ``(id, received_at_millis, ...)`` element goes out with its ``received_at`` as
+    timestamp, which is what the steps after it window by.
+    """
+
+    BATCH = 1000
+
     def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         self.event_type = event_type
         self.key_cache = key_cache
 
     def setup(self):
         self.cache = self.key_cache.acquire()
+
+    def start_bundle(self):
+        self.pending = []
+
+    def process(self, element):
+        self.pending.append(element)
+        if len(self.pending) >= self.BATCH:
+            yield from self._seal_pending()
+
+    def finish_bundle(self):
+        yield from self._seal_pending()
+
+    def _seal_pending(self):
+        batch, self.pending = self.pending, []
+        for sealed in self.seal(batch) if batch else ():
+            yield GlobalWindows.windowed_value(sealed, Timestamp(micros=sealed[1] * 1000))
+
+    def seal(self, batch: list) -> list:
+        raise NotImplementedError
+
+
+class EncryptPersonalFieldsFn(SealInBatchesFn):
+    def setup(self):
+        super().setup()
         self.forgotten = beam.metrics.Metrics.counter("delivery", "forgotten_subject_events")
 
-    def process(self, pane):
-        shard, events = pane
+    def seal(self, events):
         name, subject_field, personal = (
             self.event_type.name,
             self.event_type.subject_field,
             self.event_type.personal_fields,
         )
         keys = self.cache.lookup(fields[subject_field] for _, _, fields in events)
-        protected, forgotten = [], 0
+        sealed_events, forgotten = [], 0
         for event_id, received_at, fields in events:
             key, aead = keys[fields[subject_field]]
             sealed = dict(fields)
@@ -69,27 +104,50 @@ class EncryptPersonalFieldsFn(beam.DoFn):
                 for field in personal:
                     value = fields[field]
                     sealed[field] = None if value is None else encrypt_value(aead, value, name, field, key.key_id)
-            protected.append((event_id, received_at, sealed))
-        yield shard, protected
+            sealed_events.append((event_id, received_at, sealed))
         if forgotten:
             self.forgotten.inc(forgotten)
-            yield beam.pvalue.TaggedOutput(FORGOTTEN, report(FORGOTTEN, forgotten))
+        return sealed_events
 
 
 class EncryptPersonalFields(beam.PTransform):
-    """``(shard, [events])`` panes in; ``events`` panes with personal fields sealed, and
-    ``forgotten`` reports, out. Types without a data subject pass through."""
+    """``(event_id, received_at_millis, fields)`` events in, the same out with every personal
+    field sealed under its subject's key and the ``key_id`` added. A forgotten subject's
+    fields become null, with no key id. Types without a data subject pass through.
+
+    It belongs right after parsing, so that nothing personal crosses a shuffle or rests
+    in a runner's state in clear.
+    """
 
     def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         super().__init__()
         self.event_type = event_type
         self.key_cache = key_cache
 
+    def expand(self, events):
+        if not self.event_type.subject_field:
+            return events
+        return events | "SealFields" >> beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.key_cache))
+
+
+def _forgotten_in(pane):
+    """A ``forgotten`` report for a pane of sealed events of forgotten subjects, if any."""
+    forgotten = sum(1 for _, _, fields in pane[1] if fields["key_id"] is None)
+    if forgotten:
+        yield report(FORGOTTEN, forgotten)
+
+
+class CountForgotten(beam.PTransform):
+    """``(shard, [sealed events])`` panes in; ``forgotten`` hour reports out (for the manifest)."""
+
+    def __init__(self, event_type: EventType):
+        super().__init__()
+        self.event_type = event_type
+
     def expand(self, panes):
         if not self.event_type.subject_field:
-            return {"events": panes, FORGOTTEN: panes | "NoSubjects" >> beam.FlatMap(lambda _: [])}
-        encrypt = beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.key_cache))
-        return panes | "SealFields" >> encrypt.with_outputs(FORGOTTEN, main="events")
+            return panes | "NoSubjects" >> beam.FlatMap(lambda _: [])
+        return panes | "CountForgottenSubjects" >> beam.FlatMap(_forgotten_in)
 
 
 def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
@@ -104,27 +162,27 @@ def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
     return subject if isinstance(subject, str) and subject else None
 
 
-class SealDeadLettersFn(beam.DoFn):
-    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
-        self.event_type = event_type
-        self.key_cache = key_cache
-
+class SealDeadLettersFn(SealInBatchesFn):
     def setup(self):
-        self.cache = self.key_cache.acquire()
+        super().setup()
         self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
         self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
 
-    def process(self, element):
-        event_id, received_at, record = element
-        subject = subject_named_in(record["payload"], self.event_type.subject_field)
-        key, aead = self.cache.lookup([subject])[subject] if subject else (self.quarantine, self.quarantine.aead)
-        sealed = dict(record, payload=None, quarantine_key_id=None)
-        if key is None:
-            self.erased.inc()  # the subject was forgotten: nothing of it is kept
-        else:
-            sealed["payload"] = encrypt_bytes(aead, record["payload"], self.event_type.name, "payload", key.key_id)
-            sealed["quarantine_key_id"] = key.key_id
-        yield event_id, received_at, sealed
+    def seal(self, dead_letters):
+        name, subject_field = self.event_type.name, self.event_type.subject_field
+        subjects = [subject_named_in(record["payload"], subject_field) for _, _, record in dead_letters]
+        keys = self.cache.lookup(s for s in subjects if s)
+        sealed_letters = []
+        for (event_id, received_at, record), subject in zip(dead_letters, subjects, strict=True):
+            key, aead = keys[subject] if subject else (self.quarantine, self.quarantine.aead)
+            sealed = dict(record, payload=None, quarantine_key_id=None)
+            if key is None:
+                self.erased.inc()  # the subject was forgotten: nothing of it is kept
+            else:
+                sealed["payload"] = encrypt_bytes(aead, record["payload"], name, "payload", key.key_id)
+                sealed["quarantine_key_id"] = key.key_id
+            sealed_letters.append((event_id, received_at, sealed))
+        return sealed_letters
 
 
 class SealDeadLetters(beam.PTransform):
