@@ -20,6 +20,7 @@ from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
+from event_delivery.keys.config import KeyConfig
 from event_delivery.local.emulators import running_emulators
 from event_delivery.local.jobs import start_job, stop_jobs
 from event_delivery.ops import provision
@@ -56,6 +57,7 @@ def measure(state_dir: pathlib.Path, seconds: float = 40, rate: float = 20, say=
     with running_emulators(state_dir):
         use_emulator_credentials()
         provision.provision(PROJECT, [event_type], BUCKET)
+        KeyConfig(f"sqlite:///{state_dir.resolve()}/keystore.db", f"{state_dir.resolve()}/kek.key").provision()
         root = f"gs://{BUCKET}"
         layout = Layout.under(root, TYPE, WINDOW)
         staging, delivered = (partitions.join(r, TYPE, "*", "*", "*.avro") for r in (layout.staging, layout.delivered))

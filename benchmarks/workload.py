@@ -104,7 +104,7 @@ def build(folder: pathlib.Path, total: int, seed: int = 7) -> Workload:
     folder.mkdir(parents=True, exist_ok=True)
     registry = load_registry()
     workload = Workload(folder, total, {})
-    keystore = workload.keys.open()
+    keystore = workload.keys.provision()
     by_type: dict[str, list] = {name: [] for name in MIX}
     for message in _messages(total, random.Random(seed)):
         by_type[message[0]].append(message[1:])

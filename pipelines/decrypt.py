@@ -19,7 +19,7 @@ import sys
 import apache_beam as beam
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from event_delivery.cloud import files
+from event_delivery.cloud import files, preflight
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.registry import EventType, get_event_type, load_registry
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     if not paths:
         print(f"no {event_type.name} files in {args.input_root} for {start:%Y-%m-%dT%H}..{end:%Y-%m-%dT%H}")
         return 0
+    with preflight.exit_on_failure(parser.prog):
+        keys.preflight()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
     result = pipeline.run()

@@ -120,6 +120,7 @@ def start(argv: list[str]):
             layout = settings.layout
             for root in {layout.delivered, layout.late, layout.dead_letter, layout.raw_archive} - {None}:
                 preflight.check_root(root, options.view_as(GoogleCloudOptions).project)
+            settings.keys.preflight()
         lift_emulator_pull_limit()
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)

@@ -15,6 +15,13 @@ It never creates a key-encryption key or a keystore: a forget that points at the
 wrong place stops with exit code 2 instead of tombstoning subjects in a new, empty
 keystore. A keystore that holds no key at all is refused too, unless
 ``--allow_empty_keystore`` says that is expected.
+
+``--sweep_orphans`` (alone, or after the subjects) deletes the data keys that nothing
+points to any more: a worker that died between writing a new key and claiming its
+subject leaves one, and a forget interrupted halfway leaves its key, which the sweep
+erases. Run it periodically::
+
+    python -m pipelines.forget --sweep_orphans --keystore bigtable://... --kms_key ...
 """
 
 from __future__ import annotations
@@ -25,10 +32,9 @@ import sys
 
 import apache_beam as beam
 
-from event_delivery.cloud import clients, preflight
+from event_delivery.cloud import preflight
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
-from event_delivery.keys.kek import KeysNotFound
-from event_delivery.keys.keystore import Keystore
+from event_delivery.keys.keystore import ORPHAN_GRACE_SECONDS, Keystore
 
 
 class ForgetSubjectsFn(beam.DoFn):
@@ -69,16 +75,8 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
 
 def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
     """The keystore the flags name, which must exist and, unless ``allow_empty``, hold keys."""
-    if keys.keystore.startswith("bigtable://"):
-        preflight.check_credentials(clients.BIGTABLE_EMULATOR_HOST, "Bigtable")
-    if keys.kms_key:
-        preflight.check_credentials(None, "Cloud KMS")
-    try:
-        keystore = keys.open(create=False)
-        empty = not keystore.holds_keys()
-    except KeysNotFound as error:
-        raise preflight.PreflightError(f"{error}; check --keystore and --local_key_file (or --kms_key)") from None
-    if empty and not allow_empty:
+    keystore = keys.preflight()
+    if not allow_empty and not keystore.holds_subjects():
         raise preflight.PreflightError(
             f"the keystore {keys.keystore} holds no keys, so nothing can be forgotten in it; check --keystore, "
             "or pass --allow_empty_keystore to tombstone the subjects anyway"
@@ -88,7 +86,7 @@ def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.forget", description=__doc__.split("\n")[0])
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--subject", action="append", help="A subject id to forget (repeatable; prefer --subjects_file -)."
     )
@@ -101,8 +99,25 @@ def main(argv=None) -> int:
         action="store_true",
         help="Tombstone the subjects even in a keystore that holds no keys yet (normally a wrong --keystore).",
     )
+    parser.add_argument(
+        "--sweep_orphans",
+        action="store_true",
+        help="Then delete the data keys no subject or named key points to (left by a worker that died "
+        "between writing a key and claiming its subject, or by an interrupted forget, which this finishes).",
+    )
+    parser.add_argument(
+        "--orphan_grace_seconds",
+        type=float,
+        default=ORPHAN_GRACE_SECONDS,
+        help="The sweep leaves keys younger than this alone: their claim may be under way (Bigtable). "
+        f"Default: {ORPHAN_GRACE_SECONDS}.",
+    )
     add_key_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
+    if not (args.subject or args.subjects_file or args.sweep_orphans):
+        parser.error("give subjects (--subjects_file, or --subject) or --sweep_orphans")
+    if args.orphan_grace_seconds < 0:
+        parser.error("--orphan_grace_seconds cannot be negative")
     try:
         keys = key_config_from_args(args)
     except ValueError as error:
@@ -110,14 +125,18 @@ def main(argv=None) -> int:
     if args.subjects_file and args.subjects_file != "-" and not os.path.isfile(args.subjects_file):
         parser.error(f"there is no file {args.subjects_file}")
     with preflight.exit_on_failure(parser.prog):
-        keystore = open_existing_keystore(keys, args.allow_empty_keystore)
+        keystore = open_existing_keystore(keys, args.allow_empty_keystore or not (args.subject or args.subjects_file))
     if args.subjects_file and args.subjects_file != "-":
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)
-    else:
+    elif args.subject or args.subjects_file:
         subjects = args.subject or [line.strip() for line in sys.stdin if line.strip()]
         outcomes = [keystore.forget(subject) for subject in subjects]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
-    print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")
+    if args.subject or args.subjects_file:
+        print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")
+    if args.sweep_orphans:
+        swept = keystore.sweep_orphans(args.orphan_grace_seconds)
+        print(f"swept: {swept} key(s) that nothing pointed to deleted")
     return 0
 
 

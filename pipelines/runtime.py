@@ -84,6 +84,7 @@ def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_o
         preflight.fail(prog, error.args[0] if isinstance(error, KeyError) else str(error))
     with preflight.exit_on_failure(prog):
         preflight.check_root(source, create=False)
+        settings.keys.preflight()
     start_logging()
     use_emulator_credentials()
     return options, settings, hours, source

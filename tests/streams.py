@@ -53,8 +53,10 @@ def streaming_pipeline():
 
 
 def local_keys(folder) -> KeyConfig:
-    """A SQLite keystore and a local key file in ``folder``."""
-    return KeyConfig(f"sqlite:///{folder}/keystore.db", f"{folder}/kek.key")
+    """A SQLite keystore and a local key file in ``folder``, provisioned as ``make provision`` does."""
+    keys = KeyConfig(f"sqlite:///{folder}/keystore.db", f"{folder}/kek.key")
+    keys.provision()
+    return keys
 
 
 def local_settings(

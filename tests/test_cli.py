@@ -220,15 +220,15 @@ def test_forget_creates_no_key_encryption_key_and_no_keystore(tmp_path):
     assert f"there is no key-encryption key file at {tmp_path}/keys/kek.key" in result.stderr
     assert not (tmp_path / "keys").exists()
 
-    LocalKeyFile(tmp_path / "keys" / "kek.key")
+    LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
     result = _forget(tmp_path)
     assert result.returncode == 2 and f"there is no keystore at {tmp_path}/keys/keystore.db" in result.stderr
     assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"]
 
 
 def test_forget_refuses_a_keystore_without_keys_unless_told(tmp_path):
-    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
-    open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
+    open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek, create=True)
     result = _forget(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds no keys" in result.stderr and "--allow_empty_keystore" in result.stderr
@@ -240,8 +240,8 @@ def test_forget_refuses_a_keystore_without_keys_unless_told(tmp_path):
 
 
 def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
-    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
-    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
+    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek, create=True)
     keystore.subject_keys(["user-1", "user-2"])
     result = _forget(tmp_path)
     assert result.returncode == 0, result.stderr
@@ -279,8 +279,8 @@ def test_a_dry_run_update_prints_the_steps_for_each_job_of_a_tier():
 
 
 def test_forget_reads_subjects_from_standard_input_and_prints_none(tmp_path):
-    kek = LocalKeyFile(tmp_path / "keys" / "kek.key")
-    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    kek = LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
+    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek, create=True)
     keystore.subject_keys(["user-1", "user-2", "user-3"])
     keys = [f"--keystore=sqlite:///{tmp_path}/keys/keystore.db", f"--local_key_file={tmp_path}/keys/kek.key"]
     result = subprocess.run(

@@ -5,8 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.kek import LocalKeyFile
+from event_delivery.keys.keystore import RewrapCounts
 from event_delivery.keys.sqlite import SqliteKeystore
+from pipelines import rewrap
 
 
 def run(*args):
@@ -15,7 +20,7 @@ def run(*args):
 
 def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
     kek_path, db = tmp_path / "kek.key", tmp_path / "keys.db"
-    keystore = SqliteKeystore(LocalKeyFile(kek_path), str(db))
+    keystore = KeyConfig(f"sqlite:///{db}", str(kek_path)).provision()
     subjects = [f"user-{i}" for i in range(250)]
     keystore.subject_keys(subjects)
     key_flags = [f"--keystore=sqlite:///{db}", f"--local_key_file={kek_path}"]
@@ -63,3 +68,73 @@ def test_decrypt_command_with_nothing_to_do(tmp_path):
     key_flags = (f"--keystore=sqlite:///{tmp_path}/k.db", f"--local_key_file={tmp_path}/kek.key")
     result = decrypt_command(tmp_path, "2026-11-29T00", *key_flags)
     assert result.returncode == 0 and "no search files" in result.stdout
+
+
+def provisioned_keys(tmp_path):
+    keys = KeyConfig(f"sqlite:///{tmp_path}/keys/keystore.db", str(tmp_path / "keys" / "kek.key"))
+    return keys, keys.provision(), [f"--keystore={keys.keystore}", f"--local_key_file={keys.local_key_file}"]
+
+
+def test_rewrap_rotates_the_local_key_rewraps_every_key_and_destroys_the_old_version(tmp_path):
+    keys, keystore, key_flags = provisioned_keys(tmp_path)
+    before = keystore.subject_keys(["user-1", "user-2"])
+    quarantine = keystore.named_key("quarantine/search")
+
+    result = run("pipelines.rewrap", "--rotate_local_key", "--destroy_kek_version", "1", *key_flags)
+    assert result.returncode == 0, result.stderr
+    assert "version 2 is the primary" in result.stdout
+    assert "re-wrapped: 1 key(s) under version 2; 4 needed nothing" in result.stdout, "the key-wrapping key"
+    assert "version 1 of the key-encryption key destroyed" in result.stdout
+    assert "keys per KEK version: 2: 1" in result.stdout
+    assert LocalKeyFile(keys.local_key_file).versions == [2]
+
+    reopened = keys.check()
+    assert reopened.subject_keys(["user-1", "user-2"], create=False) == before
+    assert reopened.named_key("quarantine/search") == quarantine
+    forget = run("pipelines.forget", "--subject", "user-1", *key_flags)
+    assert forget.returncode == 0 and "1 key(s) deleted" in forget.stdout, forget.stderr
+    assert keys.check().subject_keys(["user-1", "user-2"], create=False) == {"user-1": None, "user-2": before["user-2"]}
+
+
+def test_rewrap_refuses_to_destroy_a_version_that_still_wraps_a_key(tmp_path, monkeypatch, capsys):
+    keys, keystore, key_flags = provisioned_keys(tmp_path)
+    keystore.subject_keys(["user-1"])
+    monkeypatch.setattr(SqliteKeystore, "rewrap", lambda self: RewrapCounts())  # as if a job wrapped one meanwhile
+    with pytest.raises(SystemExit) as exit_:
+        rewrap.main(["--rotate_local_key", "--destroy_kek_version", "1", *key_flags])
+    assert exit_.value.code == 2
+    assert "version 1 still wraps 1 key(s): run rewrap again" in capsys.readouterr().err
+    assert LocalKeyFile(keys.local_key_file).versions == [1, 2]
+    assert keystore.kek_versions() == {1: 1}
+    assert keys.check().subject_keys(["user-1"], create=False)["user-1"] is not None
+
+
+def test_rewrap_and_forget_stop_in_one_line_when_the_keys_were_not_provisioned(tmp_path):
+    key_flags = [f"--keystore=sqlite:///{tmp_path}/keys/keystore.db", f"--local_key_file={tmp_path}/keys/kek.key"]
+    for command in (["pipelines.rewrap"], ["pipelines.forget", "--sweep_orphans"]):
+        result = run(*command, *key_flags)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert "there is no key-encryption key file" in line and "make provision" in line
+    LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
+    result = run("pipelines.rewrap", *key_flags)
+    assert result.returncode == 2 and "there is no keystore" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"], "neither created anything"
+
+
+def test_forget_sweeps_keys_nothing_points_to(tmp_path):
+    keys, keystore, key_flags = provisioned_keys(tmp_path)
+    keystore.subject_keys(["user-1", "user-2"])
+    with keystore._transaction() as db:
+        db.execute("INSERT INTO data_keys VALUES (?, ?)", ("orphan", keystore._wrap_key("orphan", b"o" * 32)))
+    result = run("pipelines.forget", "--sweep_orphans", *key_flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "swept: 1 key(s) that nothing pointed to deleted"
+    assert keystore.data_keys(["orphan"]) == {"orphan": None}
+    assert all(keystore.subject_keys(["user-1", "user-2"], create=False).values())
+
+    both = run("pipelines.forget", "--subject", "user-1", "--sweep_orphans", *key_flags)
+    assert both.returncode == 0, both.stderr
+    assert "1 key(s) deleted" in both.stdout and "swept: 0 key(s)" in both.stdout
+    nothing = run("pipelines.forget", *key_flags)
+    assert nothing.returncode == 2 and "--sweep_orphans" in nothing.stderr

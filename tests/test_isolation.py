@@ -29,6 +29,7 @@ from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, tr
 from event_delivery.ops import provision
 from event_delivery.ops.audit import TypeAudit, audit_type
 from event_delivery.ops.producer import EventPublisher
+from tests.streams import local_keys
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -40,6 +41,7 @@ CLOSE_BOUND_SECONDS = WINDOW + LATENESS + 60
 
 
 def job_args(root: str, state: pathlib.Path) -> list[str]:
+    local_keys(state)  # provisioned, as `make provision` does before any job
     return [
         f"--project={PROJECT}",
         f"--storage_root={root}",

@@ -7,6 +7,7 @@ import hmac
 import multiprocessing
 import os
 import pickle
+import secrets
 import stat
 import uuid
 
@@ -17,8 +18,8 @@ from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
 from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig, open_keystore
-from event_delivery.keys.kek import CloudKms, LocalKeyFile
-from event_delivery.keys.keystore import PSEUDONYM_KEY
+from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
+from event_delivery.keys.keystore import PSEUDONYM_KEY, RewrapCounts, SubjectKey, new_key_id
 from event_delivery.keys.sqlite import SqliteKeystore
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.personal import JobKeyCache
@@ -54,11 +55,18 @@ def keystore_url(request, tmp_path):
 
 @pytest.fixture
 def kek(tmp_path):
-    return LocalKeyFile(tmp_path / "kek.key")
+    return LocalKeyFile(tmp_path / "kek.key", create=True)
+
+
+def provisioned(url, kek):
+    """A keystore as ``make provision`` leaves it (test setup, the one other place that creates one)."""
+    keystore = open_keystore(url, kek, create=True)
+    keystore.check()
+    return keystore
 
 
 def test_a_subject_gets_one_key_and_keeps_it(keystore_url, kek):
-    keystore = open_keystore(keystore_url, kek)
+    keystore = provisioned(keystore_url, kek)
     first = keystore.subject_keys(["alice", "bob"])
     assert first["alice"].key_id != first["bob"].key_id
     assert len(first["alice"].data_key) == 32
@@ -68,7 +76,7 @@ def test_a_subject_gets_one_key_and_keeps_it(keystore_url, kek):
 
 
 def test_forget_deletes_the_key_and_never_creates_another(keystore_url, kek):
-    keystore = open_keystore(keystore_url, kek)
+    keystore = provisioned(keystore_url, kek)
     key_id = keystore.subject_keys(["alice", "bob"])["alice"].key_id
     assert keystore.forget("alice") is True
     assert keystore.data_keys([key_id]) == {key_id: None}, "the wrapped key itself is gone"
@@ -89,7 +97,7 @@ def _race(url, key_file, subjects, start_line, queue):
 
 def test_concurrent_workers_meeting_new_subjects_agree_on_one_key(keystore_url, kek):
     subjects = [f"subject-{i}" for i in range(150)]
-    open_keystore(keystore_url, kek).named_key("warm-up")  # table and pseudonym secret exist before the race
+    provisioned(keystore_url, kek).named_key("warm-up")  # table and pseudonym secret exist before the race
     context = multiprocessing.get_context("spawn")
     # A worker that never reaches the start line breaks it for the others instead of holding them forever.
     queue, start_line = context.Queue(), context.Barrier(4, timeout=120)
@@ -112,16 +120,20 @@ def test_concurrent_workers_meeting_new_subjects_agree_on_one_key(keystore_url, 
 
 
 def test_a_wrapped_key_only_unwraps_under_its_own_key_id(tmp_path, kek):
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     keys = keystore.subject_keys(["alice", "bob"])
     wrapped = keystore._read_wrapped_keys([keys["alice"].key_id])[keys["alice"].key_id]
+    assert keystore._unwrap_key(keys["alice"].key_id, wrapped) == keys["alice"].data_key
     with pytest.raises(InvalidTag):
-        kek.unwrap(wrapped, keys["bob"].key_id.encode())
+        keystore._unwrap_key(keys["bob"].key_id, wrapped)
+    altered = wrapped[:1] + bytes([wrapped[1] ^ 1]) + wrapped[2:]  # names another key-wrapping key
+    with pytest.raises(KeysNotFound):
+        keystore._unwrap_key(keys["alice"].key_id, altered)
 
 
 def test_the_keystore_holds_no_subject_id_and_no_clear_key(tmp_path, kek):
     path = tmp_path / "keys.db"
-    keystore = SqliteKeystore(kek, str(path))
+    keystore = SqliteKeystore(kek, str(path), create=True)
     key = keystore.subject_keys(["subject-4f1d9e"])["subject-4f1d9e"]
     keystore._connection.execute("PRAGMA wal_checkpoint(FULL)")
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("keys.db*"))
@@ -131,7 +143,7 @@ def test_the_keystore_holds_no_subject_id_and_no_clear_key(tmp_path, kek):
 
 def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
     now = [0.0]
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
     key, _ = cache.lookup(["alice"])["alice"]
     keystore.forget("alice")
@@ -142,7 +154,7 @@ def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
 
 
 def test_the_cache_batches_misses_into_one_keystore_call(tmp_path, kek):
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     calls = []
     original = keystore.subject_key_ids
     keystore.subject_key_ids = lambda subjects, create=True: calls.append(list(subjects)) or original(subjects, create)
@@ -153,14 +165,14 @@ def test_the_cache_batches_misses_into_one_keystore_call(tmp_path, kek):
 
 
 def test_a_pseudonym_is_hmac_sha256_of_the_subject_id_so_existing_keystores_stay_readable(tmp_path, kek):
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     secret = keystore.named_key(PSEUDONYM_KEY).data_key
     for subject in ("alice", "user-00042", "zoë", ""):
         assert keystore.pseudonym(subject) == hmac.new(secret, subject.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def test_a_key_read_by_key_id_serves_a_later_lookup_by_subject(tmp_path, kek):
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     key = keystore.subject_keys(["alice"])["alice"]
     reads = []
     original = keystore.data_keys
@@ -173,7 +185,7 @@ def test_a_key_read_by_key_id_serves_a_later_lookup_by_subject(tmp_path, kek):
 
 def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
     now = [0.0]
-    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"))
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     key_id = keystore.subject_keys(["alice"])["alice"].key_id
     cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
     assert cache.data_keys([key_id])[key_id][0] is not None
@@ -185,7 +197,7 @@ def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
 
 def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
     now = [0.0]
-    cache = KeyCache(SqliteKeystore(kek, str(tmp_path / "keys.db")), ttl_seconds=60, clock=lambda: now[0])
+    cache = KeyCache(SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True), ttl_seconds=60, clock=lambda: now[0])
     cache.MAX_ENTRIES = 2
     cache.lookup(["a", "b"])
     now[0] = 61
@@ -196,50 +208,18 @@ def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
 
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
     keys = KeyConfig(f"sqlite:///{tmp_path}/keys.db", str(tmp_path / "kek.key"))
+    keys.provision()
     job, other_job = JobKeyCache(keys), JobKeyCache(keys)
     step = pickle.loads(pickle.dumps(job))  # as a worker receives it
     assert step.acquire() is job.acquire()
     assert other_job.acquire() is not job.acquire()
 
 
-class RecordingKmsClient:
-    """Stands in for the KMS API: AES-GCM under a local key, recording each request."""
-
-    def __init__(self, tmp_path):
-        self.local = LocalKeyFile(tmp_path / "kms.key")
-        self.requests = []
-
-    def encrypt(self, request):
-        self.requests.append(("encrypt", request["name"], request["additional_authenticated_data"]))
-        return type(
-            "Response",
-            (),
-            {"ciphertext": self.local.wrap(request["plaintext"], request["additional_authenticated_data"])},
-        )
-
-    def decrypt(self, request):
-        self.requests.append(("decrypt", request["name"], request["additional_authenticated_data"]))
-        return type(
-            "Response",
-            (),
-            {"plaintext": self.local.unwrap(request["ciphertext"], request["additional_authenticated_data"])},
-        )
-
-
-def test_cloud_kms_wraps_with_the_named_key_and_the_key_id_as_context(tmp_path):
-    client = RecordingKmsClient(tmp_path)
-    name = "projects/p/locations/europe-west1/keyRings/event-delivery/cryptoKeys/subject-keys"
-    keystore = SqliteKeystore(CloudKms(name, client=client), str(tmp_path / "keys.db"))
-    key = keystore.subject_keys(["alice"])["alice"]
-    assert ("encrypt", name, key.key_id.encode()) in client.requests
-    assert ("decrypt", name, key.key_id.encode()) in client.requests
-
-
 def test_sqlite_urls_take_relative_and_absolute_paths(tmp_path, monkeypatch, kek):
     monkeypatch.chdir(tmp_path)
-    open_keystore("sqlite:///keys/relative.db", kek).subject_keys(["alice"])
+    open_keystore("sqlite:///keys/relative.db", kek, create=True).subject_keys(["alice"])
     assert (tmp_path / "keys" / "relative.db").exists()
-    open_keystore(f"sqlite:///{tmp_path}/absolute.db", kek).subject_keys(["alice"])
+    open_keystore(f"sqlite:///{tmp_path}/absolute.db", kek, create=True).subject_keys(["alice"])
     assert (tmp_path / "absolute.db").exists()
 
 
@@ -254,7 +234,7 @@ def test_bigtable_and_sqlite_urls():
 def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, kek):
     """WAL mode keeps the frame that wrote a key until a truncating checkpoint; secure_delete alone is not enough."""
     url = f"sqlite:///{tmp_path}/keys/keystore.db"
-    keystore = open_keystore(url, kek)
+    keystore = provisioned(url, kek)
     reader = open_keystore(url, kek)  # another connection, as a running job holds one
     keystore.subject_keys(["alice", "bob"])
     key_id = keystore.subject_key_ids(["alice"])["alice"]
@@ -269,8 +249,8 @@ def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, ke
 
 
 def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
-    LocalKeyFile(tmp_path / "keys" / "kek.key")
-    open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None)
+    LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
+    open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None, create=True)
     for folder in ("keys", "store"):
         assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
 
@@ -289,7 +269,7 @@ def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_pa
     """First sight and forget of the same subjects race in four processes: every subject ends
     forgotten, and no data key is left that nothing points to (a readable orphan)."""
     url = f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}"
-    keystore = open_keystore(url, kek)
+    keystore = provisioned(url, kek)
     keystore.named_key("warm-up")
     subjects = [f"subject-{i}" for i in range(120)]
     context = multiprocessing.get_context("spawn")
@@ -315,7 +295,7 @@ def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_pa
 
 @pytest.mark.emulators
 def test_a_forget_interrupted_after_its_tombstone_finishes_when_run_again(bigtable_emulator, kek, monkeypatch):
-    keystore = open_keystore(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
     key_id = keystore.subject_keys(["alice"])["alice"].key_id
     delete_rows = keystore._delete_rows
     monkeypatch.setattr(keystore, "_delete_rows", lambda keys: (_ for _ in ()).throw(OSError("worker died")))
@@ -333,7 +313,7 @@ def test_a_forget_interrupted_after_its_tombstone_finishes_when_run_again(bigtab
 def test_forget_fails_when_bigtable_refuses_the_deletion(bigtable_emulator, kek, monkeypatch):
     from google.rpc import status_pb2
 
-    keystore = open_keystore(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
     key_id = keystore.subject_keys(["alice"])["alice"].key_id
     refused = [status_pb2.Status(code=14, message="unavailable")]
     monkeypatch.setattr(keystore.table, "mutate_rows", lambda rows: refused)
@@ -341,3 +321,208 @@ def test_forget_fails_when_bigtable_refuses_the_deletion(bigtable_emulator, kek,
         keystore.forget("alice")
     monkeypatch.undo()
     assert keystore.data_keys([key_id])[key_id] is not None, "nothing claims an erasure that did not happen"
+
+
+# Keys are created by provisioning only.
+
+
+@pytest.fixture
+def key_config(keystore_url, tmp_path):
+    return KeyConfig(keystore_url, str(tmp_path / "keys" / "kek.key"))
+
+
+def _table_exists(url: str) -> bool:
+    from google.cloud import bigtable
+
+    project, instance, table = url.removeprefix("bigtable://").split("/")
+    return bigtable.Client(project=project, admin=True).instance(instance).table(table).exists()
+
+
+def test_jobs_and_tools_open_only_the_keys_provisioning_made(key_config, tmp_path):
+    with pytest.raises(KeysNotFound, match="no key-encryption key file .* `make provision`"):
+        key_config.check()
+    with pytest.raises(KeysNotFound):
+        JobKeyCache(key_config).acquire()
+    assert not (tmp_path / "keys").exists(), "nothing was created"
+
+    LocalKeyFile(key_config.local_key_file, create=True)
+    with pytest.raises(KeysNotFound, match="no keystore .* `make provision`"):
+        key_config.check()
+    with pytest.raises(KeysNotFound):  # a job: when its first bundle looks a key up
+        JobKeyCache(key_config).acquire().lookup(["alice"])
+    if key_config.keystore.startswith("sqlite"):
+        assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"]
+    else:
+        assert not _table_exists(key_config.keystore)
+
+    kek_file = (tmp_path / "keys" / "kek.key").read_bytes()
+    provisioned_keystore = key_config.provision()
+    pseudonym = provisioned_keystore.pseudonym("alice")
+    assert not provisioned_keystore.holds_subjects(), "a keystore only provisioned holds no subject yet"
+    again = key_config.provision()
+    assert (tmp_path / "keys" / "kek.key").read_bytes() == kek_file, "provisioning again keeps the KEK"
+    assert again.pseudonym("alice") == pseudonym, "and the pseudonym secret"
+    key = JobKeyCache(key_config).acquire().lookup(["alice"])["alice"][0]
+    assert key_config.check().subject_keys(["alice"], create=False)["alice"] == key
+
+
+def test_make_provision_creates_the_keystore_and_the_kek(key_config, monkeypatch, capsys):
+    from event_delivery.ops import provision
+
+    monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
+    args = ["--project", "local-project", "--keystore", key_config.keystore]
+    assert provision.main([*args, "--local_key_file", key_config.local_key_file]) == 0
+    assert f"keystore {key_config.keystore}, key-encryption key {key_config.local_key_file}" in capsys.readouterr().out
+    assert key_config.check().named_key(PSEUDONYM_KEY)
+
+
+# Rotation: the wrapped format's KEK version, re-wrap, destroy.
+
+
+def test_after_rotation_rewrap_and_destroying_the_old_version_every_key_unwraps_and_forget_works(keystore_url, kek):
+    keystore = provisioned(keystore_url, kek)
+    before = keystore.subject_keys(["alice", "bob", "carol"])
+    quarantine = keystore.named_key("quarantine/search")
+    pseudonym = keystore.pseudonym("alice")
+    keystore.forget("carol")
+    wrapping_key_id = keystore._current_wrapping_key_id()
+    backup = keystore._read_wrapped_keys([wrapping_key_id])  # as a copy of the keystore would hold it
+    assert keystore.kek_versions() == {1: 1}, "the KEK wraps one key: this month's key-wrapping key"
+
+    assert kek.rotate() == 2
+    assert keystore.rewrap() == RewrapCounts(rewrapped=1, current=4), "alice, bob, pseudonyms, quarantine"
+    assert keystore.kek_versions() == {2: 1}
+    assert keystore.rewrap() == RewrapCounts(current=5), "a second run has nothing left to do"
+    kek.destroy_version(1)
+
+    reopened = open_keystore(keystore_url, LocalKeyFile(kek.path))  # a new process: nothing cached
+    after = reopened.subject_keys(["alice", "bob", "carol"], create=False)
+    assert after == {"alice": before["alice"], "bob": before["bob"], "carol": None}
+    assert reopened.named_key("quarantine/search") == quarantine
+    assert reopened.pseudonym("alice") == pseudonym
+    restored = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    restored._read_wrapped_keys = lambda key_ids: {**reopened._read_wrapped_keys(key_ids), **backup}
+    with pytest.raises(KeysNotFound, match="destroyed"):
+        restored.subject_keys(["bob"], create=False)  # the backup's key-wrapping key died with version 1
+    assert reopened.forget("alice") is True
+    assert reopened.data_keys([before["alice"].key_id]) == {before["alice"].key_id: None}
+    assert reopened.subject_keys(["alice", "dave"])["alice"] is None
+    assert reopened.subject_keys(["dave"], create=False)["dave"] is not None
+
+
+def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:
+    """A subject whose data key the KEK wraps itself, as keys were stored before key-wrapping keys."""
+    key = SubjectKey(new_key_id(), secrets.token_bytes(32))
+    keystore._create_subjects(
+        {keystore.pseudonym(subject): (key.key_id, keystore.kek.wrap(key.data_key, key.key_id.encode()))}
+    )
+    return key
+
+
+def test_a_rewrap_never_brings_back_a_key_forgotten_while_it_ran(keystore_url, kek, monkeypatch):
+    keystore = provisioned(keystore_url, kek)
+    alice = store_as_before_the_hierarchy(keystore, "alice")
+    bob = store_as_before_the_hierarchy(keystore, "bob")
+    assert keystore.subject_keys(["alice", "bob"], create=False) == {"alice": alice, "bob": bob}
+    assert keystore.kek_versions() == {1: 3}, "alice's, bob's and the key-wrapping key"
+    kek.rotate()
+    replace = keystore._replace_wrapped_keys
+
+    def forget_first(rewrapped):
+        keystore.forget("alice")  # lands between the rewrap's read and its write
+        return replace(rewrapped)
+
+    monkeypatch.setattr(keystore, "_replace_wrapped_keys", forget_first)
+    assert keystore.rewrap() == RewrapCounts(rewrapped=2, current=1, vanished=1)
+    assert keystore.data_keys([alice.key_id]) == {alice.key_id: None}
+    assert keystore.kek_versions() == {2: 2}
+    assert keystore.subject_keys(["bob"], create=False)["bob"] == bob
+
+
+# The orphan sweep.
+
+
+def _data_key_ids(keystore) -> set[str]:
+    return {key_id for batch in keystore._scan_wrapped_keys() for key_id, _ in batch}
+
+
+@pytest.mark.emulators
+def test_the_sweep_deletes_a_key_left_by_a_crash_between_key_and_pointer(bigtable_emulator, kek, monkeypatch):
+    keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    alice = keystore.subject_keys(["alice"])["alice"]
+    named = {keystore.named_key(name).key_id for name in (PSEUDONYM_KEY, "quarantine/search")}
+    named.add(keystore._current_wrapping_key_id())
+    monkeypatch.setattr(keystore, "_claim", lambda *args: (_ for _ in ()).throw(OSError("worker died")))
+    with pytest.raises(OSError):
+        keystore.subject_keys(["bob"])
+    monkeypatch.undo()
+    [orphan] = _data_key_ids(keystore) - named - {alice.key_id}
+
+    assert keystore.sweep_orphans() == 0, "a key younger than the grace may have a claim under way"
+    assert orphan in _data_key_ids(keystore)
+    assert keystore.sweep_orphans(grace_seconds=0) == 1
+    assert _data_key_ids(keystore) == named | {alice.key_id}
+    assert keystore.subject_keys(["alice"])["alice"] == alice
+    assert keystore.subject_keys(["bob"])["bob"] is not None, "bob gets a key of his own later"
+
+
+@pytest.mark.emulators
+def test_the_sweep_finishes_a_forget_interrupted_after_its_tombstone(bigtable_emulator, kek, monkeypatch):
+    keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    key_id = keystore.subject_keys(["alice", "bob"])["alice"].key_id
+    monkeypatch.setattr(keystore, "_delete_rows", lambda keys: (_ for _ in ()).throw(OSError("worker died")))
+    with pytest.raises(OSError):
+        keystore.forget("alice")
+    monkeypatch.undo()
+
+    assert keystore.sweep_orphans() == 1, "within the grace too: the subject is forgotten already"
+    assert keystore.data_keys([key_id]) == {key_id: None}
+    row_key = b"s#" + keystore.pseudonym("alice").encode()
+    assert b"key_id" not in keystore._read_rows([row_key])[row_key], "the pointer is dropped too"
+    assert keystore.is_forgotten("alice") and keystore.subject_keys(["bob"])["bob"] is not None
+
+
+def test_the_sqlite_sweep_deletes_keys_nothing_points_to_and_leaves_no_copy(tmp_path, kek):
+    keystore = provisioned(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    alice = keystore.subject_keys(["alice"])["alice"]
+    kept = _data_key_ids(keystore)
+    orphan = kek.wrap(b"o" * 32, b"orphan")  # no write path leaves one (a key and its pointer share a
+    with keystore._transaction() as db:  # transaction), but a keystore copied or edited by hand can
+        db.execute("INSERT INTO data_keys VALUES (?, ?)", ("orphan", orphan))
+    keystore._connection.execute("PRAGMA wal_checkpoint(FULL)")
+
+    assert keystore.sweep_orphans() == 1
+    assert _data_key_ids(keystore) == kept
+    assert not [p.name for p in (tmp_path / "keys").iterdir() if orphan in p.read_bytes()]
+    assert keystore.subject_keys(["alice"])["alice"] == alice
+    assert keystore.sweep_orphans() == 0
+
+
+# Two tiers: a key-wrapping key per month wraps the data keys.
+
+
+def test_each_month_gets_its_own_key_wrapping_key_and_older_keys_still_unwrap(keystore_url, kek):
+    january, february = 947_894_400, 950_572_800  # 2000-01-15 and 2000-02-15, UTC; provisioning used today's
+    keystore = provisioned(keystore_url, kek)
+    keystore.clock = lambda: january
+    alice = keystore.subject_keys(["alice"])["alice"]
+    keystore.clock = lambda: february
+    bob = keystore.subject_keys(["bob"])["bob"]
+    wrapped = keystore._read_wrapped_keys([alice.key_id, bob.key_id])
+    assert wrapped[alice.key_id][0] == wrapped[bob.key_id][0] == 2, "both wrapped in the process"
+    by_month = {m: keystore.named_key(f"key-wrapping/2000-{m}").key_id for m in ("01", "02")}
+    assert wrapped[alice.key_id][1:17].hex() == by_month["01"]
+    assert wrapped[bob.key_id][1:17].hex() == by_month["02"]
+    reopened = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reopened.subject_keys(["alice", "bob"], create=False) == {"alice": alice, "bob": bob}
+    assert keystore.kek_versions() == {1: 2}, "the KEK wraps the two months' key-wrapping keys only"
+
+
+def test_an_existing_named_key_is_read_without_wrapping_a_new_one(keystore_url, kek, monkeypatch):
+    keystore = provisioned(keystore_url, kek)
+    key = keystore.named_key("quarantine/search")
+    wraps, wrap = [], keystore._wrap_key
+    monkeypatch.setattr(keystore, "_wrap_key", lambda *args: wraps.append(args) or wrap(*args))
+    assert keystore.named_key("quarantine/search") == key
+    assert wraps == []
+    assert keystore.named_key("quarantine/play") != key and len(wraps) == 1

@@ -19,6 +19,7 @@ from event_delivery.ops import provision
 from event_delivery.ops.audit import audit_type
 from event_delivery.ops.producer import EventPublisher, attributes_for
 from tests.conftest import PROJECT, valid_fields
+from tests.streams import local_keys
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -31,6 +32,7 @@ CLOSE_TIMEOUT_SECONDS = WINDOW + LATENESS + 90
 def test_a_nearly_10_mb_message_is_dead_lettered_and_the_hours_around_it_close(emulators, registry, tmp_path):
     play = registry["play"]
     provision.provision(PROJECT, [play], None)
+    local_keys(tmp_path)
     root = tmp_path / "root"
     job = start_job(
         "play",

@@ -16,6 +16,7 @@ from event_delivery.ops.audit import audit_type
 from event_delivery.ops.producer import EventPublisher
 from pipelines import backfill
 from tests.conftest import PROJECT, valid_fields
+from tests.streams import local_keys
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -33,6 +34,7 @@ def fresh_subscription(event_type) -> str:
 
 
 def job_args(root: str, subscription: str, state) -> list[str]:
+    local_keys(state)  # provisioned, as `make provision` does before any job
     return [
         f"--project={PROJECT}",
         f"--subscription={subscription}",

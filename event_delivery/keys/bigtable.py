@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 
-from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound
-from event_delivery.keys.keystore import Keystore
+from event_delivery.keys.kek import PROVISION_HINT, KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.keystore import SCAN_BATCH, Keystore
 
 KEY_ID, FORGOTTEN_AT = b"key_id", b"forgotten_at"
 
@@ -28,7 +29,7 @@ class BigtableKeystore(Keystore):
 
     FAMILY = "k"
 
-    def __init__(self, kek: KeyEncryptionKey, project: str, instance: str, table: str, create: bool = True):
+    def __init__(self, kek: KeyEncryptionKey, project: str, instance: str, table: str, create: bool = False):
         super().__init__(kek)
         self.project, self.instance_id, self.table_id = project, instance, table
         self._table = None
@@ -44,7 +45,10 @@ class BigtableKeystore(Keystore):
             table = client.instance(self.instance_id).table(self.table_id)
             if not table.exists():
                 if not self._create:
-                    raise KeysNotFound(f"there is no keystore table {self.table_id} in {self.instance_id}")
+                    raise KeysNotFound(
+                        f"there is no keystore table {self.table_id} in {self.project}/{self.instance_id}; "
+                        f"{PROVISION_HINT}"
+                    )
                 with contextlib.suppress(Exception):  # another worker may create it first
                     table.create(column_families={self.FAMILY: column_family.MaxVersionsGCRule(1)})
             self._table = table
@@ -130,19 +134,74 @@ class BigtableKeystore(Keystore):
         return bool(key_id)
 
     def _named_key_id(self, name, candidate):
-        key_id, wrapped = candidate
         row_key = b"n#" + name.encode()
         existing = self._read_rows([row_key]).get(row_key, {}).get(b"key_id")
         if existing:
             return existing.decode()
+        key_id, wrapped = candidate()
         self._write_data_keys({key_id: wrapped})
         if self._claim(row_key, b"key_id", key_id.encode()):
             return key_id
         self._delete_rows([b"d#" + key_id.encode()])
         return self._read_rows([row_key])[row_key][b"key_id"].decode()
 
-    def holds_keys(self):
-        return any(self.table.read_rows(start_key=b"d#", end_key=b"d$", limit=1))
+    def _scan(self, prefix: bytes):
+        """Every row whose key starts with ``prefix``, newest cell of each column only."""
+        from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
+
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        return self.table.read_rows(start_key=prefix, end_key=end, filter_=CellsColumnLimitFilter(1))
+
+    def _scan_wrapped_keys(self):
+        batch = []
+        for row in self._scan(b"d#"):
+            cells = row.cells.get(self.FAMILY, {}).get(b"wrapped")
+            if cells:
+                batch.append((row.row_key[2:].decode(), cells[0].value))
+            if len(batch) == SCAN_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _replace_wrapped_keys(self, rewrapped):
+        """One conditional mutation per key: written only while the key's row still exists, so a
+        key that forget deleted after it was read is not brought back."""
+        from google.cloud.bigtable.row_filters import ColumnQualifierRegexFilter
+
+        replaced = 0
+        for key_id, wrapped in rewrapped.items():
+            row = self.table.conditional_row(b"d#" + key_id.encode(), filter_=ColumnQualifierRegexFilter(b"wrapped"))
+            row.set_cell(self.FAMILY, b"wrapped", wrapped, state=True)
+            replaced += bool(row.commit())
+        return replaced
+
+    def _sweep_orphans(self, grace_seconds):
+        """Keys first, then what points to them: a key written after the key scan is not judged, and
+        one written before it whose claim lands after the pointer scan is younger than the grace."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=grace_seconds)
+        keys = {}
+        for row in self._scan(b"d#"):
+            cells = row.cells.get(self.FAMILY, {})
+            keys[row.row_key[2:]] = max((c[0].timestamp for c in cells.values()), default=cutoff)
+        pointed, interrupted = set(), []
+        for row in self._scan(b"n#"):
+            pointed.add(row.cells.get(self.FAMILY, {}).get(KEY_ID, [None])[0].value)
+        for row in self._scan(b"s#"):
+            cells = {q: c[0].value for q, c in row.cells.get(self.FAMILY, {}).items()}
+            if KEY_ID in cells:
+                pointed.add(cells[KEY_ID])
+                if FORGOTTEN_AT in cells:
+                    interrupted.append(row.row_key[2:].decode())
+        finished = sum(self._forget(pseudonym) for pseudonym in interrupted)
+        orphans = [b"d#" + key_id for key_id, written in keys.items() if key_id not in pointed and written < cutoff]
+        for start in range(0, len(orphans), SCAN_BATCH):
+            self._delete_rows(orphans[start : start + SCAN_BATCH])
+        return finished + len(orphans)
+
+    def holds_subjects(self):
+        return any(self.table.read_rows(start_key=b"s#", end_key=b"s$", limit=1))
 
     def __reduce__(self):
-        return (BigtableKeystore, (self.kek, self.project, self.instance_id, self.table_id, self._create))
+        # Workers never create the table: provisioning has, or the job stops.
+        return (BigtableKeystore, (self.kek, self.project, self.instance_id, self.table_id))

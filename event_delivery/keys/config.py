@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 
+from event_delivery.cloud import clients, preflight
 from event_delivery.keys.bigtable import BigtableKeystore
-from event_delivery.keys.kek import KeyEncryptionKey, key_encryption_key
-from event_delivery.keys.keystore import Keystore
+from event_delivery.keys.kek import KeyEncryptionKey, KeysNotFound, key_encryption_key
+from event_delivery.keys.keystore import PSEUDONYM_KEY, Keystore
 from event_delivery.keys.sqlite import SqliteKeystore
 
 DEFAULT_KEYSTORE = "sqlite:///.keys/keystore.db"
@@ -15,8 +16,11 @@ DEFAULT_KEY_FILE = ".keys/kek.key"
 MAX_KEY_CACHE_TTL_SECONDS = 3600
 
 
-def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = True) -> Keystore:
-    """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``."""
+def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = False) -> Keystore:
+    """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``.
+
+    Only provisioning and test setup pass ``create``: everything else opens what exists, or stops.
+    """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "sqlite":
         # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
@@ -38,9 +42,38 @@ class KeyConfig:
     kms_key: str | None = None
     cache_ttl_seconds: float = 300
 
-    def open(self, create: bool = True) -> Keystore:
-        """The keystore; without ``create``, ``KeysNotFound`` unless it and a local KEK already exist."""
+    def open(self, create: bool = False) -> Keystore:
+        """The keystore, wrapped by its KEK; ``KeysNotFound`` unless both exist. ``create`` is for
+        provisioning only (``provision``)."""
         return open_keystore(self.keystore, key_encryption_key(self.local_key_file, self.kms_key, create), create)
+
+    def check(self) -> Keystore:
+        """The keystore, once it and its KEK are known to exist: what a job or tool checks before it
+        starts, so a missing one is one clear ``KeysNotFound`` rather than a failing worker."""
+        keystore = self.open()
+        keystore.kek.check()
+        keystore.check()
+        return keystore
+
+    def preflight(self) -> Keystore:
+        """``check``, at a command's start: a keystore or KEK that is missing, or out of reach, is one
+        ``PreflightError`` saying what to fix, before any worker starts."""
+        if self.keystore.startswith("bigtable://"):
+            preflight.check_credentials(clients.BIGTABLE_EMULATOR_HOST, "Bigtable")
+        if self.kms_key:
+            preflight.check_credentials(None, "Cloud KMS")
+        try:
+            return self.check()
+        except KeysNotFound as error:
+            raise preflight.PreflightError(f"{error}, or check --keystore and --local_key_file (--kms_key)") from None
+
+    def provision(self) -> Keystore:
+        """Creates the KEK, the keystore and its pseudonym secret where they are missing, and keeps
+        what exists (provisioning again changes nothing). For ``make provision`` and test setup."""
+        keystore = self.open(create=True)
+        keystore.check()
+        keystore.named_key(PSEUDONYM_KEY)
+        return keystore
 
 
 def add_key_arguments(parser) -> None:
@@ -55,7 +88,7 @@ def add_key_arguments(parser) -> None:
     group.add_argument(
         "--local_key_file",
         default=DEFAULT_KEY_FILE,
-        help=f"Key-encryption key for local runs, created on first use. Default: {DEFAULT_KEY_FILE}",
+        help=f"Key-encryption key for local runs, created by `make provision`. Default: {DEFAULT_KEY_FILE}",
     )
     group.add_argument(
         "--kms_key",

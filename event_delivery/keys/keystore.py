@@ -5,10 +5,18 @@ Layout, the same in every backend:
 - a *subject* entry, keyed by the subject's pseudonym (a keyed HMAC of its id, so the
   keystore holds no subject id in clear), names the subject's key id, or is a
   tombstone once the subject is forgotten;
-- a *data key* entry, keyed by the opaque key id, holds the data key wrapped by the
-  key-encryption key (with the key id as associated data);
-- a *named key* entry (the pseudonym secret, the dead-letter quarantine keys) names
-  a data key by purpose.
+- a *data key* entry, keyed by the opaque key id, holds the data key wrapped (with the
+  key id as associated data);
+- a *named key* entry (the pseudonym secret, the dead-letter quarantine keys, the
+  key-wrapping keys) names a data key by purpose.
+
+Two tiers of wrapping keep the key-encryption key (Cloud KMS) off the hot path. The KEK
+wraps only *key-wrapping keys*: one random 256-bit key per calendar month (UTC), stored
+as the named key ``key-wrapping/<YYYY-MM>``. Those wrap every other key here, in the
+process (``WRAPPED_LOCALLY``): ``0x02 || key-wrapping key id (16 bytes) || nonce ||
+AES-256-GCM``, with the header and the key id as associated data. A process unwraps each
+key-wrapping key once, with one KEK call, and keeps it: no data key costs a KMS call,
+whether created or read. Rotating the KEK re-wraps the few key-wrapping keys only.
 
 ``forget`` deletes the data key and turns the subject entry into a tombstone, so the
 subject's ciphertexts can never be decrypted again, and no new key is ever created
@@ -22,16 +30,32 @@ Backends: SQLite (embedded, the default for local runs) and Cloud Bigtable
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import secrets
+import struct
+import time
+from collections.abc import Callable, Iterator
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from event_delivery.keys.kek import KEY_BYTES, KeyEncryptionKey
+from event_delivery.keys.kek import (
+    KEY_BYTES,
+    NONCE_BYTES,
+    KeyEncryptionKey,
+    KeysNotFound,
+    kek_version_of,
+    wrapped_by_kek,
+)
 
 PSEUDONYM_KEY = "subject-pseudonyms"
+KEY_WRAPPING_KEY = "key-wrapping/{period}"
+WRAPPED_LOCALLY = 2
+LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
+SCAN_BATCH = 500
+ORPHAN_GRACE_SECONDS = 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +68,32 @@ class SubjectKey:
         return AESGCM(self.data_key)
 
 
+@dataclasses.dataclass(frozen=True)
+class RewrapCounts:
+    rewrapped: int = 0
+    current: int = 0  # need nothing: already under the primary version, or wrapped by a key-wrapping key
+    vanished: int = 0  # deleted (forgotten) between the read and the re-wrap
+
+
 def new_key_id() -> str:
     """A random, opaque key id: it says nothing about its subject."""
     return secrets.token_hex(16)
 
 
+def key_wrapping_period(now: float) -> str:
+    """The calendar month (UTC) whose key-wrapping key wraps the keys made at ``now``."""
+    return time.strftime("%Y-%m", time.gmtime(now))
+
+
 class Keystore(abc.ABC):
     """Subject keys, wrapped by a key-encryption key, in some backend."""
 
-    def __init__(self, kek: KeyEncryptionKey):
+    def __init__(self, kek: KeyEncryptionKey, clock: Callable[[], float] = time.time):
         self.kek = kek
+        self.clock = clock
         self._pseudonym_mac = None
+        self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id; kept for the life of the process
+        self._current_key_wrapping_key: tuple[str, str] | None = None  # (period, key id)
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
     @abc.abstractmethod
@@ -74,12 +113,77 @@ class Keystore(abc.ABC):
         """Deletes the subject's data key and leaves a tombstone; True if it had a key."""
 
     @abc.abstractmethod
-    def _named_key_id(self, name: str, candidate: tuple[str, bytes]) -> str:
-        """The key id stored under ``name``, storing ``candidate`` first if there is none."""
+    def _named_key_id(self, name: str, candidate: Callable[[], tuple[str, bytes]]) -> str:
+        """The key id stored under ``name``; if there is none, stores ``candidate()`` first (and only then makes it)."""
 
     @abc.abstractmethod
-    def holds_keys(self) -> bool:
-        """Whether any data key is stored: a keystore that jobs have used holds some."""
+    def _scan_wrapped_keys(self) -> Iterator[list[tuple[str, bytes]]]:
+        """Every stored ``(key id, wrapped key)``, in batches."""
+
+    @abc.abstractmethod
+    def _replace_wrapped_keys(self, rewrapped: dict[str, bytes]) -> int:
+        """Stores each key's new wrapping where the key still exists (never bringing back a deleted
+        one); returns how many it replaced."""
+
+    @abc.abstractmethod
+    def _sweep_orphans(self, grace_seconds: float) -> int:
+        """Deletes data keys that no subject or named entry points to and that are older than
+        ``grace_seconds``; finishes interrupted forgets. Returns how many keys it deleted."""
+
+    @abc.abstractmethod
+    def holds_subjects(self) -> bool:
+        """Whether any subject (or tombstone) is stored: a keystore that jobs have used holds some,
+        one that was only provisioned holds none."""
+
+    def check(self) -> None:
+        """Raises ``KeysNotFound`` unless the keystore exists (what provisioning creates): a first read does."""
+        self.holds_subjects()
+
+    # How a key is stored: wrapped by this month's key-wrapping key, which the KEK wraps; bound to its key id.
+    def _wrap_key(self, key_id: str, data_key: bytes) -> bytes:
+        wrapping_key_id = self._current_wrapping_key_id()
+        header = LOCAL_HEADER.pack(WRAPPED_LOCALLY, bytes.fromhex(wrapping_key_id))
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        aead = self._key_wrapping_key(wrapping_key_id)
+        return header + nonce + aead.encrypt(nonce, data_key, header + key_id.encode())
+
+    def _unwrap_key(self, key_id: str, wrapped: bytes) -> bytes:
+        if wrapped_by_kek(wrapped):  # a key-wrapping key (or a data key stored before there were any)
+            return self.kek.unwrap(wrapped, key_id.encode())
+        if len(wrapped) < LOCAL_HEADER.size or wrapped[0] != WRAPPED_LOCALLY:
+            return self.kek.unwrap(wrapped, key_id.encode())  # which names the unknown format
+        header, body = wrapped[: LOCAL_HEADER.size], wrapped[LOCAL_HEADER.size :]
+        aead = self._key_wrapping_key(header[1:].hex())
+        return aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], header + key_id.encode())
+
+    def _new_key(self) -> tuple[str, bytes]:
+        key_id = new_key_id()
+        return key_id, self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES))
+
+    def _new_key_wrapping_key(self) -> tuple[str, bytes]:
+        key_id, key = new_key_id(), secrets.token_bytes(KEY_BYTES)
+        wrapped = self.kek.wrap(key, key_id.encode())
+        self._key_wrapping_keys[key_id] = AESGCM(key)  # if another process's wins, this one is never asked for
+        return key_id, wrapped
+
+    def _current_wrapping_key_id(self) -> str:
+        """This month's key-wrapping key, made by the first process that needs it (one KEK call a month)."""
+        period = key_wrapping_period(self.clock())
+        current = self._current_key_wrapping_key
+        if current is None or current[0] != period:
+            key_id = self._named_key_id(KEY_WRAPPING_KEY.format(period=period), self._new_key_wrapping_key)
+            self._current_key_wrapping_key = current = (period, key_id)
+        return current[1]
+
+    def _key_wrapping_key(self, key_id: str) -> AESGCM:
+        """A key-wrapping key, unwrapped by the KEK the first time this process needs it."""
+        aead = self._key_wrapping_keys.get(key_id)
+        if aead is None:
+            wrapped = self._read_wrapped_keys([key_id]).get(key_id)
+            if wrapped is None:
+                raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
+            aead = self._key_wrapping_keys[key_id] = AESGCM(self.kek.unwrap(wrapped, key_id.encode()))
+        return aead
 
     # The interface the pipeline and the tools use.
     def pseudonym(self, subject_id: str) -> str:
@@ -95,11 +199,7 @@ class Keystore(abc.ABC):
         known = self._read_subjects(list(by_pseudonym))
         missing = [p for p in by_pseudonym if p not in known]
         if missing and create:
-            fresh = {}
-            for pseudonym in missing:
-                key_id = new_key_id()
-                fresh[pseudonym] = (key_id, self.kek.wrap(secrets.token_bytes(KEY_BYTES), key_id.encode()))
-            self._create_subjects(fresh)
+            self._create_subjects({pseudonym: self._new_key() for pseudonym in missing})
             known.update(self._read_subjects(missing))
         return {subject: known.get(p) for p, subject in by_pseudonym.items()}
 
@@ -113,7 +213,7 @@ class Keystore(abc.ABC):
         """Unwrapped data keys by key id; None where the key was deleted (its subject forgotten)."""
         wanted = sorted(set(key_ids))
         wrapped = self._read_wrapped_keys(wanted)
-        return {k: self.kek.unwrap(wrapped[k], k.encode()) if k in wrapped else None for k in wanted}
+        return {k: self._unwrap_key(k, wrapped[k]) if k in wrapped else None for k in wanted}
 
     def forget(self, subject_id: str) -> bool:
         """Crypto-shreds a subject: True if a key was deleted, False if there was none (a tombstone stays)."""
@@ -125,8 +225,36 @@ class Keystore(abc.ABC):
         return pseudonym in known and known[pseudonym] is None
 
     def named_key(self, name: str) -> SubjectKey:
-        """A key kept for a purpose rather than a subject, created on first use."""
-        key_id = new_key_id()
-        candidate = (key_id, self.kek.wrap(secrets.token_bytes(KEY_BYTES), key_id.encode()))
-        stored_id = self._named_key_id(name, candidate)
+        """A key kept for a purpose rather than a subject, created on first use (and only then wrapped)."""
+        stored_id = self._named_key_id(name, self._new_key)
         return SubjectKey(stored_id, self.data_keys([stored_id])[stored_id])
+
+    def kek_versions(self) -> collections.Counter:
+        """How many stored keys each KEK version wraps (the key-wrapping keys, and any data key stored
+        before there were any): a version that wraps none can be destroyed."""
+        return collections.Counter(
+            kek_version_of(wrapped)
+            for batch in self._scan_wrapped_keys()
+            for _, wrapped in batch
+            if wrapped_by_kek(wrapped)
+        )
+
+    def rewrap(self) -> RewrapCounts:
+        """Re-wraps every key the KEK wraps under an older version than its primary, so that older
+        versions can be destroyed. Safe beside running jobs and forget: a key deleted meanwhile
+        stays deleted. Keys wrapped by a key-wrapping key need nothing: theirs is re-wrapped."""
+        primary, rewrapped, current, vanished = self.kek.primary_version(), 0, 0, 0
+        for batch in self._scan_wrapped_keys():
+            stale = {k: w for k, w in batch if wrapped_by_kek(w) and kek_version_of(w) != primary}
+            current += len(batch) - len(stale)
+            fresh = {k: self.kek.wrap(self.kek.unwrap(w, k.encode()), k.encode()) for k, w in stale.items()}
+            replaced = self._replace_wrapped_keys(fresh)
+            rewrapped, vanished = rewrapped + replaced, vanished + len(fresh) - replaced
+        return RewrapCounts(rewrapped, current, vanished)
+
+    def sweep_orphans(self, grace_seconds: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Deletes the data keys nothing points to any more (a worker that died between writing a
+        key and claiming its subject leaves one; so does a forget interrupted halfway, which this
+        finishes). A key younger than ``grace_seconds`` is left alone: its claim may be under way.
+        Returns how many keys it deleted."""
+        return self._sweep_orphans(grace_seconds)

@@ -8,8 +8,8 @@ import sqlite3
 import threading
 import time
 
-from event_delivery.keys.kek import PRIVATE_FOLDER, KeyEncryptionKey, KeysNotFound
-from event_delivery.keys.keystore import Keystore
+from event_delivery.keys.kek import PRIVATE_FOLDER, PROVISION_HINT, KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.keystore import SCAN_BATCH, Keystore
 
 
 class SqliteKeystore(Keystore):
@@ -21,13 +21,13 @@ class SqliteKeystore(Keystore):
         CREATE TABLE IF NOT EXISTS named_keys (name TEXT PRIMARY KEY, key_id TEXT NOT NULL);
     """
 
-    def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = True):
+    def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = False):
         super().__init__(kek)
         self.path = path
         self._lock = threading.Lock()
         if path != ":memory:":
             if not create and not os.path.exists(path):
-                raise KeysNotFound(f"there is no keystore at {path}")
+                raise KeysNotFound(f"there is no keystore at {path}; {PROVISION_HINT}")
             os.makedirs(os.path.dirname(os.path.abspath(path)), mode=PRIVATE_FOLDER, exist_ok=True)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
@@ -83,6 +83,38 @@ class SqliteKeystore(Keystore):
         self._truncate_log()
         return bool(row and row[0])
 
+    def _sweep_orphans(self, grace_seconds):
+        # A key and the entry that points to it are written in one transaction, so an orphan is
+        # never a claim under way: whatever nothing points to can go, however young.
+        with self._transaction() as db:
+            swept = db.execute(
+                "DELETE FROM data_keys WHERE key_id NOT IN (SELECT key_id FROM subjects WHERE key_id IS NOT NULL) "
+                "AND key_id NOT IN (SELECT key_id FROM named_keys)"
+            ).rowcount
+        if swept:
+            self._truncate_log()
+        return swept
+
+    def _scan_wrapped_keys(self):
+        after = ""
+        while True:
+            with self._lock:
+                batch = self._connection.execute(
+                    "SELECT key_id, wrapped FROM data_keys WHERE key_id > ? ORDER BY key_id LIMIT ?",
+                    (after, SCAN_BATCH),
+                ).fetchall()
+            if not batch:
+                return
+            yield batch
+            after = batch[-1][0]
+
+    def _replace_wrapped_keys(self, rewrapped):
+        with self._transaction() as db:
+            return sum(
+                db.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?", (wrapped, key_id)).rowcount
+                for key_id, wrapped in rewrapped.items()
+            )
+
     def _truncate_log(self) -> None:
         """Copies the write-ahead log into the database and empties it.
 
@@ -100,7 +132,11 @@ class SqliteKeystore(Keystore):
             )
 
     def _named_key_id(self, name, candidate):
-        key_id, wrapped = candidate
+        with self._lock:
+            row = self._connection.execute("SELECT key_id FROM named_keys WHERE name = ?", (name,)).fetchone()
+        if row:
+            return row[0]
+        key_id, wrapped = candidate()
         with self._transaction() as db:
             row = db.execute("SELECT key_id FROM named_keys WHERE name = ?", (name,)).fetchone()
             if row:
@@ -109,9 +145,9 @@ class SqliteKeystore(Keystore):
             db.execute("INSERT INTO named_keys VALUES (?, ?)", (name, key_id))
             return key_id
 
-    def holds_keys(self):
+    def holds_subjects(self):
         with self._lock:
-            return self._connection.execute("SELECT 1 FROM data_keys LIMIT 1").fetchone() is not None
+            return self._connection.execute("SELECT 1 FROM subjects LIMIT 1").fetchone() is not None
 
     def __reduce__(self):
         return (SqliteKeystore, (self.kek, self.path))
