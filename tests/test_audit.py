@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
+from unittest import mock
 
 import fastavro
 
 from event_delivery.cloud import files
-from event_delivery.contract import partitions
+from event_delivery.contract import counts, partitions
+from event_delivery.contract.registry import load_registry
 from event_delivery.ops import audit
 
 HOUR = 1_795_946_400  # 2026-11-29T10:00:00Z
@@ -45,3 +49,77 @@ def test_a_file_that_a_close_moves_while_the_audit_reads_is_counted_where_it_wen
     assert moves == [staged]
     assert (result.total("staged"), result.total("delivered")) == (0, 3)
     assert sorted(result.hours[partitions.partition(HOUR)].delivered_ids) == ["e0", "e1", "e2"]
+
+
+# The audit against the auditor's counts: lost, and hours overdue.
+
+WINDOW = 3600
+
+
+def deliver_hour(layout, hour_start, ids, duplicates=0, closed_after_seconds=None):
+    """An hour as delivery leaves it: its records and, closed ``closed_after_seconds`` after
+    the hour's end, its marker."""
+    received_at = datetime.datetime.fromtimestamp(hour_start + 5, tz=datetime.timezone.utc)
+    folder = layout.hour(layout.delivered if closed_after_seconds is not None else layout.staging, hour_start)
+    path = partitions.join(folder, partitions.pane_file_name(layout.event_type, "run1", 0, 0))
+    files.write_avro(path, SCHEMA, [{"event_id": i, "received_at": received_at} for i in ids])
+    if closed_after_seconds is not None:
+        accounting = {"delivered": len(ids), "duplicates": duplicates, "dead_lettered": 0}
+        files.write_json(
+            layout.marker(hour_start), {"files": [{"path": path, "records": len(ids)}], "accounting": accounting}
+        )
+        closed_at = hour_start + WINDOW + closed_after_seconds
+        os.utime(layout.marker(hour_start), (closed_at, closed_at))
+
+
+def count_published(layout, hour_start, published, distinct_ids):
+    document = counts.counts_document(layout.event_type, hour_start, WINDOW, published, distinct_ids, "subscription", 0)
+    files.write_json(layout.audit_counts(hour_start), document)
+
+
+def test_an_hour_with_fewer_outcomes_than_published_messages_is_named_as_lost(tmp_path, capsys):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    deliver_hour(layout, HOUR, ["e0", "e1", "e2"], duplicates=1, closed_after_seconds=60)
+    count_published(layout, HOUR, published=5, distinct_ids=4)  # one message is nowhere
+    deliver_hour(layout, HOUR + WINDOW, ["e3"], closed_after_seconds=60)
+    count_published(layout, HOUR + WINDOW, published=1, distinct_ids=1)
+    now = HOUR + 3 * WINDOW
+
+    result = audit.audit_type(layout, now=now)
+    lossy, clean = result.hours[partitions.partition(HOUR)], result.hours[partitions.partition(HOUR + WINDOW)]
+    assert (lossy.published, lossy.distinct_ids, lossy.total, lossy.lost) == (5, 4, 4, 1)
+    assert (clean.lost, clean.close_delay_seconds, clean.overdue) == (0, 60, False)
+    assert result.failed_hours == {partitions.partition(HOUR): ["lost 1"]}
+
+    with mock.patch("time.time", return_value=now):
+        assert audit.main(["--storage_root", str(tmp_path), "--event_type", "play"]) == 1
+    printed = capsys.readouterr().out
+    assert f"play {partitions.partition(HOUR)}: lost 1" in printed
+    [row] = [line.split() for line in printed.splitlines() if line.split()[:2] == ["play", partitions.partition(HOUR)]]
+    assert row[2:] == ["5", "4", "3", "1", "0", "0", "1", "60.0s", "LOST", "1"]
+
+
+def test_an_hour_is_overdue_without_its_marker_past_the_deadline_or_with_a_late_one(tmp_path):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    deadline = load_registry()["play"].tier.close_deadline_seconds(WINDOW)
+    deliver_hour(layout, HOUR, ["e0"], closed_after_seconds=deadline - WINDOW + 1)  # closed a second too late
+    deliver_hour(layout, HOUR + WINDOW, ["e1"])  # still staged
+    count_published(layout, HOUR + 2 * WINDOW, published=2, distinct_ids=2)  # counted, never delivered
+    late, staged, undelivered = (partitions.partition(HOUR + i * WINDOW) for i in range(3))
+
+    early = audit.audit_type(layout, now=HOUR + WINDOW + deadline)  # the staged hour's deadline, to the second
+    assert [early.hours[p].overdue for p in (late, staged, undelivered)] == [True, False, False]
+    assert early.hours[undelivered].lost is None, "not known before the hour closes"
+    later = audit.audit_type(layout, now=HOUR + 2 * WINDOW + deadline + 1)
+    assert later.failed_hours == {late: ["overdue"], staged: ["overdue"], undelivered: ["overdue"]}
+
+
+def test_hours_without_the_auditors_count_pass_as_before(tmp_path, capsys):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    deliver_hour(layout, HOUR, ["e0", "e1"], closed_after_seconds=1)
+    result = audit.audit_type(layout, now=HOUR + 10 * WINDOW)
+    assert result.hours[partitions.partition(HOUR)].lost is None and not result.failed_hours
+    with mock.patch("time.time", return_value=HOUR + 10 * WINDOW):
+        assert audit.main(["--storage_root", str(tmp_path), "--event_type", "play", "--json"]) == 0
+    hour = json.loads(capsys.readouterr().out)["play"]["hours"][partitions.partition(HOUR)]
+    assert (hour["published"], hour["lost"], hour["delivered"], hour["closed"]) == (None, None, 2, True)

@@ -61,6 +61,11 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
+def updated_seconds(path: str) -> float:
+    """When a file was last written, in epoch seconds (an object's update time on GCS)."""
+    return FileSystems.last_updated(path)
+
+
 def move_all(sources: list[str], destinations: list[str]) -> None:
     """Moves many files in one batched rename (object stores copy them in parallel)."""
     if not sources:

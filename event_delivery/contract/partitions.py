@@ -9,6 +9,7 @@ from event_delivery.cloud import files
 
 HOUR_SECONDS = 3600
 SUCCESS_MARKER = "_SUCCESS"
+AUDIT_COUNTS = "counts.json"  # the auditor's count of an hour, under the audit root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +18,8 @@ class Layout:
 
     ``<storage_root>/delivered``, ``late``, ``dead-letter`` and (optionally) ``raw`` by
     default; each can be placed elsewhere. Staged panes wait under ``delivered/_staging``
-    until their hour closes (``_`` hides the folder from Hive and Spark).
+    until their hour closes (``_`` hides the folder from Hive and Spark). The auditor's
+    counts of what was published go under ``<storage_root>/audit`` (none without a storage root).
     """
 
     event_type: str
@@ -26,12 +28,15 @@ class Layout:
     late: str
     dead_letter: str
     raw_archive: str | None = None
+    audit: str | None = None
 
     @classmethod
     def under(cls, storage_root: str, event_type: str, window_seconds: int, raw_archive: bool = False) -> Layout:
         root = str(storage_root).rstrip("/")
         raw = f"{root}/raw" if raw_archive else None
-        return cls(event_type, window_seconds, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", raw)
+        return cls(
+            event_type, window_seconds, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", raw, f"{root}/audit"
+        )
 
     @property
     def staging(self) -> str:
@@ -43,6 +48,12 @@ class Layout:
 
     def marker(self, window_start_seconds: float) -> str:
         return join(self.hour(self.delivered, window_start_seconds), SUCCESS_MARKER)
+
+    def audit_counts(self, window_start_seconds: float) -> str:
+        """The auditor's ``counts.json`` of the hour starting at ``window_start_seconds``."""
+        if self.audit is None:
+            raise ValueError("this layout has no audit root: build it from a storage root")
+        return join(self.hour(self.audit, window_start_seconds), AUDIT_COUNTS)
 
 
 def check_window_seconds(window_seconds: int) -> None:

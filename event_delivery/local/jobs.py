@@ -1,4 +1,5 @@
-"""Run delivery jobs as local processes on the DirectRunner, one process per type."""
+"""Run jobs as local processes on the DirectRunner: delivery, one process per type, and the
+auditor, one process for every type (see ``start_auditor``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import subprocess
 import sys
 import time
 
+from pipelines.auditor import READY_LINE as AUDITOR_READY_LINE
+
 READY_LINE = "delivering "
+AUDITOR = "auditor"
 
 
 class JobError(RuntimeError):
@@ -19,9 +23,10 @@ class JobError(RuntimeError):
 
 @dataclasses.dataclass
 class LocalJob:
-    event_type: str
+    event_type: str  # the type it delivers, or "auditor"
     process: subprocess.Popen
     log_path: pathlib.Path
+    ready_line: str = READY_LINE
 
     def log_tail(self, characters: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-characters:]
@@ -32,7 +37,7 @@ class LocalJob:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise JobError(f"the {self.event_type} job exited with {self.process.returncode}:\n{self.log_tail()}")
-            if READY_LINE in self.log_path.read_text(errors="replace"):
+            if self.ready_line in self.log_path.read_text(errors="replace"):
                 return
             time.sleep(0.2)
         raise JobError(f"the {self.event_type} job did not start within {timeout_seconds}s:\n{self.log_tail()}")
@@ -60,11 +65,33 @@ def stop_jobs(jobs: list[LocalJob]) -> None:
 
 def start_job(event_type: str, args: list[str], log_dir: pathlib.Path, env: dict | None = None) -> LocalJob:
     """Starts ``python -m pipelines.delivery --event_type <type> <args>`` in the background."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{event_type}.log"
-    command = [sys.executable, "-m", "pipelines.delivery", "--event_type", event_type, *args]
+    command = ["-m", "pipelines.delivery", "--event_type", event_type, *args]
+    return LocalJob(event_type, *_start(command, log_dir / f"{event_type}.log", env))
+
+
+def start_auditor(event_types: list[str], args: list[str], log_dir: pathlib.Path, env: dict | None = None) -> LocalJob:
+    """Starts ``python -m pipelines.auditor --event_types <types> <args>`` in the background.
+
+    One process audits every type, with a pipeline per type in it: locally each delivery
+    job already takes a process (an interpreter and its memory) on a machine of a few
+    cores, and counting is so little work that one process has room for every type. A
+    pipeline per type keeps one type's idle Pub/Sub read from stalling another's. On
+    Dataflow each type's auditor is a job of its own, so that types stay isolated there.
+    Its log is ``<log_dir>/auditor.log``; the job's flags are those of ``pipelines.auditor``
+    (``--project``, ``--storage_root``, ``--window_seconds``, ``--allowed_lateness_seconds``, ...).
+    """
+    command = ["-m", "pipelines.auditor", "--event_types", ",".join(event_types), *args]
+    return LocalJob(AUDITOR, *_start(command, log_dir / f"{AUDITOR}.log", env), ready_line=AUDITOR_READY_LINE)
+
+
+def _start(command: list[str], log_path: pathlib.Path, env: dict | None) -> tuple[subprocess.Popen, pathlib.Path]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+            [sys.executable, *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
-    return LocalJob(event_type, process, log_path)
+    return process, log_path

@@ -4,7 +4,16 @@ For each type and hour it counts delivered, duplicate, late and dead-lettered
 messages from the files themselves, and checks that delivered ids are unique per
 hour, that every record sits in the folder of its own hour, and that each
 ``_SUCCESS`` manifest matches the files beside it. It may run while jobs write: when
-a close moves a file the audit listed, the audit starts over from a fresh listing::
+a close moves a file the audit listed, the audit starts over from a fresh listing.
+
+It joins them with the auditor's independent count of what was published
+(``<storage_root>/audit/<type>/dt=…/hr=…/counts.json``, see ``pipelines.auditor``):
+lost = published − (delivered + duplicates + late + dead-lettered), known once the hour
+has its count and its marker. And it times each close: the close delay is when the
+marker was written (its object's time) minus the hour's end. It prints one row per type
+and hour (``--json`` for a document instead) and exits with code 1 when any hour lost
+data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close deadline
+after the hour's start), or broke the contract::
 
     python -m event_delivery.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
 """
@@ -17,6 +26,7 @@ import dataclasses
 import json
 import posixpath
 import sys
+import time
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -35,10 +45,31 @@ class HourAudit:
     closed: bool = False
     dead_letter_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     delivered_ids: list = dataclasses.field(default_factory=list)
+    published: int | None = None  # the auditor's count of the hour's messages; None without one
+    distinct_ids: int | None = None  # the auditor's count of their distinct event ids
+    close_delay_seconds: float | None = None  # when the marker was written minus the hour's end
+    counts_source: str | None = None  # where the auditor counted: subscription or producer_counts
+    overdue: bool = False  # no marker past the close deadline, or one written after it
 
     @property
     def total(self) -> int:
         return self.delivered + self.duplicates + self.late + self.dead_lettered
+
+    @property
+    def lost(self) -> int | None:
+        """Published messages in no output; None until the hour has the auditor's count and its marker.
+
+        Negative when the outputs hold more than was published (a message written twice).
+        """
+        if self.published is None or not self.closed:
+            return None
+        return self.published - self.total
+
+    @property
+    def failures(self) -> list[str]:
+        """Why this hour fails the audit: data lost, or the close overdue."""
+        reasons = [f"lost {self.lost}"] if self.lost else []
+        return reasons + (["overdue"] if self.overdue else [])
 
 
 @dataclasses.dataclass
@@ -61,6 +92,16 @@ class TypeAudit:
     def settled(self) -> bool:
         """Every hour with delivered data has closed and nothing waits in staging."""
         return all(hour.closed or not hour.delivered for hour in self.hours.values()) and not self.total("staged")
+
+    @property
+    def reconciled(self) -> bool:
+        """Every closed hour has the auditor's count, and its messages are all accounted for (lost = 0)."""
+        return all(hour.lost == 0 for hour in self.hours.values() if hour.closed)
+
+    @property
+    def failed_hours(self) -> dict[str, list[str]]:
+        """The hours that lost data or are overdue, with why."""
+        return {p: hour.failures for p, hour in sorted(self.hours.items()) if hour.failures}
 
 
 def _partition_files(root: str, event_type: str, pattern: str = "*") -> dict[str, list[str]]:
@@ -104,15 +145,38 @@ def _read(read, path: str):
         raise FileMoved(path) from None
 
 
-def audit_type(layout: Layout, attempts: int = 5) -> TypeAudit:
+def audit_type(
+    layout: Layout, attempts: int = 5, now: float | None = None, close_deadline_seconds: int | None = None
+) -> TypeAudit:
     """Counts every outcome of a type's messages, per hour, from its files under ``layout``,
-    and checks the output contract; a close that moves files meanwhile starts it over."""
+    joins the auditor's counts, and checks the output contract; a close that moves files
+    meanwhile starts it over.
+
+    An hour is overdue when its marker is missing ``close_deadline_seconds`` after the
+    hour's start (at ``now``), or was written later than that. Default: the tier's close
+    deadline (``Tier.close_deadline_seconds``).
+    """
+    now = time.time() if now is None else now
     for attempt in range(1, attempts + 1):
         try:
-            return _audit_type(layout)
+            audit = _audit_type(layout)
+            break
         except FileMoved:
             if attempt == attempts:
                 raise
+    registry = load_registry()
+    if close_deadline_seconds is None and layout.event_type in registry:
+        close_deadline_seconds = registry[layout.event_type].tier.close_deadline_seconds(layout.window_seconds)
+    if close_deadline_seconds is not None:
+        _mark_overdue(audit, layout.window_seconds, close_deadline_seconds, now)
+    return audit
+
+
+def _mark_overdue(audit: TypeAudit, window_seconds: int, close_deadline_seconds: int, now: float) -> None:
+    for partition, hour in audit.hours.items():
+        start, end = (millis / 1000 for millis in partitions.partition_bounds(partition, window_seconds))
+        closed_at = end + hour.close_delay_seconds if hour.closed else now
+        hour.overdue = closed_at - start > close_deadline_seconds
 
 
 def _audit_type(layout: Layout) -> TypeAudit:
@@ -134,6 +198,8 @@ def _audit_type(layout: Layout) -> TypeAudit:
         marker = partitions.join(output_root, event_type, partition, partitions.SUCCESS_MARKER)
         if files.exists(marker):
             hour.closed = True
+            hour_end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
+            hour.close_delay_seconds = files.updated_seconds(marker) - hour_end
             manifest = _read(files.read_json, marker)
             hour.duplicates = manifest["accounting"]["duplicates"]
             listed = {entry["path"]: entry["records"] for entry in manifest["files"]}
@@ -154,7 +220,87 @@ def _audit_type(layout: Layout) -> TypeAudit:
             records = _read(files.read_avro, path)
             hour.dead_lettered += len(records)
             hour.dead_letter_kinds.update(record["error_kind"].lower() for record in records)
+    if layout.audit is not None:
+        for partition, paths in _partition_files(layout.audit, event_type, partitions.AUDIT_COUNTS).items():
+            hour = audit.hour(partition)
+            counted = _read(files.read_json, paths[0])
+            hour.published, hour.distinct_ids = counted["published"], counted["distinct_ids"]
+            hour.counts_source = counted["source"]
     return audit
+
+
+COLUMNS = (
+    ("type", None),
+    ("hour", None),
+    ("published", "published"),
+    ("distinct ids", "distinct_ids"),
+    ("delivered", "delivered"),
+    ("duplicates", "duplicates"),
+    ("late", "late"),
+    ("dead-lettered", "dead_lettered"),
+    ("lost", "lost"),
+    ("close delay", "close_delay_seconds"),
+    ("status", None),
+)
+
+
+def _status(hour: HourAudit) -> str:
+    if hour.failures:
+        return ", ".join(hour.failures).upper()
+    if not hour.closed:
+        return "open"
+    return "ok" if hour.published is not None else "no count"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}s" if isinstance(value, float) else str(value)
+
+
+def format_table(audits: list[TypeAudit]) -> str:
+    """One row per type and hour: the auditor's counts, the outcomes, lost and the close delay."""
+    rows = [tuple(name for name, _ in COLUMNS)]
+    for audit in audits:
+        for partition, hour in sorted(audit.hours.items()):
+            values = [audit.event_type, partition, *(_cell(getattr(hour, f)) for _, f in COLUMNS[2:-1]), _status(hour)]
+            rows.append(tuple(values))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 or i == len(COLUMNS) - 1 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _document(audit: TypeAudit) -> dict:
+    hours = {
+        partition: {
+            "published": hour.published,
+            "distinct_ids": hour.distinct_ids,
+            **{name: getattr(hour, name) for name in ("delivered", "duplicates", "late", "dead_lettered", "staged")},
+            "lost": hour.lost,
+            "closed": hour.closed,
+            "close_delay_seconds": hour.close_delay_seconds,
+            "overdue": hour.overdue,
+        }
+        for partition, hour in sorted(audit.hours.items())
+    }
+    return {
+        "delivered": audit.total("delivered"),
+        "duplicates": audit.total("duplicates"),
+        "late": audit.total("late"),
+        "dead_lettered": audit.total("dead_lettered"),
+        "closed_hours": audit.closed_hours,
+        "staged_in_open_hours": audit.total("staged"),
+        "problems": audit.problems,
+        "failed_hours": audit.failed_hours,
+        "hours": hours,
+    }
 
 
 def main(argv=None) -> int:
@@ -163,6 +309,13 @@ def main(argv=None) -> int:
     parser.add_argument("--storage_root", required=True, help="The jobs' --storage_root.")
     parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
+    parser.add_argument(
+        "--allowed_lateness_seconds",
+        type=int,
+        help="The jobs' --allowed_lateness_seconds, when they ran with one: an hour is overdue after the "
+        "window, this and the tier's close margin. Default: the tier's close deadline.",
+    )
+    parser.add_argument("--json", action="store_true", help="Print one JSON document per type instead of the table.")
     args = parser.parse_args(argv)
     from event_delivery.cloud import preflight
     from event_delivery.cloud.clients import use_emulator_credentials
@@ -171,21 +324,22 @@ def main(argv=None) -> int:
     with preflight.exit_on_failure(parser.prog):
         preflight.check_root(root, create=False)
     use_emulator_credentials()
-    report = {}
-    failed = False
+    audits = []
     for name in args.event_type or sorted(registry):
-        audit = audit_type(Layout.under(root, name, args.window_seconds))
-        failed |= bool(audit.problems)
-        report[name] = {
-            "delivered": audit.total("delivered"),
-            "duplicates": audit.total("duplicates"),
-            "late": audit.total("late"),
-            "dead_lettered": audit.total("dead_lettered"),
-            "closed_hours": audit.closed_hours,
-            "staged_in_open_hours": audit.total("staged"),
-            "problems": audit.problems,
-        }
-    print(json.dumps(report, indent=2, sort_keys=True))
+        deadline = None
+        if args.allowed_lateness_seconds is not None:
+            deadline = args.window_seconds + args.allowed_lateness_seconds + registry[name].tier.close_margin_seconds
+        audits.append(audit_type(Layout.under(root, name, args.window_seconds), close_deadline_seconds=deadline))
+    if args.json:
+        print(json.dumps({audit.event_type: _document(audit) for audit in audits}, indent=2, sort_keys=True))
+    else:
+        print(format_table(audits))
+        for audit in audits:
+            for problem in audit.problems:
+                print(f"problem in {audit.event_type}: {problem}")
+            for partition, failures in audit.failed_hours.items():
+                print(f"{audit.event_type} {partition}: {', '.join(failures)}")
+    failed = any(audit.problems or audit.failed_hours for audit in audits)
     return 1 if failed else 0
 
 

@@ -1,4 +1,9 @@
-"""Create each type's topic and delivery subscription, and the output bucket.
+"""Create each type's topic, its delivery and audit subscriptions, and the output bucket.
+
+Each type's auditor counts from the source its tier names: an ``events-<type>-audit``
+subscription of the type's topic, or an ``events-audit-counts-<type>`` subscription of the
+producers' count reports, filtered to the type. The ``events-audit-counts`` topic exists
+in every project, so that every producer can report to it.
 
 Everything derives from the schema registry, and re-running is harmless::
 
@@ -14,7 +19,9 @@ import sys
 from google.api_core import exceptions
 
 from event_delivery.cloud import clients
-from event_delivery.contract.registry import EventType, load_registry
+from event_delivery.contract import counts
+from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, EventType, load_registry
+from event_delivery.keys.config import add_key_arguments, key_config_from_args
 
 ACK_DEADLINE_SECONDS = 60
 RETENTION_SECONDS = 7 * 24 * 3600
@@ -22,18 +29,37 @@ RETENTION_SECONDS = 7 * 24 * 3600
 
 def provision_type(project: str, event_type: EventType, publisher, subscriber) -> None:
     topic = publisher.topic_path(project, event_type.topic)
-    subscription = subscriber.subscription_path(project, event_type.subscription)
     with contextlib.suppress(exceptions.AlreadyExists):
         publisher.create_topic(name=topic)
+    _subscribe(subscriber, subscriber.subscription_path(project, event_type.subscription), topic)
+    _subscribe(subscriber, *audit_subscription(project, event_type, publisher, subscriber))
+
+
+def audit_subscription(project: str, event_type: EventType, publisher, subscriber) -> tuple[str, str, str | None]:
+    """``(subscription, topic, filter)`` that the type's auditor reads, by its tier's audit source."""
+    if event_type.tier.audit_source == AUDIT_SUBSCRIPTION:
+        subscription = subscriber.subscription_path(project, event_type.audit_subscription)
+        return subscription, publisher.topic_path(project, event_type.topic), None
+    subscription = subscriber.subscription_path(project, counts.counts_subscription(event_type))
+    return subscription, publisher.topic_path(project, counts.COUNTS_TOPIC), counts.counts_filter(event_type)
+
+
+def provision_counts_topic(project: str, publisher) -> None:
     with contextlib.suppress(exceptions.AlreadyExists):
-        subscriber.create_subscription(
-            request={
-                "name": subscription,
-                "topic": topic,
-                "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
-                "message_retention_duration": {"seconds": RETENTION_SECONDS},
-            }
-        )
+        publisher.create_topic(name=publisher.topic_path(project, counts.COUNTS_TOPIC))
+
+
+def _subscribe(subscriber, subscription: str, topic: str, message_filter: str | None = None) -> None:
+    request = {
+        "name": subscription,
+        "topic": topic,
+        "ack_deadline_seconds": ACK_DEADLINE_SECONDS,
+        "message_retention_duration": {"seconds": RETENTION_SECONDS},
+    }
+    if message_filter:
+        request["filter"] = message_filter  # set once: Pub/Sub cannot change a subscription's filter
+    with contextlib.suppress(exceptions.AlreadyExists):
+        subscriber.create_subscription(request=request)
 
 
 TEMP_RETENTION_DAYS = 1
@@ -67,6 +93,7 @@ def provision(
     project: str, types: list[EventType], bucket: str | None, quarantine_retention_days: int = QUARANTINE_RETENTION_DAYS
 ) -> None:
     publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
+    provision_counts_topic(project, publisher)
     for event_type in types:
         provision_type(project, event_type, publisher, subscriber)
     if bucket:
@@ -91,19 +118,26 @@ def main(argv=None) -> int:
         choices=sorted(registry),
         help="Only this type (repeatable). Default: every type in the registry.",
     )
+    add_key_arguments(parser)  # the keystore and KEK are created here, and nowhere else
     args = parser.parse_args(argv)
     if args.quarantine_retention_days <= 0:
         parser.error("--quarantine_retention_days must be positive")
+    keys = key_config_from_args(args)
     types = [registry[name] for name in (args.event_type or sorted(registry))]
     try:
+        keys.provision()
         provision(args.project, types, args.bucket, args.quarantine_retention_days)
     except exceptions.GoogleAPICallError as error:
         print(f"error: provisioning failed: {error.message}", file=sys.stderr)
         return 2
     for event_type in types:
-        print(f"{event_type.name:16} topic {event_type.topic}, subscription {event_type.subscription}")
+        audit = event_type.audit_subscription
+        if event_type.tier.audit_source != AUDIT_SUBSCRIPTION:
+            audit = f"{counts.counts_subscription(event_type)} (of {counts.COUNTS_TOPIC})"
+        print(f"{event_type.name:16} topic {event_type.topic}, subscriptions {event_type.subscription}, {audit}")
     if args.bucket:
         print(f"bucket gs://{args.bucket}")
+    print(f"keystore {keys.keystore}, key-encryption key {keys.kms_key or keys.local_key_file}")
     return 0
 
 
