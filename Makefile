@@ -62,7 +62,7 @@ emulators-down:  ## Stop the emulators.
 	$(PY) -m event_delivery.local.emulators down --state_dir $(STATE_DIR)
 
 provision: $(INSTALLED)  ## Create every type's topic and subscription, the bucket (dead letters expire after 30 days) and its Dataflow temp bucket.
-	$(ENV) $(PY) -m event_delivery.ops.provision --project $(PROJECT) --bucket $(BUCKET)
+	$(ENV) $(PY) -m event_delivery.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
@@ -78,10 +78,24 @@ audit: $(INSTALLED)  ## Count every message's outcome and check the output contr
 	$(ENV) $(PY) -m event_delivery.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
 
+.PHONY: auditor
+auditor: $(INSTALLED)  ## Count what is published per type and hour, for make audit: make auditor [TYPE=play] [ARGS="--allowed_lateness_seconds 30"].
+	$(ENV) $(PY) -m pipelines.auditor --event_types $(or $(TYPE),all) --project $(PROJECT) \
+		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(ARGS)
+
+.PHONY: report
+report: $(INSTALLED)  ## One offline HTML page of every type's hours against its SLOs: make report [TYPE=play] [OUTPUT=.demo/report.html].
+	$(ENV) $(PY) -m event_delivery.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+		$(if $(TYPE),--event_type $(TYPE),) --output $(or $(OUTPUT),.demo/report.html)
+
 forget: $(INSTALLED)  ## Crypto-shred subjects: make forget FILE=ids.txt | FILE=- (ids on stdin) [KEY_ARGS=...].
 	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids" >&2; exit 2; }
 	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
 	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
+
+.PHONY: rewrap
+rewrap: $(INSTALLED)  ## Re-wrap every key under the KEK's primary version [ARGS="--rotate_local_key" | "--destroy_kek_version 1"].
+	$(ENV) $(PY) -m pipelines.rewrap $(KEY_ARGS) $(ARGS)
 
 decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \
@@ -116,3 +130,8 @@ drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged f
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)
+
+.PHONY: monitoring
+monitoring: $(INSTALLED)  ## Alert policies and a dashboard per tier, from the registry, into Cloud Monitoring: make monitoring PROJECT=my-project [TIER=high] [CHANNELS="<channel names>"] [DRY_RUN=1].
+	$(PY) -m event_delivery.ops.monitoring --project $(PROJECT) $(if $(TIER),--tier $(TIER),) $(if $(DRY_RUN),--dry_run,) \
+		$(foreach channel,$(CHANNELS),--notification_channel $(channel))

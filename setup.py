@@ -19,6 +19,8 @@ setuptools.setup(
         "fastavro==1.13.1",
         "google-cloud-bigtable==2.50.2",
         "google-cloud-kms==3.18.0",
+        "google-cloud-monitoring==2.32.0",  # make monitoring: alert policies
+        "google-cloud-monitoring-dashboards==3.2.0",  # make monitoring: dashboards
         "google-cloud-storage==3.17.1",
         "google-cloud-pubsub==2.44.0",
     ],
@@ -31,6 +33,8 @@ setuptools.setup(
             "import-linter==2.17",  # make lint: imports only go down
             "gcp-storage-emulator==2026.7.19",
             "matplotlib==3.10.9",  # make bench's chart
+            "promql-parser==0.11.0",  # checks the PromQL of make monitoring's alerts
+            "playwright==1.65.2",  # drives Debian's chromium in the report's browser test
         ],
     },
 )

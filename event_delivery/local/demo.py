@@ -23,6 +23,7 @@ import time
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
+from event_delivery.keys.config import KeyConfig
 from event_delivery.local.emulators import EmulatorError, running_emulators
 from event_delivery.local.jobs import JobError, start_job, stop_jobs
 from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
@@ -116,6 +117,7 @@ def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict
     """Runs the scenario on the emulators ``os.environ`` points at; returns each type's ledger and audit."""
     use_emulator_credentials()
     provision.provision(scenario.project, [load_registry()[n] for n in scenario.types], scenario.bucket)
+    KeyConfig(f"sqlite:///{state_dir.resolve()}/keystore.db", f"{state_dir.resolve()}/kek.key").provision()
     say(f"{len(scenario.types)} types provisioned; starting one delivery job per type")
     jobs = [start_job(name, scenario.job_args(state_dir), state_dir / "logs") for name in scenario.types]
     try:
