@@ -36,7 +36,7 @@ from pipelines.options import (
 )
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
-from transforms.close import AnnounceLeftoverHours, CloseHour
+from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
@@ -81,8 +81,12 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     )
 
     reports = (staged, deduplicated.duplicates, forgotten, late, dead_lettered)
-    if not settings.bounded:  # hours a drained or stopped run left open close with this run's
-        reports += (messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),)
+    if not settings.bounded:  # hours a drained or stopped run left open close with this run's,
+        # and every hour from the start on closes, also when nothing arrives in it
+        reports += (
+            messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),
+            messages | "AnnounceEveryHour" >> AnnounceEveryHour(settings),
+        )
     return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(settings)
 
 

@@ -26,13 +26,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, report
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, OPENED, report
 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
@@ -213,6 +214,55 @@ class CloseHour(beam.PTransform):
 class KeyByHourFn(beam.DoFn):
     def process(self, hour_report, window=beam.DoFn.WindowParam):
         yield bucket_start_seconds(window), hour_report
+
+
+class AnnounceEveryHourFn(beam.DoFn):
+    """One ``opened`` report per hour, from the hour the job was built in onward, stamped in
+    the hour as the watermark reaches it: so that an hour in which nothing arrived closes
+    too, with a marker that counts zero, and a consumer waiting on it does not wait forever.
+
+    One timer walks the hours. It stops one hour ahead of the clock, so a watermark
+    that jumps to infinity (a drain) announces no more than that.
+    """
+
+    NEXT_HOUR = TimerSpec("next_hour", TimeDomain.WATERMARK)
+
+    def __init__(self, window_seconds: int, started_at: float):
+        self.window_seconds = window_seconds
+        self.started_at = started_at
+
+    def process(self, _, next_hour=beam.DoFn.TimerParam(NEXT_HOUR)):
+        started = int(self.started_at)
+        next_hour.set(Timestamp(started - started % self.window_seconds))
+
+    @on_timer(NEXT_HOUR)
+    def announce(self, hour_start=beam.DoFn.TimestampParam, next_hour=beam.DoFn.TimerParam(NEXT_HOUR)):
+        yield TimestampedValue(report(OPENED, 0), hour_start)
+        if hour_start.micros / 1e6 <= wall_clock():
+            next_hour.set(hour_start + Duration(seconds=self.window_seconds))
+
+
+class AnnounceEveryHour(beam.PTransform):
+    """``opened`` reports for every hour from the job's start on (see ``AnnounceEveryHourFn``).
+
+    Its clock is the watermark of ``messages``, the job's input, which a Pub/Sub source
+    advances also while nothing arrives; none of the messages goes through it.
+    """
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, messages):
+        start = messages.pipeline | "Start" >> beam.Impulse()
+        watermark = messages | "FollowTheInputWatermark" >> beam.Filter(lambda _: False)
+        return (
+            (start, watermark)
+            | "Merge" >> beam.Flatten()
+            | "OneClock" >> beam.Map(lambda _: ("clock", None))
+            | "WalkTheHours" >> beam.ParDo(AnnounceEveryHourFn(self.settings.window_seconds, wall_clock()))
+            | "IntoHours" >> hour_windows(self.settings)
+        )
 
 
 class AnnounceLeftoverHoursFn(beam.DoFn):
