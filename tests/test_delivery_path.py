@@ -18,7 +18,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
-from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.contract.registry import load_registry
 from event_delivery.local.loadgen import malformed
 from event_delivery.ops.audit import audit_type
@@ -182,7 +182,7 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_n
         for _ in range(8):
             draw = rng.random()
             if draw < 0.1:
-                kind = rng.choice([k for k in ErrorKind if k is not ErrorKind.BAD_TIMESTAMP])
+                kind = rng.choice([k for k in MESSAGE_ERRORS if k is not ErrorKind.BAD_TIMESTAMP])
                 data, attributes = malformed(event_type, kind, rng, clock.now * 1000, s.max_event_bytes)
                 batch.append(PubsubMessage(data, attributes))
                 sent[partitions.partition(clock.now - clock.now % WINDOW, WINDOW)] += 1
