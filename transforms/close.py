@@ -21,7 +21,7 @@ import time
 import typing
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder
+from apache_beam.coders import BooleanCoder, VarIntCoder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -30,7 +30,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, OPENED, report
@@ -104,10 +104,13 @@ def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: l
 class CloseHourFn(beam.DoFn):
     REPORTS = BagStateSpec("reports", beam.coders.FastPrimitivesCoder())
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
+    LATE_COUNTS = ReadModifyWriteStateSpec("late_count_files", VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
     def __init__(self, settings, publish: bool = True):
         self.layout = settings.layout
+        self.tier = settings.event_type.tier
+        self.allowed_lateness_seconds = settings.allowed_lateness_seconds
         self.run_id = settings.run_id
         self.publish = publish
         self.streaming = not settings.bounded
@@ -118,6 +121,8 @@ class CloseHourFn(beam.DoFn):
         self.late = beam.metrics.Metrics.counter("delivery", "late")
         self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
         self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
+        self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
+        self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
 
     def _folder(self, root, window) -> str:
         return self.layout.hour(root, bucket_start_seconds(window))
@@ -137,6 +142,7 @@ class CloseHourFn(beam.DoFn):
         reports=beam.DoFn.StateParam(REPORTS),
         closed=beam.DoFn.StateParam(CLOSED),
         close=beam.DoFn.TimerParam(CLOSE),
+        late_counts=beam.DoFn.StateParam(LATE_COUNTS),
     ):
         _, hour_report = keyed_report
         kind, records, path = hour_report
@@ -149,6 +155,16 @@ class CloseHourFn(beam.DoFn):
         elif kind == DELIVERED:
             files.move(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
             self.late.inc(records)
+        elif kind == DUPLICATES:
+            self._count_late_duplicates(window, records, late_counts)
+
+    def _count_late_duplicates(self, window, records: int, late_counts) -> None:
+        """Repeats dropped after the close are counted beside the hour's late files, since
+        its manifest is written; the file's number, kept in state, makes a retry rewrite it."""
+        number = late_counts.read() or 0
+        name = partitions.late_duplicates_name(self.layout.event_type, self.run_id, number)
+        files.write_json(partitions.join(self._folder(self.layout.late, window), name), {DUPLICATES: records})
+        late_counts.write(number + 1)
 
     @on_timer(CLOSE)
     def write_marker(
@@ -169,6 +185,8 @@ class CloseHourFn(beam.DoFn):
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])
         self.closed_hours.inc()
+        if self.streaming:  # a backfill closes hours of the past: its delay says nothing
+            self._measure_timeliness(hour_start)
         _LOG.info(
             "closed %s %s: %d records in %d files",
             self.layout.event_type,
@@ -177,6 +195,12 @@ class CloseHourFn(beam.DoFn):
             len(manifest["files"]),
         )
         yield self.layout.marker(hour_start)
+
+    def _measure_timeliness(self, hour_start: int) -> None:
+        delay = wall_clock() - (hour_start + self.layout.window_seconds)
+        self.close_delay.update(int(delay))
+        if slo.is_overdue(self.tier, delay, self.allowed_lateness_seconds):
+            self.overdue.inc()
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""

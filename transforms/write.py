@@ -21,7 +21,7 @@ from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
 
@@ -61,7 +61,7 @@ class WritePaneFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.parsed_schema = fastavro.parse_schema(self.schema)
-        self.write_failed = beam.metrics.Metrics.counter("delivery", WRITE_FAILED)
+        self.write_failed = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.dead_lettered(WRITE_FAILED))
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
         yield from self.write(pane_elements, window, 0)
