@@ -36,15 +36,21 @@ from pipelines.options import (
 )
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
-from transforms.close import AnnounceLeftoverHours, CloseHour
+from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
-from transforms.personal import CountForgotten, EncryptPersonalFields, JobKeyCache, SealDeadLetters
+from transforms.personal import (
+    CountForgotten,
+    DeadLetterFailedWrites,
+    EncryptPersonalFields,
+    JobKeyCache,
+    SealDeadLetters,
+)
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, LATE
 from transforms.settings import DeliverySettings
-from transforms.write import WriteAvroPanes, prepared_record
+from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
 
 PROG = "python -m pipelines.delivery"
 
@@ -69,20 +75,32 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     panes = events | "BucketByHour" >> BucketByHour(settings)
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
 
-    staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(settings, layout.staging, DELIVERED)
+    # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
+    staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(
+        settings, layout.staging, DELIVERED, give_up_failures=True
+    )
+    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE, give_up_failures=True)
+    failed_writes = (staged[WRITE_FAILED], late[WRITE_FAILED]) | "FailedWrites" >> beam.Flatten()
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
-    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE)
+    dead_letters = (
+        parsed.dead_letters,
+        failed_writes | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache),
+    ) | "DeadLetters" >> beam.Flatten()
     dead_lettered = (
-        parsed.dead_letters
+        dead_letters
         | "SealDeadLetters" >> SealDeadLetters(event_type, key_cache)
         | "BucketDeadLetters" >> BucketByHour(settings)
         | "WriteDeadLetters"
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)
     )
 
-    reports = (staged, deduplicated.duplicates, forgotten, late, dead_lettered)
-    if not settings.bounded:  # hours a drained or stopped run left open close with this run's
-        reports += (messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),)
+    reports = (staged.reports, deduplicated.duplicates, forgotten, late.reports, dead_lettered)
+    if not settings.bounded:  # hours a drained or stopped run left open close with this run's,
+        # and every hour from the start on closes, also when nothing arrives in it
+        reports += (
+            messages.pipeline | "AnnounceLeftoverHours" >> AnnounceLeftoverHours(settings),
+            messages | "AnnounceEveryHour" >> AnnounceEveryHour(settings),
+        )
     return reports | "HourReports" >> beam.Flatten() | "CloseHour" >> CloseHour(settings)
 
 

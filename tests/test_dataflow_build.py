@@ -16,7 +16,7 @@ from event_delivery.ops.deploy import dataflow_args, dry_run
 pytestmark = pytest.mark.emulators
 
 # Where cleartext enters the job, and the steps that seal it; everything else passes it on.
-CLEARTEXT_FROM = "ParseEvents/"
+CLEARTEXT_FROM = ("ParseEvents/", "DeadLetterFailedWrites/UnsealFailedWrites")
 SEALERS = ("EncryptPersonalFields/", "SealDeadLetters/", "ArchiveRawMessages/SealRawMessages")
 
 STEPS = [

@@ -67,14 +67,25 @@ def test_the_same_id_in_another_hour_is_not_a_duplicate(tmp_path):
     run(clock, unique=["e1", "e1"], late=[], duplicates=[], tmp_path=tmp_path)
 
 
-def test_after_the_close_repeats_and_stragglers_are_late(tmp_path):
+def test_after_the_close_a_repeat_is_a_duplicate_and_a_straggler_is_late(tmp_path):
     start = 600
     clock = Clock(start)
     clock.arrive(event("e1", start + 1), event("e2", start + 2))
     clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
-    clock.arrive(event("e1", start + 1), event("e3", start + 3))  # a repeat and a straggler, both late
+    clock.arrive(event("e1", start + 1), event("e3", start + 3), event("e3", start + 3))  # a repeat, a straggler twice
     clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1", "e2"], late=["e1", "e3"], duplicates=[], tmp_path=tmp_path)
+    run(clock, unique=["e1", "e2"], late=["e3"], duplicates=[2], tmp_path=tmp_path)
+
+
+def test_a_repeat_later_than_a_window_after_the_close_is_written_again(tmp_path):
+    """The bound of the ids' memory: past it, a repeat is late rather than dropped."""
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1))
+    clock.advance(WINDOW + LATENESS + WINDOW + TRIGGER)  # closed, and its ids forgotten
+    clock.arrive(event("e1", start + 1))
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1"], late=["e1"], duplicates=[], tmp_path=tmp_path)
 
 
 def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_path):
@@ -176,18 +187,20 @@ def test_a_shard_holds_only_what_earlier_runs_staged_and_nothing_once_the_hour_c
     shard.close()
     assert shard.held() == {"seen": [], "started": None}
 
-    outputs = shard.pane(event("e1", 600), repeat("e4"))
-    assert [(o.tag, o.value[1]) for o in outputs] == [(LATE, [event("e1", 600), event("e4", 600)])], "late, unmarked"
+    outputs = shard.pane(event("e1", 600), repeat("e4"), event("e5", 600))
+    late, duplicates = outputs
+    assert (late.tag, late.value[1]) == (LATE, [event("e1", 600), event("e5", 600)]), "late, the marked repeat dropped"
+    assert duplicates.value[1] == 1, "and counted as a duplicate"
     assert shard.held() == {"seen": [], "started": None}, "a late pane adds nothing to a closed hour's state"
 
 
-def test_an_id_holds_one_cell_while_its_hour_is_open_and_none_after(tmp_path):
-    fn, seen, timer = MarkRepeatsFn(), ValueState(), WatermarkTimer()
+def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_none_after(tmp_path):
+    fn, seen, timer = MarkRepeatsFn(remember_seconds=WINDOW), ValueState(), WatermarkTimer()
     window = IntervalWindow(600, 600 + WINDOW + LATENESS)
     first = list(fn.process(("e1", event("e1", 600)), window, seen=seen, forget=timer))
     again = list(fn.process(("e1", event("e1", 601)), window, seen=seen, forget=timer))
     assert first == [event("e1", 600)] and again == [(*event("e1", 601), REPEAT)]
-    assert seen.read() is True and timer.at == window.end
+    assert seen.read() is True and timer.at == window.end + WINDOW
     fn.forget_id(seen=seen)
     assert seen.read() is None
 

@@ -18,7 +18,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
-from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.contract.registry import load_registry
 from event_delivery.local.loadgen import malformed
 from event_delivery.ops.audit import audit_type
@@ -93,7 +93,7 @@ def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, r
     clock.advance(WINDOW + LATENESS + TRIGGER)  # closes the first hour
     clock.arrive(
         message(valid_fields(log, 7), "late-1", (START + 7) * 1000),
-        message(valid_fields(log, 1), "e1", (START + 1) * 1000),  # a repeat, after the close: late too
+        message(valid_fields(log, 1), "e1", (START + 1) * 1000),  # a repeat, after the close: a duplicate
         message(valid_fields(log, 8), "next-1", clock.now * 1000),
     )
     clock.advance(WINDOW + LATENESS + TRIGGER)
@@ -102,12 +102,12 @@ def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, r
     result = audit(s)
     assert not result.problems
     first = result.hours[partitions.partition(START, WINDOW)]
-    assert (first.delivered, first.late, first.closed) == (5, 2, True)
+    assert (first.delivered, first.late, first.duplicates, first.closed) == (5, 1, 1, True)
     manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
     listed = sorted(pathlib.Path(f["path"]).name for f in manifest["files"])
     present = sorted(p.name for p in hour_folder(s, START).iterdir() if p.name != "_SUCCESS")
     assert listed == present, "nothing was added to the folder after its marker"
-    assert sorted(late_ids(s)) == ["e1", "late-1"]
+    assert sorted(late_ids(s)) == ["late-1"], "delivered and late together hold each id once"
 
 
 def test_an_hour_closed_by_an_earlier_run_stays_closed(settings, registry):
@@ -182,7 +182,7 @@ def test_every_message_is_accounted_for_in_every_hour(settings, registry, type_n
         for _ in range(8):
             draw = rng.random()
             if draw < 0.1:
-                kind = rng.choice([k for k in ErrorKind if k is not ErrorKind.BAD_TIMESTAMP])
+                kind = rng.choice([k for k in MESSAGE_ERRORS if k is not ErrorKind.BAD_TIMESTAMP])
                 data, attributes = malformed(event_type, kind, rng, clock.now * 1000, s.max_event_bytes)
                 batch.append(PubsubMessage(data, attributes))
                 sent[partitions.partition(clock.now - clock.now % WINDOW, WINDOW)] += 1

@@ -57,9 +57,10 @@ def test_every_message_ends_up_in_exactly_one_place(outcomes):
 def test_every_unique_id_comes_out_delivered_or_late_and_only_repeats_twice(outcomes):
     """Ids, not totals: a unique event dropped and counted as a duplicate balances every total.
 
-    A repeat that arrives after its hour closed is still written to the late root (a
-    known gap of the contract, "delivered ∪ late holds each id once"), so an id may come
-    out twice, but only through the late root and only as often as repeats were sent.
+    A repeat that arrives after its hour closed is counted as a duplicate while the job
+    still remembers the hour's ids (a window after the close); one that comes later
+    still is written to the late root again. So an id may come out twice, but only
+    through the late root and only as often as repeats were sent.
     """
     scenario, by_type = outcomes
     for name, outcome in by_type.items():

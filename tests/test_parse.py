@@ -12,7 +12,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from event_delivery.contract.dead_letters import ErrorKind
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind
 from event_delivery.local.loadgen import malformed
 from tests.conftest import message, published_at, raw_message, valid_fields
 from tests.streams import local_keys, local_settings
@@ -55,7 +55,7 @@ def test_received_at_accepts_rfc3339_and_defaults_to_arrival(registry):
     assert event[1] == ARRIVAL_MILLIS
 
 
-@pytest.mark.parametrize("kind", list(ErrorKind))
+@pytest.mark.parametrize("kind", MESSAGE_ERRORS)
 def test_the_load_generator_malformed_messages_get_their_kind(registry, kind):
     for event_type in registry.values():
         data, attributes = malformed(event_type, kind, random.Random(1), ARRIVAL_MILLIS, MAX_BYTES)

@@ -21,18 +21,19 @@ import time
 import typing
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder
+from apache_beam.coders import BooleanCoder, VarIntCoder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, report
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, OPENED, report
 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
@@ -103,10 +104,13 @@ def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: l
 class CloseHourFn(beam.DoFn):
     REPORTS = BagStateSpec("reports", beam.coders.FastPrimitivesCoder())
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
+    LATE_COUNTS = ReadModifyWriteStateSpec("late_count_files", VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
     def __init__(self, settings, publish: bool = True):
         self.layout = settings.layout
+        self.tier = settings.event_type.tier
+        self.allowed_lateness_seconds = settings.allowed_lateness_seconds
         self.run_id = settings.run_id
         self.publish = publish
         self.streaming = not settings.bounded
@@ -117,6 +121,8 @@ class CloseHourFn(beam.DoFn):
         self.late = beam.metrics.Metrics.counter("delivery", "late")
         self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
         self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
+        self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
+        self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
 
     def _folder(self, root, window) -> str:
         return self.layout.hour(root, bucket_start_seconds(window))
@@ -136,6 +142,7 @@ class CloseHourFn(beam.DoFn):
         reports=beam.DoFn.StateParam(REPORTS),
         closed=beam.DoFn.StateParam(CLOSED),
         close=beam.DoFn.TimerParam(CLOSE),
+        late_counts=beam.DoFn.StateParam(LATE_COUNTS),
     ):
         _, hour_report = keyed_report
         kind, records, path = hour_report
@@ -148,6 +155,16 @@ class CloseHourFn(beam.DoFn):
         elif kind == DELIVERED:
             files.move(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
             self.late.inc(records)
+        elif kind == DUPLICATES:
+            self._count_late_duplicates(window, records, late_counts)
+
+    def _count_late_duplicates(self, window, records: int, late_counts) -> None:
+        """Repeats dropped after the close are counted beside the hour's late files, since
+        its manifest is written; the file's number, kept in state, makes a retry rewrite it."""
+        number = late_counts.read() or 0
+        name = partitions.late_duplicates_name(self.layout.event_type, self.run_id, number)
+        files.write_json(partitions.join(self._folder(self.layout.late, window), name), {DUPLICATES: records})
+        late_counts.write(number + 1)
 
     @on_timer(CLOSE)
     def write_marker(
@@ -168,6 +185,8 @@ class CloseHourFn(beam.DoFn):
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])
         self.closed_hours.inc()
+        if self.streaming:  # a backfill closes hours of the past: its delay says nothing
+            self._measure_timeliness(hour_start)
         _LOG.info(
             "closed %s %s: %d records in %d files",
             self.layout.event_type,
@@ -176,6 +195,12 @@ class CloseHourFn(beam.DoFn):
             len(manifest["files"]),
         )
         yield self.layout.marker(hour_start)
+
+    def _measure_timeliness(self, hour_start: int) -> None:
+        delay = wall_clock() - (hour_start + self.layout.window_seconds)
+        self.close_delay.update(int(delay))
+        if slo.is_overdue(self.tier, delay, self.allowed_lateness_seconds):
+            self.overdue.inc()
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
@@ -213,6 +238,55 @@ class CloseHour(beam.PTransform):
 class KeyByHourFn(beam.DoFn):
     def process(self, hour_report, window=beam.DoFn.WindowParam):
         yield bucket_start_seconds(window), hour_report
+
+
+class AnnounceEveryHourFn(beam.DoFn):
+    """One ``opened`` report per hour, from the hour the job was built in onward, stamped in
+    the hour as the watermark reaches it: so that an hour in which nothing arrived closes
+    too, with a marker that counts zero, and a consumer waiting on it does not wait forever.
+
+    One timer walks the hours. It stops one hour ahead of the clock, so a watermark
+    that jumps to infinity (a drain) announces no more than that.
+    """
+
+    NEXT_HOUR = TimerSpec("next_hour", TimeDomain.WATERMARK)
+
+    def __init__(self, window_seconds: int, started_at: float):
+        self.window_seconds = window_seconds
+        self.started_at = started_at
+
+    def process(self, _, next_hour=beam.DoFn.TimerParam(NEXT_HOUR)):
+        started = int(self.started_at)
+        next_hour.set(Timestamp(started - started % self.window_seconds))
+
+    @on_timer(NEXT_HOUR)
+    def announce(self, hour_start=beam.DoFn.TimestampParam, next_hour=beam.DoFn.TimerParam(NEXT_HOUR)):
+        yield TimestampedValue(report(OPENED, 0), hour_start)
+        if hour_start.micros / 1e6 <= wall_clock():
+            next_hour.set(hour_start + Duration(seconds=self.window_seconds))
+
+
+class AnnounceEveryHour(beam.PTransform):
+    """``opened`` reports for every hour from the job's start on (see ``AnnounceEveryHourFn``).
+
+    Its clock is the watermark of ``messages``, the job's input, which a Pub/Sub source
+    advances also while nothing arrives; none of the messages goes through it.
+    """
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, messages):
+        start = messages.pipeline | "Start" >> beam.Impulse()
+        watermark = messages | "FollowTheInputWatermark" >> beam.Filter(lambda _: False)
+        return (
+            (start, watermark)
+            | "Merge" >> beam.Flatten()
+            | "OneClock" >> beam.Map(lambda _: ("clock", None))
+            | "WalkTheHours" >> beam.ParDo(AnnounceEveryHourFn(self.settings.window_seconds, wall_clock()))
+            | "IntoHours" >> hour_windows(self.settings)
+        )
 
 
 class AnnounceLeftoverHoursFn(beam.DoFn):

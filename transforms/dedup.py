@@ -4,8 +4,11 @@ restarts of the job before the hour closed.
 A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
 (id, hour), keyed by the id, so each event reads and writes only its own cell however
 full the hour is, and the work spreads over as many keys as there are ids. It marks
-every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked copies
-while the hour is open and sends whole panes to the late root once it has closed.
+every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked copies,
+before the hour closes and after, when the rest goes to the late root. A cell lives
+until one window after its hour closed, so a repeat that comes that late is still
+counted as a duplicate rather than written again: delivered and late together hold
+each id once. (A repeat that comes later still is written to the late root again.)
 A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
 alone decides and no state is kept: a runner can then spread the shards over its
 workers (the local runner runs a stateful step on one worker only).
@@ -18,6 +21,7 @@ from apache_beam.coders import BooleanCoder, StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
@@ -41,12 +45,15 @@ def unmarked(events: list) -> list:
 class MarkRepeatsFn(beam.DoFn):
     """Marks every copy of an id after the first in its hour, with one state cell per (id, hour).
 
-    The cell lives until the hour closes. A copy that arrives after that finds none
-    and is not marked: the hour's panes then go to the late root whole, as before.
+    The cell lives until ``remember_seconds`` after the hour closes. A copy that arrives
+    after that finds none and is not marked.
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
+
+    def __init__(self, remember_seconds: int):
+        self.remember = Duration(seconds=remember_seconds)
 
     def process(
         self,
@@ -60,7 +67,7 @@ class MarkRepeatsFn(beam.DoFn):
             yield (*event, REPEAT)
             return
         seen.write(True)
-        forget.set(window.end)
+        forget.set(window.end + self.remember)
         yield event
 
     @on_timer(FORGET)
@@ -89,7 +96,7 @@ class MarkRepeats(beam.PTransform):
             events
             | "KeyById" >> beam.Map(_keyed_in_its_hour)
             | "IntoHours" >> hour_windows(s)
-            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn())
+            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(remember_seconds=s.window_seconds))
         )
 
 
@@ -143,8 +150,8 @@ class DeduplicateWholeHourFn(beam.DoFn):
 class DeduplicateFn(DeduplicateWholeHourFn):
     """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them.
 
-    A pane that arrives after the watermark closed the hour can no longer be checked
-    against it, so it goes out as ``late``, whole, whatever timing label the runner gave it.
+    A pane that arrives after the watermark closed the hour goes out as ``late``, its
+    marked copies dropped and counted too, whatever timing label the runner gave it.
 
     State is not the ids of this run: those are in ``MarkRepeats``. It is the ids of the
     shard's files that earlier runs staged for the hour and never published, read at the
@@ -170,7 +177,9 @@ class DeduplicateFn(DeduplicateWholeHourFn):
     ):
         shard, events = pane_elements
         if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE, (shard, unmarked(events)))
+            late = [e for e in events if not is_repeat(e)]
+            yield beam.pvalue.TaggedOutput(LATE, (shard, late))
+            yield from _count_duplicates(self.duplicates, len(events) - len(late))
             return
         close.set(window.end)
         if not started.read():

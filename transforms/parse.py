@@ -8,8 +8,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from fastavro.validation import ValidationError, validate
 
-from event_delivery.contract import envelope
-from event_delivery.contract.dead_letters import ErrorKind, dead_letter
+from event_delivery.contract import envelope, slo
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter
 from event_delivery.contract.registry import EventType
 
 DEAD_LETTERS = "dead_letters"
@@ -94,8 +94,8 @@ class ParseEventFn(beam.DoFn):
         self.decoder = json.JSONDecoder(
             parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
         )
-        self.received = Metrics.counter("delivery", "in")
-        self.dead_lettered = {kind: Metrics.counter("delivery", f"dead_lettered_{kind.value}") for kind in ErrorKind}
+        self.received = Metrics.counter(slo.NAMESPACE, slo.RECEIVED)
+        self.dead_lettered = {k: Metrics.counter(slo.NAMESPACE, slo.dead_lettered(k.value)) for k in MESSAGE_ERRORS}
 
     def process(self, message):
         self.received.inc()

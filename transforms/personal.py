@@ -18,11 +18,12 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 from apache_beam.utils.timestamp import Timestamp
 
-from event_delivery.contract.dead_letters import quarantine_key_name
+from event_delivery.contract import envelope
+from event_delivery.contract.dead_letters import ErrorKind, dead_letter, quarantine_key_name
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig
-from event_delivery.keys.fields import encrypt_bytes, encrypt_value
+from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
 from transforms.reports import FORGOTTEN, report
 
 
@@ -148,6 +149,55 @@ class CountForgotten(beam.PTransform):
         if not self.event_type.subject_field:
             return panes | "NoSubjects" >> beam.FlatMap(lambda _: [])
         return panes | "CountForgottenSubjects" >> beam.FlatMap(_forgotten_in)
+
+
+class UnsealFailedWritesFn(beam.DoFn):
+    """``(reason, [sealed events])`` in; each event out as a ``write_failed`` dead letter
+    whose payload is the message as it arrived, its personal fields decrypted again, so
+    that ``SealDeadLetters`` seals it under its subject's key and a redrive can replay it.
+    This runs only on the rare failed write; its output goes straight to sealing."""
+
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
+        self.event_type = event_type
+        self.key_cache = key_cache
+
+    def setup(self):
+        self.cache = self.key_cache.acquire()
+
+    def process(self, failed_write):
+        reason, events = failed_write
+        name, personal = self.event_type.name, self.event_type.personal_fields
+        keys = self.cache.data_keys(fields["key_id"] for _, _, fields in events if fields.get("key_id"))
+        for event_id, received_at, sealed in events:
+            fields = {k: v for k, v in sealed.items() if k != "key_id"}
+            aead = keys[sealed["key_id"]][1] if sealed.get("key_id") else None
+            for field in personal:
+                if aead and fields[field] is not None:
+                    fields[field] = decrypt_value(aead, fields[field], name, field, sealed["key_id"])
+            payload = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+            attributes = {
+                envelope.EVENT_ID: event_id,
+                envelope.RECEIVED_AT: envelope.format_received_at(received_at),
+                envelope.EVENT_TYPE: name,
+            }
+            record = dead_letter(name, ErrorKind.WRITE_FAILED, reason, event_id, received_at, attributes, payload)
+            yield event_id, received_at, record
+
+
+class DeadLetterFailedWrites(beam.PTransform):
+    """Failed writes (see ``transforms.write``) in; unsealed dead letters out, in the global
+    window, as parsing emits them, for ``SealDeadLetters``."""
+
+    def __init__(self, event_type: EventType, key_cache: JobKeyCache):
+        super().__init__()
+        self.fn = UnsealFailedWritesFn(event_type, key_cache)
+
+    def expand(self, failed_writes):
+        return (
+            failed_writes
+            | "UnsealFailedWrites" >> beam.ParDo(self.fn)
+            | "OutOfTheirHours" >> beam.WindowInto(GlobalWindows())
+        )
 
 
 def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:

@@ -13,7 +13,8 @@ DEAD_LETTERED = "dead_lettered"
 FORGOTTEN = "forgotten"  # delivered events of forgotten subjects, their personal fields null
 ARCHIVED = "archived"  # a pane of raw messages written to the raw archive
 LEFT_OVER = "left_over"  # an hour that earlier runs left staged files for, found at start
-KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED, LEFT_OVER)
+OPENED = "opened"  # an hour the job's clock reached: it closes even if nothing arrives
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED, LEFT_OVER, OPENED)
 
 
 def report(kind: str, records: int, path: str = "") -> tuple:

@@ -1,17 +1,37 @@
-"""Write each pane of an hour's shard as one Avro file in the hour-partitioned layout."""
+"""Write each pane of an hour's shard as one Avro file in the hour-partitioned layout.
+
+No pane is retried forever. A write that fails on its data (a record the schema does
+not take) or on a permanent error (permission denied, no such bucket) gives its events
+up on the ``write_failed`` output, which the delivery path turns into dead letters, and
+the job moves on. A transient error is retried ``ATTEMPTS`` times, then left to the
+runner, which retries the bundle.
+"""
 
 from __future__ import annotations
+
+import logging
+import time
 
 import apache_beam as beam
 import fastavro
 from apache_beam.coders import VarIntCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from fastavro.validation import validate
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
+
+_LOG = logging.getLogger(__name__)
+WRITE_FAILED = "write_failed"
+ATTEMPTS = 3
+BACKOFF_SECONDS = 1.0
+sleep = time.sleep  # module-level, so that a test can skip the waits
+# Errors that no retry mends: the file's data, or what the job may do where it writes.
+PERMANENT = (files.AvroWriteError, google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequest)
 
 
 def event_record(event) -> dict:
@@ -29,7 +49,8 @@ def prepared_record(element) -> dict:
 class WritePaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
-    def __init__(self, settings, root: str, report_kind: str, schema: dict, to_record):
+    def __init__(self, settings, root: str, report_kind: str, schema: dict, to_record, give_up_failures=False):
+        self.give_up_failures = give_up_failures
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.root = root
@@ -40,6 +61,7 @@ class WritePaneFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.parsed_schema = fastavro.parse_schema(self.schema)
+        self.write_failed = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.dead_lettered(WRITE_FAILED))
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
         yield from self.write(pane_elements, window, 0)
@@ -51,8 +73,48 @@ class WritePaneFn(beam.DoFn):
         folder = self.layout.hour(self.root, bucket_start_seconds(window))
         name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard)
         path = partitions.join(folder, name)
-        files.write_avro(path, self.parsed_schema, [self.to_record(e) for e in elements])
-        yield report(self.report_kind, len(elements), path)
+        reason = files.AvroWriteError.__name__
+        try:
+            written = self._write_what_fits(path, elements)
+        except PERMANENT as error:
+            if not self.give_up_failures:
+                raise
+            written, reason = [], type(error).__name__
+        if written:
+            yield report(self.report_kind, len(written), path)
+        if len(written) < len(elements):
+            kept = {id(e) for e in written}
+            failed = [e for e in elements if id(e) not in kept]
+            self.write_failed.inc(len(failed))
+            _LOG.error("%d event(s) for %s go to the dead letters: %s", len(failed), path, reason)
+            yield beam.pvalue.TaggedOutput(WRITE_FAILED, (f"writing {self.report_kind} failed: {reason}", failed))
+
+    def _write_what_fits(self, path: str, elements: list) -> list:
+        """Writes the pane, or, when a record does not fit the schema and failures may be
+        given up, the records that do; returns the elements written."""
+        records = [self.to_record(e) for e in elements]
+        try:
+            self._write_with_retries(path, records)
+            return elements
+        except files.AvroWriteError:
+            if not self.give_up_failures:
+                raise
+        fits = [validate(r, self.parsed_schema, raise_errors=False) for r in records]
+        kept = [(e, r) for e, r, fit in zip(elements, records, fits, strict=True) if fit]
+        if kept:
+            self._write_with_retries(path, [r for _, r in kept])
+        return [e for e, _ in kept]
+
+    def _write_with_retries(self, path: str, records: list) -> None:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return files.write_avro(path, self.parsed_schema, records)
+            except PERMANENT:
+                raise
+            except Exception:
+                if attempt == ATTEMPTS:
+                    raise  # to the runner, which retries the bundle
+                sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
 
 
 class WriteNumberedPaneFn(WritePaneFn):
@@ -81,13 +143,30 @@ class WriteAvroPanes(beam.PTransform):
     rewrites the same file instead of adding a second copy. A stream numbers the panes
     of an (hour, shard) in state; a bounded input has one pane each. Records follow the
     type's delivered schema unless ``schema`` says otherwise.
+
+    With ``give_up_failures``, it returns ``reports`` and ``write_failed`` outputs, the
+    latter ``(reason, [elements])`` per pane whose write failed for good (see above);
+    without, such a failure fails the bundle.
     """
 
-    def __init__(self, settings, root: str, report_kind: str, schema: dict | None = None, to_record=event_record):
+    def __init__(
+        self,
+        settings,
+        root: str,
+        report_kind: str,
+        schema: dict | None = None,
+        to_record=None,
+        give_up_failures: bool = False,
+    ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
+        to_record = to_record or event_record
         fn = WritePaneFn if settings.bounded else WriteNumberedPaneFn
-        self.fn = fn(settings, root, report_kind, schema, to_record)
+        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures)
+        self.give_up_failures = give_up_failures
 
     def expand(self, panes):
-        return panes | "WriteFiles" >> beam.ParDo(self.fn)
+        write = beam.ParDo(self.fn)
+        if self.give_up_failures:
+            return panes | "WriteFiles" >> write.with_outputs(WRITE_FAILED, main="reports")
+        return panes | "WriteFiles" >> write

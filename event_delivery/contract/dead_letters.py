@@ -20,6 +20,11 @@ class ErrorKind(str, enum.Enum):
     NOT_JSON = "not_json"
     NOT_OBJECT = "not_object"
     SCHEMA_VIOLATION = "schema_violation"
+    WRITE_FAILED = "write_failed"  # a valid event whose file could not be written, for good
+
+
+# What can be wrong with a message itself, as parsing finds it.
+MESSAGE_ERRORS = tuple(kind for kind in ErrorKind if kind is not ErrorKind.WRITE_FAILED)
 
 
 DEAD_LETTER_SCHEMA = {

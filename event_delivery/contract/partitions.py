@@ -92,6 +92,14 @@ def pane_file_name(event_type: str, run_id: str, number: int, shard: int) -> str
     return f"{event_type}-{run_id}-p{number:05d}-s{shard:03d}.avro"
 
 
+def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
+    """A count of repeats dropped after the hour closed, beside its late files (``_``: not data)."""
+    return f"_duplicates-{event_type}-{run_id}-{number:05d}.json"
+
+
+LATE_DUPLICATES_PATTERN = "_duplicates-*.json"
+
+
 def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
     """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given)."""
     shard_part = "*" if shard is None else f"s{shard:03d}"

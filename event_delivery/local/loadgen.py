@@ -25,7 +25,7 @@ import uuid
 
 from event_delivery.cloud import preflight
 from event_delivery.contract import envelope
-from event_delivery.contract.dead_letters import ErrorKind
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind
 from event_delivery.contract.registry import EventType, load_registry
 from event_delivery.contract.samples import fake_fields
 from event_delivery.ops.producer import EventPublisher, attributes_for
@@ -118,7 +118,7 @@ class TrafficMix:
 def traffic(event_type: EventType, count: int, mix: TrafficMix, rng: random.Random, clock=time.time):
     """Yields ``count`` messages; each knows where it is expected to end up."""
     recent = collections.deque(maxlen=RECENT_EVENTS)
-    kinds = list(ErrorKind)
+    kinds = list(MESSAGE_ERRORS)
     malformed_sent = 0
     first_millis = int(clock() * 1000)
     for _ in range(count):

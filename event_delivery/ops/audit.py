@@ -209,11 +209,13 @@ def _audit_type(layout: Layout) -> TypeAudit:
                 audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
     for partition, paths in _partition_files(layout.staging, event_type, "*.avro").items():
         audit.hour(partition).staged += sum(_read(files.count_avro_records, path) for path in paths)
-    for partition, paths in _partition_files(layout.late, event_type).items():
+    for partition, paths in _partition_files(layout.late, event_type, "*.avro").items():
         for path in paths:
             records = _read(files.read_avro, path)
             audit.hour(partition).late += len(records)
             _check_in_hour(audit, partition, records, window_seconds, "late")
+    for partition, paths in _partition_files(layout.late, event_type, partitions.LATE_DUPLICATES_PATTERN).items():
+        audit.hour(partition).duplicates += sum(_read(files.read_json, path)["duplicates"] for path in paths)
     for partition, paths in _partition_files(layout.dead_letter, event_type).items():
         hour = audit.hour(partition)
         for path in paths:

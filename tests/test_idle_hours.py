@@ -1,0 +1,73 @@
+"""An idle type: hours pass with nothing published, and each still closes with a marker.
+
+A consumer that waits on ``_SUCCESS`` must not wait forever for a quiet hour. The job
+runs on the emulators with 2-second hours, so hours pass while the test waits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import time
+
+import pytest
+
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.contract.partitions import Layout
+from event_delivery.local.jobs import start_job, stop_jobs
+from event_delivery.ops import provision
+
+pytestmark = [pytest.mark.emulators, pytest.mark.slow]
+
+PROJECT = "local-project"
+WINDOW, LATENESS = 2, 1
+ENOUGH_HOURS = 4
+# The local runner's Pub/Sub read moves its watermark after each pull, and an empty pull
+# waits up to 30 s: the first markers come within about that.
+DEADLINE_SECONDS = 90
+
+
+def test_every_hour_from_the_start_gets_a_marker_that_counts_zero(emulators, registry, tmp_path):
+    play = registry["play"]
+    provision.provision(PROJECT, [play], None)
+    root = str(tmp_path / "root")
+    args = [
+        f"--project={PROJECT}",
+        f"--storage_root={root}",
+        f"--window_seconds={WINDOW}",
+        f"--allowed_lateness_seconds={LATENESS}",
+        "--trigger_seconds=1",
+        "--late_horizon_seconds=600",
+        f"--keystore=sqlite:///{tmp_path}/keystore.db",
+        f"--local_key_file={tmp_path}/kek.key",
+    ]
+    launched = time.time()
+    job = start_job(play.name, args, tmp_path / "logs")
+    try:
+        job.wait_ready()
+        layout = Layout.under(root, play.name, WINDOW)
+        deadline = time.time() + DEADLINE_SECONDS
+        while len(_markers(layout)) < ENOUGH_HOURS and time.time() < deadline:
+            assert job.process.poll() is None, job.log_tail()
+            time.sleep(1)
+        markers = _markers(layout)
+    finally:
+        stop_jobs([job])
+
+    assert len(markers) >= ENOUGH_HOURS, f"{len(markers)} markers in {DEADLINE_SECONDS}s:\n{job.log_tail()}"
+    hour_starts = sorted(partitions.partition_bounds(p, WINDOW)[0] // 1000 for p in markers)
+    assert hour_starts[0] <= launched, f"the hour the job was launched in ({launched}) has no marker: {hour_starts}"
+    gaps = [b - a for a, b in itertools.pairwise(hour_starts)]
+    assert set(gaps) == {WINDOW}, f"hours without a marker between {hour_starts}"
+    for partition, manifest in markers.items():
+        assert manifest["files"] == [], partition
+        assert set(manifest["accounting"].values()) == {0}, partition
+        _, hour_end = partitions.partition_bounds(partition, WINDOW)
+        assert datetime.datetime.fromisoformat(manifest["hour_end"]).timestamp() * 1000 == hour_end
+
+
+def _markers(layout: Layout) -> dict[str, dict]:
+    prefix = partitions.join(layout.delivered, layout.event_type) + "/"
+    paths = files.glob(partitions.join(layout.delivered, layout.event_type, "dt=*", "hr=*", partitions.SUCCESS_MARKER))
+    return {path[len(prefix) :].rsplit("/", 1)[0]: files.read_json(path) for path in paths}

@@ -1,0 +1,129 @@
+"""No pane is retried forever: a write that fails for good sends its events to the dead
+letters (kind ``write_failed``) and the job goes on; a transient failure is retried.
+
+On Dataflow a streaming bundle that keeps failing is retried without end and stalls
+the type; these tests make the writes fail on purpose, as a denied bucket or a record
+the schema does not take would, on the local runner.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from google.api_core import exceptions as google_errors
+
+from event_delivery.cloud import files
+from event_delivery.contract.partitions import Layout
+from event_delivery.ops.audit import audit_type
+from pipelines import redrive
+from pipelines.delivery import deliver
+from tests.conftest import message, raw_message, valid_fields
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms import write
+
+IDS = [f"e{i}" for i in range(6)]
+
+
+@pytest.fixture
+def search(registry):
+    return registry["search"]
+
+
+@pytest.fixture(autouse=True)
+def no_waiting(monkeypatch):
+    monkeypatch.setattr(write, "sleep", lambda seconds: None)
+
+
+def deliver_one_hour(tmp_path, search):
+    settings = local_settings(tmp_path, search, local_keys(tmp_path))
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(search, i), event_id, (START + 1) * 1000) for i, event_id in enumerate(IDS)))
+    clock.arrive(raw_message(b"{broken", "broken"))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+    return audit_type(Layout.under(tmp_path, "search", WINDOW))
+
+
+def dead_letters(tmp_path) -> list[dict]:
+    return [r for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)]
+
+
+def fail_writes_under(folder: str, error: Exception, times: int | None = None):
+    """``files.write_avro`` that raises ``error`` for paths under ``folder`` (``times`` times, or always)."""
+    real, failures = files.write_avro, []
+
+    def write_avro(path, schema, records):
+        if f"/{folder}/" in path and (times is None or len(failures) < times):
+            failures.append(path)
+            raise error
+        return real(path, schema, records)
+
+    return write_avro, failures
+
+
+def test_a_denied_write_sends_its_events_to_the_dead_letters_and_redrive_brings_them_back(
+    tmp_path, search, monkeypatch
+):
+    working = files.write_avro
+    denied, failures = fail_writes_under("_staging", google_errors.Forbidden("denied"))
+    monkeypatch.setattr(files, "write_avro", denied)
+    hour = deliver_one_hour(tmp_path, search).hours
+    [(partition, audited)] = hour.items()
+
+    assert failures, "the staging writes were attempted"
+    assert (audited.delivered, audited.dead_lettered, audited.closed) == (0, len(IDS) + 1, True)
+    assert audited.dead_letter_kinds == {"write_failed": len(IDS), "not_json": 1}
+    failed = [r for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"]
+    assert sorted(r["event_id"] for r in failed) == IDS
+    assert all(r["payload"] and r["quarantine_key_id"] for r in failed), "sealed like any dead letter"
+
+    monkeypatch.setattr(files, "write_avro", working)  # the bucket is fixed; the dead letters are redriven
+    flags = [f"--keystore=sqlite:///{tmp_path}/keystore.db", f"--local_key_file={tmp_path}/kek.key"]
+    window = [f"--window_seconds={WINDOW}", f"--allowed_lateness_seconds={LATENESS}"]
+    span = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
+    assert redrive.main([*span, "--fix=none", *flags, *window]) == 0
+    after = audit_type(Layout.under(tmp_path, "search", WINDOW)).hours[partition]
+    late = [r for p in files.glob(f"{tmp_path}/late/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert sorted(r["event_id"] for r in late) == IDS, "every failed event is replayed, as it arrived"
+    assert all(r["key_id"] and isinstance(r["query"], bytes) for r in late), "and sealed again"
+    assert (after.late, after.dead_lettered) == (len(IDS), 1)
+
+
+def test_a_record_the_schema_does_not_take_goes_alone_to_the_dead_letters(tmp_path, search, monkeypatch):
+    as_record = write.event_record
+
+    def corrupting(event):
+        record = as_record(event)
+        return {**record, "received_at": "not a time"} if event[0] == "e3" else record
+
+    monkeypatch.setattr(write, "event_record", corrupting)
+    audited = next(iter(deliver_one_hour(tmp_path, search).hours.values()))
+
+    assert (audited.delivered, audited.dead_lettered) == (len(IDS) - 1, 2)
+    assert sorted(audited.delivered_ids) == sorted(set(IDS) - {"e3"})
+    assert [r["event_id"] for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"] == ["e3"]
+
+
+def test_a_transient_failure_is_retried_and_loses_nothing(tmp_path, search, monkeypatch):
+    flaky, failures = fail_writes_under("_staging", google_errors.ServiceUnavailable("busy"), times=write.ATTEMPTS - 1)
+    monkeypatch.setattr(files, "write_avro", flaky)
+    audited = next(iter(deliver_one_hour(tmp_path, search).hours.values()))
+
+    assert len(failures) == write.ATTEMPTS - 1
+    assert (audited.delivered, audited.dead_lettered) == (len(IDS), 1)
+
+
+def test_a_transient_failure_that_does_not_end_fails_the_bundle_after_a_bounded_number_of_tries(
+    tmp_path, search, monkeypatch
+):
+    down, failures = fail_writes_under("_staging", google_errors.ServiceUnavailable("down"))
+    monkeypatch.setattr(files, "write_avro", down)
+    with pytest.raises(Exception, match="down"):
+        deliver_one_hour(tmp_path, search)
+    # Each try of the bundle (the local runner tries a failed bundle a few times) writes a
+    # file ATTEMPTS times, then fails: it is left to the runner, not given up as lost.
+    tries = collections.Counter(failures).values()
+    assert tries and all(n % write.ATTEMPTS == 0 for n in tries), tries
+    assert not [r for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"], "nor is it given up"
