@@ -17,6 +17,7 @@ from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.local.jobs import start_job, stop_jobs
 from event_delivery.ops import provision
+from tests.streams import local_keys
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -42,6 +43,7 @@ def test_every_hour_from_the_start_gets_a_marker_that_counts_zero(emulators, reg
         f"--keystore=sqlite:///{tmp_path}/keystore.db",
         f"--local_key_file={tmp_path}/kek.key",
     ]
+    local_keys(tmp_path)  # provisioned: a job never creates keys
     launched = time.time()
     job = start_job(play.name, args, tmp_path / "logs")
     try:

@@ -25,11 +25,13 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.config import KeyConfig
 from event_delivery.local.emulators import EmulatorError, running_emulators
-from event_delivery.local.jobs import JobError, start_job, stop_jobs
+from event_delivery.local.jobs import JobError, start_auditor, start_job, stop_jobs
 from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
 from event_delivery.ops import provision
 from event_delivery.ops.audit import TypeAudit, audit_type, hours_settled
+from event_delivery.ops.audit import format_table as audit_table
 from event_delivery.ops.producer import EventPublisher
+from event_delivery.ops.report import write_report
 
 
 @dataclasses.dataclass
@@ -68,6 +70,17 @@ class Scenario:
             f"--num_shards={self.num_shards}",
         ]
 
+    def auditor_args(self) -> list[str]:
+        return [
+            f"--project={self.project}",
+            f"--storage_root={self.storage_root}",
+            f"--window_seconds={self.window_seconds}",
+            f"--allowed_lateness_seconds={self.allowed_lateness_seconds}",
+            f"--trigger_seconds={self.trigger_seconds}",
+            f"--late_horizon_seconds={self.late_horizon_seconds}",
+            f"--check_delay_seconds={self.trigger_seconds}",
+        ]
+
     def audit(self, event_type: str) -> TypeAudit:
         return audit_type(self.layout(event_type))
 
@@ -94,7 +107,8 @@ def _publish_all(scenario: Scenario, say) -> dict[str, Ledger]:
 
     def publish(name, seed):
         messages = traffic(registry[name], count, scenario.mix, random.Random(seed))
-        ledgers[name] = publish_traffic(EventPublisher(scenario.project, registry[name]), messages, scenario.rate)
+        publisher = EventPublisher(scenario.project, registry[name], window_seconds=scenario.window_seconds)
+        ledgers[name] = publish_traffic(publisher, messages, scenario.rate)
 
     for seed, name in enumerate(scenario.types):
         threads.append(threading.Thread(target=publish, args=(name, seed), name=f"publish-{name}"))
@@ -120,6 +134,7 @@ def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict
     KeyConfig(f"sqlite:///{state_dir.resolve()}/keystore.db", f"{state_dir.resolve()}/kek.key").provision()
     say(f"{len(scenario.types)} types provisioned; starting one delivery job per type")
     jobs = [start_job(name, scenario.job_args(state_dir), state_dir / "logs") for name in scenario.types]
+    jobs.append(start_auditor(scenario.types, scenario.auditor_args(), state_dir / "logs"))
     try:
         for job in jobs:
             job.wait_ready()
@@ -144,7 +159,7 @@ def _wait_until_accounted(scenario: Scenario, jobs, ledgers: dict[str, Ledger], 
                 raise JobError(f"the {job.event_type} job died:\n{job.log_tail()}")
         if _all_hours_closed(scenario) or time.monotonic() > deadline:
             outcomes = {name: Outcome(ledgers[name], scenario.audit(name)) for name in scenario.types}
-            if all(o.balanced and o.audit.settled for o in outcomes.values()):
+            if all(o.balanced and o.audit.settled and o.audit.reconciled for o in outcomes.values()):
                 return outcomes
             if time.monotonic() > deadline:
                 say("warning: not everything was accounted for in time; the table shows where")
@@ -202,11 +217,17 @@ def main(argv=None) -> int:
         with running_emulators(args.state_dir):
             say("emulators up")
             outcomes = run_scenario(scenario, args.state_dir, say)
+            report = write_report(
+                scenario.storage_root, scenario.window_seconds, scenario.types, str(args.state_dir / "report.html")
+            )
     except (EmulatorError, JobError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print()
     print(format_table(outcomes))
+    print()
+    print("The auditor's count of what was published, joined with the output (make audit):")
+    print(audit_table([outcome.audit for outcome in outcomes.values()]))
     print()
     print(
         "published = delivered + duplicates + late + dead-lettered:",
@@ -229,6 +250,7 @@ def main(argv=None) -> int:
         f"  .venv/bin/python -m pipelines.decrypt --event_type search --input_root {data}/delivered "
         f"--output_root {args.state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys}"
     )
+    print(f"The report, to open in a browser: {report}")
     return 0 if all(o.balanced for o in outcomes.values()) else 1
 
 

@@ -95,8 +95,10 @@ class TypeAudit:
 
     @property
     def reconciled(self) -> bool:
-        """Every closed hour has the auditor's count, and its messages are all accounted for (lost = 0)."""
-        return all(hour.lost == 0 for hour in self.hours.values() if hour.closed)
+        """Every closed hour that has output or a count has the auditor's count, and its messages
+        are all accounted for (lost = 0). A closed hour with neither had nothing to lose."""
+        checked = [h for h in self.hours.values() if h.closed and (h.total or h.published is not None)]
+        return all(hour.lost == 0 for hour in checked)
 
     @property
     def failed_hours(self) -> dict[str, list[str]]:
