@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import uuid
@@ -39,6 +40,22 @@ def bucket(emulators):
     name = f"test-{uuid.uuid4().hex[:12]}"
     clients.storage_client(PROJECT).create_bucket(name)
     return name
+
+
+def drop_subscriptions_of(project: str, event_types) -> None:
+    """Deletes the types' delivery and audit subscriptions, with all that other tests published
+    to them; provisioning makes them anew, empty."""
+    from google.api_core import exceptions
+
+    from event_delivery.ops import provision
+
+    publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
+    for event_type in event_types:
+        delivery = subscriber.subscription_path(project, event_type.subscription)
+        audit_source = provision.audit_subscription(project, event_type, publisher, subscriber)[0]
+        for name in (delivery, audit_source):
+            with contextlib.suppress(exceptions.NotFound):
+                subscriber.delete_subscription(subscription=name)
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ from pipelines.auditor import (
 )
 from pipelines.delivery import deliver
 from pipelines.options import DeliveryOptions
-from tests.conftest import PROJECT, message, valid_fields
+from tests.conftest import PROJECT, drop_subscriptions_of, message, valid_fields
 from tests.streams import Clock, local_keys, local_settings, streaming_pipeline
 from transforms.read import ReadMessages
 
@@ -516,6 +516,7 @@ def run(emulators, registry, tmp_path_factory):
     finally:
         result.cancel()  # while the ticks keep the reads' pulls short
         stop.set()
+        drop_subscriptions_of(PROJECT, types)  # what this test published is no other test's input
 
 
 @pytest.mark.emulators

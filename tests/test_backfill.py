@@ -80,7 +80,8 @@ def test_backfill_redelivers_every_archived_message_and_a_rerun_changes_nothing(
     event_type, keys = load_registry()[type_name], local_keys(tmp_path)
     live = live_run(tmp_path, event_type, keys)
     streamed = audit(f"{tmp_path}/live", type_name)
-    assert (streamed.total("late"), streamed.total("dead_lettered")) == (2, 3), "the live run saw late and bad input"
+    # One late event; the repeat that came after its hour closed is a duplicate, not late.
+    assert (streamed.total("late"), streamed.total("dead_lettered")) == (1, 3), "the live run saw late and bad input"
 
     assert backfill.main(backfill_flags(tmp_path, keys, event_type)) == 0
     once = audit(f"{tmp_path}/backfill", type_name)

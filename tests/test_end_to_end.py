@@ -26,6 +26,7 @@ from event_delivery.local.demo import Scenario, run_scenario
 from event_delivery.local.loadgen import TrafficMix
 from pipelines.decrypt import decrypt
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
+from tests.conftest import drop_subscriptions_of
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 
@@ -39,6 +40,7 @@ def outcomes(emulators, registry, tmp_path_factory):
         rate=8,
         mix=TrafficMix(duplicates=0.1, malformed=0.05, late=0.05, late_by_seconds=20),
     )
+    drop_subscriptions_of(scenario.project, registry.values())  # only this test's traffic, from the start
     state_dir = tmp_path_factory.mktemp("e2e")
     scenario.state_dir = state_dir
     return scenario, run_scenario(scenario, state_dir, say=print)
