@@ -253,7 +253,9 @@ def _status(hour: HourAudit) -> str:
         return ", ".join(hour.failures).upper()
     if not hour.closed:
         return "open"
-    return "ok" if hour.published is not None else "no count"
+    if hour.published is None:
+        return "empty" if not hour.total else "no count"  # an empty hour is counted by no one
+    return "ok"
 
 
 def _cell(value) -> str:
