@@ -10,8 +10,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from event_delivery.cloud import clients, files
+from event_delivery.contract import counts
+from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
 from event_delivery.ops import provision
-from event_delivery.ops.deploy import dataflow_args, dry_run
+from event_delivery.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
 
 pytestmark = pytest.mark.emulators
 
@@ -57,6 +59,23 @@ def test_every_type_builds_for_dataflow(registry, bucket):
         with FileSystems.open(package) as handle, tarfile.open(fileobj=io.BytesIO(handle.read())) as archive:
             members = archive.getnames()
         assert any(m.endswith(f"avro_schemas/{name}.avsc") for m in members), "workers get the registry"
+
+
+def test_every_types_auditor_builds_for_dataflow_as_a_job_of_its_own(registry, bucket):
+    for name, event_type in sorted(registry.items()):
+        job = dry_run(auditor_args(event_type, "local-project", "europe-west1", bucket), auditor=True)
+        assert job.proto.type.name == "JOB_TYPE_STREAMING"
+        assert job.proto.name == auditor_job_name(event_type) != f"events-{name.replace('_', '-')}"
+        assert dict(job.proto.labels) == {"event_type": name, "tier": event_type.tier.name, "role": "auditor"}
+        staged = files.glob(f"gs://{bucket}/staging/{job.proto.name}.*/*")
+        [pipeline_path] = [p for p in staged if p.endswith("/pipeline.pb")]
+        with FileSystems.open(pipeline_path) as handle:
+            built = handle.read()
+        source = event_type.audit_subscription
+        if event_type.tier.audit_source == AUDIT_PRODUCER_COUNTS:
+            source = counts.counts_subscription(event_type)
+        assert f"subscriptions/{source}".encode() in built, f"{name}: the auditor reads its own source"
+        assert event_type.subscription.encode() not in built, f"{name}: not the delivery job's subscription"
 
 
 def test_the_job_keeps_cleartext_out_of_temp_files_and_encrypts_its_state(registry, bucket):

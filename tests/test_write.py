@@ -12,6 +12,7 @@ from apache_beam.transforms.window import IntervalWindow
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from event_delivery.cloud import files
+from event_delivery.keys.config import KeyConfig
 from tests.conftest import valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.close import CloseHour
@@ -23,7 +24,8 @@ HOUR = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00:00Z
 
 
 def write_pane(root, event_type, events, number=0, shard=3):
-    settings = local_settings(root, event_type, local_keys(root), window_seconds=3600)
+    unused = KeyConfig("sqlite:///never-opened.db", "never-opened.key")  # writing seals nothing
+    settings = local_settings(root, event_type, unused, window_seconds=3600)
     record = lambda e: {"event_id": e[0], "received_at": e[1], **e[2]}  # noqa: E731
     fn = WritePaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
     fn.setup()

@@ -1,4 +1,5 @@
-"""Deploy delivery jobs to Dataflow: one streaming job per type, sized by its tier.
+"""Deploy delivery jobs to Dataflow: one streaming job per type, sized by its tier, and
+beside each its auditor, a small job that counts what is published.
 
     python -m event_delivery.ops.deploy --project my-project --region europe-west1 \\
         --bucket my-bucket --event_type play          # one type
@@ -99,6 +100,40 @@ def job_name(event_type: EventType) -> str:
     return f"events-{event_type.name.replace('_', '-')}"
 
 
+def auditor_job_name(event_type: EventType) -> str:
+    return f"{job_name(event_type)}-audit"
+
+
+AUDITOR_MAX_WORKERS = 3  # it counts, it does not deliver: a few workers for any type
+
+
+def auditor_args(event_type: EventType, project: str, region: str, bucket: str) -> list[str]:
+    """The type's auditor job on Dataflow: a job of its own, beside the delivery job and
+    sharing nothing with it but the bucket it checks (``pipelines/auditor.py``)."""
+    lateness = event_type.tier.allowed_lateness_seconds
+    return [
+        f"--event_type={event_type.name}",
+        f"--project={project}",
+        f"--region={region}",
+        f"--storage_root=gs://{bucket}",
+        f"--window_seconds={partitions.HOUR_SECONDS}",
+        f"--allowed_lateness_seconds={lateness}",
+        "--runner=DataflowRunner",
+        f"--job_name={auditor_job_name(event_type)}",
+        f"--temp_location=gs://{temp_bucket(bucket)}/tmp",
+        "--experiments=disable_always_on_exception_sampling",
+        f"--dataflow_kms_key={state_kms_key(project, region)}",
+        f"--staging_location=gs://{bucket}/staging",
+        "--setup_file=./setup.py",
+        "--enable_streaming_engine",
+        "--autoscaling_algorithm=THROUGHPUT_BASED",
+        f"--max_num_workers={AUDITOR_MAX_WORKERS}",
+        f"--labels=event_type={event_type.name}",
+        f"--labels=tier={event_type.tier.name}",
+        "--labels=role=auditor",
+    ]
+
+
 def job_layout(event_type: EventType) -> dict[str, int]:
     """The options a deployed job of the type runs with that an in-place update must keep.
 
@@ -196,18 +231,32 @@ def update_plan(event_type: EventType, project: str, region: str) -> list[str]:
     ]
 
 
-def dry_run(argv: list[str]):
-    """Translates and stages one job without submitting it; returns the staged job."""
+def dry_run(argv: list[str], auditor: bool = False):
+    """Translates and stages one job (the delivery job, or the auditor) without submitting
+    it; returns the staged job."""
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.dataflow.internal import apiclient
 
-    from pipelines import delivery
-
     argv = [*argv, "--dry_run=True", "--no_auth", "--sdk_location=container"]
-    result, _ = delivery.start(argv)
+    if auditor:
+        [result], _ = _start_auditor(argv)
+    else:
+        result, _ = _start_delivery(argv)
     options = PipelineOptions(argv)
     apiclient.DataflowApplicationClient(options, result.job.root_staging_location).create_job_description(result.job)
     return result.job
+
+
+def _start_delivery(argv: list[str]):
+    from pipelines import delivery
+
+    return delivery.start(argv)
+
+
+def _start_auditor(argv: list[str]):
+    from pipelines import auditor
+
+    return auditor.start(argv)
 
 
 def selected_types(names: list[str] | None, tier: str | None) -> list[EventType]:
@@ -243,9 +292,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dry_run", action="store_true", help="Build and stage only (or print the steps of a drain or an update)."
     )
+    parser.add_argument(
+        "--no_auditor",
+        action="store_true",
+        help="Deploy the delivery jobs only. By default a deploy (not an update) also starts each type's auditor.",
+    )
     args = parser.parse_args(argv)
-    from pipelines import delivery
-
     types = selected_types(args.event_type, args.tier)
     if args.drain:
         for event_type in types:
@@ -270,9 +322,18 @@ def main(argv=None) -> int:
             job = dry_run(job_args)
             print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")
         else:
-            delivery.start(job_args)
+            _start_delivery(job_args)
             kept = f", keeping run {run_id}" if run_id else ""
             print(f"{event_type.name}: submitted as {job_name(event_type)}{kept}")
+        if args.update or args.no_auditor:
+            continue  # a running auditor keeps counting across the delivery job's update
+        audit_args = auditor_args(event_type, args.project, args.region, args.bucket)
+        if args.dry_run:
+            job = dry_run(audit_args, auditor=True)
+            print(f"{event_type.name}: auditor built and staged to {job.root_staging_location} (not submitted)")
+        else:
+            _start_auditor(audit_args)
+            print(f"{event_type.name}: auditor submitted as {auditor_job_name(event_type)}")
     return 0
 
 
