@@ -32,7 +32,7 @@ WORKLOADS = pathlib.Path(__file__).parent / ".workloads"
 
 
 def workload_for(events: int) -> workload.Workload:
-    return workload.build(WORKLOADS / f"{events}", events)
+    return workload.build(WORKLOADS / f"{events}-v{workload.FORMAT}", events)
 
 
 def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int) -> int:

@@ -96,6 +96,9 @@ def _messages(total: int, rng: random.Random):
         yield (name, *message)
 
 
+FORMAT = 2  # what a built workload stores (wrapped keys, archive records); a change builds anew
+
+
 def build(folder: pathlib.Path, total: int, seed: int = 7) -> Workload:
     """Generates the workload into ``folder`` unless it is already there."""
     done = folder / "workload.json"
