@@ -42,7 +42,12 @@ DEAD_LETTER_SCHEMA = {
         {"name": "event_type", "type": "string"},
         {"name": "error_kind", "type": {"type": "enum", "name": "ErrorKind", "symbols": [k.name for k in ErrorKind]}},
         {"name": "error_detail", "type": "string", "doc": "Names fields and limits, never values."},
-        {"name": "attributes", "type": {"type": "map", "values": "string"}},
+        {
+            "name": "attributes",
+            "type": {"type": "map", "values": "string"},
+            "doc": "The envelope attributes (event_id, received_at, event_type), in clear. Records written "
+            "before sealed_attributes existed hold every attribute here.",
+        },
         {
             "name": "payload",
             "type": ["null", "bytes"],
@@ -56,6 +61,13 @@ DEAD_LETTER_SCHEMA = {
             "default": None,
             "doc": "The key that seals the payload: the subject's, when the payload names one, else the "
             "type's quarantine key.",
+        },
+        {
+            "name": "sealed_attributes",
+            "type": ["null", "bytes"],
+            "default": None,
+            "doc": "The producer's other attributes, as AES-256-GCM of their JSON under the payload's key; "
+            "null when there are none, or the payload is.",
         },
     ],
 }
@@ -77,6 +89,7 @@ def dead_letter(event_type, kind: ErrorKind, detail, event_id, received_at_milli
         "attributes": dict(attributes),
         "payload": payload,
         "quarantine_key_id": None,
+        "sealed_attributes": None,
     }
 
 
