@@ -22,7 +22,6 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import envelope
-from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.hours import BucketByHour
@@ -88,10 +87,6 @@ def parsed_raw_archive_schema():
 class SealRawMessagesFn(SealInBatchesFn):
     """``(id, received_at, (subject, arrival, attributes, data))`` messages in, archive records out."""
 
-    def setup(self):
-        super().setup()
-        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
-
     def seal(self, messages):
         name, sealed = self.event_type.name, self.event_type.personal_fields
         keys = self.cache.lookup(m[2][0] for m in messages if m[2][0] is not None) if sealed else {}
@@ -99,7 +94,7 @@ class SealRawMessagesFn(SealInBatchesFn):
         for event_id, received_at, (subject, arrival, attributes, data) in messages:
             key_id, payload, clear, sealed_attributes = None, data, dict(attributes), None
             if sealed or envelope.split_attributes(attributes)[1]:
-                key, aead = keys[subject] if subject is not None else (self.quarantine, self.quarantine.aead)
+                key, aead = keys[subject] if subject is not None else self.quarantine_key(received_at)
                 key_id = key.key_id if key else None
                 payload = encrypt_bytes(aead, data, name, RAW, key_id) if key else None
                 clear, sealed_attributes = seal_attributes(aead, attributes, name, key_id)

@@ -25,6 +25,7 @@ from event_delivery.contract.registry import EventType
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
+from event_delivery.keys.keystore import SubjectKey
 from transforms.reports import FORGOTTEN, report
 
 
@@ -84,6 +85,11 @@ class SealInBatchesFn(beam.DoFn):
 
     def start_bundle(self):
         self.pending = []
+
+    def quarantine_key(self, received_at_millis: int) -> tuple[SubjectKey, object]:
+        """``(key, aead)``: the type's quarantine key for the UTC day of ``received_at``, which seals
+        what names no subject; the worker's cache asks the keystore once per day."""
+        return self.cache.named_key(quarantine_key_name(self.event_type.name, received_at_millis))
 
     def process(self, element):
         self.pending.append(element)
@@ -238,7 +244,6 @@ def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
 class SealDeadLettersFn(SealInBatchesFn):
     def setup(self):
         super().setup()
-        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
         self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
 
     def seal(self, dead_letters):
@@ -247,7 +252,7 @@ class SealDeadLettersFn(SealInBatchesFn):
         keys = self.cache.lookup(s for s in subjects if s)
         sealed_letters = []
         for (event_id, received_at, record), subject in zip(dead_letters, subjects, strict=True):
-            key, aead = keys[subject] if subject else (self.quarantine, self.quarantine.aead)
+            key, aead = keys[subject] if subject else self.quarantine_key(received_at)
             key_id = key.key_id if key else None
             clear, sealed_attributes = seal_attributes(aead, record["attributes"], name, key_id)
             sealed = dict(record, attributes=clear, sealed_attributes=sealed_attributes, payload=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import time
 
 import fastavro
 
@@ -93,6 +94,31 @@ def dead_letter(event_type, kind: ErrorKind, detail, event_id, received_at_milli
     }
 
 
-def quarantine_key_name(event_type: str) -> str:
-    """The keystore name of the key that seals a type's dead-letter payloads."""
-    return f"quarantine/{event_type}"
+QUARANTINE_RETENTION_DAYS = 30  # dead letters, and the quarantine keys that seal them, are kept this long
+QUARANTINE_KEYS = "quarantine/"
+DAY_SECONDS = 24 * 3600
+
+
+def quarantine_key_name(event_type: str, received_at_millis: int) -> str:
+    """The keystore name of the key that seals a type's messages that name no subject (dead letters,
+    archived messages), one per UTC day of their ``received_at``: a key seals one day's messages,
+    far fewer than the 2^32 that AES-GCM's random nonces allow, and it can be deleted once the
+    day is past the quarantine retention."""
+    return f"{QUARANTINE_KEYS}{event_type}/{_day(received_at_millis / 1000)}"
+
+
+def _day(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
+def expired_quarantine_keys(names, retention_days: int, now: float) -> list[str]:
+    """The quarantine key names whose day ended ``retention_days`` or more ago. A name without a day
+    (one key for every day, before keys were rotated) is never judged here: delete it by hand once
+    the retention has passed since the upgrade."""
+    cutoff = _day(now - retention_days * DAY_SECONDS)
+    expired = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] + "/" == QUARANTINE_KEYS and parts[2] < cutoff:
+            expired.append(name)
+    return expired
