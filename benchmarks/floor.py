@@ -35,7 +35,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
     )
     fields = [(f["name"], f.get("default", _MISSING)) for f in event_type.schema["fields"]]
     known = {n for n, _ in fields}
-    quarantine = keystore.named_key(quarantine_key_name(name))
+    quarantine = {}  # by day, as the pipeline's workers cache them
     unseal, seal = {}, {}
     seen, delivered, dead = set(), [], []
     read = 0
@@ -67,7 +67,10 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                 # Sealed under the subject's key when the payload names one, as the pipeline does.
                 subject = obj.get(subject_field) if subject_field and isinstance(obj, dict) else None
                 named = isinstance(subject, str) and subject
-                key = keystore.subject_keys([subject])[subject] if named else quarantine
+                day = quarantine_key_name(name, received_at)
+                if not named and day not in quarantine:
+                    quarantine[day] = keystore.named_key(day)
+                key = keystore.subject_keys([subject])[subject] if named else quarantine[day]
                 sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id) if key else None
                 dead.append(
                     {

@@ -19,7 +19,9 @@ keystore. A keystore that holds no key at all is refused too, unless
 ``--sweep_orphans`` (alone, or after the subjects) deletes the data keys that nothing
 points to any more: a worker that died between writing a new key and claiming its
 subject leaves one, and a forget interrupted halfway leaves its key, which the sweep
-erases. Run it periodically::
+erases. It also deletes the quarantine keys (one per type and day) of the days past
+``--quarantine_retention_days``: what they sealed (dead letters and archived messages
+that name no subject) can then no longer be read. Run it daily::
 
     python -m pipelines.forget --sweep_orphans --keystore bigtable://... --kms_key ...
 """
@@ -29,10 +31,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import apache_beam as beam
 
 from event_delivery.cloud import preflight
+from event_delivery.contract.dead_letters import QUARANTINE_KEYS, QUARANTINE_RETENTION_DAYS, expired_quarantine_keys
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.keys.keystore import ORPHAN_GRACE_SECONDS, Keystore
 
@@ -73,6 +77,13 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
     return counters.get("keys_deleted", 0), counters.get("tombstones_without_key", 0)
 
 
+def sweep_quarantine_keys(keystore: Keystore, retention_days: int, now: float | None = None) -> int:
+    """Deletes the quarantine keys of the days that ended ``retention_days`` or more ago; returns how many."""
+    names = keystore.named_keys(QUARANTINE_KEYS)
+    expired = expired_quarantine_keys(names, retention_days, time.time() if now is None else now)
+    return keystore.delete_named_keys({name: names[name] for name in expired})
+
+
 def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
     """The keystore the flags name, which must exist and, unless ``allow_empty``, hold keys."""
     keystore = keys.preflight()
@@ -103,7 +114,15 @@ def main(argv=None) -> int:
         "--sweep_orphans",
         action="store_true",
         help="Then delete the data keys no subject or named key points to (left by a worker that died "
-        "between writing a key and claiming its subject, or by an interrupted forget, which this finishes).",
+        "between writing a key and claiming its subject, or by an interrupted forget, which this finishes), "
+        "and the quarantine keys of the days past --quarantine_retention_days.",
+    )
+    parser.add_argument(
+        "--quarantine_retention_days",
+        type=int,
+        default=QUARANTINE_RETENTION_DAYS,
+        help="With --sweep_orphans: the days a quarantine key is kept after its day, as the bucket keeps "
+        f"dead letters (make provision). Default: {QUARANTINE_RETENTION_DAYS}.",
     )
     parser.add_argument(
         "--orphan_grace_seconds",
@@ -118,6 +137,8 @@ def main(argv=None) -> int:
         parser.error("give subjects (--subjects_file, or --subject) or --sweep_orphans")
     if args.orphan_grace_seconds < 0:
         parser.error("--orphan_grace_seconds cannot be negative")
+    if args.quarantine_retention_days <= 0:
+        parser.error("--quarantine_retention_days must be positive")
     try:
         keys = key_config_from_args(args)
     except ValueError as error:
@@ -136,7 +157,11 @@ def main(argv=None) -> int:
         print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")
     if args.sweep_orphans:
         swept = keystore.sweep_orphans(args.orphan_grace_seconds)
-        print(f"swept: {swept} key(s) that nothing pointed to deleted")
+        expired = sweep_quarantine_keys(keystore, args.quarantine_retention_days)
+        print(
+            f"swept: {swept} key(s) that nothing pointed to deleted; {expired} quarantine key(s) of days past "
+            f"the {args.quarantine_retention_days}-day retention deleted"
+        )
     return 0
 
 

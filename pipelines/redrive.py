@@ -1,7 +1,8 @@
 """The redrive job: replay a type's fixed dead letters through the normal delivery path.
 
 It reads the dead letters of an hour range, unseals each payload with the key that
-sealed it (its subject's, or the type's quarantine key), applies a registered fix
+sealed it (its subject's, or the type's quarantine key), restores the producer's
+attributes sealed with it, applies a registered fix
 (``event_delivery/contract/fixes.py``; ``none`` after a schema update), and parses it
 again with the current schema. What now passes goes through the delivery path's own
 transforms (parse, bucket, encrypt, stage) and to ``CloseHour``, which alone knows
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import envelope
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
 from event_delivery.contract.fixes import FIXES
 from event_delivery.contract.registry import EventType
@@ -40,7 +42,7 @@ from pipelines.runtime import LOCAL_RUNNER, partition_paths, start_replay_job
 from transforms.close import CloseHour
 from transforms.hours import BucketByHour
 from transforms.parse import ParseEvents
-from transforms.personal import EncryptPersonalFields, JobKeyCache
+from transforms.personal import EncryptPersonalFields, JobKeyCache, open_attributes
 from transforms.reports import DELIVERED
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes
@@ -75,8 +77,10 @@ class ReplayDeadLettersFn(beam.DoFn):
             if key is None or record["payload"] is None:
                 self.erased.inc()  # its subject was forgotten: it cannot be read, and it stays as it is
                 continue
-            payload = decrypt_bytes(AESGCM(key), record["payload"], self.event_type.name, "payload", key_id)
-            data, attributes = self.fix(payload, dict(record["attributes"]), self.event_type)
+            aead, name = AESGCM(key), self.event_type.name
+            payload = decrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
+            attributes = open_attributes(aead, record, name, key_id)
+            data, attributes = self.fix(payload, attributes, self.event_type)
             attributes[SOURCE] = f"{index}:{path}"
             yield PubsubMessage(data, attributes, publish_time=record["received_at"])
             yield beam.pvalue.TaggedOutput(REPLAYED, attributes[SOURCE])

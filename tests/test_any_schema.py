@@ -67,9 +67,9 @@ def test_the_load_generator_and_the_compatibility_check_take_a_nested_type(sessi
 )
 def test_the_registry_refuses_what_json_cannot_carry_with_a_one_line_reason(field_type, what):
     schema = copy.deepcopy(SCHEMA)
-    schema["fields"].append({"name": "payload", "type": field_type})
+    schema["fields"].append({"name": "blob", "type": field_type})
     with pytest.raises(RegistryError) as refused:
         event_type_from_schema(schema, "listening_session")
     message = str(refused.value)
     assert "\n" not in message
-    assert message == f"listening_session.avsc: field 'payload' holds Avro {what}, which a JSON payload cannot carry"
+    assert message == f"listening_session.avsc: field 'blob' holds Avro {what}, which a JSON payload cannot carry"

@@ -38,7 +38,8 @@ def outcomes(emulators, registry, tmp_path_factory):
         bucket="event-delivery-e2e",
         publish_seconds=25,
         rate=8,
-        mix=TrafficMix(duplicates=0.1, malformed=0.05, late=0.05, late_by_seconds=20),
+        mix=TrafficMix(duplicates=0.1, malformed=0.05, late=0.05, late_by_seconds=20, producer_attributes=0.2),
+        raw_archive=True,
     )
     drop_subscriptions_of(scenario.project, registry.values())  # only this test's traffic, from the start
     state_dir = tmp_path_factory.mktemp("e2e")
@@ -85,11 +86,15 @@ def test_every_unique_id_comes_out_delivered_or_late_and_only_repeats_twice(outc
 
 def test_no_subject_id_is_in_clear_in_any_output_file_or_job_log(outcomes):
     """Generated subjects are ``user-NNNNNN`` and the subject field is personal: none may be readable
-    in the records (read decompressed) or in the manifests on GCS, nor in any job's log."""
+    in the records (read decompressed), the raw archive or the manifests on GCS, nor in any job's
+    log; neither where a producer put one in an attribute of its own (a fifth of the messages)."""
     scenario, by_type = outcomes
     subject = re.compile(rb"user-\d{6}")
     for name in by_type:
-        for root in ("delivered", "late", "dead-letter"):
+        archived = files.glob(f"{scenario.storage_root}/raw/{name}/dt=*/hr=*/*.avro")
+        assert archived, f"{name}: the jobs archive what they read"
+        assert any(r["sealed_attributes"] for p in archived for r in files.read_avro(p)), name
+        for root in ("delivered", "late", "dead-letter", "raw"):
             for path in files.glob(f"{scenario.storage_root}/{root}/{name}/dt=*/hr=*/*"):
                 readable = [repr(r).encode() for r in files.read_avro(path)] if path.endswith(".avro") else []
                 with FileSystems.open(path) as handle:

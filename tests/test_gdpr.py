@@ -239,7 +239,7 @@ def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
     deliver_events(settings_for(tmp_path, search, keys), [raw_message(broken, "dl-1")])
     [record] = [r for p in files.glob(f"{tmp_path}/out/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)]
     assert record["payload"] != broken and record["error_kind"] == "NOT_JSON"
-    key = keys.open().named_key(quarantine_key_name("search"))
+    key = keys.open().named_key(quarantine_key_name("search", int(record["received_at"].timestamp() * 1000)))
     assert record["quarantine_key_id"] == key.key_id
     assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id) == broken
 
@@ -268,3 +268,55 @@ def test_a_step_that_raises_leaks_nothing_into_its_exception_or_the_logs(tmp_pat
     assert "keystore unavailable" in told, "the step did fail, and said why"
     assert "LEAKMARK" not in told
     assert "LEAKMARK" not in caplog.text
+
+
+def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_open_every_day(tmp_path, keys):
+    """What names no subject is sealed under the quarantine key of its received_at's UTC day, which
+    a worker reads from the keystore once; redrive and backfill open each record by its key id."""
+    from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
+    from pipelines.redrive import ReplayDeadLettersFn
+    from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
+    from transforms.personal import JobKeyCache, SealDeadLettersFn
+
+    search = load_registry()["search"]
+    day = 86_400_000
+    stamps = {"d1-a": 5 * day + 1000, "d1-b": 6 * day - 1, "d2-a": 6 * day, "d2-b": 6 * day + 5000}
+    key_cache = JobKeyCache(keys)
+    cache = key_cache.acquire()
+    named, named_key = [], cache.keystore.named_key
+    cache.keystore.named_key = lambda name: named.append(name) or named_key(name)
+
+    def dead(event_id):
+        return dead_letter("search", ErrorKind.NOT_JSON, "t", event_id, stamps[event_id], {"event_id": event_id}, b"{x")
+
+    seal_dead, seal_raw = SealDeadLettersFn(search, key_cache), SealRawMessagesFn(search, key_cache)
+    seal_dead.setup(), seal_raw.setup()
+    letters, archived = [], []
+    for _ in range(2):  # bundle after bundle: the worker's cache answers
+        letters += [r for _, _, r in seal_dead.seal([(i, stamps[i], dead(i)) for i in stamps])]
+        archived += [
+            r for _, _, r in seal_raw.seal([(i, t, (None, t, {"event_id": i}, b"{x")) for i, t in stamps.items()])
+        ]
+    day_names = [quarantine_key_name("search", 5 * day), quarantine_key_name("search", 6 * day)]
+    assert sorted(named) == day_names, "one keystore call per day, whichever step and bundle asks"
+    keystore = keys.open()
+    by_day = {name: keystore.named_key(name).key_id for name in day_names}
+    assert by_day[day_names[0]] != by_day[day_names[1]]
+    for records, field in ((letters, "quarantine_key_id"), (archived, "key_id")):
+        assert {r["event_id"]: r[field] for r in records} == {
+            i: by_day[quarantine_key_name("search", t)] for i, t in stamps.items()
+        }
+
+    dead_file, archive_file = tmp_path / "dead.avro", tmp_path / "raw.avro"
+    files.write_avro(str(dead_file), files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), letters[:4])
+    files.write_avro(str(archive_file), parsed_raw_archive_schema(), archived[:4])
+    redrive = ReplayDeadLettersFn(search, keys, "none")
+    redrive.setup()
+    replayed = [m for m in redrive.process(str(dead_file)) if not isinstance(m, beam.pvalue.TaggedOutput)]
+    assert sorted(m.attributes["event_id"] for m in replayed) == sorted(stamps)
+    assert all(m.data == b"{x" for m in replayed)
+    backfill = ReplayArchiveFn(search, key_cache)
+    backfill.setup()
+    assert sorted((m.attributes["event_id"], m.data) for m in backfill.process(str(archive_file))) == sorted(
+        (i, b"{x") for i in stamps
+    )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
+from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.kek import LocalKeyFile
 from event_delivery.keys.keystore import RewrapCounts
@@ -122,15 +124,23 @@ def test_rewrap_and_forget_stop_in_one_line_when_the_keys_were_not_provisioned(t
     assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"], "neither created anything"
 
 
-def test_forget_sweeps_keys_nothing_points_to(tmp_path):
+def test_forget_sweeps_keys_nothing_points_to_and_quarantine_keys_past_the_retention(tmp_path):
     keys, keystore, key_flags = provisioned_keys(tmp_path)
     keystore.subject_keys(["user-1", "user-2"])
     with keystore._transaction() as db:
         db.execute("INSERT INTO data_keys VALUES (?, ?)", ("orphan", keystore._wrap_key("orphan", b"o" * 32)))
+    old = keystore.named_key(quarantine_key_name("search", 946_684_800_000))  # 2000-01-01
+    today = keystore.named_key(quarantine_key_name("search", int(time.time() * 1000)))
     result = run("pipelines.forget", "--sweep_orphans", *key_flags)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "swept: 1 key(s) that nothing pointed to deleted"
-    assert keystore.data_keys(["orphan"]) == {"orphan": None}
+    assert result.stdout.strip() == (
+        "swept: 1 key(s) that nothing pointed to deleted; 1 quarantine key(s) of days past the 30-day retention deleted"
+    )
+    assert keystore.data_keys(["orphan", old.key_id, today.key_id]) == {
+        "orphan": None,
+        old.key_id: None,
+        today.key_id: today.data_key,
+    }
     assert all(keystore.subject_keys(["user-1", "user-2"], create=False).values())
 
     both = run("pipelines.forget", "--subject", "user-1", "--sweep_orphans", *key_flags)

@@ -1,10 +1,12 @@
 """Generated hostile input: no payload or attribute map crashes parsing, and every message
-comes out exactly once, as a valid event or as a dead letter with a kind."""
+comes out exactly once, as a valid event or as a dead letter with a kind. A producer that
+puts personal data in attributes of its own leaks it into no file."""
 
 from __future__ import annotations
 
 import io
 import json
+import pathlib
 
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
@@ -12,10 +14,18 @@ from fastavro.validation import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from event_delivery.cloud import files
+from event_delivery.contract import envelope
 from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema
 from event_delivery.contract.registry import load_registry
-from tests.conftest import published_at
+from pipelines import backfill, redrive
+from pipelines.delivery import deliver
+from pipelines.redrive import ReplayDeadLettersFn
+from tests.conftest import message, published_at, raw_message, valid_fields
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, ParseEventFn
+from transforms.personal import JobKeyCache
 
 ARRIVAL_MILLIS = 1_800_000_000_000
 TYPES = sorted(load_registry())
@@ -98,3 +108,98 @@ def test_deep_nesting_is_refused_not_crashed(depth, opener):
     payload = (opener * depth + "1" + closer * depth).encode()
     output = parse_once("service_log", payload, {"event_id": "e-1"}, max_bytes=2**20)
     assert check("service_log", output) == "dead_letter"
+
+
+def _files_with(root: pathlib.Path, marker: bytes) -> list[str]:
+    """Files under ``root`` that hold ``marker``, in their bytes or in their Avro records read back."""
+    leaking = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        readable = [path.read_bytes()]
+        if path.suffix == ".avro":
+            readable += [repr(record).encode() for record in files.read_avro(str(path))]
+        if any(marker in text for text in readable):
+            leaking.append(str(path.relative_to(root)))
+    return leaking
+
+
+def test_a_subject_id_in_a_producers_extra_attribute_is_sealed_everywhere_and_replays_restore_it(tmp_path):
+    """A producer copies the subject id into an attribute of its own: the attribute is sealed with
+    the payload in the dead letters and the raw archive, and is found in clear in no file of any
+    run (the live one, a backfill, a redrive), while backfill and redrive replay it whole."""
+    search, keys = load_registry()["search"], local_keys(tmp_path / "keys")
+    subject = "user-424242"
+    marker = {"producer_user": subject}
+    valid = {**valid_fields(search, 1), "user_id": subject}
+    clock = Clock(START)
+    clock.arrive(
+        message(valid, "valid", (START + 1) * 1000, **marker),
+        message({**valid, "new_field": 1}, "names-subject", (START + 1) * 1000, **marker),  # under the subject's key
+        raw_message(b"{oops", "quarantined", **marker, received_at=str((START + 1) * 1000)),  # under quarantine
+    )
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    live = local_settings(tmp_path / "out" / "live", search, keys, raw_archive=True)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), live)
+    out = tmp_path / "out"
+    assert _files_with(out, subject.encode()) == [], "the subject id is in clear"
+    dead = [r for p in files.glob(f"{live.layout.dead_letter}/search/*/*/*.avro") for r in files.read_avro(p)]
+    archived = [r for p in files.glob(f"{live.layout.raw_archive}/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert len(dead) == 2 and len(archived) == 3
+    assert all(r["sealed_attributes"] and set(r["attributes"]) <= set(envelope.ENVELOPE_ATTRIBUTES) for r in dead)
+    assert all(r["sealed_attributes"] and set(r["attributes"]) <= set(envelope.ENVELOPE_ATTRIBUTES) for r in archived)
+
+    replay = ReplayArchiveFn(search, JobKeyCache(keys))
+    replay.setup()
+    replayed = [m for p in files.glob(f"{live.layout.raw_archive}/search/*/*/*.avro") for m in replay.process(p)]
+    assert sorted(m.attributes[envelope.EVENT_ID] for m in replayed) == ["names-subject", "quarantined", "valid"]
+    assert all(m.attributes["producer_user"] == subject for m in replayed), "the backfill replays it whole"
+    redriven = ReplayDeadLettersFn(search, keys, "strip_unknown_fields")
+    redriven.setup()
+    messages = [
+        m
+        for p in files.glob(f"{live.layout.dead_letter}/search/*/*/*.avro")
+        for m in redriven.process(p)
+        if isinstance(m, PubsubMessage)
+    ]
+    assert sorted(m.attributes[envelope.EVENT_ID] for m in messages) == ["names-subject", "quarantined"]
+    assert all(m.attributes["producer_user"] == subject for m in messages), "the redrive replays it whole"
+
+    key_flags = [f"--keystore={keys.keystore}", f"--local_key_file={keys.local_key_file}"]
+    hours = ["--start=1970-01-01T00", "--end=1970-01-02T00", f"--window_seconds={WINDOW}"]
+    lateness = [f"--allowed_lateness_seconds={LATENESS}", "--late_horizon_seconds=86400"]
+    backfill_args = [f"--raw_archive_root={out}/live/raw", f"--storage_root={out}/backfill", *hours, *lateness]
+    assert backfill.main(["--event_type=search", *backfill_args, *key_flags]) == 0
+    redrive_args = [f"--storage_root={out}/live", "--fix=strip_unknown_fields", *hours, *lateness]
+    assert redrive.main(["--event_type=search", *redrive_args, *key_flags]) == 0
+    late = [r["event_id"] for p in files.glob(f"{out}/live/late/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert late == ["names-subject"], "the fixed dead letter was redriven"
+    assert _files_with(out, subject.encode()) == [], "the subject id is in clear after a backfill or a redrive"
+
+
+def test_a_type_without_personal_fields_seals_a_message_with_attributes_of_its_own(tmp_path):
+    """Its archive is in clear, but not an attribute nothing checks: that message is sealed whole
+    under the quarantine key, and replays whole."""
+    service_log, keys = load_registry()["service_log"], local_keys(tmp_path)
+    key_cache = JobKeyCache(keys)
+    seal = SealRawMessagesFn(service_log, key_cache)
+    seal.setup()
+    data = json.dumps(valid_fields(service_log)).encode()
+    plain, extra = {"event_id": "plain"}, {"event_id": "extra", "producer_user": "user-424242"}
+    records = {
+        event_id: record
+        for event_id, _, record in seal.seal(
+            [(i, 1000, (None, 1000, a, data)) for i, a in (("plain", plain), ("extra", extra))]
+        )
+    }
+    assert records["plain"]["payload"] == data and records["plain"]["attributes"] == plain
+    assert records["extra"]["key_id"] and records["extra"]["attributes"] == {"event_id": "extra"}
+    assert b"user-424242" not in repr(records["extra"]).encode()
+
+    archive = tmp_path / "archive.avro"
+    files.write_avro(str(archive), parsed_raw_archive_schema(), list(records.values()))
+    replay = ReplayArchiveFn(service_log, key_cache)
+    replay.setup()
+    assert {m.attributes["event_id"]: (m.data, m.attributes) for m in replay.process(str(archive))} == {
+        "plain": (data, plain),
+        "extra": (data, extra),
+    }

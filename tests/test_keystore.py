@@ -15,6 +15,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
+from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig, open_keystore
@@ -22,6 +23,7 @@ from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
 from event_delivery.keys.keystore import PSEUDONYM_KEY, RewrapCounts, SubjectKey, new_key_id
 from event_delivery.keys.sqlite import SqliteKeystore
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
+from pipelines.forget import sweep_quarantine_keys
 from transforms.personal import JobKeyCache
 
 
@@ -526,3 +528,64 @@ def test_an_existing_named_key_is_read_without_wrapping_a_new_one(keystore_url, 
     assert keystore.named_key("quarantine/search") == key
     assert wraps == []
     assert keystore.named_key("quarantine/play") != key and len(wraps) == 1
+
+
+# Quarantine keys: one per type and day, deleted once the day is past the retention.
+
+
+def test_quarantine_keys_of_days_past_the_retention_are_deleted_and_the_rest_kept(keystore_url, kek):
+    keystore = provisioned(keystore_url, kek)
+    now = 951_782_400  # 2000-02-29T00:00Z
+    day = 24 * 3600
+    by_day = {
+        offset: keystore.named_key(quarantine_key_name("search", (now - offset * day) * 1000))
+        for offset in (0, 30, 31, 32)
+    }
+    legacy = keystore.named_key("quarantine/search")  # one key for every day, from before the rotation
+    other_type = keystore.named_key(quarantine_key_name("play", (now - 40 * day) * 1000))
+    pseudonyms = keystore.named_key(PSEUDONYM_KEY)
+    names = keystore.named_keys("quarantine/")
+    assert names == {
+        **{quarantine_key_name("search", (now - o * day) * 1000): k.key_id for o, k in by_day.items()},
+        "quarantine/search": legacy.key_id,
+        quarantine_key_name("play", (now - 40 * day) * 1000): other_type.key_id,
+    }
+    assert quarantine_key_name("search", now * 1000) == "quarantine/search/2000-02-29"
+
+    # At noon, the days that ended 30 or more days ago go: 2000-01-29 (ended 30.5 days ago), 2000-01-28
+    # and play's; 2000-01-30 (29.5 days) stays.
+    assert sweep_quarantine_keys(keystore, 30, now=now + day / 2) == 3
+    gone = [by_day[31].key_id, by_day[32].key_id, other_type.key_id]
+    kept = [by_day[0], by_day[30], legacy, pseudonyms]
+    assert keystore.data_keys(gone) == dict.fromkeys(gone), "what they sealed cannot be read any more"
+    assert keystore.data_keys(k.key_id for k in kept) == {k.key_id: k.data_key for k in kept}
+    assert set(keystore.named_keys("quarantine/")) == {
+        quarantine_key_name("search", now * 1000),
+        quarantine_key_name("search", (now - 30 * day) * 1000),
+        "quarantine/search",
+    }
+    assert sweep_quarantine_keys(keystore, 30, now=now + day / 2) == 0, "a second sweep finds nothing"
+    assert keystore.named_key(PSEUDONYM_KEY) == pseudonyms
+
+
+@pytest.mark.emulators
+def test_a_quarantine_key_deletion_interrupted_after_the_key_finishes_when_swept_again(
+    bigtable_emulator, kek, monkeypatch
+):
+    keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
+    old = keystore.named_key("quarantine/search/2000-01-01")
+    deletions, delete_rows = [], keystore._delete_rows
+
+    def die_after_the_key(rows):
+        deletions.append(rows)
+        if len(deletions) > 1:
+            raise OSError("worker died")
+        delete_rows(rows)
+
+    monkeypatch.setattr(keystore, "_delete_rows", die_after_the_key)
+    with pytest.raises(OSError):
+        sweep_quarantine_keys(keystore, 30)
+    monkeypatch.undo()
+    assert keystore.data_keys([old.key_id]) == {old.key_id: None}, "the key went first"
+    assert sweep_quarantine_keys(keystore, 30) == 1
+    assert keystore.named_keys("quarantine/") == {}

@@ -64,7 +64,7 @@ def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
     now = int(time.time())
     hour = now - now % WINDOW + WINDOW
     keystore = settings.keys.open()
-    key = keystore.named_key(quarantine_key_name("search"))
+    key = keystore.named_key(quarantine_key_name("search", hour * 1000))
     payload = json.dumps(valid_fields(search, 1)).encode()
     record = dead_letter("search", ErrorKind.BAD_TIMESTAMP, "test", "e1", hour * 1000, {"event_id": "e1"}, payload)
     record.update(

@@ -103,6 +103,17 @@ def test_rejects_envelope_field_names():
         event_type_from_schema(schema)
 
 
+@pytest.mark.parametrize("name", ["raw", "payload", "attributes"])
+def test_rejects_the_field_names_sealing_binds(name, registry):
+    """A type's field ``raw`` would be sealed under the subject's key with the same associated data
+    as an archived payload of the type, so the one ciphertext could be passed off as the other."""
+    schema = _schema()
+    schema["fields"].append({"name": name, "type": "string"})
+    with pytest.raises(RegistryError, match=f"{name!r} is reserved: sealing binds"):
+        event_type_from_schema(schema)
+    assert all(name not in event_type.field_names for event_type in registry.values())
+
+
 def test_file_name_must_match_type():
     with pytest.raises(RegistryError, match="match the file name"):
         event_type_from_schema(_schema(), "plays")

@@ -5,7 +5,10 @@ accounted in, duplicates and malformed ones included, so a backfill that replays
 hour through the delivery path reproduces that hour's accounting. A payload that
 may hold personal data is sealed: a valid event's under its subject's key, so that
 forgetting the subject erases it here too; any other under the type's quarantine
-key. Types without personal fields are archived in clear.
+key. The producer's attributes other than the envelope's are sealed with the payload,
+under the same key. Types without personal fields are archived in clear, unless the
+producer added attributes of its own, which nothing checks: such a message is sealed
+whole under the quarantine key, like one that names no subject.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract.dead_letters import quarantine_key_name
+from event_delivery.contract import envelope
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.hours import BucketByHour
-from transforms.personal import JobKeyCache, SealInBatchesFn
+from transforms.personal import JobKeyCache, SealInBatchesFn, open_attributes, seal_attributes
 from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record
 
-RAW = "raw"  # the field name sealed payloads are bound to
+RAW = envelope.SEALED_RAW  # the field name sealed payloads are bound to
 ERASED = "erased"
 
 RAW_ARCHIVE_SCHEMA = {
@@ -47,7 +50,12 @@ RAW_ARCHIVE_SCHEMA = {
             "default": None,
             "doc": "The Pub/Sub publish time.",
         },
-        {"name": "attributes", "type": {"type": "map", "values": "string"}},
+        {
+            "name": "attributes",
+            "type": {"type": "map", "values": "string"},
+            "doc": "The envelope attributes in clear; all of them when the payload is in clear, or was "
+            "archived before sealed_attributes existed.",
+        },
         {
             "name": "key_id",
             "type": ["null", "string"],
@@ -59,6 +67,13 @@ RAW_ARCHIVE_SCHEMA = {
             "type": ["null", "bytes"],
             "default": None,
             "doc": "The message data, AES-256-GCM sealed under key_id; null if its subject was forgotten.",
+        },
+        {
+            "name": "sealed_attributes",
+            "type": ["null", "bytes"],
+            "default": None,
+            "doc": "The producer's other attributes, as AES-256-GCM of their JSON under key_id; null when "
+            "there are none, or the payload is in clear or erased.",
         },
     ],
 }
@@ -72,27 +87,25 @@ def parsed_raw_archive_schema():
 class SealRawMessagesFn(SealInBatchesFn):
     """``(id, received_at, (subject, arrival, attributes, data))`` messages in, archive records out."""
 
-    def setup(self):
-        super().setup()
-        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
-
     def seal(self, messages):
         name, sealed = self.event_type.name, self.event_type.personal_fields
         keys = self.cache.lookup(m[2][0] for m in messages if m[2][0] is not None) if sealed else {}
         records = []
         for event_id, received_at, (subject, arrival, attributes, data) in messages:
-            key_id, payload = None, data
-            if sealed:
-                key, aead = keys[subject] if subject is not None else (self.quarantine, self.quarantine.aead)
+            key_id, payload, clear, sealed_attributes = None, data, dict(attributes), None
+            if sealed or envelope.split_attributes(attributes)[1]:
+                key, aead = keys[subject] if subject is not None else self.quarantine_key(received_at)
                 key_id = key.key_id if key else None
                 payload = encrypt_bytes(aead, data, name, RAW, key_id) if key else None
+                clear, sealed_attributes = seal_attributes(aead, attributes, name, key_id)
             record = {
                 "event_id": event_id or None,
                 "received_at": received_at,
                 "arrival": arrival,
-                "attributes": dict(attributes),
+                "attributes": clear,
                 "key_id": key_id,
                 "payload": payload,
+                "sealed_attributes": sealed_attributes,
             }
             records.append((event_id, received_at, record))
         return records
@@ -142,16 +155,17 @@ class ReplayArchiveFn(beam.DoFn):
         keys = self.cache.data_keys(r["key_id"] for r in records if r["key_id"])  # one keystore read per file
         name, erased = self.event_type.name, 0
         for record in records:
-            data = record["payload"]
+            data, attributes = record["payload"], record["attributes"]
             if record["key_id"] is not None:
                 aead = keys[record["key_id"]][1]
                 try:
                     data = decrypt_bytes(aead, data, name, RAW, record["key_id"]) if aead and data else None
+                    attributes = open_attributes(aead, record, name, record["key_id"]) if data is not None else None
                 except UndecryptableField:
                     data = None
             if data is None:
                 erased += 1
                 continue
-            yield PubsubMessage(data, record["attributes"], publish_time=record["arrival"])
+            yield PubsubMessage(data, attributes, publish_time=record["arrival"])
         self.erased.inc(erased)
         self.replayed.inc(len(records) - erased)

@@ -6,7 +6,8 @@ keeps the key id in clear. Keys are looked up in batches through a cache that al
 steps of a job share in each worker process (``JobKeyCache``). A forgotten subject's
 fields are delivered as null, with no key id, and counted. Dead-letter payloads, which may hold personal data
 that never passed validation, are sealed under the subject's key when they name one,
-else under the type's quarantine key.
+else under the type's quarantine key. With a sealed payload go the producer's attributes
+other than the envelope's, which the contract does not restrict (``seal_attributes``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,30 @@ from event_delivery.contract.registry import EventType
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
+from event_delivery.keys.keystore import SubjectKey
 from transforms.reports import FORGOTTEN, report
+
+
+def seal_attributes(aead, attributes: dict, event_type: str, key_id: str | None) -> tuple[dict, bytes | None]:
+    """``(clear, sealed)``: the envelope attributes, kept in clear, and the others as one AES-GCM
+    ciphertext of their JSON, under the key that seals the payload, bound to the field name
+    ``attributes``; None when there are no others. Without a key (a forgotten subject) the
+    others are dropped, like the payload."""
+    clear, others = envelope.split_attributes(attributes)
+    if not others or aead is None:
+        return clear, None
+    return clear, encrypt_value(aead, others, event_type, envelope.SEALED_ATTRIBUTES, key_id)
+
+
+def open_attributes(aead, record: dict, event_type: str, key_id: str) -> dict:
+    """A sealed record's attributes whole again: the clear ones and, if any, the sealed others.
+    A record written before attributes were sealed has them all in clear."""
+    attributes = dict(record["attributes"])
+    if record.get("sealed_attributes"):
+        attributes.update(
+            decrypt_value(aead, record["sealed_attributes"], event_type, envelope.SEALED_ATTRIBUTES, key_id)
+        )
+    return attributes
 
 
 class JobKeyCache:
@@ -61,6 +85,11 @@ class SealInBatchesFn(beam.DoFn):
 
     def start_bundle(self):
         self.pending = []
+
+    def quarantine_key(self, received_at_millis: int) -> tuple[SubjectKey, object]:
+        """``(key, aead)``: the type's quarantine key for the UTC day of ``received_at``, which seals
+        what names no subject; the worker's cache asks the keystore once per day."""
+        return self.cache.named_key(quarantine_key_name(self.event_type.name, received_at_millis))
 
     def process(self, element):
         self.pending.append(element)
@@ -215,7 +244,6 @@ def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
 class SealDeadLettersFn(SealInBatchesFn):
     def setup(self):
         super().setup()
-        self.quarantine = self.cache.keystore.named_key(quarantine_key_name(self.event_type.name))
         self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
 
     def seal(self, dead_letters):
@@ -224,13 +252,15 @@ class SealDeadLettersFn(SealInBatchesFn):
         keys = self.cache.lookup(s for s in subjects if s)
         sealed_letters = []
         for (event_id, received_at, record), subject in zip(dead_letters, subjects, strict=True):
-            key, aead = keys[subject] if subject else (self.quarantine, self.quarantine.aead)
-            sealed = dict(record, payload=None, quarantine_key_id=None)
+            key, aead = keys[subject] if subject else self.quarantine_key(received_at)
+            key_id = key.key_id if key else None
+            clear, sealed_attributes = seal_attributes(aead, record["attributes"], name, key_id)
+            sealed = dict(record, attributes=clear, sealed_attributes=sealed_attributes, payload=None)
+            sealed["quarantine_key_id"] = key_id
             if key is None:
                 self.erased.inc()  # the subject was forgotten: nothing of it is kept
             else:
-                sealed["payload"] = encrypt_bytes(aead, record["payload"], name, "payload", key.key_id)
-                sealed["quarantine_key_id"] = key.key_id
+                sealed["payload"] = encrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
             sealed_letters.append((event_id, received_at, sealed))
         return sealed_letters
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import time
 
 import fastavro
 
@@ -42,7 +43,12 @@ DEAD_LETTER_SCHEMA = {
         {"name": "event_type", "type": "string"},
         {"name": "error_kind", "type": {"type": "enum", "name": "ErrorKind", "symbols": [k.name for k in ErrorKind]}},
         {"name": "error_detail", "type": "string", "doc": "Names fields and limits, never values."},
-        {"name": "attributes", "type": {"type": "map", "values": "string"}},
+        {
+            "name": "attributes",
+            "type": {"type": "map", "values": "string"},
+            "doc": "The envelope attributes (event_id, received_at, event_type), in clear. Records written "
+            "before sealed_attributes existed hold every attribute here.",
+        },
         {
             "name": "payload",
             "type": ["null", "bytes"],
@@ -56,6 +62,13 @@ DEAD_LETTER_SCHEMA = {
             "default": None,
             "doc": "The key that seals the payload: the subject's, when the payload names one, else the "
             "type's quarantine key.",
+        },
+        {
+            "name": "sealed_attributes",
+            "type": ["null", "bytes"],
+            "default": None,
+            "doc": "The producer's other attributes, as AES-256-GCM of their JSON under the payload's key; "
+            "null when there are none, or the payload is.",
         },
     ],
 }
@@ -77,9 +90,35 @@ def dead_letter(event_type, kind: ErrorKind, detail, event_id, received_at_milli
         "attributes": dict(attributes),
         "payload": payload,
         "quarantine_key_id": None,
+        "sealed_attributes": None,
     }
 
 
-def quarantine_key_name(event_type: str) -> str:
-    """The keystore name of the key that seals a type's dead-letter payloads."""
-    return f"quarantine/{event_type}"
+QUARANTINE_RETENTION_DAYS = 30  # dead letters, and the quarantine keys that seal them, are kept this long
+QUARANTINE_KEYS = "quarantine/"
+DAY_SECONDS = 24 * 3600
+
+
+def quarantine_key_name(event_type: str, received_at_millis: int) -> str:
+    """The keystore name of the key that seals a type's messages that name no subject (dead letters,
+    archived messages), one per UTC day of their ``received_at``: a key seals one day's messages,
+    far fewer than the 2^32 that AES-GCM's random nonces allow, and it can be deleted once the
+    day is past the quarantine retention."""
+    return f"{QUARANTINE_KEYS}{event_type}/{_day(received_at_millis / 1000)}"
+
+
+def _day(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
+def expired_quarantine_keys(names, retention_days: int, now: float) -> list[str]:
+    """The quarantine key names whose day ended ``retention_days`` or more ago. A name without a day
+    (one key for every day, before keys were rotated) is never judged here: delete it by hand once
+    the retention has passed since the upgrade."""
+    cutoff = _day(now - retention_days * DAY_SECONDS)
+    expired = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] + "/" == QUARANTINE_KEYS and parts[2] < cutoff:
+            expired.append(name)
+    return expired

@@ -7,11 +7,30 @@ import datetime
 EVENT_ID = "event_id"
 RECEIVED_AT = "received_at"
 EVENT_TYPE = "event_type"
+ENVELOPE_ATTRIBUTES = (EVENT_ID, RECEIVED_AT, EVENT_TYPE)
+
+# The field names that sealing binds into a ciphertext's associated data, beside a type's
+# own field names: a dead letter's payload, an archived message's payload, and the
+# producer's attributes that are sealed with either. No type may have a field of these names.
+SEALED_PAYLOAD = "payload"
+SEALED_RAW = "raw"
+SEALED_ATTRIBUTES = "attributes"
+SEALING_LABELS = (SEALED_PAYLOAD, SEALED_RAW, SEALED_ATTRIBUTES)
 
 # Timestamps outside this range are refused as bad: before it they are nonsense, and
 # after it they would open windows that close in decades.
 EARLIEST_MILLIS = 0
 LATEST_MILLIS = 4102444800000  # 2100-01-01T00:00:00Z
+
+
+def split_attributes(attributes: dict) -> tuple[dict, dict]:
+    """``(envelope, others)``: the envelope attributes, which stay in clear (they decide the id,
+    the hour and the type, and carry nothing personal), and the producer's other attributes,
+    which the contract does not restrict, so they are sealed with the payload they came with."""
+    envelope, others = {}, {}
+    for name, value in attributes.items():
+        (envelope if name in ENVELOPE_ATTRIBUTES else others)[name] = value
+    return envelope, others
 
 
 class BadTimestamp(ValueError):

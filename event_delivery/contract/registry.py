@@ -15,6 +15,8 @@ from importlib import resources
 
 import fastavro
 
+from event_delivery.contract import envelope
+
 SCHEMA_PACKAGE = "avro_schemas"
 
 
@@ -222,6 +224,11 @@ def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventT
     for reserved in [*ENVELOPE_FIELDS, KEY_ID_FIELD]:
         if reserved["name"] in fields:
             raise RegistryError(f"{where}: field {reserved['name']!r} is reserved for the envelope")
+    # A field under one of these names would be sealed with the same associated data as a whole
+    # payload (or its attributes) under the subject's key: one ciphertext could pass for the other.
+    for label in envelope.SEALING_LABELS:
+        if label in fields:
+            raise RegistryError(f"{where}: field {label!r} is reserved: sealing binds that name")
     personal = tuple(f["name"] for f in schema["fields"] if f.get("personal") is True)
     subject = schema.get("subject_field")
     if subject is not None:

@@ -164,6 +164,17 @@ class BigtableKeystore(Keystore):
         if batch:
             yield batch
 
+    def _named_keys(self, prefix):
+        return {
+            row.row_key[2:].decode(): cells[0].value.decode()
+            for row in self._scan(b"n#" + prefix.encode())
+            if (cells := row.cells.get(self.FAMILY, {}).get(KEY_ID))
+        }
+
+    def _delete_named_key(self, name, key_id):
+        self._delete_rows([b"d#" + key_id.encode()])
+        self._delete_rows([b"n#" + name.encode()])
+
     def _replace_wrapped_keys(self, rewrapped):
         """One conditional mutation per key: written only while the key's row still exists, so a
         key that forget deleted after it was read is not brought back."""

@@ -29,6 +29,7 @@ class KeyCache:
         self.clock = clock
         self._key_ids: dict[str, tuple[float, str | None]] = {}  # subject -> (expires, key id)
         self._keys: dict[str, tuple[float, tuple]] = {}  # key id -> (expires, (key, aead))
+        self._named: dict[str, tuple[SubjectKey, AESGCM]] = {}  # name -> (key, aead), for the worker's life
         self._pruning = threading.Lock()
 
     def _cached(self, entries: dict, wanted, fetch) -> dict:
@@ -67,6 +68,15 @@ class KeyCache:
     def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
         return self._cached(self._keys, key_ids, self._fetch_data_keys)
+
+    def named_key(self, name: str) -> tuple[SubjectKey, AESGCM]:
+        """A named key (a day's quarantine key), as ``(key, aead)``, read from the keystore once per
+        worker: a name always means the same key, and only a key past its use is ever deleted."""
+        entry = self._named.get(name)
+        if entry is None:
+            key = self.keystore.named_key(name)
+            entry = self._named[name] = (key, key.aead)
+        return entry
 
     def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""

@@ -7,7 +7,7 @@ Layout, the same in every backend:
   tombstone once the subject is forgotten;
 - a *data key* entry, keyed by the opaque key id, holds the data key wrapped (with the
   key id as associated data);
-- a *named key* entry (the pseudonym secret, the dead-letter quarantine keys, the
+- a *named key* entry (the pseudonym secret, the quarantine keys, one per type and day, the
   key-wrapping keys) names a data key by purpose.
 
 Two tiers of wrapping keep the key-encryption key (Cloud KMS) off the hot path. The KEK
@@ -115,6 +115,14 @@ class Keystore(abc.ABC):
     @abc.abstractmethod
     def _named_key_id(self, name: str, candidate: Callable[[], tuple[str, bytes]]) -> str:
         """The key id stored under ``name``; if there is none, stores ``candidate()`` first (and only then makes it)."""
+
+    @abc.abstractmethod
+    def _named_keys(self, prefix: str) -> dict[str, str]:
+        """Every named key whose name starts with ``prefix``: name -> key id."""
+
+    @abc.abstractmethod
+    def _delete_named_key(self, name: str, key_id: str) -> None:
+        """Deletes the data key, then the name that points to it (a retry after a failure finishes)."""
 
     @abc.abstractmethod
     def _scan_wrapped_keys(self) -> Iterator[list[tuple[str, bytes]]]:
@@ -228,6 +236,17 @@ class Keystore(abc.ABC):
         """A key kept for a purpose rather than a subject, created on first use (and only then wrapped)."""
         stored_id = self._named_key_id(name, self._new_key)
         return SubjectKey(stored_id, self.data_keys([stored_id])[stored_id])
+
+    def named_keys(self, prefix: str) -> dict[str, str]:
+        """The named keys whose name starts with ``prefix``, as name -> key id."""
+        return self._named_keys(prefix)
+
+    def delete_named_keys(self, names: dict[str, str]) -> int:
+        """Deletes named keys (name -> key id, as ``named_keys`` lists them) for good: what they sealed
+        can no longer be read. Returns how many it deleted."""
+        for name, key_id in names.items():
+            self._delete_named_key(name, key_id)
+        return len(names)
 
     def kek_versions(self) -> collections.Counter:
         """How many stored keys each KEK version wraps (the key-wrapping keys, and any data key stored

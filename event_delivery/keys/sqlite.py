@@ -95,6 +95,19 @@ class SqliteKeystore(Keystore):
             self._truncate_log()
         return swept
 
+    def _named_keys(self, prefix):
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT name, key_id FROM named_keys WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+        return dict(rows)
+
+    def _delete_named_key(self, name, key_id):
+        with self._transaction() as db:
+            db.execute("DELETE FROM data_keys WHERE key_id = ?", (key_id,))
+            db.execute("DELETE FROM named_keys WHERE name = ? AND key_id = ?", (name, key_id))
+        self._truncate_log()
+
     def _scan_wrapped_keys(self):
         after = ""
         while True:

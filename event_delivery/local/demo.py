@@ -52,6 +52,7 @@ class Scenario:
         default_factory=lambda: TrafficMix(duplicates=0.08, malformed=0.04, late=0.04, late_by_seconds=20)
     )
     close_timeout_seconds: float = 90
+    raw_archive: bool = False  # the jobs also archive every message they read, under <storage_root>/raw
 
     @property
     def storage_root(self) -> str:
@@ -68,6 +69,7 @@ class Scenario:
             f"--trigger_seconds={self.trigger_seconds}",
             f"--late_horizon_seconds={self.late_horizon_seconds}",
             f"--num_shards={self.num_shards}",
+            *([f"--raw_archive_root={self.storage_root}/raw"] if self.raw_archive else []),
         ]
 
     def auditor_args(self) -> list[str]:

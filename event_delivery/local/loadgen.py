@@ -6,7 +6,8 @@ from a fixed pool of subjects. Injected trouble is exact and recorded in a ledge
 duplicates (a producer retry: same id, same attributes), malformed messages (one of
 every dead-letter kind, in turn) and late events (stamped ``late_by_seconds`` ago,
 once the traffic is that old, so that they belong to an hour that had traffic and
-has closed).
+has closed). A careless producer may also add an attribute of its own that names a
+subject (``producer_attributes``), which the jobs must seal.
 
     python -m event_delivery.local.loadgen --project local-project --event_type play \\
         --count 1000 --rate 200 --duplicates 0.05 --malformed 0.01 --late 0.02
@@ -32,6 +33,7 @@ from event_delivery.ops.producer import EventPublisher, attributes_for
 
 DELIVERED, DUPLICATE, LATE, DEAD_LETTER = "delivered", "duplicate", "late", "dead_letter"
 RECENT_EVENTS = 64
+PRODUCER_ATTRIBUTE = "producer_user"  # an attribute outside the contract, naming a subject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +115,19 @@ class TrafficMix:
     late_by_seconds: int = 2 * 3600
     subjects: int = 50_000
     max_event_bytes: int = 64 * 1024
+    producer_attributes: float = 0.0  # fraction with an extra attribute naming a subject
 
 
 def traffic(event_type: EventType, count: int, mix: TrafficMix, rng: random.Random, clock=time.time):
     """Yields ``count`` messages; each knows where it is expected to end up."""
+    for message in _traffic(event_type, count, mix, rng, clock):
+        if message.expected != DUPLICATE and rng.random() < mix.producer_attributes:
+            subject = f"user-{rng.randrange(mix.subjects):06d}"
+            message = dataclasses.replace(message, attributes={**message.attributes, PRODUCER_ATTRIBUTE: subject})
+        yield message
+
+
+def _traffic(event_type: EventType, count: int, mix: TrafficMix, rng: random.Random, clock):
     recent = collections.deque(maxlen=RECENT_EVENTS)
     kinds = list(MESSAGE_ERRORS)
     malformed_sent = 0

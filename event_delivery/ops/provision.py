@@ -19,7 +19,7 @@ import sys
 from google.api_core import exceptions
 
 from event_delivery.cloud import clients
-from event_delivery.contract import counts
+from event_delivery.contract import counts, dead_letters
 from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, EventType, load_registry
 from event_delivery.keys.config import add_key_arguments, key_config_from_args
 
@@ -63,7 +63,7 @@ def _subscribe(subscriber, subscription: str, topic: str, message_filter: str | 
 
 
 TEMP_RETENTION_DAYS = 1
-QUARANTINE_RETENTION_DAYS = 30
+QUARANTINE_RETENTION_DAYS = dead_letters.QUARANTINE_RETENTION_DAYS
 DEAD_LETTERS = "dead-letter/"  # under the storage root, which is the bucket's root in production
 
 
