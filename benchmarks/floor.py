@@ -99,7 +99,9 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                 record["key_id"] = key_id
                 for field in personal:
                     value = record[field]
-                    record[field] = None if value is None else encrypt_value(aead, value, name, field, key_id)
+                    record[field] = (
+                        None if value is None else encrypt_value(aead, value, name, field, key_id, record["event_id"])
+                    )
             delivered.append(record)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.avro", "wb") as handle:

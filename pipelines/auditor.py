@@ -454,7 +454,8 @@ class WriteCountsFn(beam.DoFn):
 
 def accounted_for(layout: Layout, hour_start: int) -> int | None:
     """Messages of the hour that delivery accounted for: delivered and duplicates (its
-    ``_SUCCESS``), and the records under the late and dead-letter roots. None before the marker."""
+    ``_SUCCESS``), the records under the late and dead-letter roots, and the repeats dropped
+    after the close. None before the marker."""
     marker = layout.marker(hour_start)
     if not files.exists(marker):
         return None
@@ -464,7 +465,7 @@ def accounted_for(layout: Layout, hour_start: int) -> int | None:
         written += sum(
             files.count_avro_records(p) for p in files.glob(partitions.join(layout.hour(root, hour_start), "*.avro"))
         )
-    return accounting["delivered"] + accounting["duplicates"] + written
+    return accounting["delivered"] + accounting["duplicates"] + written + partitions.late_duplicates(layout, hour_start)
 
 
 class CheckLostFn(beam.DoFn):

@@ -38,7 +38,7 @@ def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> 
         if aead is None or ciphertext is None:
             continue
         try:
-            clear[field] = decrypt_value(aead, ciphertext, event_type.name, field, key_id)
+            clear[field] = decrypt_value(aead, ciphertext, event_type.name, field, key_id, record["event_id"])
         except UndecryptableField:
             failures += 1
     return clear, failures

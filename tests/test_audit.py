@@ -56,9 +56,9 @@ def test_a_file_that_a_close_moves_while_the_audit_reads_is_counted_where_it_wen
 WINDOW = 3600
 
 
-def deliver_hour(layout, hour_start, ids, duplicates=0, closed_after_seconds=None):
+def deliver_hour(layout, hour_start, ids, duplicates=0, closed_after_seconds=None, replayed=False):
     """An hour as delivery leaves it: its records and, closed ``closed_after_seconds`` after
-    the hour's end, its marker."""
+    the hour's end, its marker (by a backfill, if ``replayed``)."""
     received_at = datetime.datetime.fromtimestamp(hour_start + 5, tz=datetime.timezone.utc)
     folder = layout.hour(layout.delivered if closed_after_seconds is not None else layout.staging, hour_start)
     path = partitions.join(folder, partitions.pane_file_name(layout.event_type, "run1", 0, 0))
@@ -66,7 +66,8 @@ def deliver_hour(layout, hour_start, ids, duplicates=0, closed_after_seconds=Non
     if closed_after_seconds is not None:
         accounting = {"delivered": len(ids), "duplicates": duplicates, "dead_lettered": 0}
         files.write_json(
-            layout.marker(hour_start), {"files": [{"path": path, "records": len(ids)}], "accounting": accounting}
+            layout.marker(hour_start),
+            {"files": [{"path": path, "records": len(ids)}], "accounting": accounting, "replayed": replayed},
         )
         closed_at = hour_start + WINDOW + closed_after_seconds
         os.utime(layout.marker(hour_start), (closed_at, closed_at))
@@ -112,6 +113,16 @@ def test_an_hour_is_overdue_without_its_marker_past_the_deadline_or_with_a_late_
     assert early.hours[undelivered].lost is None, "not known before the hour closes"
     later = audit.audit_type(layout, now=HOUR + 2 * WINDOW + deadline + 1)
     assert later.failed_hours == {late: ["overdue"], staged: ["overdue"], undelivered: ["overdue"]}
+
+
+def test_an_hour_a_backfill_closed_long_after_is_not_judged_overdue(tmp_path):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    days = 3 * 24 * 3600
+    deliver_hour(layout, HOUR, ["e0"], closed_after_seconds=days, replayed=True)
+    deliver_hour(layout, HOUR + WINDOW, ["e1"], closed_after_seconds=days)  # the same, by a stream: overdue
+    result = audit.audit_type(layout, now=HOUR + days + 2 * WINDOW)
+    assert result.failed_hours == {partitions.partition(HOUR + WINDOW): ["overdue"]}
+    assert result.hours[partitions.partition(HOUR)].close_delay_seconds is None
 
 
 def test_hours_without_the_auditors_count_pass_as_before(tmp_path, capsys):

@@ -309,11 +309,14 @@ def test_the_auditor_counts_each_lost_message_once_against_the_marker_and_the_la
     dead = [{"event_id": "d1"}, {"event_id": "d2"}]
     files.write_avro(partitions.join(layout.hour(layout.dead_letter, hour), "b.avro"), schema, dead)
     assert accounted_for(layout, hour) == 10
+    late_repeats = partitions.late_duplicates_name("service_log", "run1", 0)  # repeats dropped after the close
+    files.write_json(partitions.join(layout.hour(layout.late, hour), late_repeats), {"duplicates": 2})
+    assert accounted_for(layout, hour) == 12
     reported = FakeState()
-    assert list(check.check_hour(hour, FakeState(10), reported)) == []
-    assert list(check.check_hour(hour, FakeState(12), reported)) == [(hour, 2)]
-    assert list(check.check_hour(hour, FakeState(12), reported)) == [], "counted once"
-    assert list(check.check_hour(hour, FakeState(13), reported)) == [(hour, 1)], "a late count, only what is new"
+    assert list(check.check_hour(hour, FakeState(12), reported)) == []
+    assert list(check.check_hour(hour, FakeState(14), reported)) == [(hour, 2)]
+    assert list(check.check_hour(hour, FakeState(14), reported)) == [], "counted once"
+    assert list(check.check_hour(hour, FakeState(15), reported)) == [(hour, 1)], "a late count, only what is new"
 
 
 # The options.

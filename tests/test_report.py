@@ -57,9 +57,13 @@ def chromium():
 
 
 def run_batch(root, event_type, keys, messages, run_id):
+    """Delivers ``messages`` with the batch runner, and leaves the markers as a streaming job
+    closing those past hours now would have written them: its close times count."""
     settings = local_settings(root, event_type, keys, run_id, trigger_seconds=None, window_seconds=HOUR)
     with beam.Pipeline(options=PipelineOptions([], runner=LOCAL_BATCH_RUNNER)) as pipeline:
         deliver(pipeline | "Messages" >> beam.Create(messages), settings)
+    for marker in files.glob(f"{root}/delivered/{event_type.name}/dt=*/hr=*/_SUCCESS"):
+        files.write_json(marker, {**files.read_json(marker), "replayed": False})
 
 
 def iso(seconds: float) -> str:

@@ -45,12 +45,16 @@ def _iso(seconds: float) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def build_manifest(event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports) -> dict:
+def build_manifest(
+    event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports, replayed: bool = False
+) -> dict:
     """The ``_SUCCESS`` document: the hour's files and its accounting at close.
 
     ``delivered_files`` maps each published file to its record count; ``reports``
     supply the duplicates and dead letters counted while the hour was open, and how
     many delivered events belonged to forgotten subjects (a part of ``delivered``).
+    ``replayed`` marks an hour closed by a bounded job (a backfill), long after the fact:
+    its close time says nothing about timeliness.
     """
     duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
     forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
@@ -62,6 +66,7 @@ def build_manifest(event_type_name, hour_start, window_seconds, closes_at, deliv
         "hour_start": _iso(hour_start),
         "hour_end": _iso(hour_start + window_seconds),
         "closed_at_watermark": _iso(closes_at),
+        "replayed": replayed,
         "files": [{"path": path, "records": n} for path, n in sorted(delivered_files.items())],
         "dead_letter_files": [{"path": path, "records": n} for path, n in sorted(dead_letter_files.items())],
         "accounting": {
@@ -74,7 +79,7 @@ def build_manifest(event_type_name, hour_start, window_seconds, closes_at, deliv
     }
 
 
-def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: list) -> dict:
+def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: list, replayed: bool = False) -> dict:
     """Moves an hour's staged files into its folder and writes its marker; returns the manifest.
 
     The manifest is saved in the staging folder (``_CLOSING.json``) before any file
@@ -90,7 +95,9 @@ def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: l
         folder = layout.hour(layout.delivered, hour_start)
         staged = {path: records for kind, records, path in collected if kind == DELIVERED}
         published = {partitions.join(folder, posixpath.basename(path)): n for path, n in staged.items()}
-        manifest = build_manifest(layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected)
+        manifest = build_manifest(
+            layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
+        )
         files.write_json(plan, manifest)
     waiting = set(files.glob(partitions.join(staging, "*.avro")))
     moves = [(partitions.join(staging, posixpath.basename(f["path"])), f["path"]) for f in manifest["files"]]
@@ -121,6 +128,7 @@ class CloseHourFn(beam.DoFn):
         self.late = beam.metrics.Metrics.counter("delivery", "late")
         self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
         self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
+        self.dead_lettered_after_close = beam.metrics.Metrics.counter("delivery", "dead_lettered_after_close")
         self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
         self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
 
@@ -157,6 +165,8 @@ class CloseHourFn(beam.DoFn):
             self.late.inc(records)
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)
+        elif kind == DEAD_LETTERED:  # its file is in the hour's dead-letter folder, which the audit counts
+            self.dead_lettered_after_close.inc(records)
 
     def _count_late_duplicates(self, window, records: int, late_counts) -> None:
         """Repeats dropped after the close are counted beside the hour's late files, since
@@ -180,7 +190,7 @@ class CloseHourFn(beam.DoFn):
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
-        manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected)
+        manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected, not self.streaming)
         closed.write(True)
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])

@@ -37,7 +37,8 @@ def seal_attributes(aead, attributes: dict, event_type: str, key_id: str | None)
     clear, others = envelope.split_attributes(attributes)
     if not others or aead is None:
         return clear, None
-    return clear, encrypt_value(aead, others, event_type, envelope.SEALED_ATTRIBUTES, key_id)
+    event_id = clear.get(envelope.EVENT_ID)
+    return clear, encrypt_value(aead, others, event_type, envelope.SEALED_ATTRIBUTES, key_id, event_id)
 
 
 def open_attributes(aead, record: dict, event_type: str, key_id: str) -> dict:
@@ -46,7 +47,14 @@ def open_attributes(aead, record: dict, event_type: str, key_id: str) -> dict:
     attributes = dict(record["attributes"])
     if record.get("sealed_attributes"):
         attributes.update(
-            decrypt_value(aead, record["sealed_attributes"], event_type, envelope.SEALED_ATTRIBUTES, key_id)
+            decrypt_value(
+                aead,
+                record["sealed_attributes"],
+                event_type,
+                envelope.SEALED_ATTRIBUTES,
+                key_id,
+                attributes.get(envelope.EVENT_ID),
+            )
         )
     return attributes
 
@@ -133,7 +141,9 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
                 sealed["key_id"] = key.key_id
                 for field in personal:
                     value = fields[field]
-                    sealed[field] = None if value is None else encrypt_value(aead, value, name, field, key.key_id)
+                    sealed[field] = (
+                        None if value is None else encrypt_value(aead, value, name, field, key.key_id, event_id)
+                    )
             sealed_events.append((event_id, received_at, sealed))
         if forgotten:
             self.forgotten.inc(forgotten)
@@ -201,8 +211,10 @@ class UnsealFailedWritesFn(beam.DoFn):
             fields = {k: v for k, v in sealed.items() if k != "key_id"}
             aead = keys[sealed["key_id"]][1] if sealed.get("key_id") else None
             for field in personal:
-                if aead and fields[field] is not None:
-                    fields[field] = decrypt_value(aead, fields[field], name, field, sealed["key_id"])
+                if aead is None:  # its subject was forgotten meanwhile: nothing personal is kept
+                    fields[field] = None
+                elif fields[field] is not None:
+                    fields[field] = decrypt_value(aead, fields[field], name, field, sealed["key_id"], event_id)
             payload = json.dumps(fields, separators=(",", ":")).encode("utf-8")
             attributes = {
                 envelope.EVENT_ID: event_id,

@@ -100,6 +100,12 @@ def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
 LATE_DUPLICATES_PATTERN = "_duplicates-*.json"
 
 
+def late_duplicates(layout: Layout, window_start_seconds: float) -> int:
+    """Repeats of the hour dropped after it closed, as counted beside its late files."""
+    pattern = join(layout.hour(layout.late, window_start_seconds), LATE_DUPLICATES_PATTERN)
+    return sum(files.read_json(path)["duplicates"] for path in files.glob(pattern))
+
+
 def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
     """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given)."""
     shard_part = "*" if shard is None else f"s{shard:03d}"

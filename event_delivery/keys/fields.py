@@ -1,10 +1,12 @@
-"""Personal-field encryption: AES-256-GCM per value, bound to (event type, field, key id).
+"""Personal-field encryption: AES-256-GCM per value, bound to (event type, field, key id, event id).
 
 A value is serialized as JSON (so numbers stay numbers), encrypted under its
-subject's data key with a fresh 96-bit nonce, and stored as ``nonce || ciphertext``.
-The associated data names the event type, the field and the key id, so a ciphertext
-moved to another field, type or subject fails to decrypt instead of decrypting to
-a plausible wrong value.
+subject's data key with a fresh 96-bit nonce, and stored as
+``format || nonce || ciphertext``. The associated data names the format, the event
+type, the field, the key id and the event id, so a ciphertext moved to another
+field, type, subject or event fails to decrypt instead of decrypting to a plausible
+wrong value. Raw payloads (dead letters, the archive) are sealed with
+``encrypt_bytes``, bound to (event type, field, key id).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_BYTES = 12
 SEPARATOR = b"\x1f"
+FIELD_FORMAT = 1  # the first byte of every encrypted field value
 
 
 class UndecryptableField(ValueError):
@@ -41,10 +44,29 @@ def decrypt_bytes(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, 
         raise UndecryptableField(f"field {field!r} does not decrypt under key {key_id}") from None
 
 
-def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str) -> bytes:
+def _value_data(event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
+    return (
+        bytes([FIELD_FORMAT])
+        + SEPARATOR
+        + associated_data(event_type, field, key_id)
+        + SEPARATOR
+        + (event_id or "").encode("utf-8")
+    )
+
+
+def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
     plaintext = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return encrypt_bytes(aead, plaintext, event_type, field, key_id)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sealed = aead.encrypt(nonce, plaintext, _value_data(event_type, field, key_id, event_id))
+    return bytes([FIELD_FORMAT]) + nonce + sealed
 
 
-def decrypt_value(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str):
-    return json.loads(decrypt_bytes(aead, ciphertext, event_type, field, key_id))
+def decrypt_value(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):
+    if not ciphertext or ciphertext[0] != FIELD_FORMAT:
+        raise UndecryptableField(f"field {field!r} is not in a format this version reads")
+    nonce, sealed = ciphertext[1 : 1 + NONCE_BYTES], ciphertext[1 + NONCE_BYTES :]
+    try:
+        plaintext = aead.decrypt(nonce, sealed, _value_data(event_type, field, key_id, event_id))
+    except InvalidTag:
+        raise UndecryptableField(f"field {field!r} does not decrypt under key {key_id}") from None
+    return json.loads(plaintext)

@@ -177,6 +177,8 @@ def audit_type(
 def _mark_overdue(audit: TypeAudit, window_seconds: int, close_deadline_seconds: int, now: float) -> None:
     for partition, hour in audit.hours.items():
         start, end = (millis / 1000 for millis in partitions.partition_bounds(partition, window_seconds))
+        if hour.closed and hour.close_delay_seconds is None:
+            continue  # closed by a replay: not judged
         closed_at = end + hour.close_delay_seconds if hour.closed else now
         hour.overdue = closed_at - start > close_deadline_seconds
 
@@ -200,9 +202,10 @@ def _audit_type(layout: Layout) -> TypeAudit:
         marker = partitions.join(output_root, event_type, partition, partitions.SUCCESS_MARKER)
         if files.exists(marker):
             hour.closed = True
-            hour_end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
-            hour.close_delay_seconds = files.updated_seconds(marker) - hour_end
             manifest = _read(files.read_json, marker)
+            if not manifest.get("replayed"):  # a backfill's close time says nothing about timeliness
+                hour_end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
+                hour.close_delay_seconds = files.updated_seconds(marker) - hour_end
             hour.duplicates = manifest["accounting"]["duplicates"]
             listed = {entry["path"]: entry["records"] for entry in manifest["files"]}
             if listed != counts:

@@ -20,17 +20,14 @@ import dataclasses
 import datetime
 import html
 import math
-import posixpath
 import sys
 import time
-
-from apache_beam.io.filesystems import FileSystems
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import Tier, load_registry
-from event_delivery.ops.audit import HourAudit, audit_type
+from event_delivery.ops.audit import audit_type
 
 OUTCOMES = ("delivered", "duplicates", "late", "dead_lettered")
 LABELS = {"dead_lettered": "dead-lettered", "ok": "on time", "bad": "overdue", "open": "still open"}
@@ -138,50 +135,23 @@ class TypeReport:
 # Reading the storage root.
 
 
-def auditor_counts(storage_root: str, event_type: str) -> dict[str, dict]:
-    """The auditor's ``counts.json`` documents of a type, by partition."""
-    root = partitions.join(storage_root, "audit", event_type)
-    paths = files.glob(partitions.join(root, "dt=*", "hr=*", "counts.json"))
-    return {posixpath.dirname(path[len(root) + 1 :]): files.read_json(path) for path in paths}
-
-
-def marker_times(layout: Layout) -> dict[str, float]:
-    """When each hour's ``_SUCCESS`` was written (the object's time), by partition."""
-    prefix = partitions.join(layout.delivered, layout.event_type) + "/"
-    pattern = partitions.join(layout.delivered, layout.event_type, "dt=*", "hr=*", partitions.SUCCESS_MARKER)
-    found = FileSystems.match([pattern])[0].metadata_list
-    return {posixpath.dirname(m.path[len(prefix) :]): m.last_updated_in_seconds for m in found}
-
-
-def _known(*values):
-    return next((value for value in values if value is not None), None)
-
-
 def collect(storage_root: str, event_type: str, window_seconds: int, now: float | None = None) -> TypeReport:
-    """A type's report from its files, manifests and auditor counts under ``storage_root``.
-
-    The auditor's fields on ``HourAudit`` are used where ``audit_type`` fills them, and
-    ``counts.json`` and the markers' times are read here otherwise.
-    """
+    """A type's report from its files, manifests and auditor counts under ``storage_root``
+    (as ``audit_type`` joins them)."""
     now = time.time() if now is None else now
-    layout = Layout.under(storage_root, event_type, window_seconds)
-    audit = audit_type(layout)
-    counts = auditor_counts(storage_root, event_type)
-    written = marker_times(layout)
+    audit = audit_type(Layout.under(storage_root, event_type, window_seconds))
     hours, kinds = [], collections.Counter()
-    for partition in sorted(set(audit.hours) | set(counts)):
-        source = audit.hours.get(partition) or HourAudit(partition)
+    for partition, source in sorted(audit.hours.items()):
         end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
         # Closed: when its marker was written; open: how long it has been over so far.
-        delay = written[partition] - end if partition in written else now - end if now > end else None
-        auditor = counts.get(partition, {})
+        delay = source.close_delay_seconds if source.closed else now - end if now > end else None
         hours.append(
             Hour(
                 partition,
                 *(getattr(source, name) for name in (*OUTCOMES, "staged", "closed")),
-                close_delay_seconds=_known(getattr(source, "close_delay_seconds", None), delay),
-                published=_known(getattr(source, "published", None), auditor.get("published")),
-                distinct_ids=_known(getattr(source, "distinct_ids", None), auditor.get("distinct_ids")),
+                close_delay_seconds=delay,
+                published=source.published,
+                distinct_ids=source.distinct_ids,
             )
         )
         kinds.update(source.dead_letter_kinds)
