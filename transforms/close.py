@@ -14,7 +14,6 @@ hour back to ``CloseHour``, which closes it when its time comes, with every run'
 
 from __future__ import annotations
 
-import datetime
 import logging
 import posixpath
 import time
@@ -40,11 +39,6 @@ CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
 
 
-def _iso(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
-    return moment.isoformat().replace("+00:00", "Z")
-
-
 def build_manifest(
     event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports, replayed: bool = False
 ) -> dict:
@@ -63,9 +57,9 @@ def build_manifest(
     dead_lettered = sum(dead_letter_files.values())
     return {
         "event_type": event_type_name,
-        "hour_start": _iso(hour_start),
-        "hour_end": _iso(hour_start + window_seconds),
-        "closed_at_watermark": _iso(closes_at),
+        "hour_start": partitions.iso_utc(hour_start),
+        "hour_end": partitions.iso_utc(hour_start + window_seconds),
+        "closed_at_watermark": partitions.iso_utc(closes_at),
         "replayed": replayed,
         "files": [{"path": path, "records": n} for path, n in sorted(delivered_files.items())],
         "dead_letter_files": [{"path": path, "records": n} for path, n in sorted(dead_letter_files.items())],
@@ -124,9 +118,9 @@ class CloseHourFn(beam.DoFn):
 
     def setup(self):
         use_emulator_credentials()
-        self.delivered = beam.metrics.Metrics.counter("delivery", "delivered")
-        self.late = beam.metrics.Metrics.counter("delivery", "late")
-        self.closed_hours = beam.metrics.Metrics.counter("delivery", "closed_hours")
+        self.delivered = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DELIVERED)
+        self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
+        self.closed_hours = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_CLOSED)
         self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
         self.dead_lettered_after_close = beam.metrics.Metrics.counter("delivery", "dead_lettered_after_close")
         self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
@@ -200,7 +194,7 @@ class CloseHourFn(beam.DoFn):
         _LOG.info(
             "closed %s %s: %d records in %d files",
             self.layout.event_type,
-            _iso(hour_start),
+            partitions.iso_utc(hour_start),
             manifest["accounting"]["delivered"],
             len(manifest["files"]),
         )

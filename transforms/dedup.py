@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import Duration
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DUPLICATES, report
 
@@ -137,7 +137,7 @@ class DeduplicateWholeHourFn(beam.DoFn):
         self.settings = settings
 
     def setup(self):
-        self.duplicates = beam.metrics.Metrics.counter("delivery", "duplicates")
+        self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         use_emulator_credentials()
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):

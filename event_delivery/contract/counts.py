@@ -17,10 +17,9 @@ auditor writes what it counted per hour to ``<storage_root>/audit/<type>/dt=…/
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 
-from event_delivery.contract import envelope
+from event_delivery.contract import envelope, partitions
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS, AUDIT_SUBSCRIPTION, EventType
 
 COUNTS_TOPIC = "events-audit-counts"
@@ -76,9 +75,7 @@ def hour_start_seconds(millis: int, window_seconds: int) -> int:
     return seconds - seconds % window_seconds
 
 
-def iso(seconds: float) -> str:
-    """UTC, ISO 8601 with a Z, as the manifests write times."""
-    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+iso = partitions.iso_utc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,5 +118,10 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dt%H%M%S")
 
 
+def iso_utc(seconds: float) -> str:
+    """UTC, ISO 8601 with a Z, as manifests and counts write times."""
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
