@@ -77,9 +77,9 @@ class SealInBatchesFn(beam.DoFn):
     """Seals elements in the bundle that read them, ``BATCH`` at a time, so that keys are
     looked up in one keystore round trip per batch of first-seen subjects.
 
-    Sealing runs before the first shuffle, where elements are in the global window;
-    each ``(id, received_at_millis, ...)`` element goes out with its ``received_at`` as
-    timestamp, which is what the steps after it window by.
+    Sealing runs before the first shuffle, where elements are in the global window and
+    their timestamps do not matter yet: the steps after it stamp each element with its
+    ``received_at`` before they window it.
     """
 
     BATCH = 1000
@@ -102,12 +102,10 @@ class SealInBatchesFn(beam.DoFn):
     def process(self, element):
         self.pending.append(element)
         if len(self.pending) >= self.BATCH:
-            yield from self._seal_pending()
+            batch, self.pending = self.pending, []
+            yield from self.seal(batch)  # in the global window, as the element that filled the batch
 
     def finish_bundle(self):
-        yield from self._seal_pending()
-
-    def _seal_pending(self):
         batch, self.pending = self.pending, []
         for sealed in self.seal(batch) if batch else ():
             yield GlobalWindows.windowed_value(sealed, Timestamp(micros=sealed[1] * 1000))

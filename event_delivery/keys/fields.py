@@ -44,21 +44,21 @@ def decrypt_bytes(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, 
         raise UndecryptableField(f"field {field!r} does not decrypt under key {key_id}") from None
 
 
+_FORMAT_BYTE = bytes([FIELD_FORMAT])
+_VALUE_FORMAT = _FORMAT_BYTE + SEPARATOR
+
+
 def _value_data(event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
-    return (
-        bytes([FIELD_FORMAT])
-        + SEPARATOR
-        + associated_data(event_type, field, key_id)
-        + SEPARATOR
-        + (event_id or "").encode("utf-8")
-    )
+    """(format, event type, field, key id, event id), each part after the first separated as in
+    ``associated_data``; built in one go, as it is per value."""
+    return _VALUE_FORMAT + f"{event_type}\x1f{field}\x1f{key_id}\x1f{event_id or ''}".encode()
 
 
 def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
     plaintext = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     nonce = secrets.token_bytes(NONCE_BYTES)
     sealed = aead.encrypt(nonce, plaintext, _value_data(event_type, field, key_id, event_id))
-    return bytes([FIELD_FORMAT]) + nonce + sealed
+    return _FORMAT_BYTE + nonce + sealed
 
 
 def decrypt_value(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):
