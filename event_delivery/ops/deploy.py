@@ -68,16 +68,28 @@ def dataflow_args(
     args = [
         f"--keystore={keystore or default_keystore(project)}",
         f"--kms_key={kms_key or default_kms_key(project, region)}",
+        f"--raw_archive_root=gs://{bucket}/raw",
+        *_streaming_job(event_type, project, region, bucket, job_name(event_type), event_type.tier.max_workers),
+        *layout,
+        f"--run_id={run_id or partitions.new_run_id()}",
+    ]
+    if update:
+        args.append("--update")
+    return args
+
+
+def _streaming_job(event_type: EventType, project: str, region: str, bucket: str, name: str, max_workers: int):
+    """The flags every streaming job of a type takes on Dataflow, the delivery job's and the auditor's."""
+    return [
         f"--event_type={event_type.name}",
         f"--project={project}",
         f"--region={region}",
         f"--storage_root=gs://{bucket}",
-        f"--raw_archive_root=gs://{bucket}/raw",
         "--runner=DataflowRunner",
-        f"--job_name={job_name(event_type)}",
+        f"--job_name={name}",
         # Dataflow's temporary files go to a bucket of their own, which a lifecycle rule empties
         # (make provision); exception sampling, which would copy a failing step's input element
-        # (cleartext before encryption) there, is off; the job's state is encrypted with our key.
+        # there, is off; the job's state is encrypted with our key.
         f"--temp_location=gs://{temp_bucket(bucket)}/tmp",
         "--experiments=disable_always_on_exception_sampling",
         f"--dataflow_kms_key={state_kms_key(project, region)}",
@@ -85,15 +97,10 @@ def dataflow_args(
         "--setup_file=./setup.py",
         "--enable_streaming_engine",
         "--autoscaling_algorithm=THROUGHPUT_BASED",
-        f"--max_num_workers={event_type.tier.max_workers}",
+        f"--max_num_workers={max_workers}",
         f"--labels=event_type={event_type.name}",
         f"--labels=tier={event_type.tier.name}",
-        *layout,
-        f"--run_id={run_id or partitions.new_run_id()}",
     ]
-    if update:
-        args.append("--update")
-    return args
 
 
 def job_name(event_type: EventType) -> str:
@@ -110,26 +117,10 @@ AUDITOR_MAX_WORKERS = 3  # it counts, it does not deliver: a few workers for any
 def auditor_args(event_type: EventType, project: str, region: str, bucket: str) -> list[str]:
     """The type's auditor job on Dataflow: a job of its own, beside the delivery job and
     sharing nothing with it but the bucket it checks (``pipelines/auditor.py``)."""
-    lateness = event_type.tier.allowed_lateness_seconds
     return [
-        f"--event_type={event_type.name}",
-        f"--project={project}",
-        f"--region={region}",
-        f"--storage_root=gs://{bucket}",
+        *_streaming_job(event_type, project, region, bucket, auditor_job_name(event_type), AUDITOR_MAX_WORKERS),
         f"--window_seconds={partitions.HOUR_SECONDS}",
-        f"--allowed_lateness_seconds={lateness}",
-        "--runner=DataflowRunner",
-        f"--job_name={auditor_job_name(event_type)}",
-        f"--temp_location=gs://{temp_bucket(bucket)}/tmp",
-        "--experiments=disable_always_on_exception_sampling",
-        f"--dataflow_kms_key={state_kms_key(project, region)}",
-        f"--staging_location=gs://{bucket}/staging",
-        "--setup_file=./setup.py",
-        "--enable_streaming_engine",
-        "--autoscaling_algorithm=THROUGHPUT_BASED",
-        f"--max_num_workers={AUDITOR_MAX_WORKERS}",
-        f"--labels=event_type={event_type.name}",
-        f"--labels=tier={event_type.tier.name}",
+        f"--allowed_lateness_seconds={event_type.tier.allowed_lateness_seconds}",
         "--labels=role=auditor",
     ]
 
