@@ -74,7 +74,7 @@ import threading
 import typing
 
 import apache_beam as beam
-from apache_beam.coders import StrUtf8Coder, VarIntCoder, coders
+from apache_beam.coders import StrUtf8Coder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms import trigger, window
@@ -86,6 +86,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from event_delivery.cloud import files, preflight
 from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
 from event_delivery.contract import counts, envelope, partitions, slo
+from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, EventType, get_event_type, load_registry
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
@@ -240,41 +241,14 @@ class HourCounts(typing.NamedTuple):
     distinct_ids: int
 
 
-# Hours that close as delivery closes them.
-
-
-class HoursUntilClose(window.NonMergingWindowFn):
-    """Each element to ``[bucket start, bucket end + allowed lateness)``: the watermark passes
-    the window's end exactly when the contract closes the hour."""
-
-    def __init__(self, window_seconds: int, allowed_lateness_seconds: int):
-        self.window_seconds = window_seconds
-        self.allowed_lateness_seconds = allowed_lateness_seconds
-
-    def assign(self, context):
-        micros = context.timestamp.micros
-        start = micros - micros % (self.window_seconds * 1_000_000)
-        end = start + (self.window_seconds + self.allowed_lateness_seconds) * 1_000_000
-        return [window.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))]
-
-    def get_window_coder(self):
-        return coders.IntervalWindowCoder()
-
-    def __eq__(self, other):
-        return type(self) is type(other) and (self.window_seconds, self.allowed_lateness_seconds) == (
-            other.window_seconds,
-            other.allowed_lateness_seconds,
-        )
-
-    def __hash__(self):
-        return hash((type(self), self.window_seconds, self.allowed_lateness_seconds))
+# Hours that close as delivery closes them (the contract's hour windows).
 
 
 def counted_at_close(settings: AuditSettings) -> beam.WindowInto:
     """Into the hours; one pane when the hour closes, and one with the new totals
     ``trigger_seconds`` after a late message."""
     return beam.WindowInto(
-        HoursUntilClose(settings.window_seconds, settings.allowed_lateness_seconds),
+        HourWindows(settings.window_seconds, settings.allowed_lateness_seconds),
         trigger=trigger.AfterWatermark(late=trigger.AfterProcessingTime(settings.trigger_seconds)),
         accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
         # A stamp more than one horizon old puts a message in its arrival's hour; the second

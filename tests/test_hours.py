@@ -11,8 +11,9 @@ from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
-from transforms.hours import HourWindows, PackByShardFn, _unpack, bucket_start_seconds, shard_of
+from transforms.hours import PackByShardFn, _unpack, bucket_start_seconds, shard_of
 
 
 @given(

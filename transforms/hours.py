@@ -11,37 +11,11 @@ import pickle
 import zlib
 
 import apache_beam as beam
-from apache_beam.coders import coders
-from apache_beam.transforms import trigger, window
+from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-
-class HourWindows(window.NonMergingWindowFn):
-    """Assigns each element to ``[bucket start, bucket end + allowed lateness)``."""
-
-    def __init__(self, window_seconds: int, allowed_lateness_seconds: int):
-        self.window_seconds = window_seconds
-        self.allowed_lateness_seconds = allowed_lateness_seconds
-
-    def assign(self, context):
-        micros = context.timestamp.micros
-        size = self.window_seconds * 1_000_000
-        start = micros - micros % size
-        end = start + size + self.allowed_lateness_seconds * 1_000_000
-        return [window.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))]
-
-    def get_window_coder(self):
-        return coders.IntervalWindowCoder()
-
-    def __eq__(self, other):
-        return type(self) is type(other) and (self.window_seconds, self.allowed_lateness_seconds) == (
-            other.window_seconds,
-            other.allowed_lateness_seconds,
-        )
-
-    def __hash__(self):
-        return hash((type(self), self.window_seconds, self.allowed_lateness_seconds))
+from event_delivery.contract.hours import HourWindows
 
 
 def hour_windows(settings, when=None) -> beam.WindowInto:
