@@ -62,17 +62,16 @@ class Scenario:
         return [
             f"--keystore=sqlite:///{state_dir.resolve()}/keystore.db",
             f"--local_key_file={state_dir.resolve()}/kek.key",
-            f"--project={self.project}",
-            f"--storage_root={self.storage_root}",
-            f"--window_seconds={self.window_seconds}",
-            f"--allowed_lateness_seconds={self.allowed_lateness_seconds}",
-            f"--trigger_seconds={self.trigger_seconds}",
-            f"--late_horizon_seconds={self.late_horizon_seconds}",
+            *self._hours_args(),
             f"--num_shards={self.num_shards}",
             *([f"--raw_archive_root={self.storage_root}/raw"] if self.raw_archive else []),
         ]
 
     def auditor_args(self) -> list[str]:
+        return [*self._hours_args(), f"--check_delay_seconds={self.trigger_seconds}"]
+
+    def _hours_args(self) -> list[str]:
+        """What the delivery jobs and the auditor must agree on: where, and the hours."""
         return [
             f"--project={self.project}",
             f"--storage_root={self.storage_root}",
@@ -80,7 +79,6 @@ class Scenario:
             f"--allowed_lateness_seconds={self.allowed_lateness_seconds}",
             f"--trigger_seconds={self.trigger_seconds}",
             f"--late_horizon_seconds={self.late_horizon_seconds}",
-            f"--check_delay_seconds={self.trigger_seconds}",
         ]
 
     def audit(self, event_type: str) -> TypeAudit:
