@@ -152,8 +152,10 @@ class OneHourShard:
         staged = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in earlier]
         folder = layout.hour(layout.staging, 600)
         files.write_avro(
-            f"{folder}/{partitions.pane_file_name('service_log', 'run1', 0, 0)}", log.parsed_delivered_schema, staged
-        )
+            f"{folder}/{partitions.pane_file_name('service_log', 'run1', 0, 0, 'old')}",
+            log.parsed_delivered_schema,
+            staged,
+        )  # by another writer of the shard: a stream's writers are its worker processes, new in every run
         self.fn = DeduplicateFn(self.settings)
         self.fn.setup()
         self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
@@ -161,7 +163,7 @@ class OneHourShard:
 
     def pane(self, *events) -> list:
         state = {"seen": self.seen, "started": self.started, "closed": self.closed}
-        return list(self.fn.process((0, list(events)), self.window, close=self.timer, **state))
+        return list(self.fn.process(((0, "new"), list(events)), self.window, close=self.timer, **state))
 
     def close(self):
         self.fn.close_hour(seen=self.seen, started=self.started, closed=self.closed)

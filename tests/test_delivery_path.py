@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import itertools
 import json
 import pathlib
 import random
@@ -25,7 +26,7 @@ from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import close
+from transforms import close, hours
 from transforms.hours import shard_of
 
 
@@ -83,6 +84,38 @@ def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
     assert manifest["accounting"] == {"in": 17, "delivered": 15, "duplicates": 1, "dead_lettered": 1, "forgotten": 0}
     assert manifest["hour_start"] == "1970-01-01T01:00:00Z"
     assert not files.glob(f"{s.layout.staging}/*/*/*/*"), "staging is empty once the hour is published"
+
+
+def test_panes_split_over_worker_processes_deliver_each_id_once_in_files_of_their_own(
+    settings, registry, monkeypatch
+):
+    """On Dataflow a stream's bundles are read by many worker processes, and each forms its own
+    panes of a shard: the key space grows with the job. Here every bundle is packed by the next of
+    three simulated processes, and producer retries of an id land with different ones."""
+    s = settings()
+    log = registry["service_log"]
+    writers = itertools.cycle(["a1", "b2", "c3"])  # the next for every bundle (of every packing step)
+    monkeypatch.setattr(hours, "writer_id", lambda: next(writers))
+    clock, sent = Clock(START), []
+    for batch in range(6):
+        ids = [f"b{batch}-{i}" for i in range(6)]
+        retries = [f"b{batch - 1}-{i}" for i in range(3)] if batch else []
+        clock.arrive(*(message(valid_fields(log, n), i, (START + 1) * 1000) for n, i in enumerate(ids + retries)))
+        clock.advance(TRIGGER * 2)
+        sent += ids
+    clock.advance(WINDOW + LATENESS)
+    run(s, clock)
+
+    result = audit(s)
+    assert not result.problems
+    hour = result.hours[partitions.partition(START, WINDOW)]
+    assert sorted(hour.delivered_ids) == sorted(sent), "each id once, whichever process read its copies"
+    assert (hour.duplicates, hour.late) == (15, 0)
+    manifest = json.loads((hour_folder(s, START) / "_SUCCESS").read_text())
+    names = [pathlib.Path(f["path"]).name for f in manifest["files"]]
+    pane_keys = {name.split("-p", 1)[1].split("-", 1)[1] for name in names}  # "s001-wa1.avro", ...
+    assert len(pane_keys) > s.num_shards, f"panes are formed per (shard, writer), not per shard: {sorted(pane_keys)}"
+    assert sum(f["records"] for f in manifest["files"]) == len(sent), "no file was written over another"
 
 
 def test_events_after_the_close_go_to_the_late_root_under_their_hour(settings, registry):

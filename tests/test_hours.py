@@ -59,7 +59,8 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     for n in range(200):
         fn.process(("", start + n, {"n": n}))
     fn.process(("e-42", start + 7, {"n": "event"}))
-    packs = dict(_unpack((shard, [pack])) for shard, pack in (wv.value for wv in fn.finish_bundle()))
+    packs = dict(_unpack((key, [pack])) for key, pack in (wv.value for wv in fn.finish_bundle()))
     assert len(packs) > 8, "id-less messages spread over the shards"
-    [event_shard] = [shard for shard, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
+    [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
+    assert writer == "", "a bounded input's panes are not split by writer"

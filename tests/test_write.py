@@ -23,14 +23,14 @@ from transforms.write import WriteAvroPanes, WritePaneFn
 HOUR = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00:00Z
 
 
-def write_pane(root, event_type, events, number=0, shard=3):
+def write_pane(root, event_type, events, number=0, shard=3, writer=""):
     unused = KeyConfig("sqlite:///never-opened.db", "never-opened.key")  # writing seals nothing
     settings = local_settings(root, event_type, unused, window_seconds=3600)
     record = lambda e: {"event_id": e[0], "received_at": e[1], **e[2]}  # noqa: E731
     fn = WritePaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
     fn.setup()
     window = IntervalWindow(HOUR, HOUR + 3600 + 600)
-    return list(fn.write((shard, events), window, number))
+    return list(fn.write(((shard, writer), events), window, number))
 
 
 def events(event_type, ids):
@@ -51,6 +51,16 @@ def test_a_pane_becomes_one_file_named_by_hour_number_and_shard(tmp_path, regist
     assert [r["event_id"] for r in reader] == ["a", "b"]
     assert reader.metadata["avro.codec"] == "deflate"
     assert reader.writer_schema["name"].endswith("PlayClear")
+
+
+def test_panes_of_one_shard_from_two_writers_never_share_a_file(tmp_path, registry):
+    """A stream splits a shard's panes by worker process; each numbers its own from 0."""
+    play = registry["play"]
+    [(_, _, first)] = write_pane(str(tmp_path), play, events(play, ["a"]), shard=3, writer="w1")
+    [(_, _, second)] = write_pane(str(tmp_path), play, events(play, ["b"]), shard=3, writer="w2")
+    assert first.endswith("/play-run1-p00000-s003-ww1.avro")
+    assert first != second
+    assert [r["event_id"] for path in (first, second) for r in read(path)] == ["a", "b"]
 
 
 def test_a_retried_pane_replaces_its_file(tmp_path, registry):

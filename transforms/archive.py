@@ -112,7 +112,7 @@ class SealRawMessagesFn(SealInBatchesFn):
 
 
 class ArchiveRawMessages(beam.PTransform):
-    """Raw messages, as parsing tags them, in; one archive file per hour, pane and shard out.
+    """Raw messages, as parsing tags them, in; one archive file per hour, pane, shard and writer out.
 
     ``settings`` are the job's ``DeliverySettings``: the archive is bucketed like the events.
     """

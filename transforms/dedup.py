@@ -141,9 +141,9 @@ class DeduplicateWholeHourFn(beam.DoFn):
         use_emulator_credentials()
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
-        shard, events = pane_elements
-        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.settings, window, shard)))
-        yield shard, unique
+        pane_key, events = pane_elements
+        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.settings, window, pane_key[0])))
+        yield pane_key, unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
 
@@ -175,19 +175,19 @@ class DeduplicateFn(DeduplicateWholeHourFn):
         closed=beam.DoFn.StateParam(CLOSED),
         close=beam.DoFn.TimerParam(CLOSE),
     ):
-        shard, events = pane_elements
+        pane_key, events = pane_elements
         if closed.read():
             late = [e for e in events if not is_repeat(e)]
-            yield beam.pvalue.TaggedOutput(LATE, (shard, late))
+            yield beam.pvalue.TaggedOutput(LATE, (pane_key, late))
             yield from _count_duplicates(self.duplicates, len(events) - len(late))
             return
         close.set(window.end)
         if not started.read():
             started.write(True)
-            for event_id in staged_by_earlier_runs(self.settings, window, shard):
+            for event_id in staged_by_earlier_runs(self.settings, window, pane_key[0]):
                 seen.add(event_id)
         unique = keep_first_copies([e for e in events if not is_repeat(e)], set(seen.read()))
-        yield shard, unique
+        yield pane_key, unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
     @on_timer(CLOSE)
@@ -203,7 +203,7 @@ class DeduplicateFn(DeduplicateWholeHourFn):
 
 
 class Deduplicate(beam.PTransform):
-    """``(shard, [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out.
+    """``((shard, writer), [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out.
 
     ``settings`` are the job's ``DeliverySettings``: where panes are staged, the run, and
     whether the input is bounded (one pane per hour and shard).

@@ -176,7 +176,7 @@ def _forgotten_in(pane):
 
 
 class CountForgotten(beam.PTransform):
-    """``(shard, [sealed events])`` panes in; ``forgotten`` hour reports out (for the manifest)."""
+    """``(pane key, [sealed events])`` panes in; ``forgotten`` hour reports out (for the manifest)."""
 
     def __init__(self, event_type: EventType):
         super().__init__()

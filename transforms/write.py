@@ -67,11 +67,11 @@ class WritePaneFn(beam.DoFn):
         yield from self.write(pane_elements, window, 0)
 
     def write(self, pane_elements, window, number: int):
-        shard, elements = pane_elements
+        (shard, writer), elements = pane_elements
         if not elements:
             return
         folder = self.layout.hour(self.root, bucket_start_seconds(window))
-        name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard)
+        name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer)
         path = partitions.join(folder, name)
         reason = files.AvroWriteError.__name__
         try:
@@ -118,7 +118,7 @@ class WritePaneFn(beam.DoFn):
 
 
 class WriteNumberedPaneFn(WritePaneFn):
-    """Writes each pane of a stream's (hour, shard) under the next number that state keeps for it.
+    """Writes each pane of a stream's (hour, shard, writer) under the next number that state keeps for it.
 
     Beam's pane index would name files too, but a runner may reset it: Dataflow's
     Runner v2 does after a reshuffle, and every pane of an (hour, shard) would then
@@ -137,11 +137,11 @@ class WriteNumberedPaneFn(WritePaneFn):
 
 
 class WriteAvroPanes(beam.PTransform):
-    """``(shard, [elements])`` panes in; one file per non-empty pane under ``root``; hour reports out.
+    """``((shard, writer), [elements])`` panes in; one file per non-empty pane under ``root``; hour reports out.
 
-    The file name is fixed by (run, hour, file number, shard), so a retried bundle
-    rewrites the same file instead of adding a second copy. A stream numbers the panes
-    of an (hour, shard) in state; a bounded input has one pane each. Records follow the
+    The file name is fixed by (run, hour, file number, shard, writer), so a retried
+    bundle rewrites the same file instead of adding a second copy. A stream numbers the
+    panes of an (hour, shard, writer) in state; a bounded input has one pane each. Records follow the
     type's delivered schema unless ``schema`` says otherwise.
 
     With ``give_up_failures``, it returns ``reports`` and ``write_failed`` outputs, the

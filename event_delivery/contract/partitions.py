@@ -82,14 +82,14 @@ def partition_dir(root: str, event_type: str, window_start_seconds: float, windo
     return join(root, event_type, partition(window_start_seconds, window_seconds))
 
 
-def pane_file_name(event_type: str, run_id: str, number: int, shard: int) -> str:
-    """Deterministic per (run, hour, file number, shard): a retried write replaces its file.
+def pane_file_name(event_type: str, run_id: str, number: int, shard: int, writer: str = "") -> str:
+    """Deterministic per (run, hour, file number, shard, writer): a retried write replaces its file.
 
-    The number counts the panes of an (hour, shard) within a run; the run id keeps a
-    restarted job, whose numbers start again at 0, from overwriting the files of the
-    run before it.
+    The number counts the panes of an (hour, shard, writer) within a run; the writer is
+    the worker process that formed them (a stream's), and the run id keeps a restarted
+    job, whose numbers start again at 0, from overwriting the files of the run before it.
     """
-    return f"{event_type}-{run_id}-p{number:05d}-s{shard:03d}.avro"
+    return f"{event_type}-{run_id}-p{number:05d}-s{shard:03d}{f'-w{writer}' if writer else ''}.avro"
 
 
 def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
@@ -108,9 +108,9 @@ def late_duplicates(layout: Layout, window_start_seconds: float) -> int:
 
 def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
     """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given)."""
-    shard_part = "*" if shard is None else f"s{shard:03d}"
-    pattern = join(folder, f"{event_type}-*-p*-{shard_part}.avro")
-    return [path for path in files.glob(pattern) if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
+    shard_parts = ["*"] if shard is None else [f"s{shard:03d}", f"s{shard:03d}-w*"]
+    paths = [path for part in shard_parts for path in files.glob(join(folder, f"{event_type}-*-p*-{part}.avro"))]
+    return [path for path in paths if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
 
 
 def new_run_id() -> str:
