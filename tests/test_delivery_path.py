@@ -86,9 +86,7 @@ def test_an_hour_is_delivered_deduplicated_and_closed(settings, registry):
     assert not files.glob(f"{s.layout.staging}/*/*/*/*"), "staging is empty once the hour is published"
 
 
-def test_panes_split_over_worker_processes_deliver_each_id_once_in_files_of_their_own(
-    settings, registry, monkeypatch
-):
+def test_panes_split_over_worker_processes_deliver_each_id_once_in_files_of_their_own(settings, registry, monkeypatch):
     """On Dataflow a stream's bundles are read by many worker processes, and each forms its own
     panes of a shard: the key space grows with the job. Here every bundle is packed by the next of
     three simulated processes, and producer retries of an id land with different ones."""

@@ -108,10 +108,12 @@ class BucketByHour(beam.PTransform):
 
     Every copy of an id lands in the same shard. A stream's panes are split further by
     writer; a bounded input's are not (writer ``""``): its one pane per (hour, shard)
-    holds every copy of an id, which is how it deduplicates. A pane fires every ``trigger_seconds`` while the hour is open, when it
-    closes, and afterwards for stragglers. Which of those a pane is, is decided
-    downstream by state, not by the runner's pane label: the Python DirectRunner
-    labels panes with a watermark that event timestamps from the past can hold back.
+    holds every copy of an id, which is how it deduplicates.
+
+    A pane fires every ``trigger_seconds`` while the hour is open, when it closes, and
+    afterwards for stragglers. Which of those a pane is, is decided downstream by state,
+    not by the runner's pane label: the Python DirectRunner labels panes with a
+    watermark that event timestamps from the past can hold back.
     """
 
     def __init__(self, settings):
