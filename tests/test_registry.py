@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import subprocess
 
 import fastavro
@@ -15,6 +16,30 @@ from event_delivery.contract.compatibility import IncompatibleSchema, check_back
 from event_delivery.contract.registry import ENVELOPE_FIELDS, RegistryError, event_type_from_schema
 
 SCHEMAS = pathlib.Path(__file__).parent.parent / "avro_schemas"
+PRIVACY_DOC = SCHEMAS.parent / "docs" / "privacy.md"
+
+# Words that, in a field's name, mark a quasi-identifier: a value that can single a person out
+# or link their events, alone or combined with others. Such a field is personal wherever its
+# type has a subject to seal it under.
+QUASI_IDENTIFIER_WORDS = frozenset(
+    {
+        *("session", "cookie", "token"),  # link the events of one visit or browser
+        *("ip", "mac", "host", "address"),  # network and postal addresses
+        *("device", "imei", "idfa", "agent", "fingerprint"),  # a device, or what tells it apart
+        *("lat", "latitude", "lon", "lng", "longitude", "gps", "location", "postcode", "zip"),  # places
+        *("email", "phone", "name", "username", "birth", "birthday"),  # contact and identity
+        *("query", "message", "text", "comment", "title", "description", "bio"),  # free text
+        *("referrer", "referer", "url", "uri"),  # URLs carry ids and tokens
+        *("playlist",),  # a user's own playlist resolves publicly to its owner
+    }
+)
+
+# The fields that match a word above and stay in clear, each with its reason. A type without
+# a subject cannot seal anything (see docs/privacy.md, "What stays in clear, and why").
+CLEAR_QUASI_IDENTIFIERS = {
+    ("service_log", "host"): "a backend machine's name, never a client's: it names no person",
+    ("service_log", "message"): "no subject to seal it under; the contract restricts it to the service's own text",
+}
 
 
 def test_ships_the_types_the_contract_asks_for(registry):
@@ -66,6 +91,77 @@ def test_clear_schema_keeps_types_and_makes_personal_fields_nullable(registry):
                 assert "null" in clear
             else:
                 assert clear == field["type"]
+
+
+def _words(name: str) -> set[str]:
+    """The words of a field name: ``ip_address`` and ``ipAddress`` both give {"ip", "address"}."""
+    return set(re.split(r"[^a-z0-9]+", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower())) - {""}
+
+
+def _names_within(field: dict):
+    """A field's name, and the names of the fields of any record it holds."""
+    yield field["name"]
+    pending = [field["type"]]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for nested in node.get("fields", ()):
+                yield nested["name"]
+                pending.append(nested["type"])
+            pending.extend(node[key] for key in ("items", "values") if key in node)
+
+
+def test_quasi_identifier_words_are_whole_words_at_any_depth():
+    assert _words("clientIpAddress") == _words("client_ip_address") == {"client", "ip", "address"}
+    assert not _words("latency_ms") & QUASI_IDENTIFIER_WORDS, "a word, not a prefix: latency is no latitude"
+    contact = {"type": "record", "name": "Contact", "fields": [{"name": "email", "type": "string"}]}
+    assert list(_names_within({"name": "contact", "type": ["null", contact]})) == ["contact", "email"]
+
+
+def test_no_quasi_identifier_stays_in_clear_without_a_reason(registry):
+    """A field named like a session, address, device, place, contact or free text is personal
+    (or holds one, nested), unless it is allowed in clear above with the reason."""
+    in_clear = [
+        f"{name}.{field['name']}"
+        for name, event_type in registry.items()
+        for field in event_type.schema["fields"]
+        if field["name"] not in event_type.personal_fields
+        and (name, field["name"]) not in CLEAR_QUASI_IDENTIFIERS
+        and any(_words(inner) & QUASI_IDENTIFIER_WORDS for inner in _names_within(field))
+    ]
+    assert not in_clear, f"quasi-identifiers in clear: mark them personal, or allow them with the reason: {in_clear}"
+
+
+def test_every_quasi_identifier_allowed_in_clear_is_a_clear_field(registry):
+    """The allowance names fields that exist and are in clear, so it never outlives its reason."""
+    for (name, field), reason in CLEAR_QUASI_IDENTIFIERS.items():
+        assert reason and field in registry[name].field_names
+        assert field not in registry[name].personal_fields
+
+
+def _documented_classification(type_name: str) -> dict[str, str]:
+    """``{field: "personal" | "clear"}`` from the type's table in docs/privacy.md."""
+    text = PRIVACY_DOC.read_text(encoding="utf-8").split("### What stays in clear, and why", 1)[1]
+    table = text.split(f"#### `{type_name}`", 1)[1].split("\n#", 1)[0]
+    return dict(re.findall(r"^\| `(\w+)` \| \**(personal|clear)\** \|", table, flags=re.MULTILINE))
+
+
+def test_privacy_doc_lists_every_field_as_the_registry_classifies_it(registry):
+    for name, event_type in registry.items():
+        expected = {f: "personal" if f in event_type.personal_fields else "clear" for f in event_type.field_names}
+        assert _documented_classification(name) == expected, name
+
+
+def test_marking_an_existing_field_personal_is_compatible():
+    """Sealing a field changes only how it is delivered; its clear form becomes nullable (a forgotten
+    subject's value decrypts to null), and a nullable reader reads every value written before."""
+    old = event_type_from_schema(_schema())
+    new_schema = _schema()
+    [country] = [f for f in new_schema["fields"] if f["name"] == "country"]
+    country["personal"] = True
+    check_backward_compatible(old, event_type_from_schema(new_schema))
 
 
 def _schema(**changes):
