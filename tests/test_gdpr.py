@@ -106,7 +106,7 @@ def test_each_event_of_a_shared_pane_is_sealed_under_its_own_subjects_key(tmp_pa
     [path] = files.glob(f"{tmp_path}/out/delivered/search/*/*/*.avro")  # one shard, one pane: one file
     records = files.read_avro(path)
     assert sorted(r["event_id"] for r in records) == sorted(originals)
-    key_ids = keys.open().subject_key_ids(subjects, create=False)
+    key_ids = keys.open().subject_key_ids(subjects, create=False, scope=search.name)
     assert len(set(key_ids.values()) - {None}) == len(subjects), "each subject has a key of its own"
     sealed_under = {r["event_id"]: r["key_id"] for r in records}
     assert sealed_under == {event_id: key_ids[fields["user_id"]] for event_id, fields in originals.items()}
@@ -281,7 +281,7 @@ def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_op
     search = load_registry()["search"]
     day = 86_400_000
     stamps = {"d1-a": 5 * day + 1000, "d1-b": 6 * day - 1, "d2-a": 6 * day, "d2-b": 6 * day + 5000}
-    key_cache = JobKeyCache(keys)
+    key_cache = JobKeyCache(keys, search.name)
     cache = key_cache.acquire()
     named, named_key = [], cache.keystore.named_key
     cache.keystore.named_key = lambda name: named.append(name) or named_key(name)
