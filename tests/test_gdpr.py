@@ -147,6 +147,32 @@ def test_forget_shreds_past_and_future_events_of_one_subject(tmp_path, keys):
     assert manifest["accounting"]["forgotten"] == 4
 
 
+def test_a_subject_is_delivered_under_a_key_id_of_its_own_in_each_type(tmp_path, keys):
+    """The clear key id links nothing across types, and forget erases the subject in every type;
+    a type the subject is first seen in after the forget gets no key for it."""
+    registry = load_registry()
+    key_ids = {}
+    for name in ("search", "play"):
+        event_type = registry[name]
+        events = [(f"{name}-{i}", {**valid_fields(event_type, i), "user_id": "alice"}) for i in range(2)]
+        deliver_events(settings_for(tmp_path, event_type, keys, run_id=name), events)
+        paths = files.glob(f"{tmp_path}/out/delivered/{name}/*/*/*.avro")
+        key_ids[name] = {r["key_id"] for p in paths for r in files.read_avro(p)}
+    assert len(key_ids["search"]) == len(key_ids["play"]) == 1
+    assert key_ids["search"] != key_ids["play"]
+    keystore = keys.open()
+    assert keystore.key_ids_of("alice") == sorted(key_ids["search"] | key_ids["play"])
+
+    assert keystore.forget("alice")
+    assert set(keystore.data_keys(key_ids["search"] | key_ids["play"]).values()) == {None}
+    page_view = registry["page_view"]
+    later = [("page-0", {**valid_fields(page_view, 0), "user_id": "alice"})]
+    deliver_events(settings_for(tmp_path, page_view, keys, run_id="page_view"), later)
+    [record] = [r for p in files.glob(f"{tmp_path}/out/delivered/page_view/*/*/*.avro") for r in files.read_avro(p)]
+    assert record["key_id"] is None and record["user_id"] is None
+    assert keystore.key_ids_of("alice") == []
+
+
 def _avro_types(event_type, field: str) -> set[str]:
     """The Avro type names a field may hold, e.g. ``{"null", "double"}`` for an optional double."""
     [declared] = [f["type"] for f in event_type.schema["fields"] if f["name"] == field]
