@@ -70,7 +70,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                 day = quarantine_key_name(name, received_at)
                 if not named and day not in quarantine:
                     quarantine[day] = keystore.named_key(day)
-                key = keystore.subject_keys([subject])[subject] if named else quarantine[day]
+                key = keystore.subject_keys([subject], scope=name)[subject] if named else quarantine[day]
                 sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id) if key else None
                 dead.append(
                     {
@@ -92,7 +92,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
             parsed.append(record)
         if subject_field:
             new = {r[subject_field] for r in parsed} - seal.keys()
-            seal.update({s: (k.key_id, k.aead) for s, k in keystore.subject_keys(new).items()})
+            seal.update({s: (k.key_id, k.aead) for s, k in keystore.subject_keys(new, scope=name).items()})
         for record in parsed:
             if subject_field:
                 key_id, aead = seal[record[subject_field]]

@@ -115,7 +115,7 @@ def build(folder: pathlib.Path, total: int, seed: int = 7) -> Workload:
     for name, messages in by_type.items():
         event_type = registry[name]
         sealed = bool(event_type.personal_fields)
-        keys = keystore.subject_keys({m[2] for m in messages if m[2] is not None}) if sealed else {}
+        keys = keystore.subject_keys({m[2] for m in messages if m[2] is not None}, scope=name) if sealed else {}
         records = []
         for event_id, received_at, subject, data, attributes in messages:
             quarantine = keystore.named_key(quarantine_key_name(name, received_at)) if subject is None else None

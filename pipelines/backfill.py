@@ -46,7 +46,7 @@ class Backfill(beam.PTransform):
 
     def expand(self, pipeline):
         # The replay unseals with the keys the path then encrypts with: one cache serves both.
-        key_cache = JobKeyCache(self.settings.keys)
+        key_cache = JobKeyCache(self.settings.keys, self.settings.event_type.name)
         messages = (
             pipeline
             | "ListArchiveFiles" >> beam.Create(self.archive_paths)  # it spreads the files over workers

@@ -61,7 +61,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     One ``key_cache`` serves every step; a source that unseals messages itself (the
     backfill's archive replay) passes its own, so the keys it read are there for the path.
     """
-    key_cache = key_cache or JobKeyCache(settings.keys)
+    key_cache = key_cache or JobKeyCache(settings.keys, settings.event_type.name)
     event_type, layout = settings.event_type, settings.layout
     archive = layout.raw_archive is not None
 

@@ -125,7 +125,7 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
         )
     )
     parsed = replayed.messages | "ParseEvents" >> ParseEvents(settings)
-    key_cache = JobKeyCache(settings.keys)
+    key_cache = JobKeyCache(settings.keys, settings.event_type.name)
     protected = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
     # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
     panes = protected | "BucketByHour" >> BucketByHour(settings)

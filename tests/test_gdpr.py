@@ -106,7 +106,7 @@ def test_each_event_of_a_shared_pane_is_sealed_under_its_own_subjects_key(tmp_pa
     [path] = files.glob(f"{tmp_path}/out/delivered/search/*/*/*.avro")  # one shard, one pane: one file
     records = files.read_avro(path)
     assert sorted(r["event_id"] for r in records) == sorted(originals)
-    key_ids = keys.open().subject_key_ids(subjects, create=False)
+    key_ids = keys.open().subject_key_ids(subjects, create=False, scope=search.name)
     assert len(set(key_ids.values()) - {None}) == len(subjects), "each subject has a key of its own"
     sealed_under = {r["event_id"]: r["key_id"] for r in records}
     assert sealed_under == {event_id: key_ids[fields["user_id"]] for event_id, fields in originals.items()}
@@ -145,6 +145,32 @@ def test_forget_shreds_past_and_future_events_of_one_subject(tmp_path, keys):
         pathlib.Path(f"{tmp_path}/out/delivered/search/dt=1970-01-01/hr=02-00-00/_SUCCESS").read_text()
     )
     assert manifest["accounting"]["forgotten"] == 4
+
+
+def test_a_subject_is_delivered_under_a_key_id_of_its_own_in_each_type(tmp_path, keys):
+    """The clear key id links nothing across types, and forget erases the subject in every type;
+    a type the subject is first seen in after the forget gets no key for it."""
+    registry = load_registry()
+    key_ids = {}
+    for name in ("search", "play"):
+        event_type = registry[name]
+        events = [(f"{name}-{i}", {**valid_fields(event_type, i), "user_id": "alice"}) for i in range(2)]
+        deliver_events(settings_for(tmp_path, event_type, keys, run_id=name), events)
+        paths = files.glob(f"{tmp_path}/out/delivered/{name}/*/*/*.avro")
+        key_ids[name] = {r["key_id"] for p in paths for r in files.read_avro(p)}
+    assert len(key_ids["search"]) == len(key_ids["play"]) == 1
+    assert key_ids["search"] != key_ids["play"]
+    keystore = keys.open()
+    assert keystore.key_ids_of("alice") == sorted(key_ids["search"] | key_ids["play"])
+
+    assert keystore.forget("alice")
+    assert set(keystore.data_keys(key_ids["search"] | key_ids["play"]).values()) == {None}
+    page_view = registry["page_view"]
+    later = [("page-0", {**valid_fields(page_view, 0), "user_id": "alice"})]
+    deliver_events(settings_for(tmp_path, page_view, keys, run_id="page_view"), later)
+    [record] = [r for p in files.glob(f"{tmp_path}/out/delivered/page_view/*/*/*.avro") for r in files.read_avro(p)]
+    assert record["key_id"] is None and record["user_id"] is None
+    assert keystore.key_ids_of("alice") == []
 
 
 def _avro_types(event_type, field: str) -> set[str]:
@@ -281,7 +307,7 @@ def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_op
     search = load_registry()["search"]
     day = 86_400_000
     stamps = {"d1-a": 5 * day + 1000, "d1-b": 6 * day - 1, "d2-a": 6 * day, "d2-b": 6 * day + 5000}
-    key_cache = JobKeyCache(keys)
+    key_cache = JobKeyCache(keys, search.name)
     cache = key_cache.acquire()
     named, named_key = [], cache.keystore.named_key
     cache.keystore.named_key = lambda name: named.append(name) or named_key(name)

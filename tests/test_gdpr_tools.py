@@ -24,7 +24,8 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
     kek_path, db = tmp_path / "kek.key", tmp_path / "keys.db"
     keystore = KeyConfig(f"sqlite:///{db}", str(kek_path)).provision()
     subjects = [f"user-{i}" for i in range(250)]
-    keystore.subject_keys(subjects)
+    keystore.subject_keys(subjects, scope="search")
+    keystore.subject_keys(subjects[:100], scope="play")
     key_flags = [f"--keystore=sqlite:///{db}", f"--local_key_file={kek_path}"]
 
     one = run("pipelines.forget", "--subject", "user-0", *key_flags)
@@ -38,8 +39,9 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
     assert "199 key(s) deleted, 1 subject(s) had no key" in batch.stdout
     assert "user-1" not in batch.stdout + batch.stderr
 
-    after = keystore.subject_keys(subjects + ["never-seen"])
-    assert sorted(s for s, key in after.items() if key is not None) == sorted(subjects[200:])
+    for scope in ("search", "play", "page_view"):
+        after = keystore.subject_keys(subjects + ["never-seen"], scope=scope)
+        assert sorted(s for s, key in after.items() if key is not None) == sorted(subjects[200:]), scope
 
 
 def decrypt_command(tmp_path, start, *extra):

@@ -148,7 +148,7 @@ def test_a_subject_id_in_a_producers_extra_attribute_is_sealed_everywhere_and_re
     assert all(r["sealed_attributes"] and set(r["attributes"]) <= set(envelope.ENVELOPE_ATTRIBUTES) for r in dead)
     assert all(r["sealed_attributes"] and set(r["attributes"]) <= set(envelope.ENVELOPE_ATTRIBUTES) for r in archived)
 
-    replay = ReplayArchiveFn(search, JobKeyCache(keys))
+    replay = ReplayArchiveFn(search, JobKeyCache(keys, search.name))
     replay.setup()
     replayed = [m for p in files.glob(f"{live.layout.raw_archive}/search/*/*/*.avro") for m in replay.process(p)]
     assert sorted(m.attributes[envelope.EVENT_ID] for m in replayed) == ["names-subject", "quarantined", "valid"]
@@ -180,7 +180,7 @@ def test_a_type_without_personal_fields_seals_a_message_with_attributes_of_its_o
     """Its archive is in clear, but not an attribute nothing checks: that message is sealed whole
     under the quarantine key, and replays whole."""
     service_log, keys = load_registry()["service_log"], local_keys(tmp_path)
-    key_cache = JobKeyCache(keys)
+    key_cache = JobKeyCache(keys, service_log.name)
     seal = SealRawMessagesFn(service_log, key_cache)
     seal.setup()
     data = json.dumps(valid_fields(service_log)).encode()

@@ -90,6 +90,41 @@ def test_forget_deletes_the_key_and_never_creates_another(keystore_url, kek):
     assert keystore.subject_keys(["carol"]) == {"carol": None}
 
 
+def test_a_subject_has_a_key_of_its_own_in_each_type_and_forget_deletes_every_one(keystore_url, kek):
+    keystore = provisioned(keystore_url, kek)
+    legacy = keystore.subject_keys(["alice"])["alice"]  # unscoped, as keys were made before types had their own
+    play = keystore.subject_keys(["alice", "bob"], scope="play")
+    search = keystore.subject_keys(["alice"], scope="search")["alice"]
+    assert len({legacy.key_id, play["alice"].key_id, search.key_id}) == 3, "one key id per type"
+    assert keystore.subject_keys(["alice"], scope="play")["alice"] == play["alice"]
+    assert len({keystore.pseudonym("alice", scope) for scope in (None, "play", "search")}) == 3, "rows unlinkable"
+    alices = sorted([legacy.key_id, play["alice"].key_id, search.key_id])
+    assert keystore.key_ids_of("alice") == alices
+    assert set(keystore.named_keys(PSEUDONYM_KEY)) == {
+        PSEUDONYM_KEY,
+        f"{PSEUDONYM_KEY}/play",
+        f"{PSEUDONYM_KEY}/search",
+    }
+
+    assert keystore.forget("alice") is True
+    assert keystore.data_keys(alices) == dict.fromkeys(alices), "every type's key and the unscoped one are gone"
+    assert keystore.is_forgotten("alice") and keystore.key_ids_of("alice") == []
+    assert keystore.subject_keys(["alice"], scope="play") == {"alice": None}
+    assert keystore.subject_keys(["alice", "bob"], scope="page_view")["alice"] is None, "no key in a type met later"
+    assert keystore.key_ids_of("alice") == [], "nor any key row"
+    assert keystore.subject_keys(["bob"], scope="play", create=False) == {"bob": play["bob"]}
+    assert keystore.subject_keys(["bob"], scope="page_view", create=False)["bob"] is not None
+
+
+def test_forget_of_a_subject_never_seen_leaves_no_key_to_make_in_any_type(keystore_url, kek):
+    keystore = provisioned(keystore_url, kek)
+    keystore.subject_keys(["bob"], scope="play")
+    assert keystore.forget("carol") is False
+    assert keystore.subject_keys(["carol"], scope="play") == {"carol": None}
+    assert keystore.subject_keys(["carol"], scope="search") == {"carol": None}
+    assert keystore.key_ids_of("carol") == []
+
+
 def _race(url, key_file, subjects, start_line, queue):
     keystore = open_keystore(url, LocalKeyFile(key_file, create=False))
     keystore.pseudonym("warm-up")  # open connections before the start line
@@ -146,7 +181,7 @@ def test_the_keystore_holds_no_subject_id_and_no_clear_key(tmp_path, kek):
 def test_the_cache_serves_a_forgotten_key_until_its_ttl(tmp_path, kek):
     now = [0.0]
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
-    cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
+    cache = KeyCache(keystore, "search", ttl_seconds=60, clock=lambda: now[0])
     key, _ = cache.lookup(["alice"])["alice"]
     keystore.forget("alice")
     now[0] = 59
@@ -159,8 +194,10 @@ def test_the_cache_batches_misses_into_one_keystore_call(tmp_path, kek):
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
     calls = []
     original = keystore.subject_key_ids
-    keystore.subject_key_ids = lambda subjects, create=True: calls.append(list(subjects)) or original(subjects, create)
-    cache = KeyCache(keystore, ttl_seconds=60)
+    keystore.subject_key_ids = lambda subjects, create=True, scope=None: (
+        calls.append(list(subjects)) or original(subjects, create, scope)
+    )
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
     cache.lookup(["a", "b", "c", "a"])
     cache.lookup(["a", "b", "d"])
     assert [sorted(c) for c in calls] == [["a", "b", "c"], ["d"]]
@@ -171,15 +208,19 @@ def test_a_pseudonym_is_hmac_sha256_of_the_subject_id_so_existing_keystores_stay
     secret = keystore.named_key(PSEUDONYM_KEY).data_key
     for subject in ("alice", "user-00042", "zoë", ""):
         assert keystore.pseudonym(subject) == hmac.new(secret, subject.encode(), hashlib.sha256).hexdigest()[:32]
+    keystore.pseudonym("alice", "play")
+    play = keystore.named_key(f"{PSEUDONYM_KEY}/play").data_key
+    assert play != secret, "a type's pseudonyms have a secret of their own"
+    assert keystore.pseudonym("alice", "play") == hmac.new(play, b"alice", hashlib.sha256).hexdigest()[:32]
 
 
 def test_a_key_read_by_key_id_serves_a_later_lookup_by_subject(tmp_path, kek):
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
-    key = keystore.subject_keys(["alice"])["alice"]
+    key = keystore.subject_keys(["alice"], scope="search")["alice"]
     reads = []
     original = keystore.data_keys
     keystore.data_keys = lambda key_ids: reads.append(sorted(key_ids)) or original(key_ids)
-    cache = KeyCache(keystore, ttl_seconds=60)
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
     assert cache.data_keys([key.key_id])[key.key_id][0] == key
     assert cache.lookup(["alice"])["alice"][0] == key
     assert reads == [[key.key_id]], "the subject's key came from the cache"
@@ -188,8 +229,8 @@ def test_a_key_read_by_key_id_serves_a_later_lookup_by_subject(tmp_path, kek):
 def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
     now = [0.0]
     keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
-    key_id = keystore.subject_keys(["alice"])["alice"].key_id
-    cache = KeyCache(keystore, ttl_seconds=60, clock=lambda: now[0])
+    key_id = keystore.subject_keys(["alice"], scope="search")["alice"].key_id
+    cache = KeyCache(keystore, "search", ttl_seconds=60, clock=lambda: now[0])
     assert cache.data_keys([key_id])[key_id][0] is not None
     keystore.forget("alice")
     now[0] = 61
@@ -199,7 +240,9 @@ def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
 
 def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
     now = [0.0]
-    cache = KeyCache(SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True), ttl_seconds=60, clock=lambda: now[0])
+    cache = KeyCache(
+        SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True), "search", ttl_seconds=60, clock=lambda: now[0]
+    )
     cache.MAX_ENTRIES = 2
     cache.lookup(["a", "b"])
     now[0] = 61
@@ -211,7 +254,7 @@ def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
     keys = KeyConfig(f"sqlite:///{tmp_path}/keys.db", str(tmp_path / "kek.key"))
     keys.provision()
-    job, other_job = JobKeyCache(keys), JobKeyCache(keys)
+    job, other_job = JobKeyCache(keys, "search"), JobKeyCache(keys, "search")
     step = pickle.loads(pickle.dumps(job))  # as a worker receives it
     assert step.acquire() is job.acquire()
     assert other_job.acquire() is not job.acquire()
@@ -257,19 +300,21 @@ def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
         assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
 
 
-def _forget_or_claim(url, key_file, subjects, action, start_line, queue):
+def _forget_or_claim(url, key_file, subjects, action, scope, start_line, queue):
     keystore = open_keystore(url, LocalKeyFile(key_file, create=False))
-    keystore.pseudonym("warm-up")
+    keystore.pseudonym("warm-up")  # the type's own secret is made in the race, by the first claim
     for subject in subjects:
         start_line.wait()  # every subject is raced afresh: the four meet it at once
-        keystore.forget(subject) if action == "forget" else keystore.subject_keys([subject])
+        keystore.forget(subject) if action == "forget" else keystore.subject_keys([subject], scope=scope)
     queue.put(action)
 
 
 @pytest.mark.emulators
-def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_path, kek):
+@pytest.mark.parametrize("scope", [None, "play"])
+def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_path, kek, scope):
     """First sight and forget of the same subjects race in four processes: every subject ends
-    forgotten, and no data key is left that nothing points to (a readable orphan)."""
+    forgotten, and no data key is left that nothing points to (a readable orphan), whether the
+    claims are in a type's scope (made during the race) or unscoped."""
     url = f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}"
     keystore = provisioned(url, kek)
     keystore.named_key("warm-up")
@@ -278,7 +323,7 @@ def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_pa
     queue, start_line = context.Queue(), context.Barrier(4, timeout=120)
     actions = ["forget", "claim", "forget", "claim"]
     workers = [
-        context.Process(target=_forget_or_claim, args=(url, str(kek.path), subjects, a, start_line, queue))
+        context.Process(target=_forget_or_claim, args=(url, str(kek.path), subjects, a, scope, start_line, queue))
         for a in actions
     ]
     for worker in workers:
@@ -290,6 +335,7 @@ def test_a_key_claimed_while_forget_runs_is_erased_too(bigtable_emulator, tmp_pa
             worker.join(10)
             worker.kill()
     assert all(keystore.is_forgotten(s) for s in subjects)
+    assert not [s for s in subjects if keystore.key_ids_of(s)]
     named = [row.row_key for row in keystore.table.read_rows(start_key=b"n#", end_key=b"n$")]
     keys = [row.row_key for row in keystore.table.read_rows(start_key=b"d#", end_key=b"d$")]
     assert len(keys) == len(named), "the only keys left are the named ones"
@@ -344,14 +390,14 @@ def test_jobs_and_tools_open_only_the_keys_provisioning_made(key_config, tmp_pat
     with pytest.raises(KeysNotFound, match="no key-encryption key file .* `make provision`"):
         key_config.check()
     with pytest.raises(KeysNotFound):
-        JobKeyCache(key_config).acquire()
+        JobKeyCache(key_config, "search").acquire()
     assert not (tmp_path / "keys").exists(), "nothing was created"
 
     LocalKeyFile(key_config.local_key_file, create=True)
     with pytest.raises(KeysNotFound, match="no keystore .* `make provision`"):
         key_config.check()
     with pytest.raises(KeysNotFound):  # a job: when its first bundle looks a key up
-        JobKeyCache(key_config).acquire().lookup(["alice"])
+        JobKeyCache(key_config, "search").acquire().lookup(["alice"])
     if key_config.keystore.startswith("sqlite"):
         assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek.key"]
     else:
@@ -364,8 +410,8 @@ def test_jobs_and_tools_open_only_the_keys_provisioning_made(key_config, tmp_pat
     again = key_config.provision()
     assert (tmp_path / "keys" / "kek.key").read_bytes() == kek_file, "provisioning again keeps the KEK"
     assert again.pseudonym("alice") == pseudonym, "and the pseudonym secret"
-    key = JobKeyCache(key_config).acquire().lookup(["alice"])["alice"][0]
-    assert key_config.check().subject_keys(["alice"], create=False)["alice"] == key
+    key = JobKeyCache(key_config, "search").acquire().lookup(["alice"])["alice"][0]
+    assert key_config.check().subject_keys(["alice"], create=False, scope="search")["alice"] == key
 
 
 def test_make_provision_creates_the_keystore_and_the_kek(key_config, monkeypatch, capsys):

@@ -98,7 +98,7 @@ def test_a_dead_letter_that_names_its_subject_is_erased_by_forget_and_the_rest_s
         deliver(pipeline | clock.finish(), settings)
 
     keystore = settings.keys.open()
-    subject_keys = keystore.subject_key_ids(["alice", "bob"], create=False)
+    subject_keys = keystore.subject_key_ids(["alice", "bob"], create=False, scope=search.name)
     dead = {
         r["event_id"]: r for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)
     }

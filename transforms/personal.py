@@ -63,14 +63,16 @@ class JobKeyCache:
     """A handle, made once per job, to one ``KeyCache`` per worker process that every
     step of the job holding the handle shares: a key one step read is there for the
     next. Another job, or another run of it in the same process, gets a cache of its
-    own, so no key outlives the job that read it by more than the cache's TTL."""
+    own, so no key outlives the job that read it by more than the cache's TTL. A job serves
+    one event type, whose name is the scope of the subject keys it uses."""
 
-    def __init__(self, keys: KeyConfig):
+    def __init__(self, keys: KeyConfig, scope: str):
         self.keys = keys
+        self.scope = scope
         self._handle = Shared()
 
     def acquire(self) -> KeyCache:
-        return self._handle.acquire(lambda: KeyCache(self.keys.open(), self.keys.cache_ttl_seconds))
+        return self._handle.acquire(lambda: KeyCache(self.keys.open(), self.scope, self.keys.cache_ttl_seconds))
 
 
 class SealInBatchesFn(beam.DoFn):

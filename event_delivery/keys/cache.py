@@ -11,7 +11,8 @@ from event_delivery.keys.keystore import Keystore, SubjectKey
 
 
 class KeyCache:
-    """A worker's cache of keys, with a TTL: subject -> key id, and key id -> data key.
+    """A worker's cache of one scope's keys (an event type's: a job serves one), with a TTL:
+    subject -> key id, and key id -> data key.
 
     A step that unseals by key id (replaying the archive) fills the second map, so a
     step that then seals by subject only asks the keystore which key id a subject has.
@@ -23,8 +24,9 @@ class KeyCache:
 
     MAX_ENTRIES = 1_000_000  # past this, expired entries are dropped
 
-    def __init__(self, keystore: Keystore, ttl_seconds: float, clock=time.monotonic):
+    def __init__(self, keystore: Keystore, scope: str, ttl_seconds: float, clock=time.monotonic):
         self.keystore = keystore
+        self.scope = scope
         self.ttl_seconds = ttl_seconds
         self.clock = clock
         self._key_ids: dict[str, tuple[float, str | None]] = {}  # subject -> (expires, key id)
@@ -65,6 +67,9 @@ class KeyCache:
             fetched[key_id] = (key, key.aead if key else None)
         return fetched
 
+    def _fetch_key_ids(self, subject_ids: list[str]) -> dict[str, str | None]:
+        return self.keystore.subject_key_ids(subject_ids, scope=self.scope)
+
     def data_keys(self, key_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         """Keys by key id, as ``(key, aead)``, ``(None, None)`` where the key is gone; misses cost one batch."""
         return self._cached(self._keys, key_ids, self._fetch_data_keys)
@@ -79,7 +84,7 @@ class KeyCache:
         return entry
 
     def lookup(self, subject_ids) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
-        """Keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""
-        key_ids = self._cached(self._key_ids, subject_ids, self.keystore.subject_key_ids)
+        """The scope's keys for a batch of subjects, created for new ones, ``(None, None)`` for forgotten ones."""
+        key_ids = self._cached(self._key_ids, subject_ids, self._fetch_key_ids)
         keys = self.data_keys(k for k in key_ids.values() if k)
         return {subject: keys[k] if k else (None, None) for subject, k in key_ids.items()}

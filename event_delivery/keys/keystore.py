@@ -1,13 +1,17 @@
-"""The subject keystore: one random data key per data subject, stored only wrapped.
+"""The subject keystore: one random data key per data subject and event type, stored only wrapped.
 
 Layout, the same in every backend:
 
-- a *subject* entry, keyed by the subject's pseudonym (a keyed HMAC of its id, so the
-  keystore holds no subject id in clear), names the subject's key id, or is a
-  tombstone once the subject is forgotten;
+- a *subject* entry, keyed by the subject's pseudonym in a *scope*, names the subject's key
+  id in that scope, or is a tombstone once the subject is forgotten. A scope is an event
+  type: its pseudonym is a keyed HMAC of the subject's id under the scope's own secret, the
+  named key ``subject-pseudonyms/<type>``, so the keystore holds no subject id in clear,
+  and a subject's entries in two types cannot be linked, nor its key ids in the records.
+  The *unscoped* pseudonym (the secret ``subject-pseudonyms``) holds the subject's
+  tombstone, and the one key of keystores from before there were scopes;
 - a *data key* entry, keyed by the opaque key id, holds the data key wrapped (with the
   key id as associated data);
-- a *named key* entry (the pseudonym secret, the quarantine keys, one per type and day, the
+- a *named key* entry (the pseudonym secrets, the quarantine keys, one per type and day, the
   key-wrapping keys) names a data key by purpose.
 
 Two tiers of wrapping keep the key-encryption key (Cloud KMS) off the hot path. The KEK
@@ -18,10 +22,12 @@ AES-256-GCM``, with the header and the key id as associated data. A process unwr
 key-wrapping key once, with one KEK call, and keeps it: no data key costs a KMS call,
 whether created or read. Rotating the KEK re-wraps the few key-wrapping keys only.
 
-``forget`` deletes the data key and turns the subject entry into a tombstone, so the
-subject's ciphertexts can never be decrypted again, and no new key is ever created
-for it. Two workers that meet a new subject at once end up with one key: the first
-subject entry written wins, atomically, and the loser's key is deleted.
+``forget`` writes the unscoped tombstone, then deletes the subject's key in every scope that
+exists (the scopes are the pseudonym secrets stored, so a type removed from the registry is
+found too) and leaves a tombstone in each, so the subject's ciphertexts can never be
+decrypted again, and no new key is ever created for it, in any type. Two workers that meet
+a new subject at once end up with one key: the first subject entry written wins,
+atomically, and the loser's key is deleted.
 
 Backends: SQLite (embedded, the default for local runs) and Cloud Bigtable
 (production; tested against the Bigtable emulator).
@@ -50,7 +56,8 @@ from event_delivery.keys.kek import (
     wrapped_by_kek,
 )
 
-PSEUDONYM_KEY = "subject-pseudonyms"
+PSEUDONYM_KEY = "subject-pseudonyms"  # the unscoped pseudonyms: tombstones, and keys from before scopes
+SCOPED_PSEUDONYM_KEY = PSEUDONYM_KEY + "/{scope}"
 KEY_WRAPPING_KEY = "key-wrapping/{period}"
 WRAPPED_LOCALLY = 2
 LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
@@ -91,7 +98,7 @@ class Keystore(abc.ABC):
     def __init__(self, kek: KeyEncryptionKey, clock: Callable[[], float] = time.time):
         self.kek = kek
         self.clock = clock
-        self._pseudonym_mac = None
+        self._pseudonym_macs: dict[str, HMAC] = {}  # by the secret's name; a secret never changes
         self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id; kept for the life of the process
         self._current_key_wrapping_key: tuple[str, str] | None = None  # (period, key id)
 
@@ -194,28 +201,60 @@ class Keystore(abc.ABC):
         return aead
 
     # The interface the pipeline and the tools use.
-    def pseudonym(self, subject_id: str) -> str:
-        if self._pseudonym_mac is None:
-            self._pseudonym_mac = HMAC(self.named_key(PSEUDONYM_KEY).data_key, SHA256())
-        mac = self._pseudonym_mac.copy()  # the keyed state, without keying a new HMAC for every subject
+    def _pseudonym(self, secret_name: str, subject_id: str) -> str:
+        mac = self._pseudonym_macs.get(secret_name)
+        if mac is None:
+            mac = self._pseudonym_macs[secret_name] = HMAC(self.named_key(secret_name).data_key, SHA256())
+        mac = mac.copy()  # the keyed state, without keying a new HMAC for every subject
         mac.update(subject_id.encode("utf-8"))
         return mac.finalize().hex()[:32]
 
-    def subject_key_ids(self, subject_ids, create: bool = True) -> dict[str, str | None]:
-        """Key ids for many subjects in one batch; None for forgotten (or, without ``create``, unknown) ones."""
+    def pseudonym(self, subject_id: str, scope: str | None = None) -> str:
+        """The subject's pseudonym in ``scope`` (an event type's name), or the unscoped one; the
+        first use of a scope creates its secret."""
+        return self._pseudonym(PSEUDONYM_KEY if scope is None else SCOPED_PSEUDONYM_KEY.format(scope=scope), subject_id)
+
+    def _pseudonym_secrets(self) -> list[str]:
+        """The names of every pseudonym secret stored: the unscoped one and one per scope ever used."""
+        scoped = SCOPED_PSEUDONYM_KEY.format(scope="")
+        return sorted(n for n in self.named_keys(PSEUDONYM_KEY) if n == PSEUDONYM_KEY or n.startswith(scoped))
+
+    def _forgotten(self, subject_ids) -> set[str]:
+        """The subjects among ``subject_ids`` that have the unscoped tombstone, in one batch."""
         by_pseudonym = {self.pseudonym(s): s for s in set(subject_ids)}
         known = self._read_subjects(list(by_pseudonym))
+        return {s for p, s in by_pseudonym.items() if p in known and known[p] is None}
+
+    def subject_key_ids(self, subject_ids, create: bool = True, scope: str | None = None) -> dict[str, str | None]:
+        """Key ids for many subjects in ``scope`` (an event type's name; None: the unscoped keys of
+        keystores from before scopes), in one batch; None for forgotten (or, without ``create``,
+        unknown) ones."""
+        by_pseudonym = {self.pseudonym(s, scope): s for s in set(subject_ids)}
+        known = self._read_subjects(list(by_pseudonym))
         missing = [p for p in by_pseudonym if p not in known]
+        if missing and create and scope is not None:
+            # A forgotten subject gets no key in a scope it never had one in. The scope's secret
+            # exists (made above) before this reads the tombstone, and forget writes the tombstone
+            # before it lists the secrets: so either this read sees the tombstone, or forget sees
+            # the scope and tombstones the subject there, where a claim made now loses or is erased.
+            forgotten = self._forgotten(by_pseudonym[p] for p in missing)
+            missing = [p for p in missing if by_pseudonym[p] not in forgotten]
         if missing and create:
             self._create_subjects({pseudonym: self._new_key() for pseudonym in missing})
             known.update(self._read_subjects(missing))
         return {subject: known.get(p) for p, subject in by_pseudonym.items()}
 
-    def subject_keys(self, subject_ids, create: bool = True) -> dict[str, SubjectKey | None]:
-        """Keys for many subjects in one batch; None for forgotten (or, without ``create``, unknown) ones."""
-        key_ids = self.subject_key_ids(subject_ids, create)
+    def subject_keys(self, subject_ids, create: bool = True, scope: str | None = None) -> dict[str, SubjectKey | None]:
+        """Keys for many subjects in ``scope``, in one batch; None for forgotten (or, without
+        ``create``, unknown) ones."""
+        key_ids = self.subject_key_ids(subject_ids, create, scope)
         keys = self.data_keys([k for k in key_ids.values() if k])
         return {s: SubjectKey(k, keys[k]) if k and keys.get(k) else None for s, k in key_ids.items()}
+
+    def key_ids_of(self, subject_id: str) -> list[str]:
+        """The subject's current key ids in every scope, the unscoped one included; creates nothing."""
+        pseudonyms = [self._pseudonym(name, subject_id) for name in self._pseudonym_secrets()]
+        return sorted(k for k in self._read_subjects(pseudonyms).values() if k)
 
     def data_keys(self, key_ids) -> dict[str, bytes | None]:
         """Unwrapped data keys by key id; None where the key was deleted (its subject forgotten)."""
@@ -224,13 +263,19 @@ class Keystore(abc.ABC):
         return {k: self._unwrap_key(k, wrapped[k]) if k in wrapped else None for k in wanted}
 
     def forget(self, subject_id: str) -> bool:
-        """Crypto-shreds a subject: True if a key was deleted, False if there was none (a tombstone stays)."""
-        return self._forget(self.pseudonym(subject_id))
+        """Crypto-shreds a subject in every scope: True if a key was deleted, False if there was none
+        (tombstones stay). The unscoped tombstone comes first, and only then are the scopes listed:
+        a job that makes a scope after the listing sees the tombstone (``subject_key_ids``). A
+        forget that fails halfway finishes when run again."""
+        deleted = self._forget(self.pseudonym(subject_id))
+        for name in self._pseudonym_secrets():
+            if name != PSEUDONYM_KEY:
+                deleted = self._forget(self._pseudonym(name, subject_id)) or deleted
+        return deleted
 
     def is_forgotten(self, subject_id: str) -> bool:
-        pseudonym = self.pseudonym(subject_id)
-        known = self._read_subjects([pseudonym])
-        return pseudonym in known and known[pseudonym] is None
+        """Whether the subject has the unscoped tombstone that forget writes first."""
+        return subject_id in self._forgotten([subject_id])
 
     def named_key(self, name: str) -> SubjectKey:
         """A key kept for a purpose rather than a subject, created on first use (and only then wrapped)."""
