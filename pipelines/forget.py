@@ -29,7 +29,7 @@ points to any more: a worker that died between writing a new key and claiming it
 subject leaves one, and a forget interrupted halfway leaves its key, which the sweep
 erases. It also deletes the quarantine keys (one per type and day) of the days past
 ``--quarantine_retention_days``: what they sealed (dead letters and archived messages
-that name no subject) can then no longer be read. Run it daily::
+that name no subject) can then no longer be read. Run it daily (``make sweep-keys``)::
 
     python -m pipelines.forget --sweep_orphans --keystore bigtable://... --kms_key ...
 """
