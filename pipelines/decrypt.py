@@ -157,7 +157,7 @@ def copies_holding(inventory: str, key_ids) -> list[str]:
 def record_purge(inventory: str, purged: list[str], deleted: list[str]) -> str:
     """Records that forget purged the files of ``purged`` (of which it deleted ``deleted``, the rest were
     already gone); returns the record's path."""
-    record_path = new_record_path(inventory, "purge")
+    record_path, deleted = new_record_path(inventory, "purge"), set(deleted)
     files.write_json_lines(record_path, ({"path": path, "deleted": path in deleted} for path in purged))
     return record_path
 
