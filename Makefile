@@ -17,8 +17,11 @@ WINDOW_SECONDS ?= 3600
 ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
+# Where decrypt records its clear copies and forget looks for them; empty: the tools' default (.keys/decrypted-copies).
+COPIES_INVENTORY ?=
+COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
 .PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit forget \
-	decrypt redrive backfill deploy update drain
+	sweep-keys decrypt redrive backfill deploy update drain
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -88,20 +91,24 @@ report: $(INSTALLED)  ## One offline HTML page of every type's hours against its
 	$(ENV) $(PY) -m event_delivery.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),) --output $(or $(OUTPUT),.demo/report.html)
 
-forget: $(INSTALLED)  ## Crypto-shred subjects: make forget FILE=ids.txt | FILE=- (ids on stdin) [KEY_ARGS=...].
-	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids" >&2; exit 2; }
+forget: $(INSTALLED)  ## Crypto-shred subjects, list their decrypted copies: make forget FILE=ids.txt | FILE=- (ids on stdin) [COPIES=purge] [KEY_ARGS=...].
+	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids [COPIES=purge]" >&2; exit 2; }
 	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
-	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") $(KEY_ARGS)
+	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") \
+		--decrypted_copies $(or $(COPIES),list) $(COPIES_ARGS) $(KEY_ARGS)
+
+sweep-keys: $(INSTALLED)  ## Delete the keys nothing points to and the quarantine keys past their retention; run daily [KEY_ARGS=...].
+	$(ENV) $(PY) -m pipelines.forget --sweep_orphans $(KEY_ARGS)
 
 .PHONY: rewrap
 rewrap: $(INSTALLED)  ## Re-wrap every key under the KEK's primary version [ARGS="--rotate_local_key" | "--destroy_kek_version 1"].
 	$(ENV) $(PY) -m pipelines.rewrap $(KEY_ARGS) $(ARGS)
 
-decrypt: $(INSTALLED)  ## Decrypted copy: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
+decrypt: $(INSTALLED)  ## Decrypted copy, recorded for forget: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \
 		{ echo "usage: make decrypt TYPE=<type> START=<hour> END=<hour> OUTPUT=<root> [KEY_ARGS=...]" >&2; exit 2; }
 	$(ENV) $(PY) -m pipelines.decrypt --event_type $(TYPE) --input_root $(STORAGE_ROOT)/delivered \
-		--output_root $(OUTPUT) --start $(START) --end $(END) $(KEY_ARGS)
+		--output_root $(OUTPUT) --start $(START) --end $(END) $(COPIES_ARGS) $(KEY_ARGS)
 
 redrive: $(INSTALLED)  ## Replay dead letters: make redrive TYPE=search START=... END=... [FIX=strip_unknown_fields].
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" || \

@@ -11,6 +11,14 @@ command line they would stay in the shell's history::
 
 It prints counts only: subject ids are personal data and stay out of logs.
 
+Crypto-shredding cannot reach a decrypted copy (``pipelines.decrypt``), which holds
+personal data in clear. Before it deletes the subjects' keys, forget looks their key ids
+up in the inventory decrypt keeps (``--copies_inventory``) and prints the paths of the
+recorded copies that hold any of them in clear (``--decrypted_copies list``, the default),
+or deletes those files and records the purge there (``--decrypted_copies purge``). A file
+mixes subjects, so a purge deletes the other subjects' copies in it too: a decrypted copy
+can be made again.
+
 It never creates a key-encryption key or a keystore: a forget that points at the
 wrong place stops with exit code 2 instead of tombstoning subjects in a new, empty
 keystore. A keystore that holds no key at all is refused too, unless
@@ -21,7 +29,7 @@ points to any more: a worker that died between writing a new key and claiming it
 subject leaves one, and a forget interrupted halfway leaves its key, which the sweep
 erases. It also deletes the quarantine keys (one per type and day) of the days past
 ``--quarantine_retention_days``: what they sealed (dead letters and archived messages
-that name no subject) can then no longer be read. Run it daily::
+that name no subject) can then no longer be read. Run it daily (``make sweep-keys``)::
 
     python -m pipelines.forget --sweep_orphans --keystore bigtable://... --kms_key ...
 """
@@ -35,10 +43,12 @@ import time
 
 import apache_beam as beam
 
-from event_delivery.cloud import preflight
+from event_delivery.cloud import files, preflight
+from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.dead_letters import QUARANTINE_KEYS, QUARANTINE_RETENTION_DAYS, expired_quarantine_keys
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.keys.keystore import ORPHAN_GRACE_SECONDS, Keystore
+from pipelines.decrypt import add_copies_inventory_argument, copies_holding, copies_records, record_purge
 
 
 class ForgetSubjectsFn(beam.DoFn):
@@ -75,6 +85,55 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
     return counters.get("keys_deleted", 0), counters.get("tombstones_without_key", 0)
+
+
+def key_ids_of(keystore: Keystore, subject_id: str) -> list[str]:
+    """The key ids the subject's records carry in clear; none once it is forgotten (or if never seen)."""
+    key_id = keystore.subject_key_ids([subject_id], create=False)[subject_id]
+    return [key_id] if key_id else []
+
+
+def subjects_in(path: str):
+    """The subject ids of a file, one per line, as the batch job reads them."""
+    with open(path, encoding="utf-8") as handle:
+        yield from (line.strip() for line in handle if line.strip())
+
+
+def handle_decrypted_copies(keystore: Keystore, subjects, inventory: str, action: str) -> None:
+    """Lists (``action`` "list") or deletes ("purge") the recorded decrypted files that hold any of
+    ``subjects`` in clear, and prints paths and counts only.
+
+    It runs before the keys are deleted, since their key ids go with them; a forget interrupted
+    after a purge finds the same files when run again, already gone, which is no error.
+    """
+    if not copies_records(inventory):
+        print(f"decrypted copies: no decrypt run is recorded in {inventory}")
+        return
+    held = copies_holding(inventory, {key_id for subject in subjects for key_id in key_ids_of(keystore, subject)})
+    (purge_copies if action == "purge" else list_copies)(inventory, held)
+
+
+def purge_copies(inventory: str, held: list[str]) -> None:
+    deleted = files.delete_existing(held)
+    recorded = f"; the purge is recorded in {record_purge(inventory, held, deleted)}" if held else ""
+    print(
+        f"decrypted copies: {len(deleted)} file(s) that held these subjects in clear deleted, "
+        f"{len(held) - len(deleted)} already gone{recorded}"
+    )
+
+
+def list_copies(inventory: str, held: list[str]) -> None:
+    present = [path for path in held if files.exists(path)]
+    gone = f" ({len(held) - len(present)} recorded one(s) already gone)" if len(present) < len(held) else ""
+    if not present:
+        print(f"decrypted copies: no file recorded in {inventory} holds these subjects in clear{gone}")
+        return
+    print(
+        f"decrypted copies: {len(present)} file(s) hold these subjects in clear{gone}; delete them now, as "
+        "forget cannot find them once the keys are gone (--decrypted_copies purge deletes them itself):"
+    )
+    for path in present:
+        print(f"  {path}")
 
 
 def sweep_quarantine_keys(keystore: Keystore, retention_days: int, now: float | None = None) -> int:
@@ -131,6 +190,15 @@ def main(argv=None) -> int:
         help="The sweep leaves keys younger than this alone: their claim may be under way (Bigtable). "
         f"Default: {ORPHAN_GRACE_SECONDS}.",
     )
+    parser.add_argument(
+        "--decrypted_copies",
+        choices=["list", "purge"],
+        default="list",
+        help="What to do with the decrypted copies that --copies_inventory records as holding the subjects "
+        "in clear: print their paths (default), or delete them (with the other subjects' records in the "
+        "same files) and record the purge.",
+    )
+    add_copies_inventory_argument(parser)
     add_key_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     if not (args.subject or args.subjects_file or args.sweep_orphans):
@@ -145,12 +213,17 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if args.subjects_file and args.subjects_file != "-" and not os.path.isfile(args.subjects_file):
         parser.error(f"there is no file {args.subjects_file}")
+    use_emulator_credentials()
     with preflight.exit_on_failure(parser.prog):
         keystore = open_existing_keystore(keys, args.allow_empty_keystore or not (args.subject or args.subjects_file))
+        if args.copies_inventory.startswith("gs://"):
+            preflight.check_root(args.copies_inventory, create=False)
     if args.subjects_file and args.subjects_file != "-":
+        handle_decrypted_copies(keystore, subjects_in(args.subjects_file), args.copies_inventory, args.decrypted_copies)
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)
     elif args.subject or args.subjects_file:
         subjects = args.subject or [line.strip() for line in sys.stdin if line.strip()]
+        handle_decrypted_copies(keystore, subjects, args.copies_inventory, args.decrypted_copies)
         outcomes = [keystore.forget(subject) for subject in subjects]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
     if args.subject or args.subjects_file:

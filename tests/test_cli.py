@@ -104,6 +104,7 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
             "--output_root must not be --input_root or inside it",
         ),
         ("pipelines.forget", ["--subject", "u", "--key_cache_ttl_seconds", "inf"], "must be between 0 and 3600"),
+        ("pipelines.forget", ["--subject", "u", "--decrypted_copies", "delete"], "invalid choice: 'delete'"),
     ],
 )
 def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):

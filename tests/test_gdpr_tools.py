@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import time
@@ -150,3 +151,13 @@ def test_forget_sweeps_keys_nothing_points_to_and_quarantine_keys_past_the_reten
     assert "1 key(s) deleted" in both.stdout and "swept: 0 key(s)" in both.stdout
     nothing = run("pipelines.forget", *key_flags)
     assert nothing.returncode == 2 and "--sweep_orphans" in nothing.stderr
+
+
+def test_make_sweep_keys_runs_the_sweep(tmp_path):
+    keys, keystore, key_flags = provisioned_keys(tmp_path)
+    keystore.subject_keys(["user-1"])
+    make = ["make", "--no-print-directory", "sweep-keys", "INSTALLED=", f"PY={sys.executable}"]
+    make += [f"STATE_DIR={tmp_path}/no-emulators", f"KEY_ARGS={' '.join(key_flags)}"]
+    result = subprocess.run(make, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "swept: 0 key(s) that nothing pointed to deleted" in result.stdout

@@ -36,6 +36,16 @@ def write_json(path: str, document) -> None:
     write_bytes(path, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
 
 
+def write_json_lines(path: str, documents) -> None:
+    """Writes one JSON document per line (JSON Lines), in a single upload."""
+    write_bytes(path, b"".join(json.dumps(d, sort_keys=True).encode("utf-8") + b"\n" for d in documents))
+
+
+def read_json_lines(path: str) -> list:
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        return [json.loads(line) for line in handle.read().decode("utf-8").splitlines() if line.strip()]
+
+
 def read_avro(path: str) -> list[dict]:
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         return list(fastavro.reader(io.BytesIO(handle.read())))
@@ -59,6 +69,15 @@ def glob(pattern: str) -> list[str]:
 
 def exists(path: str) -> bool:
     return FileSystems.exists(path)
+
+
+def delete_existing(paths: list[str]) -> list[str]:
+    """Deletes those of ``paths`` that exist, in one batched call; returns them. A file already gone is
+    no error: deleting is done either way."""
+    present = [path for path in paths if FileSystems.exists(path)]
+    if present:
+        FileSystems.delete(present)
+    return present
 
 
 def updated_seconds(path: str) -> float:
