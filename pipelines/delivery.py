@@ -41,6 +41,7 @@ from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
 from transforms.personal import (
+    KEY_UNAVAILABLE,
     CountForgotten,
     DeadLetterFailedWrites,
     EncryptPersonalFields,
@@ -68,8 +69,10 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     parsed = messages | "ParseEvents" >> ParseEvents(settings, keep_raw=archive)
     if archive:
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
-    # Sealed where they were read: nothing personal crosses a shuffle in clear.
-    events = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
+    # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
+    # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
+    sealed = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
+    events = sealed["events"]
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         events = events | "MarkRepeats" >> MarkRepeats(settings)
     panes = events | "BucketByHour" >> BucketByHour(settings)
@@ -84,6 +87,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
     dead_letters = (
         parsed.dead_letters,
+        sealed[KEY_UNAVAILABLE],
         failed_writes | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache),
     ) | "DeadLetters" >> beam.Flatten()
     dead_lettered = (

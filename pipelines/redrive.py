@@ -8,9 +8,10 @@ again with the current schema. What now passes goes through the delivery path's 
 transforms (parse, bucket, encrypt, stage) and to ``CloseHour``, which alone knows
 whether an hour is closed: a staged file of an hour that has its marker moves to the
 late root; otherwise it waits for the close of the streaming job that owns the hour (a
-close publishes the staged files of every run). The rest stays dead-lettered: each
-dead-letter file is rewritten without the messages that left it, so every message is
-still in exactly one place::
+close publishes the staged files of every run). The rest stays dead-lettered, and so does
+an event whose subject's key is still unavailable (a ``key_unavailable`` dead letter stays
+one until its key is mended): each dead-letter file is rewritten without the messages
+that left it, so every message is still in exactly one place::
 
     python -m pipelines.redrive --event_type search --storage_root gs://bucket \\
         --start 2026-11-29T00 --end 2026-11-29T06 --fix strip_unknown_fields
@@ -42,7 +43,7 @@ from pipelines.runtime import LOCAL_RUNNER, partition_paths, start_replay_job
 from transforms.close import CloseHour
 from transforms.hours import BucketByHour
 from transforms.parse import ParseEvents
-from transforms.personal import EncryptPersonalFields, JobKeyCache, open_attributes
+from transforms.personal import KEY_UNAVAILABLE, EncryptPersonalFields, JobKeyCache, open_attributes
 from transforms.reports import DELIVERED
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes
@@ -56,7 +57,7 @@ HORIZON_SECONDS = 10 * 365 * 24 * 3600
 
 class ReplayDeadLettersFn(beam.DoFn):
     """A dead-letter file in; each of its messages, unsealed and fixed, out as a Pub/Sub message,
-    and the place of each (``index:path``) on the ``replayed`` output."""
+    and ``(event_id, place)`` of each (``index:path``) on the ``replayed`` output."""
 
     def __init__(self, event_type: EventType, keys: KeyConfig, fix_name: str):
         self.event_type = event_type
@@ -83,7 +84,7 @@ class ReplayDeadLettersFn(beam.DoFn):
             data, attributes = self.fix(payload, attributes, self.event_type)
             attributes[SOURCE] = f"{index}:{path}"
             yield PubsubMessage(data, attributes, publish_time=record["received_at"])
-            yield beam.pvalue.TaggedOutput(REPLAYED, attributes[SOURCE])
+            yield beam.pvalue.TaggedOutput(REPLAYED, (attributes.get(envelope.EVENT_ID) or None, attributes[SOURCE]))
 
 
 class RemoveRedrivenFn(beam.DoFn):
@@ -109,6 +110,14 @@ def _source_place(source: str) -> tuple[str, int]:
     return path, int(index)
 
 
+def _places_of_unavailable(id_outcomes) -> list[tuple[str, int]]:
+    """The places replayed under an event id that came back ``key_unavailable``. Keys are per
+    subject, so every copy of the event is; an id two subjects share keeps both in place, which
+    may deliver one twice but never loses one."""
+    _, outcomes = id_outcomes
+    return [(place, 1) for place in outcomes["replayed"]] if outcomes["key_unavailable"] else []
+
+
 def _passed(source_outcomes) -> list[str]:
     source, outcomes = source_outcomes
     return [] if outcomes["still_broken"] else [source]
@@ -128,13 +137,23 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
     key_cache = JobKeyCache(settings.keys, settings.event_type.name)
     protected = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
     # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
-    panes = protected | "BucketByHour" >> BucketByHour(settings)
+    panes = protected["events"] | "BucketByHour" >> BucketByHour(settings)
     staged = panes | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
     staged | "CloseHour" >> CloseHour(settings, publish=False)
 
-    # What came out of parsing as a dead letter again stays where it is; the rest left its file.
-    still_broken = parsed.dead_letters | "StillBroken" >> beam.Map(lambda dead: (dead[2]["attributes"][SOURCE], 1))
-    places = replayed[REPLAYED] | "Places" >> beam.Map(lambda source: (source, 1))
+    # What came out of parsing as a dead letter again stays where it is, and so does an event
+    # whose subject's key is still unavailable; the rest left its file.
+    rejected = parsed.dead_letters | "StillBroken" >> beam.Map(lambda dead: (dead[2]["attributes"][SOURCE], 1))
+    key_unavailable = (
+        {
+            "replayed": replayed[REPLAYED],
+            "key_unavailable": protected[KEY_UNAVAILABLE] | "UnavailableIds" >> beam.Map(lambda dead: (dead[0], 1)),
+        }
+        | "JoinIds" >> beam.CoGroupByKey()
+        | "KeyStillUnavailable" >> beam.FlatMap(_places_of_unavailable)
+    )
+    still_broken = (rejected, key_unavailable) | "StillBrokenOrUnavailable" >> beam.Flatten()
+    places = replayed[REPLAYED] | "Places" >> beam.Map(lambda id_place: (id_place[1], 1))
     written = staged | "OneWindow" >> beam.WindowInto(GlobalWindows())
     # The side input makes every rewrite wait until all redriven events are written.
     return (

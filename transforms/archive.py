@@ -4,7 +4,8 @@ Each message is kept whole (payload, attributes, arrival time) in the hour it is
 accounted in, duplicates and malformed ones included, so a backfill that replays an
 hour through the delivery path reproduces that hour's accounting. A payload that
 may hold personal data is sealed: a valid event's under its subject's key, so that
-forgetting the subject erases it here too; any other under the type's quarantine
+forgetting the subject erases it here too; any other, and a valid event's whose
+subject's key is unavailable (see ``transforms.personal``), under the type's quarantine
 key. The producer's attributes other than the envelope's are sealed with the payload,
 under the same key. Types without personal fields are archived in clear, unless the
 producer added attributes of its own, which nothing checks: such a message is sealed
@@ -87,12 +88,20 @@ def parsed_raw_archive_schema():
 class SealRawMessagesFn(SealInBatchesFn):
     """``(id, received_at, (subject, arrival, attributes, data))`` messages in, archive records out."""
 
+    def setup(self):
+        super().setup()
+        self.under_quarantine = beam.metrics.Metrics.counter("delivery", "archived_messages_of_unavailable_keys")
+
     def seal(self, messages):
         name, sealed = self.event_type.name, self.event_type.personal_fields
-        keys = self.cache.lookup(m[2][0] for m in messages if m[2][0] is not None) if sealed else {}
+        subjects = (m[2][0] for m in messages if m[2][0] is not None)
+        keys, unavailable = self.available_keys(subjects) if sealed else ({}, {})
         records = []
         for event_id, received_at, (subject, arrival, attributes, data) in messages:
             key_id, payload, clear, sealed_attributes = None, data, dict(attributes), None
+            if subject in unavailable:
+                self.under_quarantine.inc()
+                subject = None
             if sealed or envelope.split_attributes(attributes)[1]:
                 key, aead = keys[subject] if subject is not None else self.quarantine_key(received_at)
                 key_id = key.key_id if key else None

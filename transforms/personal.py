@@ -8,25 +8,54 @@ fields are delivered as null, with no key id, and counted. Dead-letter payloads,
 that never passed validation, are sealed under the subject's key when they name one,
 else under the type's quarantine key. With a sealed payload go the producer's attributes
 other than the envelope's, which the contract does not restrict (``seal_attributes``).
+
+No bundle fails forever on one subject's key. A key the keystore cannot give, for good
+(``UNAVAILABLE``: a wrapped key that no longer unwraps, a key-wrapping key or KEK version
+that is gone, access denied), holds back only its subject's events: they become
+``key_unavailable`` dead letters, sealed under the quarantine key, which a redrive replays
+once the key is mended. A transient keystore error is retried ``ATTEMPTS`` times, then
+left to the runner, which retries the bundle.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 from apache_beam.utils.timestamp import Timestamp
+from cryptography.exceptions import InvalidTag
+from google.api_core import exceptions as google_errors
 
-from event_delivery.contract import envelope
+from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import ErrorKind, dead_letter, quarantine_key_name
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
+from event_delivery.keys.kek import KeysNotFound, KmsIntegrityError, UnknownWrappedFormat
 from event_delivery.keys.keystore import SubjectKey
 from transforms.reports import FORGOTTEN, report
+
+KEY_UNAVAILABLE = ErrorKind.KEY_UNAVAILABLE.value  # the output of events whose subject's key is unavailable
+ATTEMPTS = 3
+BACKOFF_SECONDS = 1.0
+sleep = time.sleep  # module-level, so that a test can skip the waits
+# Keystore errors that no retry mends: a wrapped key that no longer unwraps (altered, or of a format
+# this code does not read), a key-wrapping key or KEK version that is gone, a key, table or KMS key
+# the job may not use or that does not exist.
+UNAVAILABLE = (
+    InvalidTag,
+    UnknownWrappedFormat,
+    KeysNotFound,
+    google_errors.Forbidden,
+    google_errors.NotFound,
+    google_errors.BadRequest,
+)
+# Keystore errors that pass: the service busy, slow or out of reach, a KMS response altered on the way.
+TRANSIENT = (google_errors.ServerError, google_errors.TooManyRequests, ConnectionError, TimeoutError, KmsIntegrityError)
 
 
 def seal_attributes(aead, attributes: dict, event_type: str, key_id: str | None) -> tuple[dict, bytes | None]:
@@ -98,8 +127,42 @@ class SealInBatchesFn(beam.DoFn):
 
     def quarantine_key(self, received_at_millis: int) -> tuple[SubjectKey, object]:
         """``(key, aead)``: the type's quarantine key for the UTC day of ``received_at``, which seals
-        what names no subject; the worker's cache asks the keystore once per day."""
-        return self.cache.named_key(quarantine_key_name(self.event_type.name, received_at_millis))
+        what names no subject, or whose subject's key is unavailable; the worker's cache asks the
+        keystore once per day. When even this key is unavailable, the keystore as a whole is
+        broken, not one subject's key: the error is raised, and the runner retries the bundle
+        until the keystore is mended."""
+        name = quarantine_key_name(self.event_type.name, received_at_millis)
+        return self.with_retries(lambda: self.cache.named_key(name))
+
+    def available_keys(self, subjects) -> tuple[dict, dict[str, str]]:
+        """``(keys, unavailable)``: the keys of a batch of subjects, as ``KeyCache.lookup`` gives
+        them, and the subjects whose key the keystore cannot give, for good, with the error's
+        name. The batch costs one lookup; only when that fails for good are its halves looked up,
+        and theirs, until the subjects at fault are found: one broken key holds back no other
+        subject's events, and a batch with one costs about 2 log2(batch) lookups more."""
+        subjects = sorted(set(subjects))
+        try:
+            return self.with_retries(lambda: self.cache.lookup(subjects)), {}
+        except UNAVAILABLE as error:
+            if len(subjects) <= 1:
+                return {}, dict.fromkeys(subjects, type(error).__name__)
+        half = len(subjects) // 2
+        keys, unavailable = self.available_keys(subjects[:half])
+        more_keys, more_unavailable = self.available_keys(subjects[half:])
+        return {**keys, **more_keys}, {**unavailable, **more_unavailable}
+
+    @staticmethod
+    def with_retries(lookup):
+        """``lookup()``, tried again after a transient keystore error (``TRANSIENT``), ``ATTEMPTS``
+        times in all, then raised for the runner to retry the bundle. Any other error is raised at
+        once: ``UNAVAILABLE`` for the caller to give up the subjects at fault, the rest as a bug."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return lookup()
+            except TRANSIENT:
+                if attempt == ATTEMPTS:
+                    raise
+                sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
 
     def process(self, element):
         self.pending.append(element)
@@ -110,9 +173,17 @@ class SealInBatchesFn(beam.DoFn):
     def finish_bundle(self):
         batch, self.pending = self.pending, []
         for sealed in self.seal(batch) if batch else ():
-            yield GlobalWindows.windowed_value(sealed, Timestamp(micros=sealed[1] * 1000))
+            yield self.in_global_window(sealed)
+
+    @classmethod
+    def in_global_window(cls, output):
+        """An output of ``seal`` as ``finish_bundle`` must give it: a windowed value (tagged, if it was)."""
+        if isinstance(output, beam.pvalue.TaggedOutput):
+            return beam.pvalue.TaggedOutput(output.tag, cls.in_global_window(output.value))
+        return GlobalWindows.windowed_value(output, Timestamp(micros=output[1] * 1000))
 
     def seal(self, batch: list) -> list:
+        """The batch's outputs: ``(id, received_at_millis, sealed)`` elements, or such elements tagged."""
         raise NotImplementedError
 
 
@@ -120,6 +191,7 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
     def setup(self):
         super().setup()
         self.forgotten = beam.metrics.Metrics.counter("delivery", "forgotten_subject_events")
+        self.key_unavailable = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.dead_lettered(KEY_UNAVAILABLE))
 
     def seal(self, events):
         name, subject_field, personal = (
@@ -127,9 +199,16 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
             self.event_type.subject_field,
             self.event_type.personal_fields,
         )
-        keys = self.cache.lookup(fields[subject_field] for _, _, fields in events)
+        keys, unavailable = self.available_keys(fields[subject_field] for _, _, fields in events)
         sealed_events, forgotten = [], 0
         for event_id, received_at, fields in events:
+            error = unavailable.get(fields[subject_field])
+            if error:
+                detail = f"the keystore cannot give the key of the subject in {subject_field!r}: {error}"
+                dead = dead_letter_as_arrived(name, ErrorKind.KEY_UNAVAILABLE, detail, event_id, received_at, fields)
+                sealed_events.append(beam.pvalue.TaggedOutput(KEY_UNAVAILABLE, dead))
+                self.key_unavailable.inc()
+                continue
             key, aead = keys[fields[subject_field]]
             sealed = dict(fields)
             if key is None:
@@ -151,9 +230,12 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
 
 
 class EncryptPersonalFields(beam.PTransform):
-    """``(event_id, received_at_millis, fields)`` events in, the same out with every personal
-    field sealed under its subject's key and the ``key_id`` added. A forgotten subject's
+    """``(event_id, received_at_millis, fields)`` events in, the same out (``events``) with every
+    personal field sealed under its subject's key and the ``key_id`` added. A forgotten subject's
     fields become null, with no key id. Types without a data subject pass through.
+
+    An event whose subject's key is unavailable (see the module) goes to the ``key_unavailable``
+    output instead, as an unsealed dead letter for ``SealDeadLetters``, in the global window.
 
     It belongs right after parsing, so that nothing personal crosses a shuffle or rests
     in a runner's state in clear.
@@ -166,8 +248,10 @@ class EncryptPersonalFields(beam.PTransform):
 
     def expand(self, events):
         if not self.event_type.subject_field:
-            return events
-        return events | "SealFields" >> beam.ParDo(EncryptPersonalFieldsFn(self.event_type, self.key_cache))
+            return {"events": events, KEY_UNAVAILABLE: events | "NoSubjects" >> beam.FlatMap(lambda _: [])}
+        fn = EncryptPersonalFieldsFn(self.event_type, self.key_cache)
+        sealed = events | "SealFields" >> beam.ParDo(fn).with_outputs(KEY_UNAVAILABLE, main="events")
+        return {"events": sealed.events, KEY_UNAVAILABLE: sealed[KEY_UNAVAILABLE]}
 
 
 def _forgotten_in(pane):
@@ -188,6 +272,19 @@ class CountForgotten(beam.PTransform):
         if not self.event_type.subject_field:
             return panes | "NoSubjects" >> beam.FlatMap(lambda _: [])
         return panes | "CountForgottenSubjects" >> beam.FlatMap(_forgotten_in)
+
+
+def dead_letter_as_arrived(event_type: str, kind: ErrorKind, detail: str, event_id, received_at, fields) -> tuple:
+    """``(event_id, received_at_millis, dead letter)`` for a valid event in clear: its payload is the
+    message as it arrived (the fields as JSON), with the envelope's attributes, so that a redrive
+    replays it. ``SealDeadLetters`` seals it."""
+    payload = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+    attributes = {
+        envelope.EVENT_ID: event_id,
+        envelope.RECEIVED_AT: envelope.format_received_at(received_at),
+        envelope.EVENT_TYPE: event_type,
+    }
+    return event_id, received_at, dead_letter(event_type, kind, detail, event_id, received_at, attributes, payload)
 
 
 class UnsealFailedWritesFn(beam.DoFn):
@@ -215,14 +312,7 @@ class UnsealFailedWritesFn(beam.DoFn):
                     fields[field] = None
                 elif fields[field] is not None:
                     fields[field] = decrypt_value(aead, fields[field], name, field, sealed["key_id"], event_id)
-            payload = json.dumps(fields, separators=(",", ":")).encode("utf-8")
-            attributes = {
-                envelope.EVENT_ID: event_id,
-                envelope.RECEIVED_AT: envelope.format_received_at(received_at),
-                envelope.EVENT_TYPE: name,
-            }
-            record = dead_letter(name, ErrorKind.WRITE_FAILED, reason, event_id, received_at, attributes, payload)
-            yield event_id, received_at, record
+            yield dead_letter_as_arrived(name, ErrorKind.WRITE_FAILED, reason, event_id, received_at, fields)
 
 
 class DeadLetterFailedWrites(beam.PTransform):
@@ -257,13 +347,22 @@ class SealDeadLettersFn(SealInBatchesFn):
     def setup(self):
         super().setup()
         self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
+        self.under_quarantine = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_unavailable_keys")
 
     def seal(self, dead_letters):
         name, subject_field = self.event_type.name, self.event_type.subject_field
-        subjects = [subject_named_in(record["payload"], subject_field) for _, _, record in dead_letters]
-        keys = self.cache.lookup(s for s in subjects if s)
+        subjects = [
+            None  # the subject's key is the one that failed
+            if record["error_kind"] == ErrorKind.KEY_UNAVAILABLE.name
+            else subject_named_in(record["payload"], subject_field)
+            for _, _, record in dead_letters
+        ]
+        keys, unavailable = self.available_keys(s for s in subjects if s)
         sealed_letters = []
         for (event_id, received_at, record), subject in zip(dead_letters, subjects, strict=True):
+            if subject in unavailable:
+                self.under_quarantine.inc()
+                subject = None
             key, aead = keys[subject] if subject else self.quarantine_key(received_at)
             key_id = key.key_id if key else None
             clear, sealed_attributes = seal_attributes(aead, record["attributes"], name, key_id)
@@ -280,7 +379,9 @@ class SealDeadLettersFn(SealInBatchesFn):
 class SealDeadLetters(beam.PTransform):
     """Dead letters in and out, their raw payloads sealed: under the subject's key when the
     payload names one (so forgetting the subject erases it here too), else under the type's
-    quarantine key, which a retention bound limits. A forgotten subject's payload is dropped."""
+    quarantine key, which a retention bound limits. So is a payload whose subject's key is
+    unavailable, and always a ``key_unavailable`` dead letter's. A forgotten subject's payload
+    is dropped."""
 
     def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         super().__init__()

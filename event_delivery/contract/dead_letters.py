@@ -22,10 +22,13 @@ class ErrorKind(str, enum.Enum):
     NOT_OBJECT = "not_object"
     SCHEMA_VIOLATION = "schema_violation"
     WRITE_FAILED = "write_failed"  # a valid event whose file could not be written, for good
+    KEY_UNAVAILABLE = "key_unavailable"  # a valid event whose subject's key the keystore cannot give, for good
 
 
+# What went wrong on the way for a valid event, not with the message itself: redrive it once the cause is fixed.
+DELIVERY_ERRORS = (ErrorKind.WRITE_FAILED, ErrorKind.KEY_UNAVAILABLE)
 # What can be wrong with a message itself, as parsing finds it.
-MESSAGE_ERRORS = tuple(kind for kind in ErrorKind if kind is not ErrorKind.WRITE_FAILED)
+MESSAGE_ERRORS = tuple(kind for kind in ErrorKind if kind not in DELIVERY_ERRORS)
 
 
 DEAD_LETTER_SCHEMA = {
@@ -60,8 +63,8 @@ DEAD_LETTER_SCHEMA = {
             "name": "quarantine_key_id",
             "type": ["null", "string"],
             "default": None,
-            "doc": "The key that seals the payload: the subject's, when the payload names one, else the "
-            "type's quarantine key.",
+            "doc": "The key that seals the payload: the subject's, when the payload names one and the "
+            "keystore can give it, else the type's quarantine key (always for KEY_UNAVAILABLE).",
         },
         {
             "name": "sealed_attributes",
