@@ -20,8 +20,8 @@ KEY_ARGS ?=
 # Where decrypt records its clear copies and forget looks for them; empty: the tools' default (.keys/decrypted-copies).
 COPIES_INVENTORY ?=
 COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
-.PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit forget \
-	sweep-keys decrypt redrive backfill deploy update drain
+.PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit \
+	auditor report forget sweep-keys rewrap decrypt redrive backfill deploy update drain monitoring
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -81,12 +81,10 @@ audit: $(INSTALLED)  ## Count every message's outcome and check the output contr
 	$(ENV) $(PY) -m event_delivery.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
 
-.PHONY: auditor
 auditor: $(INSTALLED)  ## Count what is published per type and hour, for make audit: make auditor [TYPE=play] [ARGS="--allowed_lateness_seconds 30"].
 	$(ENV) $(PY) -m pipelines.auditor --event_types $(or $(TYPE),all) --project $(PROJECT) \
 		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(ARGS)
 
-.PHONY: report
 report: $(INSTALLED)  ## One offline HTML page of every type's hours against its SLOs: make report [TYPE=play] [OUTPUT=.demo/report.html].
 	$(ENV) $(PY) -m event_delivery.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),) --output $(or $(OUTPUT),.demo/report.html)
@@ -100,7 +98,6 @@ forget: $(INSTALLED)  ## Crypto-shred subjects, list their decrypted copies: mak
 sweep-keys: $(INSTALLED)  ## Delete the keys nothing points to and the quarantine keys past their retention; run daily [KEY_ARGS=...].
 	$(ENV) $(PY) -m pipelines.forget --sweep_orphans $(KEY_ARGS)
 
-.PHONY: rewrap
 rewrap: $(INSTALLED)  ## Re-wrap every key under the KEK's primary version [ARGS="--rotate_local_key" | "--destroy_kek_version 1"].
 	$(ENV) $(PY) -m pipelines.rewrap $(KEY_ARGS) $(ARGS)
 
@@ -138,7 +135,6 @@ drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged f
 	$(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)
 
-.PHONY: monitoring
 monitoring: $(INSTALLED)  ## Alert policies and a dashboard per tier, from the registry, into Cloud Monitoring: make monitoring PROJECT=my-project [TIER=high] [CHANNELS="<channel names>"] [DRY_RUN=1].
 	$(PY) -m event_delivery.ops.monitoring --project $(PROJECT) $(if $(TIER),--tier $(TIER),) $(if $(DRY_RUN),--dry_run,) \
 		$(foreach channel,$(CHANNELS),--notification_channel $(channel))

@@ -57,7 +57,7 @@ class ForgetSubjectsFn(beam.DoFn):
 
     def setup(self):
         self.keystore = self.keys.open(create=False)
-        self.deleted = beam.metrics.Metrics.counter("forget", "keys_deleted")
+        self.deleted = beam.metrics.Metrics.counter("forget", "subjects_with_keys")
         self.tombstoned = beam.metrics.Metrics.counter("forget", "tombstones_without_key")
 
     def process(self, subjects):
@@ -69,7 +69,8 @@ class ForgetSubjectsFn(beam.DoFn):
 
 
 def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, int]:
-    """Runs the batch job over a file of subject ids; returns (keys deleted, tombstones only)."""
+    """Runs the batch job over a file of subject ids; returns (subjects whose keys were deleted,
+    subjects only tombstoned)."""
     from pipelines.runtime import pipeline_options
 
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
@@ -84,13 +85,7 @@ def forget_file(path: str, keys: KeyConfig, beam_args: list[str]) -> tuple[int, 
     result = pipeline.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
-    return counters.get("keys_deleted", 0), counters.get("tombstones_without_key", 0)
-
-
-def key_ids_of(keystore: Keystore, subject_id: str) -> list[str]:
-    """The key ids the subject's records carry in clear; none once it is forgotten (or if never seen)."""
-    key_id = keystore.subject_key_ids([subject_id], create=False)[subject_id]
-    return [key_id] if key_id else []
+    return counters.get("subjects_with_keys", 0), counters.get("tombstones_without_key", 0)
 
 
 def subjects_in(path: str):
@@ -109,7 +104,7 @@ def handle_decrypted_copies(keystore: Keystore, subjects, inventory: str, action
     if not copies_records(inventory):
         print(f"decrypted copies: no decrypt run is recorded in {inventory}")
         return
-    held = copies_holding(inventory, {key_id for subject in subjects for key_id in key_ids_of(keystore, subject)})
+    held = copies_holding(inventory, {key_id for subject in subjects for key_id in keystore.key_ids_of(subject)})
     (purge_copies if action == "purge" else list_copies)(inventory, held)
 
 
@@ -227,7 +222,10 @@ def main(argv=None) -> int:
         outcomes = [keystore.forget(subject) for subject in subjects]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
     if args.subject or args.subjects_file:
-        print(f"forgotten: {deleted} key(s) deleted, {tombstoned} subject(s) had no key and are tombstoned")
+        print(
+            f"forgotten: {deleted} subject(s) whose keys were deleted, "
+            f"{tombstoned} subject(s) had no key and are tombstoned"
+        )
     if args.sweep_orphans:
         swept = keystore.sweep_orphans(args.orphan_grace_seconds)
         expired = sweep_quarantine_keys(keystore, args.quarantine_retention_days)

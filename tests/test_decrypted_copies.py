@@ -85,7 +85,7 @@ def test_forget_lists_then_purges_the_decrypted_copies_recorded_by_every_decrypt
         clear_file(root, "clear", "01"),
         clear_file(root, "clear", "02"),
     ]
-    assert "bob" not in listed and "1 key(s) deleted" in listed
+    assert "bob" not in listed and "1 subject(s) whose keys were deleted" in listed
     assert all(files.exists(clear_file(root, "clear", hour)) for hour in HOURS), "a listing deletes nothing"
 
     files.delete_existing([clear_file(root, "again", "00")])  # deleted by hand meanwhile: no error
@@ -93,7 +93,7 @@ def test_forget_lists_then_purges_the_decrypted_copies_recorded_by_every_decrypt
     requests.write_text("alice\n")
     purged = run_forget(root, keys, capsys, "--subjects_file", str(requests), "--decrypted_copies", "purge")
     assert "decrypted copies: 2 file(s) that held these subjects in clear deleted, 1 already gone" in purged
-    assert "alice" not in purged and "1 key(s) deleted" in purged
+    assert "alice" not in purged and "1 subject(s) whose keys were deleted" in purged
     assert [files.exists(clear_file(root, "clear", hour)) for hour in HOURS] == [False, True, False]
     [purge] = files.glob(f"{root}/copies/purge-*.jsonl")
     assert f"the purge is recorded in {purge}" in purged
@@ -120,4 +120,4 @@ def test_forget_says_when_no_decrypt_run_is_recorded(keys, tmp_path, capsys):
     keys.open().subject_keys(["alice"])
     out = run_forget(str(tmp_path), keys, capsys, "--subject", "alice")
     assert f"decrypted copies: no decrypt run is recorded in {tmp_path}/copies" in out
-    assert "1 key(s) deleted" in out
+    assert "1 subject(s) whose keys were deleted" in out

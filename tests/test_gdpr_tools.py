@@ -31,13 +31,13 @@ def test_forget_subjects_from_the_command_line_and_from_a_file(tmp_path):
 
     one = run("pipelines.forget", "--subject", "user-0", *key_flags)
     assert one.returncode == 0, one.stderr
-    assert "1 key(s) deleted" in one.stdout and "user-0" not in one.stdout + one.stderr
+    assert "1 subject(s) whose keys were deleted" in one.stdout and "user-0" not in one.stdout + one.stderr
 
     listing = tmp_path / "requests.txt"
     listing.write_text("\n".join(subjects[1:200] + ["", "never-seen"]) + "\n")
     batch = run("pipelines.forget", "--subjects_file", str(listing), *key_flags)
     assert batch.returncode == 0, batch.stderr
-    assert "199 key(s) deleted, 1 subject(s) had no key" in batch.stdout
+    assert "199 subject(s) whose keys were deleted, 1 subject(s) had no key" in batch.stdout
     assert "user-1" not in batch.stdout + batch.stderr
 
     for scope in ("search", "play", "page_view"):
@@ -97,7 +97,7 @@ def test_rewrap_rotates_the_local_key_rewraps_every_key_and_destroys_the_old_ver
     assert reopened.subject_keys(["user-1", "user-2"], create=False) == before
     assert reopened.named_key("quarantine/search") == quarantine
     forget = run("pipelines.forget", "--subject", "user-1", *key_flags)
-    assert forget.returncode == 0 and "1 key(s) deleted" in forget.stdout, forget.stderr
+    assert forget.returncode == 0 and "1 subject(s) whose keys were deleted" in forget.stdout, forget.stderr
     assert keys.check().subject_keys(["user-1", "user-2"], create=False) == {"user-1": None, "user-2": before["user-2"]}
 
 
@@ -148,7 +148,7 @@ def test_forget_sweeps_keys_nothing_points_to_and_quarantine_keys_past_the_reten
 
     both = run("pipelines.forget", "--subject", "user-1", "--sweep_orphans", *key_flags)
     assert both.returncode == 0, both.stderr
-    assert "1 key(s) deleted" in both.stdout and "swept: 0 key(s)" in both.stdout
+    assert "1 subject(s) whose keys were deleted" in both.stdout and "swept: 0 key(s)" in both.stdout
     nothing = run("pipelines.forget", *key_flags)
     assert nothing.returncode == 2 and "--sweep_orphans" in nothing.stderr
 

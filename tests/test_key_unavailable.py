@@ -63,7 +63,7 @@ def events(search) -> dict[str, dict]:
 
 def break_key(keys, subject: str, corrupt) -> tuple[str, bytes]:
     """Alters the subject's wrapped key in the SQLite row; returns ``(key id, the row as it was)``."""
-    key_id = keys.open().subject_key_ids([subject])[subject]
+    key_id = keys.open().subject_key_ids([subject], scope="search")[subject]
     with sqlite3.connect(keys.keystore.removeprefix("sqlite:///")) as db:
         [(wrapped,)] = db.execute("SELECT wrapped FROM data_keys WHERE key_id = ?", (key_id,)).fetchall()
         db.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?", (corrupt(wrapped), key_id))
@@ -102,7 +102,7 @@ def test_a_subject_whose_key_does_not_unwrap_is_dead_lettered_and_every_other_su
     tmp_path, search, corruption
 ):
     keys = local_keys(tmp_path)
-    keys.open().subject_key_ids(SUBJECTS)  # every subject has a key; one of them then breaks
+    keys.open().subject_key_ids(SUBJECTS, scope="search")  # every subject has a key; one of them then breaks
     break_key(keys, BROKEN, CORRUPTIONS[corruption])
     arriving = events(search)
     ahead_of_schema = message({**valid_fields(search, 99), "user_id": BROKEN, "new_field": 1}, "ahead", RECEIVED_AT)
@@ -125,7 +125,7 @@ def test_a_subject_whose_key_does_not_unwrap_is_dead_lettered_and_every_other_su
         assert dead[event_id]["attributes"][envelope.EVENT_ID] == event_id
 
     archived = {r["event_id"]: r["key_id"] for r in read_all(tmp_path, "raw")}
-    subject_keys = keystore.subject_key_ids(SUBJECTS, create=False)
+    subject_keys = keystore.subject_key_ids(SUBJECTS, create=False, scope="search")
     assert archived == {
         **{i: subject_keys[fields["user_id"]] for i, fields in arriving.items()},
         **{i: quarantine.key_id for i in [*broken, "ahead"]},
@@ -136,7 +136,7 @@ def test_redrive_puts_them_back_as_key_unavailable_while_the_key_is_broken_and_d
     tmp_path, search
 ):
     keys = local_keys(tmp_path)
-    keys.open().subject_key_ids(SUBJECTS)
+    keys.open().subject_key_ids(SUBJECTS, scope="search")
     key_id, wrapped = break_key(keys, BROKEN, CORRUPTIONS["altered"])
     arriving = events(search)
     deliver_one_hour(tmp_path, search, keys, arriving)
@@ -187,7 +187,7 @@ def test_a_transient_keystore_error_that_does_not_end_fails_the_bundle_and_gives
     tmp_path, search, monkeypatch
 ):
     keys = local_keys(tmp_path)
-    key_id = keys.open().subject_key_ids([BROKEN])[BROKEN]
+    key_id = keys.open().subject_key_ids([BROKEN], scope="search")[BROKEN]
     failures = fail_reads(monkeypatch, google_errors.DeadlineExceeded("down"), of_key=key_id)
     with pytest.raises(Exception, match="down"):
         deliver_one_hour(tmp_path, search, keys, events(search))

@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     print("Personal fields are encrypted. A decrypted copy of every search hour:")
     print(
         f"  .venv/bin/python -m pipelines.decrypt --event_type search --input_root {data}/delivered "
-        f"--output_root {args.state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys}"
+        f"--output_root {args.state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys} "
+        f"--copies_inventory {args.state_dir}/decrypted-copies"
     )
     print(f"The report, to open in a browser: {report}")
     return 0 if all(o.balanced for o in outcomes.values()) else 1
