@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from apache_beam.io.filesystem import BeamIOError
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -63,3 +65,12 @@ def test_a_close_retried_after_a_partial_move_publishes_the_same_files_and_manif
     assert published == sorted(f["path"] for f in manifest["files"])
     assert manifest["accounting"]["delivered"] == 1 + 2 + 3
     assert not files.glob(partitions.join(layout.hour(layout.staging, START), "*")), "no plan, no file left behind"
+
+
+def test_a_batched_move_is_denied_for_good_only_when_every_file_of_it_was():
+    """Beam's ``FileSystems.rename`` reports a batch's failures per file, in one ``BeamIOError``."""
+    forbidden, busy = google_errors.Forbidden("denied"), google_errors.ServiceUnavailable("busy")
+    assert close.denied(BeamIOError("rename failed", {("a", "b"): forbidden, ("c", "d"): forbidden}))
+    assert not close.denied(BeamIOError("rename failed", {("a", "b"): forbidden, ("c", "d"): busy}))
+    assert not close.denied(BeamIOError("rename failed", {}))
+    assert close.denied(forbidden) and not close.denied(busy)

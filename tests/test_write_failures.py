@@ -1,5 +1,6 @@
 """No pane is retried forever: a write that fails for good sends its events to the dead
-letters (kind ``write_failed``) and the job goes on; a transient failure is retried.
+letters (kind ``write_failed``) and the job goes on; a transient failure is retried. Nor
+is a close: one denied for good is tried again on a timer.
 
 On Dataflow a streaming bundle that keeps failing is retried without end and stalls
 the type; these tests make the writes fail on purpose, as a denied bucket or a record
@@ -20,7 +21,7 @@ from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import write
+from transforms import close, write
 
 IDS = [f"e{i}" for i in range(6)]
 
@@ -127,3 +128,31 @@ def test_a_transient_failure_that_does_not_end_fails_the_bundle_after_a_bounded_
     tries = collections.Counter(failures).values()
     assert tries and all(n % write.ATTEMPTS == 0 for n in tries), tries
     assert not [r for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"], "nor is it given up"
+
+
+def test_a_close_denied_for_good_is_tried_again_on_a_timer_and_publishes_once_allowed(tmp_path, search, monkeypatch):
+    DENIALS = 6  # more than the local runner's tries of a failed bundle: retrying the bundle would not do
+    real_move_all, denials = files.move_all, []
+
+    def move_all(sources, destinations):
+        if len(denials) < DENIALS:  # the bucket's permissions are mended after some tries
+            denials.append(sources)
+            raise google_errors.Forbidden("denied")
+        return real_move_all(sources, destinations)
+
+    monkeypatch.setattr(files, "move_all", move_all)
+    closes_at = START - START % WINDOW + WINDOW + LATENESS
+    monkeypatch.setattr(close, "wall_clock", lambda: closes_at + TRIGGER)  # the hour is over by the clock
+    monkeypatch.setattr(close, "RETRY_CLOSE_SECONDS", TRIGGER)
+    settings = local_settings(tmp_path, search, local_keys(tmp_path))
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(search, i), event_id, (START + 1) * 1000) for i, event_id in enumerate(IDS)))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the close fires, and is denied
+    for _ in range(DENIALS + 2):  # processing time passes: the close is tried again
+        clock.advance(TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+    assert len(denials) == DENIALS, "the job went on after a denied close, and tried again"
+    [audited] = audit_type(Layout.under(tmp_path, "search", WINDOW)).hours.values()
+    assert (audited.closed, audited.delivered, audited.staged) == (True, len(IDS), 0)

@@ -6,6 +6,11 @@ allowed lateness, they move into the hour's folder and the marker is written las
 A staged pane that turns up after that (or for an hour an earlier run closed) moves
 to the late root instead, so nothing is ever added to a folder that has a marker.
 
+No close is retried forever. A close denied for good (permission denied, no such bucket)
+leaves the hour staged, is counted (``closes_failed``) and logged, and tries again on a
+timer every ``RETRY_CLOSE_SECONDS``: the hour publishes by itself once the cause is
+mended, and is overdue until then. Any other error goes to the runner, which retries.
+
 A drain moves the watermark to infinity, so every close timer fires at once, also for
 hours that are still open by the clock. Such a close publishes nothing: the hour's
 files stay staged, and the next run's start-up (``AnnounceLeftoverHours``) hands the
@@ -21,11 +26,13 @@ import typing
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, VarIntCoder
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
@@ -37,6 +44,16 @@ from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
+RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
+# What no retry of the bundle mends: what the job may do where it publishes.
+DENIED = (google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequest, PermissionError)
+
+
+def denied(error: Exception) -> bool:
+    """Whether a close failed for good: denied, or a batched move whose every failure was."""
+    if isinstance(error, BeamIOError) and error.exception_details:
+        return all(denied(cause) for cause in error.exception_details.values())
+    return isinstance(error, DENIED)
 
 
 def build_manifest(
@@ -107,6 +124,7 @@ class CloseHourFn(beam.DoFn):
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     LATE_COUNTS = ReadModifyWriteStateSpec("late_count_files", VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
+    CLOSE_AGAIN = TimerSpec("close_again", TimeDomain.REAL_TIME)
 
     def __init__(self, settings, publish: bool = True):
         self.layout = settings.layout
@@ -125,6 +143,7 @@ class CloseHourFn(beam.DoFn):
         self.dead_lettered_after_close = beam.metrics.Metrics.counter("delivery", "dead_lettered_after_close")
         self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
         self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
+        self.closes_failed = beam.metrics.Metrics.counter("delivery", "closes_failed")
 
     def _folder(self, root, window) -> str:
         return self.layout.hour(root, bucket_start_seconds(window))
@@ -176,7 +195,21 @@ class CloseHourFn(beam.DoFn):
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
         closed=beam.DoFn.StateParam(CLOSED),
+        close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
     ):
+        yield from self._close(window, reports, closed, close_again)
+
+    @on_timer(CLOSE_AGAIN)
+    def write_marker_again(
+        self,
+        window=beam.DoFn.WindowParam,
+        reports=beam.DoFn.StateParam(REPORTS),
+        closed=beam.DoFn.StateParam(CLOSED),
+        close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
+    ):
+        yield from self._close(window, reports, closed, close_again)
+
+    def _close(self, window, reports, closed, close_again):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
         if self.streaming and wall_clock() < window.end.micros / 1e6:
@@ -184,7 +217,21 @@ class CloseHourFn(beam.DoFn):
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
-        manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected, not self.streaming)
+        try:
+            manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected, not self.streaming)
+        except Exception as error:
+            if not (self.streaming and denied(error)):
+                raise
+            self.closes_failed.inc()
+            _LOG.error(
+                "closing %s %s was denied (%s); trying again in %d s",
+                self.layout.event_type,
+                partitions.iso_utc(hour_start),
+                type(error).__name__,
+                RETRY_CLOSE_SECONDS,
+            )
+            close_again.set(wall_clock() + RETRY_CLOSE_SECONDS)
+            return
         closed.write(True)
         reports.clear()
         self.delivered.inc(manifest["accounting"]["delivered"])
