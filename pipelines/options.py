@@ -76,6 +76,13 @@ def add_delivery_arguments(parser) -> None:
         "--max_event_bytes", type=int, default=64 * 1024, help="Larger payloads are dead-lettered. Default: 65536."
     )
     group.add_argument(
+        "--target_file_mb",
+        type=int,
+        default=128,
+        help="At close, an hour's pane files are compacted into parts of about this size (0: each pane's "
+        "file is published as it is). Default: 128.",
+    )
+    group.add_argument(
         "--raw_archive_root",
         help="The raw archive: the streaming job archives every message as it arrived (sealed where "
         "personal) under it, and a backfill replays from it. Conventionally <storage_root>/raw. "
@@ -159,6 +166,7 @@ def delivery_settings(
         late_horizon_seconds=options.late_horizon_seconds,
         max_future_seconds=options.max_future_seconds,
         max_event_bytes=options.max_event_bytes,
+        target_file_mb=options.target_file_mb,
     )
     if options.run_id:
         values["run_id"] = options.run_id

@@ -1,4 +1,4 @@
-"""Closing an hour: a close that fails halfway and runs again publishes the same hour."""
+"""Closing an hour: a close that fails halfway and runs again publishes the same hour, compacted."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from event_delivery.contract.partitions import Layout
 from tests.conftest import valid_fields
 from tests.streams import START, WINDOW
 from transforms import close
+from transforms import publish as publish_hour
 from transforms.reports import DELIVERED, DUPLICATES, report
 from transforms.write import event_record
 
@@ -31,40 +32,71 @@ def stage(layout: Layout, registry, count: int) -> list[tuple]:
     return reports
 
 
-def test_a_close_retried_after_a_partial_move_publishes_the_same_files_and_manifest(tmp_path, registry, monkeypatch):
+def publish(layout: Layout, reports: list, target_file_mb: int) -> dict:
+    """What ``CloseHour`` and ``PublishHours`` do with an hour, one step after the other."""
+    plan = publish_hour.plan_hour(layout, START, CLOSES_AT, reports, False, target_file_mb)
+    for part in plan["parts"]:
+        publish_hour.write_part(layout, START, part)
+    return publish_hour.finish_hour(layout, START)
+
+
+def published_ids(layout: Layout, manifest: dict) -> list[str]:
+    return sorted(r["event_id"] for f in manifest["files"] for r in files.read_avro(f["path"]))
+
+
+@pytest.mark.parametrize("target_file_mb", [0, 1])
+def test_a_close_retried_after_a_crash_publishes_the_same_files_and_manifest(
+    tmp_path, registry, monkeypatch, target_file_mb
+):
     layout = Layout.under(tmp_path, "service_log", WINDOW)
     reports = stage(layout, registry, 3) + [report(DUPLICATES, 2, None)]
-    expected = close.build_manifest(
-        "service_log",
-        START,
-        WINDOW,
-        CLOSES_AT,
-        {partitions.join(layout.hour(layout.delivered, START), p.rsplit("/", 1)[1]): n for _, n, p in reports[:3]},
-        reports,
-    )
+    staged_ids = sorted(r["event_id"] for _, _, path in reports[:3] for r in files.read_avro(path))
 
-    move_all = files.move_all
+    write_part = publish_hour.write_part
 
-    def crash_after_the_first_move(sources, destinations):
-        move_all(sources[:1], destinations[:1])
+    def crash_after_the_first_part(layout, hour_start, part):
+        write_part(layout, hour_start, part)
         raise OSError("the worker died")
 
-    monkeypatch.setattr(files, "move_all", crash_after_the_first_move)
+    monkeypatch.setattr(publish_hour, "write_part", crash_after_the_first_part)
     with pytest.raises(OSError):
-        close.publish_hour(layout, START, CLOSES_AT, reports)
-    monkeypatch.setattr(files, "move_all", move_all)
+        publish(layout, reports, target_file_mb)
+    monkeypatch.setattr(publish_hour, "write_part", write_part)
     assert not files.exists(layout.marker(START))
+    first_plan = files.read_json(partitions.join(layout.hour(layout.staging, START), publish_hour.CLOSE_PLAN))
 
-    # The retry's listing no longer finds the moved file, as a fresh close would not either.
+    # The retry's listing no longer finds a moved file, as a fresh close would not either.
     still_staged = [r for r in reports if r[2] is None or files.exists(r[2])]
-    assert len(still_staged) == len(reports) - 1
-    manifest = close.publish_hour(layout, START, CLOSES_AT, still_staged)
+    manifest = publish(layout, still_staged, target_file_mb)
 
-    assert manifest == expected == files.read_json(layout.marker(START))
+    assert manifest == first_plan["manifest"] == files.read_json(layout.marker(START))
     published = files.glob(partitions.join(layout.hour(layout.delivered, START), "*.avro"))
     assert published == sorted(f["path"] for f in manifest["files"])
-    assert manifest["accounting"]["delivered"] == 1 + 2 + 3
+    assert published_ids(layout, manifest) == staged_ids, "every staged record is published once"
+    assert manifest["accounting"]["delivered"] == 1 + 2 + 3 and manifest["accounting"]["duplicates"] == 2
     assert not files.glob(partitions.join(layout.hour(layout.staging, START), "*")), "no plan, no file left behind"
+
+
+def test_an_hours_panes_are_compacted_into_parts_of_the_target_size(tmp_path, registry):
+    layout = Layout.under(tmp_path, "service_log", WINDOW)
+    reports = stage(layout, registry, 5)
+    sizes = [files.sizes(path)[path] for _, _, path in reports]
+    staged_ids = sorted(r["event_id"] for _, _, path in reports for r in files.read_avro(path))
+
+    manifest = publish(layout, reports, target_file_mb=1)  # far above five small panes
+    [part] = manifest["files"]
+    assert part["path"].endswith("/service_log-part00000.avro") and part["records"] == 1 + 2 + 3 + 4 + 5
+    assert published_ids(layout, manifest) == staged_ids
+    assert files.count_avro_records(part["path"]) == part["records"]
+    assert sum(sizes) > 1024, "the parts are small here: grouping is checked below with byte targets"
+    assert publish_hour.group_into_parts({"a-p1": (1, 600), "a-p2": (1, 600), "a-p3": (1, 300)}, 1000) == [
+        ["a-p1"],
+        ["a-p2", "a-p3"],
+    ]
+    assert publish_hour.group_into_parts({"r1-p1": (1, 1), "r2-p1": (1, 1)}, 1000) == [["r1-p1"], ["r2-p1"]], (
+        "files of two runs (two schemas, maybe) never share a part"
+    )
+    assert publish_hour.group_into_parts({"a-p1": (1, 1), "a-p2": (1, 1)}, 0) == [["a-p1"], ["a-p2"]]
 
 
 def test_a_batched_move_is_denied_for_good_only_when_every_file_of_it_was():

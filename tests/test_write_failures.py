@@ -21,7 +21,7 @@ from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import close, write
+from transforms import close, publish, write
 
 IDS = [f"e{i}" for i in range(6)]
 
@@ -132,15 +132,15 @@ def test_a_transient_failure_that_does_not_end_fails_the_bundle_after_a_bounded_
 
 def test_a_close_denied_for_good_is_tried_again_on_a_timer_and_publishes_once_allowed(tmp_path, search, monkeypatch):
     DENIALS = 6  # more than the local runner's tries of a failed bundle: retrying the bundle would not do
-    real_move_all, denials = files.move_all, []
+    real_write_json, denials = files.write_json, []
 
-    def move_all(sources, destinations):
-        if len(denials) < DENIALS:  # the bucket's permissions are mended after some tries
-            denials.append(sources)
+    def write_json(path, document):
+        if path.endswith(publish.CLOSE_PLAN) and len(denials) < DENIALS:  # mended after some tries
+            denials.append(path)
             raise google_errors.Forbidden("denied")
-        return real_move_all(sources, destinations)
+        return real_write_json(path, document)
 
-    monkeypatch.setattr(files, "move_all", move_all)
+    monkeypatch.setattr(files, "write_json", write_json)
     closes_at = START - START % WINDOW + WINDOW + LATENESS
     monkeypatch.setattr(close, "wall_clock", lambda: closes_at + TRIGGER)  # the hour is over by the clock
     monkeypatch.setattr(close, "RETRY_CLOSE_SECONDS", TRIGGER)

@@ -1,15 +1,17 @@
-"""Close an hour: publish its staged files and write ``_SUCCESS``, exactly once.
+"""Close an hour: decide when it is over, then publish its staged files and ``_SUCCESS``, once.
 
 ``CloseHour`` is the one authority on whether an hour is closed. Delivered panes
 are written to a staging folder; when the watermark passes the hour's end plus its
-allowed lateness, they move into the hour's folder and the marker is written last.
-A staged pane that turns up after that (or for an hour an earlier run closed) moves
-to the late root instead, so nothing is ever added to a folder that has a marker.
+allowed lateness, the hour's plan is saved and its files are published as parts of
+about ``--target_file_mb``, the marker last (``transforms.publish``). A staged pane
+that turns up after that (or for an hour an earlier run closed) moves to the late root
+instead, so nothing is ever added to a folder that has a marker.
 
 No close is retried forever. A close denied for good (permission denied, no such bucket)
 leaves the hour staged, is counted (``closes_failed``) and logged, and tries again on a
 timer every ``RETRY_CLOSE_SECONDS``: the hour publishes by itself once the cause is
 mended, and is overdue until then. Any other error goes to the runner, which retries.
+(The denial shows when the plan is saved, in the bucket the parts and the marker go to.)
 
 A drain moves the watermark to infinity, so every close timer fires at once, also for
 hours that are still open by the clock. Such a close publishes nothing: the hour's
@@ -27,7 +29,6 @@ import typing
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, VarIntCoder
 from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
@@ -37,13 +38,13 @@ from google.api_core import exceptions as google_errors
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
-from event_delivery.contract.partitions import Layout
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, LATE, LEFT_OVER, OPENED, report
+from transforms.publish import PLANNED, PublishHours, plan_hour
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
 
 _LOG = logging.getLogger(__name__)
-CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
+PARTS = "parts"
 RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
 # What no retry of the bundle mends: what the job may do where it publishes.
 DENIED = (google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequest, PermissionError)
@@ -56,69 +57,6 @@ def denied(error: Exception) -> bool:
     return isinstance(error, DENIED)
 
 
-def build_manifest(
-    event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports, replayed: bool = False
-) -> dict:
-    """The ``_SUCCESS`` document: the hour's files and its accounting at close.
-
-    ``delivered_files`` maps each published file to its record count; ``reports``
-    supply the duplicates and dead letters counted while the hour was open, and how
-    many delivered events belonged to forgotten subjects (a part of ``delivered``).
-    ``replayed`` marks an hour closed by a bounded job (a backfill), long after the fact:
-    its close time says nothing about timeliness.
-    """
-    duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
-    forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
-    dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
-    delivered = sum(delivered_files.values())
-    dead_lettered = sum(dead_letter_files.values())
-    return {
-        "event_type": event_type_name,
-        "hour_start": partitions.iso_utc(hour_start),
-        "hour_end": partitions.iso_utc(hour_start + window_seconds),
-        "closed_at_watermark": partitions.iso_utc(closes_at),
-        "replayed": replayed,
-        "files": [{"path": path, "records": n} for path, n in sorted(delivered_files.items())],
-        "dead_letter_files": [{"path": path, "records": n} for path, n in sorted(dead_letter_files.items())],
-        "accounting": {
-            "in": delivered + duplicates + dead_lettered,
-            "delivered": delivered,
-            "duplicates": duplicates,
-            "dead_lettered": dead_lettered,
-            "forgotten": forgotten,
-        },
-    }
-
-
-def publish_hour(layout: Layout, hour_start: int, closes_at: float, collected: list, replayed: bool = False) -> dict:
-    """Moves an hour's staged files into its folder and writes its marker; returns the manifest.
-
-    The manifest is saved in the staging folder (``_CLOSING.json``) before any file
-    moves, and a close that finds one uses it as it is: a close retried after a
-    partial move publishes exactly the files the first attempt chose and writes the
-    same manifest, however many of them had moved already. The moves are one batch.
-    """
-    staging = layout.hour(layout.staging, hour_start)
-    plan = partitions.join(staging, CLOSE_PLAN)
-    if files.exists(plan):
-        manifest = files.read_json(plan)
-    else:
-        folder = layout.hour(layout.delivered, hour_start)
-        staged = {path: records for kind, records, path in collected if kind == DELIVERED}
-        published = {partitions.join(folder, posixpath.basename(path)): n for path, n in staged.items()}
-        manifest = build_manifest(
-            layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
-        )
-        files.write_json(plan, manifest)
-    waiting = set(files.glob(partitions.join(staging, "*.avro")))
-    moves = [(partitions.join(staging, posixpath.basename(f["path"])), f["path"]) for f in manifest["files"]]
-    moves = [(source, destination) for source, destination in moves if source in waiting]
-    files.move_all([source for source, _ in moves], [destination for _, destination in moves])
-    files.write_json(layout.marker(hour_start), manifest)
-    FileSystems.delete([plan])
-    return manifest
-
-
 class CloseHourFn(beam.DoFn):
     REPORTS = BagStateSpec("reports", beam.coders.FastPrimitivesCoder())
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
@@ -128,21 +66,16 @@ class CloseHourFn(beam.DoFn):
 
     def __init__(self, settings, publish: bool = True):
         self.layout = settings.layout
-        self.tier = settings.event_type.tier
-        self.allowed_lateness_seconds = settings.allowed_lateness_seconds
         self.run_id = settings.run_id
+        self.target_file_mb = settings.target_file_mb
         self.publish = publish
         self.streaming = not settings.bounded
 
     def setup(self):
         use_emulator_credentials()
-        self.delivered = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DELIVERED)
         self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
-        self.closed_hours = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_CLOSED)
         self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
         self.dead_lettered_after_close = beam.metrics.Metrics.counter("delivery", "dead_lettered_after_close")
-        self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
-        self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
         self.closes_failed = beam.metrics.Metrics.counter("delivery", "closes_failed")
 
     def _folder(self, root, window) -> str:
@@ -217,8 +150,9 @@ class CloseHourFn(beam.DoFn):
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
+        closes_at = window.end.micros / 1e6
         try:
-            manifest = publish_hour(self.layout, hour_start, window.end.micros / 1e6, collected, not self.streaming)
+            plan = plan_hour(self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb)
         except Exception as error:
             if not (self.streaming and denied(error)):
                 raise
@@ -234,24 +168,9 @@ class CloseHourFn(beam.DoFn):
             return
         closed.write(True)
         reports.clear()
-        self.delivered.inc(manifest["accounting"]["delivered"])
-        self.closed_hours.inc()
-        if self.streaming:  # a backfill closes hours of the past: its delay says nothing
-            self._measure_timeliness(hour_start)
-        _LOG.info(
-            "closed %s %s: %d records in %d files",
-            self.layout.event_type,
-            partitions.iso_utc(hour_start),
-            manifest["accounting"]["delivered"],
-            len(manifest["files"]),
-        )
-        yield self.layout.marker(hour_start)
-
-    def _measure_timeliness(self, hour_start: int) -> None:
-        delay = wall_clock() - (hour_start + self.layout.window_seconds)
-        self.close_delay.update(int(delay))
-        if slo.is_overdue(self.tier, delay, self.allowed_lateness_seconds):
-            self.overdue.inc()
+        for part in plan["parts"]:
+            yield beam.pvalue.TaggedOutput(PARTS, (hour_start, part))
+        yield hour_start, (PLANNED, len(plan["parts"]))
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
@@ -274,16 +193,18 @@ class CloseHour(beam.PTransform):
 
     def __init__(self, settings, publish: bool = True):
         super().__init__()
+        self.settings = settings
         self.fn = CloseHourFn(settings, publish)
 
     def expand(self, reports):
         # Keyed by hour, so that closes of different hours run side by side: a runner
         # processes one key's work one item at a time.
-        return (
+        planned = (
             reports
             | "KeyByHour" >> beam.ParDo(KeyByHourFn()).with_output_types(tuple[int, typing.Any])
-            | "PublishHour" >> beam.ParDo(self.fn)
+            | "CloseWhenDue" >> beam.ParDo(self.fn).with_outputs(PARTS, main="planned")
         )
+        return {"planned": planned.planned, "parts": planned[PARTS]} | "PublishHours" >> PublishHours(self.settings)
 
 
 class KeyByHourFn(beam.DoFn):

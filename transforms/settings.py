@@ -30,6 +30,7 @@ class DeliverySettings:
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
+    target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: not
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
 
     def __post_init__(self):
@@ -40,6 +41,8 @@ class DeliverySettings:
         for name in ("trigger_seconds", "num_shards", "max_event_bytes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.target_file_mb < 0:
+            raise ValueError("target_file_mb must not be negative")
         if self.late_horizon_seconds <= self.window_seconds + self.allowed_lateness_seconds:
             raise ValueError("late_horizon_seconds must exceed window_seconds + allowed_lateness_seconds")
 

@@ -57,6 +57,31 @@ def count_avro_records(path: str) -> int:
         return sum(block.num_records for block in fastavro.block_reader(io.BytesIO(handle.read())))
 
 
+def concatenate_avro(sources: list[str], destination: str) -> int:
+    """Writes the blocks of ``sources``, Avro files of one writer schema, into one file at
+    ``destination``, in order, without decoding a record; returns how many records it holds."""
+    buffer, writer, schema, records = io.BytesIO(), None, None, 0
+    for source in sources:
+        with FileSystems.open(source, mime_type="application/octet-stream") as handle:
+            blocks = fastavro.block_reader(io.BytesIO(handle.read()))
+        if writer is None:
+            schema = blocks.writer_schema
+            writer = fastavro.write.Writer(buffer, schema, codec=AVRO_CODEC)
+        elif blocks.writer_schema != schema:
+            raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+        for block in blocks:
+            writer.write_block(block)
+            records += block.num_records
+    writer.flush()
+    write_bytes(destination, buffer.getvalue())
+    return records
+
+
+def sizes(pattern: str) -> dict[str, int]:
+    """The files matching a glob, with their sizes in bytes."""
+    return {m.path: m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list}
+
+
 def read_json(path: str):
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         return json.loads(handle.read().decode("utf-8"))

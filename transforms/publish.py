@@ -1,0 +1,242 @@
+"""Publish a closed hour: compact its staged pane files into parts, then write ``_SUCCESS``.
+
+``CloseHour`` decides that an hour is closed and saves its *plan* in the hour's staging
+folder (``_CLOSING.json``) before anything moves: which staged files make which part,
+and the manifest. Then the parts are written side by side, on any worker: a part of
+several pane files is their Avro blocks in one file (``--target_file_mb``, no record
+decoded), a part of one file is that file, moved. When every part is written, the
+marker is written, and only then are the staged files deleted.
+
+Every step can run again: a part is rewritten from staged files that are all still
+there until the marker exists, and a part whose hour has its marker is not written
+again. A close retried after a crash therefore publishes the same parts and the same
+manifest, however far the first attempt got.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+import typing
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import GlobalWindows
+
+from event_delivery.cloud import files
+from event_delivery.cloud.clients import use_emulator_credentials
+from event_delivery.contract import partitions, slo
+from event_delivery.contract.partitions import Layout
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN
+
+_LOG = logging.getLogger(__name__)
+CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
+PLANNED, WRITTEN = "planned", "written"
+wall_clock = time.time  # module-level, so that a test can set the clock of the close delay
+
+
+def build_manifest(
+    event_type_name, hour_start, window_seconds, closes_at, delivered_files, reports, replayed: bool = False
+) -> dict:
+    """The ``_SUCCESS`` document: the hour's files and its accounting at close.
+
+    ``delivered_files`` maps each published file to its record count; ``reports``
+    supply the duplicates and dead letters counted while the hour was open, and how
+    many delivered events belonged to forgotten subjects (a part of ``delivered``).
+    ``replayed`` marks an hour closed by a bounded job (a backfill), long after the fact:
+    its close time says nothing about timeliness.
+    """
+    duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
+    forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
+    dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
+    delivered = sum(delivered_files.values())
+    dead_lettered = sum(dead_letter_files.values())
+    return {
+        "event_type": event_type_name,
+        "hour_start": partitions.iso_utc(hour_start),
+        "hour_end": partitions.iso_utc(hour_start + window_seconds),
+        "closed_at_watermark": partitions.iso_utc(closes_at),
+        "replayed": replayed,
+        "files": [{"path": path, "records": n} for path, n in sorted(delivered_files.items())],
+        "dead_letter_files": [{"path": path, "records": n} for path, n in sorted(dead_letter_files.items())],
+        "accounting": {
+            "in": delivered + duplicates + dead_lettered,
+            "delivered": delivered,
+            "duplicates": duplicates,
+            "dead_lettered": dead_lettered,
+            "forgotten": forgotten,
+        },
+    }
+
+
+def group_into_parts(staged: dict[str, tuple[int, int]], target_bytes: int) -> list[list[str]]:
+    """Staged files (path -> (records, bytes)) grouped into parts of about ``target_bytes``, in
+    name order; files of different runs never share a part (a run writes one schema), and
+    ``target_bytes`` 0 makes every file a part of its own."""
+    parts, size, run = [], 0, None
+    for path in sorted(staged):
+        file_run = posixpath.basename(path).rsplit("-p", 1)[0]
+        bytes_ = staged[path][1]
+        if not parts or file_run != run or not target_bytes or size + bytes_ > target_bytes:
+            parts.append([])
+            size, run = 0, file_run
+        parts[-1].append(path)
+        size += bytes_
+    return parts
+
+
+def part_name(event_type: str, number: int, sources: list[str]) -> str:
+    """A part of one pane file keeps its name; a compacted one is named by (hour, part)."""
+    return posixpath.basename(sources[0]) if len(sources) == 1 else f"{event_type}-part{number:05d}.avro"
+
+
+def plan_hour(
+    layout: Layout, hour_start: int, closes_at: float, collected: list, replayed: bool, target_file_mb: int
+) -> dict:
+    """The hour's plan, ``{"manifest": ..., "parts": [{"path", "sources", "records"}]}``: read from
+    its staging folder if an earlier attempt saved one, else made from the hour's reports and
+    saved there, before any file moves."""
+    staging = layout.hour(layout.staging, hour_start)
+    plan_path = partitions.join(staging, CLOSE_PLAN)
+    if files.exists(plan_path):
+        return files.read_json(plan_path)
+    sizes = files.sizes(partitions.join(staging, "*.avro"))
+    staged = {path: (records, sizes.get(path, 0)) for kind, records, path in collected if kind == DELIVERED}
+    folder = layout.hour(layout.delivered, hour_start)
+    parts = []
+    for number, sources in enumerate(group_into_parts(staged, target_file_mb * 1024 * 1024)):
+        path = partitions.join(folder, part_name(layout.event_type, number, sources))
+        parts.append({"path": path, "sources": sources, "records": sum(staged[s][0] for s in sources)})
+    published = {part["path"]: part["records"] for part in parts}
+    manifest = build_manifest(
+        layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
+    )
+    plan = {"manifest": manifest, "parts": parts}
+    files.write_json(plan_path, plan)
+    return plan
+
+
+def write_part(layout: Layout, hour_start: int, part: dict) -> None:
+    """Writes one part of a planned hour, unless the hour's marker says it is published."""
+    if files.exists(layout.marker(hour_start)):
+        return  # its staged files may be gone already: the part is in place
+    sources = part["sources"]
+    if len(sources) == 1:
+        files.move(sources[0], part["path"])
+    else:
+        files.concatenate_avro(sources, part["path"])
+
+
+def finish_hour(layout: Layout, hour_start: int) -> dict:
+    """Once every part is written: the marker, then the staged files and the plan deleted."""
+    plan_path = partitions.join(layout.hour(layout.staging, hour_start), CLOSE_PLAN)
+    plan = files.read_json(plan_path)
+    if not files.exists(layout.marker(hour_start)):
+        files.write_json(layout.marker(hour_start), plan["manifest"])
+    files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [plan_path])
+    return plan["manifest"]
+
+
+class WritePartFn(beam.DoFn):
+    """``(hour start, part)`` in; ``(hour start, (WRITTEN, 1))`` out once the part is written."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def setup(self):
+        use_emulator_credentials()
+
+    def process(self, hour_part):
+        hour_start, part = hour_part
+        write_part(self.layout, hour_start, part)
+        yield hour_start, (WRITTEN, 1)
+
+
+class PublishWhenWrittenFn(beam.DoFn):
+    """Counts an hour's written parts against its plan's; when all are written, publishes it."""
+
+    PARTS = ReadModifyWriteStateSpec("parts", VarIntCoder())
+    WRITTEN_PARTS = ReadModifyWriteStateSpec("written", VarIntCoder())
+
+    def __init__(self, settings):
+        self.layout = settings.layout
+        self.tier = settings.event_type.tier
+        self.allowed_lateness_seconds = settings.allowed_lateness_seconds
+        self.streaming = not settings.bounded
+
+    def setup(self):
+        use_emulator_credentials()
+        self.delivered = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DELIVERED)
+        self.closed_hours = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_CLOSED)
+        self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
+        self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
+
+    def process(
+        self,
+        hour_progress,
+        parts=beam.DoFn.StateParam(PARTS),
+        written=beam.DoFn.StateParam(WRITTEN_PARTS),
+    ):
+        hour_start, (kind, count) = hour_progress
+        if kind == PLANNED:
+            parts.write(count)
+        else:
+            written.write((written.read() or 0) + count)
+        if parts.read() is None or (written.read() or 0) < parts.read():
+            return
+        manifest = finish_hour(self.layout, hour_start)
+        parts.clear()
+        written.clear()
+        self.delivered.inc(manifest["accounting"]["delivered"])
+        self.closed_hours.inc()
+        if self.streaming:  # a backfill closes hours of the past: its delay says nothing
+            self._measure_timeliness(hour_start)
+        _LOG.info(
+            "closed %s %s: %d records in %d files",
+            self.layout.event_type,
+            partitions.iso_utc(hour_start),
+            manifest["accounting"]["delivered"],
+            len(manifest["files"]),
+        )
+        yield self.layout.marker(hour_start)
+
+    def _measure_timeliness(self, hour_start: int) -> None:
+        delay = wall_clock() - (hour_start + self.layout.window_seconds)
+        self.close_delay.update(int(delay))
+        if slo.is_overdue(self.tier, delay, self.allowed_lateness_seconds):
+            self.overdue.inc()
+
+
+class PublishHours(beam.PTransform):
+    """Planned hours in, as ``CloseHour`` emits them: ``parts`` (``(hour start, part)``) and
+    ``planned`` (``(hour start, (PLANNED, number of parts))``); marker paths out, in the global window.
+
+    The parts are spread over the workers (a runner would otherwise write them where the
+    hour's close ran, one after another); the hour is published, keyed by hour, when the
+    last of its parts is written.
+    """
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, planned_hours):
+        layout = self.settings.layout
+        # Out of the hour windows: an hour's elements carry their close time, which a window
+        # function would put in the next hour (a reshuffle windows again), and state kept per
+        # hour key is dropped once the hour is published.
+        written = (
+            planned_hours["parts"]
+            | "PartsOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
+            | "SpreadParts" >> beam.Reshuffle()
+            | "WriteParts" >> beam.ParDo(WritePartFn(layout))
+        )
+        planned = planned_hours["planned"] | "PlansOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
+        return (
+            (planned, written)
+            | "PlansAndParts" >> beam.Flatten()
+            | "PublishWhenWritten"
+            >> beam.ParDo(PublishWhenWrittenFn(self.settings)).with_input_types(tuple[int, typing.Any])
+        )
