@@ -26,10 +26,12 @@ keystore. A keystore that holds no key at all is refused too, unless
 
 ``--sweep_orphans`` (alone, or after the subjects) deletes the data keys that nothing
 points to any more: a worker that died between writing a new key and claiming its
-subject leaves one, and a forget interrupted halfway leaves its key, which the sweep
-erases. It also deletes the quarantine keys (one per type and day) of the days past
-``--quarantine_retention_days``: what they sealed (dead letters and archived messages
-that name no subject) can then no longer be read. Run it daily (``make sweep-keys``)::
+subject leaves one, and so does a forget interrupted within one type on Bigtable (between
+its tombstone and the key's deletion), which the sweep finishes. A forget interrupted
+between types is finished by running it again for its subjects. It also deletes the
+quarantine keys (one per type and day) of the days past ``--quarantine_retention_days``:
+what they sealed (dead letters and archived messages that name no subject) can then no
+longer be read. Run it daily (``make sweep-keys``)::
 
     python -m pipelines.forget --sweep_orphans --keystore bigtable://... --kms_key ...
 """
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
         "--sweep_orphans",
         action="store_true",
         help="Then delete the data keys no subject or named key points to (left by a worker that died "
-        "between writing a key and claiming its subject, or by an interrupted forget, which this finishes), "
+        "between writing a key and claiming its subject, or by a forget interrupted within a type on Bigtable, "
+        "which this finishes; a forget interrupted between types is finished by running it again), "
         "and the quarantine keys of the days past --quarantine_retention_days.",
     )
     parser.add_argument(

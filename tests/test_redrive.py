@@ -88,7 +88,8 @@ def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
 
 
 def test_a_dead_letter_that_names_its_subject_is_erased_by_forget_and_the_rest_still_redrive(tmp_path):
-    search, settings, flags = setup(tmp_path)
+    search, _, flags = setup(tmp_path)
+    settings = local_settings(tmp_path, search, local_keys(tmp_path), raw_archive=True)
     alice = {**valid_fields(search, 1), "user_id": "alice", "new_field": "x"}
     bob = {**valid_fields(search, 2), "user_id": "bob", "new_field": "x"}
     clock = Clock(START)
@@ -106,6 +107,10 @@ def test_a_dead_letter_that_names_its_subject_is_erased_by_forget_and_the_rest_s
         "a1": subject_keys["alice"],
         "b1": subject_keys["bob"],
     }
+    archived = {r["event_id"]: r for p in files.glob(f"{tmp_path}/raw/search/*/*/*.avro") for r in files.read_avro(p)}
+    assert {i: r["key_id"] for i, r in archived.items()} == {"a1": subject_keys["alice"], "b1": subject_keys["bob"]}, (
+        "the archived copy of a message that fails validation is sealed under the subject it names too"
+    )
 
     keystore.forget("alice")
     assert keystore.data_keys([subject_keys["alice"]]) == {subject_keys["alice"]: None}, (

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from google.api_core import exceptions as google_errors
 
 from event_delivery.contract import envelope, slo
-from event_delivery.contract.dead_letters import ErrorKind, dead_letter, quarantine_key_name
+from event_delivery.contract.dead_letters import ErrorKind, dead_letter, quarantine_key_name, subject_named_in
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig
@@ -329,18 +329,6 @@ class DeadLetterFailedWrites(beam.PTransform):
             | "UnsealFailedWrites" >> beam.ParDo(self.fn)
             | "OutOfTheirHours" >> beam.WindowInto(GlobalWindows())
         )
-
-
-def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
-    """The data subject a payload names, if it is a JSON object that does (valid or not)."""
-    if not subject_field or not payload:
-        return None
-    try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    subject = obj.get(subject_field) if isinstance(obj, dict) else None
-    return subject if isinstance(subject, str) and subject else None
 
 
 class SealDeadLettersFn(SealInBatchesFn):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import time
 
 import fastavro
@@ -125,3 +126,15 @@ def expired_quarantine_keys(names, retention_days: int, now: float) -> list[str]
         if len(parts) == 3 and parts[0] + "/" == QUARANTINE_KEYS and parts[2] < cutoff:
             expired.append(name)
     return expired
+
+
+def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
+    """The data subject a payload names, if it is a JSON object that does (valid or not)."""
+    if not subject_field or not payload:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    subject = obj.get(subject_field) if isinstance(obj, dict) else None
+    return subject if isinstance(subject, str) and subject else None
