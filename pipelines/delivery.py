@@ -80,7 +80,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(
-        settings, layout.staging, DELIVERED, give_up_failures=True
+        settings, layout.staging, DELIVERED, give_up_failures=True, compress=False
     )
     late = deduplicated.late | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE, give_up_failures=True)
     failed_writes = (staged[WRITE_FAILED], late[WRITE_FAILED]) | "FailedWrites" >> beam.Flatten()

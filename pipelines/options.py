@@ -80,7 +80,7 @@ def add_delivery_arguments(parser) -> None:
         type=int,
         default=128,
         help="At close, an hour's pane files are compacted into parts of about this size (0: each pane's "
-        "file is published as it is). Default: 128.",
+        "file is a part of its own). Default: 128.",
     )
     group.add_argument(
         "--raw_archive_root",

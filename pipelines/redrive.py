@@ -138,7 +138,7 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
     protected = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
     # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
     panes = protected["events"] | "BucketByHour" >> BucketByHour(settings)
-    staged = panes | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED)
+    staged = panes | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED, compress=False)
     staged | "CloseHour" >> CloseHour(settings, publish=False)
 
     # What came out of parsing as a dead letter again stays where it is, and so does an event

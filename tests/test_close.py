@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fastavro
 import pytest
 from apache_beam.io.filesystem import BeamIOError
 from google.api_core import exceptions as google_errors
@@ -27,7 +28,7 @@ def stage(layout: Layout, registry, count: int) -> list[tuple]:
     for number in range(count):
         events = [(f"e{number}-{i}", (START + 1) * 1000, valid_fields(log, i)) for i in range(number + 1)]
         path = partitions.join(folder, partitions.pane_file_name("service_log", "run1", number, 0))
-        files.write_avro(path, log.parsed_delivered_schema, [event_record(e) for e in events])
+        files.write_avro(path, log.parsed_delivered_schema, [event_record(e) for e in events], files.UNCOMPRESSED)
         reports.append(report(DELIVERED, len(events), path))
     return reports
 
@@ -88,6 +89,8 @@ def test_an_hours_panes_are_compacted_into_parts_of_the_target_size(tmp_path, re
     assert part["path"].endswith("/service_log-part00000.avro") and part["records"] == 1 + 2 + 3 + 4 + 5
     assert published_ids(layout, manifest) == staged_ids
     assert files.count_avro_records(part["path"]) == part["records"]
+    with open(part["path"], "rb") as handle:
+        assert fastavro.reader(handle).codec == files.AVRO_CODEC, "staged uncompressed, published compressed"
     assert sum(sizes) > 1024, "the parts are small here: grouping is checked below with byte targets"
     assert publish_hour.group_into_parts({"a-p1": (1, 600), "a-p2": (1, 600), "a-p3": (1, 300)}, 1000) == [
         ["a-p1"],

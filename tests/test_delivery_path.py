@@ -91,7 +91,7 @@ def test_panes_split_over_worker_processes_deliver_each_id_once_in_files_of_thei
     """On Dataflow a stream's bundles are read by many worker processes, and each forms its own
     panes of a shard: the key space grows with the job. Here every bundle is packed by the next of
     three simulated processes, and producer retries of an id land with different ones."""
-    s = dataclasses.replace(settings(), target_file_mb=0)  # each pane's file published as it is, by its name
+    s = dataclasses.replace(settings(), target_file_mb=0)  # each pane's file a part of its own, by its name
     log = registry["service_log"]
     writers = itertools.cycle(["a1", "b2", "c3"])  # the next for every bundle (of every packing step)
     monkeypatch.setattr(hours, "writer_id", lambda: next(writers))

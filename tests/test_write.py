@@ -96,7 +96,7 @@ class ResetPaneInfoFn(beam.DoFn):
 def test_file_names_survive_a_runner_that_resets_pane_indices(tmp_path, registry):
     """Three panes of one (hour, shard) reach the writer as pane 0 each: three files, every record counted."""
     log = registry["service_log"]
-    settings = local_settings(tmp_path, log, local_keys(tmp_path), num_shards=1, target_file_mb=0)  # no compaction
+    settings = local_settings(tmp_path, log, local_keys(tmp_path), num_shards=1, target_file_mb=0)  # a part per pane
     clock, sent = Clock(START), []
     for batch in range(3):
         ids = [f"b{batch}-{i}" for i in range(4)]

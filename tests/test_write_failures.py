@@ -55,11 +55,11 @@ def fail_writes_under(folder: str, error: Exception, times: int | None = None):
     """``files.write_avro`` that raises ``error`` for paths under ``folder`` (``times`` times, or always)."""
     real, failures = files.write_avro, []
 
-    def write_avro(path, schema, records):
+    def write_avro(path, schema, records, codec=files.AVRO_CODEC):
         if f"/{folder}/" in path and (times is None or len(failures) < times):
             failures.append(path)
             raise error
-        return real(path, schema, records)
+        return real(path, schema, records, codec)
 
     return write_avro, failures
 

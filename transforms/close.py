@@ -39,7 +39,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.publish import PLANNED, PublishHours, plan_hour
+from transforms.publish import PLANNED, PublishHours, plan_hour, publish_late
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
 
 _LOG = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class CloseHourFn(beam.DoFn):
                 reports.add(hour_report)
                 close.set(window.end)
         elif kind == DELIVERED:
-            files.move(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
+            publish_late(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
             self.late.inc(records)
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)

@@ -2,10 +2,11 @@
 
 ``CloseHour`` decides that an hour is closed and saves its *plan* in the hour's staging
 folder (``_CLOSING.json``) before anything moves: which staged files make which part,
-and the manifest. Then the parts are written side by side, on any worker: a part of
-several pane files is their Avro blocks in one file (``--target_file_mb``, no record
-decoded), a part of one file is that file, moved. When every part is written, the
-marker is written, and only then are the staged files deleted.
+and the manifest. Then the parts are written side by side, on any worker: a part is
+its pane files' Avro blocks in one file of about ``--target_file_mb``, compressed. Panes
+are staged uncompressed, so each record is compressed once, here, and none is decoded.
+When every part is written, the marker is written, and only then are the staged files
+deleted.
 
 Every step can run again: a part is rewritten from staged files that are all still
 there until the marker exists, and a part whose hour has its marker is not written
@@ -88,7 +89,7 @@ def group_into_parts(staged: dict[str, tuple[int, int]], target_bytes: int) -> l
 
 
 def part_name(event_type: str, number: int, sources: list[str]) -> str:
-    """A part of one pane file keeps its name; a compacted one is named by (hour, part)."""
+    """A part of one pane file keeps the pane's name; one of several is named by (hour, part)."""
     return posixpath.basename(sources[0]) if len(sources) == 1 else f"{event_type}-part{number:05d}.avro"
 
 
@@ -122,11 +123,14 @@ def write_part(layout: Layout, hour_start: int, part: dict) -> None:
     """Writes one part of a planned hour, unless the hour's marker says it is published."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    sources = part["sources"]
-    if len(sources) == 1:
-        files.move(sources[0], part["path"])
-    else:
-        files.concatenate_avro(sources, part["path"])
+    files.concatenate_avro(part["sources"], part["path"])
+
+
+def publish_late(staged: str, destination: str) -> None:
+    """A staged pane file, compressed, at ``destination`` in the late root, and gone from staging."""
+    if files.exists(staged):
+        files.concatenate_avro([staged], destination)
+        files.delete_existing([staged])
 
 
 def finish_hour(layout: Layout, hour_start: int) -> dict:

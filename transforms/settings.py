@@ -30,7 +30,7 @@ class DeliverySettings:
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
-    target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: not
+    target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: one per pane
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
 
     def __post_init__(self):

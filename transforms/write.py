@@ -49,8 +49,11 @@ def prepared_record(element) -> dict:
 class WritePaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
-    def __init__(self, settings, root: str, report_kind: str, schema: dict, to_record, give_up_failures=False):
+    def __init__(
+        self, settings, root: str, report_kind: str, schema: dict, to_record, give_up_failures=False, codec=None
+    ):
         self.give_up_failures = give_up_failures
+        self.codec = codec or files.AVRO_CODEC
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.root = root
@@ -108,7 +111,7 @@ class WritePaneFn(beam.DoFn):
     def _write_with_retries(self, path: str, records: list) -> None:
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return files.write_avro(path, self.parsed_schema, records)
+                return files.write_avro(path, self.parsed_schema, records, self.codec)
             except PERMANENT:
                 raise
             except Exception:
@@ -146,7 +149,8 @@ class WriteAvroPanes(beam.PTransform):
 
     With ``give_up_failures``, it returns ``reports`` and ``write_failed`` outputs, the
     latter ``(reason, [elements])`` per pane whose write failed for good (see above);
-    without, such a failure fails the bundle.
+    without, such a failure fails the bundle. Without ``compress``, the files are written
+    uncompressed: staged panes, which the close compresses once, into the hour's parts.
     """
 
     def __init__(
@@ -157,12 +161,14 @@ class WriteAvroPanes(beam.PTransform):
         schema: dict | None = None,
         to_record=None,
         give_up_failures: bool = False,
+        compress: bool = True,
     ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
         fn = WritePaneFn if settings.bounded else WriteNumberedPaneFn
-        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures)
+        codec = files.AVRO_CODEC if compress else files.UNCOMPRESSED
+        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures, codec)
         self.give_up_failures = give_up_failures
 
     def expand(self, panes):

@@ -10,17 +10,19 @@ import fastavro
 from apache_beam.io.filesystems import FileSystems
 
 AVRO_CODEC = "deflate"
+UNCOMPRESSED = "null"  # Avro's name for no codec
 
 
 class AvroWriteError(RuntimeError):
     """A record does not match the file's schema. The message never quotes record values."""
 
 
-def write_avro(path: str, parsed_schema, records) -> None:
-    """Writes one compressed Avro container file, with its schema, in a single upload."""
+def write_avro(path: str, parsed_schema, records, codec: str = AVRO_CODEC) -> None:
+    """Writes one Avro container file, with its schema, compressed unless ``codec`` is
+    ``UNCOMPRESSED``, in a single upload."""
     buffer = io.BytesIO()
     try:
-        fastavro.writer(buffer, parsed_schema, records, codec=AVRO_CODEC)
+        fastavro.writer(buffer, parsed_schema, records, codec=codec)
     except (ValueError, TypeError, KeyError):
         # fastavro's message quotes the offending value, which may be personal.
         raise AvroWriteError(f"a record does not match the Avro schema of {path}") from None
@@ -58,8 +60,9 @@ def count_avro_records(path: str) -> int:
 
 
 def concatenate_avro(sources: list[str], destination: str) -> int:
-    """Writes the blocks of ``sources``, Avro files of one writer schema, into one file at
-    ``destination``, in order, without decoding a record; returns how many records it holds."""
+    """Writes the blocks of ``sources``, Avro files of one writer schema, into one compressed
+    file at ``destination``, in order, without decoding a record; returns how many records it
+    holds. Uncompressed sources cost the least: their blocks are compressed once, here."""
     buffer, writer, schema, records = io.BytesIO(), None, None, 0
     for source in sources:
         with FileSystems.open(source, mime_type="application/octet-stream") as handle:
@@ -108,16 +111,6 @@ def delete_existing(paths: list[str]) -> list[str]:
 def updated_seconds(path: str) -> float:
     """When a file was last written, in epoch seconds (an object's update time on GCS)."""
     return FileSystems.last_updated(path)
-
-
-def move_all(sources: list[str], destinations: list[str]) -> None:
-    """Moves many files in one batched rename (object stores copy them in parallel)."""
-    if not sources:
-        return
-    for parent in {d.rsplit("/", 1)[0] for d in destinations}:
-        if FileSystems.get_scheme(parent) is None:
-            os.makedirs(parent, exist_ok=True)  # object stores have no folders to create
-    FileSystems.rename(sources, destinations)
 
 
 def move(source: str, destination: str) -> None:
