@@ -79,8 +79,9 @@ def add_delivery_arguments(parser) -> None:
         "--target_file_mb",
         type=int,
         default=128,
-        help="At close, an hour's pane files are compacted into parts of about this size (0: each pane's "
-        "file is a part of its own). Default: 128.",
+        help="At close, an hour's pane files are compacted into parts of about this much uncompressed data "
+        "(compressed, a part is smaller by the codec's ratio; 0: each pane's file is a part of its own). "
+        "Default: 128.",
     )
     group.add_argument(
         "--raw_archive_root",

@@ -73,7 +73,7 @@ def build_manifest(
 
 
 def group_into_parts(staged: dict[str, tuple[int, int]], target_bytes: int) -> list[list[str]]:
-    """Staged files (path -> (records, bytes)) grouped into parts of about ``target_bytes``, in
+    """Staged files (path -> (records, bytes, uncompressed)) grouped into parts of about ``target_bytes``, in
     name order; files of different runs never share a part (a run writes one schema), and
     ``target_bytes`` 0 makes every file a part of its own."""
     parts, size, run = [], 0, None
