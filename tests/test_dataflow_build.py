@@ -96,7 +96,10 @@ def test_provisioning_sets_the_retention_of_dead_letters_and_temp_files(bucket):
     temp = client.get_bucket(provision.temp_bucket(bucket))
     assert [rule["condition"] for rule in temp.lifecycle_rules] == [{"age": provision.TEMP_RETENTION_DAYS}]
     output = client.get_bucket(bucket)
-    dead_letters_expire = {"age": provision.QUARANTINE_RETENTION_DAYS, "matchesPrefix": ["dead-letter/"]}
+    dead_letters_expire = {
+        "age": provision.QUARANTINE_RETENTION_DAYS,
+        "matchesPrefix": ["dead-letter/", "backfill/dead-letter/"],
+    }
     assert [rule["condition"] for rule in output.lifecycle_rules] == [dead_letters_expire]
 
 

@@ -64,7 +64,9 @@ def _subscribe(subscriber, subscription: str, topic: str, message_filter: str | 
 
 TEMP_RETENTION_DAYS = 1
 QUARANTINE_RETENTION_DAYS = dead_letters.QUARANTINE_RETENTION_DAYS
-DEAD_LETTERS = "dead-letter/"  # under the storage root, which is the bucket's root in production
+# Under the storage root, which is the bucket's root in production, and under the root
+# `make backfill` delivers into by default.
+DEAD_LETTERS = ["dead-letter/", "backfill/dead-letter/"]
 
 
 def temp_bucket(bucket: str) -> str:
@@ -79,7 +81,7 @@ def provision_bucket(project: str, bucket: str, quarantine_retention_days: int =
     for name in (bucket, temp_bucket(bucket)):
         with contextlib.suppress(exceptions.Conflict):
             client.create_bucket(name)
-    _delete_after(client.get_bucket(bucket), quarantine_retention_days, [DEAD_LETTERS])
+    _delete_after(client.get_bucket(bucket), quarantine_retention_days, DEAD_LETTERS)
     _delete_after(client.get_bucket(temp_bucket(bucket)), TEMP_RETENTION_DAYS)
 
 
