@@ -62,21 +62,23 @@ def count_avro_records(path: str) -> int:
 def concatenate_avro(sources: list[str], destination: str) -> int:
     """Writes the blocks of ``sources``, Avro files of one writer schema, into one compressed
     file at ``destination``, in order, without decoding a record; returns how many records it
-    holds. Uncompressed sources cost the least: their blocks are compressed once, here."""
-    buffer, writer, schema, records = io.BytesIO(), None, None, 0
-    for source in sources:
-        with FileSystems.open(source, mime_type="application/octet-stream") as handle:
-            blocks = fastavro.block_reader(io.BytesIO(handle.read()))
-        if writer is None:
-            schema = blocks.writer_schema
-            writer = fastavro.write.Writer(buffer, schema, codec=AVRO_CODEC)
-        elif blocks.writer_schema != schema:
-            raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
-        for block in blocks:
-            writer.write_block(block)
-            records += block.num_records
-    writer.flush()
-    write_bytes(destination, buffer.getvalue())
+    holds. Uncompressed sources cost the least: their blocks are compressed once, here. One
+    block at a time is held in memory."""
+    records, schema = 0, None
+    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
+        writer = None
+        for source in sources:
+            with FileSystems.open(source, mime_type="application/octet-stream") as handle:
+                blocks = fastavro.block_reader(handle)
+                if writer is None:
+                    schema = blocks.writer_schema
+                    writer = fastavro.write.Writer(out, schema, codec=AVRO_CODEC)
+                elif blocks.writer_schema != schema:
+                    raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+                for block in blocks:
+                    writer.write_block(block)
+                    records += block.num_records
+        writer.flush()
     return records
 
 
