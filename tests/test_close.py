@@ -102,8 +102,8 @@ def test_an_hours_panes_are_compacted_into_parts_of_the_target_size(tmp_path, re
     assert publish_hour.group_into_parts({"a-p1": (1, 1), "a-p2": (1, 1)}, 0) == [["a-p1"], ["a-p2"]]
 
 
-def test_a_batched_move_is_denied_for_good_only_when_every_file_of_it_was():
-    """Beam's ``FileSystems.rename`` reports a batch's failures per file, in one ``BeamIOError``."""
+def test_a_file_system_call_is_denied_for_good_only_when_every_cause_was():
+    """Beam's ``FileSystems`` calls report a batch's failures per file, in one ``BeamIOError``."""
     forbidden, busy = google_errors.Forbidden("denied"), google_errors.ServiceUnavailable("busy")
     assert close.denied(BeamIOError("rename failed", {("a", "b"): forbidden, ("c", "d"): forbidden}))
     assert not close.denied(BeamIOError("rename failed", {("a", "b"): forbidden, ("c", "d"): busy}))

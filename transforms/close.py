@@ -51,7 +51,8 @@ DENIED = (google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequ
 
 
 def denied(error: Exception) -> bool:
-    """Whether a close failed for good: denied, or a batched move whose every failure was."""
+    """Whether a close failed for good: denied, or a Beam file-system call (a listing, a batch)
+    whose every failure was."""
     if isinstance(error, BeamIOError) and error.exception_details:
         return all(denied(cause) for cause in error.exception_details.values())
     return isinstance(error, DENIED)

@@ -240,7 +240,6 @@ class PublishHours(beam.PTransform):
         planned = planned_hours["planned"] | "PlansOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
         return (
             (planned, written)
-            | "PlansAndParts" >> beam.Flatten()
-            | "PublishWhenWritten"
-            >> beam.ParDo(PublishWhenWrittenFn(self.settings)).with_input_types(tuple[int, typing.Any])
+            | "PlansAndParts" >> beam.Flatten().with_output_types(tuple[int, typing.Any])  # a deterministic key
+            | "PublishWhenWritten" >> beam.ParDo(PublishWhenWrittenFn(self.settings))
         )
