@@ -54,8 +54,11 @@ def _value_data(event_type: str, field: str, key_id: str, event_id: str | None) 
     return _VALUE_FORMAT + f"{event_type}\x1f{field}\x1f{key_id}\x1f{event_id or ''}".encode()
 
 
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per value
+
+
 def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
-    plaintext = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    plaintext = _to_json(value).encode("utf-8")
     nonce = secrets.token_bytes(NONCE_BYTES)
     sealed = aead.encrypt(nonce, plaintext, _value_data(event_type, field, key_id, event_id))
     return _FORMAT_BYTE + nonce + sealed
