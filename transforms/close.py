@@ -124,7 +124,7 @@ class CloseHourFn(beam.DoFn):
         late_counts.write(number + 1)
 
     @on_timer(CLOSE)
-    def write_marker(
+    def close_when_due(
         self,
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
@@ -134,7 +134,7 @@ class CloseHourFn(beam.DoFn):
         yield from self._close(window, reports, closed, close_again)
 
     @on_timer(CLOSE_AGAIN)
-    def write_marker_again(
+    def close_after_a_denial(
         self,
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
