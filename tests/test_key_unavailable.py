@@ -29,7 +29,7 @@ from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import personal
+from transforms import retries
 
 SUBJECTS = ["alice", "bob", "carol", "dave", "erin", "frank"]
 BROKEN = "alice"
@@ -49,7 +49,7 @@ def search(registry):
 
 @pytest.fixture(autouse=True)
 def no_waiting(monkeypatch):
-    monkeypatch.setattr(personal, "sleep", lambda seconds: None)
+    monkeypatch.setattr(retries, "sleep", lambda seconds: None)
 
 
 def events(search) -> dict[str, dict]:
@@ -173,11 +173,11 @@ def fail_reads(monkeypatch, error: Exception, times: int | None = None, of_key: 
 
 def test_a_transient_keystore_error_is_retried_and_loses_nothing(tmp_path, search, monkeypatch, caplog):
     keys = local_keys(tmp_path)
-    failures = fail_reads(monkeypatch, google_errors.ServiceUnavailable("busy"), times=personal.ATTEMPTS - 1)
+    failures = fail_reads(monkeypatch, google_errors.ServiceUnavailable("busy"), times=retries.ATTEMPTS - 1)
     arriving = events(search)
     hour = deliver_one_hour(tmp_path, search, keys, arriving)
 
-    assert len(failures) == personal.ATTEMPTS - 1
+    assert len(failures) == retries.ATTEMPTS - 1
     assert "busy" not in caplog.text, "retried in the bundle: the runner never saw it fail"
     assert sorted(hour.delivered_ids) == sorted(arriving)
     assert hour.dead_lettered == 0
@@ -191,7 +191,7 @@ def test_a_transient_keystore_error_that_does_not_end_fails_the_bundle_and_gives
     failures = fail_reads(monkeypatch, google_errors.DeadlineExceeded("down"), of_key=key_id)
     with pytest.raises(Exception, match="down"):
         deliver_one_hour(tmp_path, search, keys, events(search))
-    assert len(failures) >= personal.ATTEMPTS, "tried again before it is left to the runner"
+    assert len(failures) >= retries.ATTEMPTS, "tried again before it is left to the runner"
     assert not read_all(tmp_path, "dead-letter"), "left to the runner, which retries the bundle"
 
 

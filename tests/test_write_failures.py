@@ -21,7 +21,7 @@ from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import close, publish, write
+from transforms import close, publish, retries, write
 
 IDS = [f"e{i}" for i in range(6)]
 
@@ -33,7 +33,7 @@ def search(registry):
 
 @pytest.fixture(autouse=True)
 def no_waiting(monkeypatch):
-    monkeypatch.setattr(write, "sleep", lambda seconds: None)
+    monkeypatch.setattr(retries, "sleep", lambda seconds: None)
 
 
 def deliver_one_hour(tmp_path, search):
@@ -108,11 +108,13 @@ def test_a_record_the_schema_does_not_take_goes_alone_to_the_dead_letters(tmp_pa
 
 
 def test_a_transient_failure_is_retried_and_loses_nothing(tmp_path, search, monkeypatch):
-    flaky, failures = fail_writes_under("_staging", google_errors.ServiceUnavailable("busy"), times=write.ATTEMPTS - 1)
+    flaky, failures = fail_writes_under(
+        "_staging", google_errors.ServiceUnavailable("busy"), times=retries.ATTEMPTS - 1
+    )
     monkeypatch.setattr(files, "write_avro", flaky)
     audited = next(iter(deliver_one_hour(tmp_path, search).hours.values()))
 
-    assert len(failures) == write.ATTEMPTS - 1
+    assert len(failures) == retries.ATTEMPTS - 1
     assert (audited.delivered, audited.dead_lettered) == (len(IDS), 1)
 
 
@@ -126,7 +128,7 @@ def test_a_transient_failure_that_does_not_end_fails_the_bundle_after_a_bounded_
     # Each try of the bundle (the local runner tries a failed bundle a few times) writes a
     # file ATTEMPTS times, then fails: it is left to the runner, not given up as lost.
     tries = collections.Counter(failures).values()
-    assert tries and all(n % write.ATTEMPTS == 0 for n in tries), tries
+    assert tries and all(n % retries.ATTEMPTS == 0 for n in tries), tries
     assert not [r for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"], "nor is it given up"
 
 

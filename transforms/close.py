@@ -33,11 +33,11 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
-from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
+from transforms import retries
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.publish import PLANNED, PublishHours, plan_hour, publish_late
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
@@ -47,7 +47,7 @@ wall_clock = time.time  # module-level, so that a test can hold the clock while 
 PARTS = "parts"
 RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
 # What no retry of the bundle mends: what the job may do where it publishes.
-DENIED = (google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequest, PermissionError)
+DENIED = (*retries.DENIED, PermissionError)
 
 
 def denied(error: Exception) -> bool:

@@ -13,14 +13,13 @@ No bundle fails forever on one subject's key. A key the keystore cannot give, fo
 (``UNAVAILABLE``: a wrapped key that no longer unwraps, a key-wrapping key or KEK version
 that is gone, access denied), holds back only its subject's events: they become
 ``key_unavailable`` dead letters, sealed under the quarantine key, which a redrive replays
-once the key is mended. A transient keystore error is retried ``ATTEMPTS`` times, then
-left to the runner, which retries the bundle.
+once the key is mended. A transient keystore error is retried (``transforms.retries``),
+then left to the runner, which retries the bundle.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -37,12 +36,10 @@ from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
 from event_delivery.keys.kek import KeysNotFound, KmsIntegrityError, UnknownWrappedFormat
 from event_delivery.keys.keystore import SubjectKey
+from transforms import retries
 from transforms.reports import FORGOTTEN, report
 
 KEY_UNAVAILABLE = ErrorKind.KEY_UNAVAILABLE.value  # the output of events whose subject's key is unavailable
-ATTEMPTS = 3
-BACKOFF_SECONDS = 1.0
-sleep = time.sleep  # module-level, so that a test can skip the waits
 # Keystore errors that no retry mends: a wrapped key that no longer unwraps (altered, or of a format
 # this code does not read), a key-wrapping key or KEK version that is gone, a key, table or KMS key
 # the job may not use or that does not exist.
@@ -50,9 +47,7 @@ UNAVAILABLE = (
     InvalidTag,
     UnknownWrappedFormat,
     KeysNotFound,
-    google_errors.Forbidden,
-    google_errors.NotFound,
-    google_errors.BadRequest,
+    *retries.DENIED,
 )
 # Keystore errors that pass: the service busy, slow or out of reach, a KMS response altered on the way.
 TRANSIENT = (google_errors.ServerError, google_errors.TooManyRequests, ConnectionError, TimeoutError, KmsIntegrityError)
@@ -153,16 +148,10 @@ class SealInBatchesFn(beam.DoFn):
 
     @staticmethod
     def with_retries(lookup):
-        """``lookup()``, tried again after a transient keystore error (``TRANSIENT``), ``ATTEMPTS``
-        times in all, then raised for the runner to retry the bundle. Any other error is raised at
-        once: ``UNAVAILABLE`` for the caller to give up the subjects at fault, the rest as a bug."""
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                return lookup()
-            except TRANSIENT:
-                if attempt == ATTEMPTS:
-                    raise
-                sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        """``lookup()``, tried again after a transient keystore error (``TRANSIENT``), then raised
+        for the runner to retry the bundle. Any other error is raised at once: ``UNAVAILABLE``
+        for the caller to give up the subjects at fault, the rest as a bug."""
+        return retries.with_retries(lookup, passing=lambda error: isinstance(error, TRANSIENT))
 
     def process(self, element):
         self.pending.append(element)

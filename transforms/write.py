@@ -3,35 +3,31 @@
 No pane is retried forever. A write that fails on its data (a record the schema does
 not take) or on a permanent error (permission denied, no such bucket) gives its events
 up on the ``write_failed`` output, which the delivery path turns into dead letters, and
-the job moves on. A transient error is retried ``ATTEMPTS`` times, then left to the
+the job moves on. A transient error is retried (``transforms.retries``), then left to the
 runner, which retries the bundle.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import apache_beam as beam
 import fastavro
 from apache_beam.coders import VarIntCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from fastavro.validation import validate
-from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
+from transforms import retries
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
 
 _LOG = logging.getLogger(__name__)
 WRITE_FAILED = "write_failed"
-ATTEMPTS = 3
-BACKOFF_SECONDS = 1.0
-sleep = time.sleep  # module-level, so that a test can skip the waits
 # Errors that no retry mends: the file's data, or what the job may do where it writes.
-PERMANENT = (files.AvroWriteError, google_errors.Forbidden, google_errors.NotFound, google_errors.BadRequest)
+PERMANENT = (files.AvroWriteError, *retries.DENIED)
 
 
 def event_record(event) -> dict:
@@ -109,15 +105,8 @@ class WritePaneFn(beam.DoFn):
         return [e for e, _ in kept]
 
     def _write_with_retries(self, path: str, records: list) -> None:
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                return files.write_avro(path, self.parsed_schema, records, self.codec)
-            except PERMANENT:
-                raise
-            except Exception:
-                if attempt == ATTEMPTS:
-                    raise  # to the runner, which retries the bundle
-                sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        write = lambda: files.write_avro(path, self.parsed_schema, records, self.codec)  # noqa: E731
+        retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 
 class WriteNumberedPaneFn(WritePaneFn):
