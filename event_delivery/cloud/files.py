@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import fastavro
 from apache_beam.io.filesystems import FileSystems
@@ -113,13 +112,3 @@ def delete_existing(paths: list[str]) -> list[str]:
 def updated_seconds(path: str) -> float:
     """When a file was last written, in epoch seconds (an object's update time on GCS)."""
     return FileSystems.last_updated(path)
-
-
-def move(source: str, destination: str) -> None:
-    """Moves a file; a retry after a completed move is a no-op."""
-    if not FileSystems.exists(source) and FileSystems.exists(destination):
-        return
-    parent = destination.rsplit("/", 1)[0]
-    if FileSystems.get_scheme(parent) is None:
-        os.makedirs(parent, exist_ok=True)  # object stores have no folders to create
-    FileSystems.rename([source], [destination])
