@@ -27,6 +27,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from event_delivery.cloud import preflight
 from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
+from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
 from pipelines.options import (
     DeliveryOptions,
@@ -82,7 +83,9 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(
         settings, layout.staging, DELIVERED, give_up_failures=True, compress=False
     )
-    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(settings, layout.late, LATE, give_up_failures=True)
+    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(
+        settings, layout.late, LATE, give_up_failures=True, series=partitions.LATE_SERIES
+    )
     failed_writes = (staged[WRITE_FAILED], late[WRITE_FAILED]) | "FailedWrites" >> beam.Flatten()
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
     dead_letters = (

@@ -29,6 +29,7 @@ from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import close, hours
 from transforms.hours import shard_of
+from transforms.publish import build_manifest
 
 
 @pytest.fixture
@@ -164,6 +165,27 @@ def test_an_hour_closed_by_an_earlier_run_stays_closed(settings, registry):
     hour = result.hours[partitions.partition(START, WINDOW)]
     assert (hour.delivered_ids, late_ids(second)) == (["e1"], ["e2"])
     assert not result.problems
+
+
+def test_a_staged_pane_moved_late_and_a_pane_written_late_never_share_a_name(settings, registry, monkeypatch):
+    """Two writers number their files on their own in one late hour: the close moves a staged
+    pane there under its staged name (the hour was closed by an earlier run), and ``WriteLate``
+    writes the next pane of the same (shard, writer) once the watermark closed the hour here
+    too. With one shard and one writer both are file number 0: neither may replace the other."""
+    s = dataclasses.replace(settings(run_id="run2"), num_shards=1)
+    log = registry["service_log"]
+    monkeypatch.setattr(hours, "writer_id", lambda: "w1")
+    files.write_json(s.layout.marker(START), build_manifest("service_log", START, WINDOW, START + WINDOW, {}, []))
+    clock = Clock(START + 5)
+    clock.arrive(message(valid_fields(log, 1), "staged-then-moved", (START + 1) * 1000))
+    clock.advance(TRIGGER * 2)  # a pane staged while the watermark holds the hour open here
+    clock.advance(WINDOW + LATENESS)
+    clock.arrive(message(valid_fields(log, 2), "written-late", (START + 2) * 1000))
+    clock.advance(TRIGGER * 2)
+    run(s, clock)
+
+    assert sorted(late_ids(s)) == ["staged-then-moved", "written-late"], "both late panes are kept"
+    assert audit(s).hours[partitions.partition(START, WINDOW)].late == 2
 
 
 def test_files_staged_by_a_stopped_run_are_published_with_the_hour(settings, registry):

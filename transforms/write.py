@@ -46,9 +46,18 @@ class WritePaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
     def __init__(
-        self, settings, root: str, report_kind: str, schema: dict, to_record, give_up_failures=False, codec=None
+        self,
+        settings,
+        root: str,
+        report_kind: str,
+        schema: dict,
+        to_record,
+        give_up_failures=False,
+        codec=None,
+        series=partitions.STAGED_SERIES,
     ):
         self.give_up_failures = give_up_failures
+        self.series = series
         self.codec = codec or files.AVRO_CODEC
         self.layout = settings.layout
         self.run_id = settings.run_id
@@ -70,7 +79,7 @@ class WritePaneFn(beam.DoFn):
         if not elements:
             return
         folder = self.layout.hour(self.root, bucket_start_seconds(window))
-        name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer)
+        name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer, self.series)
         path = partitions.join(folder, name)
         reason = files.AvroWriteError.__name__
         try:
@@ -140,6 +149,8 @@ class WriteAvroPanes(beam.PTransform):
     latter ``(reason, [elements])`` per pane whose write failed for good (see above);
     without, such a failure fails the bundle. Without ``compress``, the files are written
     uncompressed: staged panes, which the close compresses once, into the hour's parts.
+    ``series`` names the files of a writer that shares its root with another (see
+    ``partitions.pane_file_name``): the late root's.
     """
 
     def __init__(
@@ -151,13 +162,14 @@ class WriteAvroPanes(beam.PTransform):
         to_record=None,
         give_up_failures: bool = False,
         compress: bool = True,
+        series: str = partitions.STAGED_SERIES,
     ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
         fn = WritePaneFn if settings.bounded else WriteNumberedPaneFn
         codec = files.AVRO_CODEC if compress else files.UNCOMPRESSED
-        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures, codec)
+        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures, codec, series)
         self.give_up_failures = give_up_failures
 
     def expand(self, panes):

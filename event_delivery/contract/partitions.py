@@ -82,14 +82,23 @@ def partition_dir(root: str, event_type: str, window_start_seconds: float, windo
     return join(root, event_type, partition(window_start_seconds, window_seconds))
 
 
-def pane_file_name(event_type: str, run_id: str, number: int, shard: int, writer: str = "") -> str:
-    """Deterministic per (run, hour, file number, shard, writer): a retried write replaces its file.
+STAGED_SERIES = "p"  # panes written to staging, the dead letters, the raw archive: each a root of its own
+LATE_SERIES = "l"  # panes written to the late root, beside staged panes moved there under their own name
+
+
+def pane_file_name(
+    event_type: str, run_id: str, number: int, shard: int, writer: str = "", series: str = STAGED_SERIES
+) -> str:
+    """Deterministic per (run, series, hour, file number, shard, writer): a retried write replaces its file.
 
     The number counts the panes of an (hour, shard, writer) within a run; the writer is
     the worker process that formed them (a stream's), and the run id keeps a restarted
     job, whose numbers start again at 0, from overwriting the files of the run before it.
+    The series keeps apart two writers that number their files on their own but write
+    into one root: a staged pane that the close moves to the late root keeps its ``p``
+    name there, and a pane written late is an ``l``, so neither can replace the other.
     """
-    return f"{event_type}-{run_id}-p{number:05d}-s{shard:03d}{f'-w{writer}' if writer else ''}.avro"
+    return f"{event_type}-{run_id}-{series}{number:05d}-s{shard:03d}{f'-w{writer}' if writer else ''}.avro"
 
 
 def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
