@@ -76,7 +76,8 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     events = sealed["events"]
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         events = events | "MarkRepeats" >> MarkRepeats(settings)
-    panes = events | "BucketByHour" >> BucketByHour(settings)
+    # After MarkRepeats a runner's bundle holds one id's work: a stream's events are not packed.
+    panes = events | "BucketByHour" >> BucketByHour(settings, pack=settings.bounded)
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.

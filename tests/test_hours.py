@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
+import apache_beam as beam
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import WindowFn
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
@@ -13,7 +17,9 @@ from hypothesis import strategies as st
 
 from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
-from transforms.hours import PackByShardFn, _unpack, bucket_start_seconds, shard_of
+from event_delivery.contract.registry import load_registry
+from tests.streams import START, TRIGGER, Clock, local_settings, streaming_pipeline
+from transforms.hours import BucketByHour, FormPanesFn, PackByShardFn, bucket_start_seconds, shard_of
 
 
 @given(
@@ -57,10 +63,41 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     fn.start_bundle()
     start = 1_800_000_000_000 - 1_800_000_000_000 % 3_600_000
     for n in range(200):
-        fn.process(("", start + n, {"n": n}))
-    fn.process(("e-42", start + 7, {"n": "event"}))
-    packs = dict(_unpack((key, [pack])) for key, pack in (wv.value for wv in fn.finish_bundle()))
+        list(fn.process(("", start + n, {"n": n})))
+    list(fn.process(("e-42", start + 7, {"n": "event"})))
+    form = FormPanesFn(packed=True)
+    packs = {key: pane for wv in fn.finish_bundle() for key, pane in form.process((wv.value[0], [wv.value[1]]))}
     assert len(packs) > 8, "id-less messages spread over the shards"
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
+
+
+class RefusePastTheCommitLimitFn(beam.DoFn):
+    """Streaming Engine refuses a commit or a value past its limit, and the key then holds the
+    watermark for good; the local runner takes any size. This step refuses as Dataflow does."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+
+    def process(self, pane):
+        encoded = len(pickle.dumps(pane, protocol=pickle.HIGHEST_PROTOCOL))
+        if encoded > self.limit_bytes:
+            raise RuntimeError(f"commit of {encoded} bytes refused: the limit is {self.limit_bytes}")
+        yield from (element[0] for element in pane[1])
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed from read bundles", "keyed one by one"])
+def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_path, pack):
+    """3,000 events of ~150 bytes reach one (hour, shard, writer) at once, as a backlog does:
+    about 100 times the bound. Every pane (and pack) that crosses a shuffle stays within it."""
+    bound = 4096
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
+    ids = [f"backlog-{n:05d}" for n in range(3000)]
+    clock = Clock(START).arrive(*((i, (START + 1) * 1000, {"n": i, "pad": "x" * 120}) for i in ids))
+    clock.advance(TRIGGER * 2)
+    with streaming_pipeline() as pipeline:
+        panes = pipeline | clock.finish() | BucketByHour(s, pack=pack)
+        # Pickling adds some bytes per element to what the bound counts: twice the bound is the limit here.
+        delivered = panes | beam.ParDo(RefusePastTheCommitLimitFn(limit_bytes=2 * bound))
+        assert_that(delivered, equal_to(ids))

@@ -16,6 +16,7 @@ and a key per thread would multiply the files by the threads for nothing.
 from __future__ import annotations
 
 import pickle
+import typing
 import uuid
 import zlib
 
@@ -58,22 +59,41 @@ def shard_of(event_id: str, num_shards: int) -> int:
     return zlib.crc32(event_id.encode("utf-8")) % num_shards
 
 
+def approximate_bytes(value) -> int:
+    """About what ``value`` takes once encoded, to bound a shuffled element: the length of its
+    strings (in characters: four times that at most in UTF-8) and bytes, keys included, and 8
+    for anything else. The bounds it serves sit well below the runner's limits for that reason."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(approximate_bytes(k) + approximate_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(approximate_bytes(v) for v in value)
+    return 8
+
+
 class PackByShardFn(beam.DoFn):
-    """Packs a bundle's elements into one blob per (bucket, shard), keyed by ``(shard, writer)``
+    """Packs a bundle's elements into blobs per (bucket, shard), keyed by ``(shard, writer)``
     (the writer empty unless ``per_writer``) and stamped with the earliest
     ``received_at`` in it, so the shuffle that forms panes moves a few pickled blobs instead
     of every event through Beam's per-field coder and the runner's grouping buffer (in
-    ``make bench`` this halved the time of bucketing).
+    ``make bench`` this halved the time of bucketing). With ``max_pack_bytes``, a pack is sent
+    on once it holds that much, so no shuffled blob outgrows the bound, whatever the bundle.
+
+    Packing pays only where a bundle holds many elements: where messages are read (dead
+    letters, the raw archive) or in a bounded input. After a keyed stateful step a runner
+    such as Dataflow hands over one key's work per bundle, and there is nothing to pack.
 
     Within a bucket every element of a pack falls into the same hour window, so windowing
     the pack by its stamp puts each of its elements where it would have gone on its own.
     The blobs never leave the job: they are written and read by its own workers.
     """
 
-    def __init__(self, window_seconds: int, num_shards: int, per_writer: bool = False):
+    def __init__(self, window_seconds: int, num_shards: int, per_writer: bool = False, max_pack_bytes=None):
         self.window_millis = window_seconds * 1000
         self.num_shards = num_shards
         self.per_writer = per_writer
+        self.max_pack_bytes = max_pack_bytes
 
     def start_bundle(self):
         self.packs = {}
@@ -86,29 +106,71 @@ class PackByShardFn(beam.DoFn):
         key = (received_at_millis - received_at_millis % self.window_millis, shard)
         pack = self.packs.get(key)
         if pack is None:
-            self.packs[key] = [received_at_millis, [element]]
-        else:
-            pack[0] = min(pack[0], received_at_millis)
-            pack[1].append(element)
+            pack = self.packs[key] = [received_at_millis, [], 0]
+        pack[0] = min(pack[0], received_at_millis)
+        pack[1].append(element)
+        if self.max_pack_bytes:
+            pack[2] += approximate_bytes(element)
+            if pack[2] >= self.max_pack_bytes:
+                yield self._sealed(shard, self.packs.pop(key))
 
     def finish_bundle(self):
-        for (_, shard), (earliest_millis, elements) in self.packs.items():
-            pack = pickle.dumps(elements, protocol=pickle.HIGHEST_PROTOCOL)
-            yield GlobalWindows.windowed_value(((shard, self.writer), pack), Timestamp(micros=earliest_millis * 1000))
+        for (_, shard), pack in self.packs.items():
+            yield self._sealed(shard, pack)
         self.packs = {}
 
+    def _sealed(self, shard: int, pack: list):
+        earliest_millis, elements, _ = pack
+        blob = pickle.dumps(elements, protocol=pickle.HIGHEST_PROTOCOL)
+        return GlobalWindows.windowed_value(((shard, self.writer), blob), Timestamp(micros=earliest_millis * 1000))
 
-def _unpack(keyed_packs):
-    pane_key, packs = keyed_packs
-    return pane_key, [element for pack in packs for element in pickle.loads(pack)]
+
+def _keyed_by_pane(element, num_shards: int):
+    """``((shard, writer), element)`` for an element on its own, as a stream's writer keys it."""
+    return (shard_of(element[0] or str(element[1]), num_shards), writer_id()), element
+
+
+class FormPanesFn(beam.DoFn):
+    """A key's grouped values in (packs, or elements on their own); its panes out, each
+    ``((shard, writer), [elements])`` of at most ``max_pane_bytes``, or one pane of them all.
+
+    A pane is one element from here on, through the shuffle into the stateful steps that
+    filter and write it. Streaming Engine refuses a commit or a value past ~80 MB, and the
+    key then holds the watermark for good; a trigger bounds a pane in time only, and a
+    backlog, a burst or fewer writers fill it beyond any size. So a stream's panes are cut
+    at a byte bound (each pack, itself bounded, or element counted as it comes). A bounded
+    input's one pane per (hour, shard) is not cut: its deduplication needs the whole of it,
+    and a batch shuffle has no such limit.
+    """
+
+    def __init__(self, packed: bool, max_pane_bytes=None):
+        self.packed = packed
+        self.max_pane_bytes = max_pane_bytes
+
+    def process(self, keyed_values):
+        pane_key, values = keyed_values
+        pane, size = [], 0
+        for value in values:
+            elements = pickle.loads(value) if self.packed else [value]
+            if self.max_pane_bytes:
+                value_bytes = len(value) if self.packed else approximate_bytes(value)
+                if pane and size + value_bytes > self.max_pane_bytes:
+                    yield pane_key, pane
+                    pane, size = [], 0
+                size += value_bytes
+            pane.extend(elements)
+        if pane:
+            yield pane_key, pane
 
 
 class BucketByHour(beam.PTransform):
     """``(id, received_at_millis, payload)`` in; ``((shard, writer), [elements])`` panes out.
 
     Every copy of an id lands in the same shard. A stream's panes are split further by
-    writer; a bounded input's are not (writer ``""``): its one pane per (hour, shard)
-    holds every copy of an id, which is how it deduplicates.
+    writer, and cut at ``max_pane_bytes`` (see ``FormPanesFn``); a bounded input's are not
+    (writer ``""``): its one pane per (hour, shard) holds every copy of an id, which is how
+    it deduplicates. Without ``pack``, a stream's elements are keyed one by one (see
+    ``PackByShardFn``): for input that comes from a keyed stateful step.
 
     A pane fires every ``trigger_seconds`` while the hour is open, when it closes, and
     afterwards for stragglers. Which of those a pane is, is decided downstream by state,
@@ -116,10 +178,11 @@ class BucketByHour(beam.PTransform):
     watermark that event timestamps from the past can hold back.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, pack: bool = True):
         """``settings`` is the job's ``DeliverySettings``."""
         super().__init__()
         self.settings = settings
+        self.pack = pack or settings.bounded
 
     def expand(self, elements):
         s = self.settings
@@ -128,13 +191,17 @@ class BucketByHour(beam.PTransform):
         else:
             flush = trigger.AfterProcessingTime(s.trigger_seconds)
             when = trigger.AfterWatermark(early=flush, late=flush)
-        return (
-            elements
-            | "PackByShard"
-            >> beam.ParDo(PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded)).with_output_types(
-                tuple[tuple[int, str], bytes]
+        bound = None if s.bounded else s.max_pane_bytes
+        if self.pack:
+            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
+            keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, str], bytes])
+        else:
+            keyed = elements | "KeyByShardAndWriter" >> beam.Map(_keyed_by_pane, s.num_shards).with_output_types(
+                tuple[tuple[int, str], typing.Any]
             )
+        return (
+            keyed
             | "HourWindows" >> hour_windows(s, when)
             | "GroupIntoPanes" >> beam.GroupByKey()
-            | "Unpack" >> beam.Map(_unpack)
+            | "FormPanes" >> beam.ParDo(FormPanesFn(self.pack, bound))
         )

@@ -30,6 +30,7 @@ class DeliverySettings:
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
+    max_pane_bytes: int = 16 * 1024 * 1024  # a stream's largest shuffled pane; Streaming Engine refuses ~80 MB
     target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: one per pane
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
 
@@ -38,7 +39,7 @@ class DeliverySettings:
         for name in ("allowed_lateness_seconds", "late_horizon_seconds", "max_future_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("trigger_seconds", "num_shards", "max_event_bytes"):
+        for name in ("trigger_seconds", "num_shards", "max_event_bytes", "max_pane_bytes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.target_file_mb < 0:
