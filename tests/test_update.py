@@ -4,7 +4,9 @@ The running job comes from ``tests/fixtures/running_job_play.json``: a Dataflow 
 resource (full view) whose ``environment`` was built by Beam's own
 ``apiclient.Environment`` from ``deploy.dataflow_args`` for ``play`` (tier high: window
 3600, lateness 600, 16 shards) with ``--run_id=20270115t080000``, so its options sit
-where and as the DataflowRunner puts them (snake_case, numbers as floats).
+where and as the DataflowRunner puts them (snake_case, numbers as floats). It was
+deployed before the late horizon and the trigger were passed explicitly: it records
+them only as the SDK records every option's default (604800 and 60).
 """
 
 from __future__ import annotations
@@ -44,9 +46,25 @@ def test_an_update_with_the_same_layout_keeps_the_run_id(cloud):
     assert settings.run_id == RUN_ID, "the new job names its files as the running one did"
 
 
+def test_a_job_deployed_before_the_late_horizon_and_trigger_were_passed_keeps_them_by_update(cloud):
+    running, submitted = cloud
+    assert "late_horizon_seconds" not in {
+        d["key"] for d in running["environment"]["sdkPipelineOptions"]["display_data"]
+    }
+    assert deploy.main([*WHERE, "--event_type", "play", "--update"]) == 0
+    [args] = submitted
+    assert {"--late_horizon_seconds=604800", "--trigger_seconds=60"} <= set(args), "recorded explicitly from now on"
+
+
 @pytest.mark.parametrize(
     "option, recorded, new",
-    [("num_shards", 8.0, 16), ("window_seconds", 1800.0, 3600), ("allowed_lateness_seconds", 1800.0, 600)],
+    [
+        ("num_shards", 8.0, 16),
+        ("window_seconds", 1800.0, 3600),
+        ("allowed_lateness_seconds", 1800.0, 600),
+        ("late_horizon_seconds", 172800.0, 604800),
+        ("trigger_seconds", 30.0, 60),
+    ],
 )
 def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, recorded, new):
     running, submitted = cloud
@@ -56,7 +74,32 @@ def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, rec
     assert exit_.value.code == 2 and submitted == []
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("python -m event_delivery.ops.deploy: error: events-play: ")
-    assert f"--{option} would change from {int(recorded)} to {new}" in line
+    assert f"--{option} would change from {int(recorded)} to {new}, {deploy.KEPT_BECAUSE[option]}" in line
+
+
+@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds"])
+def test_a_running_job_that_records_no_late_horizon_or_trigger_is_not_updated(cloud, capsys, option):
+    running, submitted = cloud
+    del running["environment"]["sdkPipelineOptions"]["options"][option]
+    with pytest.raises(SystemExit) as exit_:
+        deploy.main([*WHERE, "--event_type", "play", "--update"])
+    assert exit_.value.code == 2 and submitted == []
+    assert f"records no --{option}; drain it and deploy instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, recorded",
+    [("target_file_mb", 512.0), ("max_event_bytes", 1024.0), ("max_future_seconds", 60.0), ("raw_archive_root", None)],
+)
+def test_an_update_may_change_what_shapes_neither_the_graph_nor_its_state(cloud, option, recorded):
+    running, submitted = cloud
+    options = running["environment"]["sdkPipelineOptions"]["options"]
+    if recorded is None:
+        del options[option]  # a job without a raw archive: the update adds its steps
+    else:
+        options[option] = recorded
+    assert deploy.main([*WHERE, "--event_type", "play", "--update"]) == 0
+    assert len(submitted) == 1
 
 
 def test_a_refused_type_stops_the_whole_tier(cloud, monkeypatch):
@@ -81,6 +124,7 @@ def test_a_running_job_without_a_run_id_is_not_updated(cloud, capsys):
 
 def test_options_recorded_under_camel_case_names_are_read_too(registry):
     camel = {"windowSeconds": 3600, "allowedLatenessSeconds": 600, "numShards": 16, "runId": RUN_ID}
+    camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60}
     job = {"environment": {"sdkPipelineOptions": {"options": camel}}}
     assert deploy.kept_run_id(registry["play"], job) == RUN_ID
 
@@ -102,6 +146,8 @@ def test_a_new_deploy_records_its_layout_and_a_new_run_id(registry):
     args = deploy.dataflow_args(registry["play"], "p", "europe-west1", "b", update=False)
     settings = delivery_settings(PipelineOptions(args).view_as(DeliveryOptions))
     assert {"--window_seconds=3600", "--allowed_lateness_seconds=600", "--num_shards=16"} <= set(args)
+    assert {"--late_horizon_seconds=604800", "--trigger_seconds=60"} <= set(args)
+    assert (settings.late_horizon_seconds, settings.trigger_seconds) == (604800, 60)
     assert f"--run_id={settings.run_id}" in args
 
 

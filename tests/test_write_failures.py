@@ -158,3 +158,57 @@ def test_a_close_denied_for_good_is_tried_again_on_a_timer_and_publishes_once_al
     assert len(denials) == DENIALS, "the job went on after a denied close, and tried again"
     [audited] = audit_type(Layout.under(tmp_path, "search", WINDOW)).hours.values()
     assert (audited.closed, audited.delivered, audited.staged) == (True, len(IDS), 0)
+
+
+LATE_IDS = IDS[3:]
+
+
+def deny_the_late_root(monkeypatch) -> list[str]:
+    """The job may not write the late root: every late pane's write fails for good."""
+    denied, _ = fail_writes_under("late/search", google_errors.Forbidden("denied"))
+    monkeypatch.setattr(files, "write_avro", denied)
+    return LATE_IDS
+
+
+def refuse_a_late_record(monkeypatch) -> list[str]:
+    """One late event's record is one the schema does not take: it alone fails."""
+    as_record = write.event_record
+
+    def corrupting(event):
+        record = as_record(event)
+        return {**record, "received_at": "not a time"} if event[0] == "e4" else record
+
+    monkeypatch.setattr(write, "event_record", corrupting)
+    return ["e4"]
+
+
+@pytest.mark.parametrize("fail_for_good", [deny_the_late_root, refuse_a_late_record])
+def test_a_late_pane_whose_write_fails_for_good_goes_to_the_dead_letters_and_the_job_goes_on(
+    tmp_path, search, monkeypatch, fail_for_good
+):
+    # One shard: every late event meets the state that saw its hour close, so each goes
+    # through WriteLate (none is staged, to be moved to the late root by the close).
+    settings = local_settings(tmp_path, search, local_keys(tmp_path), num_shards=1)
+    failing = fail_for_good(monkeypatch)
+    on_time, next_hour = IDS[:3], ["n0", "n1"]
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(search, i), id_, (START + 1) * 1000) for i, id_ in enumerate(on_time)))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the first hour closes
+    clock.arrive(*(message(valid_fields(search, i), id_, (START + 2) * 1000) for i, id_ in enumerate(LATE_IDS)))
+    clock.arrive(*(message(valid_fields(search, i), id_, clock.now * 1000) for i, id_ in enumerate(next_hour)))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the next hour closes, after the late write failed
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+    audit = audit_type(settings.layout)
+    first, second = (audit.hours[p] for p in sorted(audit.hours))
+    written_late = [r["event_id"] for p in files.glob(f"{tmp_path}/late/search/*/*/*.avro") for r in files.read_avro(p)]
+    failed = [r for r in dead_letters(tmp_path) if r["error_kind"] == "WRITE_FAILED"]
+    assert sorted(r["event_id"] for r in failed) == failing
+    assert all(r["payload"] and r["quarantine_key_id"] for r in failed), "sealed like any dead letter"
+    assert (first.closed, first.delivered, first.late) == (True, len(on_time), len(LATE_IDS) - len(failing))
+    assert (first.dead_lettered, first.dead_letter_kinds) == (len(failing), {"write_failed": len(failing)})
+    assert (second.closed, sorted(second.delivered_ids)) == (True, next_hour), "the job went on"
+    outcomes = [*first.delivered_ids, *written_late, *(r["event_id"] for r in failed), *second.delivered_ids]
+    assert sorted(outcomes) == sorted(IDS + next_hour), "every message in exactly one place"
+    assert first.total + second.total == len(IDS + next_hour)

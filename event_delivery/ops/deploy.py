@@ -17,8 +17,9 @@ closes such hours when their time comes (``transforms/close.py``).
 
 An update replaces the running job in place, keeping its state, so the new job must
 keep its run id (which tells its staged files from earlier runs') and the options
-that place an event in an hour and a shard. The running job's options come from
-``gcloud dataflow jobs describe``; an update that would change one is refused.
+that shape that state (``job_layout`` says which, and why each). The running job's
+options come from ``gcloud dataflow jobs describe``; an update that would change one
+is refused.
 """
 
 from __future__ import annotations
@@ -125,18 +126,51 @@ def auditor_args(event_type: EventType, project: str, region: str, bucket: str) 
     ]
 
 
-def job_layout(event_type: EventType) -> dict[str, int]:
-    """The options a deployed job of the type runs with that an in-place update must keep.
+# Why an update must keep each option of ``job_layout``: what changing it under the
+# state, timers and buffered panes the update carries over would do.
+_SPLITS_HOURS = "splitting open hours"
+KEPT_BECAUSE = {
+    # An in-flight event's hour, when that hour closes, and its shard: the hour could close twice.
+    "window_seconds": _SPLITS_HOURS,
+    "allowed_lateness_seconds": _SPLITS_HOURS,
+    "num_shards": _SPLITS_HOURS,
+    # Every hour window's allowed lateness is twice the horizon, and parsing sends what is
+    # older than it to the dead letters. Dataflow does not re-window what the job holds: the
+    # windows and timers it keeps would hold the old lateness while new events got the new.
+    "late_horizon_seconds": "changing the allowed lateness of every window the job holds state in",
+    # The trigger of every step that forms panes, part of their windowing strategy; panes
+    # buffered under the old trigger keep it, so one job would fire panes on two schedules.
+    "trigger_seconds": "changing the trigger of the panes the job holds",
+}
 
-    Each decides an in-flight event's hour, when that hour closes, or its shard, so
-    changing one under kept state would split an hour (it could close twice).
+
+def job_layout(event_type: EventType) -> dict[str, int]:
+    """The options a deployed job of the type runs with that an in-place update must keep
+    (``KEPT_BECAUSE`` says why, option by option); every deploy records them explicitly.
+
+    The other options are left to change: ``target_file_mb``, ``max_event_bytes`` and
+    ``max_future_seconds`` decide how a close groups files and what parsing accepts, not
+    the graph, a coder or what state holds. The raw archive adds steps of its own, which an
+    update may add but not remove; every deploy archives, so none removes them.
     """
     tier = event_type.tier
+    streaming = _delivery_defaults()
     return {
         "window_seconds": partitions.HOUR_SECONDS,
         "allowed_lateness_seconds": tier.allowed_lateness_seconds,
         "num_shards": tier.num_shards,
+        "late_horizon_seconds": streaming.late_horizon_seconds,
+        "trigger_seconds": streaming.trigger_seconds,
     }
+
+
+def _delivery_defaults():
+    """The delivery job's options as they are when no flag sets them."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import DeliveryOptions
+
+    return PipelineOptions([]).view_as(DeliveryOptions)
 
 
 def _gcloud_jobs(project: str, region: str, verb: str, *rest: str) -> list[str]:
@@ -184,7 +218,12 @@ def _snake(name: str) -> str:
 
 def kept_run_id(event_type: EventType, job: dict) -> str:
     """The running job's run id, for the new job to keep; raises ``UpdateRefused`` (one line)
-    if the job records none or the new job's layout differs from it."""
+    if the job records none or the new job's layout differs from it.
+
+    An option the running job does not record refuses the update too (drain it and deploy
+    once). The SDK records every option it knows, defaults included, so a job deployed
+    before ``job_layout`` named an option still records the default it ran with.
+    """
     running = job_options(job)
     name = job_name(event_type)
     for option, new in job_layout(event_type).items():
@@ -193,7 +232,7 @@ def kept_run_id(event_type: EventType, job: dict) -> str:
             raise UpdateRefused(f"{name}: the running job records no --{option}; drain it and deploy instead")
         if int(old) != new:
             raise UpdateRefused(
-                f"{name}: --{option} would change from {int(old)} to {new}, splitting open hours; "
+                f"{name}: --{option} would change from {int(old)} to {new}, {KEPT_BECAUSE[option]}; "
                 "drain the job and deploy instead"
             )
     if not running.get("run_id"):
@@ -275,7 +314,7 @@ def main(argv=None) -> int:
         "--update",
         action="store_true",
         help="Update running jobs in place (stable step names), keeping their run id; refused if the "
-        "window, lateness or shard count would change. With --dry_run, print the steps only.",
+        "window, lateness, shard count, late horizon or trigger would change. With --dry_run, print the steps only.",
     )
     parser.add_argument(
         "--drain", action="store_true", help="Drain the running jobs instead: open hours close, then they stop."
