@@ -76,6 +76,13 @@ def add_delivery_arguments(parser) -> None:
         "--max_event_bytes", type=int, default=64 * 1024, help="Larger payloads are dead-lettered. Default: 65536."
     )
     group.add_argument(
+        "--max_pane_bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="A stream's panes are cut at about this many bytes before they cross a shuffle "
+        "(Streaming Engine refuses a commit past ~80 MB and the key then stalls). Default: 16777216.",
+    )
+    group.add_argument(
         "--target_file_mb",
         type=int,
         default=128,
@@ -167,6 +174,7 @@ def delivery_settings(
         late_horizon_seconds=options.late_horizon_seconds,
         max_future_seconds=options.max_future_seconds,
         max_event_bytes=options.max_event_bytes,
+        max_pane_bytes=options.max_pane_bytes,
         target_file_mb=options.target_file_mb,
     )
     if options.run_id:
