@@ -50,7 +50,7 @@ from transforms.personal import (
     SealDeadLetters,
 )
 from transforms.read import ReadMessages
-from transforms.reports import DEAD_LETTERED, DELIVERED, LATE
+from transforms.reports import DEAD_LETTERED, DELIVERED, LATE, SUPERSEDED
 from transforms.settings import DeliverySettings
 from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
 
@@ -73,9 +73,10 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
     # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
     sealed = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
-    events = sealed["events"]
+    events, superseded = sealed["events"], ()
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
-        events = events | "MarkRepeats" >> MarkRepeats(settings)
+        marked = events | "MarkRepeats" >> MarkRepeats(settings)
+        events, superseded = marked.events, (marked[SUPERSEDED],)
     # After MarkRepeats a runner's bundle holds one id's work: a stream's events are not packed.
     panes = events | "BucketByHour" >> BucketByHour(settings, pack=settings.bounded)
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
@@ -102,7 +103,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)
     )
 
-    reports = (staged.reports, deduplicated.duplicates, forgotten, late.reports, dead_lettered)
+    reports = (staged.reports, deduplicated.duplicates, *superseded, forgotten, late.reports, dead_lettered)
     if not settings.bounded:  # hours a drained or stopped run left open close with this run's,
         # and every hour from the start on closes, also when nothing arrives in it
         reports += (

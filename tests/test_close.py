@@ -14,7 +14,7 @@ from tests.conftest import valid_fields
 from tests.streams import START, WINDOW
 from transforms import close
 from transforms import publish as publish_hour
-from transforms.reports import DELIVERED, DUPLICATES, report
+from transforms.reports import DELIVERED, DUPLICATES, SUPERSEDED, report
 from transforms.write import event_record
 
 CLOSES_AT = START + WINDOW + 30
@@ -109,3 +109,21 @@ def test_a_file_system_call_is_denied_for_good_only_when_every_cause_was():
     assert not close.denied(BeamIOError("rename failed", {("a", "b"): forbidden, ("c", "d"): busy}))
     assert not close.denied(BeamIOError("rename failed", {}))
     assert close.denied(forbidden) and not close.denied(busy)
+
+
+@pytest.mark.parametrize("target_file_mb", [0, 1])
+def test_copies_a_restarted_run_delivered_first_are_left_out_of_the_earlier_runs_files(
+    tmp_path, registry, target_file_mb
+):
+    """A restart seeds its marks with what the stopped run staged; where this run's copy of an
+    id came first, the stopped run's copy is reported superseded, and the close leaves it out."""
+    layout = Layout.under(tmp_path, "service_log", WINDOW)
+    reports = stage(layout, registry, 3)
+    [_, second, third] = [path for _, _, path in reports]
+    reports += [report(SUPERSEDED, 1, (second, "e1-0")), report(SUPERSEDED, 1, (third, "e2-2"))]
+    manifest = publish(layout, reports, target_file_mb)
+
+    assert published_ids(layout, manifest) == ["e0-0", "e1-1", "e2-0", "e2-1"]
+    assert sum(f["records"] for f in manifest["files"]) == manifest["accounting"]["delivered"] == 4
+    assert manifest["accounting"]["duplicates"] == 2, "the copies left out are counted as duplicates"
+    assert manifest["accounting"]["in"] == 1 + 2 + 3

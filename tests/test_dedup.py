@@ -6,6 +6,9 @@ once the hour closes nothing of its ids is left, whatever arrives afterwards.
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import apache_beam as beam
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -17,9 +20,9 @@ from event_delivery.contract.registry import load_registry
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.conftest import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import dedup
-from transforms.dedup import LATE, REPEAT, Deduplicate, DeduplicateFn, MarkRepeats, MarkRepeatsFn, keep_first_copies
-from transforms.hours import BucketByHour
+from transforms import dedup, hours
+from transforms.dedup import LATE, REPEAT, Deduplicate, DeduplicateFn, MarkRepeats, MarkRepeatsFn
+from transforms.hours import BucketByHour, shard_of
 
 
 def event(event_id, received_at_seconds):
@@ -35,7 +38,7 @@ def run(clock, unique, late, duplicates, tmp_path):
     """Runs the stream through bucketing and deduplication and checks what comes out."""
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, late_horizon_seconds=3600)
-        panes = pipeline | clock.finish() | MarkRepeats(s) | BucketByHour(s)
+        panes = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False)
         result = panes | Deduplicate(s)
         ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
         assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
@@ -102,22 +105,6 @@ def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_pat
         assert_that(result.late, equal_to([]), label="late")
 
 
-class BagState:
-    """An in-memory stand-in for Beam's bag state, so a test can see what a step keeps."""
-
-    def __init__(self):
-        self.values = []
-
-    def add(self, value):
-        self.values.append(value)
-
-    def read(self):
-        return list(self.values)
-
-    def clear(self):
-        self.values = []
-
-
 class ValueState:
     """An in-memory stand-in for Beam's read-modify-write state; None when cleared."""
 
@@ -139,99 +126,98 @@ class WatermarkTimer:
         self.at = timestamp
 
 
-class OneHourShard:
-    """Drives ``DeduplicateFn`` for one (hour, shard) by hand, with state it can inspect.
-
-    An earlier run of the job left one staged file with ``earlier`` ids for the shard.
-    """
-
-    def __init__(self, tmp_path, earlier=("old-1", "old-2")):
-        self.settings = settings(tmp_path, run_id="run2")
-        layout = self.settings.layout
-        log = self.settings.event_type
-        staged = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in earlier]
-        folder = layout.hour(layout.staging, 600)
-        files.write_avro(
-            f"{folder}/{partitions.pane_file_name('service_log', 'run1', 0, 0, 'old')}",
-            log.parsed_delivered_schema,
-            staged,
-        )  # by another writer of the shard: a stream's writers are its worker processes, new in every run
-        self.fn = DeduplicateFn(self.settings)
-        self.fn.setup()
-        self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-        self.seen, self.started, self.closed, self.timer = BagState(), ValueState(), ValueState(), WatermarkTimer()
-
-    def pane(self, *events) -> list:
-        state = {"seen": self.seen, "started": self.started, "closed": self.closed}
-        return list(self.fn.process(((0, "new"), list(events)), self.window, close=self.timer, **state))
-
-    def close(self):
-        self.fn.close_hour(seen=self.seen, started=self.started, closed=self.closed)
-
-    def held(self) -> dict:
-        """Everything the (hour, shard) keeps in state, bar the ``closed`` flag that routes late panes."""
-        return {"seen": self.seen.read(), "started": self.started.read()}
-
-
 def repeat(event_id):
     return (*event(event_id, 600), REPEAT)
 
 
-def test_a_shard_holds_only_what_earlier_runs_staged_and_nothing_once_the_hour_closed(tmp_path):
-    shard = OneHourShard(tmp_path)
-    [unique, duplicates] = shard.pane(event("e1", 600), event("old-1", 600), repeat("e1"))
-    assert [e[0] for e in unique[1]] == ["e1"], "marked repeats and what an earlier run staged are dropped"
-    assert duplicates.value[1] == 2
-    shard.pane(event("e2", 600), event("e3", 600))
-    assert sorted(shard.seen.read()) == ["old-1", "old-2"], "this run's ids add nothing to the shard's state"
-    assert shard.timer.at == shard.window.end, "the state is dropped when the watermark closes the hour"
-
-    shard.close()
-    assert shard.held() == {"seen": [], "started": None}
-
-    outputs = shard.pane(event("e1", 600), repeat("e4"), event("e5", 600))
-    late, duplicates = outputs
-    assert (late.tag, late.value[1]) == (LATE, [event("e1", 600), event("e5", 600)]), "late, the marked repeat dropped"
+def test_a_pane_holds_no_state_but_whether_its_hour_closed(tmp_path):
+    fn, closed, timer = DeduplicateFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+    fn.setup()
+    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+    [unique, duplicates] = fn.process(((0, "w"), [event("e1", 600), repeat("e1")]), window, closed, timer)
+    assert [e[0] for e in unique[1]] == ["e1"] and duplicates.value[1] == 1, "the marked repeat is dropped"
+    assert timer.at == window.end
+    fn.close_hour(closed=closed)
+    late, duplicates = fn.process(((0, "w"), [event("e5", 600), repeat("e4")]), window, closed, timer)
+    assert (late.tag, late.value[1]) == (LATE, [event("e5", 600)]), "late, the marked repeat dropped"
     assert duplicates.value[1] == 1, "and counted as a duplicate"
-    assert shard.held() == {"seen": [], "started": None}, "a late pane adds nothing to a closed hour's state"
+    assert {spec.name for spec in DeduplicateFn.__dict__.values() if hasattr(spec, "coder")} == {"closed"}
+
+
+def mark(fn, seen, timer, *elements) -> list:
+    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+    return [out for element in elements for out in fn.process((element[0], element), window, seen=seen, forget=timer)]
 
 
 def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_none_after(tmp_path):
     fn, seen, timer = MarkRepeatsFn(remember_seconds=WINDOW), ValueState(), WatermarkTimer()
-    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-    first = list(fn.process(("e1", event("e1", 600)), window, seen=seen, forget=timer))
-    again = list(fn.process(("e1", event("e1", 601)), window, seen=seen, forget=timer))
-    assert first == [event("e1", 600)] and again == [(*event("e1", 601), REPEAT)]
-    assert seen.read() is True and timer.at == window.end + WINDOW
+    first, again = mark(fn, seen, timer, event("e1", 600), event("e1", 601))
+    assert first == event("e1", 600) and again == (*event("e1", 601), REPEAT)
+    assert timer.at == IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
     fn.forget_id(seen=seen)
     assert seen.read() is None
 
 
-def test_what_a_pane_reads_from_state_does_not_grow_with_the_hour(tmp_path, monkeypatch):
-    """50 panes of new ids in one hour: the last pane reads no more state than the first.
+def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first():
+    """Seeds (what stopped runs staged) and this run's copies reach a cell in any order; Dataflow
+    gives no order between the bounded branch that reads the files and the subscription."""
+    fn = MarkRepeatsFn(remember_seconds=WINDOW)
+    seed = dedup.staged_copy("e1", 600_000, "staging/run1-p00000.avro")
 
-    Each pane checks its events against what it read from its (hour, shard)'s state;
-    counting that set per pane is the state-access counter. (The per-id cells of
-    ``MarkRepeats`` are one read per event by construction.)
-    """
+    seen, timer = ValueState(), WatermarkTimer()
+    assert mark(fn, seen, timer, seed, event("e1", 600)) == [(*event("e1", 600), REPEAT)], "the seed came first"
+
+    seen, timer = ValueState(), WatermarkTimer()
+    [delivered, superseded] = mark(fn, seen, timer, event("e1", 600), seed)
+    assert delivered == event("e1", 600), "this run let its copy through before the seed came"
+    assert superseded.tag == dedup.SUPERSEDED
+    assert superseded.value == (dedup.SUPERSEDED, 1, ("staging/run1-p00000.avro", "e1")), "the earlier copy goes"
+    assert mark(fn, seen, timer, seed, event("e1", 601)) == [(*event("e1", 601), REPEAT)], "and nothing else"
+
+    seen, timer = ValueState(), WatermarkTimer()
+    other = dedup.staged_copy("e1", 600_000, "staging/run0-p00003.avro")
+    [superseded] = mark(fn, seen, timer, seed, seed, other)
+    assert superseded.value[2] == ("staging/run0-p00003.avro", "e1"), "two stopped runs staged it: one copy stays"
+
+
+def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_events(tmp_path, monkeypatch):
+    """Earlier runs left N ids for an open hour in files of P writers over the shards. A restarted
+    run reads each of those files once, whatever its own writers, and delivers each id once:
+    the ids it sees again are dropped as duplicates, and what a pane reads is its own events."""
+    earlier_ids, writers, shards = 240, 4, 3
+    s = settings(tmp_path, num_shards=shards, run_id="run2", late_horizon_seconds=3600)
+    log, layout = s.event_type, s.layout
+    staged = [f"old-{n}" for n in range(earlier_ids)]
+    folder = layout.hour(layout.staging, 600)
+    for writer in range(writers):
+        for shard in range(shards):
+            ids = [i for i in staged[writer::writers] if shard_of(i, shards) == shard]
+            name = partitions.pane_file_name("service_log", "run1", 0, shard, f"w{writer}")
+            records = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in ids]
+            files.write_avro(f"{folder}/{name}", log.parsed_delivered_schema, records)
     reads = []
+    read_avro = files.read_avro
+    monkeypatch.setattr(files, "read_avro", lambda path: reads.append(path) or read_avro(path))
+    new_writers = itertools.cycle(["a", "b", "c", "d", "e"])  # this run's worker processes
+    monkeypatch.setattr(hours, "writer_id", lambda: next(new_writers))
 
-    def counted(events, seen):
-        reads.append(len(seen))
-        return keep_first_copies(events, seen)
-
-    monkeypatch.setattr(dedup, "keep_first_copies", counted)
-    s = settings(tmp_path, late_horizon_seconds=3600, num_shards=1, run_id="run2")
-    OneHourShard(tmp_path)  # an earlier run's staged file, so there is something to read
-    # Processing time runs ahead while the watermark creeps within the hour: each batch is a pane.
     stream = TestStream().advance_processing_time(600).advance_watermark_to(600)
-    for n in range(50):
-        batch = [event(f"p{n}-{i}", 600 + i) for i in range(20)]
-        stream = stream.add_elements([TimestampedValue(e, 600 + n % 10) for e in batch])
+    again = staged[::3]
+    for n in range(20):  # 20 panes, each with new ids and ids an earlier run staged
+        batch = [event(f"new-{n}-{i}", 600 + i) for i in range(5)] + [event(i, 601) for i in again[n::20]]
+        stream = stream.add_elements([TimestampedValue(e, 600 + n) for e in batch])
         stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
-    pipeline = streaming_pipeline()
-    pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s) | BucketByHour(s) | Deduplicate(s)
-    result = pipeline.run()
-    result.wait_until_finish()
-    assert len(reads) == 50, "the hour came in 50 panes"
-    assert max(reads) <= reads[0] == 2, "each pane reads the earlier run's 2 ids, no more"
+    with streaming_pipeline() as pipeline:
+        marked = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s)
+        result = marked.events | BucketByHour(s, pack=False) | Deduplicate(s)
+        here = result.unique | "Here" >> beam.FlatMap(lambda pane: [("here", e[0]) for e in pane[1]])
+        gone = marked[dedup.SUPERSEDED] | "LeftOut" >> beam.Map(lambda r: ("left out", r[2][1]))
+        new = [f"new-{n}-{i}" for n in range(20) for i in range(5)]
+
+        def each_id_once(outcomes):
+            kept_earlier = set(staged) - {i for kind, i in outcomes if kind == "left out"}
+            delivered = collections.Counter([i for kind, i in outcomes if kind == "here"] + sorted(kept_earlier))
+            assert sorted(delivered) == sorted(new + staged) and set(delivered.values()) == {1}, delivered
+
+        assert_that((here, gone) | beam.Flatten(), each_id_once)
+    assert sorted(reads) == sorted(files.glob(f"{folder}/*.avro")), "each earlier file read once, by no pane"

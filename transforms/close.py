@@ -274,12 +274,8 @@ class AnnounceLeftoverHoursFn(beam.DoFn):
         use_emulator_credentials()
 
     def process(self, _):
-        staged = files.glob(partitions.join(self.layout.staging, self.layout.event_type, "dt=*", "hr=*", "*.avro"))
-        hours = {posixpath.dirname(path) for path in staged if f"-{self.run_id}-p" not in posixpath.basename(path)}
-        for folder in sorted(hours):
-            hour_start = partitions.partition_bounds("/".join(folder.split("/")[-2:]), 1)[0] // 1000
-            if not files.exists(self.layout.marker(hour_start)):
-                yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
+        for hour_start in sorted(partitions.staged_by_other_runs(self.layout, self.run_id)):
+            yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
 
 
 class AnnounceLeftoverHours(beam.PTransform):

@@ -5,7 +5,9 @@ A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell
 (id, hour), keyed by the id, so each event reads and writes only its own cell however
 full the hour is, and the work spreads over as many keys as there are ids. It marks
 every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked copies,
-before the hour closes and after, when the rest goes to the late root. A cell lives
+before the hour closes and after, when the rest goes to the late root. A run that
+starts while hours are open seeds the cells with the ids that the runs before it staged
+for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
 until one window after its hour closed, so a repeat that comes that late is still
 counted as a duplicate rather than written again: delivered and late together hold
 each id once. (A repeat that comes later still is written to the late root again.)
@@ -19,7 +21,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration
 
@@ -27,10 +29,11 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.reports import DUPLICATES, report
+from transforms.reports import DUPLICATES, SUPERSEDED, report
 
 LATE = "late"
 REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
+DELIVERED_HERE = ""  # an id's cell when this run let its first copy through; else the earlier run's file
 
 
 def is_repeat(event) -> bool:
@@ -42,14 +45,30 @@ def unmarked(events: list) -> list:
     return [event[:3] if is_repeat(event) else event for event in events]
 
 
+def staged_copy(event_id: str, received_at_millis: int, path: str) -> tuple:
+    """An id that an earlier run staged in the file at ``path``: the seed of its cell."""
+    return (event_id, received_at_millis, path)
+
+
+def is_staged_copy(event) -> bool:
+    return isinstance(event[2], str)
+
+
 class MarkRepeatsFn(beam.DoFn):
     """Marks every copy of an id after the first in its hour, with one state cell per (id, hour).
+
+    The cell is empty until a copy is kept: this run's (``DELIVERED_HERE``), or one that an
+    earlier run staged in a file and left when it stopped before the hour closed (that file's
+    path, seeded at start, see ``IdsStagedByEarlierRuns``). A copy of this run that finds a cell is a
+    repeat. Seeds and this run's copies race: when this run let a copy through before the
+    seed of its id came, the earlier run's copy is the one too many, and it goes out on the
+    ``superseded`` output as an hour report, ``(file, id)``, for the close to leave out.
 
     The cell lives until ``remember_seconds`` after the hour closes. A copy that arrives
     after that finds none and is not marked.
     """
 
-    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    SEEN = ReadModifyWriteStateSpec("first_copy", StrUtf8Coder())
     FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
 
     def __init__(self, remember_seconds: int):
@@ -62,11 +81,21 @@ class MarkRepeatsFn(beam.DoFn):
         seen=beam.DoFn.StateParam(SEEN),
         forget=beam.DoFn.TimerParam(FORGET),
     ):
-        _, event = keyed_event
-        if seen.read():
+        event_id, event = keyed_event
+        first = seen.read()
+        if is_staged_copy(event):
+            path = event[2]
+            if first is None:
+                seen.write(path)
+                forget.set(window.end + self.remember)
+            elif first != path:  # the cell now names the copy left out, so that a seed read twice is one
+                seen.write(path)
+                yield beam.pvalue.TaggedOutput(SUPERSEDED, report(SUPERSEDED, 1, (path, event_id)))
+            return
+        if first is not None:
             yield (*event, REPEAT)
             return
-        seen.write(True)
+        seen.write(DELIVERED_HERE)
         forget.set(window.end + self.remember)
         yield event
 
@@ -80,10 +109,64 @@ def _keyed_in_its_hour(event) -> TimestampedValue:
     return TimestampedValue((event[0], event), event[1] / 1000)
 
 
-class MarkRepeats(beam.PTransform):
-    """``(event_id, received_at_millis, fields)`` events in, the same out, repeats marked.
+class ListStagedByEarlierRunsFn(beam.DoFn):
+    """At start, the staged files that stopped runs left for hours without a marker."""
 
-    ``settings`` are the job's ``DeliverySettings``: its hours and lateness.
+    def __init__(self, settings):
+        self.layout = settings.layout
+        self.run_id = settings.run_id
+
+    def setup(self):
+        use_emulator_credentials()
+
+    def process(self, _):
+        for hour_start, paths in partitions.staged_by_other_runs(self.layout, self.run_id).items():
+            yield from ((hour_start, path) for path in paths)
+
+
+class ReadStagedIdsFn(beam.DoFn):
+    """``(hour start, staged file)`` in; a ``staged_copy`` of each of its ids out, stamped in the hour."""
+
+    def setup(self):
+        use_emulator_credentials()
+        self.files_read = beam.metrics.Metrics.counter(slo.NAMESPACE, "restart_files_read")
+
+    def process(self, hour_file):
+        hour_start, path = hour_file
+        self.files_read.inc()
+        for record in files.read_avro(path):
+            yield TimestampedValue(staged_copy(record["event_id"], hour_start * 1000, path), hour_start)
+
+
+class IdsStagedByEarlierRuns(beam.PTransform):
+    """Every id that runs stopped mid-hour staged, for ``MarkRepeats`` to seed its cells with.
+
+    A restart reads each of those files once, on any worker, and each id goes to its own
+    cell: what a pane reads after a restart is its own events' cells, as before it. The
+    files are read from a bounded branch, which holds the watermark of ``MarkRepeats``, and
+    so every close, until the last id is seeded.
+    """
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, pipeline):
+        return (
+            pipeline
+            | "Start" >> beam.Impulse()
+            | "ListStagedFiles" >> beam.ParDo(ListStagedByEarlierRunsFn(self.settings))
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadStagedIds" >> beam.ParDo(ReadStagedIdsFn())
+        )
+
+
+class MarkRepeats(beam.PTransform):
+    """``(event_id, received_at_millis, fields)`` events in, the same out (``events``), repeats
+    marked; ``superseded`` hour reports out of copies that earlier runs staged and this run
+    delivered first (see ``MarkRepeatsFn``).
+
+    ``settings`` are the job's ``DeliverySettings``: its hours, lateness and staging.
     """
 
     def __init__(self, settings):
@@ -92,11 +175,14 @@ class MarkRepeats(beam.PTransform):
 
     def expand(self, events):
         s = self.settings
+        seeds = events.pipeline | "IdsStagedByEarlierRuns" >> IdsStagedByEarlierRuns(s)
         return (
-            events
+            (events, seeds)
+            | "EventsAndSeeds" >> beam.Flatten()
             | "KeyById" >> beam.Map(_keyed_in_its_hour)
             | "IntoHours" >> hour_windows(s)
-            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(remember_seconds=s.window_seconds))
+            | "MarkRepeatedIds"
+            >> beam.ParDo(MarkRepeatsFn(remember_seconds=s.window_seconds)).with_outputs(SUPERSEDED, main="events")
         )
 
 
@@ -153,16 +239,10 @@ class DeduplicateFn(DeduplicateWholeHourFn):
     A pane that arrives after the watermark closed the hour goes out as ``late``, its
     marked copies dropped and counted too, whatever timing label the runner gave it.
 
-    State is not the ids of this run: those are in ``MarkRepeats``. It is the ids of the
-    shard's files that earlier runs staged for the hour and never published, read at the
-    first pane of the (hour, shard) in this run, so that a job restarted mid-hour does
-    not deliver again what its previous run delivered (the shard count must not change).
-    Each pane reads that set, whose size this run's traffic does not change. Everything
-    is dropped the moment the hour closes.
+    Its only state is that flag: which ids came before, in this run or in the runs before
+    it, is in the cells of ``MarkRepeats``, so a pane reads nothing but its own events.
     """
 
-    SEEN = BagStateSpec("seen", StrUtf8Coder())
-    STARTED = ReadModifyWriteStateSpec("started", BooleanCoder())
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
@@ -170,35 +250,20 @@ class DeduplicateFn(DeduplicateWholeHourFn):
         self,
         pane_elements,
         window=beam.DoFn.WindowParam,
-        seen=beam.DoFn.StateParam(SEEN),
-        started=beam.DoFn.StateParam(STARTED),
         closed=beam.DoFn.StateParam(CLOSED),
         close=beam.DoFn.TimerParam(CLOSE),
     ):
         pane_key, events = pane_elements
+        unique = keep_first_copies([e for e in events if not is_repeat(e)], set())
         if closed.read():
-            late = [e for e in events if not is_repeat(e)]
-            yield beam.pvalue.TaggedOutput(LATE, (pane_key, late))
-            yield from _count_duplicates(self.duplicates, len(events) - len(late))
-            return
-        close.set(window.end)
-        if not started.read():
-            started.write(True)
-            for event_id in staged_by_earlier_runs(self.settings, window, pane_key[0]):
-                seen.add(event_id)
-        unique = keep_first_copies([e for e in events if not is_repeat(e)], set(seen.read()))
-        yield pane_key, unique
+            yield beam.pvalue.TaggedOutput(LATE, (pane_key, unique))
+        else:
+            close.set(window.end)
+            yield pane_key, unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
     @on_timer(CLOSE)
-    def close_hour(
-        self,
-        seen=beam.DoFn.StateParam(SEEN),
-        started=beam.DoFn.StateParam(STARTED),
-        closed=beam.DoFn.StateParam(CLOSED),
-    ):
-        seen.clear()
-        started.clear()
+    def close_hour(self, closed=beam.DoFn.StateParam(CLOSED)):
         closed.write(True)
 
 

@@ -30,7 +30,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
@@ -49,7 +49,7 @@ def build_manifest(
     ``replayed`` marks an hour closed by a bounded job (a backfill), long after the fact:
     its close time says nothing about timeliness.
     """
-    duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
+    duplicates = sum(records for kind, records, _ in reports if kind in (DUPLICATES, SUPERSEDED))
     forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
     dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
     delivered = sum(delivered_files.values())
@@ -105,11 +105,14 @@ def plan_hour(
         return files.read_json(plan_path)
     sizes = files.sizes(partitions.join(staging, "*.avro"))
     staged = {path: (records, sizes.get(path, 0)) for kind, records, path in collected if kind == DELIVERED}
+    superseded = superseded_ids(collected)
     folder = layout.hour(layout.delivered, hour_start)
     parts = []
     for number, sources in enumerate(group_into_parts(staged, target_file_mb * 1024 * 1024)):
         path = partitions.join(folder, part_name(layout.event_type, number, sources))
-        parts.append({"path": path, "sources": sources, "records": sum(staged[s][0] for s in sources)})
+        left_out = sorted(i for source in sources for i in superseded.get(source, ()))
+        records = sum(staged[s][0] for s in sources) - len(left_out)
+        parts.append({"path": path, "sources": sources, "records": records, "left_out": left_out})
     published = {part["path"]: part["records"] for part in parts}
     manifest = build_manifest(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
@@ -119,11 +122,24 @@ def plan_hour(
     return plan
 
 
+def superseded_ids(reports: list) -> dict[str, set[str]]:
+    """The ids to leave out of each staged file: copies of a stopped run that this run delivered first."""
+    left_out: dict[str, set[str]] = {}
+    for _, _, (path, event_id) in (r for r in reports if r[0] == SUPERSEDED):
+        left_out.setdefault(path, set()).add(event_id)
+    return left_out
+
+
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
-    """Writes one part of a planned hour, unless the hour's marker says it is published."""
+    """Writes one part of a planned hour, unless the hour's marker says it is published. A part
+    whose sources hold superseded copies (rare: only after a restart) is written record by
+    record, without them; any other is copied block by block."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    files.concatenate_avro(part["sources"], part["path"])
+    if part.get("left_out"):
+        files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]))
+    else:
+        files.concatenate_avro(part["sources"], part["path"])
 
 
 def publish_late(staged: str, destination: str) -> None:

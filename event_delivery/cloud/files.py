@@ -81,6 +81,20 @@ def concatenate_avro(sources: list[str], destination: str) -> int:
     return records
 
 
+def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[str]) -> int:
+    """Writes the records of ``sources``, Avro files of one writer schema, into one compressed
+    file at ``destination``, in order, less those whose ``event_id`` is in ``event_ids``;
+    returns how many records it holds. Each record is decoded and encoded again."""
+    kept, schema = [], None
+    for source in sources:
+        with FileSystems.open(source, mime_type="application/octet-stream") as handle:
+            reader = fastavro.reader(io.BytesIO(handle.read()))
+            schema = schema or reader.writer_schema
+            kept.extend(record for record in reader if record["event_id"] not in event_ids)
+    write_avro(destination, fastavro.parse_schema(schema), kept)
+    return len(kept)
+
+
 def sizes(pattern: str) -> dict[str, int]:
     """The files matching a glob, with their sizes in bytes."""
     return {m.path: m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list}

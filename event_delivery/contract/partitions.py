@@ -122,6 +122,18 @@ def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: 
     return [path for path in paths if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
 
 
+def staged_by_other_runs(layout: Layout, run_id: str) -> dict[int, list[str]]:
+    """The pane files that runs other than ``run_id`` staged and left, by the start of their
+    hour, for every hour that has no marker: what a stopped run left open."""
+    left: dict[int, list[str]] = {}
+    for path in files.glob(join(layout.staging, layout.event_type, "dt=*", "hr=*", "*.avro")):
+        if f"{layout.event_type}-{run_id}-p" in path.rsplit("/", 1)[-1]:
+            continue
+        hour_start = partition_bounds("/".join(path.split("/")[-3:-1]), 1)[0] // 1000
+        left.setdefault(hour_start, []).append(path)
+    return {hour: paths for hour, paths in left.items() if not files.exists(layout.marker(hour))}
+
+
 def new_run_id() -> str:
     """A job launch's id: its UTC start time, which sorts and reads well in file names."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dt%H%M%S")
