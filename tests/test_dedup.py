@@ -91,6 +91,26 @@ def test_a_repeat_later_than_a_window_after_the_close_is_written_again(tmp_path)
     run(clock, unique=["e1"], late=["e1"], duplicates=[], tmp_path=tmp_path)
 
 
+def test_with_lateness_longer_than_the_hour_a_repeat_until_the_close_and_a_window_after_is_a_duplicate(tmp_path):
+    """The low tier keeps an hour open for two hours after it ends: an id's cell must outlive
+    that, so a producer retry late in the open hour, or just after its close, is not delivered twice."""
+    start, lateness = 600, 2 * WINDOW
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1), event("e2", start + 2))
+    clock.advance(WINDOW + lateness - TRIGGER)  # the hour ended long ago, and is still open
+    clock.arrive(event("e1", start + 1))
+    clock.advance(2 * TRIGGER)  # now it closed
+    clock.arrive(event("e2", start + 2))
+    clock.advance(TRIGGER * 2)
+    with streaming_pipeline() as pipeline:
+        s = settings(tmp_path, allowed_lateness_seconds=lateness, late_horizon_seconds=3600)
+        result = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False) | Deduplicate(s)
+        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        late = result.late | "LateIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        assert_that(unique, equal_to(["e1", "e2"]), label="unique")
+        assert_that(late, equal_to([]), label="late")
+
+
 def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_path):
     start, ids = 600, [f"e{i % 7}" for i in range(30)]  # 7 ids, most of them repeated
     events = [event(i, start + n) for n, i in enumerate(ids)] + [event("e1", start + WINDOW)]  # e1 again, next hour
