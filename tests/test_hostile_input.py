@@ -10,14 +10,17 @@ import pathlib
 
 import fastavro
 from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics.metric import MetricsFilter
 from fastavro.validation import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from event_delivery.cloud import files
 from event_delivery.contract import envelope
-from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema
+from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema, quarantine_key_name
 from event_delivery.contract.registry import load_registry
+from event_delivery.keys.fields import decrypt_bytes
+from event_delivery.ops.audit import audit_type
 from pipelines import backfill, redrive
 from pipelines.delivery import deliver
 from pipelines.redrive import ReplayDeadLettersFn
@@ -203,3 +206,54 @@ def test_a_type_without_personal_fields_seals_a_message_with_attributes_of_its_o
         "plain": (data, plain),
         "extra": (data, extra),
     }
+
+
+def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stalls_nothing(tmp_path):
+    """A payload whose subject is a lone surrogate (valid JSON: ``"\\ud800"``) has no pseudonym, so no
+    subject key: its dead letter and its archived copy are sealed under the type's quarantine key,
+    counted, and the hour around it is delivered and closed. On Dataflow a bundle that raised here
+    would be retried forever, and the type would stall."""
+    search, keys = load_registry()["search"], local_keys(tmp_path / "keys")
+    received_at = (START + 1) * 1000
+    unencodable = {
+        "lone-high": {**valid_fields(search, 1), "user_id": "\ud800"},
+        "lone-low": {**valid_fields(search, 2), "user_id": "x\udfff"},
+        "lone-ahead": {**valid_fields(search, 3), "user_id": "\ud800", "new_field": 1},
+    }
+    assert all(b"\\ud" in message(f).data for f in unencodable.values()), "JSON escapes, as a producer sends them"
+    valid = {f"ok-{i}": valid_fields(search, 10 + i) for i in range(3)}
+    clock = Clock(START)
+    clock.arrive(*(message(f, i, received_at) for i, f in {**unencodable, **valid}.items()))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    settings = local_settings(tmp_path / "out", search, keys, raw_archive=True)
+    pipeline = streaming_pipeline()
+    deliver(pipeline | clock.finish(), settings)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    [hour] = audit_type(settings.layout).hours.values()
+    assert hour.closed and sorted(hour.delivered_ids) == sorted(valid)
+    assert hour.dead_letter_kinds == {"schema_violation": len(unencodable)}
+    quarantine = keys.open().named_key(quarantine_key_name("search", received_at))
+    dead = {
+        r["event_id"]: r
+        for p in files.glob(f"{settings.layout.dead_letter}/search/*/*/*.avro")
+        for r in files.read_avro(p)
+    }
+    assert sorted(dead) == sorted(unencodable)
+    assert {r["quarantine_key_id"] for r in dead.values()} == {quarantine.key_id}
+    for event_id, record in dead.items():
+        payload = decrypt_bytes(
+            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id
+        )
+        assert payload == message(unencodable[event_id]).data, "sealed whole, for a redrive"
+    archived = {
+        r["event_id"]: r["key_id"]
+        for p in files.glob(f"{settings.layout.raw_archive}/search/*/*/*.avro")
+        for r in files.read_avro(p)
+    }
+    assert sorted(archived) == sorted([*unencodable, *valid])
+    assert {archived[i] for i in unencodable} == {quarantine.key_id}
+    assert quarantine.key_id not in {archived[i] for i in valid}, "the valid ones under their subjects' keys"
+    counted = result.metrics().query(MetricsFilter().with_namespace("delivery").with_name("unencodable_subject_ids"))
+    assert sum(c.committed for c in counted["counters"]) == 2 * len(unencodable), "each, as a dead letter and archived"
