@@ -10,7 +10,8 @@ whether an hour is closed: a staged file of an hour that has its marker moves to
 late root; otherwise it waits for the close of the streaming job that owns the hour (a
 close publishes the staged files of every run). The rest stays dead-lettered, and so does
 an event whose subject's key is still unavailable (a ``key_unavailable`` dead letter stays
-one until its key is mended): each dead-letter file is rewritten without the messages
+one until its key is mended), and a dead letter that cannot be unsealed or that the fix
+cannot handle (counted, ``not_replayable``): each dead-letter file is rewritten without the messages
 that left it, so every message is still in exactly one place::
 
     python -m pipelines.redrive --event_type search --storage_root gs://bucket \\
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import sys
 
 import apache_beam as beam
@@ -50,14 +52,22 @@ from transforms.write import WriteAvroPanes
 
 PROG = "python -m pipelines.redrive"
 REPLAYED = "replayed"
+NOT_REPLAYABLE = "not_replayable"  # dead letters that stay because their unsealing or the fix failed
 SOURCE = "redrive_source"  # attribute carrying the dead letter's place while it is replayed
 # A redrive may replay old hours on purpose: nothing it reads is too old.
 HORIZON_SECONDS = 10 * 365 * 24 * 3600
+_LOG = logging.getLogger(__name__)
 
 
 class ReplayDeadLettersFn(beam.DoFn):
     """A dead-letter file in; each of its messages, unsealed and fixed, out as a Pub/Sub message,
-    and ``(event_id, place)`` of each (``index:path``) on the ``replayed`` output."""
+    and ``(event_id, place)`` of each (``index:path``) on the ``replayed`` output.
+
+    A dead letter that cannot be unsealed, or that the fix cannot handle (whatever either
+    raises: a payload nested too deeply to decode, a record altered at rest), is not replayed:
+    it stays in its file, counted as ``not_replayable``, and the others are replayed. One such
+    message would otherwise fail the file's bundle every time, and the job with it.
+    """
 
     def __init__(self, event_type: EventType, keys: KeyConfig, fix_name: str):
         self.event_type = event_type
@@ -69,22 +79,32 @@ class ReplayDeadLettersFn(beam.DoFn):
         self.keystore = self.keys.open()
         self.fix = FIXES[self.fix_name]
         self.erased = beam.metrics.Metrics.counter("redrive", "erased")
+        self.not_replayable = beam.metrics.Metrics.counter("redrive", NOT_REPLAYABLE)
 
     def process(self, path: str):
         records = files.read_avro(path)
         keys = self.keystore.data_keys(r["quarantine_key_id"] for r in records if r["quarantine_key_id"])
         for index, record in enumerate(records):
-            key_id, key = record["quarantine_key_id"], keys.get(record["quarantine_key_id"])
+            key = keys.get(record["quarantine_key_id"])
             if key is None or record["payload"] is None:
                 self.erased.inc()  # its subject was forgotten: it cannot be read, and it stays as it is
                 continue
-            aead, name = AESGCM(key), self.event_type.name
-            payload = decrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
-            attributes = open_attributes(aead, record, name, key_id)
-            data, attributes = self.fix(payload, attributes, self.event_type)
+            try:
+                data, attributes = self.unsealed_and_fixed(record, key)
+            except Exception as error:  # anything: a dead letter is what the path could not handle
+                self.not_replayable.inc()
+                _LOG.warning("dead letter %d of %s stays: %s", index, path, type(error).__name__)  # no value
+                continue
             attributes[SOURCE] = f"{index}:{path}"
             yield PubsubMessage(data, attributes, publish_time=record["received_at"])
             yield beam.pvalue.TaggedOutput(REPLAYED, (attributes.get(envelope.EVENT_ID) or None, attributes[SOURCE]))
+
+    def unsealed_and_fixed(self, record: dict, key: bytes) -> tuple[bytes, dict]:
+        """The dead letter's ``(data, attributes)`` as it arrived, then fixed."""
+        aead, name, key_id = AESGCM(key), self.event_type.name, record["quarantine_key_id"]
+        payload = decrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
+        attributes = open_attributes(aead, record, name, key_id)
+        return self.fix(payload, attributes, self.event_type)
 
 
 class RemoveRedrivenFn(beam.DoFn):

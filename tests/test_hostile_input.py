@@ -1,6 +1,11 @@
 """Generated hostile input: no payload or attribute map crashes parsing, and every message
 comes out exactly once, as a valid event or as a dead letter with a kind. A producer that
-puts personal data in attributes of its own leaks it into no file."""
+puts personal data in attributes of its own leaks it into no file.
+
+No step of the streaming path may raise on a message: on Dataflow a streaming bundle that
+raises is retried forever, and its type stalls. Hostile payloads and attributes therefore
+go through the whole path too, each DoFn called as a runner calls it (parse, encrypt, seal
+the dead letters and the raw archive, and the Avro write and read of each)."""
 
 from __future__ import annotations
 
@@ -9,23 +14,28 @@ import json
 import pathlib
 
 import fastavro
+import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics.metric import MetricsFilter
 from fastavro.validation import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from event_delivery.cloud import files
 from event_delivery.contract import envelope
-from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema
-from event_delivery.contract.registry import load_registry
+from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema, quarantine_key_name
+from event_delivery.contract.registry import event_type_from_schema, load_registry
+from event_delivery.keys.fields import decrypt_bytes
+from event_delivery.ops.audit import audit_type
 from pipelines import backfill, redrive
 from pipelines.delivery import deliver
 from pipelines.redrive import ReplayDeadLettersFn
 from tests.conftest import message, published_at, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
-from transforms.parse import DEAD_LETTERS, ParseEventFn
-from transforms.personal import JobKeyCache
+from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
+from transforms.personal import KEY_UNAVAILABLE, EncryptPersonalFieldsFn, JobKeyCache, SealDeadLettersFn
+from transforms.write import event_record
 
 ARRIVAL_MILLIS = 1_800_000_000_000
 TYPES = sorted(load_registry())
@@ -203,3 +213,234 @@ def test_a_type_without_personal_fields_seals_a_message_with_attributes_of_its_o
         "plain": (data, plain),
         "extra": (data, extra),
     }
+
+
+def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stalls_nothing(tmp_path):
+    """A payload whose subject is a lone surrogate (valid JSON: ``"\\ud800"``) has no pseudonym, so no
+    subject key: its dead letter and its archived copy are sealed under the type's quarantine key,
+    counted, and the hour around it is delivered and closed. On Dataflow a bundle that raised here
+    would be retried forever, and the type would stall."""
+    search, keys = load_registry()["search"], local_keys(tmp_path / "keys")
+    received_at = (START + 1) * 1000
+    unencodable = {
+        "lone-high": {**valid_fields(search, 1), "user_id": "\ud800"},
+        "lone-low": {**valid_fields(search, 2), "user_id": "x\udfff"},
+        "lone-ahead": {**valid_fields(search, 3), "user_id": "\ud800", "new_field": 1},
+    }
+    assert all(b"\\ud" in message(f).data for f in unencodable.values()), "JSON escapes, as a producer sends them"
+    valid = {f"ok-{i}": valid_fields(search, 10 + i) for i in range(3)}
+    clock = Clock(START)
+    clock.arrive(*(message(f, i, received_at) for i, f in {**unencodable, **valid}.items()))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    settings = local_settings(tmp_path / "out", search, keys, raw_archive=True)
+    pipeline = streaming_pipeline()
+    deliver(pipeline | clock.finish(), settings)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    [hour] = audit_type(settings.layout).hours.values()
+    assert hour.closed and sorted(hour.delivered_ids) == sorted(valid)
+    assert hour.dead_letter_kinds == {"schema_violation": len(unencodable)}
+    quarantine = keys.open().named_key(quarantine_key_name("search", received_at))
+    dead = {
+        r["event_id"]: r
+        for p in files.glob(f"{settings.layout.dead_letter}/search/*/*/*.avro")
+        for r in files.read_avro(p)
+    }
+    assert sorted(dead) == sorted(unencodable)
+    assert {r["quarantine_key_id"] for r in dead.values()} == {quarantine.key_id}
+    for event_id, record in dead.items():
+        payload = decrypt_bytes(
+            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id
+        )
+        assert payload == message(unencodable[event_id]).data, "sealed whole, for a redrive"
+    archived = {
+        r["event_id"]: r["key_id"]
+        for p in files.glob(f"{settings.layout.raw_archive}/search/*/*/*.avro")
+        for r in files.read_avro(p)
+    }
+    assert sorted(archived) == sorted([*unencodable, *valid])
+    assert {archived[i] for i in unencodable} == {quarantine.key_id}
+    assert quarantine.key_id not in {archived[i] for i in valid}, "the valid ones under their subjects' keys"
+    counted = result.metrics().query(MetricsFilter().with_namespace("delivery").with_name("unencodable_subject_ids"))
+    assert sum(c.committed for c in counted["counters"]) == 2 * len(unencodable), "each, as a dead letter and archived"
+
+
+# The whole streaming path, step by step, as a runner calls each DoFn: parse, encrypt, seal the
+# dead letters, seal the raw archive, and the Avro writes of each, read back as the close, the
+# restart's deduplication and the audit read them.
+LONE_SURROGATES = ["\ud800", "x\udfff"]  # valid JSON, spelt with escapes, that no UTF-8 file can hold
+HOSTILE_VALUES = [
+    2**31,
+    2**63,
+    -(2**63) - 1,
+    10**400,  # valid JSON, but no Avro number holds it
+    -(10**308) * 10,
+    1e308,
+    5e-324,
+    -0.0,
+    "a\x00b",
+    *LONE_SURROGATES,
+    "\U0001f3b5",
+    "x" * 5000,
+    "",
+    [],
+    {},
+    None,
+]
+hostile_values = st.sampled_from(HOSTILE_VALUES) | json_values
+long_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=200, max_size=1024)
+HOSTILE_RECEIVED_AT = ["9" * 5000, "0" * 5000 + "1", "-1", "", " ", "1e3", "\x00", "9999-12-31T23:59:59-14:00"]
+HOSTILE_RECEIVED_AT += ["0001-01-01T00:00:00+14:00", "2030-01-01T00:00:00", "１２３", "NaN", "1" * 14]
+hostile_attributes = st.dictionaries(
+    st.sampled_from(["event_id", "received_at", "event_type", "", "\x00", "a" * 256]) | wire_text,
+    wire_text | long_text | st.sampled_from(HOSTILE_RECEIVED_AT),
+    max_size=6,
+)
+SESSION_SCHEMA = pathlib.Path(__file__).parent / "schemas" / "listening_session.avsc"
+WHOLE_PATH_TYPES = {
+    **load_registry(),
+    "listening_session": event_type_from_schema(json.loads(SESSION_SCHEMA.read_text())),
+}
+
+
+@st.composite
+def hostile_payloads(draw, event_type):
+    """Bytes a producer might send: anything, a valid event with a field made hostile, dropped or
+    added, its subject of the wrong type or unencodable, deep nesting, JSON in another encoding."""
+    fields = valid_fields(event_type, draw(st.integers(0, 1000)))
+    kind = draw(st.sampled_from(["bytes", "field", "subject", "drop", "add", "nested", "utf16", "valid"]))
+    subject = event_type.subject_field
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "field":
+        fields[draw(st.sampled_from(sorted(fields)))] = draw(hostile_values)
+    elif kind == "subject" and subject:
+        fields[subject] = draw(st.sampled_from(HOSTILE_VALUES))
+    elif kind == "drop":
+        del fields[draw(st.sampled_from(sorted(fields)))]
+    elif kind == "add":
+        fields[draw(wire_text)] = draw(hostile_values)
+    elif kind == "nested":
+        depth = draw(st.sampled_from([10, 900, 3000, 100_000]))
+        value = (b"[" * depth + b"]" * depth).decode()
+        where = draw(st.sampled_from(sorted(fields)))
+        text = json.dumps({k: "\x00" if k == where else v for k, v in fields.items()})
+        return text.replace('"\\u0000"', value, 1).encode()
+    if kind == "utf16":  # JSON still, to a reader that guesses the encoding, with raw surrogates
+        return json.dumps(fields, ensure_ascii=False).encode("utf-16", "surrogatepass")
+    return json.dumps(fields).encode()  # lone surrogates as escapes, as a producer writes them
+
+
+def _in_one_bundle(fn, elements) -> list:
+    """``fn``'s outputs for ``elements`` in one bundle, as a runner calls a DoFn."""
+    fn.start_bundle()
+    return [o for e in elements for o in fn.process(e) or ()] + list(fn.finish_bundle() or ())
+
+
+def _value(output):
+    output = getattr(output, "value", output)  # tagged
+    return getattr(output, "value", output)  # windowed
+
+
+def _written_and_read_back(parsed_schema, records) -> list[dict]:
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, parsed_schema, records)
+    return list(fastavro.reader(io.BytesIO(buffer.getvalue())))
+
+
+class WholePath:
+    """One type's streaming path, each step a DoFn called as a runner calls it, with a local keystore."""
+
+    def __init__(self, event_type, keys):
+        self.event_type = event_type
+        key_cache = JobKeyCache(keys, event_type.name)
+        self.parse = ParseEventFn(
+            event_type, 2**20, late_horizon_seconds=7 * 86400, max_future_seconds=3600, keep_raw=True
+        )
+        self.encrypt = EncryptPersonalFieldsFn(event_type, key_cache)
+        self.seal_dead_letters = SealDeadLettersFn(event_type, key_cache)
+        self.seal_raw = SealRawMessagesFn(event_type, key_cache)
+        for fn in (self.parse, self.encrypt, self.seal_dead_letters, self.seal_raw):
+            fn.setup()
+
+    def run(self, messages) -> tuple[list, list, list]:
+        """``(delivered, dead letters, archived)`` records, each written as Avro and read back."""
+        parsed = [o for m in messages for o in self.parse.process(m)]
+        events = [o for o in parsed if not hasattr(o, "tag")]
+        dead = [o.value for o in parsed if getattr(o, "tag", None) == DEAD_LETTERS]
+        raw = [o.value for o in parsed if getattr(o, "tag", None) == RAW_MESSAGES]
+        if self.event_type.subject_field:
+            sealed = _in_one_bundle(self.encrypt, events)
+            events = [_value(o) for o in sealed if getattr(o, "tag", None) is None]
+            dead += [_value(o) for o in sealed if getattr(o, "tag", None) == KEY_UNAVAILABLE]
+        letters = [_value(o)[2] for o in _in_one_bundle(self.seal_dead_letters, dead)]
+        archived = [_value(o)[2] for o in _in_one_bundle(self.seal_raw, raw)]
+        return (
+            _written_and_read_back(self.event_type.parsed_delivered_schema, [event_record(e) for e in events]),
+            _written_and_read_back(parsed_dead_letter_schema(), letters),
+            _written_and_read_back(parsed_raw_archive_schema(), archived),
+        )
+
+
+@pytest.fixture(scope="module")
+def whole_paths(tmp_path_factory):
+    keys = local_keys(tmp_path_factory.mktemp("keys"))
+    return {name: WholePath(event_type, keys) for name, event_type in WHOLE_PATH_TYPES.items()}
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(type_name=st.sampled_from(sorted(WHOLE_PATH_TYPES)), data=st.data())
+def test_hostile_messages_pass_the_whole_path_each_once_and_nothing_raises(whole_paths, type_name, data):
+    """Payloads and attributes, generated, through parse, encryption, the dead letters' sealing and
+    the raw archive's, and the Avro files they are written to: no step raises (on Dataflow a
+    streaming bundle that raises is retried forever, and the type stalls), every message comes out
+    once, delivered or dead-lettered with a kind, and is archived once."""
+    event_type = WHOLE_PATH_TYPES[type_name]
+    payloads = data.draw(st.lists(hostile_payloads(event_type), min_size=1, max_size=4))
+    messages = []
+    for payload in payloads:
+        attributes = data.draw(st.sampled_from([{"event_id": "e-1"}]) | hostile_attributes)
+        messages.append(published_at(PubsubMessage(payload, attributes), ARRIVAL_MILLIS))
+    delivered, dead, archived = whole_paths[type_name].run(messages)
+
+    ids = sorted((m.attributes.get("event_id") or None) or "" for m in messages)
+    assert sorted([r["event_id"] for r in delivered] + [r["event_id"] or "" for r in dead]) == ids, "each once"
+    assert all(r["error_kind"] in ErrorKind.__members__ for r in dead)
+    assert sorted(r["event_id"] or "" for r in archived) == ids, "each archived once"
+
+
+@pytest.mark.parametrize("type_name", sorted(WHOLE_PATH_TYPES))
+def test_every_field_set_to_each_hostile_value_passes_the_whole_path(whole_paths, type_name):
+    """The values a generator rarely meets in one field, met in every field of every type, the
+    subject's included, in one bundle: nothing raises, and every message comes out once."""
+    event_type = WHOLE_PATH_TYPES[type_name]
+    fields = valid_fields(event_type, 7)
+    payloads = [json.dumps({**fields, name: value}).encode() for name in fields for value in HOSTILE_VALUES]
+    payloads += [
+        json.dumps({**fields, name: value}, ensure_ascii=False).encode("utf-16", "surrogatepass")
+        for name in fields
+        for value in LONE_SURROGATES
+    ]
+    extra = {"x" * 256: "\x00" * 1024, "": "", "\U0001f3b5": "\U0001f3b5" * 256}
+    attributes = [extra] * len(payloads) + [{"received_at": value} for value in HOSTILE_RECEIVED_AT]
+    payloads += [json.dumps(fields).encode()] * len(HOSTILE_RECEIVED_AT)
+    messages = [
+        published_at(PubsubMessage(p, {**a, "event_id": f"e{i}"}), ARRIVAL_MILLIS)
+        for i, (p, a) in enumerate(zip(payloads, attributes, strict=True))
+    ]
+    delivered, dead, archived = whole_paths[type_name].run(messages)
+
+    assert sorted([r["event_id"] for r in delivered + dead]) == sorted(m.attributes["event_id"] for m in messages)
+    assert sorted(r["event_id"] for r in archived) == sorted(m.attributes["event_id"] for m in messages)
+    assert all(r["error_kind"] in ErrorKind.__members__ for r in dead)
+    assert delivered and dead, "some of them are still valid events"
+
+
+def test_a_number_that_passes_validation_but_not_the_write_is_a_write_error(tmp_path):
+    """Behind parsing, which refuses it: the write step gives up what fails as ``AvroWriteError``
+    (``transforms.write``); anything else it raises fails the bundle for good."""
+    schema = fastavro.parse_schema({"type": "record", "name": "R", "fields": [{"name": "x", "type": "double"}]})
+    assert validate({"x": 10**400}, schema, raise_errors=False)
+    with pytest.raises(files.AvroWriteError):
+        files.write_avro(str(tmp_path / "r.avro"), schema, [{"x": 10**400}])

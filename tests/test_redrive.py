@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import time
 
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
 from event_delivery.cloud import files
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
+from event_delivery.contract.fixes import FIXES, strip_unknown_fields
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import encrypt_bytes
@@ -124,3 +130,82 @@ def test_a_dead_letter_that_names_its_subject_is_erased_by_forget_and_the_rest_s
         r["event_id"] for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)
     ]
     assert (late, remaining) == (["b1"], ["a1"]), "bob's is redriven; alice's stays, unreadable"
+
+
+def _sealed_dead_letters(keys, payloads: dict[str, bytes]) -> list[dict]:
+    """NOT_JSON dead letters of ``search`` as the delivery job seals them, under the quarantine key."""
+    key = keys.open().named_key(quarantine_key_name("search", START * 1000))
+    records = []
+    for event_id, payload in payloads.items():
+        record = dead_letter("search", ErrorKind.NOT_JSON, "t", event_id, START * 1000, {"event_id": event_id}, payload)
+        sealed = encrypt_bytes(key.aead, payload, "search", "payload", key.key_id)
+        records.append({**record, "payload": sealed, "quarantine_key_id": key.key_id})
+    return records
+
+
+def _altered(sealed: bytes) -> bytes:
+    return sealed[:-1] + bytes([sealed[-1] ^ 1])
+
+
+def test_a_dead_letter_the_fix_or_its_unsealing_cannot_handle_stays_counted_and_the_rest_replay(tmp_path, monkeypatch):
+    """Each message of a dead-letter file is replayed on its own: one the fix raises on, or whose
+    sealed payload no longer opens, stays where it is, counted, instead of failing the file's
+    bundle, and with it the whole redrive, every time. A payload nested too deeply to decode is
+    left as it is by ``strip_unknown_fields``, and parsing dead-letters it again."""
+    search, keys = load_registry()["search"], local_keys(tmp_path)
+    ahead = json.dumps({**valid_fields(search, 1), "new_field": 1}).encode()
+    records = _sealed_dead_letters(keys, {"ahead": ahead, "nested": b"[" * 100_000, "altered": ahead, "odd": b"{}"})
+    records[2]["payload"] = _altered(records[2]["payload"])
+    path = str(tmp_path / "dead-letters.avro")
+    files.write_avro(path, files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), records)
+
+    def strip_unknown_fields_but_not_odd_ones(data, attributes, event_type):
+        if data == b"{}":
+            raise RuntimeError("a fix with a bug")
+        return strip_unknown_fields(data, attributes, event_type)
+
+    monkeypatch.setitem(FIXES, "strip_unknown_fields_but_not_odd_ones", strip_unknown_fields_but_not_odd_ones)
+    pipeline = TestPipeline()
+    replayed = (
+        pipeline
+        | beam.Create([path])
+        | beam.ParDo(redrive.ReplayDeadLettersFn(search, keys, "strip_unknown_fields_but_not_odd_ones")).with_outputs(
+            redrive.REPLAYED, main="messages"
+        )
+    )
+    ids = replayed.messages | beam.Map(lambda m: m.attributes["event_id"])
+    assert_that(ids, equal_to(["ahead", "nested"]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    query = MetricsFilter().with_namespace("redrive").with_name(redrive.NOT_REPLAYABLE)
+    assert sum(c.committed for c in result.metrics().query(query)["counters"]) == 2, "the altered one and the odd one"
+
+
+def test_a_redrive_replays_an_hour_around_dead_letters_it_cannot_handle_and_keeps_them(tmp_path):
+    """``make redrive FIX=strip_unknown_fields`` over an hour that holds a payload nested too deeply
+    to decode and a dead letter altered at rest: the fixable one is delivered late, the other two
+    stay in the dead letters, and the counts balance."""
+    search, settings, flags = setup(tmp_path)
+    clock = Clock(START)
+    clock.arrive(message(valid_fields(search, 1), "ok", (START + 1) * 1000))
+    for event_id in ("ahead", "altered"):
+        clock.arrive(message({**valid_fields(search, 2), "new_field": 1}, event_id, (START + 1) * 1000))
+    clock.arrive(raw_message(b"[" * 50_000, "nested", received_at=str((START + 1) * 1000)))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+    before = counts(tmp_path)
+    assert before == {"delivered": 1, "duplicates": 0, "late": 0, "dead_lettered": 3}
+    for path in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro"):  # one payload altered at rest
+        records = files.read_avro(path)
+        for record in records:
+            if record["event_id"] == "altered":
+                record["payload"] = _altered(record["payload"])
+        files.write_avro(path, files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), records)
+
+    args = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
+    assert redrive.main([*args, "--fix=strip_unknown_fields", *flags]) == 0
+    after = counts(tmp_path)
+    assert after == {"delivered": 1, "duplicates": 0, "late": 1, "dead_lettered": 2}
+    remaining = [r for p in files.glob(f"{tmp_path}/dead-letter/search/*/*/*.avro") for r in files.read_avro(p)]
+    assert sorted(r["event_id"] for r in remaining) == ["altered", "nested"], "kept, in the rewritten file"

@@ -13,8 +13,10 @@ No bundle fails forever on one subject's key. A key the keystore cannot give, fo
 (``UNAVAILABLE``: a wrapped key that no longer unwraps, a key-wrapping key or KEK version
 that is gone, access denied), holds back only its subject's events: they become
 ``key_unavailable`` dead letters, sealed under the quarantine key, which a redrive replays
-once the key is mended. A transient keystore error is retried (``transforms.retries``),
-then left to the runner, which retries the bundle.
+once the key is mended. A subject id that no key can be made for (one UTF-8 cannot encode:
+a JSON escape can spell a lone surrogate) is treated the same way, and counted. A transient
+keystore error is retried (``transforms.retries``), then left to the runner, which retries
+the bundle.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ UNAVAILABLE = (
 )
 # Keystore errors that pass: the service busy, slow or out of reach, a KMS response altered on the way.
 TRANSIENT = (google_errors.ServerError, google_errors.TooManyRequests, ConnectionError, TimeoutError, KmsIntegrityError)
+UNENCODABLE = "UnencodableSubjectId"  # why a subject id that UTF-8 cannot encode has no key
+
+
+def _encodes(subject: str) -> bool:
+    """Whether UTF-8 can encode ``subject``, as the keystore's pseudonym does."""
+    if subject.isascii():
+        return True
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def seal_attributes(aead, attributes: dict, event_type: str, key_id: str | None) -> tuple[dict, bytes | None]:
@@ -116,6 +130,7 @@ class SealInBatchesFn(beam.DoFn):
 
     def setup(self):
         self.cache = self.key_cache.acquire()
+        self.unencodable = beam.metrics.Metrics.counter("delivery", "unencodable_subject_ids")
 
     def start_bundle(self):
         self.pending = []
@@ -130,20 +145,34 @@ class SealInBatchesFn(beam.DoFn):
         return self.with_retries(lambda: self.cache.named_key(name))
 
     def available_keys(self, subjects) -> tuple[dict, dict[str, str]]:
-        """``(keys, unavailable)``: the keys of a batch of subjects, as ``KeyCache.lookup`` gives
-        them, and the subjects whose key the keystore cannot give, for good, with the error's
-        name. The batch costs one lookup; only when that fails for good are its halves looked up,
-        and theirs, until the subjects at fault are found: one broken key holds back no other
-        subject's events, and a batch with one costs about 2 log2(batch) lookups more."""
-        subjects = sorted(set(subjects))
+        """``(keys, unavailable)``: the keys of a batch of subjects (one per element), as
+        ``KeyCache.lookup`` gives them, and the subjects whose key the keystore cannot give, for
+        good, with the error's name.
+
+        A subject id that UTF-8 cannot encode (a lone surrogate, which a JSON escape can spell)
+        has no pseudonym, so no key can ever be made for it: it is never looked up, it is
+        unavailable (``UNENCODABLE``), and each element naming one is counted."""
+        subjects = list(subjects)
+        unencodable = [s for s in subjects if not _encodes(s)]
+        if not unencodable:
+            return self._keys_of(sorted(set(subjects)))
+        self.unencodable.inc(len(unencodable))
+        keys, unavailable = self._keys_of(sorted({s for s in subjects if _encodes(s)}))
+        return keys, {**unavailable, **dict.fromkeys(unencodable, UNENCODABLE)}
+
+    def _keys_of(self, subjects: list[str]) -> tuple[dict, dict[str, str]]:
+        """``available_keys`` of sorted, distinct, encodable subjects. The batch costs one lookup;
+        only when that fails for good are its halves looked up, and theirs, until the subjects at
+        fault are found: one broken key holds back no other subject's events, and a batch with
+        one costs about 2 log2(batch) lookups more."""
         try:
             return self.with_retries(lambda: self.cache.lookup(subjects)), {}
         except UNAVAILABLE as error:
             if len(subjects) <= 1:
                 return {}, dict.fromkeys(subjects, type(error).__name__)
         half = len(subjects) // 2
-        keys, unavailable = self.available_keys(subjects[:half])
-        more_keys, more_unavailable = self.available_keys(subjects[half:])
+        keys, unavailable = self._keys_of(subjects[:half])
+        more_keys, more_unavailable = self._keys_of(subjects[half:])
         return {**keys, **more_keys}, {**unavailable, **more_unavailable}
 
     @staticmethod

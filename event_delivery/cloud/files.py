@@ -22,8 +22,9 @@ def write_avro(path: str, parsed_schema, records, codec: str = AVRO_CODEC) -> No
     buffer = io.BytesIO()
     try:
         fastavro.writer(buffer, parsed_schema, records, codec=codec)
-    except (ValueError, TypeError, KeyError):
-        # fastavro's message quotes the offending value, which may be personal.
+    except (ValueError, TypeError, KeyError, OverflowError):
+        # fastavro's message quotes the offending value, which may be personal. A number too
+        # large for its type passes fastavro's validation and raises OverflowError here.
         raise AvroWriteError(f"a record does not match the Avro schema of {path}") from None
     write_bytes(path, buffer.getvalue())
 

@@ -41,7 +41,10 @@ def parse_received_at(value: str) -> int:
     """Epoch millis from an RFC 3339 string or a decimal count of epoch millis."""
     text = value.strip()
     if text.isdigit() and text.isascii():
-        millis = int(text)
+        digits = text.lstrip("0") or "0"  # Python refuses to read an int of 4,300 digits or more
+        if len(digits) > len(str(LATEST_MILLIS)):
+            raise BadTimestamp("received_at is outside 1970..2100")
+        millis = int(digits)
     else:
         try:
             parsed = datetime.datetime.fromisoformat(text.replace("z", "Z"))

@@ -29,10 +29,11 @@ def arrival_time_for_bad_timestamps(data: bytes, attributes: dict, event_type) -
 
 
 def strip_unknown_fields(data: bytes, attributes: dict, event_type) -> tuple[bytes, dict]:
-    """Drops payload fields the schema does not know (a producer ahead of its schema)."""
+    """Drops payload fields the schema does not know (a producer ahead of its schema). A payload
+    that is no JSON object, or nests too deeply to decode, is left as it is."""
     try:
         fields = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return data, attributes
     if not isinstance(fields, dict):
         return data, attributes

@@ -146,6 +146,14 @@ class EventType:
         return fastavro.parse_schema(_without_registry_properties(self.schema))
 
     @functools.cached_property
+    def holds_logical_types(self) -> bool:
+        """Whether a field holds an Avro logical type anywhere. fastavro validates and writes such
+        a value by its underlying type alone, so a value its logical type cannot read back (a
+        uuid that is no UUID, a timestamp past the year 9999) would be written, and then break
+        every reader of the file."""
+        return any(_holds_logical_type(field["type"]) for field in self.schema["fields"])
+
+    @functools.cached_property
     def delivered_schema(self) -> dict:
         """Delivered records: the envelope, the subject's key id in clear, then the fields,
         each personal one as AES-GCM ciphertext (null when its subject is forgotten)."""
@@ -205,6 +213,19 @@ def _binary_type(avro_type) -> str | None:
         nested = avro_type.get("items", avro_type.get("values"))
         return _binary_type(nested if kind in ("array", "map") else kind)
     return avro_type if avro_type in ("bytes", "fixed") else None
+
+
+def _holds_logical_type(avro_type) -> bool:
+    if isinstance(avro_type, list):
+        return any(map(_holds_logical_type, avro_type))
+    if not isinstance(avro_type, dict):
+        return False  # a primitive, or a named type, walked where it is defined
+    if "logicalType" in avro_type:
+        return True
+    kind = avro_type["type"]
+    if kind == "record":
+        return any(_holds_logical_type(f["type"]) for f in avro_type["fields"])
+    return _holds_logical_type(avro_type.get("items", avro_type.get("values")) if kind in ("array", "map") else kind)
 
 
 def event_type_from_schema(schema: dict, file_stem: str | None = None) -> EventType:
