@@ -17,6 +17,8 @@ A drain moves the watermark to infinity, so every close timer fires at once, als
 hours that are still open by the clock. Such a close publishes nothing: the hour's
 files stay staged, and the next run's start-up (``AnnounceLeftoverHours``) hands the
 hour back to ``CloseHour``, which closes it when its time comes, with every run's files.
+The close is also armed for the hour's end by the clock: where the watermark ran ahead
+of the clock outside a drain, the hour then closes by itself.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class CloseHourFn(beam.DoFn):
         yield from self._close(window, reports, closed, close_again)
 
     @on_timer(CLOSE_AGAIN)
-    def close_after_a_denial(
+    def close_again_by_the_clock(
         self,
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
@@ -146,12 +148,15 @@ class CloseHourFn(beam.DoFn):
     def _close(self, window, reports, closed, close_again):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
-        if self.streaming and wall_clock() < window.end.micros / 1e6:
-            self.left_open.inc()  # a drain: the hour is not over, so it is not published
+        closes_at = window.end.micros / 1e6
+        if self.streaming and wall_clock() < closes_at:
+            # A drain, or a watermark ahead of the clock: the hour is not over, so it is not
+            # published now. If the job still runs when the clock gets there, it closes then.
+            self.left_open.inc()
+            close_again.set(window.end)
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
-        closes_at = window.end.micros / 1e6
         try:
             plan = plan_hour(self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb)
         except Exception as error:
