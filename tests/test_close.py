@@ -5,19 +5,22 @@ from __future__ import annotations
 import fastavro
 import pytest
 from apache_beam.io.filesystem import BeamIOError
+from apache_beam.runners.direct import direct_runner
 from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from tests.conftest import valid_fields
-from tests.streams import START, WINDOW
+from event_delivery.ops.audit import audit_type
+from pipelines.delivery import deliver
+from tests.conftest import message, valid_fields
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import close
 from transforms import publish as publish_hour
 from transforms.reports import DELIVERED, DUPLICATES, SUPERSEDED, report
 from transforms.write import event_record
 
-CLOSES_AT = START + WINDOW + 30
+CLOSES_AT = START + WINDOW + LATENESS
 
 
 def stage(layout: Layout, registry, count: int) -> list[tuple]:
@@ -127,3 +130,33 @@ def test_copies_a_restarted_run_delivered_first_are_left_out_of_the_earlier_runs
     assert sum(f["records"] for f in manifest["files"]) == manifest["accounting"]["delivered"] == 4
     assert manifest["accounting"]["duplicates"] == 2, "the copies left out are counted as duplicates"
     assert manifest["accounting"]["in"] == 1 + 2 + 3
+
+
+def test_a_close_fired_before_the_hours_end_by_the_clock_closes_when_the_clock_gets_there(
+    tmp_path, registry, monkeypatch
+):
+    """The drain guard keeps an hour open while the clock says it is, whatever the watermark says.
+    Outside a drain (here the watermark runs ahead of processing time) the hour must still
+    close by itself once the clock gets there, without waiting for another report of it."""
+    runner_clocks = []
+
+    class RecordedTestClock(direct_runner.TestClock):  # the TestStream's processing time
+        def __init__(self, *args):
+            super().__init__(*args)
+            runner_clocks.append(self)
+
+    monkeypatch.setattr(direct_runner, "TestClock", RecordedTestClock)
+    monkeypatch.setattr(close, "wall_clock", lambda: runner_clocks[-1].time() if runner_clocks else START)
+    log = registry["service_log"]
+    settings = local_settings(tmp_path, log, local_keys(tmp_path))
+    clock = Clock(START)
+    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + 1) * 1000) for i in range(3)))
+    clock.advance(TRIGGER * 2)  # the panes are staged
+    clock.stream = clock.stream.advance_watermark_to(CLOSES_AT + TRIGGER)  # the close fires; the clock: not yet
+    for _ in range((CLOSES_AT - clock.now) // TRIGGER + 2):  # the clock gets there; no other report of the hour
+        clock.stream = clock.stream.advance_processing_time(TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+    [hour] = [h for h in audit_type(settings.layout).hours.values() if h.delivered or h.staged]
+    assert (hour.closed, hour.delivered, hour.staged) == (True, 3, 0)

@@ -5,7 +5,9 @@ are written to a staging folder; when the watermark passes the hour's end plus i
 allowed lateness, the hour's plan is saved and its files are published as parts of
 about ``--target_file_mb``, the marker last (``transforms.publish``). A staged pane
 that turns up after that (or for an hour an earlier run closed) moves to the late root
-instead, so nothing is ever added to a folder that has a marker.
+instead, so nothing is ever added to a folder that has a marker. So does one a saved plan
+does not list (staged after a close attempt that failed, or by a new run for an hour a
+stopped run had planned): a saved plan is never changed, since parts of it may be written.
 
 No close is retried forever. A close denied for good (permission denied, no such bucket)
 leaves the hour staged, is counted (``closes_failed``) and logged, and tries again on a
@@ -17,6 +19,8 @@ A drain moves the watermark to infinity, so every close timer fires at once, als
 hours that are still open by the clock. Such a close publishes nothing: the hour's
 files stay staged, and the next run's start-up (``AnnounceLeftoverHours``) hands the
 hour back to ``CloseHour``, which closes it when its time comes, with every run's files.
+The close is also armed for the hour's end by the clock: where the watermark ran ahead
+of the clock outside a drain, the hour then closes by itself.
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms import retries
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.publish import PLANNED, PublishHours, plan_hour, publish_late
+from transforms.publish import (
+    CLOSE_PLAN,
+    PLANNED,
+    PublishHours,
+    finish_hour,
+    plan_hour,
+    plan_path,
+    publish_late,
+    unplanned,
+)
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
 
 _LOG = logging.getLogger(__name__)
@@ -100,20 +113,40 @@ class CloseHourFn(beam.DoFn):
         late_counts=beam.DoFn.StateParam(LATE_COUNTS),
     ):
         _, hour_report = keyed_report
-        kind, records, path = hour_report
+        kind, records, _ = hour_report
         if kind == LATE:
             self.late.inc(records)
         elif not self._is_closed(closed, window):
             if self.publish:
                 reports.add(hour_report)
                 close.set(window.end)
-        elif kind == DELIVERED:
+        elif kind == LEFT_OVER:
+            self._clear_up_after_the_marker(window)
+        else:
+            self._after_the_close(hour_report, window, late_counts)
+
+    def _after_the_close(self, hour_report, window, late_counts) -> None:
+        """A report the hour's manifest does not hold: its file goes to the late root, its count beside it."""
+        kind, records, path = hour_report
+        if kind == DELIVERED:
             publish_late(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
             self.late.inc(records)
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)
         elif kind == DEAD_LETTERED:  # its file is in the hour's dead-letter folder, which the audit counts
             self.dead_lettered_after_close.inc(records)
+
+    def _clear_up_after_the_marker(self, window) -> None:
+        """What runs stopped after the hour's marker left staged: the files of a plan they had not
+        deleted yet (published), then files staged after the close, whose reports were lost."""
+        hour_start = bucket_start_seconds(window)
+        if not files.exists(self.layout.marker(hour_start)):
+            return  # closed by this run, which is publishing it: what other runs left is in its plan
+        if files.exists(plan_path(self.layout, hour_start)):
+            finish_hour(self.layout, hour_start)
+        staging = self._folder(self.layout.staging, window)
+        for path in partitions.shard_files_of_other_runs(staging, self.layout.event_type, self.run_id):
+            self._after_the_close(report(DELIVERED, files.count_avro_records(path), path), window, None)
 
     def _count_late_duplicates(self, window, records: int, late_counts) -> None:
         """Repeats dropped after the close are counted beside the hour's late files, since
@@ -130,28 +163,33 @@ class CloseHourFn(beam.DoFn):
         reports=beam.DoFn.StateParam(REPORTS),
         closed=beam.DoFn.StateParam(CLOSED),
         close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
+        late_counts=beam.DoFn.StateParam(LATE_COUNTS),
     ):
-        yield from self._close(window, reports, closed, close_again)
+        yield from self._close(window, reports, closed, close_again, late_counts)
 
     @on_timer(CLOSE_AGAIN)
-    def close_after_a_denial(
+    def close_again_by_the_clock(
         self,
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
         closed=beam.DoFn.StateParam(CLOSED),
         close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
+        late_counts=beam.DoFn.StateParam(LATE_COUNTS),
     ):
-        yield from self._close(window, reports, closed, close_again)
+        yield from self._close(window, reports, closed, close_again, late_counts)
 
-    def _close(self, window, reports, closed, close_again):
+    def _close(self, window, reports, closed, close_again, late_counts):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
-        if self.streaming and wall_clock() < window.end.micros / 1e6:
-            self.left_open.inc()  # a drain: the hour is not over, so it is not published
+        closes_at = window.end.micros / 1e6
+        if self.streaming and wall_clock() < closes_at:
+            # A drain, or a watermark ahead of the clock: the hour is not over, so it is not
+            # published now. If the job still runs when the clock gets there, it closes then.
+            self.left_open.inc()
+            close_again.set(window.end)
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
-        closes_at = window.end.micros / 1e6
         try:
             plan = plan_hour(self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb)
         except Exception as error:
@@ -167,8 +205,12 @@ class CloseHourFn(beam.DoFn):
             )
             close_again.set(wall_clock() + RETRY_CLOSE_SECONDS)
             return
+        for hour_report in unplanned(plan, collected):  # arrived after an earlier attempt saved the plan
+            self._after_the_close(hour_report, window, late_counts)
         closed.write(True)
         reports.clear()
+        if plan is None:
+            return  # published by an earlier run
         for part in plan["parts"]:
             yield beam.pvalue.TaggedOutput(PARTS, (hour_start, part))
         yield hour_start, (PLANNED, len(plan["parts"]))
@@ -263,8 +305,10 @@ class AnnounceEveryHour(beam.PTransform):
 
 
 class AnnounceLeftoverHoursFn(beam.DoFn):
-    """At start, one ``left_over`` report per hour that other runs left staged files for
-    and that has no marker, stamped in the hour, so that ``CloseHour`` closes it."""
+    """At start, one ``left_over`` report per hour that other runs left staged files or a plan
+    for, stamped in the hour, so that ``CloseHour`` closes it; or, if the hour has its marker
+    (a run stopped while it finished the hour, or before it moved a file staged after the
+    close), clears up after it."""
 
     def __init__(self, settings):
         self.layout = settings.layout
@@ -274,7 +318,12 @@ class AnnounceLeftoverHoursFn(beam.DoFn):
         use_emulator_credentials()
 
     def process(self, _):
-        for hour_start in sorted(partitions.staged_by_other_runs(self.layout, self.run_id)):
+        hours = partitions.join(self.layout.staging, self.layout.event_type, "dt=*", "hr=*")
+        staged = files.glob(partitions.join(hours, "*.avro"))
+        left = {posixpath.dirname(path) for path in staged if f"-{self.run_id}-p" not in posixpath.basename(path)}
+        left |= {posixpath.dirname(path) for path in files.glob(partitions.join(hours, CLOSE_PLAN))}
+        for folder in sorted(left):
+            hour_start = partitions.partition_bounds("/".join(folder.split("/")[-2:]), 1)[0] // 1000
             yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
 
 

@@ -9,13 +9,20 @@ When every part is written, the marker is written, and only then are the staged 
 deleted.
 
 Every step can run again: a part is rewritten from staged files that are all still
-there until the marker exists, and a part whose hour has its marker is not written
-again. A close retried after a crash therefore publishes the same parts and the same
-manifest, however far the first attempt got.
+there until the marker exists, a part whose hour has its marker is not written again,
+and finishing an hour whose plan is gone reads its manifest from the marker. A close
+retried after a crash therefore publishes the same parts and the same manifest, however
+far the first attempt got.
+
+A saved plan is never changed, since any of its parts may be written already. It holds
+what it was made from; whatever a later attempt (or a later run) finds for the
+hour that the plan does not list (``unplanned``) arrived after the close: ``CloseHour``
+moves such files to the late root and counts them there, as it does after the marker.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import posixpath
 import time
@@ -35,6 +42,7 @@ from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, 
 _LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 PLANNED, WRITTEN = "planned", "written"
+COUNTED_WITHOUT_A_FILE = (DUPLICATES, FORGOTTEN)  # the reports a manifest counts that name no file
 wall_clock = time.time  # module-level, so that a test can set the clock of the close delay
 
 
@@ -93,16 +101,23 @@ def part_name(event_type: str, number: int, sources: list[str]) -> str:
     return posixpath.basename(sources[0]) if len(sources) == 1 else f"{event_type}-part{number:05d}.avro"
 
 
+def plan_path(layout: Layout, hour_start: int) -> str:
+    return partitions.join(layout.hour(layout.staging, hour_start), CLOSE_PLAN)
+
+
 def plan_hour(
     layout: Layout, hour_start: int, closes_at: float, collected: list, replayed: bool, target_file_mb: int
-) -> dict:
-    """The hour's plan, ``{"manifest": ..., "parts": [{"path", "sources", "records"}]}``: read from
-    its staging folder if an earlier attempt saved one, else made from the hour's reports and
-    saved there, before any file moves."""
+) -> dict | None:
+    """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records"}], "counted"}``: read
+    from its staging folder if an earlier attempt (or run) saved one, else made from the hour's
+    reports and saved there, before any file moves. None if the hour is published and its plan
+    gone: nothing collected now is in it."""
     staging = layout.hour(layout.staging, hour_start)
-    plan_path = partitions.join(staging, CLOSE_PLAN)
-    if files.exists(plan_path):
-        return files.read_json(plan_path)
+    saved = plan_path(layout, hour_start)
+    if files.exists(saved):
+        return files.read_json(saved)
+    if files.exists(layout.marker(hour_start)):
+        return None
     sizes = files.sizes(partitions.join(staging, "*.avro"))
     staged = {path: (records, sizes.get(path, 0)) for kind, records, path in collected if kind == DELIVERED}
     superseded = superseded_ids(collected)
@@ -117,8 +132,9 @@ def plan_hour(
     manifest = build_manifest(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
     )
-    plan = {"manifest": manifest, "parts": parts}
-    files.write_json(plan_path, plan)
+    counted = [[kind, records] for kind, records, path in collected if kind in COUNTED_WITHOUT_A_FILE]
+    plan = {"manifest": manifest, "parts": parts, "counted": counted}
+    files.write_json(saved, plan)
     return plan
 
 
@@ -128,6 +144,29 @@ def superseded_ids(reports: list) -> dict[str, set[str]]:
     for _, _, (path, event_id) in (r for r in reports if r[0] == SUPERSEDED):
         left_out.setdefault(path, set()).add(event_id)
     return left_out
+
+
+def unplanned(plan: dict | None, collected: list) -> list[tuple]:
+    """The reports of ``collected`` that ``plan`` was not made from: a file the plan does not
+    list, and a count beyond those it was made from (by kind and size)."""
+    if plan is None:
+        return list(collected)
+    listed = {source for part in plan["parts"] for source in part["sources"]}
+    listed |= {dead_letters["path"] for dead_letters in plan["manifest"]["dead_letter_files"]}
+    # A plan saved before plans kept their counts counts nothing a later run collects.
+    counted = collections.Counter((kind, records) for kind, records in plan.get("counted", []))
+    left_out = {(s, i) for part in plan["parts"] for s in part["sources"] for i in part.get("left_out", ())}
+    left = []
+    for kind, records, path in collected:
+        if kind == SUPERSEDED and tuple(path) in left_out:
+            continue
+        if path and path in listed:
+            continue
+        if not path and counted[(kind, records)]:
+            counted[(kind, records)] -= 1
+            continue
+        left.append((kind, records, path))
+    return left
 
 
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
@@ -150,12 +189,16 @@ def publish_late(staged: str, destination: str) -> None:
 
 
 def finish_hour(layout: Layout, hour_start: int) -> dict:
-    """Once every part is written: the marker, then the staged files and the plan deleted."""
-    plan_path = partitions.join(layout.hour(layout.staging, hour_start), CLOSE_PLAN)
-    plan = files.read_json(plan_path)
+    """Once every part is written: the marker, then the plan's staged files and the plan deleted;
+    returns the manifest. The plan goes last, so an attempt that finds none (one before it got
+    that far, its commit lost) finds the marker, and reads the manifest there."""
+    saved = plan_path(layout, hour_start)
+    if not files.exists(saved):
+        return files.read_json(layout.marker(hour_start))
+    plan = files.read_json(saved)
     if not files.exists(layout.marker(hour_start)):
         files.write_json(layout.marker(hour_start), plan["manifest"])
-    files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [plan_path])
+    files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [saved])
     return plan["manifest"]
 
 
