@@ -5,16 +5,14 @@ from __future__ import annotations
 import fastavro
 import pytest
 from apache_beam.io.filesystem import BeamIOError
-from apache_beam.runners.direct import direct_runner
+from apache_beam.transforms.window import IntervalWindow
 from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from event_delivery.ops.audit import audit_type
-from pipelines.delivery import deliver
-from tests.conftest import message, valid_fields
-from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tests.conftest import valid_fields
+from tests.streams import LATENESS, START, WINDOW, local_keys, local_settings
 from transforms import close
 from transforms import publish as publish_hour
 from transforms.reports import DELIVERED, DUPLICATES, SUPERSEDED, report
@@ -132,31 +130,34 @@ def test_copies_a_restarted_run_delivered_first_are_left_out_of_the_earlier_runs
     assert manifest["accounting"]["in"] == 1 + 2 + 3
 
 
-def test_a_close_fired_before_the_hours_end_by_the_clock_closes_when_the_clock_gets_there(
-    tmp_path, registry, monkeypatch
-):
-    """The drain guard keeps an hour open while the clock says it is, whatever the watermark says.
-    Outside a drain (here the watermark runs ahead of processing time) the hour must still
-    close by itself once the clock gets there, without waiting for another report of it."""
-    runner_clocks = []
+def test_a_close_the_clock_finds_early_publishes_nothing_and_holds_no_drain(tmp_path, registry, monkeypatch):
+    """On a drain every close timer fires while its hour is open by the clock. The close must
+    publish nothing, and set no processing-time timer: Dataflow holds the watermark at such a
+    timer's input timestamp, so the drain could not end before the hour did, and the hour
+    would then be published with its messages still unread in the subscription."""
 
-    class RecordedTestClock(direct_runner.TestClock):  # the TestStream's processing time
-        def __init__(self, *args):
-            super().__init__(*args)
-            runner_clocks.append(self)
+    class Timer:
+        def set(self, timestamp):
+            raise AssertionError(f"a timer set at {timestamp} would hold the drain")
 
-    monkeypatch.setattr(direct_runner, "TestClock", RecordedTestClock)
-    monkeypatch.setattr(close, "wall_clock", lambda: runner_clocks[-1].time() if runner_clocks else START)
-    log = registry["service_log"]
-    settings = local_settings(tmp_path, log, local_keys(tmp_path))
-    clock = Clock(START)
-    clock.arrive(*(message(valid_fields(log, i), f"e{i}", (START + 1) * 1000) for i in range(3)))
-    clock.advance(TRIGGER * 2)  # the panes are staged
-    clock.stream = clock.stream.advance_watermark_to(CLOSES_AT + TRIGGER)  # the close fires; the clock: not yet
-    for _ in range((CLOSES_AT - clock.now) // TRIGGER + 2):  # the clock gets there; no other report of the hour
-        clock.stream = clock.stream.advance_processing_time(TRIGGER)
-    with streaming_pipeline() as pipeline:
-        deliver(pipeline | clock.finish(), settings)
+    monkeypatch.setattr(close, "wall_clock", lambda: START + 1)
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path))
+    fn = close.CloseHourFn(settings)
+    fn.setup()
+    window = IntervalWindow(START, START + WINDOW + LATENESS)
+    closed = Flag()
+    assert list(fn._close(window, reports=None, closed=closed, close_again=Timer(), late_counts=None)) == []
+    assert closed.read() is None and not files.exists(settings.layout.marker(START))
 
-    [hour] = [h for h in audit_type(settings.layout).hours.values() if h.delivered or h.staged]
-    assert (hour.closed, hour.delivered, hour.staged) == (True, 3, 0)
+
+class Flag:
+    """An in-memory stand-in for Beam's read-modify-write state."""
+
+    def __init__(self):
+        self.value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value

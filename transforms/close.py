@@ -19,8 +19,9 @@ A drain moves the watermark to infinity, so every close timer fires at once, als
 hours that are still open by the clock. Such a close publishes nothing: the hour's
 files stay staged, and the next run's start-up (``AnnounceLeftoverHours``) hands the
 hour back to ``CloseHour``, which closes it when its time comes, with every run's files.
-The close is also armed for the hour's end by the clock: where the watermark ran ahead
-of the clock outside a drain, the hour then closes by itself.
+It sets no timer to close the hour later by the clock: a processing-time timer holds the
+watermark at its input's timestamp, so it would hold the drain until the hour's end, and
+then publish an hour whose messages are still unread in the subscription.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class CloseHourFn(beam.DoFn):
         yield from self._close(window, reports, closed, close_again, late_counts)
 
     @on_timer(CLOSE_AGAIN)
-    def close_again_by_the_clock(
+    def close_after_a_denial(
         self,
         window=beam.DoFn.WindowParam,
         reports=beam.DoFn.StateParam(REPORTS),
@@ -183,10 +184,8 @@ class CloseHourFn(beam.DoFn):
             return  # the marker is written once, even if the runner fires the timer again
         closes_at = window.end.micros / 1e6
         if self.streaming and wall_clock() < closes_at:
-            # A drain, or a watermark ahead of the clock: the hour is not over, so it is not
-            # published now. If the job still runs when the clock gets there, it closes then.
+            # A drain: the hour is not over, so it is not published (see the module's docstring).
             self.left_open.inc()
-            close_again.set(window.end)
             return
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
