@@ -241,3 +241,18 @@ def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_even
 
         assert_that((here, gone) | beam.Flatten(), each_id_once)
     assert sorted(reads) == sorted(files.glob(f"{folder}/*.avro")), "each earlier file read once, by no pane"
+
+
+def test_a_staged_file_a_restart_cannot_read_seeds_nothing_and_stalls_nothing(tmp_path):
+    """The seeds hold every close of the type until they are all read: a file gone since the
+    listing, or corrupt, must not fail its bundle (Dataflow would retry it for good)."""
+    log = load_registry()["service_log"]
+    good, corrupt, gone = (str(tmp_path / name) for name in ("good.avro", "corrupt.avro", "gone.avro"))
+    files.write_avro(
+        good, log.parsed_delivered_schema, [{"event_id": "e1", "received_at": 600_000, **valid_fields(log)}]
+    )
+    files.write_bytes(corrupt, b"Obj\x01 not an Avro file")
+    fn = dedup.ReadStagedIdsFn()
+    fn.setup()
+    assert [seed.value for seed in fn.process((600, good))] == [dedup.staged_copy("e1", 600_000, good)]
+    assert list(fn.process((600, corrupt))) == [] and list(fn.process((600, gone))) == []

@@ -18,6 +18,8 @@ workers (the local runner runs a stateful step on one worker only).
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
@@ -31,6 +33,7 @@ from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DUPLICATES, SUPERSEDED, report
 
+_LOG = logging.getLogger(__name__)
 LATE = "late"
 REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
 DELIVERED_HERE = ""  # an id's cell when this run let its first copy through; else the earlier run's file
@@ -130,11 +133,21 @@ class ReadStagedIdsFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.files_read = beam.metrics.Metrics.counter(slo.NAMESPACE, "restart_files_read")
+        self.files_unread = beam.metrics.Metrics.counter(slo.NAMESPACE, "restart_files_unreadable")
 
     def process(self, hour_file):
         hour_start, path = hour_file
+        try:
+            records = files.read_avro(path)
+        except Exception as error:  # noqa: BLE001 - the seeds hold every close: no file may stall them
+            # Gone since the listing (published, moved late), or unreadable: its ids seed no cell,
+            # and a copy of them that this run sees again is delivered again. The close still
+            # publishes or moves the file as it finds it.
+            self.files_unread.inc()
+            _LOG.error("a restart could not read the ids of %s (%s): they seed no cell", path, type(error).__name__)
+            return
         self.files_read.inc()
-        for record in files.read_avro(path):
+        for record in records:
             yield TimestampedValue(staged_copy(record["event_id"], hour_start * 1000, path), hour_start)
 
 
@@ -144,7 +157,8 @@ class IdsStagedByEarlierRuns(beam.PTransform):
     A restart reads each of those files once, on any worker, and each id goes to its own
     cell: what a pane reads after a restart is its own events' cells, as before it. The
     files are read from a bounded branch, which holds the watermark of ``MarkRepeats``, and
-    so every close, until the last id is seeded.
+    so every close, until the last id is seeded: a file it cannot read is skipped and
+    counted, never retried for good.
     """
 
     def __init__(self, settings):

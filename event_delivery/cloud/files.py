@@ -86,14 +86,22 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
     """Writes the records of ``sources``, Avro files of one writer schema, into one compressed
     file at ``destination``, in order, less those whose ``event_id`` is in ``event_ids``;
     returns how many records it holds. Each record is decoded and encoded again."""
-    kept, schema = [], None
-    for source in sources:
-        with FileSystems.open(source, mime_type="application/octet-stream") as handle:
-            reader = fastavro.reader(io.BytesIO(handle.read()))
-            schema = schema or reader.writer_schema
-            kept.extend(record for record in reader if record["event_id"] not in event_ids)
-    write_avro(destination, fastavro.parse_schema(schema), kept)
-    return len(kept)
+    with FileSystems.open(sources[0], mime_type="application/octet-stream") as handle:
+        schema = fastavro.parse_schema(fastavro.reader(handle).writer_schema)
+    kept = 0
+
+    def records():  # one source in memory at a time, its records decoded as they are written
+        nonlocal kept
+        for source in sources:
+            with FileSystems.open(source, mime_type="application/octet-stream") as handle:
+                for record in fastavro.reader(io.BytesIO(handle.read())):
+                    if record["event_id"] not in event_ids:
+                        kept += 1
+                        yield record
+
+    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
+        fastavro.writer(out, schema, records(), codec=AVRO_CODEC)
+    return kept
 
 
 def sizes(pattern: str) -> dict[str, int]:
