@@ -317,12 +317,9 @@ class AnnounceLeftoverHoursFn(beam.DoFn):
         use_emulator_credentials()
 
     def process(self, _):
-        hours = partitions.join(self.layout.staging, self.layout.event_type, "dt=*", "hr=*")
-        staged = files.glob(partitions.join(hours, "*.avro"))
-        left = {posixpath.dirname(path) for path in staged if f"-{self.run_id}-p" not in posixpath.basename(path)}
-        left |= {posixpath.dirname(path) for path in files.glob(partitions.join(hours, CLOSE_PLAN))}
-        for folder in sorted(left):
-            hour_start = partitions.partition_bounds("/".join(folder.split("/")[-2:]), 1)[0] // 1000
+        staged = partitions.staged_by_other_runs(self.layout, self.run_id)
+        planned = partitions.staged_by_other_runs(self.layout, self.run_id, CLOSE_PLAN)
+        for hour_start in sorted(staged.keys() | planned.keys()):
             yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
 
 

@@ -124,7 +124,8 @@ class ListStagedByEarlierRunsFn(beam.DoFn):
 
     def process(self, _):
         for hour_start, paths in partitions.staged_by_other_runs(self.layout, self.run_id).items():
-            yield from ((hour_start, path) for path in paths)
+            if not files.exists(self.layout.marker(hour_start)):
+                yield from ((hour_start, path) for path in paths)
 
 
 class ReadStagedIdsFn(beam.DoFn):

@@ -122,16 +122,16 @@ def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: 
     return [path for path in paths if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
 
 
-def staged_by_other_runs(layout: Layout, run_id: str) -> dict[int, list[str]]:
-    """The pane files that runs other than ``run_id`` staged and left, by the start of their
-    hour, for every hour that has no marker: what a stopped run left open."""
+def staged_by_other_runs(layout: Layout, run_id: str, name: str = "*.avro") -> dict[int, list[str]]:
+    """The files named ``name`` in the type's staging folders that runs other than ``run_id``
+    left (pane files by default), by the start of their hour."""
     left: dict[int, list[str]] = {}
-    for path in files.glob(join(layout.staging, layout.event_type, "dt=*", "hr=*", "*.avro")):
+    for path in files.glob(join(layout.staging, layout.event_type, "dt=*", "hr=*", name)):
         if f"{layout.event_type}-{run_id}-p" in path.rsplit("/", 1)[-1]:
             continue
         hour_start = partition_bounds("/".join(path.split("/")[-3:-1]), 1)[0] // 1000
         left.setdefault(hour_start, []).append(path)
-    return {hour: paths for hour, paths in left.items() if not files.exists(layout.marker(hour))}
+    return left
 
 
 def new_run_id() -> str:
