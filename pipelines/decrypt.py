@@ -10,41 +10,38 @@ fields come out null. Run it where the output is allowed to hold personal data::
         --copies_inventory gs://restricted-bucket/decrypted-copies \\
         --keystore bigtable://my-project/event-delivery/subject-keys --kms_key projects/.../cryptoKeys/...
 
-Crypto-shredding cannot reach a clear copy, so every run records, when it has written
-them all, each file it wrote and the key ids of the records it holds in clear: one
-record per run in ``--copies_inventory``. ``pipelines.forget`` reads the inventory to
-list, or purge, the copies that hold a subject it forgets. Key ids are random and
-already in clear in every delivered record; the inventory names no subject.
+Crypto-shredding cannot reach a clear copy, so every run records, in ``--copies_inventory``
+(``pipelines.copies_inventory``), where it writes before it starts, and each file with the key
+ids of the records it holds in clear before it writes that file: ``pipelines.forget`` reads the
+inventory to list, or purge, the copies that hold a subject it forgets. The output root must
+lie outside the input root and every root of the storage layout (``--storage_root``). Local
+copies are private to their owner: folders 0700, files 0600.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import secrets
 import sys
-from typing import NamedTuple
 
 import apache_beam as beam
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery.cloud import files, preflight
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract.partitions import join
 from event_delivery.contract.registry import EventType, get_event_type, load_registry
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.keys.fields import UndecryptableField, decrypt_value
+from pipelines.copies_inventory import (
+    DecryptedCopy,
+    add_copies_inventory_argument,
+    finish_run,
+    inventory_of,
+    record_copy,
+    refuse_output_root,
+    start_run,
+)
 from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
-
-DEFAULT_COPIES_INVENTORY = ".keys/decrypted-copies"
-
-
-class DecryptedCopy(NamedTuple):
-    """A file the decrypt job wrote, and the key ids of the records in it that came out in clear."""
-
-    path: str
-    key_ids: list[str]
 
 
 def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> tuple[dict, int]:
@@ -65,11 +62,12 @@ def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> 
 
 
 class DecryptFileFn(beam.DoFn):
-    def __init__(self, event_type: EventType, keys: KeyConfig, input_root: str, output_root: str):
+    def __init__(self, event_type: EventType, keys: KeyConfig, input_root: str, output_root: str, record: str | None):
         self.event_type = event_type
         self.keys = keys
         self.input_root = input_root.rstrip("/")
         self.output_root = output_root.rstrip("/")
+        self.record = record
 
     def setup(self):
         use_emulator_credentials()
@@ -91,103 +89,66 @@ class DecryptFileFn(beam.DoFn):
                 in_clear.add(record["key_id"])
             self.forgotten.inc(aead is None)
             self.undecryptable.inc(failures)
-        destination = self.output_root + path[len(self.input_root) :]
-        files.write_avro(destination, self.event_type.parsed_clear_schema, clear)
+        copy = DecryptedCopy(self.output_root + path[len(self.input_root) :], sorted(in_clear))
+        if self.record:
+            record_copy(self.record, copy)  # before a byte is in clear: forget finds every file that exists
+        prepare_private_file(copy.path, self.output_root)
+        files.write_avro(copy.path, self.event_type.parsed_clear_schema, clear)
         self.records.inc(len(clear))
-        yield DecryptedCopy(destination, sorted(in_clear))
+        yield copy
 
 
-def decrypt(pipeline, paths: list[str], event_type: EventType, keys: KeyConfig, input_root: str, output_root: str):
-    """Decrypts the files of ``paths``; returns a ``DecryptedCopy`` for each file written."""
+def decrypt(pipeline, paths, event_type: EventType, keys: KeyConfig, input_root: str, output_root: str, record=None):
+    """Decrypts the files of ``paths``, each recorded in the run's ``record`` (``start_run``) before it is
+    written; returns a ``DecryptedCopy`` for each file written. Only tests leave ``record`` out."""
     return (
         pipeline
         | "ListFiles" >> beam.Create(paths)
-        | "DecryptFiles" >> beam.ParDo(DecryptFileFn(event_type, keys, input_root, output_root))
+        | "DecryptFiles" >> beam.ParDo(DecryptFileFn(event_type, keys, input_root, output_root, record))
     )
 
 
-# The inventory of decrypted copies: one JSON Lines record per decrypt run, a line per file
-# written ({"path": ..., "key_ids": [...]}), and one per purge by forget ({"path": ..., "deleted": ...}).
-def new_record_path(inventory: str, kind: str) -> str:
-    """A new record in the inventory, named by its UTC time and a random suffix: records never overwrite
-    each other, and sort by time."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return join(inventory, f"{kind}-{now:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}.jsonl")
+def prepare_private_file(path: str, output_root: str) -> None:
+    """Before a byte of a local copy is written: its folders are 0700 and its file 0600, whatever the
+    umask. That holds for each folder decrypt makes, and for ``<type>/dt=.../hr=...`` even if they were
+    there; an output root that exists is the operator's, left as it is. (gs:// objects have no mode:
+    the bucket's IAM decides.)"""
+    if "://" in path:
+        return
+    root = output_root.rstrip("/")
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    _private_folder(root, tighten=False)
+    folder = root
+    for part in os.path.relpath(os.path.dirname(path), root).split(os.sep):
+        folder = os.path.join(folder, part)
+        _private_folder(folder, tighten=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)  # files.write_avro truncates it, mode kept
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
 
 
-def write_copies_record(copies: list[DecryptedCopy], record_path: str) -> None:
-    files.write_json_lines(record_path, ({"path": c.path, "key_ids": c.key_ids} for c in sorted(copies)))
+def _private_folder(folder: str, tighten: bool) -> None:
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        if not tighten:
+            return
+    os.chmod(folder, 0o700)  # exactly: mkdir's mode is masked by the umask
 
 
-class RecordCopies(beam.PTransform):
-    """Records every ``DecryptedCopy`` of the run in one file, written once all of them are."""
-
-    def __init__(self, record_path: str):
-        super().__init__()
-        self.record_path = record_path
-
-    def expand(self, copies):
-        return (
-            copies
-            | "AllCopies" >> beam.combiners.ToList()
-            | "WriteRecord" >> beam.Map(write_copies_record, self.record_path)
-        )
+def _resolve(args) -> tuple[KeyConfig, str]:
+    args.storage_root = args.storage_root or folder_above(args.input_root)
+    refuse_output_root(args.output_root, args.input_root, args.storage_root, args.event_type)
+    return key_config_from_args(args), inventory_of(args)
 
 
-def copies_records(inventory: str) -> list[str]:
-    """The records of every decrypt run in the inventory, oldest first."""
-    return files.glob(join(inventory, "decrypt-*.jsonl"))
-
-
-def copies_holding(inventory: str, key_ids) -> list[str]:
-    """The recorded decrypted files that hold a record of any of ``key_ids`` in clear (still there or not)."""
-    wanted = set(key_ids)
-    if not wanted:
-        return []
-    return sorted(
-        {
-            line["path"]
-            for record in copies_records(inventory)
-            for line in files.read_json_lines(record)
-            if wanted.intersection(line["key_ids"])
-        }
-    )
-
-
-def record_purge(inventory: str, purged: list[str], deleted: list[str]) -> str:
-    """Records that forget purged the files of ``purged`` (of which it deleted ``deleted``, the rest were
-    already gone); returns the record's path."""
-    record_path, deleted = new_record_path(inventory, "purge"), set(deleted)
-    files.write_json_lines(record_path, ({"path": path, "deleted": path in deleted} for path in purged))
-    return record_path
-
-
-def add_copies_inventory_argument(parser) -> None:
-    """``--copies_inventory``, the one place decrypt and forget both know."""
-    parser.add_argument(
-        "--copies_inventory",
-        default=DEFAULT_COPIES_INVENTORY,
-        help="A folder (local or gs://) where decrypt records each decrypted file it writes, with the key ids "
-        "of the records it holds in clear, and where forget looks for a subject's copies. Give decrypt and "
-        "forget the same one: in production a restricted gs:// folder. Default: "
-        f"{DEFAULT_COPIES_INVENTORY}, beside the local keystore.",
-    )
-
-
-def _inside(path: str, root: str) -> bool:
-    """Whether ``path`` is ``root`` or lies under it (local paths compared as real paths)."""
-    if "://" not in path and "://" not in root:
-        path, root = os.path.realpath(path), os.path.realpath(root)
-    path, root = path.rstrip("/") + "/", root.rstrip("/") + "/"
-    return path.startswith(root)
-
-
-def _resolve(args) -> KeyConfig:
-    if _inside(args.output_root, args.input_root):
-        raise ValueError(
-            "--output_root must not be --input_root or inside it: a clear copy never sits among sealed data"
-        )
-    return key_config_from_args(args)
+def folder_above(root: str) -> str:
+    """The folder that holds ``root`` (a bucket holds itself)."""
+    if root.startswith("gs://"):
+        return "gs://" + root[len("gs://") :].rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(root))
 
 
 def main(argv=None) -> int:
@@ -195,11 +156,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.decrypt", description=__doc__.split("\n")[0])
     parser.add_argument("--event_type", required=True, choices=sorted(load_registry()))
     parser.add_argument("--input_root", required=True, help="A delivered (or late) root, e.g. gs://bucket/delivered.")
+    parser.add_argument(
+        "--storage_root",
+        help="The storage root whose layout (delivered, late, dead-letter, raw, audit) the output must stay out "
+        "of. Default: the folder above --input_root.",
+    )
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
     add_hour_range_arguments(parser, "delivered data")
     add_copies_inventory_argument(parser)
     add_key_arguments(parser)
-    args, beam_args, (start, end), keys = start_batch_job(parser, argv, _resolve, "input_root")
+    args, beam_args, (start, end), (keys, inventory) = start_batch_job(parser, argv, _resolve, "input_root")
     event_type = get_event_type(args.event_type)
     paths = partition_paths(args.input_root, event_type.name, start, end)
     if not paths:
@@ -207,20 +173,22 @@ def main(argv=None) -> int:
         return 0
     with preflight.exit_on_failure(parser.prog):
         keys.preflight()
-        preflight.check_root(args.copies_inventory)  # before any clear copy exists that it could not record
-    record_path = new_record_path(args.copies_inventory, "decrypt")
+        preflight.check_root(inventory)  # before any clear copy exists that it could not record
+    # Recorded before anything is written: a run that fails, or runs while forget looks, is found too.
+    record = start_run(inventory, event_type.name, args.input_root, args.storage_root, args.output_root)
+    print(f"recording the decrypted files, and the key ids in them, for forget in {record}", flush=True)
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    copies = decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root)
-    copies | "RecordCopies" >> RecordCopies(record_path)
+    decrypt(pipeline, paths, event_type, keys, args.input_root, args.output_root, record)
     result = pipeline.run()
     result.wait_until_finish()
+    recorded = finish_run(record)
     counts = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
     print(
         f"decrypted {counts.get('records', 0)} record(s) in {len(paths)} file(s) of {event_type.name} into "
         f"{args.output_root}; {counts.get('forgotten_records', 0)} belong to forgotten subjects (or keys this "
         f"keystore does not hold) and came out null; {counts.get('undecryptable_fields', 0)} field(s) did not decrypt"
     )
-    print(f"recorded the decrypted files, and the key ids in them, for forget in {record_path}")
+    print(f"recorded {recorded} decrypted file(s), and the key ids in them, for forget in {record}")
     return 0
 
 

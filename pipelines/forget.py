@@ -12,12 +12,14 @@ command line they would stay in the shell's history::
 It prints counts only: subject ids are personal data and stay out of logs.
 
 Crypto-shredding cannot reach a decrypted copy (``pipelines.decrypt``), which holds
-personal data in clear. Before it deletes the subjects' keys, forget looks their key ids
-up in the inventory decrypt keeps (``--copies_inventory``) and prints the paths of the
-recorded copies that hold any of them in clear (``--decrypted_copies list``, the default),
-or deletes those files and records the purge there (``--decrypted_copies purge``). A file
-mixes subjects, so a purge deletes the other subjects' copies in it too: a decrypted copy
-can be made again.
+personal data in clear, and the keys are the only link to it. Before it deletes the subjects'
+keys, forget looks their key ids up in the inventory decrypt keeps (``--copies_inventory``),
+prints the paths of the recorded copies that hold any of them in clear, and stops if one is
+still there (``--decrypted_copies list``, the default); or deletes those files and records the
+purge there (``purge``); or deletes the keys anyway (``keep``). Copies of subjects forgotten
+before (recorded key ids the keystore no longer holds) are listed, or purged, too. It deletes
+only files under the output root of the run that recorded them. A file mixes subjects, so a
+purge deletes the other subjects' copies in it too: a decrypted copy can be made again.
 
 It never creates a key-encryption key or a keystore: a forget that points at the
 wrong place stops with exit code 2 instead of tombstoning subjects in a new, empty
@@ -50,7 +52,16 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.dead_letters import QUARANTINE_KEYS, QUARANTINE_RETENTION_DAYS, expired_quarantine_keys
 from event_delivery.keys.config import KeyConfig, add_key_arguments, key_config_from_args
 from event_delivery.keys.keystore import ORPHAN_GRACE_SECONDS, Keystore
-from pipelines.decrypt import add_copies_inventory_argument, copies_holding, copies_records, record_purge
+from pipelines.copies_inventory import (
+    NO_INVENTORY,
+    add_copies_inventory_argument,
+    check_inventory,
+    copies_holding,
+    decrypt_runs,
+    inventory_of,
+    record_purge,
+    written_by,
+)
 
 
 class ForgetSubjectsFn(beam.DoFn):
@@ -97,40 +108,67 @@ def subjects_in(path: str):
 
 
 def handle_decrypted_copies(keystore: Keystore, subjects, inventory: str, action: str) -> None:
-    """Lists (``action`` "list") or deletes ("purge") the recorded decrypted files that hold any of
-    ``subjects`` in clear, and prints paths and counts only.
+    """Lists (``action`` "list" or "keep") or deletes ("purge") the recorded decrypted files that hold any
+    of ``subjects`` in clear, and those that hold subjects forgotten before (recorded key ids the keystore
+    no longer holds); prints paths and counts only. With "list", raises ``PreflightError`` if a file of
+    ``subjects`` is still there: their keys, the only link to it, must not be deleted first.
 
-    It runs before the keys are deleted, since their key ids go with them; a forget interrupted
-    after a purge finds the same files when run again, already gone, which is no error.
+    It runs before the keys are deleted; a forget interrupted after a purge finds the same files when
+    run again, already gone, which is no error. An inventory line naming a file outside the output root
+    of its run is reported and never deleted.
     """
-    if not copies_records(inventory):
+    if inventory == NO_INVENTORY:
+        print(f"decrypted copies: not looked for (--copies_inventory {NO_INVENTORY}: no decrypt run recorded any)")
+        return
+    runs = decrypt_runs(inventory)
+    if not runs:
         print(f"decrypted copies: no decrypt run is recorded in {inventory}")
         return
-    held = copies_holding(inventory, {key_id for subject in subjects for key_id in keystore.key_ids_of(subject)})
-    (purge_copies if action == "purge" else list_copies)(inventory, held)
+    theirs = copies_of(runs, {key_id for subject in subjects for key_id in keystore.key_ids_of(subject)})
+    recorded = {key_id for run in runs for copy in run.copies for key_id in copy.key_ids}
+    gone = [key_id for key_id, key in keystore.data_keys(recorded).items() if key is None]
+    earlier = [path for path in copies_of(runs, gone) if path not in theirs]
+    if action == "purge":
+        purge_copies(inventory, theirs + earlier)
+        return
+    still_there = list_copies("these subjects", theirs)
+    list_copies("subjects forgotten before", earlier)
+    if still_there and action == "list":
+        raise preflight.PreflightError(
+            "decrypted copies hold these subjects in clear, so their keys were not deleted: purge the copies "
+            "(--decrypted_copies purge), or delete them and forget again, or keep them and forget anyway "
+            "(--decrypted_copies keep)"
+        )
+
+
+def copies_of(runs, key_ids) -> list[str]:
+    """The paths of the recorded copies holding any of ``key_ids``, sorted. A path that no run recording it
+    writes (outside the run's output root) is refused, on stderr, and left out."""
+    held = copies_holding(runs, key_ids)
+    accepted = sorted({copy.path for run, copy in held if written_by(run, copy.path)})
+    for run, copy in held:
+        if copy.path not in accepted:
+            print(f"decrypted copies: refused {copy.path} ({run.record}): not a file its run writes", file=sys.stderr)
+    return accepted
 
 
 def purge_copies(inventory: str, held: list[str]) -> None:
     deleted = files.delete_existing(held)
     recorded = f"; the purge is recorded in {record_purge(inventory, held, deleted)}" if held else ""
     print(
-        f"decrypted copies: {len(deleted)} file(s) that held these subjects in clear deleted, "
-        f"{len(held) - len(deleted)} already gone{recorded}"
+        f"decrypted copies: {len(deleted)} file(s) that held these or earlier forgotten subjects in clear "
+        f"deleted, {len(held) - len(deleted)} already gone{recorded}"
     )
 
 
-def list_copies(inventory: str, held: list[str]) -> None:
+def list_copies(whose: str, held: list[str]) -> list[str]:
+    """Prints how many files of ``held`` are still there, and their paths; returns them."""
     present = [path for path in held if files.exists(path)]
     gone = f" ({len(held) - len(present)} recorded one(s) already gone)" if len(present) < len(held) else ""
-    if not present:
-        print(f"decrypted copies: no file recorded in {inventory} holds these subjects in clear{gone}")
-        return
-    print(
-        f"decrypted copies: {len(present)} file(s) hold these subjects in clear{gone}; delete them now, as "
-        "forget cannot find them once the keys are gone (--decrypted_copies purge deletes them itself):"
-    )
+    print(f"decrypted copies: {len(present)} file(s) hold {whose} in clear{gone}" + (":" if present else ""))
     for path in present:
         print(f"  {path}")
+    return present
 
 
 def sweep_quarantine_keys(keystore: Keystore, retention_days: int, now: float | None = None) -> int:
@@ -190,11 +228,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--decrypted_copies",
-        choices=["list", "purge"],
+        choices=["list", "purge", "keep"],
         default="list",
         help="What to do with the decrypted copies that --copies_inventory records as holding the subjects "
-        "in clear: print their paths (default), or delete them (with the other subjects' records in the "
-        "same files) and record the purge.",
+        "in clear: print their paths and, if any is still there, stop before deleting a key (default); "
+        "delete them (with the other subjects' records in the same files) and record the purge; or print "
+        "them, keep them and delete the keys anyway. Each also lists (purge: deletes) the copies of subjects "
+        f"forgotten before. --copies_inventory {NO_INVENTORY}: no decrypt run has ever recorded a copy.",
     )
     add_copies_inventory_argument(parser)
     add_key_arguments(parser)
@@ -207,6 +247,7 @@ def main(argv=None) -> int:
         parser.error("--quarantine_retention_days must be positive")
     try:
         keys = key_config_from_args(args)
+        inventory = inventory_of(args) if args.subject or args.subjects_file else None
     except ValueError as error:
         parser.error(str(error))
     if args.subjects_file and args.subjects_file != "-" and not os.path.isfile(args.subjects_file):
@@ -214,14 +255,17 @@ def main(argv=None) -> int:
     use_emulator_credentials()
     with preflight.exit_on_failure(parser.prog):
         keystore = open_existing_keystore(keys, args.allow_empty_keystore or not (args.subject or args.subjects_file))
-        if args.copies_inventory.startswith("gs://"):
-            preflight.check_root(args.copies_inventory, create=False)
+        if inventory not in (None, NO_INVENTORY):
+            check_inventory(inventory, named=bool(args.copies_inventory))
+    # A refusal over decrypted copies ends forget, like a failed check, before any key is deleted.
     if args.subjects_file and args.subjects_file != "-":
-        handle_decrypted_copies(keystore, subjects_in(args.subjects_file), args.copies_inventory, args.decrypted_copies)
+        with preflight.exit_on_failure(parser.prog):
+            handle_decrypted_copies(keystore, subjects_in(args.subjects_file), inventory, args.decrypted_copies)
         deleted, tombstoned = forget_file(args.subjects_file, keys, beam_args)
     elif args.subject or args.subjects_file:
         subjects = args.subject or [line.strip() for line in sys.stdin if line.strip()]
-        handle_decrypted_copies(keystore, subjects, args.copies_inventory, args.decrypted_copies)
+        with preflight.exit_on_failure(parser.prog):
+            handle_decrypted_copies(keystore, subjects, inventory, args.decrypted_copies)
         outcomes = [keystore.forget(subject) for subject in subjects]
         deleted, tombstoned = sum(outcomes), len(outcomes) - sum(outcomes)
     if args.subject or args.subjects_file:

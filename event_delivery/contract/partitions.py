@@ -42,6 +42,12 @@ class Layout:
     def staging(self) -> str:
         return join(self.delivered, "_staging")
 
+    @property
+    def roots(self) -> list[str]:
+        """Every root the layout writes under (staging lies inside delivered)."""
+        every = (self.delivered, self.staging, self.late, self.dead_letter, self.raw_archive, self.audit)
+        return [root for root in every if root]
+
     def hour(self, root: str, window_start_seconds: float) -> str:
         """The folder of the hour (bucket) starting at ``window_start_seconds`` under ``root``."""
         return partition_dir(root, self.event_type, window_start_seconds, self.window_seconds)
