@@ -17,7 +17,8 @@ WINDOW_SECONDS ?= 3600
 ENV := $(if $(wildcard $(STATE_DIR)/env.sh),. ./$(STATE_DIR)/env.sh &&,)
 
 KEY_ARGS ?=
-# Where decrypt records its clear copies and forget looks for them; empty: the tools' default (.keys/decrypted-copies).
+# Where decrypt records its clear copies and forget looks for them; empty: the tools' default (decrypted-copies
+# beside a SQLite keystore; a Bigtable keystore needs one named, a restricted gs:// folder).
 COPIES_INVENTORY ?=
 COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
 .PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit \
@@ -89,11 +90,18 @@ report: $(INSTALLED)  ## One offline HTML page of every type's hours against its
 	$(ENV) $(PY) -m event_delivery.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),) --output $(or $(OUTPUT),.demo/report.html)
 
-forget: $(INSTALLED)  ## Crypto-shred subjects, list their decrypted copies: make forget FILE=ids.txt | FILE=- (ids on stdin) [COPIES=purge] [KEY_ARGS=...].
-	@test -n "$(SUBJECT)$(FILE)" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids [COPIES=purge]" >&2; exit 2; }
+# Forget's values can come from a data subject's request: make neither expands them nor pastes them
+# into a recipe's text. The recipe reads them, quoted, from its environment.
+override SUBJECT := $(value SUBJECT)
+override FILE := $(value FILE)
+override COPIES := $(value COPIES)
+export SUBJECT FILE COPIES
+
+forget: $(INSTALLED)  ## Crypto-shred subjects, unless decrypted copies hold them: make forget FILE=ids.txt | FILE=- (ids on stdin) [COPIES=purge|keep] [KEY_ARGS=...].
+	@test -n "$$SUBJECT$$FILE" || { echo "usage: make forget FILE=<ids, one per line> | FILE=- < ids [COPIES=purge|keep]" >&2; exit 2; }
 	@# Not echoed: a subject id is personal data and stays out of terminal and CI logs.
-	@$(ENV) $(PY) -m pipelines.forget $(if $(SUBJECT),--subject "$(SUBJECT)",--subjects_file "$(FILE)") \
-		--decrypted_copies $(or $(COPIES),list) $(COPIES_ARGS) $(KEY_ARGS)
+	@if [ -n "$$SUBJECT" ]; then set -- --subject "$$SUBJECT"; else set -- --subjects_file "$$FILE"; fi; \
+		$(ENV) $(PY) -m pipelines.forget "$$@" --decrypted_copies "$${COPIES:-list}" $(COPIES_ARGS) $(KEY_ARGS)
 
 sweep-keys: $(INSTALLED)  ## Delete the keys nothing points to and the quarantine keys past their retention; run daily [KEY_ARGS=...].
 	$(ENV) $(PY) -m pipelines.forget --sweep_orphans $(KEY_ARGS)
@@ -105,7 +113,7 @@ decrypt: $(INSTALLED)  ## Decrypted copy, recorded for forget: make decrypt TYPE
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" -a -n "$(OUTPUT)" || \
 		{ echo "usage: make decrypt TYPE=<type> START=<hour> END=<hour> OUTPUT=<root> [KEY_ARGS=...]" >&2; exit 2; }
 	$(ENV) $(PY) -m pipelines.decrypt --event_type $(TYPE) --input_root $(STORAGE_ROOT)/delivered \
-		--output_root $(OUTPUT) --start $(START) --end $(END) $(COPIES_ARGS) $(KEY_ARGS)
+		--storage_root $(STORAGE_ROOT) --output_root $(OUTPUT) --start $(START) --end $(END) $(COPIES_ARGS) $(KEY_ARGS)
 
 redrive: $(INSTALLED)  ## Replay dead letters: make redrive TYPE=search START=... END=... [FIX=strip_unknown_fields].
 	@test -n "$(TYPE)" -a -n "$(START)" -a -n "$(END)" || \

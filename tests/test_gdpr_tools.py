@@ -161,3 +161,29 @@ def test_make_sweep_keys_runs_the_sweep(tmp_path):
     result = subprocess.run(make, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "swept: 0 key(s) that nothing pointed to deleted" in result.stdout
+
+
+# Subject ids come from requests anyone can send: none of these may run anything.
+HOSTILE_VALUES = ['"; touch {marker}; "', "`touch {marker}`", "$(touch {marker})", "'; touch {marker}; '"]
+HOSTILE_VALUES += ["$(shell touch {marker})", "a $$(touch {marker}) b"]
+
+
+@pytest.mark.parametrize("variable", ["SUBJECT", "FILE", "COPIES"])
+def test_make_forget_hands_any_value_to_forget_as_it_is_and_runs_none(tmp_path, variable):
+    marker, show_args = tmp_path / "injected", tmp_path / "show-args"
+    show_args.write_text('#!/bin/sh\nfor arg; do printf "[%s]\\n" "$arg"; done\n')
+    show_args.chmod(0o755)
+    flag = {"SUBJECT": "--subject", "FILE": "--subjects_file", "COPIES": "--decrypted_copies"}[variable]
+    for template in HOSTILE_VALUES:
+        value = template.format(marker=marker)
+        make = ["make", "--no-print-directory", "forget", "INSTALLED=", f"PY={show_args}"]
+        make += [
+            f"STATE_DIR={tmp_path}/no-emulators",
+            f"{variable}={value}",
+            *(["FILE=-"] if variable == "COPIES" else []),
+        ]
+        result = subprocess.run(make, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=60)
+        assert not marker.exists(), f"{value} ran"
+        assert result.returncode == 0, result.stderr
+        args = result.stdout.splitlines()
+        assert args[args.index(f"[{flag}]") + 1] == f"[{value}]", "handed on whole, unexpanded"
