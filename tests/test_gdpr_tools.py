@@ -14,7 +14,7 @@ from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.kek import LocalKeyFile
 from event_delivery.keys.keystore import RewrapCounts
 from event_delivery.keys.sqlite import SqliteKeystore
-from pipelines import rewrap
+from pipelines import forget, rewrap
 
 
 def run(*args):
@@ -161,3 +161,22 @@ def test_make_sweep_keys_runs_the_sweep(tmp_path):
     result = subprocess.run(make, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "swept: 0 key(s) that nothing pointed to deleted" in result.stdout
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_the_commands_refuse_a_keystore_url_that_names_no_file(url, tmp_path, monkeypatch, capsys):
+    from event_delivery.ops import provision
+
+    monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
+    LocalKeyFile(tmp_path / "kek.key", create=True)
+    key_flags = ["--keystore", url, "--local_key_file", str(tmp_path / "kek.key")]
+    for command in (
+        lambda: forget.main(["--sweep_orphans", *key_flags]),
+        lambda: rewrap.main(key_flags),
+        lambda: provision.main(["--project", "local-project", *key_flags]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            command()
+        assert exit_.value.code == 2
+        assert f"the keystore '{url}' names no file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["kek.key"], "nothing was created"

@@ -276,6 +276,14 @@ def test_bigtable_and_sqlite_urls():
         open_keystore("redis://x", None)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite://keys.db", "sqlite:////"])
+def test_a_sqlite_keystore_must_name_a_file_not_memory_a_process_loses(url, kek):
+    with pytest.raises(ValueError, match="names no file"):
+        open_keystore(url, kek, create=True)
+    with pytest.raises(ValueError, match="names no file"):
+        KeyConfig(url, str(kek.path)).check()
+
+
 def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, kek):
     """WAL mode keeps the frame that wrote a key until a truncating checkpoint; secure_delete alone is not enough."""
     url = f"sqlite:///{tmp_path}/keys/keystore.db"
@@ -293,11 +301,46 @@ def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, ke
     assert reader.subject_keys(["bob"], create=False)["bob"], "others' keys stay readable"
 
 
-def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
+@pytest.fixture
+def open_umask():
+    """The umask most systems default to, which leaves new files readable by all."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def modes(folder) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+
+
+def test_the_keys_folder_and_the_keystore_files_are_readable_by_their_owner_alone(tmp_path, open_umask):
     LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
-    open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None, create=True)
-    for folder in ("keys", "store"):
-        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+    keystore = open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None, create=True)
+    keystore._connection.execute("CREATE TABLE written (x)")  # the log and its index exist
+    assert modes(tmp_path / "keys") == {"keys": 0o700, "kek.key": 0o600}
+    private = {"keystore.db": 0o600, "keystore.db-wal": 0o600, "keystore.db-shm": 0o600}
+    assert modes(tmp_path / "store") == {"store": 0o700, **private}
+
+
+def test_an_existing_keys_folder_and_keystore_are_closed_when_opened(tmp_path, kek, open_umask):
+    url = f"sqlite:///{tmp_path}/keys/keystore.db"
+    provisioned(url, kek).subject_keys(["alice"])
+    for path in (tmp_path / "keys").iterdir():
+        path.chmod(0o644)  # as keystores were made before, or copied in
+    (tmp_path / "keys").chmod(0o755)
+    LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)  # provisioning again
+    open_keystore(url, kek).subject_keys(["alice"])
+    private = {"kek.key": 0o600, "keystore.db": 0o600, "keystore.db-wal": 0o600, "keystore.db-shm": 0o600}
+    assert modes(tmp_path / "keys") == {"keys": 0o700, **private}
+
+
+def test_a_keystore_in_the_working_folder_leaves_the_folder_open(tmp_path, monkeypatch, kek, open_umask):
+    """The working folder (or /tmp) is not a folder of keys: closing it would lock out its other uses."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    monkeypatch.chdir(work)
+    open_keystore("sqlite:///keystore.db", kek, create=True).subject_keys(["alice"])
+    assert modes(work)["work"] == 0o755 and modes(work)["keystore.db"] == 0o600
 
 
 def _forget_or_claim(url, key_file, subjects, action, scope, start_line, queue):

@@ -1,4 +1,8 @@
-"""The embedded keystore backend: one SQLite file (the default for local runs)."""
+"""The embedded keystore backend: one SQLite file (the default for local runs).
+
+The file and its log (``-wal``, ``-shm``) are readable by their owner alone (0600; SQLite gives
+the log the database's mode), in a folder closed to others (0700).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import sqlite3
 import threading
 import time
 
-from event_delivery.keys.kek import PRIVATE_FOLDER, PROVISION_HINT, KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.kek import PROVISION_HINT, KeyEncryptionKey, KeysNotFound, private_folder
 from event_delivery.keys.keystore import SCAN_BATCH, Keystore
+
+PRIVATE_FILE = 0o600
 
 
 class SqliteKeystore(Keystore):
@@ -25,10 +31,10 @@ class SqliteKeystore(Keystore):
         super().__init__(kek)
         self.path = path
         self._lock = threading.Lock()
-        if path != ":memory:":
-            if not create and not os.path.exists(path):
-                raise KeysNotFound(f"there is no keystore at {path}; {PROVISION_HINT}")
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=PRIVATE_FOLDER, exist_ok=True)
+        if not create and not os.path.exists(path):
+            raise KeysNotFound(f"there is no keystore at {path}; {PROVISION_HINT}")
+        private_folder(os.path.dirname(os.path.abspath(path)))
+        _make_private(path)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
         self._connection.execute("PRAGMA secure_delete = ON")
@@ -164,3 +170,13 @@ class SqliteKeystore(Keystore):
 
     def __reduce__(self):
         return (SqliteKeystore, (self.kek, self.path))
+
+
+def _make_private(path: str) -> None:
+    """Creates the database file readable by its owner alone, or closes the one that exists and its log."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_uid == os.getuid():
+                os.chmod(name, PRIVATE_FILE)
