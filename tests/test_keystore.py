@@ -238,17 +238,21 @@ def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
     assert cache.lookup(["alice"])["alice"] == (None, None)
 
 
-def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
+def test_a_forgotten_key_leaves_the_workers_memory_at_the_caches_next_use_after_its_ttl(tmp_path, kek):
     now = [0.0]
-    cache = KeyCache(
-        SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True), "search", ttl_seconds=60, clock=lambda: now[0]
-    )
-    cache.MAX_ENTRIES = 2
-    cache.lookup(["a", "b"])
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=60, clock=lambda: now[0])
+    alice, _ = cache.lookup(["alice", "bob"])["alice"]
+    keystore.forget("alice")
+    now[0] = 30
+    carol, _ = cache.lookup(["carol"])["carol"]
     now[0] = 61
-    key = cache.lookup(["c"])["c"][0]
-    assert (len(cache._key_ids), len(cache._keys)) == (1, 1), "only c's entries are left"
-    assert cache.lookup(["c"])["c"][0] == key
+    cache.lookup(["carol"])  # served from the cache: nothing else is fetched
+    assert set(cache._key_ids) == {"carol"} and set(cache._keys) == {carol.key_id}, "alice's and bob's went"
+    assert alice.data_key not in [key.data_key for _, (key, _) in cache._keys.values() if key]
+    now[0] = 91
+    assert cache.lookup(["carol"])["carol"][0] == carol, "fetched again once its own TTL passed"
+    assert len(cache._expiring) == 2, "carol's key id and key, each queued once per fetch"
 
 
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
