@@ -88,7 +88,10 @@ def test_rewrap_rotates_the_local_key_rewraps_every_key_and_destroys_the_old_ver
     result = run("pipelines.rewrap", "--rotate_local_key", "--destroy_kek_version", "1", *key_flags)
     assert result.returncode == 0, result.stderr
     assert "version 2 is the primary" in result.stdout
-    assert "re-wrapped: 1 key(s) under version 2; 4 needed nothing" in result.stdout, "the key-wrapping key"
+    assert (
+        "rotated: 1 key-wrapping key(s) replaced by new ones under version 2 and deleted; 4 key(s) re-wrapped"
+        in result.stdout
+    ), "user-1's, user-2's, the quarantine key and the pseudonyms' secret"
     assert "version 1 of the key-encryption key destroyed" in result.stdout
     assert "keys per KEK version: 2: 1" in result.stdout
     assert LocalKeyFile(keys.local_key_file).versions == [2]
