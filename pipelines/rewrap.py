@@ -22,7 +22,7 @@ With Cloud KMS, which keeps the versions::
     gcloud kms keys versions destroy 1 --key subject-keys --keyring event-delivery --location europe-west1
 
 With a local key file, this tool rotates and destroys too (restart local jobs after a rotation:
-they keep wrapping under the version they loaded)::
+they read the new version when they first meet a key it wraps, but wrap under the one they loaded)::
 
     python -m pipelines.rewrap --rotate_local_key
     python -m pipelines.rewrap --destroy_kek_version 1

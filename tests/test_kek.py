@@ -320,3 +320,16 @@ def test_after_a_cloud_kms_rotation_no_key_of_a_copy_taken_before_it_unwraps(tmp
         refused = exceptions.FailedPrecondition if wrapped[0] == WRAPPED_FORMAT else KeysNotFound
         with pytest.raises(refused):
             reader._unwrap_key(key_id, wrapped)
+
+
+def test_a_process_that_loaded_the_key_file_before_a_rotation_reads_the_new_version_when_it_meets_it(tmp_path):
+    """A running local job meets the rotation's new key-wrapping keys, wrapped by a version its
+    copy of the file did not hold: it reads the file again rather than report the version destroyed."""
+    job, rotator = LocalKeyFile(tmp_path / "kek.key", create=True), LocalKeyFile(tmp_path / "kek.key")
+    rotator.rotate()
+    wrapped = rotator.wrap(b"n" * 32, b"id")
+    assert job.unwrap(wrapped, b"id") == b"n" * 32
+    assert job.primary_version() == 2, "and wraps under the new primary from then on"
+    rotator.destroy_version(1)
+    with pytest.raises(KeysNotFound, match="version 3 .* was destroyed"):
+        job.unwrap(wrapped[:1] + (3).to_bytes(4, "big") + wrapped[5:], b"id")

@@ -160,7 +160,8 @@ class LocalKeyFile(KeyEncryptionKey):
 
     def rotate(self) -> int:
         """Adds a new version and makes it the primary; returns it. Processes that loaded the
-        file before keep wrapping under the old one until they reload it (restart them)."""
+        file before keep wrapping under the old one until they read it again, which they do when
+        they first meet a key wrapped by a version they do not hold (a rotation's new keys)."""
         self._load()
         version = self.primary_version() + 1
         self._write({**self._keys, version: secrets.token_bytes(KEY_BYTES)})
@@ -182,6 +183,8 @@ class LocalKeyFile(KeyEncryptionKey):
         return version, nonce + self._aeads[version].encrypt(nonce, data_key, associated_data)
 
     def _unwrap(self, version, body, associated_data):
+        if version not in self._aeads:
+            self._load()  # rotated by another process since this one read the file
         if version not in self._aeads:
             raise KeysNotFound(f"version {version} of the key-encryption key {self.path} was destroyed")
         return self._aeads[version].decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], associated_data)
