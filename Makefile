@@ -106,7 +106,7 @@ forget: $(INSTALLED)  ## Crypto-shred subjects, unless decrypted copies hold the
 sweep-keys: $(INSTALLED)  ## Delete the keys nothing points to and the quarantine keys past their retention; run daily [KEY_ARGS=...].
 	$(ENV) $(PY) -m pipelines.forget --sweep_orphans $(KEY_ARGS)
 
-rewrap: $(INSTALLED)  ## Re-wrap every key under the KEK's primary version [ARGS="--rotate_local_key" | "--destroy_kek_version 1"].
+rewrap: $(INSTALLED)  ## Replace the key-wrapping keys under the KEK's primary version, re-wrap every key [ARGS="--rotate_local_key" | "--destroy_kek_version 1"].
 	$(ENV) $(PY) -m pipelines.rewrap $(KEY_ARGS) $(ARGS)
 
 decrypt: $(INSTALLED)  ## Decrypted copy, recorded for forget: make decrypt TYPE=search START=2026-11-29T00 END=2026-11-29T06 OUTPUT=dir.

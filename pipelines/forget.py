@@ -26,11 +26,14 @@ wrong place stops with exit code 2 instead of tombstoning subjects in a new, emp
 keystore. A keystore that holds no key at all is refused too, unless
 ``--allow_empty_keystore`` says that is expected.
 
-``--sweep_orphans`` (alone, or after the subjects) deletes the data keys that nothing
-points to any more: a worker that died between writing a new key and claiming its
-subject leaves one, and so does a forget interrupted within one type on Bigtable (between
-its tombstone and the key's deletion), which the sweep finishes. A forget interrupted
-between types is finished by running it again for its subjects. It also deletes the
+A forget that stops halfway (a crash, a busy SQLite log) has written the subject's
+tombstone, so no job serves or makes a key of that subject from then on, and it left a
+record of its work in the keystore: running it again for its subjects finishes it, and so
+does the sweep below, which needs no subject id. Forget exits with 0 only once complete.
+
+``--sweep_orphans`` (alone, or after the subjects) finishes the forgets that stopped, and
+deletes the data keys that nothing points to any more (a worker that died between writing
+a new key and claiming its subject leaves one). It also deletes the
 quarantine keys (one per type and day) of the days past ``--quarantine_retention_days``:
 what they sealed (dead letters and archived messages that name no subject) can then no
 longer be read. Run it daily (``make sweep-keys``)::
@@ -207,9 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sweep_orphans",
         action="store_true",
-        help="Then delete the data keys no subject or named key points to (left by a worker that died "
-        "between writing a key and claiming its subject, or by a forget interrupted within a type on Bigtable, "
-        "which this finishes; a forget interrupted between types is finished by running it again), "
+        help="Then finish every forget that stopped halfway, delete the data keys no subject or named key "
+        "points to (left by a worker that died between writing a key and claiming its subject), "
         "and the quarantine keys of the days past --quarantine_retention_days.",
     )
     parser.add_argument(

@@ -1,11 +1,19 @@
-"""Re-wrap every stored key under the key-encryption key's primary version, so older versions can be destroyed.
+"""Rotate the key-wrapping keys and re-wrap every stored key, so that older KEK versions can be destroyed.
 
-Each key the KEK wraps records the KEK version that wrapped it: the monthly key-wrapping
-keys, which wrap every data key (and data keys stored before there were any). Rotating
-the KEK makes a new primary version; this tool then re-wraps every key still under an
-older one, beside running jobs and forget (a key deleted meanwhile stays deleted), and
-prints how many keys each version still wraps. A version that wraps none can be
-destroyed, which makes any copy of the keystore taken before the rotation unreadable.
+The KEK wraps the monthly key-wrapping keys, which wrap every data key. After the KEK's
+rotation (a new primary version), this tool makes a new generation of every key-wrapping
+key under that primary, re-wraps every data key under its month's new one (and the keys
+the KEK wraps itself under an older version, under the primary), and only then deletes the
+old key-wrapping keys; it prints how many keys each KEK version still wraps. It runs beside
+jobs and forget: a job never stores a key under a key-wrapping key it replaced, and a key
+deleted meanwhile stays deleted. A run that stops leaves every key readable; run it again
+to finish (each run rotates whatever key-wrapping keys it finds). Run one at a time.
+
+What it revokes: a copy of the keystore taken before the run holds its data keys wrapped by
+key-wrapping keys that no longer exist, and those wrapped by the KEK versions of then. Once
+every version older than the primary is destroyed, nothing unwraps any key of the copy, the
+keys of subjects forgotten since included. Until then, the copy still opens with those
+versions: destroy them.
 
 With Cloud KMS, which keeps the versions::
 
@@ -14,7 +22,7 @@ With Cloud KMS, which keeps the versions::
     gcloud kms keys versions destroy 1 --key subject-keys --keyring event-delivery --location europe-west1
 
 With a local key file, this tool rotates and destroys too (restart local jobs after a rotation:
-they keep wrapping under the version they loaded)::
+they read the new version when they first meet a key it wraps, but wrap under the one they loaded)::
 
     python -m pipelines.rewrap --rotate_local_key
     python -m pipelines.rewrap --destroy_kek_version 1
@@ -61,10 +69,12 @@ def main(argv=None) -> int:
         print(f"key-encryption key rotated: version {keystore.kek.rotate()} is the primary")
     counts = keystore.rewrap()
     print(
-        f"re-wrapped: {counts.rewrapped} key(s) under version {keystore.kek.primary_version()}; "
-        f"{counts.current} needed nothing (under it already, or wrapped by a key-wrapping key); "
+        f"rotated: {counts.retired} key-wrapping key(s) replaced by new ones under version "
+        f"{keystore.kek.primary_version()} and deleted; {counts.rewrapped} key(s) re-wrapped; "
         f"{counts.vanished} deleted meanwhile"
     )
+    if counts.unreadable:
+        print(f"{counts.unreadable} key(s) no longer unwrap (their key-wrapping key or KEK version is gone)")
     in_use = keystore.kek_versions()
     if args.destroy_kek_version is not None:
         version = args.destroy_kek_version

@@ -14,7 +14,7 @@ from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.kek import LocalKeyFile
 from event_delivery.keys.keystore import RewrapCounts
 from event_delivery.keys.sqlite import SqliteKeystore
-from pipelines import rewrap
+from pipelines import forget, rewrap
 
 
 def run(*args):
@@ -88,7 +88,10 @@ def test_rewrap_rotates_the_local_key_rewraps_every_key_and_destroys_the_old_ver
     result = run("pipelines.rewrap", "--rotate_local_key", "--destroy_kek_version", "1", *key_flags)
     assert result.returncode == 0, result.stderr
     assert "version 2 is the primary" in result.stdout
-    assert "re-wrapped: 1 key(s) under version 2; 4 needed nothing" in result.stdout, "the key-wrapping key"
+    assert (
+        "rotated: 1 key-wrapping key(s) replaced by new ones under version 2 and deleted; 4 key(s) re-wrapped"
+        in result.stdout
+    ), "user-1's, user-2's, the quarantine key and the pseudonyms' secret"
     assert "version 1 of the key-encryption key destroyed" in result.stdout
     assert "keys per KEK version: 2: 1" in result.stdout
     assert LocalKeyFile(keys.local_key_file).versions == [2]
@@ -187,3 +190,22 @@ def test_make_forget_hands_any_value_to_forget_as_it_is_and_runs_none(tmp_path, 
         assert result.returncode == 0, result.stderr
         args = result.stdout.splitlines()
         assert args[args.index(f"[{flag}]") + 1] == f"[{value}]", "handed on whole, unexpanded"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_the_commands_refuse_a_keystore_url_that_names_no_file(url, tmp_path, monkeypatch, capsys):
+    from event_delivery.ops import provision
+
+    monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
+    LocalKeyFile(tmp_path / "kek.key", create=True)
+    key_flags = ["--keystore", url, "--local_key_file", str(tmp_path / "kek.key")]
+    for command in (
+        lambda: forget.main(["--sweep_orphans", *key_flags]),
+        lambda: rewrap.main(key_flags),
+        lambda: provision.main(["--project", "local-project", *key_flags]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            command()
+        assert exit_.value.code == 2
+        assert f"the keystore '{url}' names no file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["kek.key"], "nothing was created"

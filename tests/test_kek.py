@@ -17,6 +17,7 @@ from google.api_core import exceptions
 from google.cloud import kms
 
 from event_delivery.keys.kek import (
+    WRAPPED_FORMAT,
     CloudKms,
     KeysNotFound,
     KmsIntegrityError,
@@ -236,7 +237,7 @@ def test_cloud_kms_wraps_with_the_named_key_and_checksums_of_what_it_sends(tmp_p
     keystore.subject_keys(["alice"])
     reader = SqliteKeystore(CloudKms(KEY_NAME, client=client), str(tmp_path / "keys.db"))
     reader.subject_keys(["alice"], create=False)
-    context = b"\x01" + keystore._current_wrapping_key_id().encode()
+    context = b"\x01" + keystore._current_wrapping().key_id.encode()
     encrypts = [r for kind, r in client.requests if kind == "encrypt"]
     decrypts = [r for kind, r in client.requests if kind == "decrypt"]
     assert encrypts and decrypts
@@ -299,3 +300,36 @@ def test_a_missing_kms_key_is_keys_not_found_and_provisioning_creates_it():
         ("key ring", "projects/p/locations/europe-west1", "event-delivery"),
         ("key", "projects/p/locations/europe-west1/keyRings/event-delivery", "subject-keys", "ENCRYPT_DECRYPT"),
     ]
+
+
+def test_after_a_cloud_kms_rotation_no_key_of_a_copy_taken_before_it_unwraps(tmp_path):
+    """A copy's data keys name key-wrapping keys the rotation deleted; its own key-wrapping key
+    is under the destroyed version. The live keys all still unwrap."""
+    client, path = FakeKms(), str(tmp_path / "keys.db")
+    keystore = SqliteKeystore(CloudKms(KEY_NAME, client=client), path, create=True)
+    before = keystore.subject_keys(["alice", "bob"], scope="play")
+    copy = {key_id: wrapped for batch in keystore._scan_wrapped_keys() for key_id, wrapped in batch}
+    client.rotate()  # gcloud kms keys versions create --primary
+    assert keystore.rewrap().retired == 1
+    assert keystore.kek_versions() == {2: 1}
+    client.destroy(1)  # gcloud kms keys versions destroy 1
+
+    reader = SqliteKeystore(CloudKms(KEY_NAME, client=client), path)
+    assert reader.subject_keys(["alice", "bob"], scope="play", create=False) == before
+    for key_id, wrapped in copy.items():
+        refused = exceptions.FailedPrecondition if wrapped[0] == WRAPPED_FORMAT else KeysNotFound
+        with pytest.raises(refused):
+            reader._unwrap_key(key_id, wrapped)
+
+
+def test_a_process_that_loaded_the_key_file_before_a_rotation_reads_the_new_version_when_it_meets_it(tmp_path):
+    """A running local job meets the rotation's new key-wrapping keys, wrapped by a version its
+    copy of the file did not hold: it reads the file again rather than report the version destroyed."""
+    job, rotator = LocalKeyFile(tmp_path / "kek.key", create=True), LocalKeyFile(tmp_path / "kek.key")
+    rotator.rotate()
+    wrapped = rotator.wrap(b"n" * 32, b"id")
+    assert job.unwrap(wrapped, b"id") == b"n" * 32
+    assert job.primary_version() == 2, "and wraps under the new primary from then on"
+    rotator.destroy_version(1)
+    with pytest.raises(KeysNotFound, match="version 3 .* was destroyed"):
+        job.unwrap(wrapped[:1] + (3).to_bytes(4, "big") + wrapped[5:], b"id")

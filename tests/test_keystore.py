@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import multiprocessing
 import os
 import pickle
 import secrets
+import sqlite3
 import stat
+import time
 import uuid
 
 import pytest
@@ -16,12 +19,21 @@ from cryptography.exceptions import InvalidTag
 
 from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
 from event_delivery.contract.dead_letters import quarantine_key_name
+from event_delivery.keys import bigtable as bigtable_backend
+from event_delivery.keys import sqlite as sqlite_backend
 from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig, open_keystore
 from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
-from event_delivery.keys.keystore import PSEUDONYM_KEY, RewrapCounts, SubjectKey, new_key_id
+from event_delivery.keys.keystore import (
+    KEY_WRAPPING_MEMORY_SECONDS,
+    PSEUDONYM_KEY,
+    RewrapCounts,
+    SubjectKey,
+    new_key_id,
+)
 from event_delivery.keys.sqlite import SqliteKeystore
+from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, NewKey, wrapping_key_id_of
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys
 from transforms.personal import JobKeyCache
@@ -65,6 +77,31 @@ def provisioned(url, kek):
     keystore = open_keystore(url, kek, create=True)
     keystore.check()
     return keystore
+
+
+class Died(Exception):
+    """A process that dies at this point."""
+
+
+def stop_after(keystore, step: int, methods: list[str]) -> None:
+    """Makes the ``step``-th call among the keystore's ``methods`` die once it has done its work."""
+    calls = itertools.count(1)
+    for name in methods:
+
+        def die_after(*args, _done=getattr(keystore, name)):
+            result = _done(*args)
+            if next(calls) == step:
+                raise Died(f"stopped after step {step}")
+            return result
+
+        setattr(keystore, name, die_after)
+
+
+def another_keystore(keystore_url: str, name: str) -> str:
+    """The URL of one more keystore of the same backend as ``keystore_url``."""
+    if keystore_url.startswith("sqlite"):
+        return keystore_url.replace("keystore.db", f"{name}.db")
+    return f"{keystore_url}-{name}"
 
 
 def test_a_subject_gets_one_key_and_keeps_it(keystore_url, kek):
@@ -123,6 +160,54 @@ def test_forget_of_a_subject_never_seen_leaves_no_key_to_make_in_any_type(keysto
     assert keystore.subject_keys(["carol"], scope="play") == {"carol": None}
     assert keystore.subject_keys(["carol"], scope="search") == {"carol": None}
     assert keystore.key_ids_of("carol") == []
+
+
+SCOPES = ("play", "search", "page_view")
+
+
+def forgotten_everywhere(keystore, subject: str, key_ids: list[str]) -> bool:
+    """Whether no key of ``subject`` is stored, listed or served, in any type, nor made anew."""
+    cache = KeyCache(keystore, "play", ttl_seconds=60)  # a job's lookup, which misses its cache
+    return (
+        keystore.data_keys(key_ids) == dict.fromkeys(key_ids)
+        and keystore.key_ids_of(subject) == []
+        and all(keystore.subject_keys([subject], scope=s) == {subject: None} for s in (None, *SCOPES, "new_type"))
+        and cache.lookup([subject])[subject] == (None, None)
+    )
+
+
+@pytest.mark.parametrize("finish", ["forget again", "sweep"])
+def test_a_forget_stopped_after_any_step_is_finished_by_running_it_again_or_by_the_sweep(
+    keystore_url, tmp_path, finish
+):
+    """Steps: record the work, the unscoped tombstone, each type's key and tombstone, drop the
+    record, purge the backend's log. From the tombstone on, lookups treat the subject as forgotten,
+    whatever keys are left."""
+    for step in itertools.count(1):
+        url, kek = another_keystore(keystore_url, f"f{step}"), LocalKeyFile(tmp_path / f"kek-{step}", create=True)
+        keystore = provisioned(url, kek)
+        alices = [keystore.subject_keys(["alice"])["alice"].key_id]  # unscoped, from before types had keys
+        alices += [keystore.subject_keys(["alice", "bob"], scope=s)["alice"].key_id for s in SCOPES]
+        bobs = {s: keystore.subject_keys(["bob"], scope=s, create=False)["bob"] for s in SCOPES}
+        stop_after(keystore, step, ["_record_forget", "_forget", "_forget_done", "_purge_deleted"])
+        completed = True
+        try:
+            keystore.forget("alice")
+        except Died:
+            completed = False
+        after = open_keystore(url, LocalKeyFile(kek.path))  # another process
+        if after.is_forgotten("alice"):
+            served = [s for s in SCOPES if after.subject_key_ids(["alice"], scope=s, create=False)["alice"]]
+            assert served == [], f"stopped after step {step}: the tombstone decides"
+        if finish == "sweep":
+            after.sweep_orphans()
+        else:
+            after.forget("alice")
+        assert forgotten_everywhere(after, "alice", alices), f"stopped after step {step}"
+        assert {s: after.subject_keys(["bob"], scope=s, create=False)["bob"] for s in SCOPES} == bobs
+        if completed:
+            break
+    assert step == 8, "it stopped after each of 7 steps: record, tombstone, three types, drop the record, purge"
 
 
 def _race(url, key_file, subjects, start_line, queue):
@@ -238,17 +323,21 @@ def test_a_forgotten_key_read_by_key_id_is_gone_after_the_ttl(tmp_path, kek):
     assert cache.lookup(["alice"])["alice"] == (None, None)
 
 
-def test_the_cache_drops_expired_entries_once_it_holds_too_many(tmp_path, kek):
+def test_a_forgotten_key_leaves_the_workers_memory_at_the_caches_next_use_after_its_ttl(tmp_path, kek):
     now = [0.0]
-    cache = KeyCache(
-        SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True), "search", ttl_seconds=60, clock=lambda: now[0]
-    )
-    cache.MAX_ENTRIES = 2
-    cache.lookup(["a", "b"])
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=60, clock=lambda: now[0])
+    alice, _ = cache.lookup(["alice", "bob"])["alice"]
+    keystore.forget("alice")
+    now[0] = 30
+    carol, _ = cache.lookup(["carol"])["carol"]
     now[0] = 61
-    key = cache.lookup(["c"])["c"][0]
-    assert (len(cache._key_ids), len(cache._keys)) == (1, 1), "only c's entries are left"
-    assert cache.lookup(["c"])["c"][0] == key
+    cache.lookup(["carol"])  # served from the cache: nothing else is fetched
+    assert set(cache._key_ids) == {"carol"} and set(cache._keys) == {carol.key_id}, "alice's and bob's went"
+    assert alice.data_key not in [key.data_key for _, (key, _) in cache._keys.values() if key]
+    now[0] = 91
+    assert cache.lookup(["carol"])["carol"][0] == carol, "fetched again once its own TTL passed"
+    assert len(cache._expiring) == 2, "carol's key id and key, each queued once per fetch"
 
 
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
@@ -276,6 +365,14 @@ def test_bigtable_and_sqlite_urls():
         open_keystore("redis://x", None)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite://keys.db", "sqlite:////"])
+def test_a_sqlite_keystore_must_name_a_file_not_memory_a_process_loses(url, kek):
+    with pytest.raises(ValueError, match="names no file"):
+        open_keystore(url, kek, create=True)
+    with pytest.raises(ValueError, match="names no file"):
+        KeyConfig(url, str(kek.path)).check()
+
+
 def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, kek):
     """WAL mode keeps the frame that wrote a key until a truncating checkpoint; secure_delete alone is not enough."""
     url = f"sqlite:///{tmp_path}/keys/keystore.db"
@@ -293,11 +390,69 @@ def test_after_forget_the_wrapped_key_is_in_no_file_of_the_keystore(tmp_path, ke
     assert reader.subject_keys(["bob"], create=False)["bob"], "others' keys stay readable"
 
 
-def test_the_keys_folder_is_readable_by_its_owner_alone(tmp_path):
+def test_a_reader_holding_the_sqlite_log_delays_only_forgets_last_step(tmp_path, kek):
+    """The log is emptied once, after every deletion: a reader that keeps it from being emptied
+    fails the forget with every key already deleted, and forget run again empties it."""
+    url = f"sqlite:///{tmp_path}/keys/keystore.db"
+    keystore = provisioned(url, kek)
+    alices = [keystore.subject_keys(["alice", "bob"], scope=s)["alice"].key_id for s in SCOPES]
+    wrapped = keystore._read_wrapped_keys(alices)
+    keystore._connection.execute("PRAGMA busy_timeout = 50")
+    reader = open_keystore(url, kek)  # a job's connection, in the middle of a read
+    reader._connection.execute("BEGIN")
+    reader._connection.execute("SELECT count(*) FROM data_keys").fetchone()
+
+    with pytest.raises(sqlite3.OperationalError, match="run forget again"):
+        keystore.forget("alice")
+    assert keystore.data_keys(alices) == dict.fromkeys(alices), "every type's key is deleted"
+    assert keystore._pending_forgets() == {}
+    reader._connection.execute("COMMIT")
+    assert keystore.forget("alice") is False
+    files = [p for p in (tmp_path / "keys").iterdir() if p.name.startswith("keystore.db")]
+    assert not [p.name for p in files for w in wrapped.values() if w in p.read_bytes()]
+    assert reader.subject_keys(["bob"], scope="play", create=False)["bob"] is not None
+
+
+@pytest.fixture
+def open_umask():
+    """The umask most systems default to, which leaves new files readable by all."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def modes(folder) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+
+
+def test_the_keys_folder_and_the_keystore_files_are_readable_by_their_owner_alone(tmp_path, open_umask):
     LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)
-    open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None, create=True)
-    for folder in ("keys", "store"):
-        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+    keystore = open_keystore(f"sqlite:///{tmp_path}/store/keystore.db", None, create=True)
+    keystore._connection.execute("CREATE TABLE written (x)")  # the log and its index exist
+    assert modes(tmp_path / "keys") == {"keys": 0o700, "kek.key": 0o600}
+    private = {"keystore.db": 0o600, "keystore.db-wal": 0o600, "keystore.db-shm": 0o600}
+    assert modes(tmp_path / "store") == {"store": 0o700, **private}
+
+
+def test_an_existing_keys_folder_and_keystore_are_closed_when_opened(tmp_path, kek, open_umask):
+    url = f"sqlite:///{tmp_path}/keys/keystore.db"
+    provisioned(url, kek).subject_keys(["alice"])
+    for path in (tmp_path / "keys").iterdir():
+        path.chmod(0o644)  # as keystores were made before, or copied in
+    (tmp_path / "keys").chmod(0o755)
+    LocalKeyFile(tmp_path / "keys" / "kek.key", create=True)  # provisioning again
+    open_keystore(url, kek).subject_keys(["alice"])
+    private = {"kek.key": 0o600, "keystore.db": 0o600, "keystore.db-wal": 0o600, "keystore.db-shm": 0o600}
+    assert modes(tmp_path / "keys") == {"keys": 0o700, **private}
+
+
+def test_a_keystore_in_the_working_folder_leaves_the_folder_open(tmp_path, monkeypatch, kek, open_umask):
+    """The working folder (or /tmp) is not a folder of keys: closing it would lock out its other uses."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    monkeypatch.chdir(work)
+    open_keystore("sqlite:///keystore.db", kek, create=True).subject_keys(["alice"])
+    assert modes(work)["work"] == 0o755 and modes(work)["keystore.db"] == 0o600
 
 
 def _forget_or_claim(url, key_file, subjects, action, scope, start_line, queue):
@@ -424,23 +579,42 @@ def test_make_provision_creates_the_keystore_and_the_kek(key_config, monkeypatch
     assert key_config.check().named_key(PSEUDONYM_KEY)
 
 
-# Rotation: the wrapped format's KEK version, re-wrap, destroy.
+# Rotation: new key-wrapping keys, every data key re-wrapped, the old ones deleted; then the KEK version destroyed.
 
 
-def test_after_rotation_rewrap_and_destroying_the_old_version_every_key_unwraps_and_forget_works(keystore_url, kek):
+def stored_copy(keystore) -> dict[str, bytes]:
+    """Every stored key, wrapped: what a copy of the keystore (a backup, a snapshot, a file) holds."""
+    return {key_id: wrapped for batch in keystore._scan_wrapped_keys() for key_id, wrapped in batch}
+
+
+def assert_revoked(copy: dict[str, bytes], url: str, kek_path, *processes) -> None:
+    """No data key of ``copy`` unwraps: not with the key-wrapping keys the live keystore holds, not
+    with the copy's own, and not with those still in the memory of ``processes``."""
+    live = open_keystore(url, LocalKeyFile(kek_path))
+    restored = open_keystore(url, LocalKeyFile(kek_path))
+    restored._read_wrapped_keys = lambda key_ids: {k: copy[k] for k in key_ids if k in copy}
+    data_keys = {key_id: wrapped for key_id, wrapped in copy.items() if wrapping_key_id_of(wrapped)}
+    assert data_keys, "the copy holds data keys wrapped by a key-wrapping key"
+    for keystore in (live, restored, *processes):
+        for key_id, wrapped in data_keys.items():
+            with pytest.raises(KeysNotFound):
+                keystore._unwrap_key(key_id, wrapped)
+
+
+def test_a_rotation_revokes_every_copy_of_the_keystore_taken_before_it(keystore_url, kek):
     keystore = provisioned(keystore_url, kek)
     before = keystore.subject_keys(["alice", "bob", "carol"])
     quarantine = keystore.named_key("quarantine/search")
     pseudonym = keystore.pseudonym("alice")
     keystore.forget("carol")
-    wrapping_key_id = keystore._current_wrapping_key_id()
-    backup = keystore._read_wrapped_keys([wrapping_key_id])  # as a copy of the keystore would hold it
+    copy = stored_copy(keystore)
+    [old] = keystore.named_keys(KEY_WRAPPING_KEYS)
     assert keystore.kek_versions() == {1: 1}, "the KEK wraps one key: this month's key-wrapping key"
 
     assert kek.rotate() == 2
-    assert keystore.rewrap() == RewrapCounts(rewrapped=1, current=4), "alice, bob, pseudonyms, quarantine"
+    assert keystore.rewrap() == RewrapCounts(rewrapped=4, retired=1), "alice, bob, pseudonyms, quarantine"
+    assert list(keystore.named_keys(KEY_WRAPPING_KEYS)) == [f"{old}/1"], "a new generation; the old one deleted"
     assert keystore.kek_versions() == {2: 1}
-    assert keystore.rewrap() == RewrapCounts(current=5), "a second run has nothing left to do"
     kek.destroy_version(1)
 
     reopened = open_keystore(keystore_url, LocalKeyFile(kek.path))  # a new process: nothing cached
@@ -448,22 +622,76 @@ def test_after_rotation_rewrap_and_destroying_the_old_version_every_key_unwraps_
     assert after == {"alice": before["alice"], "bob": before["bob"], "carol": None}
     assert reopened.named_key("quarantine/search") == quarantine
     assert reopened.pseudonym("alice") == pseudonym
-    restored = open_keystore(keystore_url, LocalKeyFile(kek.path))
-    restored._read_wrapped_keys = lambda key_ids: {**reopened._read_wrapped_keys(key_ids), **backup}
-    with pytest.raises(KeysNotFound, match="destroyed"):
-        restored.subject_keys(["bob"], create=False)  # the backup's key-wrapping key died with version 1
     assert reopened.forget("alice") is True
-    assert reopened.data_keys([before["alice"].key_id]) == {before["alice"].key_id: None}
     assert reopened.subject_keys(["alice", "dave"])["alice"] is None
     assert reopened.subject_keys(["dave"], create=False)["dave"] is not None
+    assert_revoked(copy, keystore_url, kek.path, keystore, reopened)
+
+
+def test_a_rotation_stopped_after_any_step_leaves_every_key_readable_and_finishes_when_run_again(
+    keystore_url, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sqlite_backend, "SCAN_BATCH", 2)  # a pass of several batches
+    monkeypatch.setattr(bigtable_backend, "SCAN_BATCH", 2)
+    january, february = 947_894_400, 950_572_800  # two months: two key-wrapping keys to replace
+    subjects = ["alice", "bob", "carol", "dave"]
+    for step in itertools.count(1):
+        url, kek = another_keystore(keystore_url, f"r{step}"), LocalKeyFile(tmp_path / f"kek-{step}", create=True)
+        keystore = provisioned(url, kek)
+        keystore.clock = lambda: january
+        keystore.subject_keys(subjects[:2], scope="play")
+        keystore.clock = lambda: february
+        keystore.subject_keys(subjects[2:], scope="play")
+        before, copy = keystore.subject_keys(subjects, scope="play"), stored_copy(keystore)
+        kek.rotate()
+        stop_after(keystore, step, ["_named_key_id", "_replace_wrapped_keys", "_delete_named_key"])
+        try:
+            finished = keystore.rewrap()
+        except Died:
+            finished = None
+        survivor = open_keystore(url, LocalKeyFile(kek.path))  # another process, once this one died
+        assert survivor.subject_keys(subjects, scope="play", create=False) == before, f"stopped after step {step}"
+        if finished is None:
+            survivor.clock = lambda: february
+            survivor.rewrap()
+        kek.destroy_version(1)
+        reader = open_keystore(url, LocalKeyFile(kek.path))
+        assert reader.subject_keys(subjects, scope="play", create=False) == before, f"stopped after step {step}"
+        assert_revoked(copy, url, kek.path, survivor)
+        if finished is not None:
+            break
+    assert step > 10, "the runs stopped after each step: new keys, each batch of each pass, each deletion"
+
+
+def test_a_job_stores_no_key_under_a_key_wrapping_key_a_rotation_replaced_and_forgets_that_one(keystore_url, kek):
+    now = [time.time()]
+    tool = provisioned(keystore_url, kek)
+    job = open_keystore(keystore_url, kek)  # running: it wraps under the key-wrapping key it holds
+    job.clock = lambda: now[0]
+    alice = job.subject_keys(["alice"], scope="play")["alice"]
+    copy = stored_copy(tool)
+    kek.rotate()  # with Cloud KMS, the job's KEK knows the new version at once
+    tool.rewrap()
+    kek.destroy_version(1)
+
+    erin = job.subject_keys(["erin"], scope="play")["erin"]
+    day = job.named_key("quarantine/play/2026-01-01")
+    other = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert other.subject_keys(["alice", "erin"], scope="play", create=False) == {"alice": alice, "erin": erin}
+    assert other.named_key("quarantine/play/2026-01-01") == day
+    [old_row] = [w for k, w in copy.items() if k == alice.key_id]
+    assert job._unwrap_key(alice.key_id, old_row) == alice.data_key, "the job still holds the old one in memory"
+    now[0] += KEY_WRAPPING_MEMORY_SECONDS
+    assert job.subject_keys(["erin"], scope="play")["erin"] == erin
+    assert list(job._key_wrapping_keys) == [tool.named_keys(KEY_WRAPPING_KEYS).popitem()[1]], "the new one alone"
+    assert_revoked(copy, keystore_url, kek.path, job)
 
 
 def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:
     """A subject whose data key the KEK wraps itself, as keys were stored before key-wrapping keys."""
     key = SubjectKey(new_key_id(), secrets.token_bytes(32))
-    keystore._create_subjects(
-        {keystore.pseudonym(subject): (key.key_id, keystore.kek.wrap(key.data_key, key.key_id.encode()))}
-    )
+    wrapped = keystore.kek.wrap(key.data_key, key.key_id.encode())
+    keystore._create_subjects({keystore.pseudonym(subject): NewKey(key.key_id, wrapped)})
     return key
 
 
@@ -472,7 +700,7 @@ def test_a_rewrap_never_brings_back_a_key_forgotten_while_it_ran(keystore_url, k
     alice = store_as_before_the_hierarchy(keystore, "alice")
     bob = store_as_before_the_hierarchy(keystore, "bob")
     assert keystore.subject_keys(["alice", "bob"], create=False) == {"alice": alice, "bob": bob}
-    assert keystore.kek_versions() == {1: 3}, "alice's, bob's and the key-wrapping key"
+    assert keystore.kek_versions() == {1: 3}, "alice's, bob's and the key-wrapping key (of the pseudonyms' secret)"
     kek.rotate()
     replace = keystore._replace_wrapped_keys
 
@@ -481,7 +709,7 @@ def test_a_rewrap_never_brings_back_a_key_forgotten_while_it_ran(keystore_url, k
         return replace(rewrapped)
 
     monkeypatch.setattr(keystore, "_replace_wrapped_keys", forget_first)
-    assert keystore.rewrap() == RewrapCounts(rewrapped=2, current=1, vanished=1)
+    assert keystore.rewrap() == RewrapCounts(rewrapped=2, retired=1, vanished=1), "the pseudonyms' and bob's"
     assert keystore.data_keys([alice.key_id]) == {alice.key_id: None}
     assert keystore.kek_versions() == {2: 2}
     assert keystore.subject_keys(["bob"], create=False)["bob"] == bob
@@ -499,7 +727,7 @@ def test_the_sweep_deletes_a_key_left_by_a_crash_between_key_and_pointer(bigtabl
     keystore = provisioned(f"bigtable://local-project/test-instance/keys-{uuid.uuid4().hex[:8]}", kek)
     alice = keystore.subject_keys(["alice"])["alice"]
     named = {keystore.named_key(name).key_id for name in (PSEUDONYM_KEY, "quarantine/search")}
-    named.add(keystore._current_wrapping_key_id())
+    named.add(keystore._current_wrapping().key_id)
     monkeypatch.setattr(keystore, "_claim", lambda *args: (_ for _ in ()).throw(OSError("worker died")))
     with pytest.raises(OSError):
         keystore.subject_keys(["bob"])

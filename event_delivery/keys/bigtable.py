@@ -8,6 +8,7 @@ import time
 
 from event_delivery.keys.kek import PROVISION_HINT, KeyEncryptionKey, KeysNotFound
 from event_delivery.keys.keystore import SCAN_BATCH, Keystore
+from event_delivery.keys.wrapping import KeyWrappingReplaced, check_still_newest
 
 KEY_ID, FORGOTTEN_AT = b"key_id", b"forgotten_at"
 
@@ -25,7 +26,8 @@ def _check(statuses, what: str) -> None:
 
 
 class BigtableKeystore(Keystore):
-    """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>`` and ``n#<name>`` in one family."""
+    """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>``, ``n#<name>`` and ``p#<pseudonym>``
+    (a forget under way) in one family."""
 
     FAMILY = "k"
 
@@ -88,11 +90,22 @@ class BigtableKeystore(Keystore):
         existed = row.commit()
         return not existed
 
+    def _stored_if_newest(self, new: list) -> None:
+        """Writes new keys, then checks that a rotation has not replaced their key-wrapping key: if
+        it has, deletes them and raises ``KeyWrappingReplaced``. A rotation that replaced it after
+        the check scans after the write, so it re-wraps them itself."""
+        self._write_data_keys({key.key_id: key.wrapped for key in new})
+        try:
+            check_still_newest(new, self._named_keys)
+        except KeyWrappingReplaced:
+            self._delete_rows([b"d#" + key.key_id.encode() for key in new])
+            raise
+
     def _create_subjects(self, new):
         # Keys first, so that no subject entry ever names a key that is not there.
-        self._write_data_keys({key_id: wrapped for key_id, wrapped in new.values()})
+        self._stored_if_newest(list(new.values()))
         losers = [
-            key_id for p, (key_id, _) in new.items() if not self._claim(b"s#" + p.encode(), b"key_id", key_id.encode())
+            key_id for p, (key_id, *_) in new.items() if not self._claim(b"s#" + p.encode(), b"key_id", key_id.encode())
         ]
         self._delete_rows([b"d#" + key_id.encode() for key_id in losers])
 
@@ -133,13 +146,31 @@ class BigtableKeystore(Keystore):
             _check([pointer.commit()], "dropping a forgotten key's id")
         return bool(key_id)
 
+    def _record_forget(self, pseudonym, scoped):
+        row = self.table.direct_row(b"p#" + pseudonym.encode())
+        row.set_cell(self.FAMILY, b"scoped", " ".join(scoped).encode())
+        _check([row.commit()], "recording a forget")
+
+    def _pending_forgets(self):
+        return {
+            row.row_key[2:].decode(): row.cells[self.FAMILY][b"scoped"][0].value.decode().split()
+            for row in self._scan(b"p#")
+        }
+
+    def _forget_done(self, pseudonym):
+        self._delete_rows([b"p#" + pseudonym.encode()])
+
+    def _purge_deleted(self):
+        """Nothing to do here: Bigtable drops deleted cells from storage at its next compaction."""
+
     def _named_key_id(self, name, candidate):
         row_key = b"n#" + name.encode()
         existing = self._read_rows([row_key]).get(row_key, {}).get(b"key_id")
         if existing:
             return existing.decode()
-        key_id, wrapped = candidate()
-        self._write_data_keys({key_id: wrapped})
+        new = candidate()
+        key_id = new.key_id
+        self._stored_if_newest([new])
         if self._claim(row_key, b"key_id", key_id.encode()):
             return key_id
         self._delete_rows([b"d#" + key_id.encode()])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -19,10 +20,9 @@ class KeyCache:
 
     The TTL is the upper bound on how long a worker may keep using a key after its
     subject was forgotten: both maps expire. Events encrypted in that window are
-    unreadable anyway, because the key they used is gone.
+    unreadable anyway, because the key they used is gone. An expired entry also leaves
+    the worker's memory at the cache's next use, so a forgotten key is not kept there.
     """
-
-    MAX_ENTRIES = 1_000_000  # past this, expired entries are dropped
 
     def __init__(self, keystore: Keystore, scope: str, ttl_seconds: float, clock=time.monotonic):
         self.keystore = keystore
@@ -32,11 +32,14 @@ class KeyCache:
         self._key_ids: dict[str, tuple[float, str | None]] = {}  # subject -> (expires, key id)
         self._keys: dict[str, tuple[float, tuple]] = {}  # key id -> (expires, (key, aead))
         self._named: dict[str, tuple[SubjectKey, AESGCM]] = {}  # name -> (key, aead), for the worker's life
-        self._pruning = threading.Lock()
+        # (expires, map, item) as entries were stored: every entry lives one TTL, so this is expiry order.
+        self._expiring: collections.deque[tuple[float, dict, str]] = collections.deque()
+        self._evicting = threading.Lock()
 
     def _cached(self, entries: dict, wanted, fetch) -> dict:
         """Fresh entries of ``wanted``; the rest from one ``fetch(missing)``, stored until the TTL."""
         now = self.clock()
+        self._evict(now)
         found, missing = {}, []
         for item in set(wanted):
             entry = entries.get(item)
@@ -49,16 +52,22 @@ class KeyCache:
             for item, value in fetch(missing).items():
                 found[item] = value
                 entries[item] = (expires, value)
-            self._prune(entries, now)
+                self._expiring.append((expires, entries, item))
         return found
 
-    def _prune(self, entries: dict, now: float) -> None:
-        """Drops expired entries once there are too many. Steps in other threads may use
-        the cache meanwhile: they only ever add or replace single entries."""
-        if len(entries) > self.MAX_ENTRIES:
-            with self._pruning:
-                for stale in [i for i, e in list(entries.items()) if e[0] <= now]:
-                    entries.pop(stale, None)
+    def _evict(self, now: float) -> None:
+        """Drops the entries whose TTL has passed, oldest first; a call with none expired looks at
+        one queue entry only. Steps in other threads may store entries meanwhile: one stored again
+        since it was queued has a later expiry and stays (a race that drops it costs a refetch)."""
+        queue = self._expiring
+        if not queue or queue[0][0] > now:
+            return
+        with self._evicting:
+            while queue and queue[0][0] <= now:
+                _, entries, item = queue.popleft()
+                entry = entries.get(item)
+                if entry is not None and entry[0] <= now:
+                    entries.pop(item, None)
 
     def _fetch_data_keys(self, key_ids: list[str]) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:
         fetched = {}

@@ -16,21 +16,38 @@ DEFAULT_KEY_FILE = ".keys/kek.key"
 MAX_KEY_CACHE_TTL_SECONDS = 3600
 
 
+def keystore_location(url: str) -> tuple[str, ...]:
+    """``("sqlite", path)`` or ``("bigtable", project, instance, table)``; ValueError for any other URL.
+
+    A SQLite URL must name a file: without one (``sqlite://``, ``sqlite:///``, ``:memory:``) each
+    process would open a keystore of its own in memory, and what it sealed would outlive its keys.
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "sqlite":
+        # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
+        path = parsed.path[1:]
+        if parsed.netloc or not path.strip("/") or path == ":memory:":
+            raise ValueError(
+                f"the keystore {url!r} names no file: use sqlite:///relative/path or sqlite:////absolute/path "
+                "(an in-memory keystore would lose every key when its process ends)"
+            )
+        return ("sqlite", path)
+    if parsed.scheme == "bigtable":
+        parts = [parsed.netloc, *parsed.path.strip("/").split("/")]
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("a Bigtable keystore is bigtable://<project>/<instance>/<table>")
+        return ("bigtable", *parts)
+    raise ValueError(f"unknown keystore {url!r}: use sqlite:///path or bigtable://project/instance/table")
+
+
 def open_keystore(url: str, kek: KeyEncryptionKey, create: bool = False) -> Keystore:
     """``sqlite:///relative/keys.db``, ``sqlite:////absolute/keys.db`` or ``bigtable://project/instance/table``.
 
     Only provisioning and test setup pass ``create``: everything else opens what exists, or stops.
     """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "sqlite":
-        # As in SQLAlchemy: sqlite:///relative/path and sqlite:////absolute/path.
-        return SqliteKeystore(kek, parsed.path[1:] or ":memory:", create)
-    if parsed.scheme == "bigtable":
-        parts = [parsed.netloc, *parsed.path.strip("/").split("/")]
-        if len(parts) != 3 or not all(parts):
-            raise ValueError("a Bigtable keystore is bigtable://<project>/<instance>/<table>")
-        return BigtableKeystore(kek, *parts, create)
-    raise ValueError(f"unknown keystore {url!r}: use sqlite:///path or bigtable://project/instance/table")
+    kind, *where = keystore_location(url)
+    backend = SqliteKeystore if kind == "sqlite" else BigtableKeystore
+    return backend(kek, *where, create)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +122,9 @@ def add_key_arguments(parser) -> None:
 
 
 def key_config_from_args(args) -> KeyConfig:
+    """The key flags as a ``KeyConfig``; ValueError (a command's exit code 2) for a keystore URL that
+    names no keystore or a TTL out of bounds."""
+    keystore_location(args.keystore)
     if not 0 <= args.key_cache_ttl_seconds <= MAX_KEY_CACHE_TTL_SECONDS:
         raise ValueError(
             f"key_cache_ttl_seconds must be between 0 and {MAX_KEY_CACHE_TTL_SECONDS}: "

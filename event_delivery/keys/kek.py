@@ -23,6 +23,7 @@ import contextlib
 import os
 import pathlib
 import secrets
+import stat
 import struct
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,6 +34,18 @@ PRIVATE_FOLDER = 0o700  # a folder of keys is readable by its owner alone
 WRAPPED_FORMAT = 1
 HEADER = struct.Struct(">BI")  # format, KEK version
 PROVISION_HINT = "create it with `make provision` (python -m event_delivery.ops.provision)"
+
+
+def private_folder(folder: str | os.PathLike) -> None:
+    """Makes a folder of keys (and its parents) where missing, and leaves it readable by its owner
+    alone, also when it existed. A folder that is not the user's own, is shared (sticky, as /tmp)
+    or holds the working directory is not closed: it is not a folder of keys alone."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+    info = folder.stat()
+    shared = info.st_uid != os.getuid() or info.st_mode & stat.S_ISVTX
+    if not shared and not pathlib.Path.cwd().resolve().is_relative_to(folder.resolve()):
+        folder.chmod(PRIVATE_FOLDER)
 
 
 class KeysNotFound(FileNotFoundError):
@@ -104,10 +117,11 @@ class LocalKeyFile(KeyEncryptionKey):
 
     def __init__(self, path: str | os.PathLike, create: bool = False):
         self.path = pathlib.Path(path)
+        if create:
+            private_folder(self.path.parent)
         if not self.path.exists():
             if not create:
                 raise KeysNotFound(f"there is no key-encryption key file at {self.path}; {PROVISION_HINT}")
-            self.path.parent.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):  # another provisioning run made it first: keep that one
                 self._write({1: secrets.token_bytes(KEY_BYTES)}, exclusive=True)
         self._load()
@@ -146,7 +160,8 @@ class LocalKeyFile(KeyEncryptionKey):
 
     def rotate(self) -> int:
         """Adds a new version and makes it the primary; returns it. Processes that loaded the
-        file before keep wrapping under the old one until they reload it (restart them)."""
+        file before keep wrapping under the old one until they read it again, which they do when
+        they first meet a key wrapped by a version they do not hold (a rotation's new keys)."""
         self._load()
         version = self.primary_version() + 1
         self._write({**self._keys, version: secrets.token_bytes(KEY_BYTES)})
@@ -168,6 +183,8 @@ class LocalKeyFile(KeyEncryptionKey):
         return version, nonce + self._aeads[version].encrypt(nonce, data_key, associated_data)
 
     def _unwrap(self, version, body, associated_data):
+        if version not in self._aeads:
+            self._load()  # rotated by another process since this one read the file
         if version not in self._aeads:
             raise KeysNotFound(f"version {version} of the key-encryption key {self.path} was destroyed")
         return self._aeads[version].decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], associated_data)

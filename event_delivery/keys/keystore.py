@@ -12,22 +12,28 @@ Layout, the same in every backend:
 - a *data key* entry, keyed by the opaque key id, holds the data key wrapped (with the
   key id as associated data);
 - a *named key* entry (the pseudonym secrets, the quarantine keys, one per type and day, the
-  key-wrapping keys) names a data key by purpose.
+  key-wrapping keys) names a data key by purpose;
+- a *pending forget*, keyed by the unscoped pseudonym, lists the subject's pseudonyms in the
+  scopes while its forget runs, so that the sweep can finish a forget that stopped.
 
 Two tiers of wrapping keep the key-encryption key (Cloud KMS) off the hot path. The KEK
-wraps only *key-wrapping keys*: one random 256-bit key per calendar month (UTC), stored
-as the named key ``key-wrapping/<YYYY-MM>``. Those wrap every other key here, in the
-process (``WRAPPED_LOCALLY``): ``0x02 || key-wrapping key id (16 bytes) || nonce ||
-AES-256-GCM``, with the header and the key id as associated data. A process unwraps each
-key-wrapping key once, with one KEK call, and keeps it: no data key costs a KMS call,
-whether created or read. Rotating the KEK re-wraps the few key-wrapping keys only.
+wraps only *key-wrapping keys*: one random 256-bit key per calendar month (UTC), stored as
+the named key ``key-wrapping/<YYYY-MM>`` (``wrapping.py``). Those wrap every other key here,
+in the process: ``0x02 || key-wrapping key id (16 bytes) || nonce || AES-256-GCM``, with the
+header and the key id as associated data. A process unwraps each key-wrapping key with one
+KEK call and keeps it for at most ``KEY_WRAPPING_MEMORY_SECONDS``: no data key costs a KMS
+call, whether created or read.
 
-``forget`` writes the unscoped tombstone, then deletes the subject's key in every scope that
-exists (the scopes are the pseudonym secrets stored, so a type removed from the registry is
-found too) and leaves a tombstone in each, so the subject's ciphertexts can never be
-decrypted again, and no new key is ever created for it, in any type. Two workers that meet
-a new subject at once end up with one key: the first subject entry written wins,
-atomically, and the loser's key is deleted.
+A rotation (``rewrap``) revokes every copy of the keystore taken before it: it makes new
+key-wrapping keys, re-wraps every data key under them, and only then deletes the old ones.
+Once the KEK versions that wrapped the old ones are destroyed, nothing unwraps an old copy.
+
+``forget`` records its work, writes the unscoped tombstone, then deletes the subject's key in
+every scope that exists (the scopes are the pseudonym secrets stored, so a type removed from
+the registry is found too) and leaves a tombstone in each. From the unscoped tombstone on, no
+key of the subject is served or made by subject, in any type; a forget that stops is finished
+by running it again or by the sweep. Two workers that meet a new subject at once end up with
+one key: the first subject entry written wins, atomically, and the loser's key is deleted.
 
 Backends: SQLite (embedded, the default for local runs) and Cloud Bigtable
 (production; tested against the Bigtable emulator).
@@ -38,6 +44,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import math
 import secrets
 import struct
 import time
@@ -55,14 +62,26 @@ from event_delivery.keys.kek import (
     kek_version_of,
     wrapped_by_kek,
 )
+from event_delivery.keys.wrapping import (
+    KEY_WRAPPING_KEYS,
+    WRAPPED_LOCALLY,
+    KeyWrapping,
+    KeyWrappingReplaced,
+    NewKey,
+    generation_name,
+    generation_of,
+    key_wrapping_period,
+    newest_generation,
+    wrapping_key_id_of,
+)
 
 PSEUDONYM_KEY = "subject-pseudonyms"  # the unscoped pseudonyms: tombstones, and keys from before scopes
 SCOPED_PSEUDONYM_KEY = PSEUDONYM_KEY + "/{scope}"
-KEY_WRAPPING_KEY = "key-wrapping/{period}"
-WRAPPED_LOCALLY = 2
 LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
 SCAN_BATCH = 500
 ORPHAN_GRACE_SECONDS = 3600
+KEY_WRAPPING_MEMORY_SECONDS = 3600  # how long a process keeps a key-wrapping key it unwrapped
+STORE_ATTEMPTS = 3  # a key wrapped under a key-wrapping key a rotation replaced is wrapped again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +96,15 @@ class SubjectKey:
 
 @dataclasses.dataclass(frozen=True)
 class RewrapCounts:
-    rewrapped: int = 0
-    current: int = 0  # need nothing: already under the primary version, or wrapped by a key-wrapping key
+    rewrapped: int = 0  # keys wrapped anew: under a new key-wrapping key, or the KEK's primary version
+    retired: int = 0  # key-wrapping keys replaced by new ones and deleted
     vanished: int = 0  # deleted (forgotten) between the read and the re-wrap
+    unreadable: int = 0  # under a key-wrapping key or KEK version that is gone: nothing can read them
 
 
 def new_key_id() -> str:
     """A random, opaque key id: it says nothing about its subject."""
     return secrets.token_hex(16)
-
-
-def key_wrapping_period(now: float) -> str:
-    """The calendar month (UTC) whose key-wrapping key wraps the keys made at ``now``."""
-    return time.strftime("%Y-%m", time.gmtime(now))
 
 
 class Keystore(abc.ABC):
@@ -99,8 +114,9 @@ class Keystore(abc.ABC):
         self.kek = kek
         self.clock = clock
         self._pseudonym_macs: dict[str, HMAC] = {}  # by the secret's name; a secret never changes
-        self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id; kept for the life of the process
-        self._current_key_wrapping_key: tuple[str, str] | None = None  # (period, key id)
+        self._key_wrapping_keys: dict[str, tuple[float, AESGCM]] = {}  # key id -> (forget at, key)
+        self._next_forget_at = math.inf  # when the first of those is to be forgotten
+        self._current_key_wrapping_key: KeyWrapping | None = None
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
     @abc.abstractmethod
@@ -108,8 +124,10 @@ class Keystore(abc.ABC):
         """Known subjects: pseudonym -> key id, or None for a tombstone."""
 
     @abc.abstractmethod
-    def _create_subjects(self, new: dict[str, tuple[str, bytes]]) -> None:
-        """Stores ``pseudonym -> (key id, wrapped key)`` where no entry exists yet; first writer wins."""
+    def _create_subjects(self, new: dict[str, NewKey]) -> None:
+        """Stores ``pseudonym -> new key`` where no entry exists yet; first writer wins. Stores none
+        and raises ``KeyWrappingReplaced`` unless their key-wrapping key is still the newest
+        (``wrapping.check_still_newest``), checked where a rotation's scan would see them."""
 
     @abc.abstractmethod
     def _read_wrapped_keys(self, key_ids: list[str]) -> dict[str, bytes]:
@@ -120,8 +138,21 @@ class Keystore(abc.ABC):
         """Deletes the subject's data key and leaves a tombstone; True if it had a key."""
 
     @abc.abstractmethod
-    def _named_key_id(self, name: str, candidate: Callable[[], tuple[str, bytes]]) -> str:
-        """The key id stored under ``name``; if there is none, stores ``candidate()`` first (and only then makes it)."""
+    def _record_forget(self, pseudonym: str, scoped: list[str]) -> None:
+        """Records a forget under way: the subject's unscoped pseudonym and those in the scopes."""
+
+    @abc.abstractmethod
+    def _pending_forgets(self) -> dict[str, list[str]]:
+        """The forgets recorded and not done: unscoped pseudonym -> pseudonyms in the scopes."""
+
+    @abc.abstractmethod
+    def _forget_done(self, pseudonym: str) -> None:
+        """Deletes the record of a forget whose every key is deleted."""
+
+    @abc.abstractmethod
+    def _named_key_id(self, name: str, candidate: Callable[[], NewKey]) -> str:
+        """The key id stored under ``name``; if there is none, stores ``candidate()`` first (and only
+        then makes it), or raises ``KeyWrappingReplaced`` as ``_create_subjects`` does."""
 
     @abc.abstractmethod
     def _named_keys(self, prefix: str) -> dict[str, str]:
@@ -150,16 +181,20 @@ class Keystore(abc.ABC):
         """Whether any subject (or tombstone) is stored: a keystore that jobs have used holds some,
         one that was only provisioned holds none."""
 
+    @abc.abstractmethod
+    def _purge_deleted(self) -> None:
+        """Removes from the backend's own files what its deletions left there (SQLite: its log)."""
+
     def check(self) -> None:
         """Raises ``KeysNotFound`` unless the keystore exists (what provisioning creates): a first read does."""
         self.holds_subjects()
 
-    # How a key is stored: wrapped by this month's key-wrapping key, which the KEK wraps; bound to its key id.
-    def _wrap_key(self, key_id: str, data_key: bytes) -> bytes:
-        wrapping_key_id = self._current_wrapping_key_id()
-        header = LOCAL_HEADER.pack(WRAPPED_LOCALLY, bytes.fromhex(wrapping_key_id))
+    # How a key is stored: wrapped by its month's newest key-wrapping key, which the KEK wraps; bound to its key id.
+    def _wrap_key(self, key_id: str, data_key: bytes, wrapping: KeyWrapping | None = None) -> bytes:
+        wrapping = wrapping or self._current_wrapping()
+        header = LOCAL_HEADER.pack(WRAPPED_LOCALLY, bytes.fromhex(wrapping.key_id))
         nonce = secrets.token_bytes(NONCE_BYTES)
-        aead = self._key_wrapping_key(wrapping_key_id)
+        aead = self._key_wrapping_key(wrapping.key_id)
         return header + nonce + aead.encrypt(nonce, data_key, header + key_id.encode())
 
     def _unwrap_key(self, key_id: str, wrapped: bytes) -> bytes:
@@ -171,34 +206,62 @@ class Keystore(abc.ABC):
         aead = self._key_wrapping_key(header[1:].hex())
         return aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], header + key_id.encode())
 
-    def _new_key(self) -> tuple[str, bytes]:
-        key_id = new_key_id()
-        return key_id, self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES))
+    def _new_key(self) -> NewKey:
+        wrapping, key_id = self._current_wrapping(), new_key_id()
+        try:
+            wrapped = self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES), wrapping)
+        except KeysNotFound as gone:  # a rotation deleted it since this process read which one is newest
+            raise KeyWrappingReplaced(str(gone)) from None
+        return NewKey(key_id, wrapped, wrapping)
 
-    def _new_key_wrapping_key(self) -> tuple[str, bytes]:
+    def _new_key_wrapping_key(self) -> NewKey:
         key_id, key = new_key_id(), secrets.token_bytes(KEY_BYTES)
         wrapped = self.kek.wrap(key, key_id.encode())
-        self._key_wrapping_keys[key_id] = AESGCM(key)  # if another process's wins, this one is never asked for
-        return key_id, wrapped
+        self._remember_key_wrapping_key(key_id, AESGCM(key))  # if another process's wins, never asked for
+        return NewKey(key_id, wrapped)
 
-    def _current_wrapping_key_id(self) -> str:
-        """This month's key-wrapping key, made by the first process that needs it (one KEK call a month)."""
+    def _current_wrapping(self) -> KeyWrapping:
+        """This month's newest key-wrapping key, made by the first process that needs it (one KEK call
+        a month); kept until the month ends or a rotation replaces it."""
         period = key_wrapping_period(self.clock())
         current = self._current_key_wrapping_key
-        if current is None or current[0] != period:
-            key_id = self._named_key_id(KEY_WRAPPING_KEY.format(period=period), self._new_key_wrapping_key)
-            self._current_key_wrapping_key = current = (period, key_id)
-        return current[1]
+        if current is None or current.period != period:
+            newest = newest_generation(self._named_keys(generation_name(period, 0)))
+            key_id = newest[1] if newest else self._named_key_id(generation_name(period, 0), self._new_key_wrapping_key)
+            self._current_key_wrapping_key = current = KeyWrapping(period, key_id)
+        return current
+
+    def _stored(self, store: Callable[[], object]):
+        """``store()``, again with keys wrapped afresh while a rotation replaces the key-wrapping key."""
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                return store()
+            except KeyWrappingReplaced:
+                if attempt + 1 == STORE_ATTEMPTS:
+                    raise
+                self._current_key_wrapping_key = None
+
+    def _remember_key_wrapping_key(self, key_id: str, aead: AESGCM) -> AESGCM:
+        forget_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
+        self._key_wrapping_keys[key_id] = (forget_at, aead)
+        self._next_forget_at = min(self._next_forget_at, forget_at)
+        return aead
 
     def _key_wrapping_key(self, key_id: str) -> AESGCM:
-        """A key-wrapping key, unwrapped by the KEK the first time this process needs it."""
-        aead = self._key_wrapping_keys.get(key_id)
-        if aead is None:
-            wrapped = self._read_wrapped_keys([key_id]).get(key_id)
-            if wrapped is None:
-                raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
-            aead = self._key_wrapping_keys[key_id] = AESGCM(self.kek.unwrap(wrapped, key_id.encode()))
-        return aead
+        """A key-wrapping key, unwrapped by the KEK unless this process did so within the last
+        ``KEY_WRAPPING_MEMORY_SECONDS``. Past that bound, the next call forgets it (one comparison
+        a call until then), so a worker does not keep one that a rotation deleted."""
+        now = self.clock()
+        if now >= self._next_forget_at:
+            self._key_wrapping_keys = {k: held for k, held in self._key_wrapping_keys.items() if held[0] > now}
+            self._next_forget_at = min((held[0] for held in self._key_wrapping_keys.values()), default=math.inf)
+        held = self._key_wrapping_keys.get(key_id)
+        if held:
+            return held[1]
+        wrapped = self._read_wrapped_keys([key_id]).get(key_id)
+        if wrapped is None:
+            raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
+        return self._remember_key_wrapping_key(key_id, AESGCM(self.kek.unwrap(wrapped, key_id.encode())))
 
     # The interface the pipeline and the tools use.
     def _pseudonym(self, secret_name: str, subject_id: str) -> str:
@@ -214,10 +277,9 @@ class Keystore(abc.ABC):
         first use of a scope creates its secret."""
         return self._pseudonym(PSEUDONYM_KEY if scope is None else SCOPED_PSEUDONYM_KEY.format(scope=scope), subject_id)
 
-    def _pseudonym_secrets(self) -> list[str]:
-        """The names of every pseudonym secret stored: the unscoped one and one per scope ever used."""
-        scoped = SCOPED_PSEUDONYM_KEY.format(scope="")
-        return sorted(n for n in self.named_keys(PSEUDONYM_KEY) if n == PSEUDONYM_KEY or n.startswith(scoped))
+    def _scoped_pseudonyms(self, subject_id: str) -> list[str]:
+        """The subject's pseudonyms in every scope whose secret is stored (one per type ever used)."""
+        return [self._pseudonym(n, subject_id) for n in sorted(self.named_keys(SCOPED_PSEUDONYM_KEY.format(scope="")))]
 
     def _forgotten(self, subject_ids) -> set[str]:
         """The subjects among ``subject_ids`` that have the unscoped tombstone, in one batch."""
@@ -228,21 +290,24 @@ class Keystore(abc.ABC):
     def subject_key_ids(self, subject_ids, create: bool = True, scope: str | None = None) -> dict[str, str | None]:
         """Key ids for many subjects in ``scope`` (an event type's name; None: the unscoped keys of
         keystores from before scopes), in one batch; None for forgotten (or, without ``create``,
-        unknown) ones."""
-        by_pseudonym = {self.pseudonym(s, scope): s for s in set(subject_ids)}
-        known = self._read_subjects(list(by_pseudonym))
-        missing = [p for p in by_pseudonym if p not in known]
-        if missing and create and scope is not None:
-            # A forgotten subject gets no key in a scope it never had one in. The scope's secret
-            # exists (made above) before this reads the tombstone, and forget writes the tombstone
-            # before it lists the secrets: so either this read sees the tombstone, or forget sees
-            # the scope and tombstones the subject there, where a claim made now loses or is erased.
-            forgotten = self._forgotten(by_pseudonym[p] for p in missing)
-            missing = [p for p in missing if by_pseudonym[p] not in forgotten]
+        unknown) ones.
+
+        The unscoped tombstone decides: a subject that has it gets None, even where a forget that
+        stopped halfway left its key in the scope, and no new key. It is read in the same batch,
+        after the scope's secret exists (made by the first ``pseudonym`` of the scope), and forget
+        writes it before it lists the secrets: so either this read sees the tombstone, or forget
+        sees the scope and tombstones the subject there, where a claim made now loses or is erased.
+        """
+        subjects = set(subject_ids)
+        by_pseudonym = {self.pseudonym(s, scope): s for s in subjects}
+        tombstones = {} if scope is None else {self.pseudonym(s): s for s in subjects}
+        known = self._read_subjects([*by_pseudonym, *tombstones])
+        forgotten = {s for p, s in tombstones.items() if p in known and known[p] is None}
+        missing = [p for p, s in by_pseudonym.items() if p not in known and s not in forgotten]
         if missing and create:
-            self._create_subjects({pseudonym: self._new_key() for pseudonym in missing})
+            self._stored(lambda: self._create_subjects({pseudonym: self._new_key() for pseudonym in missing}))
             known.update(self._read_subjects(missing))
-        return {subject: known.get(p) for p, subject in by_pseudonym.items()}
+        return {s: None if s in forgotten else known.get(p) for p, s in by_pseudonym.items()}
 
     def subject_keys(self, subject_ids, create: bool = True, scope: str | None = None) -> dict[str, SubjectKey | None]:
         """Keys for many subjects in ``scope``, in one batch; None for forgotten (or, without
@@ -252,8 +317,8 @@ class Keystore(abc.ABC):
         return {s: SubjectKey(k, keys[k]) if k and keys.get(k) else None for s, k in key_ids.items()}
 
     def key_ids_of(self, subject_id: str) -> list[str]:
-        """The subject's current key ids in every scope, the unscoped one included; creates nothing."""
-        pseudonyms = [self._pseudonym(name, subject_id) for name in self._pseudonym_secrets()]
+        """The subject's key ids still stored in every scope, the unscoped one included; creates nothing."""
+        pseudonyms = [self.pseudonym(subject_id), *self._scoped_pseudonyms(subject_id)]
         return sorted(k for k in self._read_subjects(pseudonyms).values() if k)
 
     def data_keys(self, key_ids) -> dict[str, bytes | None]:
@@ -264,13 +329,24 @@ class Keystore(abc.ABC):
 
     def forget(self, subject_id: str) -> bool:
         """Crypto-shreds a subject in every scope: True if a key was deleted, False if there was none
-        (tombstones stay). The unscoped tombstone comes first, and only then are the scopes listed:
-        a job that makes a scope after the listing sees the tombstone (``subject_key_ids``). A
-        forget that fails halfway finishes when run again."""
-        deleted = self._forget(self.pseudonym(subject_id))
-        for name in self._pseudonym_secrets():
-            if name != PSEUDONYM_KEY:
-                deleted = self._forget(self._pseudonym(name, subject_id)) or deleted
+        (tombstones stay).
+
+        Its steps: record the work (the subject's pseudonyms in the scopes), write the unscoped
+        tombstone (from here on no key of the subject is served or made by subject), list the
+        scopes again and record a scope made meanwhile, delete the key and leave a tombstone in
+        each scope, drop the record, and purge what the deletions left in the backend's files.
+        Only then is the forget complete. One that stops after any step is finished by running it
+        again, or by the sweep (``sweep_orphans``), which finds the record."""
+        unscoped, scoped = self.pseudonym(subject_id), self._scoped_pseudonyms(subject_id)
+        self._record_forget(unscoped, scoped)
+        deleted = self._forget(unscoped)
+        later = self._scoped_pseudonyms(subject_id)  # a job that made a scope before the tombstone
+        if later != scoped:
+            self._record_forget(unscoped, later)
+        for pseudonym in later:
+            deleted = self._forget(pseudonym) or deleted
+        self._forget_done(unscoped)
+        self._purge_deleted()
         return deleted
 
     def is_forgotten(self, subject_id: str) -> bool:
@@ -279,7 +355,7 @@ class Keystore(abc.ABC):
 
     def named_key(self, name: str) -> SubjectKey:
         """A key kept for a purpose rather than a subject, created on first use (and only then wrapped)."""
-        stored_id = self._named_key_id(name, self._new_key)
+        stored_id = self._stored(lambda: self._named_key_id(name, self._new_key))
         return SubjectKey(stored_id, self.data_keys([stored_id])[stored_id])
 
     def named_keys(self, prefix: str) -> dict[str, str]:
@@ -304,21 +380,79 @@ class Keystore(abc.ABC):
         )
 
     def rewrap(self) -> RewrapCounts:
-        """Re-wraps every key the KEK wraps under an older version than its primary, so that older
-        versions can be destroyed. Safe beside running jobs and forget: a key deleted meanwhile
-        stays deleted. Keys wrapped by a key-wrapping key need nothing: theirs is re-wrapped."""
-        primary, rewrapped, current, vanished = self.kek.primary_version(), 0, 0, 0
+        """Rotates the key-wrapping keys, which revokes every copy of the keystore taken before.
+
+        It makes a new generation of every month's key-wrapping key (wrapped by the KEK's primary
+        version), re-wraps every data key under its month's new one (and every key the KEK wraps
+        under an older version, under the primary), scanning again until a scan finds none left,
+        and only then deletes the old key-wrapping keys. A copy taken before holds its data keys
+        under those, wrapped by the KEK versions of then: once those versions are destroyed,
+        nothing unwraps it. Safe beside running jobs and forget: a job stores no key under a
+        replaced key-wrapping key (``_create_subjects``), and a key deleted meanwhile stays
+        deleted. A run that stops leaves every key readable, and a run again finishes (each run
+        replaces whatever key-wrapping keys it finds)."""
+        retiring = self.named_keys(KEY_WRAPPING_KEYS)
+        newer = {
+            period: self._newer_key_wrapping_key(period, set(retiring.values()))
+            for period in {generation_of(name)[0] for name in retiring}
+        }
+        replacements = {key_id: newer[generation_of(name)[0]] for name, key_id in retiring.items()}
+        self._current_key_wrapping_key = None
+        totals = collections.Counter()
+        while True:
+            found = self._rewrap_pass(replacements)
+            totals.update(rewrapped=found["rewrapped"], vanished=found["vanished"])
+            if not found["stale"]:
+                break
+        self.delete_named_keys(retiring)
+        for key_id in retiring.values():
+            self._key_wrapping_keys.pop(key_id, None)
+        return RewrapCounts(totals["rewrapped"], len(retiring), totals["vanished"], found["unreadable"])
+
+    def _newer_key_wrapping_key(self, period: str, retiring: set[str]) -> KeyWrapping:
+        """A generation of the month's key-wrapping key newer than every one in ``retiring``."""
+        names = self._named_keys(generation_name(period, 0))
+        name, key_id = newest_generation(names)
+        if key_id in retiring:
+            newer = generation_name(period, generation_of(name)[1] + 1)
+            key_id = self._named_key_id(newer, self._new_key_wrapping_key)  # another rotation's, if it came first
+        return KeyWrapping(period, key_id)
+
+    def _rewrap_pass(self, replacements: dict[str, KeyWrapping]) -> collections.Counter:
+        """One scan: every key still under a replaced key-wrapping key, or under an older KEK version
+        than the primary, is wrapped anew."""
+        primary, found = self.kek.primary_version(), collections.Counter()
         for batch in self._scan_wrapped_keys():
-            stale = {k: w for k, w in batch if wrapped_by_kek(w) and kek_version_of(w) != primary}
-            current += len(batch) - len(stale)
-            fresh = {k: self.kek.wrap(self.kek.unwrap(w, k.encode()), k.encode()) for k, w in stale.items()}
+            fresh = {}
+            for key_id, wrapped in batch:
+                old = wrapping_key_id_of(wrapped)
+                stale_kek = wrapped_by_kek(wrapped) and kek_version_of(wrapped) != primary
+                if key_id in replacements or not (old in replacements or stale_kek):
+                    continue  # a key-wrapping key to delete, or a key that needs nothing
+                try:
+                    data_key = self._unwrap_key(key_id, wrapped)
+                except KeysNotFound:  # its key-wrapping key or KEK version is gone: nothing can read it
+                    found["unreadable"] += 1
+                    continue
+                found["stale"] += 1
+                if old in replacements:
+                    fresh[key_id] = self._wrap_key(key_id, data_key, replacements[old])
+                else:
+                    fresh[key_id] = self.kek.wrap(data_key, key_id.encode())
             replaced = self._replace_wrapped_keys(fresh)
-            rewrapped, vanished = rewrapped + replaced, vanished + len(fresh) - replaced
-        return RewrapCounts(rewrapped, current, vanished)
+            found.update(rewrapped=replaced, vanished=len(fresh) - replaced)
+        return found
 
     def sweep_orphans(self, grace_seconds: float = ORPHAN_GRACE_SECONDS) -> int:
-        """Deletes the data keys nothing points to any more (a worker that died between writing a
-        key and claiming its subject leaves one; so does a forget interrupted halfway, which this
-        finishes). A key younger than ``grace_seconds`` is left alone: its claim may be under way.
-        Returns how many keys it deleted."""
-        return self._sweep_orphans(grace_seconds)
+        """Finishes the forgets that stopped (their record lists the subject's pseudonyms), then
+        deletes the data keys nothing points to any more (a worker that died between writing a key
+        and claiming its subject leaves one). A key younger than ``grace_seconds`` is left alone:
+        its claim may be under way. Returns how many keys it deleted."""
+        finished = 0
+        for unscoped, scoped in self._pending_forgets().items():
+            for pseudonym in [unscoped, *scoped]:
+                finished += self._forget(pseudonym)
+            self._forget_done(unscoped)
+        swept = self._sweep_orphans(grace_seconds)
+        self._purge_deleted()
+        return finished + swept

@@ -1,4 +1,8 @@
-"""The embedded keystore backend: one SQLite file (the default for local runs)."""
+"""The embedded keystore backend: one SQLite file (the default for local runs).
+
+The file and its log (``-wal``, ``-shm``) are readable by their owner alone (0600; SQLite gives
+the log the database's mode), in a folder closed to others (0700).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ import sqlite3
 import threading
 import time
 
-from event_delivery.keys.kek import PRIVATE_FOLDER, PROVISION_HINT, KeyEncryptionKey, KeysNotFound
+from event_delivery.keys.kek import PROVISION_HINT, KeyEncryptionKey, KeysNotFound, private_folder
 from event_delivery.keys.keystore import SCAN_BATCH, Keystore
+from event_delivery.keys.wrapping import check_still_newest
+
+PRIVATE_FILE = 0o600
 
 
 class SqliteKeystore(Keystore):
@@ -19,16 +26,17 @@ class SqliteKeystore(Keystore):
         CREATE TABLE IF NOT EXISTS subjects (pseudonym TEXT PRIMARY KEY, key_id TEXT, forgotten_at REAL);
         CREATE TABLE IF NOT EXISTS data_keys (key_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
         CREATE TABLE IF NOT EXISTS named_keys (name TEXT PRIMARY KEY, key_id TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS pending_forgets (pseudonym TEXT PRIMARY KEY, scoped TEXT NOT NULL);
     """
 
     def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = False):
         super().__init__(kek)
         self.path = path
         self._lock = threading.Lock()
-        if path != ":memory:":
-            if not create and not os.path.exists(path):
-                raise KeysNotFound(f"there is no keystore at {path}; {PROVISION_HINT}")
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=PRIVATE_FOLDER, exist_ok=True)
+        if not create and not os.path.exists(path):
+            raise KeysNotFound(f"there is no keystore at {path}; {PROVISION_HINT}")
+        private_folder(os.path.dirname(os.path.abspath(path)))
+        _make_private(path)
         self._connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         # Deleted keys are overwritten on disk, not just unlinked from the b-tree.
         self._connection.execute("PRAGMA secure_delete = ON")
@@ -59,9 +67,16 @@ class SqliteKeystore(Keystore):
     def _read_subjects(self, pseudonyms):
         return dict(self._select("SELECT pseudonym, key_id FROM subjects WHERE pseudonym IN ({marks})", pseudonyms))
 
+    @staticmethod
+    def _names_in(db, prefix: str) -> dict[str, str]:
+        return dict(
+            db.execute("SELECT name, key_id FROM named_keys WHERE substr(name, 1, ?) = ?", (len(prefix), prefix))
+        )
+
     def _create_subjects(self, new):
         with self._transaction() as db:
-            for pseudonym, (key_id, wrapped) in new.items():
+            check_still_newest(new.values(), lambda prefix: self._names_in(db, prefix))  # a rotation scans after
+            for pseudonym, (key_id, wrapped, _) in new.items():
                 if db.execute("SELECT 1 FROM subjects WHERE pseudonym = ?", (pseudonym,)).fetchone():
                     continue  # another writer got there first; its key stands
                 db.execute("INSERT INTO data_keys VALUES (?, ?)", (key_id, wrapped))
@@ -80,33 +95,39 @@ class SqliteKeystore(Keystore):
                 "ON CONFLICT (pseudonym) DO UPDATE SET key_id = NULL, forgotten_at = excluded.forgotten_at",
                 (pseudonym, time.time()),
             )
-        self._truncate_log()
         return bool(row and row[0])
+
+    def _record_forget(self, pseudonym, scoped):
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO pending_forgets VALUES (?, ?)", (pseudonym, " ".join(scoped)))
+
+    def _pending_forgets(self):
+        with self._lock:
+            rows = self._connection.execute("SELECT pseudonym, scoped FROM pending_forgets").fetchall()
+        return {pseudonym: scoped.split() for pseudonym, scoped in rows}
+
+    def _forget_done(self, pseudonym):
+        with self._transaction() as db:
+            db.execute("DELETE FROM pending_forgets WHERE pseudonym = ?", (pseudonym,))
 
     def _sweep_orphans(self, grace_seconds):
         # A key and the entry that points to it are written in one transaction, so an orphan is
         # never a claim under way: whatever nothing points to can go, however young.
         with self._transaction() as db:
-            swept = db.execute(
+            return db.execute(
                 "DELETE FROM data_keys WHERE key_id NOT IN (SELECT key_id FROM subjects WHERE key_id IS NOT NULL) "
                 "AND key_id NOT IN (SELECT key_id FROM named_keys)"
             ).rowcount
-        if swept:
-            self._truncate_log()
-        return swept
 
     def _named_keys(self, prefix):
         with self._lock:
-            rows = self._connection.execute(
-                "SELECT name, key_id FROM named_keys WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
-            ).fetchall()
-        return dict(rows)
+            return self._names_in(self._connection, prefix)
 
     def _delete_named_key(self, name, key_id):
         with self._transaction() as db:
             db.execute("DELETE FROM data_keys WHERE key_id = ?", (key_id,))
             db.execute("DELETE FROM named_keys WHERE name = ? AND key_id = ?", (name, key_id))
-        self._truncate_log()
+        self._purge_deleted()
 
     def _scan_wrapped_keys(self):
         after = ""
@@ -128,13 +149,14 @@ class SqliteKeystore(Keystore):
                 for key_id, wrapped in rewrapped.items()
             )
 
-    def _truncate_log(self) -> None:
+    def _purge_deleted(self):
         """Copies the write-ahead log into the database and empties it.
 
         ``secure_delete`` overwrites a deleted key in the database file, but the log
         still holds the frame that wrote it until a truncating checkpoint; a forget is
         not done before then. It waits for readers (the busy timeout) and fails loudly
-        if they hold on, rather than report an erasure that is not complete.
+        if they hold on, rather than report an erasure that is not complete. A forget
+        runs it once, after every deletion, so readers can only delay the last step.
         """
         with self._lock:
             busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -149,11 +171,13 @@ class SqliteKeystore(Keystore):
             row = self._connection.execute("SELECT key_id FROM named_keys WHERE name = ?", (name,)).fetchone()
         if row:
             return row[0]
-        key_id, wrapped = candidate()
+        new = candidate()
+        key_id, wrapped, _ = new
         with self._transaction() as db:
             row = db.execute("SELECT key_id FROM named_keys WHERE name = ?", (name,)).fetchone()
             if row:
                 return row[0]
+            check_still_newest([new], lambda prefix: self._names_in(db, prefix))
             db.execute("INSERT INTO data_keys VALUES (?, ?)", (key_id, wrapped))
             db.execute("INSERT INTO named_keys VALUES (?, ?)", (name, key_id))
             return key_id
@@ -164,3 +188,13 @@ class SqliteKeystore(Keystore):
 
     def __reduce__(self):
         return (SqliteKeystore, (self.kek, self.path))
+
+
+def _make_private(path: str) -> None:
+    """Creates the database file readable by its owner alone, or closes the one that exists and its log."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_uid == os.getuid():
+                os.chmod(name, PRIVATE_FILE)

@@ -124,7 +124,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quarantine_retention_days <= 0:
         parser.error("--quarantine_retention_days must be positive")
-    keys = key_config_from_args(args)
+    try:
+        keys = key_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     types = [registry[name] for name in (args.event_type or sorted(registry))]
     try:
         keys.provision()
