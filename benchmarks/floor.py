@@ -48,8 +48,9 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
         parsed = []
         for archived in records:
             data = archived["payload"]
-            if archived["key_id"]:
-                data = decrypt_bytes(unseal[archived["key_id"]], data, name, RAW, archived["key_id"])
+            key_id = archived["key_id"]
+            if key_id:
+                data = decrypt_bytes(unseal[key_id], data, name, RAW, key_id, archived["event_id"])
             attributes = archived["attributes"]
             event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
             obj = None
@@ -71,7 +72,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                 if not named and day not in quarantine:
                     quarantine[day] = keystore.named_key(day)
                 key = keystore.subject_keys([subject], scope=name)[subject] if named else quarantine[day]
-                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id) if key else None
+                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id, event_id) if key else None
                 dead.append(
                     {
                         "event_id": event_id,

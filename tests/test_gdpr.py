@@ -267,7 +267,7 @@ def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
     assert record["payload"] != broken and record["error_kind"] == "NOT_JSON"
     key = keys.open().named_key(quarantine_key_name("search", int(record["received_at"].timestamp() * 1000)))
     assert record["quarantine_key_id"] == key.key_id
-    assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id) == broken
+    assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id, "dl-1") == broken
 
 
 def test_a_step_that_raises_leaks_nothing_into_its_exception_or_the_logs(tmp_path, keys, caplog, monkeypatch):
@@ -346,3 +346,55 @@ def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_op
     assert sorted((m.attributes["event_id"], m.data) for m in backfill.process(str(archive_file))) == sorted(
         (i, b"{x") for i in stamps
     )
+
+
+def test_sealed_payloads_swapped_between_records_under_one_key_open_in_neither(tmp_path, keys):
+    """Two malformed messages of one day share the day's quarantine key. Their sealed payloads swapped
+    between the records, in the dead letters and in the raw archive, no longer open: redrive and
+    backfill replay neither, rather than one message under the other's id and attributes."""
+    from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter
+    from pipelines.redrive import ReplayDeadLettersFn
+    from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
+    from transforms.personal import JobKeyCache, SealDeadLettersFn
+
+    search, received_at = load_registry()["search"], START * 1000
+    payloads = {"e1": b'{"user_id": "alice", ', "e2": b'{"user_id": "bob", '}
+    attributes = {i: {"event_id": i, "producer_note": f"note of {i}"} for i in payloads}
+    key_cache = JobKeyCache(keys, search.name)
+    seal_dead, seal_raw = SealDeadLettersFn(search, key_cache), SealRawMessagesFn(search, key_cache)
+    seal_dead.setup(), seal_raw.setup()
+    letters = [
+        r
+        for _, _, r in seal_dead.seal(
+            [
+                (i, received_at, dead_letter("search", ErrorKind.NOT_JSON, "t", i, received_at, attributes[i], p))
+                for i, p in payloads.items()
+            ]
+        )
+    ]
+    archived = [
+        r
+        for _, _, r in seal_raw.seal(
+            [(i, received_at, (None, received_at, attributes[i], p)) for i, p in payloads.items()]
+        )
+    ]
+    assert len({r["quarantine_key_id"] for r in letters} | {r["key_id"] for r in archived}) == 1, "one key"
+
+    def swapped(records):
+        first, second = records
+        return [{**first, "payload": second["payload"]}, {**second, "payload": first["payload"]}]
+
+    redrive = ReplayDeadLettersFn(search, keys, "none")
+    redrive.setup()
+    backfill = ReplayArchiveFn(search, key_cache)
+    backfill.setup()
+    for name, records in (("as sealed", letters), ("swapped", swapped(letters))):
+        path = tmp_path / f"dead-{name}.avro"
+        files.write_avro(str(path), files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), records)
+        replayed = {m.attributes["event_id"]: m.data for m in redrive.process(str(path)) if hasattr(m, "data")}
+        assert replayed == (payloads if name == "as sealed" else {}), f"redrive of the dead letters {name}"
+    for name, records in (("as sealed", archived), ("swapped", swapped(archived))):
+        path = tmp_path / f"raw-{name}.avro"
+        files.write_avro(str(path), parsed_raw_archive_schema(), records)
+        replayed = {m.attributes["event_id"]: m.data for m in backfill.process(str(path))}
+        assert replayed == (payloads if name == "as sealed" else {}), f"backfill of the archive {name}"

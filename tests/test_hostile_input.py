@@ -251,7 +251,7 @@ def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stal
     assert {r["quarantine_key_id"] for r in dead.values()} == {quarantine.key_id}
     for event_id, record in dead.items():
         payload = decrypt_bytes(
-            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id
+            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id, event_id
         )
         assert payload == message(unencodable[event_id]).data, "sealed whole, for a redrive"
     archived = {

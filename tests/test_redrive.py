@@ -74,7 +74,7 @@ def test_dead_letters_of_an_open_hour_are_staged_for_its_close(tmp_path):
     payload = json.dumps(valid_fields(search, 1)).encode()
     record = dead_letter("search", ErrorKind.BAD_TIMESTAMP, "test", "e1", hour * 1000, {"event_id": "e1"}, payload)
     record.update(
-        payload=encrypt_bytes(key.aead, payload, "search", "payload", key.key_id), quarantine_key_id=key.key_id
+        payload=encrypt_bytes(key.aead, payload, "search", "payload", key.key_id, "e1"), quarantine_key_id=key.key_id
     )
     folder = settings.layout.hour(settings.layout.dead_letter, hour)
     files.write_avro(
@@ -138,7 +138,7 @@ def _sealed_dead_letters(keys, payloads: dict[str, bytes]) -> list[dict]:
     records = []
     for event_id, payload in payloads.items():
         record = dead_letter("search", ErrorKind.NOT_JSON, "t", event_id, START * 1000, {"event_id": event_id}, payload)
-        sealed = encrypt_bytes(key.aead, payload, "search", "payload", key.key_id)
+        sealed = encrypt_bytes(key.aead, payload, "search", "payload", key.key_id, event_id)
         records.append({**record, "payload": sealed, "quarantine_key_id": key.key_id})
     return records
 

@@ -377,7 +377,9 @@ class SealDeadLettersFn(SealInBatchesFn):
             if key is None:
                 self.erased.inc()  # the subject was forgotten: nothing of it is kept
             else:
-                sealed["payload"] = encrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
+                sealed["payload"] = encrypt_bytes(
+                    aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id, record["event_id"]
+                )
             sealed_letters.append((event_id, received_at, sealed))
         return sealed_letters
 
