@@ -4,12 +4,14 @@ Each message is kept whole (payload, attributes, arrival time) in the hour it is
 accounted in, duplicates and malformed ones included, so a backfill that replays an
 hour through the delivery path reproduces that hour's accounting. A payload that
 may hold personal data is sealed: a valid event's under its subject's key, so that
-forgetting the subject erases it here too; any other, and a valid event's whose
-subject's key is unavailable (see ``transforms.personal``), under the type's quarantine
-key. The producer's attributes other than the envelope's are sealed with the payload,
-under the same key. Types without personal fields are archived in clear, unless the
-producer added attributes of its own, which nothing checks: such a message is sealed
-whole under the quarantine key, like one that names no subject.
+forgetting the subject erases it here too; any other (a malformed message, even one that
+names a subject: a key made for every string such a message names would grow the keystore
+without bound), and a valid event's whose subject's key is unavailable (see
+``transforms.personal``), under the type's quarantine key. The producer's attributes
+other than the envelope's are sealed with the payload, under the same key. Types without
+personal fields are archived in clear, unless the producer added attributes of its own,
+which nothing checks: such a message is sealed whole under the quarantine key, like one
+that names no subject.
 """
 
 from __future__ import annotations
