@@ -398,3 +398,18 @@ def test_sealed_payloads_swapped_between_records_under_one_key_open_in_neither(t
         files.write_avro(str(path), parsed_raw_archive_schema(), records)
         replayed = {m.attributes["event_id"]: m.data for m in backfill.process(str(path))}
         assert replayed == (payloads if name == "as sealed" else {}), f"backfill of the archive {name}"
+
+
+def test_the_raw_archive_retention_is_the_one_forgets_guarantees_name():
+    """The archive's retention is a setting of the layout, and docs/privacy.md states it where it says
+    what forget erases and within what bound: a change to either without the other fails here."""
+    import re
+
+    from event_delivery.contract.partitions import RAW_ARCHIVE_RETENTION_DAYS
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "privacy.md").read_text()
+    guarantees = text[text.index("## For the data-protection officer") :]
+    guarantees = guarantees[: guarantees.index("\n## ")]
+    stated = re.compile(r"`RAW_ARCHIVE_RETENTION_DAYS`\s+\((\d+) days")
+    assert stated.search(guarantees), "forget's guarantees name the raw archive's retention"
+    assert {int(days) for days in stated.findall(text)} == {RAW_ARCHIVE_RETENTION_DAYS}

@@ -11,7 +11,7 @@ without bound), and a valid event's whose subject's key is unavailable (see
 other than the envelope's are sealed with the payload, under the same key. Types without
 personal fields are archived in clear, unless the producer added attributes of its own,
 which nothing checks: such a message is sealed whole under the quarantine key, like one
-that names no subject.
+that names no subject. The archive is kept ``partitions.RAW_ARCHIVE_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
