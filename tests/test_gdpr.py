@@ -22,7 +22,7 @@ from event_delivery.contract.registry import load_registry
 from pipelines.decrypt import decrypt
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
-from tests.conftest import message, raw_message, valid_fields
+from tests.conftest import malformed_messages, message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 
 PERSONAL_TYPES = sorted(name for name, t in load_registry().items() if t.personal_fields)
@@ -413,3 +413,55 @@ def test_the_raw_archive_retention_is_the_one_forgets_guarantees_name():
     stated = re.compile(r"`RAW_ARCHIVE_RETENTION_DAYS`\s+\((\d+) days")
     assert stated.search(guarantees), "forget's guarantees name the raw archive's retention"
     assert {int(days) for days in stated.findall(text)} == {RAW_ARCHIVE_RETENTION_DAYS}
+
+
+def test_broken_messages_of_forgotten_and_unknown_subjects_leak_into_no_file_or_log(tmp_path, keys, caplog):
+    """After a forget, the forgotten subject's messages reach branches that its earlier events did not:
+    every way of being malformed (dead letters and the raw archive), valid ones on time and late
+    (delivered and late, with null fields; archived without payload), each with its subject id in an
+    attribute of the producer's own too. So do the broken messages of a subject never seen. No byte
+    of any output file, of the keystore or of the logs holds any of their clear values."""
+    caplog.set_level(logging.DEBUG)
+    search = load_registry()["search"]
+    settings = settings_for(tmp_path, search, keys)
+    forgotten, stranger = "LEAKMARKforgottenZ", "LEAKMARKstrangerZ"
+    planted = [forgotten, stranger]
+    ids = {forgotten: "f", stranger: "s"}  # event ids are in clear: they must not name the subject
+
+    def fields_of(subject: str, n: int) -> dict:
+        planted.append(f"LEAKMARK{subject}query{n}Z")
+        return {**valid_fields(search, n), "user_id": subject, "query": planted[-1]}
+
+    def valid(subject: str, n: int):
+        return message(fields_of(subject, n), f"{ids[subject]}-{n}", (START + 3601) * 1000, producer_user=subject)
+
+    def broken(subject: str, n: int) -> list:
+        fields, limit = fields_of(subject, n), settings.max_event_bytes
+        return malformed_messages(search, fields, f"{ids[subject]}-{n}", limit, producer_user=subject)
+
+    deliver_events(settings, [(f"before-{n}", fields_of(forgotten, n)) for n in range(2)])
+    assert keys.open().forget(forgotten)
+
+    on_time = [valid(forgotten, 10), *broken(forgotten, 11), *broken(stranger, 12)]
+    later = dataclasses.replace(settings, run_id="run2")
+    deliver_events(later, on_time, start=START + 3600, late_events=[valid(forgotten, 13), *broken(forgotten, 14)])
+
+    outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/", "/raw/"):
+        assert any(kind in str(p) for p in outputs), f"the scan covers {kind}"
+    dead = [r for p in outputs if "/dead-letter/" in str(p) and p.suffix == ".avro" for r in files.read_avro(str(p))]
+    assert len(dead) == 3 * len(broken(stranger, 0)), "every broken message is dead-lettered"
+    assert {r["error_kind"] for r in dead} >= {"SCHEMA_VIOLATION", "NOT_JSON", "TOO_LARGE", "BAD_TIMESTAMP"}
+    late = [r for p in outputs if "/late/" in str(p) and p.suffix == ".avro" for r in files.read_avro(str(p))]
+    assert [(r["event_id"], r["user_id"], r["query"]) for r in late] == [("f-13", None, None)]
+
+    blobs = {str(p): _readable_bytes(p) for p in outputs}
+    blobs["keystore"] = b"".join(_read_if_present(p) for p in tmp_path.glob("keystore.db*"))
+    blobs["captured logs"] = caplog.text.encode()
+    leaks = [
+        (marker, where)
+        for marker in planted
+        for where, blob in blobs.items()
+        if any(form in blob for form in _leak_forms(marker))
+    ]
+    assert not leaks

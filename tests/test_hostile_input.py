@@ -30,7 +30,7 @@ from event_delivery.ops.audit import audit_type
 from pipelines import backfill, redrive
 from pipelines.delivery import deliver
 from pipelines.redrive import ReplayDeadLettersFn
-from tests.conftest import message, published_at, raw_message, valid_fields
+from tests.conftest import malformed_messages, message, published_at, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
@@ -469,26 +469,6 @@ def _stored_rows(keys) -> int:
         return sum(database.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables)
 
 
-def malformed_messages_naming(event_type, subject: str, seed: int) -> list[PubsubMessage]:
-    """Messages that parsing refuses, each for another reason, every one a JSON object (or nearly)
-    that names ``subject`` in the subject field."""
-    fields = {**valid_fields(event_type, seed), event_type.subject_field: subject}
-    text = json.dumps(fields)
-    payloads_and_attributes = [
-        (json.dumps({**fields, "new_field": 1}), {}),  # schema violation: an unknown field
-        (json.dumps({**fields, "results_count": "many"}), {}),  # schema violation: a wrong type
-        (text[:-1], {}),  # not JSON
-        (text + " " * 5000, {}),  # too large
-        (text, {"event_type": "play"}),  # type mismatch
-        (text, {"received_at": "yesterday"}),  # bad timestamp
-        (text, {"event_id": ""}),  # missing id
-    ]
-    return [
-        published_at(PubsubMessage(p.encode(), {"event_id": f"{subject}-{i}", **a}), ARRIVAL_MILLIS)
-        for i, (p, a) in enumerate(payloads_and_attributes)
-    ]
-
-
 def test_malformed_messages_naming_any_subject_make_no_key_and_are_quarantined(tmp_path):
     """Hostile input cannot grow the keystore: messages that fail validation, for every reason,
     each naming a subject never seen, are dead-lettered and archived under the day's quarantine key
@@ -499,13 +479,17 @@ def test_malformed_messages_naming_any_subject_make_no_key_and_are_quarantined(t
     search, keys = load_registry()["search"], local_keys(tmp_path)
     path = WholePath(search, keys)
     path.parse.max_event_bytes = 4096  # as the job's --max_event_bytes would set it
-    path.run(malformed_messages_naming(search, "stranger-0", 0))  # makes the day's quarantine key
-    before = _stored_rows(keys)
 
+    def naming(subject: str, seed: int) -> list[PubsubMessage]:
+        fields = {**valid_fields(search, seed), "user_id": subject}
+        return [published_at(m, ARRIVAL_MILLIS) for m in malformed_messages(search, fields, subject, 4096)]
+
+    path.run(naming("stranger-0", 0))  # makes the day's quarantine key
+    before = _stored_rows(keys)
     strangers = [f"stranger-{i}" for i in range(1, 41)]
-    messages = [m for i, s in enumerate(strangers) for m in malformed_messages_naming(search, s, i)]
+    messages = [m for i, s in enumerate(strangers) for m in naming(s, i)]
     delivered, dead, archived = path.run(messages)
-    assert not delivered and len(dead) == len(archived) == len(messages) == 7 * len(strangers)
+    assert not delivered and len(dead) == len(archived) == len(messages) == 9 * len(strangers)
     assert _stored_rows(keys) == before, "no key, pseudonym or tombstone for any subject they name"
     keystore = keys.open()
     assert set(keystore.subject_key_ids(strangers, create=False, scope=search.name).values()) == {None}
