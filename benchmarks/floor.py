@@ -48,11 +48,11 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
         parsed = []
         for archived in records:
             data = archived["payload"]
-            if archived["key_id"]:
-                data = decrypt_bytes(unseal[archived["key_id"]], data, name, RAW, archived["key_id"])
+            key_id = archived["key_id"]
+            if key_id:
+                data = decrypt_bytes(unseal[key_id], data, name, RAW, key_id, archived["event_id"])
             attributes = archived["attributes"]
             event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
-            obj = None
             try:
                 obj = json.loads(data)
                 record = {n: obj.get(n, d) for n, d in fields}
@@ -64,14 +64,12 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
             except (ValueError, AttributeError):
                 valid = False
             if not valid:
-                # Sealed under the subject's key when the payload names one, as the pipeline does.
-                subject = obj.get(subject_field) if subject_field and isinstance(obj, dict) else None
-                named = isinstance(subject, str) and subject
+                # Sealed under the day's quarantine key, whatever subject it names, as the pipeline does.
                 day = quarantine_key_name(name, received_at)
-                if not named and day not in quarantine:
+                if day not in quarantine:
                     quarantine[day] = keystore.named_key(day)
-                key = keystore.subject_keys([subject], scope=name)[subject] if named else quarantine[day]
-                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id) if key else None
+                key = quarantine[day]
+                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id, event_id)
                 dead.append(
                     {
                         "event_id": event_id,
@@ -81,7 +79,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
                         "error_detail": "",
                         "attributes": attributes,
                         "payload": sealed,
-                        "quarantine_key_id": key.key_id if key else None,
+                        "quarantine_key_id": key.key_id,
                     }
                 )
                 continue

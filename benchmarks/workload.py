@@ -127,7 +127,7 @@ def build(folder: pathlib.Path, total: int, seed: int = 7) -> Workload:
                     "arrival": received_at + 200,
                     "attributes": attributes,
                     "key_id": key.key_id if key else None,
-                    "payload": encrypt_bytes(key.aead, data, name, RAW, key.key_id) if key else data,
+                    "payload": encrypt_bytes(key.aead, data, name, RAW, key.key_id, event_id) if key else data,
                 }
             )
             counts["_payload_bytes"] += len(data)

@@ -9,7 +9,7 @@ A backfill is idempotent: it first empties the hours it is about to write under
 ``--storage_root``, and its file names are fixed, so running it again on the same
 archive gives the same records, the same files and the same manifests. Messages whose
 subject was forgotten since they were archived cannot be read back; they are counted
-as erased::
+as erased. Messages whose seal does not open are counted as unreadable::
 
     python -m pipelines.backfill --event_type play --raw_archive_root gs://bucket/raw \\
         --storage_root gs://bucket/backfill --start 2026-11-29T00 --end 2026-11-29T06
@@ -28,7 +28,7 @@ from event_delivery.contract import partitions
 from pipelines.delivery import deliver
 from pipelines.options import DeliveryOptions, delivery_settings
 from pipelines.runtime import LOCAL_BATCH_RUNNER, partition_paths, start_replay_job
-from transforms.archive import ERASED, ReplayArchiveFn
+from transforms.archive import ERASED, UNREADABLE, ReplayArchiveFn
 from transforms.personal import JobKeyCache
 from transforms.settings import DeliverySettings
 
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         f"{name}: replayed {counts.get('replayed', 0)} archived message(s) from {len(paths)} file(s) into "
         f"{settings.layout.delivered} ({cleared} file(s) of an earlier backfill replaced): {accounting['delivered']} "
         f"delivered, {accounting['duplicates']} duplicates, {accounting['dead_lettered']} dead-lettered; "
-        f"{counts.get(ERASED, 0)} erased (subject forgotten)"
+        f"{counts.get(ERASED, 0)} erased (subject forgotten), "
+        f"{counts.get(UNREADABLE, 0)} unreadable (altered, or sealed in an older format)"
     )
     return 0
 

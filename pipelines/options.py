@@ -93,8 +93,8 @@ def add_delivery_arguments(parser) -> None:
     group.add_argument(
         "--raw_archive_root",
         help="The raw archive: the streaming job archives every message as it arrived (sealed where "
-        "personal) under it, and a backfill replays from it. Conventionally <storage_root>/raw. "
-        "Default: no archive.",
+        f"personal) under it, and a backfill replays from it. Conventionally <storage_root>/{partitions.RAW_ARCHIVE}, "
+        f"whose retention is {partitions.RAW_ARCHIVE_RETENTION_DAYS} days (docs/privacy.md). Default: no archive.",
     )
     add_key_arguments(parser)
 

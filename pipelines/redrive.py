@@ -64,7 +64,8 @@ class ReplayDeadLettersFn(beam.DoFn):
     and ``(event_id, place)`` of each (``index:path``) on the ``replayed`` output.
 
     A dead letter that cannot be unsealed, or that the fix cannot handle (whatever either
-    raises: a payload nested too deeply to decode, a record altered at rest), is not replayed:
+    raises: a payload nested too deeply to decode, a record altered at rest, a payload moved
+    from another record or sealed before payloads were bound to their event id), is not replayed:
     it stays in its file, counted as ``not_replayable``, and the others are replayed. One such
     message would otherwise fail the file's bundle every time, and the job with it.
     """
@@ -102,7 +103,7 @@ class ReplayDeadLettersFn(beam.DoFn):
     def unsealed_and_fixed(self, record: dict, key: bytes) -> tuple[bytes, dict]:
         """The dead letter's ``(data, attributes)`` as it arrived, then fixed."""
         aead, name, key_id = AESGCM(key), self.event_type.name, record["quarantine_key_id"]
-        payload = decrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
+        payload = decrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id, record["event_id"])
         attributes = open_attributes(aead, record, name, key_id)
         return self.fix(payload, attributes, self.event_type)
 

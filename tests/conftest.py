@@ -92,3 +92,26 @@ def valid_fields(event_type, seed: int = 0) -> dict:
     import random
 
     return fake_fields(event_type, random.Random(seed), 100)
+
+
+def malformed_messages(event_type, fields: dict, event_id: str, max_event_bytes: int, **attributes) -> list:
+    """One message for each way parsing refuses one, each built from ``fields`` (so it carries their
+    values, the subject's included), with ids ``<event_id>-<kind>`` (none for the missing id)."""
+    text, subject = json.dumps(fields), event_type.subject_field
+    kinds = {
+        "unknown_field": (json.dumps({**fields, "new_field": 1}), {}),
+        "wrong_type": (json.dumps({**fields, subject: [fields[subject]]}), {}),
+        "not_json": (text[:-1], {}),
+        "not_object": (json.dumps([fields]), {}),
+        "not_utf8": ("\udcff" + text, {}),
+        "too_large": (text + " " * max_event_bytes, {}),
+        "type_mismatch": (text, {envelope.EVENT_TYPE: f"not-{event_type.name}"}),
+        "bad_timestamp": (text, {envelope.RECEIVED_AT: "yesterday"}),
+        "missing_id": (text, {envelope.EVENT_ID: ""}),
+    }
+    return [
+        PubsubMessage(
+            data.encode("utf-8", "surrogateescape"), {envelope.EVENT_ID: f"{event_id}-{kind}", **attributes, **more}
+        )
+        for kind, (data, more) in kinds.items()
+    ]

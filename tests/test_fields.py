@@ -1,4 +1,5 @@
-"""Field encryption: values round-trip, and a ciphertext moved anywhere else fails to decrypt."""
+"""Field and payload encryption: values and payloads round-trip, and a ciphertext moved anywhere else
+fails to decrypt."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from event_delivery.keys.fields import FIELD_FORMAT, UndecryptableField, decrypt_value, encrypt_value
+from event_delivery.keys.fields import (
+    FIELD_FORMAT,
+    SEALED_FORMAT,
+    UndecryptableField,
+    decrypt_bytes,
+    decrypt_value,
+    encrypt_bytes,
+    encrypt_value,
+)
 
 KEY = AESGCM(secrets.token_bytes(32))
 values = st.one_of(
@@ -65,3 +74,37 @@ def test_a_value_of_another_format_is_refused_not_misread():
     ciphertext[0] = FIELD_FORMAT + 1
     with pytest.raises(UndecryptableField, match="format"):
         decrypt_value(KEY, bytes(ciphertext), "search", "query", "k1", "e1")
+
+
+def test_a_sealed_payload_round_trips_and_opens_only_as_the_payload_of_its_own_event():
+    sealed = encrypt_bytes(KEY, b'{"user_id": "alice"', "search", "payload", "k1", "e1")
+    assert sealed[0] == SEALED_FORMAT
+    assert decrypt_bytes(KEY, sealed, "search", "payload", "k1", "e1") == b'{"user_id": "alice"'
+    for elsewhere in (
+        ("search", "payload", "k1", "e2"),  # another record under the same key: a swap
+        ("search", "raw", "k1", "e1"),  # the archive's copy of the same event
+        ("page_view", "payload", "k1", "e1"),
+        ("search", "payload", "k2", "e1"),
+    ):
+        with pytest.raises(UndecryptableField):
+            decrypt_bytes(KEY, sealed, *elsewhere)
+
+
+def test_a_payload_and_a_field_value_cannot_pass_for_each_other():
+    """Same key, type, label, key id and event: only the format byte tells the two apart."""
+    value = encrypt_value(KEY, "x", "search", "payload", "k1", "e1")
+    with pytest.raises(UndecryptableField, match="format"):
+        decrypt_bytes(KEY, value, "search", "payload", "k1", "e1")
+    payload = encrypt_bytes(KEY, b'"x"', "search", "payload", "k1", "e1")
+    with pytest.raises(UndecryptableField, match="format"):
+        decrypt_value(KEY, payload, "search", "payload", "k1", "e1")
+
+
+@pytest.mark.parametrize("first_byte", [0, SEALED_FORMAT])
+def test_a_payload_sealed_before_the_format_byte_and_event_id_were_bound_is_refused(first_byte):
+    """The old form (a bare ``nonce || ciphertext``, bound to type, label and key id only) could be
+    swapped between records: it is not read, even when its random nonce starts with the format byte."""
+    nonce = bytes([first_byte]) + secrets.token_bytes(11)
+    legacy = nonce + KEY.encrypt(nonce, b"{}", b"search\x1fpayload\x1fk1")
+    with pytest.raises(UndecryptableField):
+        decrypt_bytes(KEY, legacy, "search", "payload", "k1", "e1")

@@ -22,7 +22,7 @@ from event_delivery.contract.registry import load_registry
 from pipelines.decrypt import decrypt
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
-from tests.conftest import message, raw_message, valid_fields
+from tests.conftest import malformed_messages, message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 
 PERSONAL_TYPES = sorted(name for name, t in load_registry().items() if t.personal_fields)
@@ -267,7 +267,7 @@ def test_a_dead_letter_payload_opens_with_its_quarantine_key(tmp_path, keys):
     assert record["payload"] != broken and record["error_kind"] == "NOT_JSON"
     key = keys.open().named_key(quarantine_key_name("search", int(record["received_at"].timestamp() * 1000)))
     assert record["quarantine_key_id"] == key.key_id
-    assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id) == broken
+    assert decrypt_bytes(key.aead, record["payload"], "search", "payload", key.key_id, "dl-1") == broken
 
 
 def test_a_step_that_raises_leaks_nothing_into_its_exception_or_the_logs(tmp_path, keys, caplog, monkeypatch):
@@ -346,3 +346,122 @@ def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_op
     assert sorted((m.attributes["event_id"], m.data) for m in backfill.process(str(archive_file))) == sorted(
         (i, b"{x") for i in stamps
     )
+
+
+def test_sealed_payloads_swapped_between_records_under_one_key_open_in_neither(tmp_path, keys):
+    """Two malformed messages of one day share the day's quarantine key. Their sealed payloads swapped
+    between the records, in the dead letters and in the raw archive, no longer open: redrive and
+    backfill replay neither, rather than one message under the other's id and attributes."""
+    from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter
+    from pipelines.redrive import ReplayDeadLettersFn
+    from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
+    from transforms.personal import JobKeyCache, SealDeadLettersFn
+
+    search, received_at = load_registry()["search"], START * 1000
+    payloads = {"e1": b'{"user_id": "alice", ', "e2": b'{"user_id": "bob", '}
+    attributes = {i: {"event_id": i, "producer_note": f"note of {i}"} for i in payloads}
+    key_cache = JobKeyCache(keys, search.name)
+    seal_dead, seal_raw = SealDeadLettersFn(search, key_cache), SealRawMessagesFn(search, key_cache)
+    seal_dead.setup(), seal_raw.setup()
+    letters = [
+        r
+        for _, _, r in seal_dead.seal(
+            [
+                (i, received_at, dead_letter("search", ErrorKind.NOT_JSON, "t", i, received_at, attributes[i], p))
+                for i, p in payloads.items()
+            ]
+        )
+    ]
+    archived = [
+        r
+        for _, _, r in seal_raw.seal(
+            [(i, received_at, (None, received_at, attributes[i], p)) for i, p in payloads.items()]
+        )
+    ]
+    assert len({r["quarantine_key_id"] for r in letters} | {r["key_id"] for r in archived}) == 1, "one key"
+
+    def swapped(records):
+        first, second = records
+        return [{**first, "payload": second["payload"]}, {**second, "payload": first["payload"]}]
+
+    redrive = ReplayDeadLettersFn(search, keys, "none")
+    redrive.setup()
+    backfill = ReplayArchiveFn(search, key_cache)
+    backfill.setup()
+    for name, records in (("as sealed", letters), ("swapped", swapped(letters))):
+        path = tmp_path / f"dead-{name}.avro"
+        files.write_avro(str(path), files.fastavro.parse_schema(DEAD_LETTER_SCHEMA), records)
+        replayed = {m.attributes["event_id"]: m.data for m in redrive.process(str(path)) if hasattr(m, "data")}
+        assert replayed == (payloads if name == "as sealed" else {}), f"redrive of the dead letters {name}"
+    for name, records in (("as sealed", archived), ("swapped", swapped(archived))):
+        path = tmp_path / f"raw-{name}.avro"
+        files.write_avro(str(path), parsed_raw_archive_schema(), records)
+        replayed = {m.attributes["event_id"]: m.data for m in backfill.process(str(path))}
+        assert replayed == (payloads if name == "as sealed" else {}), f"backfill of the archive {name}"
+
+
+def test_the_raw_archive_retention_is_the_one_forgets_guarantees_name():
+    """The archive's retention is a setting of the layout, and docs/privacy.md states it where it says
+    what forget erases and within what bound: a change to either without the other fails here."""
+    import re
+
+    from event_delivery.contract.partitions import RAW_ARCHIVE_RETENTION_DAYS
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "privacy.md").read_text()
+    guarantees = text[text.index("## For the data-protection officer") :]
+    guarantees = guarantees[: guarantees.index("\n## ")]
+    stated = re.compile(r"`RAW_ARCHIVE_RETENTION_DAYS`\s+\((\d+) days")
+    assert stated.search(guarantees), "forget's guarantees name the raw archive's retention"
+    assert {int(days) for days in stated.findall(text)} == {RAW_ARCHIVE_RETENTION_DAYS}
+
+
+def test_broken_messages_of_forgotten_and_unknown_subjects_leak_into_no_file_or_log(tmp_path, keys, caplog):
+    """After a forget, the forgotten subject's messages reach branches that its earlier events did not:
+    every way of being malformed (dead letters and the raw archive), valid ones on time and late
+    (delivered and late, with null fields; archived without payload), each with its subject id in an
+    attribute of the producer's own too. So do the broken messages of a subject never seen. No byte
+    of any output file, of the keystore or of the logs holds any of their clear values."""
+    caplog.set_level(logging.DEBUG)
+    search = load_registry()["search"]
+    settings = settings_for(tmp_path, search, keys)
+    forgotten, stranger = "LEAKMARKforgottenZ", "LEAKMARKstrangerZ"
+    planted = [forgotten, stranger]
+    ids = {forgotten: "f", stranger: "s"}  # event ids are in clear: they must not name the subject
+
+    def fields_of(subject: str, n: int) -> dict:
+        planted.append(f"LEAKMARK{subject}query{n}Z")
+        return {**valid_fields(search, n), "user_id": subject, "query": planted[-1]}
+
+    def valid(subject: str, n: int):
+        return message(fields_of(subject, n), f"{ids[subject]}-{n}", (START + 3601) * 1000, producer_user=subject)
+
+    def broken(subject: str, n: int) -> list:
+        fields, limit = fields_of(subject, n), settings.max_event_bytes
+        return malformed_messages(search, fields, f"{ids[subject]}-{n}", limit, producer_user=subject)
+
+    deliver_events(settings, [(f"before-{n}", fields_of(forgotten, n)) for n in range(2)])
+    assert keys.open().forget(forgotten)
+
+    on_time = [valid(forgotten, 10), *broken(forgotten, 11), *broken(stranger, 12)]
+    later = dataclasses.replace(settings, run_id="run2")
+    deliver_events(later, on_time, start=START + 3600, late_events=[valid(forgotten, 13), *broken(forgotten, 14)])
+
+    outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    for kind in ("_SUCCESS", "/late/", "/dead-letter/", "/delivered/", "/raw/"):
+        assert any(kind in str(p) for p in outputs), f"the scan covers {kind}"
+    dead = [r for p in outputs if "/dead-letter/" in str(p) and p.suffix == ".avro" for r in files.read_avro(str(p))]
+    assert len(dead) == 3 * len(broken(stranger, 0)), "every broken message is dead-lettered"
+    assert {r["error_kind"] for r in dead} >= {"SCHEMA_VIOLATION", "NOT_JSON", "TOO_LARGE", "BAD_TIMESTAMP"}
+    late = [r for p in outputs if "/late/" in str(p) and p.suffix == ".avro" for r in files.read_avro(str(p))]
+    assert [(r["event_id"], r["user_id"], r["query"]) for r in late] == [("f-13", None, None)]
+
+    blobs = {str(p): _readable_bytes(p) for p in outputs}
+    blobs["keystore"] = b"".join(_read_if_present(p) for p in tmp_path.glob("keystore.db*"))
+    blobs["captured logs"] = caplog.text.encode()
+    leaks = [
+        (marker, where)
+        for marker in planted
+        for where, blob in blobs.items()
+        if any(form in blob for form in _leak_forms(marker))
+    ]
+    assert not leaks

@@ -30,7 +30,7 @@ from event_delivery.ops.audit import audit_type
 from pipelines import backfill, redrive
 from pipelines.delivery import deliver
 from pipelines.redrive import ReplayDeadLettersFn
-from tests.conftest import message, published_at, raw_message, valid_fields
+from tests.conftest import malformed_messages, message, published_at, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
@@ -143,8 +143,8 @@ def test_a_subject_id_in_a_producers_extra_attribute_is_sealed_everywhere_and_re
     clock = Clock(START)
     clock.arrive(
         message(valid, "valid", (START + 1) * 1000, **marker),
-        message({**valid, "new_field": 1}, "names-subject", (START + 1) * 1000, **marker),  # under the subject's key
-        raw_message(b"{oops", "quarantined", **marker, received_at=str((START + 1) * 1000)),  # under quarantine
+        message({**valid, "new_field": 1}, "names-subject", (START + 1) * 1000, **marker),  # malformed: quarantined
+        raw_message(b"{oops", "quarantined", **marker, received_at=str((START + 1) * 1000)),  # likewise
     )
     clock.advance(WINDOW + LATENESS + TRIGGER)
     live = local_settings(tmp_path / "out" / "live", search, keys, raw_archive=True)
@@ -217,9 +217,9 @@ def test_a_type_without_personal_fields_seals_a_message_with_attributes_of_its_o
 
 def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stalls_nothing(tmp_path):
     """A payload whose subject is a lone surrogate (valid JSON: ``"\\ud800"``) has no pseudonym, so no
-    subject key: its dead letter and its archived copy are sealed under the type's quarantine key,
-    counted, and the hour around it is delivered and closed. On Dataflow a bundle that raised here
-    would be retried forever, and the type would stall."""
+    subject key: parsing refuses it, so its dead letter and its archived copy are sealed under the
+    type's quarantine key without a key lookup, and the hour around it is delivered and closed. On
+    Dataflow a bundle that raised here would be retried forever, and the type would stall."""
     search, keys = load_registry()["search"], local_keys(tmp_path / "keys")
     received_at = (START + 1) * 1000
     unencodable = {
@@ -251,7 +251,7 @@ def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stal
     assert {r["quarantine_key_id"] for r in dead.values()} == {quarantine.key_id}
     for event_id, record in dead.items():
         payload = decrypt_bytes(
-            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id
+            quarantine.aead, record["payload"], "search", envelope.SEALED_PAYLOAD, quarantine.key_id, event_id
         )
         assert payload == message(unencodable[event_id]).data, "sealed whole, for a redrive"
     archived = {
@@ -263,7 +263,21 @@ def test_a_subject_id_no_key_can_be_made_for_is_sealed_under_quarantine_and_stal
     assert {archived[i] for i in unencodable} == {quarantine.key_id}
     assert quarantine.key_id not in {archived[i] for i in valid}, "the valid ones under their subjects' keys"
     counted = result.metrics().query(MetricsFilter().with_namespace("delivery").with_name("unencodable_subject_ids"))
-    assert sum(c.committed for c in counted["counters"]) == 2 * len(unencodable), "each, as a dead letter and archived"
+    assert sum(c.committed for c in counted["counters"]) == 0, "a malformed message's subject is never looked up"
+
+
+def test_an_event_whose_subject_id_no_key_can_be_made_for_is_held_back_not_raised(tmp_path):
+    """Parsing refuses such an id, but encryption does not rely on it: an event that reached it with
+    one becomes a ``key_unavailable`` dead letter, without a key lookup for it, and the other
+    events of its batch are sealed."""
+    search = load_registry()["search"]
+    encrypt = EncryptPersonalFieldsFn(search, JobKeyCache(local_keys(tmp_path), search.name))
+    encrypt.setup()
+    events = [("lone", 1000, {**valid_fields(search, 1), "user_id": "\ud800"}), ("ok", 1000, valid_fields(search, 2))]
+    outputs = encrypt.seal(events)
+    held_back = [o.value[0] for o in outputs if getattr(o, "tag", None) == KEY_UNAVAILABLE]
+    sealed = [o[0] for o in outputs if not hasattr(o, "tag")]
+    assert (held_back, sealed) == (["lone"], ["ok"])
 
 
 # The whole streaming path, step by step, as a runner calls each DoFn: parse, encrypt, seal the
@@ -444,3 +458,48 @@ def test_a_number_that_passes_validation_but_not_the_write_is_a_write_error(tmp_
     assert validate({"x": 10**400}, schema, raise_errors=False)
     with pytest.raises(files.AvroWriteError):
         files.write_avro(str(tmp_path / "r.avro"), schema, [{"x": 10**400}])
+
+
+def _stored_rows(keys) -> int:
+    """Every row of a SQLite keystore: subjects (and tombstones), data keys and named keys."""
+    import sqlite3
+
+    with sqlite3.connect(keys.keystore.removeprefix("sqlite:///")) as database:
+        tables = ("subjects", "data_keys", "named_keys")
+        return sum(database.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables)
+
+
+def test_malformed_messages_naming_any_subject_make_no_key_and_are_quarantined(tmp_path):
+    """Hostile input cannot grow the keystore: messages that fail validation, for every reason,
+    each naming a subject never seen, are dead-lettered and archived under the day's quarantine key
+    and make no key at all. What still gets its subject's key: a valid event, and its dead letter
+    when its write fails, which forget reaches."""
+    from transforms.personal import dead_letter_as_arrived
+
+    search, keys = load_registry()["search"], local_keys(tmp_path)
+    path = WholePath(search, keys)
+    path.parse.max_event_bytes = 4096  # as the job's --max_event_bytes would set it
+
+    def naming(subject: str, seed: int) -> list[PubsubMessage]:
+        fields = {**valid_fields(search, seed), "user_id": subject}
+        return [published_at(m, ARRIVAL_MILLIS) for m in malformed_messages(search, fields, subject, 4096)]
+
+    path.run(naming("stranger-0", 0))  # makes the day's quarantine key
+    before = _stored_rows(keys)
+    strangers = [f"stranger-{i}" for i in range(1, 41)]
+    messages = [m for i, s in enumerate(strangers) for m in naming(s, i)]
+    delivered, dead, archived = path.run(messages)
+    assert not delivered and len(dead) == len(archived) == len(messages) == 9 * len(strangers)
+    assert _stored_rows(keys) == before, "no key, pseudonym or tombstone for any subject they name"
+    keystore = keys.open()
+    assert set(keystore.subject_key_ids(strangers, create=False, scope=search.name).values()) == {None}
+    quarantine = keystore.named_key(quarantine_key_name("search", ARRIVAL_MILLIS)).key_id
+    assert {r["quarantine_key_id"] for r in dead} == {r["key_id"] for r in archived} == {quarantine}
+
+    valid = {**valid_fields(search, 99), "user_id": "regular"}
+    path.run([published_at(message(valid, "valid"), ARRIVAL_MILLIS)])
+    [key_id] = keystore.subject_key_ids(["regular"], create=False, scope=search.name).values()
+    assert key_id and _stored_rows(keys) > before, "a valid event's subject does get a key"
+    failed_write = dead_letter_as_arrived("search", ErrorKind.WRITE_FAILED, "t", "valid", ARRIVAL_MILLIS, valid)
+    [(_, _, letter)] = path.seal_dead_letters.seal([failed_write])
+    assert letter["quarantine_key_id"] == key_id, "a valid event's dead letter is sealed under its subject's key"

@@ -120,7 +120,8 @@ def test_a_subject_whose_key_does_not_unwrap_is_dead_lettered_and_every_other_su
     quarantine = keystore.named_key(quarantine_key_name("search", RECEIVED_AT))
     assert {r["quarantine_key_id"] for r in dead.values()} == {quarantine.key_id}, "never under the broken key"
     for event_id in broken:  # the message as it arrived, for a redrive
-        payload = decrypt_bytes(quarantine.aead, dead[event_id]["payload"], "search", "payload", quarantine.key_id)
+        sealed, key_id = dead[event_id]["payload"], quarantine.key_id
+        payload = decrypt_bytes(quarantine.aead, sealed, "search", "payload", key_id, event_id)
         assert json.loads(payload) == arriving[event_id]
         assert dead[event_id]["attributes"][envelope.EVENT_ID] == event_id
 

@@ -4,12 +4,14 @@ Each message is kept whole (payload, attributes, arrival time) in the hour it is
 accounted in, duplicates and malformed ones included, so a backfill that replays an
 hour through the delivery path reproduces that hour's accounting. A payload that
 may hold personal data is sealed: a valid event's under its subject's key, so that
-forgetting the subject erases it here too; any other, and a valid event's whose
-subject's key is unavailable (see ``transforms.personal``), under the type's quarantine
-key. The producer's attributes other than the envelope's are sealed with the payload,
-under the same key. Types without personal fields are archived in clear, unless the
-producer added attributes of its own, which nothing checks: such a message is sealed
-whole under the quarantine key, like one that names no subject.
+forgetting the subject erases it here too; any other (a malformed message, even one that
+names a subject: a key made for every string such a message names would grow the keystore
+without bound), and a valid event's whose subject's key is unavailable (see
+``transforms.personal``), under the type's quarantine key. The producer's attributes
+other than the envelope's are sealed with the payload, under the same key. Types without
+personal fields are archived in clear, unless the producer added attributes of its own,
+which nothing checks: such a message is sealed whole under the quarantine key, like one
+that names no subject. The archive is kept ``partitions.RAW_ARCHIVE_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from transforms.reports import ARCHIVED
 from transforms.write import WriteAvroPanes, prepared_record
 
 RAW = envelope.SEALED_RAW  # the field name sealed payloads are bound to
-ERASED = "erased"
+ERASED = "erased"  # archived messages a backfill cannot replay: their subject was forgotten
+UNREADABLE = "unreadable"  # nor these: their seal does not open
 
 RAW_ARCHIVE_SCHEMA = {
     "type": "record",
@@ -105,7 +108,7 @@ class SealRawMessagesFn(SealInBatchesFn):
             if sealed or envelope.split_attributes(attributes)[1]:
                 key, aead = keys[subject] if subject is not None else self.quarantine_key(received_at)
                 key_id = key.key_id if key else None
-                payload = encrypt_bytes(aead, data, name, RAW, key_id) if key else None
+                payload = encrypt_bytes(aead, data, name, RAW, key_id, event_id) if key else None
                 clear, sealed_attributes = seal_attributes(aead, attributes, name, key_id)
             record = {
                 "event_id": event_id or None,
@@ -146,7 +149,9 @@ class ReplayArchiveFn(beam.DoFn):
     """An archive file in; its messages out as they arrived, with their publish time.
 
     A message sealed under a key that is gone (its subject was forgotten) cannot be
-    replayed; it is counted as ``erased``.
+    replayed; it is counted as ``erased``. One whose seal does not open (altered at rest,
+    moved from another record, or sealed before payloads were bound to their event id and
+    format) is not replayed either; it is counted as ``unreadable``.
     """
 
     def __init__(self, event_type: EventType, key_cache: JobKeyCache):
@@ -157,24 +162,27 @@ class ReplayArchiveFn(beam.DoFn):
         use_emulator_credentials()
         self.cache = self.key_cache.acquire()
         self.erased = beam.metrics.Metrics.counter("backfill", ERASED)
+        self.unreadable = beam.metrics.Metrics.counter("backfill", UNREADABLE)
         self.replayed = beam.metrics.Metrics.counter("backfill", "replayed")
 
     def process(self, path: str):
         records = files.read_avro(path)
         keys = self.cache.data_keys(r["key_id"] for r in records if r["key_id"])  # one keystore read per file
-        name, erased = self.event_type.name, 0
+        name, erased, unreadable = self.event_type.name, 0, 0
         for record in records:
-            data, attributes = record["payload"], record["attributes"]
-            if record["key_id"] is not None:
-                aead = keys[record["key_id"]][1]
+            data, attributes, key_id = record["payload"], record["attributes"], record["key_id"]
+            if key_id is not None:
+                aead = keys[key_id][1]
                 try:
-                    data = decrypt_bytes(aead, data, name, RAW, record["key_id"]) if aead and data else None
-                    attributes = open_attributes(aead, record, name, record["key_id"]) if data is not None else None
+                    data = decrypt_bytes(aead, data, name, RAW, key_id, record["event_id"]) if aead and data else None
+                    attributes = open_attributes(aead, record, name, key_id) if data is not None else None
                 except UndecryptableField:
-                    data = None
+                    unreadable += 1
+                    continue
             if data is None:
                 erased += 1
                 continue
             yield PubsubMessage(data, attributes, publish_time=record["arrival"])
         self.erased.inc(erased)
-        self.replayed.inc(len(records) - erased)
+        self.unreadable.inc(unreadable)
+        self.replayed.inc(len(records) - erased - unreadable)

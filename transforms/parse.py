@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 from fastavro.validation import ValidationError, validate
 
 from event_delivery.contract import envelope, slo
-from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter, subject_named_in
+from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter
 from event_delivery.contract.registry import EventType
 
 DEAD_LETTERS = "dead_letters"
@@ -96,7 +96,8 @@ class ParseEventFn(beam.DoFn):
 
     With ``keep_raw``, every message also goes to the ``raw_messages`` output as
     ``(event_id or "", received_at_millis, (subject or None, arrival_millis, attributes, data))``
-    for the raw archive; the subject is known only for valid events.
+    for the raw archive; the subject is given only for valid events, so that no key is ever made
+    for a string that only a malformed message names.
     """
 
     def __init__(
@@ -143,10 +144,9 @@ class ParseEventFn(beam.DoFn):
                 self.event_type.name, rejected.kind, rejected.detail, event_id, received_at, attributes, data
             )
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, (event_id or "", received_at, record))
-            if self.keep_raw:  # sealed under the subject it names, if it names one, as its dead letter is
-                subject = subject_named_in(data, self.event_type.subject_field)
+            if self.keep_raw:  # no subject: only validation vouches for one (see transforms.archive)
                 yield beam.pvalue.TaggedOutput(
-                    RAW_MESSAGES, (event_id or "", received_at, (subject, arrival_millis, attributes, data))
+                    RAW_MESSAGES, (event_id or "", received_at, (None, arrival_millis, attributes, data))
                 )
             return
         yield (event_id, received_at, record)

@@ -4,9 +4,11 @@ Every field the schema marks personal becomes AES-256-GCM ciphertext under its d
 subject's key, in the bundle that read the message, before any shuffle; the record
 keeps the key id in clear. Keys are looked up in batches through a cache that all
 steps of a job share in each worker process (``JobKeyCache``). A forgotten subject's
-fields are delivered as null, with no key id, and counted. Dead-letter payloads, which may hold personal data
-that never passed validation, are sealed under the subject's key when they name one,
-else under the type's quarantine key. With a sealed payload go the producer's attributes
+fields are delivered as null, with no key id, and counted. Dead-letter payloads are sealed
+under the subject's key only when validation vouched for the subject (a valid event's whose
+write failed); any other, which may hold personal data that never passed validation, under
+the type's quarantine key: a subject id that only a malformed message names gets no key, so
+hostile input cannot grow the keystore. With a sealed payload go the producer's attributes
 other than the envelope's, which the contract does not restrict (``seal_attributes``).
 
 No bundle fails forever on one subject's key. A key the keystore cannot give, for good
@@ -357,10 +359,13 @@ class SealDeadLettersFn(SealInBatchesFn):
 
     def seal(self, dead_letters):
         name, subject_field = self.event_type.name, self.event_type.subject_field
+        # Only a valid event's subject was vouched for by validation: a malformed message may name
+        # any string there, and a key made for each would grow the keystore without bound. (A
+        # key_unavailable dead letter is a valid event too, but its subject's key is the one that failed.)
         subjects = [
-            None  # the subject's key is the one that failed
-            if record["error_kind"] == ErrorKind.KEY_UNAVAILABLE.name
-            else subject_named_in(record["payload"], subject_field)
+            subject_named_in(record["payload"], subject_field)
+            if record["error_kind"] == ErrorKind.WRITE_FAILED.name
+            else None
             for _, _, record in dead_letters
         ]
         keys, unavailable = self.available_keys(s for s in subjects if s)
@@ -377,17 +382,19 @@ class SealDeadLettersFn(SealInBatchesFn):
             if key is None:
                 self.erased.inc()  # the subject was forgotten: nothing of it is kept
             else:
-                sealed["payload"] = encrypt_bytes(aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id)
+                sealed["payload"] = encrypt_bytes(
+                    aead, record["payload"], name, envelope.SEALED_PAYLOAD, key_id, record["event_id"]
+                )
             sealed_letters.append((event_id, received_at, sealed))
         return sealed_letters
 
 
 class SealDeadLetters(beam.PTransform):
-    """Dead letters in and out, their raw payloads sealed: under the subject's key when the
-    payload names one (so forgetting the subject erases it here too), else under the type's
-    quarantine key, which a retention bound limits. So is a payload whose subject's key is
-    unavailable, and always a ``key_unavailable`` dead letter's. A forgotten subject's payload
-    is dropped."""
+    """Dead letters in and out, their raw payloads sealed: a valid event's whose write failed under
+    its subject's key (so forgetting the subject erases it here too), dropped if the subject was
+    forgotten; any other under the type's quarantine key, which a retention bound limits: a
+    message that failed validation, even one naming a subject, a payload whose subject's key is
+    unavailable, and always a ``key_unavailable`` dead letter's."""
 
     def __init__(self, event_type: EventType, key_cache: JobKeyCache):
         super().__init__()

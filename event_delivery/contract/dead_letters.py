@@ -129,7 +129,8 @@ def expired_quarantine_keys(names, retention_days: int, now: float) -> list[str]
 
 
 def subject_named_in(payload: bytes, subject_field: str | None) -> str | None:
-    """The data subject a payload names, if it is a JSON object that does (valid or not)."""
+    """The data subject a payload names, if it is a JSON object that does. Only a valid event's names
+    a subject validation vouched for: seal nothing else under the key of what this returns."""
     if not subject_field or not payload:
         return None
     try:

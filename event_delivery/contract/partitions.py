@@ -10,6 +10,11 @@ from event_delivery.cloud import files
 HOUR_SECONDS = 3600
 SUCCESS_MARKER = "_SUCCESS"
 AUDIT_COUNTS = "counts.json"  # the auditor's count of an hour, under the audit root
+RAW_ARCHIVE = "raw"  # the raw archive's folder under a storage root (the bucket's root in production)
+# How long the raw archive is kept: the window in which an hour can be backfilled (re-delivered,
+# re-counted, re-sealed), and the bound on the copies it holds (sealed, but for their envelope and
+# key ids). A bucket lifecycle rule on RAW_ARCHIVE/ enforces it; forget's guarantees name it.
+RAW_ARCHIVE_RETENTION_DAYS = 90
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +38,7 @@ class Layout:
     @classmethod
     def under(cls, storage_root: str, event_type: str, window_seconds: int, raw_archive: bool = False) -> Layout:
         root = str(storage_root).rstrip("/")
-        raw = f"{root}/raw" if raw_archive else None
+        raw = f"{root}/{RAW_ARCHIVE}" if raw_archive else None
         return cls(
             event_type, window_seconds, f"{root}/delivered", f"{root}/late", f"{root}/dead-letter", raw, f"{root}/audit"
         )

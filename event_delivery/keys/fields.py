@@ -1,12 +1,18 @@
-"""Personal-field encryption: AES-256-GCM per value, bound to (event type, field, key id, event id).
+"""Personal data sealed with AES-256-GCM, bound to (format, event type, field, key id, event id).
 
-A value is serialized as JSON (so numbers stay numbers), encrypted under its
-subject's data key with a fresh 96-bit nonce, and stored as
-``format || nonce || ciphertext``. The associated data names the format, the event
-type, the field, the key id and the event id, so a ciphertext moved to another
-field, type, subject or event fails to decrypt instead of decrypting to a plausible
-wrong value. Raw payloads (dead letters, the archive) are sealed with
-``encrypt_bytes``, bound to (event type, field, key id).
+Two formats, named by a ciphertext's first byte, both stored as ``format || nonce || ciphertext``
+with a fresh 96-bit nonce:
+
+- ``FIELD_FORMAT``: one personal field's value, serialized as JSON (so numbers stay numbers);
+- ``SEALED_FORMAT``: a message's bytes as they arrived (a dead letter's or an archived
+  message's payload), whole.
+
+The associated data names the format, the event type, the field (for a payload, the label
+``envelope.SEALED_PAYLOAD`` or ``SEALED_RAW``), the key id and the event id, so a ciphertext
+moved to another field, type, subject or event, or read as the other format, fails to decrypt
+instead of decrypting to a plausible wrong value. A ciphertext of any other first byte is
+refused, never misread: payloads sealed before the format byte and the event id were bound
+(bare ``nonce || ciphertext``) are not read, as they could be swapped between records.
 """
 
 from __future__ import annotations
@@ -20,56 +26,57 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 NONCE_BYTES = 12
 SEPARATOR = b"\x1f"
 FIELD_FORMAT = 1  # the first byte of every encrypted field value
+SEALED_FORMAT = 2  # the first byte of every sealed payload
 
 
 class UndecryptableField(ValueError):
-    """A ciphertext that does not belong to this (type, field, key id), or was altered."""
+    """A ciphertext that does not belong to this (type, field, key id, event id), was altered, or is
+    in a format this version does not read."""
 
 
-def associated_data(event_type: str, field: str, key_id: str) -> bytes:
-    return SEPARATOR.join(part.encode("utf-8") for part in (event_type, field, key_id))
+_FIELD_BYTE, _SEALED_BYTE = bytes([FIELD_FORMAT]), bytes([SEALED_FORMAT])
 
 
-def encrypt_bytes(aead: AESGCM, plaintext: bytes, event_type: str, field: str, key_id: str) -> bytes:
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    return nonce + aead.encrypt(nonce, plaintext, associated_data(event_type, field, key_id))
+def _bound_data(format_byte: bytes, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
+    """(format, event type, field, key id, event id), separated by ``SEPARATOR``; built in one go,
+    as it is per value."""
+    return format_byte + f"\x1f{event_type}\x1f{field}\x1f{key_id}\x1f{event_id or ''}".encode()
 
 
-def decrypt_bytes(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str) -> bytes:
+def _open(format_byte: bytes, aead: AESGCM, ciphertext: bytes, event_type, field, key_id, event_id) -> bytes:
+    """The plaintext of a ``format_byte`` ciphertext, or ``UndecryptableField``."""
+    if ciphertext[:1] != format_byte:
+        raise UndecryptableField(f"field {field!r} is not in a format this version reads")
+    nonce, sealed = ciphertext[1 : 1 + NONCE_BYTES], ciphertext[1 + NONCE_BYTES :]
     try:
-        return aead.decrypt(
-            ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], associated_data(event_type, field, key_id)
-        )
+        return aead.decrypt(nonce, sealed, _bound_data(format_byte, event_type, field, key_id, event_id))
     except InvalidTag:
         raise UndecryptableField(f"field {field!r} does not decrypt under key {key_id}") from None
 
 
-_FORMAT_BYTE = bytes([FIELD_FORMAT])
-_VALUE_FORMAT = _FORMAT_BYTE + SEPARATOR
+def encrypt_bytes(aead: AESGCM, plaintext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):
+    """A payload sealed whole (``SEALED_FORMAT``), bound to its type, label, key id and event id."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    bound = _bound_data(_SEALED_BYTE, event_type, field, key_id, event_id)
+    return _SEALED_BYTE + nonce + aead.encrypt(nonce, plaintext, bound)
 
 
-def _value_data(event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
-    """(format, event type, field, key id, event id), each part after the first separated as in
-    ``associated_data``; built in one go, as it is per value."""
-    return _VALUE_FORMAT + f"{event_type}\x1f{field}\x1f{key_id}\x1f{event_id or ''}".encode()
+def decrypt_bytes(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):
+    """The payload ``encrypt_bytes`` sealed with the same binding; ``UndecryptableField`` otherwise."""
+    return _open(_SEALED_BYTE, aead, ciphertext, event_type, field, key_id, event_id)
 
 
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per value
 
 
 def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
+    """One field's value sealed (``FIELD_FORMAT``), bound to its type, field, key id and event id."""
     plaintext = _to_json(value).encode("utf-8")
     nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = aead.encrypt(nonce, plaintext, _value_data(event_type, field, key_id, event_id))
-    return _FORMAT_BYTE + nonce + sealed
+    bound = _bound_data(_FIELD_BYTE, event_type, field, key_id, event_id)
+    return _FIELD_BYTE + nonce + aead.encrypt(nonce, plaintext, bound)
 
 
 def decrypt_value(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):
-    if not ciphertext or ciphertext[0] != FIELD_FORMAT:
-        raise UndecryptableField(f"field {field!r} is not in a format this version reads")
-    nonce, sealed = ciphertext[1 : 1 + NONCE_BYTES], ciphertext[1 + NONCE_BYTES :]
-    try:
-        plaintext = aead.decrypt(nonce, sealed, _value_data(event_type, field, key_id, event_id))
-    except InvalidTag:
-        raise UndecryptableField(f"field {field!r} does not decrypt under key {key_id}") from None
-    return json.loads(plaintext)
+    """The value ``encrypt_value`` sealed with the same binding; ``UndecryptableField`` otherwise."""
+    return json.loads(_open(_FIELD_BYTE, aead, ciphertext, event_type, field, key_id, event_id))
