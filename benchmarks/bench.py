@@ -4,11 +4,13 @@
 
 Each measurement runs in a fresh process, and the rounds interleave the floor, two
 floors at once (how far this machine's cores scale the same work with nothing shared),
-the pipeline with 1 worker and with 2 workers, so a noisy neighbour hits them all
-alike; the table quotes medians. Peak memory comes from single 1-worker runs at 1x, 2x and 4x
-the workload; one 2-worker run at 4x beside the last shows how scaling grows as the
-job's fixed cost weighs less. Streaming latency is measured on the emulators. Writes
-benchmarks/results.json and benchmarks/results.png.
+the bounded pipeline (the backfill) with 1 worker and with 2 workers, and the streaming
+path with 1 worker, so a noisy neighbour hits them all alike; the table quotes medians.
+One more streaming run counts its cost ledger per event (``benchmarks.ledger``). Peak
+memory comes from single 1-worker runs at 1x, 2x and 4x the workload; one 2-worker run
+at 4x beside the last shows how scaling grows as the job's fixed cost weighs less.
+Streaming latency is measured on the emulators. Writes benchmarks/results.json and
+benchmarks/results.png.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ PEAK_EVENTS_PER_SECOND = 8_000_000
 COPIES_START_SECONDS = 10  # enough for each copy to start Python and load the workload
 
 
-def _command(what: str, events: int, workers: int) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.runs", what, "--events", str(events), "--workers", str(workers)]
+def _command(what: str, events: int, workers: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.runs", what, "--events", str(events), "--workers", str(workers), *flags]
 
 
 def _result(command: list[str], returncode: int, stdout: str, stderr: str) -> dict:
@@ -41,8 +43,8 @@ def _result(command: list[str], returncode: int, stdout: str, stderr: str) -> di
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def measured(what: str, events: int, workers: int = 1) -> dict:
-    command = _command(what, events, workers)
+def measured(what: str, events: int, workers: int = 1, *flags: str) -> dict:
+    command = _command(what, events, workers, *flags)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     return _result(command, result.returncode, result.stdout, result.stderr)
 
@@ -70,6 +72,7 @@ def throughput(events: int, rounds: int, say) -> dict:
         ("floor_2_at_once", lambda: measured_together("floor", events, 2)),
         ("pipeline_1_worker", lambda: measured("pipeline", events, 1)),
         ("pipeline_2_workers", lambda: measured("pipeline", events, 2)),
+        ("streaming_1_worker", lambda: measured("streaming", events, 1)),
     )
     runs = {name: [] for name, _ in plan}
     for round_number in range(1, rounds + 1):
@@ -88,6 +91,22 @@ def throughput(events: int, rounds: int, say) -> dict:
         }
         for name, results in runs.items()
     }
+
+
+def cost_ledger(events: int, say) -> dict:
+    """The streaming path's ledger per event over the whole mix: each type's totals, summed."""
+    by_type = measured("streaming", events, 1, "--ledger")["ledger"]
+    counted = ("elements", "bytes", "state_reads", "state_writes", "timers_set", "keys")
+    steps = {}
+    for costs in by_type.values():
+        for step in costs["steps"]:
+            total = steps.setdefault(step["step"], {"step": step["step"], "carries_events": step["carries_events"]})
+            for field in counted:
+                total[field] = total.get(field, 0) + step[field]
+    per_event = {field: sum(step[field] for step in steps.values()) / events for field in counted[1:]}
+    per_event["shuffles"] = max(costs["per_event"]["shuffles"] for costs in by_type.values())
+    say("  per event: " + ", ".join(f"{field} {value:.2f}" for field, value in per_event.items()))
+    return {"events": events, "per_event": per_event, "steps": sorted(steps.values(), key=lambda s: -s["bytes"])}
 
 
 def memory(events: int, say) -> dict:
@@ -121,8 +140,9 @@ def table(results: dict) -> str:
     rows = (  # label, run, cores it used
         ("floor (plain loop)", floor, 1),
         ("floor, 2 copies at once", t["floor_2_at_once"], 2),
-        ("pipeline, 1 worker", one, 1),
-        ("pipeline, 2 workers", two, 2),
+        ("bounded pipeline, 1 worker", one, 1),
+        ("bounded pipeline, 2 workers", two, 2),
+        ("streaming path, 1 worker", t["streaming_1_worker"], 1),
     )
     header = ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s")
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
@@ -144,6 +164,13 @@ def table(results: dict) -> str:
     out += "\n- Peak memory of the 1-worker pipeline: " + ", ".join(
         f"{k} ({v['events']:,} events) {v['peak_rss_bytes'] / 2**20:,.0f} MiB" for k, v in m.items()
     )
+    if results.get("ledger"):
+        costs = results["ledger"]["per_event"]
+        out += (
+            f"\n- Streaming path, per event: {costs['shuffles']} keyed shuffles, {costs['bytes']:,.0f} bytes shuffled, "
+            f"{costs['state_reads']:.2f} state reads, {costs['state_writes']:.2f} state writes, "
+            f"{costs['timers_set']:.2f} timers set, {costs['keys']:.2f} keys."
+        )
     if results.get("latency"):
         lat = results["latency"]
         out += (
@@ -167,9 +194,9 @@ def chart(results: dict, path: pathlib.Path) -> None:
 
     t, m = results["throughput"], results["memory"]
     figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(11, 4))
-    names = ["floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers"]
-    labels = ["floor", "2 floors\nat once", "pipeline\n1 worker", "pipeline\n2 workers"]
-    colors = ["#888", "#bbb", "#1f77b4", "#2ca02c"]
+    names = ["floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers", "streaming_1_worker"]
+    labels = ["floor", "2 floors\nat once", "bounded\n1 worker", "bounded\n2 workers", "streaming\n1 worker"]
+    colors = ["#888", "#bbb", "#1f77b4", "#2ca02c", "#d62728"]
     bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=colors)
     rates.bar_label(bars, fmt="{:,.0f}")
     rates.set_ylabel("events/s (median)")
@@ -205,6 +232,8 @@ def main(argv=None) -> int:
         "workload": {k: v for k, v in work.counts.items()},
         "throughput": throughput(args.events, args.rounds, say),
     }
+    say("cost ledger of the streaming path")
+    results["ledger"] = cost_ledger(args.events, say)
     say("memory: 1-worker pipeline at 1x, 2x and 4x")
     results["memory"] = memory(args.events, say)
     say("scaling at 4x: 2 workers, once")

@@ -1,10 +1,14 @@
-"""One measured run, in a process of its own: the floor, or the backfill pipeline.
+"""One measured run, in a process of its own: the floor, the backfill pipeline, or the
+streaming path.
 
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
+    python -m benchmarks.runs streaming --events 200000 [--ledger]
 
 Prints one JSON line: events read, seconds, and peak resident memory (this process and
-its worker processes). The workload is built first if it is not there yet.
+its worker processes); with ``--ledger``, the streaming path's cost ledger too (see
+``benchmarks.ledger``; counting slows the run, so its seconds are not a measurement).
+The workload is built first if it is not there yet.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from benchmarks import floor, workload
+from benchmarks import floor, ledger, workload
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
 from pipelines.backfill import Backfill
@@ -35,8 +39,16 @@ def workload_for(events: int) -> workload.Workload:
     return workload.build(WORKLOADS / f"{events}-v{workload.FORMAT}", events)
 
 
-def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int) -> int:
-    """The backfill job over the whole workload: one branch per type, as one Beam job."""
+# The streaming path fires a pane per this many events of a (shard, writer) key, in place of
+# its processing-time trigger, which the batch runner has no clock for. A minute of one
+# key at 1M events/s over 1,600 keys is ~600 events.
+PANE_EVENTS = 600
+
+
+def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None) -> beam.Pipeline:
+    """The delivery path over the whole workload, one branch per type, as one Beam job: the
+    backfill's (bounded: one pane per hour and shard) or the streaming job's (every stateful
+    step: repeat marks, panes, deduplication, the close), fed from the archive."""
     options = PipelineOptions(
         flags=[],
         runner=LOCAL_BATCH_RUNNER,
@@ -44,20 +56,45 @@ def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int) -> in
         direct_running_mode="multi_processing" if workers > 1 else "in_memory",
     )
     registry = load_registry()
-    with beam.Pipeline(options=options) as pipeline:
-        for name in workload.MIX:
-            event_type = registry[name]
-            settings = DeliverySettings(
-                event_type,
-                layout=Layout.under(str(out), name, HOUR_SECONDS),
-                keys=work.keys,
-                allowed_lateness_seconds=event_type.tier.allowed_lateness_seconds,
-                num_shards=event_type.tier.num_shards,
-                trigger_seconds=None,
-                run_id="bench",
-            )
-            pipeline | f"Backfill {name}" >> Backfill(work.archive_paths(name), settings)
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    for name in workload.MIX:
+        event_type = registry[name]
+        settings = DeliverySettings(
+            event_type,
+            layout=Layout.under(str(out), name, HOUR_SECONDS),
+            keys=work.keys,
+            allowed_lateness_seconds=event_type.tier.allowed_lateness_seconds,
+            num_shards=event_type.tier.num_shards,
+            trigger_seconds=60 if streaming else None,
+            trigger_events=PANE_EVENTS if streaming else None,
+            run_id="bench",
+        )
+        pipeline | f"{_BRANCH[streaming]} {name}" >> Backfill(work.archive_paths(name), settings)
+    return pipeline
+
+
+_BRANCH = {False: "Backfill", True: "Stream"}
+
+
+def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool = False) -> int:
+    _pipeline(work, out, workers, streaming).run().wait_until_finish()
     return work.events
+
+
+def run_ledger(work: workload.Workload, out: pathlib.Path) -> dict:
+    """The streaming path's cost ledger per type (one worker, counted as it runs)."""
+    runner = ledger.KeepingRunner()
+    pipeline = _pipeline(work, out, 1, streaming=True, runner=runner)
+    with ledger.counting() as tally:
+        result = pipeline.run()
+        result.wait_until_finish()
+    sizes = ledger.sizes_by_pcollection(result)
+    return {
+        name: ledger.ledger(
+            runner.proto, sizes, tally, work.counts[name], f"Stream {name}/", "ParseEvents", "StageDelivered"
+        )
+        for name in workload.MIX
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -68,9 +105,10 @@ def peak_rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runs", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["floor", "pipeline"])
+    parser.add_argument("what", choices=["floor", "pipeline", "streaming"])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
     parser.add_argument(
         "--start_at", type=float, help="Wall-clock time (epoch seconds) to start at, so that copies run side by side."
     )
@@ -81,7 +119,13 @@ def main(argv=None) -> int:
         time.sleep(max(0.0, args.start_at - time.time()))
     try:
         started = time.perf_counter()
-        events = floor.run_floor(work, out) if args.what == "floor" else run_pipeline(work, out, args.workers)
+        costs = None
+        if args.what == "floor":
+            events = floor.run_floor(work, out)
+        elif args.ledger:
+            events, costs = work.events, run_ledger(work, out)
+        else:
+            events = run_pipeline(work, out, args.workers, streaming=args.what == "streaming")
         seconds = time.perf_counter() - started
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -93,6 +137,7 @@ def main(argv=None) -> int:
                 "events": events,
                 "seconds": seconds,
                 "peak_rss_bytes": peak_rss_bytes(),
+                **({"ledger": costs} if costs else {}),
             }
         )
     )

@@ -1,6 +1,9 @@
-"""The benchmark compares like with like: the floor and the pipeline deliver the same events."""
+"""The benchmark compares like with like: the floor, the backfill pipeline and the streaming
+path deliver the same events; and its cost ledger counts what the streaming path does."""
 
 from __future__ import annotations
+
+import pytest
 
 from benchmarks import floor, runs, workload
 from event_delivery.cloud import files
@@ -8,21 +11,51 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.ops.audit import audit_type
 
 
-def test_the_floor_and_the_backfill_pipeline_do_the_same_work(tmp_path):
+def _workload_hour(root, name: str):
+    """The audit of the workload's one hour (a streaming run also closes the empty hours of its clock)."""
+    audit = audit_type(Layout.under(root, name, 3600))
+    assert not audit.problems
+    [hour] = [hour for hour in audit.hours.values() if hour.total]
+    return hour
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["bounded", "streaming"])
+def test_the_floor_and_the_pipeline_do_the_same_work(tmp_path, streaming):
     work = workload.build(tmp_path / "workload", 3000)
     assert sum(n for name, n in work.counts.items() if name in workload.MIX) == 3000
 
     assert floor.run_floor(work, tmp_path / "floor") == 3000
-    runs.run_pipeline(work, tmp_path / "pipeline", workers=1)
+    runs.run_pipeline(work, tmp_path / "pipeline", workers=1, streaming=streaming)
 
     for name in workload.MIX:
         by_floor = [r["event_id"] for r in files.read_avro(str(tmp_path / "floor" / f"{name}.avro"))]
         dead_by_floor = files.count_avro_records(str(tmp_path / "floor" / f"{name}-dead-letters.avro"))
-        root = tmp_path / "pipeline"
-        audit = audit_type(Layout.under(root, name, 3600))
-        assert not audit.problems
-        [hour] = audit.hours.values()
+        hour = _workload_hour(tmp_path / "pipeline", name)
         assert sorted(hour.delivered_ids) == sorted(by_floor), name
         assert len(by_floor) == len(set(by_floor)), f"{name}: the floor deduplicates too"
         assert hour.dead_lettered == dead_by_floor, name
         assert hour.total == work.counts[name], f"{name}: every archived message is accounted for"
+
+
+def test_the_ledger_counts_what_the_streaming_path_does(tmp_path):
+    work = workload.build(tmp_path / "workload", 2000)
+    ledgers = runs.run_ledger(work, tmp_path / "out")
+
+    for name in workload.MIX:
+        hour = _workload_hour(tmp_path / "out", name)
+        costs = ledgers[name]
+        on_the_way = {step["step"].split("/")[0]: step for step in costs["steps"] if step["carries_events"]}
+        assert set(on_the_way) == {"MarkRepeats", "BucketByHour", "Deduplicate", "StageDelivered"}, name
+        marks = on_the_way["MarkRepeats"]
+        # Every valid message crosses the mark once; the cell of each delivered id is read per
+        # copy, written when its first copy passes and cleared once, with one timer to clear it.
+        assert marks["elements"] == hour.delivered + hour.duplicates, name
+        assert marks["state_reads"] == marks["elements"], name
+        assert marks["keys"] == marks["timers_set"] == hour.delivered, name
+        assert marks["state_writes"] == 2 * hour.delivered, name
+        assert marks["bytes"] > marks["elements"] * 36, f"{name}: an id alone is 36 bytes"
+        per_event = costs["per_event"]
+        assert per_event["shuffles"] == 4
+        assert per_event["bytes_shuffled"] == pytest.approx(
+            sum(step["bytes"] for step in costs["steps"]) / work.counts[name]
+        )

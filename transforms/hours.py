@@ -189,7 +189,11 @@ class BucketByHour(beam.PTransform):
         if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
             when = trigger.DefaultTrigger()
         else:
-            flush = trigger.AfterProcessingTime(s.trigger_seconds)
+            flush = (
+                trigger.AfterCount(s.trigger_events)
+                if s.trigger_events
+                else trigger.AfterProcessingTime(s.trigger_seconds)
+            )
             when = trigger.AfterWatermark(early=flush, late=flush)
         bound = None if s.bounded else s.max_pane_bytes
         if self.pack:

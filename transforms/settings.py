@@ -27,6 +27,9 @@ class DeliverySettings:
     allowed_lateness_seconds: int
     num_shards: int
     trigger_seconds: int | None = 60
+    # A stream's panes fire after this many events instead of every ``trigger_seconds``: for a
+    # runner with no processing-time clock (the bench runs the streaming path on the batch runner).
+    trigger_events: int | None = None
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
@@ -39,7 +42,7 @@ class DeliverySettings:
         for name in ("allowed_lateness_seconds", "late_horizon_seconds", "max_future_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("trigger_seconds", "num_shards", "max_event_bytes", "max_pane_bytes"):
+        for name in ("trigger_seconds", "trigger_events", "num_shards", "max_event_bytes", "max_pane_bytes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.target_file_mb < 0:
