@@ -96,7 +96,7 @@ def _messages(total: int, rng: random.Random):
         yield (name, *message)
 
 
-FORMAT = 3  # what a built workload stores (wrapped keys per event type, archive records); a change builds anew
+FORMAT = 4  # what a built workload stores (keys per type, records sealed per event id); a change builds anew
 
 
 def build(folder: pathlib.Path, total: int, seed: int = 7) -> Workload:
