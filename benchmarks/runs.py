@@ -24,10 +24,12 @@ import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
 from benchmarks import floor, ledger, workload
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
+from event_delivery.ops import deploy
 from pipelines.backfill import Backfill
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from transforms.settings import DeliverySettings
@@ -45,15 +47,24 @@ def workload_for(events: int) -> workload.Workload:
 PANE_EVENTS = 600
 
 
+def _as_deployed() -> None:
+    """The state cache of this process's SDK harness sized as the deployed jobs size it
+    (``deploy.SDK_STATE_CACHE_MB``): the in-process runner reads its size from a constant;
+    worker processes, from the job's options."""
+    worker_handlers.STATE_CACHE_SIZE_MB = deploy.SDK_STATE_CACHE_MB
+
+
 def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None) -> beam.Pipeline:
     """The delivery path over the whole workload, one branch per type, as one Beam job: the
     backfill's (bounded: one pane per hour and shard) or the streaming job's (every stateful
     step: repeat marks, panes, deduplication, the close), fed from the archive."""
+    _as_deployed()
     options = PipelineOptions(
         flags=[],
         runner=LOCAL_BATCH_RUNNER,
         direct_num_workers=workers,
         direct_running_mode="multi_processing" if workers > 1 else "in_memory",
+        max_cache_memory_usage_mb=deploy.SDK_STATE_CACHE_MB,
     )
     registry = load_registry()
     pipeline = beam.Pipeline(runner=runner, options=options)
