@@ -57,9 +57,6 @@ class Workload:
     def archive_paths(self, type_name: str) -> list[str]:
         return files.glob(f"{self.archive_root}/{type_name}/*/*/*.avro")
 
-    def payload_bytes(self) -> int:
-        return self.counts["_payload_bytes"]
-
 
 def _sized(fields: dict, type_name: str, rng: random.Random) -> dict:
     """Stretches the free-text fields, so payloads range from tens of bytes to a few kB."""

@@ -24,7 +24,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import envelope
+from event_delivery.contract import envelope, slo
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.hours import BucketByHour
@@ -93,7 +93,7 @@ class SealRawMessagesFn(SealInBatchesFn):
 
     def setup(self):
         super().setup()
-        self.under_quarantine = beam.metrics.Metrics.counter("delivery", "archived_messages_of_unavailable_keys")
+        self.under_quarantine = beam.metrics.Metrics.counter(slo.NAMESPACE, "archived_messages_of_unavailable_keys")
 
     def seal(self, messages):
         name, sealed = self.event_type.name, self.event_type.personal_fields

@@ -89,9 +89,9 @@ class CloseHourFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
-        self.left_open = beam.metrics.Metrics.counter("delivery", "hours_left_open_by_drain")
-        self.dead_lettered_after_close = beam.metrics.Metrics.counter("delivery", "dead_lettered_after_close")
-        self.closes_failed = beam.metrics.Metrics.counter("delivery", "closes_failed")
+        self.left_open = beam.metrics.Metrics.counter(slo.NAMESPACE, "hours_left_open_by_drain")
+        self.dead_lettered_after_close = beam.metrics.Metrics.counter(slo.NAMESPACE, "dead_lettered_after_close")
+        self.closes_failed = beam.metrics.Metrics.counter(slo.NAMESPACE, "closes_failed")
 
     def _folder(self, root, window) -> str:
         return self.layout.hour(root, bucket_start_seconds(window))

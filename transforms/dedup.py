@@ -43,11 +43,6 @@ def is_repeat(event) -> bool:
     return len(event) > 3
 
 
-def unmarked(events: list) -> list:
-    """The events as ``(event_id, received_at_millis, fields)``, marks removed."""
-    return [event[:3] if is_repeat(event) else event for event in events]
-
-
 def staged_copy(event_id: str, received_at_millis: int, path: str) -> tuple:
     """An id that an earlier run staged in the file at ``path``: the seed of its cell."""
     return (event_id, received_at_millis, path)

@@ -132,7 +132,7 @@ class SealInBatchesFn(beam.DoFn):
 
     def setup(self):
         self.cache = self.key_cache.acquire()
-        self.unencodable = beam.metrics.Metrics.counter("delivery", "unencodable_subject_ids")
+        self.unencodable = beam.metrics.Metrics.counter(slo.NAMESPACE, "unencodable_subject_ids")
 
     def start_bundle(self):
         self.pending = []
@@ -210,7 +210,7 @@ class SealInBatchesFn(beam.DoFn):
 class EncryptPersonalFieldsFn(SealInBatchesFn):
     def setup(self):
         super().setup()
-        self.forgotten = beam.metrics.Metrics.counter("delivery", "forgotten_subject_events")
+        self.forgotten = beam.metrics.Metrics.counter(slo.NAMESPACE, "forgotten_subject_events")
         self.key_unavailable = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.dead_lettered(KEY_UNAVAILABLE))
 
     def seal(self, events):
@@ -354,8 +354,8 @@ class DeadLetterFailedWrites(beam.PTransform):
 class SealDeadLettersFn(SealInBatchesFn):
     def setup(self):
         super().setup()
-        self.erased = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_forgotten_subjects")
-        self.under_quarantine = beam.metrics.Metrics.counter("delivery", "dead_letter_payloads_of_unavailable_keys")
+        self.erased = beam.metrics.Metrics.counter(slo.NAMESPACE, "dead_letter_payloads_of_forgotten_subjects")
+        self.under_quarantine = beam.metrics.Metrics.counter(slo.NAMESPACE, "dead_letter_payloads_of_unavailable_keys")
 
     def seal(self, dead_letters):
         name, subject_field = self.event_type.name, self.event_type.subject_field

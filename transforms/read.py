@@ -6,6 +6,8 @@ import apache_beam as beam
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.metrics import Metrics
 
+from event_delivery.contract import slo
+
 
 class StampArrivalFn(beam.DoFn):
     """Gives every message a ``publish_time``: its element timestamp where the reader left it unset.
@@ -17,7 +19,7 @@ class StampArrivalFn(beam.DoFn):
     """
 
     def setup(self):
-        self.missing = Metrics.counter("delivery", "missing_publish_time")
+        self.missing = Metrics.counter(slo.NAMESPACE, "missing_publish_time")
 
     def process(self, message, timestamp=beam.DoFn.TimestampParam):
         if message.publish_time is None:
