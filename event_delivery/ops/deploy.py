@@ -33,7 +33,7 @@ from event_delivery.contract import partitions
 from event_delivery.contract.registry import TIERS, EventType, load_registry
 from event_delivery.ops.provision import temp_bucket
 
-SDK_STATE_CACHE_MB = 0  # see _streaming_job
+SDK_STATE_CACHE_MB = 0  # see _streaming_job; the bench runs its pipelines with the same
 
 
 class UpdateRefused(Exception):
@@ -99,10 +99,9 @@ def _streaming_job(event_type: EventType, project: str, region: str, bucket: str
         f"--staging_location=gs://{bucket}/staging",
         "--setup_file=./setup.py",
         "--enable_streaming_engine",
-        # No state cache in the Python SDK harness: it weighs every value it caches by walking
-        # the globals of every loaded module (objsize), milliseconds a state write, which made
-        # the streaming path 3.7x slower in make bench; and the path's state is one cell per
-        # id, read about once, so the cache would save no read.
+        # No state cache in the Python SDK harness (Beam's default, kept on purpose): it weighs
+        # every value it caches by walking the globals of every loaded module (objsize),
+        # milliseconds a state write; the path's state is one cell per id, read about once.
         f"--max_cache_memory_usage_mb={SDK_STATE_CACHE_MB}",
         "--autoscaling_algorithm=THROUGHPUT_BASED",
         f"--max_num_workers={max_workers}",
