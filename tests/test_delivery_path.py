@@ -302,3 +302,90 @@ def test_a_drain_publishes_no_open_hour_and_the_next_run_closes_it(settings, reg
     closes = datetime.datetime.fromtimestamp(hour_closes_at(START), tz=datetime.timezone.utc)
     assert manifest["closed_at_watermark"] == closes.isoformat().replace("+00:00", "Z")
     assert not audit(next_run).problems and audit(next_run).settled
+
+
+def test_an_hour_staged_by_two_runs_is_compacted_into_a_part_per_run(settings, registry, monkeypatch):
+    """A run drained mid-hour leaves several panes staged; the next run stages more for the hour and
+    closes it. Each run's panes are compacted into a part of their own (a run writes one schema),
+    named by (hour, part), so neither part replaces the other, and every id is published once."""
+    log = registry["service_log"]
+    drained, next_run = settings(run_id="run1"), settings(run_id="run2")  # parts of up to 128 MB
+    ids = {"run1": [], "run2": []}
+
+    def stage_batches(clock, run_id):
+        for batch in range(3):
+            batch_ids = [f"{run_id}-{batch}-{i}" for i in range(4)]
+            clock.arrive(
+                *(message(valid_fields(log, i), event_id, (START + 1) * 1000) for i, event_id in enumerate(batch_ids))
+            )
+            clock.advance(TRIGGER * 2)
+            ids[run_id] += batch_ids
+
+    clock = Clock(START)
+    stage_batches(clock, "run1")
+    monkeypatch.setattr(close, "wall_clock", lambda: START + TRIGGER * 6)  # the drain comes while the hour is open
+    run(drained, clock)
+    assert len(files.glob(f"{drained.layout.staging}/service_log/*/*/*.avro")) > 1, "several panes staged"
+
+    monkeypatch.setattr(close, "wall_clock", lambda: hour_closes_at(START) + 1)
+    clock = Clock(START + TRIGGER * 7)
+    stage_batches(clock, "run2")
+    clock.advance(WINDOW + LATENESS)
+    run(next_run, clock)
+
+    manifest = json.loads((hour_folder(next_run, START) / "_SUCCESS").read_text())
+    names = [pathlib.Path(f["path"]).name for f in manifest["files"]]
+    assert names == ["service_log-part00000.avro", "service_log-part00001.avro"], names
+    part_ids = [sorted(r["event_id"] for r in files.read_avro(f["path"])) for f in manifest["files"]]
+    assert part_ids == [sorted(ids["run1"]), sorted(ids["run2"])], "each run's panes in a part of their own"
+    assert [f["records"] for f in manifest["files"]] == [12, 12] == [len(p) for p in part_ids]
+    result = audit(next_run)
+    assert not result.problems and result.settled
+
+
+def test_repeats_that_come_after_the_close_in_several_panes_are_each_counted(settings, registry):
+    """Each pane of repeats that comes after the hour's close is counted in a file of its own
+    beside the late files; none may replace another."""
+    s = settings()
+    log = registry["service_log"]
+    sent = [message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(6)]
+    clock = Clock(START)
+    clock.arrive(*sent)
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
+    for batch in range(3):
+        clock.arrive(*sent[2 * batch : 2 * batch + 2])  # producer retries, after the close
+        clock.advance(TRIGGER * 2)
+    run(s, clock)
+
+    hour = audit(s).hours[partitions.partition(START, WINDOW)]
+    assert (hour.delivered, hour.duplicates, hour.late) == (6, 6, 0)
+    counted = files.glob(f"{s.layout.late}/service_log/*/*/{partitions.LATE_DUPLICATES_PATTERN}")
+    assert len(counted) >= 3, f"a count per pane of repeats: {counted}"
+    assert sum(files.read_json(path)["duplicates"] for path in counted) == 6
+
+
+def test_hours_that_pass_without_traffic_get_markers_that_count_zero(settings, registry, monkeypatch):
+    """From the job's start on, every hour closes, also one in which nothing arrived, so that a
+    consumer waiting on its marker does not wait forever. Those still open by the clock when the
+    stream ends (a drain) get none."""
+    s = settings()
+    log = registry["service_log"]
+    now = [START]  # the wall clock: the job is built at START
+    monkeypatch.setattr(close, "wall_clock", lambda: now[0])
+    clock = Clock(START)
+    clock.arrive(message(valid_fields(log, 1), "e1", (START + 1) * 1000))
+    clock.advance(TRIGGER)
+    for _ in range(4):
+        clock.advance(WINDOW)  # hours pass, and nothing arrives
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), s)
+        now[0] = clock.now  # the clock as the stream ends
+
+    closed = [start for start in range(START, clock.now, WINDOW) if hour_closes_at(start) <= clock.now]
+    assert closed == [START, START + WINDOW, START + 2 * WINDOW], "two hours without traffic passed"
+    markers = files.glob(f"{s.layout.delivered}/service_log/dt=*/hr=*/_SUCCESS")
+    assert markers == [s.layout.marker(start) for start in closed], "a marker for each, none for an hour still open"
+    for start in closed[1:]:
+        manifest = files.read_json(s.layout.marker(start))
+        assert manifest["files"] == [] and set(manifest["accounting"].values()) == {0}, start
+    assert files.read_json(s.layout.marker(START))["accounting"]["delivered"] == 1

@@ -21,11 +21,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
+from event_delivery.contract.dead_letters import ErrorKind
 from event_delivery.keys.config import KeyConfig
 from event_delivery.local.demo import Scenario, run_scenario
 from event_delivery.local.loadgen import TrafficMix
 from pipelines.decrypt import decrypt
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
+from tests.by_id import assert_every_id_in_one_place, ledger_ids
 from tests.conftest import drop_subscriptions_of
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
@@ -57,8 +59,11 @@ def test_every_message_ends_up_in_exactly_one_place(outcomes):
         assert accounted == outcome.ledger.published, name
 
 
-def test_every_unique_id_comes_out_delivered_or_late_and_only_repeats_twice(outcomes):
-    """Ids, not totals: a unique event dropped and counted as a duplicate balances every total.
+def test_every_published_id_is_found_in_one_place_in_the_files(outcomes):
+    """Ids, not totals: a unique event dropped and counted as a duplicate balances every total,
+    and the duplicates come from the jobs' own manifests. So the files are read, and every id
+    the load generator published must be in them: delivered or late, or dead-lettered if it
+    was sent broken.
 
     A repeat that arrives after its hour closed is counted as a duplicate while the job
     still remembers the hour's ids (a window after the close); one that comes later
@@ -67,19 +72,9 @@ def test_every_unique_id_comes_out_delivered_or_late_and_only_repeats_twice(outc
     """
     scenario, by_type = outcomes
     for name, outcome in by_type.items():
-        out = {
-            root: collections.Counter(
-                record["event_id"]
-                for path in files.glob(f"{scenario.storage_root}/{root}/{name}/dt=*/hr=*/*.avro")
-                for record in files.read_avro(path)
-            )
-            for root in ("delivered", "late")
-        }
-        unique = collections.Counter(outcome.ledger.unique_ids)
-        both = out["delivered"] + out["late"]
-        assert set(both) == set(unique), f"{name}: an id went missing, or one that was not sent came out"
-        assert max(out["delivered"].values()) == 1, name
-        repeats_written = sum((both - unique).values())
+        found = assert_every_id_in_one_place(scenario.storage_root, name, *ledger_ids(outcome.ledger))
+        assert found.dead_lettered[None] == outcome.ledger.dead_letter_kinds[ErrorKind.MISSING_ID.value], name
+        repeats_written = sum((found.written - collections.Counter(set(found.written))).values())
         repeats_counted = outcome.audit.total("duplicates")
         assert repeats_written + repeats_counted == outcome.ledger.expected["duplicate"], name
 
@@ -151,7 +146,7 @@ def test_delivered_files_read_with_the_apache_avro_reference_reader(outcomes):
     """Apache Avro's own implementation, independent of fastavro, reads what was written."""
     scenario, by_type = outcomes
     for name in by_type:
-        for path in files.glob(f"{scenario.storage_root}/delivered/{name}/dt=*/hr=*/*.avro")[:3]:
+        for path in files.glob(f"{scenario.storage_root}/delivered/{name}/dt=*/hr=*/*.avro"):
             with FileSystems.open(path) as handle:
                 reader = avro.datafile.DataFileReader(io.BytesIO(handle.read()), avro.io.DatumReader())
             records = list(reader)

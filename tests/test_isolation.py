@@ -29,6 +29,7 @@ from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, tr
 from event_delivery.ops import provision
 from event_delivery.ops.audit import TypeAudit, audit_type
 from event_delivery.ops.producer import EventPublisher
+from tests.by_id import assert_every_id_in_one_place, ledger_ids
 from tests.streams import local_keys
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
@@ -99,6 +100,7 @@ def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, t
 
     assert not audit.problems, audit.problems
     assert _accounted(audit) == ledger.published, f"{_accounted(audit)} of {ledger.published} messages accounted"
+    assert_every_id_in_one_place(healthy_root, "play", *ledger_ids(ledger))  # not only in total
     assert audit.settled, "an hour with data did not close, or files wait in staging"
     assert broken_alive, f"the broken job died:\n{broken_job.log_tail()}"
     assert failed_uploads > 0, f"the broken job never tried to upload:\n{broken_job.log_tail()}"

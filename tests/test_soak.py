@@ -12,6 +12,7 @@ import pytest
 
 from event_delivery.local.demo import Scenario, format_table, run_scenario
 from event_delivery.local.loadgen import TrafficMix
+from tests.by_id import assert_every_id_in_one_place, ledger_ids
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow, pytest.mark.soak]
 
@@ -39,4 +40,5 @@ def test_nothing_is_lost_under_sustained_load_on_every_type(emulators, registry,
         assert not outcome.audit.problems, name
         assert outcome.audit.settled, f"{name}: an hour with data did not close"
         assert outcome.balanced, f"{name}: published {outcome.ledger.published} is not accounted for"
+        assert_every_id_in_one_place(scenario.storage_root, name, *ledger_ids(outcome.ledger))  # not only in total
     assert lost == 0
