@@ -28,7 +28,10 @@ from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
 from event_delivery.keys.keystore import (
     KEY_WRAPPING_MEMORY_SECONDS,
     PSEUDONYM_KEY,
+    REWRAP_LEASE,
+    REWRAP_LEASE_SECONDS,
     RewrapCounts,
+    RotationUnderWay,
     SubjectKey,
     new_key_id,
 )
@@ -685,6 +688,56 @@ def test_a_job_stores_no_key_under_a_key_wrapping_key_a_rotation_replaced_and_fo
     assert job.subject_keys(["erin"], scope="play")["erin"] == erin
     assert list(job._key_wrapping_keys) == [tool.named_keys(KEY_WRAPPING_KEYS).popitem()[1]], "the new one alone"
     assert_revoked(copy, keystore_url, kek.path, job)
+
+
+def rotation_during_another(keystore_url, kek, second) -> tuple[object, SubjectKey]:
+    """A rotation that runs ``second(other)``, another process, between its read of the keys and
+    its write of their new wrapping; returns that other process and a subject's key from before."""
+    keystore = provisioned(keystore_url, kek)
+    alice = keystore.subject_keys(["alice"], scope="play")["alice"]
+    first, other = open_keystore(keystore_url, LocalKeyFile(kek.path)), open_keystore(keystore_url, kek)
+    replace, ran = first._replace_wrapped_keys, []
+
+    def other_runs_first(rewrapped):
+        if not ran:
+            ran.append(second(other))
+        return replace(rewrapped)
+
+    first._replace_wrapped_keys = other_runs_first
+    first.rewrap()
+    assert ran, "the other process ran during the rotation"
+    return other, alice
+
+
+def test_a_second_rotation_is_refused_while_one_holds_the_lease_and_runs_once_it_lapses(keystore_url, kek):
+    def second_rotation(other):
+        with pytest.raises(RotationUnderWay, match="one at a time"):
+            other.rewrap()
+        return True
+
+    other, alice = rotation_during_another(keystore_url, kek, second_rotation)
+    assert other.rewrap().retired == 1, "the lease is released when a rotation ends"
+    now = time.time()
+    assert other._take_lease(REWRAP_LEASE, "a run that died", now, now + REWRAP_LEASE_SECONDS)
+    with pytest.raises(RotationUnderWay):
+        other.rewrap()
+    other.clock = lambda: now + REWRAP_LEASE_SECONDS + 1
+    assert other.rewrap().retired == 1, "a dead run's lease lapses"
+    reader = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reader.subject_keys(["alice"], scope="play", create=False)["alice"] == alice
+
+
+def test_a_rotation_never_overwrites_a_key_another_rewrapped_after_its_read(keystore_url, kek):
+    """Two rotations at once (the lease bypassed): the second re-wraps under a newer key-wrapping
+    key and deletes the first's; the first's write, from its read before, must not land."""
+
+    def second_rotation_without_lease(other):
+        other._take_lease = lambda *lease: True
+        return other.rewrap()
+
+    _, alice = rotation_during_another(keystore_url, kek, second_rotation_without_lease)
+    reader = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reader.subject_keys(["alice"], scope="play", create=False)["alice"] == alice
 
 
 def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:

@@ -27,6 +27,8 @@ call, whether created or read.
 A rotation (``rewrap``) revokes every copy of the keystore taken before it: it makes new
 key-wrapping keys, re-wraps every data key under them, and only then deletes the old ones.
 Once the KEK versions that wrapped the old ones are destroyed, nothing unwraps an old copy.
+Rotations run one at a time: each holds a lease (a named entry claimed with an expiry, renewed
+at every batch), and re-wraps a key only if it still holds what the rotation read.
 
 ``forget`` records its work, writes the unscoped tombstone, then deletes the subject's key in
 every scope that exists (the scopes are the pseudonym secrets stored, so a type removed from
@@ -82,6 +84,13 @@ SCAN_BATCH = 500
 ORPHAN_GRACE_SECONDS = 3600
 KEY_WRAPPING_MEMORY_SECONDS = 3600  # how long a process keeps a key-wrapping key it unwrapped
 STORE_ATTEMPTS = 3  # a key wrapped under a key-wrapping key a rotation replaced is wrapped again
+REWRAP_LEASE = "rewrap"  # the lease a rotation holds
+REWRAP_LEASE_SECONDS = 600  # renewed at every batch; a rotation that died frees it after this
+
+
+class RotationUnderWay(RuntimeError):
+    """Another rotation holds the lease: two at once could re-wrap a key under a key-wrapping key
+    the other deletes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +176,19 @@ class Keystore(abc.ABC):
         """Every stored ``(key id, wrapped key)``, in batches."""
 
     @abc.abstractmethod
-    def _replace_wrapped_keys(self, rewrapped: dict[str, bytes]) -> int:
-        """Stores each key's new wrapping where the key still exists (never bringing back a deleted
-        one); returns how many it replaced."""
+    def _replace_wrapped_keys(self, rewrapped: dict[str, tuple[bytes, bytes]]) -> int:
+        """``key id -> (wrapped as read, wrapped anew)``: stores each new wrapping only where the key
+        still holds the one read (compare-and-set: a deleted key stays deleted, and a key another
+        writer wrapped meanwhile keeps that); returns how many it replaced."""
+
+    @abc.abstractmethod
+    def _take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
+        """Claims, or renews, the lease ``name`` for ``holder`` until ``until``, atomically; False,
+        writing nothing, while another holder's lease is live at ``now``."""
+
+    @abc.abstractmethod
+    def _release_lease(self, name: str, holder: str) -> None:
+        """Deletes the lease ``name`` if ``holder`` holds it."""
 
     @abc.abstractmethod
     def _sweep_orphans(self, grace_seconds: float) -> int:
@@ -390,7 +409,24 @@ class Keystore(abc.ABC):
         nothing unwraps it. Safe beside running jobs and forget: a job stores no key under a
         replaced key-wrapping key (``_create_subjects``), and a key deleted meanwhile stays
         deleted. A run that stops leaves every key readable, and a run again finishes (each run
-        replaces whatever key-wrapping keys it finds)."""
+        replaces whatever key-wrapping keys it finds). One at a time: a second run while one holds
+        the lease raises ``RotationUnderWay``."""
+        holder = new_key_id()
+        self._hold_rewrap_lease(holder)
+        try:
+            return self._rotate(holder)
+        finally:
+            self._release_lease(REWRAP_LEASE, holder)
+
+    def _hold_rewrap_lease(self, holder: str) -> None:
+        now = self.clock()
+        if not self._take_lease(REWRAP_LEASE, holder, now, now + REWRAP_LEASE_SECONDS):
+            raise RotationUnderWay(
+                "another rotation (rewrap) is under way, and rotations run one at a time; if it died, "
+                f"its lease lapses within {REWRAP_LEASE_SECONDS} s: run again then"
+            )
+
+    def _rotate(self, holder: str) -> RewrapCounts:
         retiring = self.named_keys(KEY_WRAPPING_KEYS)
         newer = {
             period: self._newer_key_wrapping_key(period, set(retiring.values()))
@@ -400,7 +436,7 @@ class Keystore(abc.ABC):
         self._current_key_wrapping_key = None
         totals = collections.Counter()
         while True:
-            found = self._rewrap_pass(replacements)
+            found = self._rewrap_pass(replacements, holder)
             totals.update(rewrapped=found["rewrapped"], vanished=found["vanished"])
             if not found["stale"]:
                 break
@@ -418,11 +454,12 @@ class Keystore(abc.ABC):
             key_id = self._named_key_id(newer, self._new_key_wrapping_key)  # another rotation's, if it came first
         return KeyWrapping(period, key_id)
 
-    def _rewrap_pass(self, replacements: dict[str, KeyWrapping]) -> collections.Counter:
+    def _rewrap_pass(self, replacements: dict[str, KeyWrapping], holder: str) -> collections.Counter:
         """One scan: every key still under a replaced key-wrapping key, or under an older KEK version
-        than the primary, is wrapped anew."""
+        than the primary, is wrapped anew; the lease is renewed at every batch."""
         primary, found = self.kek.primary_version(), collections.Counter()
         for batch in self._scan_wrapped_keys():
+            self._hold_rewrap_lease(holder)
             fresh = {}
             for key_id, wrapped in batch:
                 old = wrapping_key_id_of(wrapped)
@@ -436,9 +473,9 @@ class Keystore(abc.ABC):
                     continue
                 found["stale"] += 1
                 if old in replacements:
-                    fresh[key_id] = self._wrap_key(key_id, data_key, replacements[old])
+                    fresh[key_id] = (wrapped, self._wrap_key(key_id, data_key, replacements[old]))
                 else:
-                    fresh[key_id] = self.kek.wrap(data_key, key_id.encode())
+                    fresh[key_id] = (wrapped, self.kek.wrap(data_key, key_id.encode()))
             replaced = self._replace_wrapped_keys(fresh)
             found.update(rewrapped=replaced, vanished=len(fresh) - replaced)
         return found
