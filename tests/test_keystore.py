@@ -36,10 +36,10 @@ from event_delivery.keys.keystore import (
     new_key_id,
 )
 from event_delivery.keys.sqlite import SqliteKeystore
-from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, NewKey, wrapping_key_id_of
+from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys
-from transforms.personal import JobKeyCache
+from transforms.personal import TRANSIENT, UNAVAILABLE, JobKeyCache
 
 
 @pytest.fixture(scope="module")
@@ -738,6 +738,28 @@ def test_a_rotation_never_overwrites_a_key_another_rewrapped_after_its_read(keys
     _, alice = rotation_during_another(keystore_url, kek, second_rotation_without_lease)
     reader = open_keystore(keystore_url, LocalKeyFile(kek.path))
     assert reader.subject_keys(["alice"], scope="play", create=False)["alice"] == alice
+
+
+def test_a_new_key_under_a_newest_key_wrapping_key_that_no_longer_unwraps_is_unavailable(keystore_url, kek):
+    """Not ``KeyWrappingReplaced``, which would be retried for ever: no rotation replaced it."""
+    provisioned(keystore_url, kek).subject_keys(["alice"], scope="play")
+    kek.rotate()
+    kek.destroy_version(1)  # before any rewrap: this month's key-wrapping key no longer unwraps
+    process = open_keystore(keystore_url, LocalKeyFile(kek.path))  # holds no key-wrapping key
+    with pytest.raises(UNAVAILABLE) as raised:
+        process.named_key("quarantine/play/2026-01-01")  # a new key, wrapped under the month's
+    assert type(raised.value) is KeysNotFound
+
+
+def test_a_key_wrapping_key_replaced_at_every_attempt_to_store_is_a_transient_error(tmp_path, kek, monkeypatch):
+    keystore = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+
+    def replaced_again(new):
+        raise KeyWrappingReplaced("a rotation replaced it")
+
+    monkeypatch.setattr(keystore, "_create_subjects", replaced_again)
+    with pytest.raises(TRANSIENT):
+        keystore.subject_keys(["bob"], scope="play")
 
 
 def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:

@@ -229,8 +229,10 @@ class Keystore(abc.ABC):
         wrapping, key_id = self._current_wrapping(), new_key_id()
         try:
             wrapped = self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES), wrapping)
-        except KeysNotFound as gone:  # a rotation deleted it since this process read which one is newest
-            raise KeyWrappingReplaced(str(gone)) from None
+        except KeysNotFound as gone:
+            if wrapping.is_newest(self._named_keys(wrapping.names)):
+                raise  # still the newest, yet unusable (its KEK version destroyed): no retry mends that
+            raise KeyWrappingReplaced(str(gone)) from None  # a rotation replaced it since this process read
         return NewKey(key_id, wrapped, wrapping)
 
     def _new_key_wrapping_key(self) -> NewKey:
