@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import itertools
@@ -20,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys import bigtable as bigtable_backend
+from event_delivery.keys import cache as cache_module
 from event_delivery.keys import sqlite as sqlite_backend
 from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
@@ -341,6 +343,28 @@ def test_a_forgotten_key_leaves_the_workers_memory_at_the_caches_next_use_after_
     now[0] = 91
     assert cache.lookup(["carol"])["carol"][0] == carol, "fetched again once its own TTL passed"
     assert len(cache._expiring) == 2, "carol's key id and key, each queued once per fetch"
+
+
+def test_the_cache_holds_at_most_max_entries_dropping_the_oldest_before_their_ttl(tmp_path, kek, monkeypatch):
+    monkeypatch.setattr(cache_module, "MAX_ENTRIES", 4)
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=3600, clock=lambda: 0.0)
+    keys = {s: cache.lookup([s])[s][0] for s in ["alice", "bob", "carol", "dave", "erin"]}
+    assert len(cache._expiring) <= 4 and len(cache._key_ids) + len(cache._keys) <= 4
+    assert set(cache._key_ids) == {"dave", "erin"}, "the newest stay, none of them expired"
+    assert cache.lookup(["alice"])["alice"][0] == keys["alice"], "a dropped one is fetched again"
+
+
+def test_the_cache_survives_another_thread_emptying_its_expiry_queue_as_it_looks(tmp_path, kek):
+    class EmptiedAsRead(collections.deque):
+        def __getitem__(self, index):
+            self.clear()  # another thread's eviction, between the length check and the read
+            return super().__getitem__(index)
+
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
+    cache._expiring = EmptiedAsRead([(0.0, {}, "gone")])
+    assert cache.lookup(["alice"])["alice"][0] is not None
 
 
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
