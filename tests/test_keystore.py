@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import hmac
 import itertools
@@ -784,6 +785,58 @@ def test_a_key_wrapping_key_replaced_at_every_attempt_to_store_is_a_transient_er
     monkeypatch.setattr(keystore, "_create_subjects", replaced_again)
     with pytest.raises(TRANSIENT):
         keystore.subject_keys(["bob"], scope="play")
+
+
+def test_a_kms_outage_fails_no_key_a_process_holds_past_the_memory_period(keystore_url, kek, monkeypatch):
+    now = [time.time()]
+    job = provisioned(keystore_url, kek)
+    job.clock = lambda: now[0]
+    alice = job.subject_keys(["alice"], scope="play")["alice"]
+
+    def kms_out_of_reach(*args):
+        raise ConnectionError("KMS out of reach")
+
+    monkeypatch.setattr(kek, "unwrap", kms_out_of_reach)
+    now[0] += 3 * KEY_WRAPPING_MEMORY_SECONDS
+    assert job.data_keys([alice.key_id]) == {alice.key_id: alice.data_key}, "read under the key held"
+    assert job.subject_keys(["bob"], scope="play")["bob"] is not None, "made under the key held"
+
+
+def test_one_thread_of_a_process_checks_the_key_wrapping_keys_it_holds(tmp_path, kek):
+    now = [time.time()]
+    job = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+    job.clock = lambda: now[0]
+    job.subject_keys(["alice"], scope="play")
+    [held] = job.named_keys(KEY_WRAPPING_KEYS).values()
+    reads, read = [], job._read_wrapped_keys
+
+    def slow_read(key_ids):
+        reads.append(key_ids)
+        time.sleep(0.2)  # the other threads arrive while this check runs
+        return read(key_ids)
+
+    job._read_wrapped_keys = slow_read
+    now[0] += KEY_WRAPPING_MEMORY_SECONDS
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        found = list(threads.map(lambda _: job._key_wrapping_key(held), range(4)))
+    assert reads == [[held]], "one check, one keystore read"
+    assert all(aead is found[0] for aead in found), "every thread used the key held"
+
+
+def test_a_check_of_the_key_wrapping_keys_that_fails_keeps_them(tmp_path, kek):
+    now = [time.time()]
+    job = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+    job.clock = lambda: now[0]
+    job.subject_keys(["alice"], scope="play")
+    [held] = job.named_keys(KEY_WRAPPING_KEYS).values()
+    aead = job._key_wrapping_key(held)
+
+    def keystore_out_of_reach(key_ids):
+        raise ConnectionError("keystore out of reach")
+
+    job._read_wrapped_keys = keystore_out_of_reach
+    now[0] += KEY_WRAPPING_MEMORY_SECONDS
+    assert job._key_wrapping_key(held) is aead
 
 
 def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:

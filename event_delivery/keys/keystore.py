@@ -21,8 +21,9 @@ wraps only *key-wrapping keys*: one random 256-bit key per calendar month (UTC),
 the named key ``key-wrapping/<YYYY-MM>`` (``wrapping.py``). Those wrap every other key here,
 in the process: ``0x02 || key-wrapping key id (16 bytes) || nonce || AES-256-GCM``, with the
 header and the key id as associated data. A process unwraps each key-wrapping key with one
-KEK call and keeps it for at most ``KEY_WRAPPING_MEMORY_SECONDS``: no data key costs a KMS
-call, whether created or read.
+KEK call and keeps it until a rotation deletes it, which it checks every
+``KEY_WRAPPING_MEMORY_SECONDS`` with one keystore read and no KMS call: no data key costs a KMS
+call, whether created or read, and a KMS outage fails no key the process holds.
 
 A rotation (``rewrap``) revokes every copy of the keystore taken before it: it makes new
 key-wrapping keys, re-wraps every data key under them, and only then deletes the old ones.
@@ -49,6 +50,7 @@ import dataclasses
 import math
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -82,7 +84,8 @@ SCOPED_PSEUDONYM_KEY = PSEUDONYM_KEY + "/{scope}"
 LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
 SCAN_BATCH = 500
 ORPHAN_GRACE_SECONDS = 3600
-KEY_WRAPPING_MEMORY_SECONDS = 3600  # how long a process keeps a key-wrapping key it unwrapped
+KEY_WRAPPING_MEMORY_SECONDS = 3600  # how often a process checks that the key-wrapping keys it holds still exist
+KEY_WRAPPING_RETRY_SECONDS = 60  # how soon a check that failed is tried again
 STORE_ATTEMPTS = 3  # a key wrapped under a key-wrapping key a rotation replaced is wrapped again
 REWRAP_LEASE = "rewrap"  # the lease a rotation holds
 REWRAP_LEASE_SECONDS = 600  # renewed at every batch; a rotation that died frees it after this
@@ -123,8 +126,9 @@ class Keystore(abc.ABC):
         self.kek = kek
         self.clock = clock
         self._pseudonym_macs: dict[str, HMAC] = {}  # by the secret's name; a secret never changes
-        self._key_wrapping_keys: dict[str, tuple[float, AESGCM]] = {}  # key id -> (forget at, key)
-        self._next_forget_at = math.inf  # when the first of those is to be forgotten
+        self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id
+        self._next_check_at = math.inf  # when to check that those still exist
+        self._checking = threading.Lock()  # one thread of the process checks
         self._current_key_wrapping_key: KeyWrapping | None = None
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
@@ -263,26 +267,46 @@ class Keystore(abc.ABC):
                 self._current_key_wrapping_key = None
 
     def _remember_key_wrapping_key(self, key_id: str, aead: AESGCM) -> AESGCM:
-        forget_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
-        self._key_wrapping_keys[key_id] = (forget_at, aead)
-        self._next_forget_at = min(self._next_forget_at, forget_at)
+        self._key_wrapping_keys[key_id] = aead
+        if self._next_check_at == math.inf:
+            self._next_check_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
         return aead
 
     def _key_wrapping_key(self, key_id: str) -> AESGCM:
-        """A key-wrapping key, unwrapped by the KEK unless this process did so within the last
-        ``KEY_WRAPPING_MEMORY_SECONDS``. Past that bound, the next call forgets it (one comparison
-        a call until then), so a worker does not keep one that a rotation deleted."""
-        now = self.clock()
-        if now >= self._next_forget_at:
-            self._key_wrapping_keys = {k: held for k, held in self._key_wrapping_keys.items() if held[0] > now}
-            self._next_forget_at = min((held[0] for held in self._key_wrapping_keys.values()), default=math.inf)
+        """A key-wrapping key, unwrapped by the KEK unless this process holds it. It holds it until
+        a check, every ``KEY_WRAPPING_MEMORY_SECONDS`` (one comparison a call until then), finds
+        that a rotation deleted it, so a worker does not keep one that a rotation deleted."""
+        if self.clock() >= self._next_check_at:
+            self._check_key_wrapping_keys()
         held = self._key_wrapping_keys.get(key_id)
         if held:
-            return held[1]
+            return held
         wrapped = self._read_wrapped_keys([key_id]).get(key_id)
         if wrapped is None:
             raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
         return self._remember_key_wrapping_key(key_id, AESGCM(self.kek.unwrap(wrapped, key_id.encode())))
+
+    def _check_key_wrapping_keys(self) -> None:
+        """Drops the held key-wrapping keys that a rotation deleted: one keystore read, no KMS call,
+        by one thread of the process while the others go on with what is held. A read that fails
+        drops nothing and is tried again ``KEY_WRAPPING_RETRY_SECONDS`` later, so an outage takes
+        no key away. A key another thread unwraps during the check may be dropped: it is unwrapped
+        again when needed."""
+        if not self._checking.acquire(blocking=False):
+            return
+        try:
+            now = self.clock()
+            if now < self._next_check_at:
+                return  # another thread has just checked
+            try:
+                stored = self._read_wrapped_keys(list(self._key_wrapping_keys))
+            except Exception:  # whatever the keystore's outage raises: keep what is held
+                self._next_check_at = now + KEY_WRAPPING_RETRY_SECONDS
+                return
+            self._key_wrapping_keys = {k: aead for k, aead in self._key_wrapping_keys.items() if k in stored}
+            self._next_check_at = now + KEY_WRAPPING_MEMORY_SECONDS
+        finally:
+            self._checking.release()
 
     # The interface the pipeline and the tools use.
     def _pseudonym(self, secret_name: str, subject_id: str) -> str:
