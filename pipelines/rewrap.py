@@ -7,7 +7,9 @@ the KEK wraps itself under an older version, under the primary), and only then d
 old key-wrapping keys; it prints how many keys each KEK version still wraps. It runs beside
 jobs and forget: a job never stores a key under a key-wrapping key it replaced, and a key
 deleted meanwhile stays deleted. A run that stops leaves every key readable; run it again
-to finish (each run rotates whatever key-wrapping keys it finds). Run one at a time.
+to finish (each run rotates whatever key-wrapping keys it finds). One runs at a time: a second
+run while one holds the rotation's lease stops with a message (the lease of a run that died
+lapses within ten minutes).
 
 What it revokes: a copy of the keystore taken before the run holds its data keys wrapped by
 key-wrapping keys that no longer exist, and those wrapped by the KEK versions of then. Once
@@ -38,6 +40,7 @@ import sys
 from event_delivery.cloud import preflight
 from event_delivery.keys.config import add_key_arguments, key_config_from_args
 from event_delivery.keys.kek import LocalKeyFile
+from event_delivery.keys.keystore import RotationUnderWay
 
 
 def main(argv=None) -> int:
@@ -67,7 +70,10 @@ def main(argv=None) -> int:
         keystore = keys.preflight()
     if args.rotate_local_key:
         print(f"key-encryption key rotated: version {keystore.kek.rotate()} is the primary")
-    counts = keystore.rewrap()
+    try:
+        counts = keystore.rewrap()
+    except RotationUnderWay as error:
+        preflight.fail(parser.prog, str(error))
     print(
         f"rotated: {counts.retired} key-wrapping key(s) replaced by new ones under version "
         f"{keystore.kek.primary_version()} and deleted; {counts.rewrapped} key(s) re-wrapped; "

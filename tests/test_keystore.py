@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import hmac
 import itertools
@@ -20,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys import bigtable as bigtable_backend
+from event_delivery.keys import cache as cache_module
 from event_delivery.keys import sqlite as sqlite_backend
 from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
@@ -28,15 +31,18 @@ from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
 from event_delivery.keys.keystore import (
     KEY_WRAPPING_MEMORY_SECONDS,
     PSEUDONYM_KEY,
+    REWRAP_LEASE,
+    REWRAP_LEASE_SECONDS,
     RewrapCounts,
+    RotationUnderWay,
     SubjectKey,
     new_key_id,
 )
 from event_delivery.keys.sqlite import SqliteKeystore
-from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, NewKey, wrapping_key_id_of
+from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys
-from transforms.personal import JobKeyCache
+from transforms.personal import TRANSIENT, UNAVAILABLE, JobKeyCache
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +344,28 @@ def test_a_forgotten_key_leaves_the_workers_memory_at_the_caches_next_use_after_
     now[0] = 91
     assert cache.lookup(["carol"])["carol"][0] == carol, "fetched again once its own TTL passed"
     assert len(cache._expiring) == 2, "carol's key id and key, each queued once per fetch"
+
+
+def test_the_cache_holds_at_most_max_entries_dropping_the_oldest_before_their_ttl(tmp_path, kek, monkeypatch):
+    monkeypatch.setattr(cache_module, "MAX_ENTRIES", 4)
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=3600, clock=lambda: 0.0)
+    keys = {s: cache.lookup([s])[s][0] for s in ["alice", "bob", "carol", "dave", "erin"]}
+    assert len(cache._expiring) <= 4 and len(cache._key_ids) + len(cache._keys) <= 4
+    assert set(cache._key_ids) == {"dave", "erin"}, "the newest stay, none of them expired"
+    assert cache.lookup(["alice"])["alice"][0] == keys["alice"], "a dropped one is fetched again"
+
+
+def test_the_cache_survives_another_thread_emptying_its_expiry_queue_as_it_looks(tmp_path, kek):
+    class EmptiedAsRead(collections.deque):
+        def __getitem__(self, index):
+            self.clear()  # another thread's eviction, between the length check and the read
+            return super().__getitem__(index)
+
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
+    cache._expiring = EmptiedAsRead([(0.0, {}, "gone")])
+    assert cache.lookup(["alice"])["alice"][0] is not None
 
 
 def test_steps_of_one_job_share_a_cache_and_another_job_gets_its_own(tmp_path):
@@ -685,6 +713,130 @@ def test_a_job_stores_no_key_under_a_key_wrapping_key_a_rotation_replaced_and_fo
     assert job.subject_keys(["erin"], scope="play")["erin"] == erin
     assert list(job._key_wrapping_keys) == [tool.named_keys(KEY_WRAPPING_KEYS).popitem()[1]], "the new one alone"
     assert_revoked(copy, keystore_url, kek.path, job)
+
+
+def rotation_during_another(keystore_url, kek, second) -> tuple[object, SubjectKey]:
+    """A rotation that runs ``second(other)``, another process, between its read of the keys and
+    its write of their new wrapping; returns that other process and a subject's key from before."""
+    keystore = provisioned(keystore_url, kek)
+    alice = keystore.subject_keys(["alice"], scope="play")["alice"]
+    first, other = open_keystore(keystore_url, LocalKeyFile(kek.path)), open_keystore(keystore_url, kek)
+    replace, ran = first._replace_wrapped_keys, []
+
+    def other_runs_first(rewrapped):
+        if not ran:
+            ran.append(second(other))
+        return replace(rewrapped)
+
+    first._replace_wrapped_keys = other_runs_first
+    first.rewrap()
+    assert ran, "the other process ran during the rotation"
+    return other, alice
+
+
+def test_a_second_rotation_is_refused_while_one_holds_the_lease_and_runs_once_it_lapses(keystore_url, kek):
+    def second_rotation(other):
+        with pytest.raises(RotationUnderWay, match="one at a time"):
+            other.rewrap()
+        return True
+
+    other, alice = rotation_during_another(keystore_url, kek, second_rotation)
+    assert other.rewrap().retired == 1, "the lease is released when a rotation ends"
+    now = time.time()
+    assert other._take_lease(REWRAP_LEASE, "a run that died", now, now + REWRAP_LEASE_SECONDS)
+    with pytest.raises(RotationUnderWay):
+        other.rewrap()
+    other.clock = lambda: now + REWRAP_LEASE_SECONDS + 1
+    assert other.rewrap().retired == 1, "a dead run's lease lapses"
+    reader = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reader.subject_keys(["alice"], scope="play", create=False)["alice"] == alice
+
+
+def test_a_rotation_never_overwrites_a_key_another_rewrapped_after_its_read(keystore_url, kek):
+    """Two rotations at once (the lease bypassed): the second re-wraps under a newer key-wrapping
+    key and deletes the first's; the first's write, from its read before, must not land."""
+
+    def second_rotation_without_lease(other):
+        other._take_lease = lambda *lease: True
+        return other.rewrap()
+
+    _, alice = rotation_during_another(keystore_url, kek, second_rotation_without_lease)
+    reader = open_keystore(keystore_url, LocalKeyFile(kek.path))
+    assert reader.subject_keys(["alice"], scope="play", create=False)["alice"] == alice
+
+
+def test_a_new_key_under_a_newest_key_wrapping_key_that_no_longer_unwraps_is_unavailable(keystore_url, kek):
+    """Not ``KeyWrappingReplaced``, which would be retried for ever: no rotation replaced it."""
+    provisioned(keystore_url, kek).subject_keys(["alice"], scope="play")
+    kek.rotate()
+    kek.destroy_version(1)  # before any rewrap: this month's key-wrapping key no longer unwraps
+    process = open_keystore(keystore_url, LocalKeyFile(kek.path))  # holds no key-wrapping key
+    with pytest.raises(UNAVAILABLE) as raised:
+        process.named_key("quarantine/play/2026-01-01")  # a new key, wrapped under the month's
+    assert type(raised.value) is KeysNotFound
+
+
+def test_a_key_wrapping_key_replaced_at_every_attempt_to_store_is_a_transient_error(tmp_path, kek, monkeypatch):
+    keystore = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+
+    def replaced_again(new):
+        raise KeyWrappingReplaced("a rotation replaced it")
+
+    monkeypatch.setattr(keystore, "_create_subjects", replaced_again)
+    with pytest.raises(TRANSIENT):
+        keystore.subject_keys(["bob"], scope="play")
+
+
+def test_a_kms_outage_fails_no_key_a_process_holds_past_the_memory_period(keystore_url, kek, monkeypatch):
+    now = [time.time()]
+    job = provisioned(keystore_url, kek)
+    job.clock = lambda: now[0]
+    alice = job.subject_keys(["alice"], scope="play")["alice"]
+
+    def kms_out_of_reach(*args):
+        raise ConnectionError("KMS out of reach")
+
+    monkeypatch.setattr(kek, "unwrap", kms_out_of_reach)
+    now[0] += 3 * KEY_WRAPPING_MEMORY_SECONDS
+    assert job.data_keys([alice.key_id]) == {alice.key_id: alice.data_key}, "read under the key held"
+    assert job.subject_keys(["bob"], scope="play")["bob"] is not None, "made under the key held"
+
+
+def test_one_thread_of_a_process_checks_the_key_wrapping_keys_it_holds(tmp_path, kek):
+    now = [time.time()]
+    job = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+    job.clock = lambda: now[0]
+    job.subject_keys(["alice"], scope="play")
+    [held] = job.named_keys(KEY_WRAPPING_KEYS).values()
+    reads, read = [], job._read_wrapped_keys
+
+    def slow_read(key_ids):
+        reads.append(key_ids)
+        time.sleep(0.2)  # the other threads arrive while this check runs
+        return read(key_ids)
+
+    job._read_wrapped_keys = slow_read
+    now[0] += KEY_WRAPPING_MEMORY_SECONDS
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        found = list(threads.map(lambda _: job._key_wrapping_key(held), range(4)))
+    assert reads == [[held]], "one check, one keystore read"
+    assert all(aead is found[0] for aead in found), "every thread used the key held"
+
+
+def test_a_check_of_the_key_wrapping_keys_that_fails_keeps_them(tmp_path, kek):
+    now = [time.time()]
+    job = provisioned(f"sqlite:///{tmp_path}/keystore.db", kek)
+    job.clock = lambda: now[0]
+    job.subject_keys(["alice"], scope="play")
+    [held] = job.named_keys(KEY_WRAPPING_KEYS).values()
+    aead = job._key_wrapping_key(held)
+
+    def keystore_out_of_reach(key_ids):
+        raise ConnectionError("keystore out of reach")
+
+    job._read_wrapped_keys = keystore_out_of_reach
+    now[0] += KEY_WRAPPING_MEMORY_SECONDS
+    assert job._key_wrapping_key(held) is aead
 
 
 def store_as_before_the_hierarchy(keystore, subject: str) -> SubjectKey:

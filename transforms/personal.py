@@ -40,6 +40,7 @@ from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes, encrypt_value
 from event_delivery.keys.kek import KeysNotFound, KmsIntegrityError, UnknownWrappedFormat
 from event_delivery.keys.keystore import SubjectKey
+from event_delivery.keys.wrapping import KeyWrappingReplaced
 from transforms import retries
 from transforms.reports import FORGOTTEN, report
 
@@ -53,8 +54,16 @@ UNAVAILABLE = (
     KeysNotFound,
     *retries.DENIED,
 )
-# Keystore errors that pass: the service busy, slow or out of reach, a KMS response altered on the way.
-TRANSIENT = (google_errors.ServerError, google_errors.TooManyRequests, ConnectionError, TimeoutError, KmsIntegrityError)
+# Keystore errors that pass: the service busy, slow or out of reach, a KMS response altered on the way,
+# rotations that replaced the key-wrapping key at every attempt to store a new key.
+TRANSIENT = (
+    google_errors.ServerError,
+    google_errors.TooManyRequests,
+    ConnectionError,
+    TimeoutError,
+    KmsIntegrityError,
+    KeyWrappingReplaced,
+)
 UNENCODABLE = "UnencodableSubjectId"  # why a subject id that UTF-8 cannot encode has no key
 
 

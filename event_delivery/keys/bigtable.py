@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import re
 import time
 
 from event_delivery.keys.kek import PROVISION_HINT, KeyEncryptionKey, KeysNotFound
 from event_delivery.keys.keystore import SCAN_BATCH, Keystore
 from event_delivery.keys.wrapping import KeyWrappingReplaced, check_still_newest
 
-KEY_ID, FORGOTTEN_AT = b"key_id", b"forgotten_at"
+KEY_ID, FORGOTTEN_AT, WRAPPED, LEASE = b"key_id", b"forgotten_at", b"wrapped", b"lease"
+ONE_MILLISECOND = datetime.timedelta(milliseconds=1)  # Bigtable's granularity of cell timestamps
 
 
 def _live_key_id(cells: dict) -> str | None:
@@ -25,9 +27,16 @@ def _check(statuses, what: str) -> None:
         raise RuntimeError(f"Bigtable refused {what}: {failed[0].message}")
 
 
+def _held_by(holder: str):
+    """A filter that passes a lease cell that ``holder`` holds."""
+    from google.cloud.bigtable.row_filters import ValueRegexFilter
+
+    return ValueRegexFilter(rb"^\d{20} " + re.escape(holder).encode() + rb"$")
+
+
 class BigtableKeystore(Keystore):
-    """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>``, ``n#<name>`` and ``p#<pseudonym>``
-    (a forget under way) in one family."""
+    """Cloud Bigtable: rows ``s#<pseudonym>``, ``d#<key id>``, ``n#<name>``, ``p#<pseudonym>``
+    (a forget under way) and ``l#<name>`` (a lease) in one family."""
 
     FAMILY = "k"
 
@@ -206,17 +215,82 @@ class BigtableKeystore(Keystore):
         self._delete_rows([b"d#" + key_id.encode()])
         self._delete_rows([b"n#" + name.encode()])
 
-    def _replace_wrapped_keys(self, rewrapped):
-        """One conditional mutation per key: written only while the key's row still exists, so a
-        key that forget deleted after it was read is not brought back."""
-        from google.cloud.bigtable.row_filters import ColumnQualifierRegexFilter
+    def _newest_cells(self, row_keys: list[bytes], qualifier: bytes) -> dict[bytes, object]:
+        """The newest cell of ``qualifier`` in each row that has one: row key -> cell (value, timestamp)."""
+        from google.cloud.bigtable.row_filters import CellsColumnLimitFilter, ColumnQualifierRegexFilter, RowFilterChain
+        from google.cloud.bigtable.row_set import RowSet
 
+        row_set = RowSet()
+        for key in row_keys:
+            row_set.add_row_key(key)
+        newest = RowFilterChain([ColumnQualifierRegexFilter(qualifier), CellsColumnLimitFilter(1)])
+        rows = self.table.read_rows(row_set=row_set, filter_=newest) if row_keys else []
+        return {row.row_key: row.cells[self.FAMILY][qualifier][0] for row in rows}
+
+    def _replace_wrapped_keys(self, rewrapped):
+        """Compare-and-set, one conditional mutation per key: the new wrapping is written only over
+        the cell that holds the wrapping the rotation read, named by its timestamp (Bigtable
+        compares no values but by regular expression, which arbitrary bytes defeat). A key that
+        forget deleted, or that another writer re-wrapped, is left as it is."""
+        from google.cloud.bigtable.row_filters import (
+            CellsColumnLimitFilter,
+            ColumnQualifierRegexFilter,
+            RowFilterChain,
+            TimestampRange,
+            TimestampRangeFilter,
+        )
+
+        cells = self._newest_cells([b"d#" + key_id.encode() for key_id in rewrapped], WRAPPED)
         replaced = 0
-        for key_id, wrapped in rewrapped.items():
-            row = self.table.conditional_row(b"d#" + key_id.encode(), filter_=ColumnQualifierRegexFilter(b"wrapped"))
-            row.set_cell(self.FAMILY, b"wrapped", wrapped, state=True)
+        for key_id, (old, new) in rewrapped.items():
+            row_key = b"d#" + key_id.encode()
+            cell = cells.get(row_key)
+            if cell is None or cell.value != old:
+                continue
+            same_cell = RowFilterChain(
+                [
+                    ColumnQualifierRegexFilter(WRAPPED),
+                    CellsColumnLimitFilter(1),
+                    TimestampRangeFilter(TimestampRange(start=cell.timestamp, end=cell.timestamp + ONE_MILLISECOND)),
+                ]
+            )
+            row = self.table.conditional_row(row_key, filter_=same_cell)
+            row.set_cell(self.FAMILY, WRAPPED, new, state=True)
             replaced += bool(row.commit())
         return replaced
+
+    def _take_lease(self, name, holder, now, until):
+        """The lease is one cell, ``<expiry in ms, 20 digits> <holder>``, so that one conditional
+        mutation renews a lease this holder holds, and another claims one that no live lease holds
+        (fixed-width digits compare as numbers)."""
+        from google.cloud.bigtable.row_filters import (
+            CellsColumnLimitFilter,
+            ColumnQualifierRegexFilter,
+            RowFilterChain,
+            ValueRangeFilter,
+        )
+
+        row_key, value = b"l#" + name.encode(), b"%020d %s" % (int(until * 1000), holder.encode())
+        newest = [ColumnQualifierRegexFilter(LEASE), CellsColumnLimitFilter(1)]
+        mine = _held_by(holder)
+        renewal = self.table.conditional_row(row_key, filter_=RowFilterChain([*newest, mine]))
+        renewal.set_cell(self.FAMILY, LEASE, value, state=True)
+        if renewal.commit():
+            return True
+        live = ValueRangeFilter(start_value=b"%020d" % int(now * 1000))
+        claim = self.table.conditional_row(row_key, filter_=RowFilterChain([*newest, live]))
+        claim.set_cell(self.FAMILY, LEASE, value, state=False)
+        return not claim.commit()
+
+    def _release_lease(self, name, holder):
+        from google.cloud.bigtable.row_filters import ColumnQualifierRegexFilter, RowFilterChain
+
+        mine = _held_by(holder)
+        row = self.table.conditional_row(
+            b"l#" + name.encode(), filter_=RowFilterChain([ColumnQualifierRegexFilter(LEASE), mine])
+        )
+        row.delete(state=True)
+        row.commit()
 
     def _sweep_orphans(self, grace_seconds):
         """Keys first, then what points to them: a key written after the key scan is not judged, and

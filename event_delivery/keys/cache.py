@@ -10,6 +10,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from event_delivery.keys.keystore import Keystore, SubjectKey
 
+MAX_ENTRIES = 1_000_000  # entries a worker's cache holds at most (both maps), whatever the rate and the TTL
+
 
 class KeyCache:
     """A worker's cache of one scope's keys (an event type's: a job serves one), with a TTL:
@@ -22,6 +24,7 @@ class KeyCache:
     subject was forgotten: both maps expire. Events encrypted in that window are
     unreadable anyway, because the key they used is gone. An expired entry also leaves
     the worker's memory at the cache's next use, so a forgotten key is not kept there.
+    Past ``MAX_ENTRIES`` the oldest entries leave too, expired or not (a refetch).
     """
 
     def __init__(self, keystore: Keystore, scope: str, ttl_seconds: float, clock=time.monotonic):
@@ -53,20 +56,26 @@ class KeyCache:
                 found[item] = value
                 entries[item] = (expires, value)
                 self._expiring.append((expires, entries, item))
+            self._evict(now)
         return found
 
     def _evict(self, now: float) -> None:
-        """Drops the entries whose TTL has passed, oldest first; a call with none expired looks at
-        one queue entry only. Steps in other threads may store entries meanwhile: one stored again
-        since it was queued has a later expiry and stays (a race that drops it costs a refetch)."""
+        """Drops the entries whose TTL has passed, and the oldest past ``MAX_ENTRIES``, oldest first
+        (every entry has one queue item, so the queue's length bounds both maps); a call with none
+        to drop looks at one queue item only. Steps in other threads may store entries meanwhile:
+        one stored again since it was queued has a later expiry and stays (a race that drops it
+        costs a refetch), and one may empty the queue between the length and the head read."""
         queue = self._expiring
-        if not queue or queue[0][0] > now:
+        try:
+            if queue[0][0] > now and len(queue) <= MAX_ENTRIES:
+                return
+        except IndexError:  # empty, or emptied by another thread's eviction
             return
         with self._evicting:
-            while queue and queue[0][0] <= now:
-                _, entries, item = queue.popleft()
+            while queue and (queue[0][0] <= now or len(queue) > MAX_ENTRIES):
+                expires, entries, item = queue.popleft()
                 entry = entries.get(item)
-                if entry is not None and entry[0] <= now:
+                if entry is not None and entry[0] <= expires:
                     entries.pop(item, None)
 
     def _fetch_data_keys(self, key_ids: list[str]) -> dict[str, tuple[SubjectKey | None, AESGCM | None]]:

@@ -21,12 +21,15 @@ wraps only *key-wrapping keys*: one random 256-bit key per calendar month (UTC),
 the named key ``key-wrapping/<YYYY-MM>`` (``wrapping.py``). Those wrap every other key here,
 in the process: ``0x02 || key-wrapping key id (16 bytes) || nonce || AES-256-GCM``, with the
 header and the key id as associated data. A process unwraps each key-wrapping key with one
-KEK call and keeps it for at most ``KEY_WRAPPING_MEMORY_SECONDS``: no data key costs a KMS
-call, whether created or read.
+KEK call and keeps it until a rotation deletes it, which it checks every
+``KEY_WRAPPING_MEMORY_SECONDS`` with one keystore read and no KMS call: no data key costs a KMS
+call, whether created or read, and a KMS outage fails no key the process holds.
 
 A rotation (``rewrap``) revokes every copy of the keystore taken before it: it makes new
 key-wrapping keys, re-wraps every data key under them, and only then deletes the old ones.
 Once the KEK versions that wrapped the old ones are destroyed, nothing unwraps an old copy.
+Rotations run one at a time: each holds a lease (a named entry claimed with an expiry, renewed
+at every batch), and re-wraps a key only if it still holds what the rotation read.
 
 ``forget`` records its work, writes the unscoped tombstone, then deletes the subject's key in
 every scope that exists (the scopes are the pseudonym secrets stored, so a type removed from
@@ -47,6 +50,7 @@ import dataclasses
 import math
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -80,8 +84,16 @@ SCOPED_PSEUDONYM_KEY = PSEUDONYM_KEY + "/{scope}"
 LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
 SCAN_BATCH = 500
 ORPHAN_GRACE_SECONDS = 3600
-KEY_WRAPPING_MEMORY_SECONDS = 3600  # how long a process keeps a key-wrapping key it unwrapped
+KEY_WRAPPING_MEMORY_SECONDS = 3600  # how often a process checks that the key-wrapping keys it holds still exist
+KEY_WRAPPING_RETRY_SECONDS = 60  # how soon a check that failed is tried again
 STORE_ATTEMPTS = 3  # a key wrapped under a key-wrapping key a rotation replaced is wrapped again
+REWRAP_LEASE = "rewrap"  # the lease a rotation holds
+REWRAP_LEASE_SECONDS = 600  # renewed at every batch; a rotation that died frees it after this
+
+
+class RotationUnderWay(RuntimeError):
+    """Another rotation holds the lease: two at once could re-wrap a key under a key-wrapping key
+    the other deletes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +126,9 @@ class Keystore(abc.ABC):
         self.kek = kek
         self.clock = clock
         self._pseudonym_macs: dict[str, HMAC] = {}  # by the secret's name; a secret never changes
-        self._key_wrapping_keys: dict[str, tuple[float, AESGCM]] = {}  # key id -> (forget at, key)
-        self._next_forget_at = math.inf  # when the first of those is to be forgotten
+        self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id
+        self._next_check_at = math.inf  # when to check that those still exist
+        self._checking = threading.Lock()  # one thread of the process checks
         self._current_key_wrapping_key: KeyWrapping | None = None
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
@@ -167,9 +180,19 @@ class Keystore(abc.ABC):
         """Every stored ``(key id, wrapped key)``, in batches."""
 
     @abc.abstractmethod
-    def _replace_wrapped_keys(self, rewrapped: dict[str, bytes]) -> int:
-        """Stores each key's new wrapping where the key still exists (never bringing back a deleted
-        one); returns how many it replaced."""
+    def _replace_wrapped_keys(self, rewrapped: dict[str, tuple[bytes, bytes]]) -> int:
+        """``key id -> (wrapped as read, wrapped anew)``: stores each new wrapping only where the key
+        still holds the one read (compare-and-set: a deleted key stays deleted, and a key another
+        writer wrapped meanwhile keeps that); returns how many it replaced."""
+
+    @abc.abstractmethod
+    def _take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
+        """Claims, or renews, the lease ``name`` for ``holder`` until ``until``, atomically; False,
+        writing nothing, while another holder's lease is live at ``now``."""
+
+    @abc.abstractmethod
+    def _release_lease(self, name: str, holder: str) -> None:
+        """Deletes the lease ``name`` if ``holder`` holds it."""
 
     @abc.abstractmethod
     def _sweep_orphans(self, grace_seconds: float) -> int:
@@ -210,8 +233,10 @@ class Keystore(abc.ABC):
         wrapping, key_id = self._current_wrapping(), new_key_id()
         try:
             wrapped = self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES), wrapping)
-        except KeysNotFound as gone:  # a rotation deleted it since this process read which one is newest
-            raise KeyWrappingReplaced(str(gone)) from None
+        except KeysNotFound as gone:
+            if wrapping.is_newest(self._named_keys(wrapping.names)):
+                raise  # still the newest, yet unusable (its KEK version destroyed): no retry mends that
+            raise KeyWrappingReplaced(str(gone)) from None  # a rotation replaced it since this process read
         return NewKey(key_id, wrapped, wrapping)
 
     def _new_key_wrapping_key(self) -> NewKey:
@@ -242,26 +267,46 @@ class Keystore(abc.ABC):
                 self._current_key_wrapping_key = None
 
     def _remember_key_wrapping_key(self, key_id: str, aead: AESGCM) -> AESGCM:
-        forget_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
-        self._key_wrapping_keys[key_id] = (forget_at, aead)
-        self._next_forget_at = min(self._next_forget_at, forget_at)
+        self._key_wrapping_keys[key_id] = aead
+        if self._next_check_at == math.inf:
+            self._next_check_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
         return aead
 
     def _key_wrapping_key(self, key_id: str) -> AESGCM:
-        """A key-wrapping key, unwrapped by the KEK unless this process did so within the last
-        ``KEY_WRAPPING_MEMORY_SECONDS``. Past that bound, the next call forgets it (one comparison
-        a call until then), so a worker does not keep one that a rotation deleted."""
-        now = self.clock()
-        if now >= self._next_forget_at:
-            self._key_wrapping_keys = {k: held for k, held in self._key_wrapping_keys.items() if held[0] > now}
-            self._next_forget_at = min((held[0] for held in self._key_wrapping_keys.values()), default=math.inf)
+        """A key-wrapping key, unwrapped by the KEK unless this process holds it. It holds it until
+        a check, every ``KEY_WRAPPING_MEMORY_SECONDS`` (one comparison a call until then), finds
+        that a rotation deleted it, so a worker does not keep one that a rotation deleted."""
+        if self.clock() >= self._next_check_at:
+            self._check_key_wrapping_keys()
         held = self._key_wrapping_keys.get(key_id)
         if held:
-            return held[1]
+            return held
         wrapped = self._read_wrapped_keys([key_id]).get(key_id)
         if wrapped is None:
             raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
         return self._remember_key_wrapping_key(key_id, AESGCM(self.kek.unwrap(wrapped, key_id.encode())))
+
+    def _check_key_wrapping_keys(self) -> None:
+        """Drops the held key-wrapping keys that a rotation deleted: one keystore read, no KMS call,
+        by one thread of the process while the others go on with what is held. A read that fails
+        drops nothing and is tried again ``KEY_WRAPPING_RETRY_SECONDS`` later, so an outage takes
+        no key away. A key another thread unwraps during the check may be dropped: it is unwrapped
+        again when needed."""
+        if not self._checking.acquire(blocking=False):
+            return
+        try:
+            now = self.clock()
+            if now < self._next_check_at:
+                return  # another thread has just checked
+            try:
+                stored = self._read_wrapped_keys(list(self._key_wrapping_keys))
+            except Exception:  # whatever the keystore's outage raises: keep what is held
+                self._next_check_at = now + KEY_WRAPPING_RETRY_SECONDS
+                return
+            self._key_wrapping_keys = {k: aead for k, aead in self._key_wrapping_keys.items() if k in stored}
+            self._next_check_at = now + KEY_WRAPPING_MEMORY_SECONDS
+        finally:
+            self._checking.release()
 
     # The interface the pipeline and the tools use.
     def _pseudonym(self, secret_name: str, subject_id: str) -> str:
@@ -390,7 +435,24 @@ class Keystore(abc.ABC):
         nothing unwraps it. Safe beside running jobs and forget: a job stores no key under a
         replaced key-wrapping key (``_create_subjects``), and a key deleted meanwhile stays
         deleted. A run that stops leaves every key readable, and a run again finishes (each run
-        replaces whatever key-wrapping keys it finds)."""
+        replaces whatever key-wrapping keys it finds). One at a time: a second run while one holds
+        the lease raises ``RotationUnderWay``."""
+        holder = new_key_id()
+        self._hold_rewrap_lease(holder)
+        try:
+            return self._rotate(holder)
+        finally:
+            self._release_lease(REWRAP_LEASE, holder)
+
+    def _hold_rewrap_lease(self, holder: str) -> None:
+        now = self.clock()
+        if not self._take_lease(REWRAP_LEASE, holder, now, now + REWRAP_LEASE_SECONDS):
+            raise RotationUnderWay(
+                "another rotation (rewrap) is under way, and rotations run one at a time; if it died, "
+                f"its lease lapses within {REWRAP_LEASE_SECONDS} s: run again then"
+            )
+
+    def _rotate(self, holder: str) -> RewrapCounts:
         retiring = self.named_keys(KEY_WRAPPING_KEYS)
         newer = {
             period: self._newer_key_wrapping_key(period, set(retiring.values()))
@@ -400,7 +462,7 @@ class Keystore(abc.ABC):
         self._current_key_wrapping_key = None
         totals = collections.Counter()
         while True:
-            found = self._rewrap_pass(replacements)
+            found = self._rewrap_pass(replacements, holder)
             totals.update(rewrapped=found["rewrapped"], vanished=found["vanished"])
             if not found["stale"]:
                 break
@@ -418,11 +480,12 @@ class Keystore(abc.ABC):
             key_id = self._named_key_id(newer, self._new_key_wrapping_key)  # another rotation's, if it came first
         return KeyWrapping(period, key_id)
 
-    def _rewrap_pass(self, replacements: dict[str, KeyWrapping]) -> collections.Counter:
+    def _rewrap_pass(self, replacements: dict[str, KeyWrapping], holder: str) -> collections.Counter:
         """One scan: every key still under a replaced key-wrapping key, or under an older KEK version
-        than the primary, is wrapped anew."""
+        than the primary, is wrapped anew; the lease is renewed at every batch."""
         primary, found = self.kek.primary_version(), collections.Counter()
         for batch in self._scan_wrapped_keys():
+            self._hold_rewrap_lease(holder)
             fresh = {}
             for key_id, wrapped in batch:
                 old = wrapping_key_id_of(wrapped)
@@ -436,9 +499,9 @@ class Keystore(abc.ABC):
                     continue
                 found["stale"] += 1
                 if old in replacements:
-                    fresh[key_id] = self._wrap_key(key_id, data_key, replacements[old])
+                    fresh[key_id] = (wrapped, self._wrap_key(key_id, data_key, replacements[old]))
                 else:
-                    fresh[key_id] = self.kek.wrap(data_key, key_id.encode())
+                    fresh[key_id] = (wrapped, self.kek.wrap(data_key, key_id.encode()))
             replaced = self._replace_wrapped_keys(fresh)
             found.update(rewrapped=replaced, vanished=len(fresh) - replaced)
         return found

@@ -27,6 +27,7 @@ class SqliteKeystore(Keystore):
         CREATE TABLE IF NOT EXISTS data_keys (key_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
         CREATE TABLE IF NOT EXISTS named_keys (name TEXT PRIMARY KEY, key_id TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS pending_forgets (pseudonym TEXT PRIMARY KEY, scoped TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
     """
 
     def __init__(self, kek: KeyEncryptionKey, path: str, create: bool = False):
@@ -145,9 +146,23 @@ class SqliteKeystore(Keystore):
     def _replace_wrapped_keys(self, rewrapped):
         with self._transaction() as db:
             return sum(
-                db.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?", (wrapped, key_id)).rowcount
-                for key_id, wrapped in rewrapped.items()
+                db.execute(
+                    "UPDATE data_keys SET wrapped = ? WHERE key_id = ? AND wrapped = ?", (new, key_id, old)
+                ).rowcount
+                for key_id, (old, new) in rewrapped.items()
             )
+
+    def _take_lease(self, name, holder, now, until):
+        with self._transaction() as db:
+            row = db.execute("SELECT holder, until FROM leases WHERE name = ?", (name,)).fetchone()
+            if row and row[0] != holder and row[1] > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (name, holder, until))
+            return True
+
+    def _release_lease(self, name, holder):
+        with self._transaction() as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     def _purge_deleted(self):
         """Copies the write-ahead log into the database and empties it.

@@ -20,7 +20,8 @@ KEY_ID_BYTES = 16
 
 class KeyWrappingReplaced(Exception):
     """A rotation made a newer key-wrapping key while new keys were being wrapped under the old
-    one: they were not stored, and are wrapped again under the newer one."""
+    one: they were not stored, and are wrapped again under the newer one. Raised out of the
+    keystore only when rotations replaced it at every attempt: it passes (a transient error)."""
 
 
 class KeyWrapping(NamedTuple):
