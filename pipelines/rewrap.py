@@ -40,7 +40,7 @@ import sys
 from event_delivery.cloud import preflight
 from event_delivery.keys.config import add_key_arguments, key_config_from_args
 from event_delivery.keys.kek import LocalKeyFile
-from event_delivery.keys.keystore import RotationUnderWay
+from event_delivery.keys.rotation import RotationUnderWay
 
 
 def main(argv=None) -> int:

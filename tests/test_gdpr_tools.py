@@ -12,7 +12,7 @@ import pytest
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.kek import LocalKeyFile
-from event_delivery.keys.keystore import RewrapCounts
+from event_delivery.keys.rotation import RewrapCounts
 from event_delivery.keys.sqlite import SqliteKeystore
 from pipelines import forget, rewrap
 

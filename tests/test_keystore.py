@@ -28,17 +28,10 @@ from event_delivery.keys.bigtable import BigtableKeystore
 from event_delivery.keys.cache import KeyCache
 from event_delivery.keys.config import KeyConfig, open_keystore
 from event_delivery.keys.kek import KeysNotFound, LocalKeyFile
-from event_delivery.keys.keystore import (
-    KEY_WRAPPING_MEMORY_SECONDS,
-    PSEUDONYM_KEY,
-    REWRAP_LEASE,
-    REWRAP_LEASE_SECONDS,
-    RewrapCounts,
-    RotationUnderWay,
-    SubjectKey,
-    new_key_id,
-)
+from event_delivery.keys.keystore import PSEUDONYM_KEY, SubjectKey
+from event_delivery.keys.rotation import REWRAP_LEASE, REWRAP_LEASE_SECONDS, RewrapCounts, RotationUnderWay
 from event_delivery.keys.sqlite import SqliteKeystore
+from event_delivery.keys.wrapped_keys import KEY_WRAPPING_MEMORY_SECONDS, new_key_id
 from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys

@@ -45,55 +45,27 @@ Backends: SQLite (embedded, the default for local runs) and Cloud Bigtable
 from __future__ import annotations
 
 import abc
-import collections
 import dataclasses
-import math
-import secrets
-import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.hmac import HMAC
 
 from event_delivery.keys.kek import (
-    KEY_BYTES,
-    NONCE_BYTES,
     KeyEncryptionKey,
-    KeysNotFound,
-    kek_version_of,
-    wrapped_by_kek,
 )
+from event_delivery.keys.rotation import KeyRotation
+from event_delivery.keys.wrapped_keys import KeyWrappingTier
 from event_delivery.keys.wrapping import (
-    KEY_WRAPPING_KEYS,
-    WRAPPED_LOCALLY,
-    KeyWrapping,
-    KeyWrappingReplaced,
     NewKey,
-    generation_name,
-    generation_of,
-    key_wrapping_period,
-    newest_generation,
-    wrapping_key_id_of,
 )
 
 PSEUDONYM_KEY = "subject-pseudonyms"  # the unscoped pseudonyms: tombstones, and keys from before scopes
 SCOPED_PSEUDONYM_KEY = PSEUDONYM_KEY + "/{scope}"
-LOCAL_HEADER = struct.Struct(">B16s")  # format, the key-wrapping key's id
 SCAN_BATCH = 500
 ORPHAN_GRACE_SECONDS = 3600
-KEY_WRAPPING_MEMORY_SECONDS = 3600  # how often a process checks that the key-wrapping keys it holds still exist
-KEY_WRAPPING_RETRY_SECONDS = 60  # how soon a check that failed is tried again
-STORE_ATTEMPTS = 3  # a key wrapped under a key-wrapping key a rotation replaced is wrapped again
-REWRAP_LEASE = "rewrap"  # the lease a rotation holds
-REWRAP_LEASE_SECONDS = 600  # renewed at every batch; a rotation that died frees it after this
-
-
-class RotationUnderWay(RuntimeError):
-    """Another rotation holds the lease: two at once could re-wrap a key under a key-wrapping key
-    the other deletes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,30 +78,14 @@ class SubjectKey:
         return AESGCM(self.data_key)
 
 
-@dataclasses.dataclass(frozen=True)
-class RewrapCounts:
-    rewrapped: int = 0  # keys wrapped anew: under a new key-wrapping key, or the KEK's primary version
-    retired: int = 0  # key-wrapping keys replaced by new ones and deleted
-    vanished: int = 0  # deleted (forgotten) between the read and the re-wrap
-    unreadable: int = 0  # under a key-wrapping key or KEK version that is gone: nothing can read them
-
-
-def new_key_id() -> str:
-    """A random, opaque key id: it says nothing about its subject."""
-    return secrets.token_hex(16)
-
-
-class Keystore(abc.ABC):
+class Keystore(KeyWrappingTier, KeyRotation, abc.ABC):
     """Subject keys, wrapped by a key-encryption key, in some backend."""
 
     def __init__(self, kek: KeyEncryptionKey, clock: Callable[[], float] = time.time):
         self.kek = kek
         self.clock = clock
         self._pseudonym_macs: dict[str, HMAC] = {}  # by the secret's name; a secret never changes
-        self._key_wrapping_keys: dict[str, AESGCM] = {}  # by key id
-        self._next_check_at = math.inf  # when to check that those still exist
-        self._checking = threading.Lock()  # one thread of the process checks
-        self._current_key_wrapping_key: KeyWrapping | None = None
+        self._hold_no_key_wrapping_keys()
 
     # Backend primitives. Each call takes a batch, to keep round trips per bundle.
     @abc.abstractmethod
@@ -176,25 +132,6 @@ class Keystore(abc.ABC):
         """Deletes the data key, then the name that points to it (a retry after a failure finishes)."""
 
     @abc.abstractmethod
-    def _scan_wrapped_keys(self) -> Iterator[list[tuple[str, bytes]]]:
-        """Every stored ``(key id, wrapped key)``, in batches."""
-
-    @abc.abstractmethod
-    def _replace_wrapped_keys(self, rewrapped: dict[str, tuple[bytes, bytes]]) -> int:
-        """``key id -> (wrapped as read, wrapped anew)``: stores each new wrapping only where the key
-        still holds the one read (compare-and-set: a deleted key stays deleted, and a key another
-        writer wrapped meanwhile keeps that); returns how many it replaced."""
-
-    @abc.abstractmethod
-    def _take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
-        """Claims, or renews, the lease ``name`` for ``holder`` until ``until``, atomically; False,
-        writing nothing, while another holder's lease is live at ``now``."""
-
-    @abc.abstractmethod
-    def _release_lease(self, name: str, holder: str) -> None:
-        """Deletes the lease ``name`` if ``holder`` holds it."""
-
-    @abc.abstractmethod
     def _sweep_orphans(self, grace_seconds: float) -> int:
         """Deletes data keys that no subject or named entry points to and that are older than
         ``grace_seconds``; finishes interrupted forgets. Returns how many keys it deleted."""
@@ -211,102 +148,6 @@ class Keystore(abc.ABC):
     def check(self) -> None:
         """Raises ``KeysNotFound`` unless the keystore exists (what provisioning creates): a first read does."""
         self.holds_subjects()
-
-    # How a key is stored: wrapped by its month's newest key-wrapping key, which the KEK wraps; bound to its key id.
-    def _wrap_key(self, key_id: str, data_key: bytes, wrapping: KeyWrapping | None = None) -> bytes:
-        wrapping = wrapping or self._current_wrapping()
-        header = LOCAL_HEADER.pack(WRAPPED_LOCALLY, bytes.fromhex(wrapping.key_id))
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        aead = self._key_wrapping_key(wrapping.key_id)
-        return header + nonce + aead.encrypt(nonce, data_key, header + key_id.encode())
-
-    def _unwrap_key(self, key_id: str, wrapped: bytes) -> bytes:
-        if wrapped_by_kek(wrapped):  # a key-wrapping key (or a data key stored before there were any)
-            return self.kek.unwrap(wrapped, key_id.encode())
-        if len(wrapped) < LOCAL_HEADER.size or wrapped[0] != WRAPPED_LOCALLY:
-            return self.kek.unwrap(wrapped, key_id.encode())  # which names the unknown format
-        header, body = wrapped[: LOCAL_HEADER.size], wrapped[LOCAL_HEADER.size :]
-        aead = self._key_wrapping_key(header[1:].hex())
-        return aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], header + key_id.encode())
-
-    def _new_key(self) -> NewKey:
-        wrapping, key_id = self._current_wrapping(), new_key_id()
-        try:
-            wrapped = self._wrap_key(key_id, secrets.token_bytes(KEY_BYTES), wrapping)
-        except KeysNotFound as gone:
-            if wrapping.is_newest(self._named_keys(wrapping.names)):
-                raise  # still the newest, yet unusable (its KEK version destroyed): no retry mends that
-            raise KeyWrappingReplaced(str(gone)) from None  # a rotation replaced it since this process read
-        return NewKey(key_id, wrapped, wrapping)
-
-    def _new_key_wrapping_key(self) -> NewKey:
-        key_id, key = new_key_id(), secrets.token_bytes(KEY_BYTES)
-        wrapped = self.kek.wrap(key, key_id.encode())
-        self._remember_key_wrapping_key(key_id, AESGCM(key))  # if another process's wins, never asked for
-        return NewKey(key_id, wrapped)
-
-    def _current_wrapping(self) -> KeyWrapping:
-        """This month's newest key-wrapping key, made by the first process that needs it (one KEK call
-        a month); kept until the month ends or a rotation replaces it."""
-        period = key_wrapping_period(self.clock())
-        current = self._current_key_wrapping_key
-        if current is None or current.period != period:
-            newest = newest_generation(self._named_keys(generation_name(period, 0)))
-            key_id = newest[1] if newest else self._named_key_id(generation_name(period, 0), self._new_key_wrapping_key)
-            self._current_key_wrapping_key = current = KeyWrapping(period, key_id)
-        return current
-
-    def _stored(self, store: Callable[[], object]):
-        """``store()``, again with keys wrapped afresh while a rotation replaces the key-wrapping key."""
-        for attempt in range(STORE_ATTEMPTS):
-            try:
-                return store()
-            except KeyWrappingReplaced:
-                if attempt + 1 == STORE_ATTEMPTS:
-                    raise
-                self._current_key_wrapping_key = None
-
-    def _remember_key_wrapping_key(self, key_id: str, aead: AESGCM) -> AESGCM:
-        self._key_wrapping_keys[key_id] = aead
-        if self._next_check_at == math.inf:
-            self._next_check_at = self.clock() + KEY_WRAPPING_MEMORY_SECONDS
-        return aead
-
-    def _key_wrapping_key(self, key_id: str) -> AESGCM:
-        """A key-wrapping key, unwrapped by the KEK unless this process holds it. It holds it until
-        a check, every ``KEY_WRAPPING_MEMORY_SECONDS`` (one comparison a call until then), finds
-        that a rotation deleted it, so a worker does not keep one that a rotation deleted."""
-        if self.clock() >= self._next_check_at:
-            self._check_key_wrapping_keys()
-        held = self._key_wrapping_keys.get(key_id)
-        if held:
-            return held
-        wrapped = self._read_wrapped_keys([key_id]).get(key_id)
-        if wrapped is None:
-            raise KeysNotFound(f"the key-wrapping key {key_id} is not in the keystore")
-        return self._remember_key_wrapping_key(key_id, AESGCM(self.kek.unwrap(wrapped, key_id.encode())))
-
-    def _check_key_wrapping_keys(self) -> None:
-        """Drops the held key-wrapping keys that a rotation deleted: one keystore read, no KMS call,
-        by one thread of the process while the others go on with what is held. A read that fails
-        drops nothing and is tried again ``KEY_WRAPPING_RETRY_SECONDS`` later, so an outage takes
-        no key away. A key another thread unwraps during the check may be dropped: it is unwrapped
-        again when needed."""
-        if not self._checking.acquire(blocking=False):
-            return
-        try:
-            now = self.clock()
-            if now < self._next_check_at:
-                return  # another thread has just checked
-            try:
-                stored = self._read_wrapped_keys(list(self._key_wrapping_keys))
-            except Exception:  # whatever the keystore's outage raises: keep what is held
-                self._next_check_at = now + KEY_WRAPPING_RETRY_SECONDS
-                return
-            self._key_wrapping_keys = {k: aead for k, aead in self._key_wrapping_keys.items() if k in stored}
-            self._next_check_at = now + KEY_WRAPPING_MEMORY_SECONDS
-        finally:
-            self._checking.release()
 
     # The interface the pipeline and the tools use.
     def _pseudonym(self, secret_name: str, subject_id: str) -> str:
@@ -413,98 +254,6 @@ class Keystore(abc.ABC):
         for name, key_id in names.items():
             self._delete_named_key(name, key_id)
         return len(names)
-
-    def kek_versions(self) -> collections.Counter:
-        """How many stored keys each KEK version wraps (the key-wrapping keys, and any data key stored
-        before there were any): a version that wraps none can be destroyed."""
-        return collections.Counter(
-            kek_version_of(wrapped)
-            for batch in self._scan_wrapped_keys()
-            for _, wrapped in batch
-            if wrapped_by_kek(wrapped)
-        )
-
-    def rewrap(self) -> RewrapCounts:
-        """Rotates the key-wrapping keys, which revokes every copy of the keystore taken before.
-
-        It makes a new generation of every month's key-wrapping key (wrapped by the KEK's primary
-        version), re-wraps every data key under its month's new one (and every key the KEK wraps
-        under an older version, under the primary), scanning again until a scan finds none left,
-        and only then deletes the old key-wrapping keys. A copy taken before holds its data keys
-        under those, wrapped by the KEK versions of then: once those versions are destroyed,
-        nothing unwraps it. Safe beside running jobs and forget: a job stores no key under a
-        replaced key-wrapping key (``_create_subjects``), and a key deleted meanwhile stays
-        deleted. A run that stops leaves every key readable, and a run again finishes (each run
-        replaces whatever key-wrapping keys it finds). One at a time: a second run while one holds
-        the lease raises ``RotationUnderWay``."""
-        holder = new_key_id()
-        self._hold_rewrap_lease(holder)
-        try:
-            return self._rotate(holder)
-        finally:
-            self._release_lease(REWRAP_LEASE, holder)
-
-    def _hold_rewrap_lease(self, holder: str) -> None:
-        now = self.clock()
-        if not self._take_lease(REWRAP_LEASE, holder, now, now + REWRAP_LEASE_SECONDS):
-            raise RotationUnderWay(
-                "another rotation (rewrap) is under way, and rotations run one at a time; if it died, "
-                f"its lease lapses within {REWRAP_LEASE_SECONDS} s: run again then"
-            )
-
-    def _rotate(self, holder: str) -> RewrapCounts:
-        retiring = self.named_keys(KEY_WRAPPING_KEYS)
-        newer = {
-            period: self._newer_key_wrapping_key(period, set(retiring.values()))
-            for period in {generation_of(name)[0] for name in retiring}
-        }
-        replacements = {key_id: newer[generation_of(name)[0]] for name, key_id in retiring.items()}
-        self._current_key_wrapping_key = None
-        totals = collections.Counter()
-        while True:
-            found = self._rewrap_pass(replacements, holder)
-            totals.update(rewrapped=found["rewrapped"], vanished=found["vanished"])
-            if not found["stale"]:
-                break
-        self.delete_named_keys(retiring)
-        for key_id in retiring.values():
-            self._key_wrapping_keys.pop(key_id, None)
-        return RewrapCounts(totals["rewrapped"], len(retiring), totals["vanished"], found["unreadable"])
-
-    def _newer_key_wrapping_key(self, period: str, retiring: set[str]) -> KeyWrapping:
-        """A generation of the month's key-wrapping key newer than every one in ``retiring``."""
-        names = self._named_keys(generation_name(period, 0))
-        name, key_id = newest_generation(names)
-        if key_id in retiring:
-            newer = generation_name(period, generation_of(name)[1] + 1)
-            key_id = self._named_key_id(newer, self._new_key_wrapping_key)  # another rotation's, if it came first
-        return KeyWrapping(period, key_id)
-
-    def _rewrap_pass(self, replacements: dict[str, KeyWrapping], holder: str) -> collections.Counter:
-        """One scan: every key still under a replaced key-wrapping key, or under an older KEK version
-        than the primary, is wrapped anew; the lease is renewed at every batch."""
-        primary, found = self.kek.primary_version(), collections.Counter()
-        for batch in self._scan_wrapped_keys():
-            self._hold_rewrap_lease(holder)
-            fresh = {}
-            for key_id, wrapped in batch:
-                old = wrapping_key_id_of(wrapped)
-                stale_kek = wrapped_by_kek(wrapped) and kek_version_of(wrapped) != primary
-                if key_id in replacements or not (old in replacements or stale_kek):
-                    continue  # a key-wrapping key to delete, or a key that needs nothing
-                try:
-                    data_key = self._unwrap_key(key_id, wrapped)
-                except KeysNotFound:  # its key-wrapping key or KEK version is gone: nothing can read it
-                    found["unreadable"] += 1
-                    continue
-                found["stale"] += 1
-                if old in replacements:
-                    fresh[key_id] = (wrapped, self._wrap_key(key_id, data_key, replacements[old]))
-                else:
-                    fresh[key_id] = (wrapped, self.kek.wrap(data_key, key_id.encode()))
-            replaced = self._replace_wrapped_keys(fresh)
-            found.update(rewrapped=replaced, vanished=len(fresh) - replaced)
-        return found
 
     def sweep_orphans(self, grace_seconds: float = ORPHAN_GRACE_SECONDS) -> int:
         """Finishes the forgets that stopped (their record lists the subject's pseudonyms), then
