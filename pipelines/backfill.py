@@ -29,7 +29,7 @@ from pipelines.delivery import deliver
 from pipelines.options import DeliveryOptions, delivery_settings
 from pipelines.runtime import LOCAL_BATCH_RUNNER, partition_paths, start_replay_job
 from transforms.archive import ERASED, UNREADABLE, ReplayArchiveFn
-from transforms.personal import JobKeyCache
+from transforms.sealing import JobKeyCache
 from transforms.settings import DeliverySettings
 
 PROG = "python -m pipelines.backfill"

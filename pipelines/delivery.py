@@ -41,16 +41,11 @@ from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.parse import RAW_MESSAGES, ParseEvents
-from transforms.personal import (
-    KEY_UNAVAILABLE,
-    CountForgotten,
-    DeadLetterFailedWrites,
-    EncryptPersonalFields,
-    JobKeyCache,
-    SealDeadLetters,
-)
+from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, LATE, SUPERSEDED
+from transforms.sealed_dead_letters import DeadLetterFailedWrites, SealDeadLetters
+from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache
 from transforms.settings import DeliverySettings
 from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
 

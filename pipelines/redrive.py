@@ -45,8 +45,9 @@ from pipelines.runtime import LOCAL_RUNNER, partition_paths, start_replay_job
 from transforms.close import CloseHour
 from transforms.hours import BucketByHour
 from transforms.parse import ParseEvents
-from transforms.personal import KEY_UNAVAILABLE, EncryptPersonalFields, JobKeyCache, open_attributes
+from transforms.personal import EncryptPersonalFields
 from transforms.reports import DELIVERED
+from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache, open_attributes
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes
 

@@ -14,7 +14,7 @@ from event_delivery.contract import counts
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
 from event_delivery.ops import provision
 from event_delivery.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
-from transforms.personal import KEY_UNAVAILABLE
+from transforms.sealing import KEY_UNAVAILABLE
 
 pytestmark = pytest.mark.emulators
 

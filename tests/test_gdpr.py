@@ -302,7 +302,8 @@ def test_each_day_has_its_own_quarantine_key_read_once_per_worker_and_replays_op
     from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter, quarantine_key_name
     from pipelines.redrive import ReplayDeadLettersFn
     from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
-    from transforms.personal import JobKeyCache, SealDeadLettersFn
+    from transforms.sealed_dead_letters import SealDeadLettersFn
+    from transforms.sealing import JobKeyCache
 
     search = load_registry()["search"]
     day = 86_400_000
@@ -355,7 +356,8 @@ def test_sealed_payloads_swapped_between_records_under_one_key_open_in_neither(t
     from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA, ErrorKind, dead_letter
     from pipelines.redrive import ReplayDeadLettersFn
     from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
-    from transforms.personal import JobKeyCache, SealDeadLettersFn
+    from transforms.sealed_dead_letters import SealDeadLettersFn
+    from transforms.sealing import JobKeyCache
 
     search, received_at = load_registry()["search"], START * 1000
     payloads = {"e1": b'{"user_id": "alice", ', "e2": b'{"user_id": "bob", '}

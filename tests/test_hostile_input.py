@@ -34,7 +34,9 @@ from tests.conftest import malformed_messages, message, published_at, raw_messag
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
-from transforms.personal import KEY_UNAVAILABLE, EncryptPersonalFieldsFn, JobKeyCache, SealDeadLettersFn
+from transforms.personal import EncryptPersonalFieldsFn
+from transforms.sealed_dead_letters import SealDeadLettersFn
+from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache
 from transforms.write import event_record
 
 ARRIVAL_MILLIS = 1_800_000_000_000
@@ -474,7 +476,7 @@ def test_malformed_messages_naming_any_subject_make_no_key_and_are_quarantined(t
     each naming a subject never seen, are dead-lettered and archived under the day's quarantine key
     and make no key at all. What still gets its subject's key: a valid event, and its dead letter
     when its write fails, which forget reaches."""
-    from transforms.personal import dead_letter_as_arrived
+    from transforms.sealing import dead_letter_as_arrived
 
     search, keys = load_registry()["search"], local_keys(tmp_path)
     path = WholePath(search, keys)

@@ -35,7 +35,7 @@ from event_delivery.keys.wrapped_keys import KEY_WRAPPING_MEMORY_SECONDS, new_ke
 from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
 from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys
-from transforms.personal import TRANSIENT, UNAVAILABLE, JobKeyCache
+from transforms.sealing import TRANSIENT, UNAVAILABLE, JobKeyCache
 
 
 @pytest.fixture(scope="module")

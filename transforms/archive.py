@@ -28,8 +28,8 @@ from event_delivery.contract import envelope, slo
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import UndecryptableField, decrypt_bytes, encrypt_bytes
 from transforms.hours import BucketByHour
-from transforms.personal import JobKeyCache, SealInBatchesFn, open_attributes, seal_attributes
 from transforms.reports import ARCHIVED
+from transforms.sealing import JobKeyCache, SealInBatchesFn, open_attributes, seal_attributes
 from transforms.write import WriteAvroPanes, prepared_record
 
 RAW = envelope.SEALED_RAW  # the field name sealed payloads are bound to
