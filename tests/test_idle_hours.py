@@ -25,8 +25,9 @@ PROJECT = "local-project"
 WINDOW, LATENESS = 2, 1
 ENOUGH_HOURS = 4
 # The local runner's Pub/Sub read moves its watermark after each pull, and an empty pull
-# waits up to 30 s: the first markers come within about that.
-DEADLINE_SECONDS = 90
+# waits up to 30 s: markers come in bursts, the first within about that. Two busy cores can
+# stretch each pull and each burst of closes; the test waits for the markers, up to this long.
+DEADLINE_SECONDS = 300
 
 
 def test_every_hour_from_the_start_gets_a_marker_that_counts_zero(emulators, registry, tmp_path):
@@ -52,16 +53,21 @@ def test_every_hour_from_the_start_gets_a_marker_that_counts_zero(emulators, reg
         layout = Layout.under(root, play.name, WINDOW)
         deadline = time.time() + DEADLINE_SECONDS
         # Hours close side by side, so a later hour's marker may land before an earlier one's:
-        # wait for enough of them, with none missing in between (or for the deadline).
-        while not _enough_without_gaps(_markers(layout)) and time.time() < deadline:
+        # wait for enough of them, with none missing in between (or for the deadline), and judge
+        # the listing that had them, not a later one caught in the middle of a burst of closes.
+        markers = _markers(layout)
+        while not _enough_without_gaps(markers) and time.time() < deadline:
             assert job.process.poll() is None, job.log_tail()
             time.sleep(1)
-        markers = _markers(layout)
+            markers = _markers(layout)
     finally:
         stop_jobs([job])
 
-    assert len(markers) >= ENOUGH_HOURS, f"{len(markers)} markers in {DEADLINE_SECONDS}s:\n{job.log_tail()}"
     hour_starts = _hour_starts(markers)
+    assert _enough_without_gaps(markers), (
+        f"no {ENOUGH_HOURS} markers of consecutive hours within {DEADLINE_SECONDS} s, only of the hours "
+        f"starting at {hour_starts}:\n{job.log_tail()}"
+    )
     assert launched - WINDOW < hour_starts[0] <= ready, f"no marker for the hour the job started in: {hour_starts}"
     gaps = [b - a for a, b in itertools.pairwise(hour_starts)]
     assert set(gaps) == {WINDOW}, f"hours without a marker between {hour_starts}"

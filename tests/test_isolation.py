@@ -37,8 +37,9 @@ pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 PROJECT = "local-project"
 WINDOW, LATENESS, TRIGGER = 10, 5, 2
 # The last hour closes once the watermark passes its end plus the lateness; the DirectRunner's
-# Pub/Sub read then blocks up to 30 s on an empty pull before the watermark moves on.
-CLOSE_BOUND_SECONDS = WINDOW + LATENESS + 60
+# Pub/Sub read then blocks up to 30 s on an empty pull before the watermark moves on, and two
+# cores busy with the flood (and other work) slow every step: a generous bound, waited on.
+CLOSE_BOUND_SECONDS = WINDOW + LATENESS + 240
 
 
 def job_args(root: str, state: pathlib.Path) -> list[str]:
@@ -90,7 +91,6 @@ def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, t
         published_by = time.time()
         flood.join()
         audit = _wait_until_accounted(healthy_root, ledger, deadline=published_by + CLOSE_BOUND_SECONDS)
-        done_at = time.time()
         # Taken now, not after stopping: the broken job must have been alive and failing all along.
         broken_alive, failed_uploads = broken_job.process.poll() is None, outage.failed_uploads
     finally:
@@ -99,13 +99,10 @@ def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, t
         outage.server_close()
 
     assert not audit.problems, audit.problems
-    assert _accounted(audit) == ledger.published, f"{_accounted(audit)} of {ledger.published} messages accounted"
     assert_every_id_in_one_place(healthy_root, "play", *ledger_ids(ledger))  # not only in total
-    assert audit.settled, "an hour with data did not close, or files wait in staging"
     assert broken_alive, f"the broken job died:\n{broken_job.log_tail()}"
     assert failed_uploads > 0, f"the broken job never tried to upload:\n{broken_job.log_tail()}"
     assert not list(clients.storage_client(PROJECT).list_blobs(broken_bucket)), "an upload got through the outage"
-    assert done_at - published_by <= CLOSE_BOUND_SECONDS
     for partition in (p for p, hour in audit.hours.items() if hour.closed):
         manifest = files.read_json(partitions.join(healthy_root, "delivered", "play", partition, "_SUCCESS"))
         hour_end = _utc(manifest["hour_end"])
@@ -123,14 +120,21 @@ def _accounted(audit: TypeAudit) -> int:
 
 
 def _wait_until_accounted(root: str, ledger: Ledger, deadline: float) -> TypeAudit:
-    """Audits until every published message is accounted for and every hour has closed.
+    """Audits until every published message is accounted for and every hour has closed; fails,
+    saying which did not happen, at ``deadline``.
 
     Waiting on the outcome, not on the first marker, leaves no message in flight when it returns.
     """
     while True:
         audit = audit_type(Layout.under(root, "play", WINDOW))
-        if (_accounted(audit) == ledger.published and audit.settled) or time.time() >= deadline:
+        if _accounted(audit) == ledger.published and audit.settled:
             return audit
+        if time.time() >= deadline:
+            raise AssertionError(
+                f"{CLOSE_BOUND_SECONDS} s after publishing ended, the healthy type had accounted for "
+                f"{_accounted(audit)} of {ledger.published} messages, and "
+                + ("closed every hour" if audit.settled else f"{audit.total('staged')} records waited in staging")
+            )
         time.sleep(1)
 
 

@@ -24,7 +24,6 @@ def test_nothing_is_lost_under_sustained_load_on_every_type(emulators, registry,
         publish_seconds=float(os.environ.get("SOAK_SECONDS", 180)),
         rate=float(os.environ.get("SOAK_RATE", 4)),
         mix=TrafficMix(duplicates=0.05, malformed=0.02, late=0.02, late_by_seconds=20),
-        close_timeout_seconds=240,
     )
     outcomes = run_scenario(scenario, tmp_path, say=print)
 
