@@ -29,9 +29,10 @@ import apache_beam as beam
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
+from transforms import write
 from transforms.hours import bucket_start_seconds
 from transforms.reports import DUPLICATES, LATE, report
-from transforms.write import WRITE_FAILED, WriteNumberedPaneFn, event_record
+from transforms.write import WRITE_FAILED, WriteNumberedPaneFn
 
 _LOG = logging.getLogger(__name__)
 IDS_PER_BUCKET = 200_000  # ~8 MB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
@@ -105,8 +106,9 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
     index), or written late by an earlier pane of the shard. Those are counted as duplicates."""
 
     def __init__(self, settings):
-        schema = settings.event_type.delivered_schema
-        super().__init__(settings, settings.layout.late, LATE, schema, event_record, True, None, partitions.LATE_SERIES)
+        schema, to_record = settings.event_type.delivered_schema, write.event_record  # looked up when built, as
+        # ``WriteAvroPanes`` does
+        super().__init__(settings, settings.layout.late, LATE, schema, to_record, True, None, partitions.LATE_SERIES)
         self.num_shards = settings.num_shards
 
     def setup(self):
