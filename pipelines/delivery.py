@@ -27,7 +27,6 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from event_delivery.cloud import preflight
 from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
-from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
 from pipelines.options import (
     DeliveryOptions,
@@ -40,10 +39,11 @@ from transforms.archive import ArchiveRawMessages
 from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
+from transforms.late import WriteLatePanes
 from transforms.parse import RAW_MESSAGES, ParseEvents
 from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages
-from transforms.reports import DEAD_LETTERED, DELIVERED, LATE, SUPERSEDED
+from transforms.reports import DEAD_LETTERED, DELIVERED, SUPERSEDED
 from transforms.sealed_dead_letters import DeadLetterFailedWrites, SealDeadLetters
 from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache
 from transforms.settings import DeliverySettings
@@ -80,9 +80,8 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(
         settings, layout.staging, DELIVERED, give_up_failures=True, compress=False
     )
-    late = deduplicated.late | "WriteLate" >> WriteAvroPanes(
-        settings, layout.late, LATE, give_up_failures=True, series=partitions.LATE_SERIES
-    )
+    # Less the ids its closed hour already holds, for the whole late horizon (see transforms/late.py).
+    late = deduplicated.late | "WriteLate" >> WriteLatePanes(settings)
     failed_writes = (staged[WRITE_FAILED], late[WRITE_FAILED]) | "FailedWrites" >> beam.Flatten()
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
     dead_letters = (

@@ -80,8 +80,9 @@ def test_after_the_close_a_repeat_is_a_duplicate_and_a_straggler_is_late(tmp_pat
     run(clock, unique=["e1", "e2"], late=["e3"], duplicates=[2], tmp_path=tmp_path)
 
 
-def test_a_repeat_later_than_a_window_after_the_close_is_written_again(tmp_path):
-    """The bound of the ids' memory: past it, a repeat is late rather than dropped."""
+def test_a_repeat_later_than_a_window_after_the_close_reaches_the_late_path_unmarked(tmp_path):
+    """The bound of the ids' memory: past it, a repeat is not marked here; the late path drops it
+    against the hour's index (``tests/test_late_repeats.py``)."""
     start = 600
     clock = Clock(start)
     clock.arrive(event("e1", start + 1))

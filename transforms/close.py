@@ -52,6 +52,7 @@ from transforms.publish import (
     plan_hour,
     plan_path,
     publish_late,
+    to_write,
     unplanned,
 )
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
@@ -83,6 +84,7 @@ class CloseHourFn(beam.DoFn):
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.target_file_mb = settings.target_file_mb
+        self.num_shards = settings.num_shards
         self.publish = publish
         self.streaming = not settings.bounded
 
@@ -190,7 +192,9 @@ class CloseHourFn(beam.DoFn):
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
         try:
-            plan = plan_hour(self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb)
+            plan = plan_hour(
+                self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb, self.num_shards
+            )
         except Exception as error:
             if not (self.streaming and denied(error)):
                 raise
@@ -210,9 +214,9 @@ class CloseHourFn(beam.DoFn):
         reports.clear()
         if plan is None:
             return  # published by an earlier run
-        for part in plan["parts"]:
+        for part in to_write(plan):
             yield beam.pvalue.TaggedOutput(PARTS, (hour_start, part))
-        yield hour_start, (PLANNED, len(plan["parts"]))
+        yield hour_start, (PLANNED, len(to_write(plan)))
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""

@@ -9,8 +9,10 @@ before the hour closes and after, when the rest goes to the late root. A run tha
 starts while hours are open seeds the cells with the ids that the runs before it staged
 for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
 until one window after its hour closed, so a repeat that comes that late is still
-counted as a duplicate rather than written again: delivered and late together hold
-each id once. (A repeat that comes later still is written to the late root again.)
+counted as a duplicate rather than written again. A repeat that comes later still
+reaches the late path unmarked, which drops it against the index of ids that the
+close left beside the hour (``transforms.late``): delivered and late together hold
+each id once for the whole late horizon, and no cell outlives the close by more than a window.
 A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
 alone decides and no state is kept: a runner can then spread the shards over its
 workers (the local runner runs a stateful step on one worker only).
@@ -63,7 +65,7 @@ class MarkRepeatsFn(beam.DoFn):
     ``superseded`` output as an hour report, ``(file, id)``, for the close to leave out.
 
     The cell lives until ``remember_seconds`` after the hour closes. A copy that arrives
-    after that finds none and is not marked.
+    after that finds none and is not marked: the late path checks it (``transforms.late``).
     """
 
     SEEN = ReadModifyWriteStateSpec("first_copy", StrUtf8Coder())

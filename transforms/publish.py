@@ -37,6 +37,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
+from transforms.late import index_tasks, is_index_task, write_index
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
 
 _LOG = logging.getLogger(__name__)
@@ -106,12 +107,19 @@ def plan_path(layout: Layout, hour_start: int) -> str:
 
 
 def plan_hour(
-    layout: Layout, hour_start: int, closes_at: float, collected: list, replayed: bool, target_file_mb: int
+    layout: Layout,
+    hour_start: int,
+    closes_at: float,
+    collected: list,
+    replayed: bool,
+    target_file_mb: int,
+    num_shards: int | None = None,
 ) -> dict | None:
-    """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records"}], "counted"}``: read
-    from its staging folder if an earlier attempt (or run) saved one, else made from the hour's
+    """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records"}], "counted", "index"}``:
+    read from its staging folder if an earlier attempt (or run) saved one, else made from the hour's
     reports and saved there, before any file moves. None if the hour is published and its plan
-    gone: nothing collected now is in it."""
+    gone: nothing collected now is in it. With ``num_shards``, ``index`` holds the tasks that write
+    the hour's ids for its late repeats (``transforms.late``), before the marker as the parts are."""
     staging = layout.hour(layout.staging, hour_start)
     saved = plan_path(layout, hour_start)
     if files.exists(saved):
@@ -133,7 +141,8 @@ def plan_hour(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
     )
     counted = [[kind, records] for kind, records, path in collected if kind in COUNTED_WITHOUT_A_FILE]
-    plan = {"manifest": manifest, "parts": parts, "counted": counted}
+    index = [] if num_shards is None else index_tasks(layout, hour_start, {p: staged[p][0] for p in staged}, num_shards)
+    plan = {"manifest": manifest, "parts": parts, "counted": counted, "index": index}
     files.write_json(saved, plan)
     return plan
 
@@ -169,13 +178,20 @@ def unplanned(plan: dict | None, collected: list) -> list[tuple]:
     return left
 
 
+def to_write(plan: dict) -> list[dict]:
+    """What an hour's plan has written before its marker: its parts, and the index of its ids."""
+    return plan["parts"] + plan.get("index", [])
+
+
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
-    """Writes one part of a planned hour, unless the hour's marker says it is published. A part
-    whose sources hold superseded copies (rare: only after a restart) is written record by
-    record, without them; any other is copied block by block."""
+    """Writes one part (or index task) of a planned hour, unless the hour's marker says it is
+    published. A part whose sources hold superseded copies (rare: only after a restart) is
+    written record by record, without them; any other is copied block by block."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    if part.get("left_out"):
+    if is_index_task(part):
+        write_index(part)
+    elif part.get("left_out"):
         files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]))
     else:
         files.concatenate_avro(part["sources"], part["path"])

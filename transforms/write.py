@@ -78,9 +78,7 @@ class WritePaneFn(beam.DoFn):
         (shard, writer), elements = pane_elements
         if not elements:
             return
-        folder = self.layout.hour(self.root, bucket_start_seconds(window))
-        name = partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer, self.series)
-        path = partitions.join(folder, name)
+        path = partitions.join(self._folder(window), self._name(shard, writer, number))
         reason = files.AvroWriteError.__name__
         try:
             written = self._write_what_fits(path, elements)
@@ -96,6 +94,12 @@ class WritePaneFn(beam.DoFn):
             self.write_failed.inc(len(failed))
             _LOG.error("%d event(s) for %s go to the dead letters: %s", len(failed), path, reason)
             yield beam.pvalue.TaggedOutput(WRITE_FAILED, (f"writing {self.report_kind} failed: {reason}", failed))
+
+    def _folder(self, window) -> str:
+        return self.layout.hour(self.root, bucket_start_seconds(window))
+
+    def _name(self, shard: int, writer: str, number: int) -> str:
+        return partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer, self.series)
 
     def _write_what_fits(self, path: str, elements: list) -> list:
         """Writes the pane, or, when a record does not fit the schema and failures may be

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 
 from event_delivery.cloud import files
 
@@ -48,9 +49,15 @@ class Layout:
         return join(self.delivered, "_staging")
 
     @property
+    def id_index(self) -> str:
+        """Where a closed hour's ids wait for its late repeats (see ``transforms.late``); ``_``
+        hides it from Hive and Spark, as staging."""
+        return join(self.delivered, "_index")
+
+    @property
     def roots(self) -> list[str]:
-        """Every root the layout writes under (staging lies inside delivered)."""
-        every = (self.delivered, self.staging, self.late, self.dead_letter, self.raw_archive, self.audit)
+        """Every root the layout writes under (staging and the id index lie inside delivered)."""
+        every = (self.delivered, self.staging, self.id_index, self.late, self.dead_letter, self.raw_archive, self.audit)
         return [root for root in every if root]
 
     def hour(self, root: str, window_start_seconds: float) -> str:
@@ -112,12 +119,36 @@ def pane_file_name(
     return f"{event_type}-{run_id}-{series}{number:05d}-s{shard:03d}{f'-w{writer}' if writer else ''}.avro"
 
 
+def shard_of_file(path: str) -> int:
+    """The shard in a pane file's name (see ``pane_file_name``)."""
+    return int(re.search(r"-s(\d+)(?:-w[^/-]*)?\.avro$", path).group(1))
+
+
 def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
     """A count of repeats dropped after the hour closed, beside its late files (``_``: not data)."""
     return f"_duplicates-{event_type}-{run_id}-{number:05d}.json"
 
 
 LATE_DUPLICATES_PATTERN = "_duplicates-*.json"
+
+
+def id_index_name(shard: int, bucket: int, buckets: int) -> str:
+    """One bucket of a closed hour's ids in one shard; the name says how many buckets the shard has."""
+    return f"s{shard:03d}-b{bucket:05d}-of{buckets:05d}.json"
+
+
+def id_index_pattern(shard: int) -> str:
+    return f"s{shard:03d}-b*-of*.json"
+
+
+def late_files_of_shard(folder: str, event_type: str, shard: int) -> list[str]:
+    """The late files in an hour's ``folder`` that hold ids of ``shard``: written late, or staged and moved
+    there, by any run and writer."""
+    return [
+        path
+        for part in (f"s{shard:03d}", f"s{shard:03d}-w*")
+        for path in files.glob(join(folder, f"{event_type}-*-{part}.avro"))
+    ]
 
 
 def late_duplicates(layout: Layout, window_start_seconds: float) -> int:

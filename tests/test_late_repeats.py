@@ -1,0 +1,186 @@
+"""Repeats that come long after their hour closed, when ``MarkRepeats`` has forgotten their ids:
+delivered and late together still hold each id once per hour, for the whole late horizon.
+
+The close leaves the hour's ids in an index beside it; late panes read the buckets of it their
+ids fall in, and the late files of their shard. Dataflow's terms are recreated on purpose: a
+late pane's bundle is retried after its file was written (a lost commit), panes of one shard
+come from several writers, and an index that cannot be read never fails a bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from apache_beam.transforms.window import IntervalWindow
+
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.ops.audit import audit_type
+from pipelines.delivery import deliver
+from tests.conftest import message, valid_fields
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms import late as late_path
+from transforms import publish
+from transforms.hours import shard_of
+from transforms.late import WriteLatePaneFn, index_bucket
+from transforms.reports import DELIVERED, DUPLICATES, LATE, report
+from transforms.write import event_record
+
+CLOSES_AT = START + WINDOW + LATENESS
+WINDOW_OF_THE_HOUR = IntervalWindow(START, CLOSES_AT)
+SHARDS = 2
+DAYS = 86400
+
+
+class Number:
+    """A key's file-number cell; ``commit=False`` plays a lost commit: the next try reads the old value."""
+
+    def __init__(self):
+        self.value, self.pending = None, None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.pending = value
+
+    def commit(self):
+        self.value = self.pending
+
+
+def ids_of_shard(shard: int, count: int, prefix: str) -> list[str]:
+    ids = (f"{prefix}{n}" for n in range(10_000))
+    return [i for i in ids if shard_of(i, SHARDS) == shard][:count]
+
+
+def event(registry, event_id: str) -> tuple:
+    return (event_id, (START + 1) * 1000, valid_fields(registry["service_log"], 1))
+
+
+def close_an_hour(settings, registry, delivered: dict[int, list[str]]) -> dict:
+    """Stages one pane per shard and closes the hour as ``CloseHour`` and ``PublishHours`` do."""
+    layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
+    reports = []
+    for shard, ids in delivered.items():
+        name = partitions.pane_file_name("service_log", settings.run_id, 0, shard, "w1")
+        path = partitions.join(layout.hour(layout.staging, START), name)
+        files.write_avro(path, schema, [event_record(event(registry, i)) for i in ids], files.UNCOMPRESSED)
+        reports.append(report(DELIVERED, len(ids), path))
+    plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 0, SHARDS)
+    for task in publish.to_write(plan):
+        publish.write_part(layout, START, task)
+    return publish.finish_hour(layout, START)
+
+
+def write_late(fn, number: Number, registry, shard: int, writer: str, ids: list[str], commit=True) -> list:
+    outputs = list(fn.process(((shard, writer), [event(registry, i) for i in ids]), WINDOW_OF_THE_HOUR, number))
+    if commit:
+        number.commit()
+    return outputs
+
+
+def late_ids(layout) -> list[str]:
+    paths = files.glob(f"{layout.late}/service_log/*/*/*.avro")
+    return [i for path in paths for i in files.read_event_ids(path)]
+
+
+def delivered_ids(manifest: dict) -> list[str]:
+    return [i for f in manifest["files"] for i in files.read_event_ids(f["path"])]
+
+
+def test_repeats_days_after_the_close_are_duplicates_and_each_id_is_delivered_or_late_once(tmp_path, registry):
+    """Days after the hour closed, its cells long gone, producers send again: ids delivered in the
+    hour, and a straggler twice (two writers, and a bundle retried after its file was written)."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {shard: ids_of_shard(shard, 5, "d") for shard in range(SHARDS)}
+    manifest = close_an_hour(settings, registry, delivered)
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    numbers = {shard: Number() for shard in range(SHARDS)}  # the late path keys panes by shard alone
+    straggler = ids_of_shard(0, 1, "x")[0]
+
+    sent, outputs = [], []
+    pane = delivered[0][:3] + [straggler]
+    outputs += write_late(fn, numbers[0], registry, 0, "w1", pane, commit=False)  # its commit is lost ...
+    outputs += write_late(fn, numbers[0], registry, 0, "w1", pane)  # ... and the bundle retried
+    sent += pane
+    for shard, writer, ids in ((0, "w2", [straggler, delivered[0][4]]), (1, "w1", delivered[1][:2])):
+        outputs += write_late(fn, numbers[shard], registry, shard, writer, ids)
+        sent += ids
+    retried = outputs[:2]  # the first try's reports, which the lost commit never sent on
+    counted = [r for r in outputs[2:] if r[0] in (DUPLICATES, LATE)]
+
+    everywhere = delivered_ids(manifest) + late_ids(settings.layout)
+    assert sorted(everywhere) == sorted({*everywhere}), "delivered and late hold each id once"
+    assert late_ids(settings.layout) == [straggler], "the straggler is late once, its retried file rewritten"
+    assert [r[0] for r in retried] == [DUPLICATES, LATE]
+    duplicates = sum(n for kind, n, _ in counted if kind == DUPLICATES)
+    late = sum(n for kind, n, _ in counted if kind == LATE)
+    assert (late, duplicates) == (1, len(sent) - 1), "every copy that came late is late or a duplicate, counted"
+
+
+def test_an_hour_the_late_path_cannot_check_is_written_late_and_counted(tmp_path, registry, caplog):
+    """An index that cannot be read, or is missing, never fails a bundle: the pane is written as it is."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 3, "d")}
+    close_an_hour(settings, registry, delivered)
+    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")
+    assert index, "the close left the shard's index beside the hour"
+    with open(index[0], "w") as broken:
+        broken.write("{not json")
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
+        outputs = write_late(fn, Number(), registry, 0, "w1", delivered[0])
+    assert [(kind, n) for kind, n, _ in outputs] == [(LATE, 3)], "written late, none dropped"
+    assert "was not checked against its hour's index" in caplog.text
+
+
+def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, registry, monkeypatch):
+    """The index of a shard is split so that a bucket holds at most ``IDS_PER_BUCKET`` ids: what a late
+    pane reads is bounded by its own ids, not by the hour."""
+    monkeypatch.setattr(late_path, "IDS_PER_BUCKET", 10)
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 95, "d")}
+    close_an_hour(settings, registry, delivered)
+    buckets = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")
+    assert len(buckets) == 10 and all(len(files.read_json(path)) <= 20 for path in buckets)
+    read, read_json = [], files.read_json
+    monkeypatch.setattr(late_path.files, "read_json", lambda path: read.append(path) or read_json(path))
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    outputs = write_late(fn, Number(), registry, 0, "w1", [delivered[0][7]])
+    assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1)]
+    assert len(read) == 1 and read[0].endswith(f"-b{index_bucket(delivered[0][7], SHARDS, 10):05d}-of00010.json")
+
+
+@pytest.fixture
+def stream_settings(tmp_path, registry):
+    return local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=3)
+
+
+def test_the_delivery_path_drops_repeats_that_come_after_the_cells_are_gone(stream_settings, registry):
+    """The whole path on a TestStream: ids republished many windows after their hour closed, when
+    ``MarkRepeats`` no longer marks them, are duplicates; a new straggler is late once."""
+    s = stream_settings
+    log = registry["service_log"]
+    sent = [message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(6)]
+    straggler = message(valid_fields(log, 9), "late-1", (START + 9) * 1000)
+    clock = Clock(START)
+    clock.arrive(*sent)
+    clock.advance(WINDOW + LATENESS + 4 * WINDOW)  # closed, and the cells forgotten a window after
+    clock.arrive(*sent[:4], straggler)
+    clock.advance(TRIGGER * 2)
+    clock.arrive(*sent[3:], straggler)  # again, in a later pane
+    clock.advance(TRIGGER * 2)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), s)
+
+    result = audit_type(s.layout)
+    assert not result.problems
+    hour = result.hours[partitions.partition(START, WINDOW)]
+    assert sorted(hour.delivered_ids) == [f"e{i}" for i in range(6)]
+    assert late_ids(s.layout) == ["late-1"], "delivered and late hold each id once"
+    assert (hour.delivered, hour.late, hour.duplicates) == (6, 1, 4 + 3 + 1)
+    assert hour.total == len(sent) + 5 + 4, "in = delivered + duplicates + late + dead-lettered"

@@ -1,0 +1,176 @@
+"""Late panes: written to the late root, less the ids that their hour already holds, for the whole late horizon.
+
+``MarkRepeats`` forgets an id one window after its hour closed: state per id for the
+whole late horizon (7 days) is not affordable at 1M events/s. So the close leaves the
+hour's ids behind, in an *index* beside the hour (``Layout.id_index``), written before
+the marker; late panes, which are rare, read it. The index of an hour is split by the
+pane key's shard, and within a shard into buckets of at most ``IDS_PER_BUCKET`` ids by a
+second hash: a late pane reads only the buckets its own ids fall in, never the hour.
+
+``WriteLatePanes`` keys late panes by (hour, shard) alone, so one key's work, a pane at a
+time, reads the index and the late files that earlier panes of its shard wrote, and
+drops the ids found there as duplicates (an hour report, so the hour's accounting stays
+``in = delivered + duplicates + late + dead-lettered``). A retried bundle rewrites the
+file it wrote before under the same name, and does not count its own file as an earlier
+copy. A pane that cannot read what it should (no marker yet: the close is still
+publishing; an index missing or unreadable) is written as it is and counted
+(``late_panes_unchecked``): the index is a way to drop repeats, never a reason to stall.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import zlib
+
+import apache_beam as beam
+
+from event_delivery.cloud import files
+from event_delivery.contract import partitions, slo
+from event_delivery.contract.partitions import Layout
+from transforms import write
+from transforms.hours import bucket_start_seconds
+from transforms.reports import DUPLICATES, LATE, report
+from transforms.write import WRITE_FAILED, WriteNumberedPaneFn
+
+_LOG = logging.getLogger(__name__)
+IDS_PER_BUCKET = 200_000  # ~8 MB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
+
+
+def index_bucket(event_id: str, num_shards: int, buckets: int) -> int:
+    """The bucket of an id within its shard (``shard_of`` takes the same hash modulo the shards)."""
+    return zlib.crc32(event_id.encode("utf-8")) // num_shards % buckets
+
+
+def index_tasks(layout: Layout, hour_start: int, staged: dict[str, int], num_shards: int) -> list[dict]:
+    """One task per shard, ``{"index_of_shard", "sources", "buckets", "num_shards", "folder"}``, to write the ids of the
+    hour's staged files (path -> records) of that shard. Every shard gets one, also with no files (an
+    empty bucket), so that a missing index means one that could not be written, not an empty shard."""
+    by_shard: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
+    for path in sorted(staged):
+        by_shard[partitions.shard_of_file(path)].append(path)
+    folder = layout.hour(layout.id_index, hour_start)
+    return [
+        {
+            "index_of_shard": shard,
+            "sources": sources,
+            "buckets": max(1, math.ceil(sum(staged[s] for s in sources) / IDS_PER_BUCKET)),
+            "num_shards": num_shards,
+            "folder": folder,
+        }
+        for shard, sources in by_shard.items()
+    ]
+
+
+def is_index_task(task: dict) -> bool:
+    return "index_of_shard" in task
+
+
+def write_index(task: dict) -> None:
+    """The buckets of one shard's ids, each a sorted JSON list, under fixed names: a retry rewrites them.
+
+    It holds the shard's ids of the hour in memory: see docs/dataflow.md for the bound."""
+    shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
+    split: list[set[str]] = [set() for _ in range(buckets)]
+    for source in task["sources"]:
+        for event_id in files.read_event_ids(source):
+            split[index_bucket(event_id, num_shards, buckets)].add(event_id)
+    for bucket, ids in enumerate(split):
+        path = partitions.join(task["folder"], partitions.id_index_name(shard, bucket, buckets))
+        files.write_json(path, sorted(ids))
+
+
+def indexed_ids(layout: Layout, hour_start: int, shard: int, event_ids: set[str], num_shards: int) -> set[str]:
+    """Those of ``event_ids`` (all of ``shard``) that the closed hour's index holds. Raises
+    ``LookupError`` when there is no complete index to ask: the hour has no marker yet, or none was left."""
+    if not files.exists(layout.marker(hour_start)):
+        raise LookupError("the hour has no marker yet")
+    folder = layout.hour(layout.id_index, hour_start)
+    written = files.glob(partitions.join(folder, partitions.id_index_pattern(shard)))
+    if not written:
+        raise LookupError("the hour has no index of its ids")
+    buckets = int(posixpath.basename(written[0]).rsplit("-of", 1)[1].split(".")[0])
+    found = set()
+    for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
+        ids = files.read_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets)))
+        found |= event_ids.intersection(ids)
+    return found
+
+
+NUMBER = WriteNumberedPaneFn.NUMBER
+
+
+class WriteLatePaneFn(WriteNumberedPaneFn):
+    """Writes a late pane of an (hour, shard) less the ids its hour already holds: delivered (in the
+    index), or written late by an earlier pane of the shard. Those are counted as duplicates."""
+
+    def __init__(self, settings):
+        schema, to_record = settings.event_type.delivered_schema, write.event_record  # looked up when built, as
+        # ``WriteAvroPanes`` does
+        super().__init__(settings, settings.layout.late, LATE, schema, to_record, True, None, partitions.LATE_SERIES)
+        self.num_shards = settings.num_shards
+
+    def setup(self):
+        super().setup()
+        self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
+        self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
+
+    def process(
+        self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteNumberedPaneFn.NUMBER)
+    ):
+        (shard, writer), events = pane_elements
+        if not events:
+            return
+        current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
+        own = partitions.join(self._folder(window), self._name(shard, writer, current))
+        held = self._held_by_the_hour(window, shard, {e[0] for e in events}, own)
+        kept = [e for e in events if e[0] not in held]
+        if len(kept) < len(events):
+            self.duplicates.inc(len(events) - len(kept))
+            yield report(DUPLICATES, len(events) - len(kept))
+        if kept:
+            number.write(current + 1)
+            yield from self.write(((shard, writer), kept), window, current)
+
+    def _held_by_the_hour(self, window, shard: int, event_ids: set[str], own: str) -> set[str]:
+        hour_start = bucket_start_seconds(window)
+        held = set()
+        try:
+            held |= indexed_ids(self.layout, hour_start, shard, event_ids, self.num_shards)
+        except Exception as error:  # noqa: BLE001 - an index is never a reason to fail a bundle for good
+            self._count_unchecked("its hour's index", error)
+        try:
+            for path in partitions.late_files_of_shard(self._folder(window), self.layout.event_type, shard):
+                if path != own:
+                    held |= event_ids.intersection(files.read_event_ids(path))
+        except Exception as error:  # noqa: BLE001 - as above
+            self._count_unchecked("the late files of its shard", error)
+        return held
+
+    def _count_unchecked(self, what: str, error: Exception) -> None:
+        self.unchecked.inc()
+        reason = str(error) if isinstance(error, LookupError) else type(error).__name__
+        _LOG.warning("a late pane of %s was not checked against %s (%s)", self.layout.event_type, what, reason)
+
+
+def _keyed_by_shard(pane):
+    """A late pane keyed by its shard alone: one key's work at a time sees the late files of the others."""
+    (shard, _), events = pane
+    return (shard, ""), events
+
+
+class WriteLatePanes(beam.PTransform):
+    """``((shard, writer), [events])`` late panes in; ``reports`` (late files, duplicates) and
+    ``write_failed`` out, as ``WriteAvroPanes`` with ``give_up_failures``."""
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, panes):
+        return (
+            panes
+            | "KeyByShard" >> beam.Map(_keyed_by_shard)
+            | "WriteFiles" >> beam.ParDo(WriteLatePaneFn(self.settings)).with_outputs(WRITE_FAILED, main="reports")
+        )
