@@ -405,7 +405,7 @@ class Run:
         return partitions.partition(self.hour, WINDOW)
 
     def audit(self, name: str) -> audit.TypeAudit:
-        return audit.audit_type(Layout.under(self.root, name, WINDOW), close_deadline_seconds=WINDOW + LATENESS + 60)
+        return audit.audit_type(Layout.under(self.root, name, WINDOW), allowed_lateness_seconds=LATENESS)
 
     def counter(self, name: str, event_type: str) -> int:
         query = MetricsFilter().with_namespace(slo.AUDIT_NAMESPACE).with_name(name).with_step(f"Audit {event_type}")

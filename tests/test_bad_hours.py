@@ -21,6 +21,7 @@ from event_delivery.contract import counts, partitions
 from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
+from event_delivery.contract.slo import close_delay_budget_seconds
 from event_delivery.ops import audit, report
 from tests.conftest import valid_fields
 from transforms import publish
@@ -32,7 +33,7 @@ TYPE = "service_log"  # a low-tier type: an hour is due 3 h 15 min after its end
 WINDOW = partitions.HOUR_SECONDS
 HOUR = 1_764_583_200  # 2025-12-01T10:00:00Z, long closed
 PARTITION = partitions.partition(HOUR)
-CLOSE_BUDGET = load_registry()[TYPE].tier.close_deadline_seconds(WINDOW) - WINDOW
+CLOSE_BUDGET = close_delay_budget_seconds(load_registry()[TYPE].tier)
 LISTS = "_SUCCESS lists other files or counts than the folder"
 COUNT = "_SUCCESS delivered count differs from the files"
 

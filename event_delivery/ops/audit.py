@@ -12,8 +12,8 @@ lost = published − (delivered + duplicates + late + dead-lettered), known once
 has its count and its marker. And it times each close: the close delay is when the
 marker was written (its object's time) minus the hour's end. It prints one row per type
 and hour (``--json`` for a document instead) and exits with code 1 when any hour lost
-data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close deadline
-after the hour's start), or broke the contract::
+data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close delay budget
+after the hour's end: ``slo.is_overdue``), or broke the contract::
 
     python -m event_delivery.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
 """
@@ -29,9 +29,9 @@ import sys
 import time
 
 from event_delivery.cloud import files
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
-from event_delivery.contract.registry import load_registry
+from event_delivery.contract.registry import Tier, load_registry
 
 
 @dataclasses.dataclass
@@ -48,8 +48,9 @@ class HourAudit:
     published: int | None = None  # the auditor's count of the hour's messages; None without one
     distinct_ids: int | None = None  # the auditor's count of their distinct event ids
     close_delay_seconds: float | None = None  # when the marker was written minus the hour's end
+    open_for_seconds: float | None = None  # not closed: how long since the hour's end, at the audit's time
     counts_source: str | None = None  # where the auditor counted: subscription or producer_counts
-    overdue: bool = False  # no marker past the close deadline, or one written after it
+    overdue: bool = False  # no marker past the close deadline, or one written after it (``slo.is_overdue``)
 
     @property
     def total(self) -> int:
@@ -64,6 +65,17 @@ class HourAudit:
         if self.published is None or not self.closed:
             return None
         return self.published - self.total
+
+    @property
+    def close_delay_so_far(self) -> float | None:
+        """The close delay; for an hour still open, how long it has been over so far (None before its end)."""
+        return self.close_delay_seconds if self.closed else self.open_for_seconds
+
+    @property
+    def dead_letter_rate(self) -> float:
+        """Of what was published (by the auditor), or of what was accounted for without its count."""
+        base = self.published if self.published is not None else self.total
+        return self.dead_lettered / base if base else 0.0
 
     @property
     def failures(self) -> list[str]:
@@ -148,15 +160,15 @@ def _read(read, path: str):
 
 
 def audit_type(
-    layout: Layout, attempts: int = 5, now: float | None = None, close_deadline_seconds: int | None = None
+    layout: Layout, attempts: int = 5, now: float | None = None, allowed_lateness_seconds: int | None = None
 ) -> TypeAudit:
     """Counts every outcome of a type's messages, per hour, from its files under ``layout``,
     joins the auditor's counts, and checks the output contract; a close that moves files
     meanwhile starts it over.
 
-    An hour is overdue when its marker is missing ``close_deadline_seconds`` after the
-    hour's start (at ``now``), or was written later than that. Default: the tier's close
-    deadline (``Tier.close_deadline_seconds``).
+    Each hour of a registered type is judged by ``slo.is_overdue``: a closed hour by its
+    close delay, an open one by how long it has been over at ``now``. ``allowed_lateness_seconds``
+    is the jobs' own, when they ran with one (default: the tier's).
     """
     now = time.time() if now is None else now
     for attempt in range(1, attempts + 1):
@@ -167,20 +179,18 @@ def audit_type(
             if attempt == attempts:
                 raise
     registry = load_registry()
-    if close_deadline_seconds is None and layout.event_type in registry:
-        close_deadline_seconds = registry[layout.event_type].tier.close_deadline_seconds(layout.window_seconds)
-    if close_deadline_seconds is not None:
-        _mark_overdue(audit, layout.window_seconds, close_deadline_seconds, now)
+    if layout.event_type in registry:
+        _judge_closes(audit, layout.window_seconds, registry[layout.event_type].tier, allowed_lateness_seconds, now)
     return audit
 
 
-def _mark_overdue(audit: TypeAudit, window_seconds: int, close_deadline_seconds: int, now: float) -> None:
+def _judge_closes(audit: TypeAudit, window_seconds: int, tier: Tier, allowed_lateness_seconds, now: float) -> None:
     for partition, hour in audit.hours.items():
-        start, end = (millis / 1000 for millis in partitions.partition_bounds(partition, window_seconds))
-        if hour.closed and hour.close_delay_seconds is None:
-            continue  # closed by a replay: not judged
-        closed_at = end + hour.close_delay_seconds if hour.closed else now
-        hour.overdue = closed_at - start > close_deadline_seconds
+        end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
+        if not hour.closed and now > end:
+            hour.open_for_seconds = now - end
+        delay = hour.close_delay_so_far  # None for an hour closed by a replay: not judged
+        hour.overdue = delay is not None and slo.is_overdue(tier, delay, allowed_lateness_seconds)
 
 
 def _audit_type(layout: Layout) -> TypeAudit:
@@ -335,10 +345,8 @@ def main(argv=None) -> int:
     use_emulator_credentials()
     audits = []
     for name in args.event_type or sorted(registry):
-        deadline = None
-        if args.allowed_lateness_seconds is not None:
-            deadline = args.window_seconds + args.allowed_lateness_seconds + registry[name].tier.close_margin_seconds
-        audits.append(audit_type(Layout.under(root, name, args.window_seconds), close_deadline_seconds=deadline))
+        layout = Layout.under(root, name, args.window_seconds)
+        audits.append(audit_type(layout, allowed_lateness_seconds=args.allowed_lateness_seconds))
     if args.json:
         print(json.dumps({audit.event_type: _document(audit) for audit in audits}, indent=2, sort_keys=True))
     else:

@@ -21,13 +21,12 @@ import datetime
 import html
 import math
 import sys
-import time
 
 from event_delivery.cloud import files
-from event_delivery.contract import partitions
+from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import Tier, load_registry
-from event_delivery.ops.audit import audit_type
+from event_delivery.ops.audit import HourAudit, audit_type
 
 OUTCOMES = ("delivered", "duplicates", "late", "dead_lettered")
 LABELS = {"dead_lettered": "dead-lettered", "ok": "on time", "bad": "overdue", "open": "still open"}
@@ -51,56 +50,18 @@ COLORS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Hour:
-    """One hour of one type: its outcomes, the auditor's counts, and how late it closed.
-
-    ``close_delay_seconds`` is the marker's time minus the hour's end; for an hour still
-    open, how long it has been over so far (None before its end).
-    """
-
-    partition: str
-    delivered: int
-    duplicates: int
-    late: int
-    dead_lettered: int
-    staged: int
-    closed: bool
-    close_delay_seconds: float | None
-    published: int | None = None
-    distinct_ids: int | None = None
-
-    @property
-    def accounted(self) -> int:
-        return self.delivered + self.duplicates + self.late + self.dead_lettered
-
-    @property
-    def lost(self) -> int | None:
-        """Published − (delivered + duplicates + late + dead-lettered), once the hour has closed."""
-        return None if self.published is None or not self.closed else self.published - self.accounted
-
-    @property
-    def dead_letter_rate(self) -> float:
-        """Of what was published (by the auditor), or of what was accounted for without its count."""
-        base = self.published if self.published is not None else self.accounted
-        return self.dead_lettered / base if base else 0.0
-
-
-@dataclasses.dataclass(frozen=True)
 class TypeReport:
     event_type: str
     tier: Tier
     window_seconds: int
-    hours: tuple[Hour, ...]
+    hours: tuple[HourAudit, ...]  # judged overdue or not by the audit (``slo.is_overdue``)
     dead_letter_kinds: dict[str, int]
     problems: tuple[str, ...] = ()
 
     @property
     def close_budget_seconds(self) -> int:
         """How long after its end an hour may take to close."""
-        return self.tier.close_deadline_seconds(self.window_seconds) - self.window_seconds
-
-    def overdue(self, hour: Hour) -> bool:
-        return (hour.close_delay_seconds or 0) > self.close_budget_seconds
+        return slo.close_delay_budget_seconds(self.tier)
 
     def total(self, name: str) -> int | None:
         """Over the hours that know it (the auditor's counts, lost once closed); None if none does."""
@@ -109,20 +70,20 @@ class TypeReport:
 
     @property
     def on_time(self) -> int:
-        return sum(hour.closed and not self.overdue(hour) for hour in self.hours)
+        return sum(hour.closed and not hour.overdue for hour in self.hours)
 
     @property
     def worst_dead_letter_rate(self) -> float:
         return max((hour.dead_letter_rate for hour in self.hours), default=0.0)
 
-    def slo(self, metric: str, hour: Hour | None = None) -> str:
+    def slo(self, metric: str, hour: HourAudit | None = None) -> str:
         """``ok``, ``bad`` or ``unknown`` (no hours, or no counts of a closed hour): the cell's
         colour, for the type or for one hour."""
         hours = self.hours if hour is None else (hour,)
         if not hours:
             return "unknown"
         if metric == "close_delay":
-            return "bad" if any(self.overdue(h) for h in hours) else "ok"
+            return "bad" if any(h.overdue for h in hours) else "ok"
         if metric == "lost":
             lost = [h.lost for h in hours if h.lost is not None]
             return "bad" if any(lost) else "ok" if lost else "unknown"
@@ -137,26 +98,12 @@ class TypeReport:
 
 def collect(storage_root: str, event_type: str, window_seconds: int, now: float | None = None) -> TypeReport:
     """A type's report from its files, manifests and auditor counts under ``storage_root``
-    (as ``audit_type`` joins them)."""
-    now = time.time() if now is None else now
-    audit = audit_type(Layout.under(storage_root, event_type, window_seconds))
-    hours, kinds = [], collections.Counter()
-    for partition, source in sorted(audit.hours.items()):
-        end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
-        # Closed: when its marker was written; open: how long it has been over so far.
-        delay = source.close_delay_seconds if source.closed else now - end if now > end else None
-        hours.append(
-            Hour(
-                partition,
-                *(getattr(source, name) for name in (*OUTCOMES, "staged", "closed")),
-                close_delay_seconds=delay,
-                published=source.published,
-                distinct_ids=source.distinct_ids,
-            )
-        )
-        kinds.update(source.dead_letter_kinds)
+    (as ``audit_type`` joins and judges them at ``now``)."""
+    audit = audit_type(Layout.under(storage_root, event_type, window_seconds), now=now)
+    hours = tuple(hour for _, hour in sorted(audit.hours.items()))
+    kinds = sum((hour.dead_letter_kinds for hour in hours), collections.Counter())
     tier = load_registry()[event_type].tier
-    return TypeReport(event_type, tier, window_seconds, tuple(hours), dict(kinds), tuple(audit.problems))
+    return TypeReport(event_type, tier, window_seconds, hours, dict(kinds), tuple(audit.problems))
 
 
 def write_report(storage_root: str, window_seconds: int, event_types, output: str) -> str:
@@ -261,11 +208,11 @@ def close_delay_chart(report: TypeReport) -> str:
     budget = report.close_budget_seconds
 
     def draw(hour, x, width, y):
-        if hour.close_delay_seconds is None:
+        if hour.close_delay_so_far is None:
             return []
-        state = "bad" if report.overdue(hour) else "ok"
-        tip = f"{hour.partition}: {'closed after' if hour.closed else 'open for'} {duration(hour.close_delay_seconds)}"
-        top = min(y(hour.close_delay_seconds), y(0) - 2)  # a prompt close still shows
+        state = "bad" if hour.overdue else "ok"
+        tip = f"{hour.partition}: {'closed after' if hour.closed else 'open for'} {duration(hour.close_delay_so_far)}"
+        top = min(y(hour.close_delay_so_far), y(0) - 2)  # a prompt close still shows
         if hour.closed:
             return [_rect(x, top, width, y(0) - top, COLORS[state], tip)]
         return [_rect(x, top, width, y(0) - top, "#eaeef2", tip, f"open {state}")]
@@ -273,7 +220,7 @@ def close_delay_chart(report: TypeReport) -> str:
     def deadline(y):
         return [f'<line class="deadline" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(budget):.1f}" y2="{y(budget):.1f}"/>']
 
-    top = max([budget, *(hour.close_delay_seconds or 0 for hour in report.hours)]) * 1.1
+    top = max([budget, *(hour.close_delay_so_far or 0 for hour in report.hours)]) * 1.1
     return _bars_svg(report, "close-delay", top, True, draw, deadline)
 
 
@@ -292,7 +239,7 @@ def volumes_chart(report: TypeReport) -> str:
             shapes.append(f'y2="{py:.1f}"><title>{_e(tip)}</title></line>')
         return shapes
 
-    heights = [max(h.accounted + max(h.lost or 0, 0), h.published or 0) for h in report.hours]
+    heights = [max(h.total + max(h.lost or 0, 0), h.published or 0) for h in report.hours]
     return _bars_svg(report, "volumes", max(heights, default=0) * 1.1, False, draw)
 
 
@@ -358,11 +305,11 @@ HOUR_COLUMNS = (
 )
 
 
-def hour_row(report: TypeReport, hour: Hour) -> str:
+def hour_row(report: TypeReport, hour: HourAudit) -> str:
     def td(metric, text, slo=None, value=None):
         return _td(text, slo, type=report.event_type, hour=hour.partition, metric=metric, value=value)
 
-    delay = hour.close_delay_seconds
+    delay = hour.close_delay_so_far
     state = "closed" if hour.closed else f"open, {hour.staged:,} staged" if hour.staged else "open"
     cells = [
         f'<th scope="row">{_e(hour.partition)}</th>',
