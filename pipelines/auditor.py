@@ -86,7 +86,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from event_delivery.cloud import files, preflight
 from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
 from event_delivery.contract import counts, envelope, partitions, slo
-from event_delivery.contract.hours import HourWindows
+from event_delivery.contract.hours import into_hours
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, EventType, get_event_type, load_registry
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
@@ -201,10 +201,7 @@ class AuditSettings:
         return self.layout.window_seconds
 
     def subscription(self, project: str) -> str:
-        name = self.event_type.audit_subscription
-        if self.source != AUDIT_SUBSCRIPTION:
-            name = counts.counts_subscription(self.event_type)
-        return f"projects/{project}/subscriptions/{name}"
+        return f"projects/{project}/subscriptions/{counts.auditor_subscription(self.event_type, self.source)}"
 
 
 def auditor_settings(options: AuditorOptions) -> list[AuditSettings]:
@@ -247,14 +244,8 @@ class HourCounts(typing.NamedTuple):
 def counted_at_close(settings: AuditSettings) -> beam.WindowInto:
     """Into the hours; one pane when the hour closes, and one with the new totals
     ``trigger_seconds`` after a late message."""
-    return beam.WindowInto(
-        HourWindows(settings.window_seconds, settings.allowed_lateness_seconds),
-        trigger=trigger.AfterWatermark(late=trigger.AfterProcessingTime(settings.trigger_seconds)),
-        accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-        # A stamp more than one horizon old puts a message in its arrival's hour; the second
-        # horizon is slack between arrival and the watermark, so no message is ever dropped.
-        allowed_lateness=Duration(seconds=2 * settings.late_horizon_seconds),
-    )
+    late = trigger.AfterProcessingTime(settings.trigger_seconds)
+    return into_hours(settings, trigger.AfterWatermark(late=late), accumulating=True)
 
 
 # The subscription source: every message counted.

@@ -55,6 +55,7 @@ from transforms.settings import DeliverySettings
 from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
 
 PROG = "python -m pipelines.delivery"
+READY_LINE = "delivering "  # logged once the job reads its subscription; local runs wait for it
 
 
 def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None = None):
@@ -152,7 +153,7 @@ def start(argv: list[str]):
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)
     result = pipeline.run()
-    logging.info("delivering %s from %s to %s", settings.event_type.name, subscription, settings.layout.delivered)
+    logging.info("%s%s from %s to %s", READY_LINE, settings.event_type.name, subscription, settings.layout.delivered)
     return result, standard.runner
 
 

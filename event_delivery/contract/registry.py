@@ -288,6 +288,11 @@ def load_registry() -> dict[str, EventType]:
     return types
 
 
+def tier_types(tier: str) -> list[EventType]:
+    """The types of a tier, by name."""
+    return sorted((t for t in load_registry().values() if t.tier.name == tier), key=lambda t: t.name)
+
+
 def get_event_type(name: str) -> EventType:
     """The named type, or a ``KeyError`` listing the known ones."""
     registry = load_registry()

@@ -30,7 +30,7 @@ import subprocess
 import sys
 
 from event_delivery.contract import partitions
-from event_delivery.contract.registry import TIERS, EventType, load_registry
+from event_delivery.contract.registry import TIERS, EventType, load_registry, tier_types
 from event_delivery.ops.provision import temp_bucket
 
 SDK_STATE_CACHE_MB = 0  # see _streaming_job; the bench runs its pipelines with the same
@@ -296,9 +296,9 @@ def _start_auditor(argv: list[str]):
 
 
 def selected_types(names: list[str] | None, tier: str | None) -> list[EventType]:
-    registry = load_registry()
     if tier:
-        return sorted((t for t in registry.values() if t.tier.name == tier), key=lambda t: t.name)
+        return tier_types(tier)
+    registry = load_registry()
     return [registry[name] for name in names]
 
 

@@ -36,8 +36,9 @@ import re
 import sys
 
 from event_delivery.cloud import preflight
-from event_delivery.contract import counts, slo
-from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, EventType, load_registry
+from event_delivery.contract import slo
+from event_delivery.contract.counts import auditor_subscription
+from event_delivery.contract.registry import TIERS, tier_types
 from event_delivery.ops.deploy import job_name
 
 PROG = "python -m event_delivery.ops.monitoring"
@@ -61,18 +62,6 @@ ALIGNMENT = {"seconds": 60}  # Dataflow and Pub/Sub sample these metrics every m
 
 def _ordered_tiers(names=None) -> list[str]:
     return [name for name in sorted(TIERS, key=lambda n: TIERS[n].recovery_order) if names is None or name in names]
-
-
-def tier_types(tier: str) -> list[EventType]:
-    return sorted((t for t in load_registry().values() if t.tier.name == tier), key=lambda t: t.name)
-
-
-def auditor_subscription(event_type: EventType) -> str:
-    """The subscription the type's auditor reads: the type's own audit subscription, or its filtered
-    subscription of the producers' count reports, by the tier's audit source."""
-    if event_type.tier.audit_source == AUDIT_SUBSCRIPTION:
-        return event_type.audit_subscription
-    return counts.counts_subscription(event_type)
 
 
 def display_name(tier: str, title: str) -> str:
