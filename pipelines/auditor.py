@@ -63,7 +63,6 @@ and on Dataflow, one job per type::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -89,6 +88,7 @@ from event_delivery.contract import counts, envelope, partitions, slo
 from event_delivery.contract.hours import into_hours
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, EventType, get_event_type, load_registry
+from pipelines.flags import HourOptions, add_hour_arguments, add_trigger_argument, exit_on_help
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 
 PROG = "python -m pipelines.auditor"
@@ -98,8 +98,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class AuditorOptions(PipelineOptions):
-    """The auditor's flags. Those it shares with the delivery family keep their names, types
-    and defaults, so that the two jobs of a type are configured alike."""
+    """The auditor's own flags; those it shares with the delivery family are ``HourOptions``,
+    so that the two jobs of a type are configured alike."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -107,54 +107,10 @@ class AuditorOptions(PipelineOptions):
 
 
 def add_auditor_arguments(parser) -> None:
-    # Beam adds every options class of the process to one parser. Where the delivery's
-    # options are loaded too (a test, a tool that builds both jobs), the shared flags come
-    # twice, with the same types and defaults; "resolve" keeps one instead of failing.
-    parser.conflict_handler = "resolve"
     group = parser.add_argument_group("auditor")
-    registry = sorted(load_registry())
-    group.add_argument("--event_type", choices=registry, help="The type to audit (on Dataflow, one job per type).")
     group.add_argument(
         "--event_types",
         help="Several types in one job, comma-separated, or 'all': a local run audits every type in one process.",
-    )
-    group.add_argument(
-        "--storage_root",
-        help="The delivery jobs' storage root: counts go to its audit/ folder, and its delivered/, late/ and "
-        "dead-letter/ folders are what the counts are checked against.",
-    )
-    group.add_argument(
-        "--window_seconds",
-        type=int,
-        default=partitions.HOUR_SECONDS,
-        help="Bucket length, as the delivery job's; must divide 3600. Default: 3600.",
-    )
-    group.add_argument(
-        "--allowed_lateness_seconds",
-        type=int,
-        help="How long after a bucket ends it stays open, as the delivery job's. Default: the type's tier ("
-        + ", ".join(f"{t.name} {t.allowed_lateness_seconds}" for t in TIERS.values())
-        + ").",
-    )
-    group.add_argument(
-        "--late_horizon_seconds",
-        type=int,
-        default=counts.LATE_HORIZON_SECONDS,
-        help="As the delivery job's: a message stamped further back than this counts in the hour of its "
-        f"arrival. Default: {counts.LATE_HORIZON_SECONDS} (7 days).",
-    )
-    group.add_argument(
-        "--max_future_seconds",
-        type=int,
-        default=counts.MAX_FUTURE_SECONDS,
-        help="As the delivery job's: a message stamped further ahead than this counts in the hour of its "
-        f"arrival. Default: {counts.MAX_FUTURE_SECONDS}.",
-    )
-    group.add_argument(
-        "--trigger_seconds",
-        type=int,
-        default=60,
-        help="After a closed hour's first late message, how long until its counts.json is rewritten. Default: 60.",
     )
     group.add_argument(
         "--audit_source",
@@ -204,30 +160,31 @@ class AuditSettings:
         return f"projects/{project}/subscriptions/{counts.auditor_subscription(self.event_type, self.source)}"
 
 
-def auditor_settings(options: AuditorOptions) -> list[AuditSettings]:
-    """One ``AuditSettings`` per type named by the options; raises ``ValueError`` or ``KeyError``."""
-    names = [options.event_type] if options.event_type else []
-    if options.event_types:
-        listed = [name.strip() for name in options.event_types.split(",") if name.strip()]
+def auditor_settings(options: PipelineOptions) -> list[AuditSettings]:
+    """One ``AuditSettings`` per type named by the options (any view); raises ``ValueError`` or ``KeyError``."""
+    shared, own = options.view_as(HourOptions), options.view_as(AuditorOptions)
+    names = [shared.event_type] if shared.event_type else []
+    if own.event_types:
+        listed = [name.strip() for name in own.event_types.split(",") if name.strip()]
         names += sorted(load_registry()) if listed == [ALL_TYPES] else listed
     if not names:
         raise ValueError("--event_type or --event_types is required")
-    if not options.storage_root:
+    if not shared.storage_root:
         raise ValueError("--storage_root is required")
     settings = []
     for name in dict.fromkeys(names):
         event_type = get_event_type(name)
-        tier, lateness, delay = event_type.tier, options.allowed_lateness_seconds, options.check_delay_seconds
+        tier, lateness, delay = event_type.tier, shared.allowed_lateness_seconds, own.check_delay_seconds
         settings.append(
             AuditSettings(
                 event_type,
-                Layout.under(options.storage_root, name, options.window_seconds),
-                source=options.audit_source or tier.audit_source,
+                Layout.under(shared.storage_root, name, shared.window_seconds),
+                source=own.audit_source or tier.audit_source,
                 allowed_lateness_seconds=tier.allowed_lateness_seconds if lateness is None else lateness,
                 check_delay_seconds=tier.close_margin_seconds if delay is None else delay,
-                trigger_seconds=options.trigger_seconds,
-                late_horizon_seconds=options.late_horizon_seconds,
-                max_future_seconds=options.max_future_seconds,
+                trigger_seconds=shared.trigger_seconds,
+                late_horizon_seconds=shared.late_horizon_seconds,
+                max_future_seconds=shared.max_future_seconds,
             )
         )
     return settings
@@ -527,27 +484,15 @@ class AuditType(beam.PTransform):
         )
 
 
-def help_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n")[0],
-        epilog="Beam's own options (--project, --runner, --region, --temp_location, ...) pass through.",
-    )
-    add_auditor_arguments(parser)
-    return parser
-
-
 def start(argv: list[str]):
     """Builds and starts the job, one pipeline per type; returns their results and the runner.
     Flag errors exit with code 2."""
-    if {"-h", "--help"} & set(argv):
-        help_parser().print_help()
-        sys.exit(0)
+    exit_on_help(argv, PROG, __doc__, add_hour_arguments, add_trigger_argument, add_auditor_arguments)
     options = pipeline_options(argv)
     project = options.view_as(GoogleCloudOptions).project
     standard = options.view_as(StandardOptions)
     try:
-        settings = auditor_settings(options.view_as(AuditorOptions))
+        settings = auditor_settings(options)
         if not project:
             raise ValueError("--project is required")
         if standard.runner != LOCAL_RUNNER and len(settings) > 1:

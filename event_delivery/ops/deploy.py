@@ -171,12 +171,12 @@ def job_layout(event_type: EventType) -> dict[str, int]:
 
 
 def _delivery_defaults():
-    """The delivery job's options as they are when no flag sets them."""
+    """The delivery job's shared options (``HourOptions``) as they are when no flag sets them."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.options import DeliveryOptions
+    from pipelines.flags import HourOptions
 
-    return PipelineOptions([]).view_as(DeliveryOptions)
+    return PipelineOptions([]).view_as(HourOptions)
 
 
 def _gcloud_jobs(project: str, region: str, verb: str, *rest: str) -> list[str]:
