@@ -32,17 +32,10 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS, AUDIT_SUBSCRIPTION
 from event_delivery.ops import audit, provision
 from event_delivery.ops.producer import EventPublisher, PublishedCounts
-from pipelines.auditor import (
-    AuditorOptions,
-    AuditPublished,
-    AuditSettings,
-    AuditType,
-    CheckLostFn,
-    HourCounts,
-    LatestReportsFn,
-    accounted_for,
-    auditor_settings,
-)
+from pipelines.audit_checks import CheckLostFn, accounted_for
+from pipelines.audit_sources import HourCounts, LatestReportsFn
+from pipelines.auditor import AuditPublished, AuditType
+from pipelines.auditor_settings import AuditorOptions, AuditSettings, auditor_settings
 from pipelines.delivery import deliver
 from pipelines.flags import HourOptions
 from pipelines.options import DeliveryOptions
