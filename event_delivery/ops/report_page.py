@@ -8,7 +8,7 @@ import datetime
 from importlib import resources
 
 from event_delivery.contract import partitions
-from event_delivery.ops.audit import HourAudit
+from event_delivery.ops.audit_model import HourAudit
 from event_delivery.ops.report_charts import (
     CHARTS,
     COLORS,
