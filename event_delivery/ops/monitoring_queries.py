@@ -23,7 +23,7 @@ SYSTEM_LAG = "dataflow.googleapis.com/job/system_lag"
 IS_FAILED = "dataflow.googleapis.com/job/is_failed"
 VCPUS = "dataflow.googleapis.com/job/current_num_vcpus"  # reported every minute while the job has workers
 USER_COUNTER = "dataflow.googleapis.com/job/user_counter"  # Beam metrics; the name in label metric_name
-ALL_JOBS = "events-.+"  # every job of this system, as deploy.job_name names them
+ALL_JOBS = "events-.+"  # every job of this system, as job_flags.job_name names them
 SUBSCRIPTION = "pubsub_subscription"
 JOB = "dataflow_job"
 
