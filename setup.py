@@ -12,7 +12,7 @@ setuptools.setup(
     description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "transforms"]),
-    package_data={"avro_schemas": ["*.avsc"]},
+    package_data={"avro_schemas": ["*.avsc"], "event_delivery.ops": ["report.css"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
         "cryptography==50.0.2",

@@ -29,7 +29,7 @@ from apache_beam.runners.portability.fn_api_runner import worker_handlers
 from benchmarks import floor, ledger, workload
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops import deploy
+from event_delivery.ops import job_flags
 from pipelines.backfill import Backfill
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from transforms.settings import DeliverySettings
@@ -49,10 +49,10 @@ PANE_EVENTS = 600
 
 def _as_deployed() -> None:
     """The state cache of this process's SDK harness sized as the deployed jobs size it
-    (``deploy.SDK_STATE_CACHE_MB``, none). The in-process runner hard-codes 100 MB, which
+    (``job_flags.SDK_STATE_CACHE_MB``, none). The in-process runner hard-codes 100 MB, which
     made the streaming path 3.7x slower than the SDK harness runs it on Dataflow; worker
     processes take the size from the job's options."""
-    worker_handlers.STATE_CACHE_SIZE_MB = deploy.SDK_STATE_CACHE_MB
+    worker_handlers.STATE_CACHE_SIZE_MB = job_flags.SDK_STATE_CACHE_MB
 
 
 def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None) -> beam.Pipeline:
@@ -65,7 +65,7 @@ def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streamin
         runner=LOCAL_BATCH_RUNNER,
         direct_num_workers=workers,
         direct_running_mode="multi_processing" if workers > 1 else "in_memory",
-        max_cache_memory_usage_mb=deploy.SDK_STATE_CACHE_MB,
+        max_cache_memory_usage_mb=job_flags.SDK_STATE_CACHE_MB,
     )
     registry = load_registry()
     pipeline = beam.Pipeline(runner=runner, options=options)

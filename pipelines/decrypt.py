@@ -41,7 +41,8 @@ from pipelines.copies_inventory import (
     refuse_output_root,
     start_run,
 )
-from pipelines.runtime import add_hour_range_arguments, partition_paths, pipeline_options, start_batch_job
+from pipelines.flags import add_hour_range_arguments
+from pipelines.runtime import partition_paths, pipeline_options, start_batch_job
 
 
 def decrypt_record(record: dict, event_type: EventType, aead: AESGCM | None) -> tuple[dict, int]:
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         "of. Default: the folder above --input_root.",
     )
     parser.add_argument("--output_root", required=True, help="Where the decrypted copy goes, same layout.")
-    add_hour_range_arguments(parser, "delivered data")
+    add_hour_range_arguments(parser, "delivered data", required=True)
     add_copies_inventory_argument(parser)
     add_key_arguments(parser)
     args, beam_args, (start, end), (keys, inventory) = start_batch_job(parser, argv, _resolve, "input_root")

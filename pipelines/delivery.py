@@ -28,12 +28,8 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from event_delivery.cloud import preflight
 from event_delivery.cloud.clients import lift_emulator_pull_limit, use_emulator_credentials
 from event_delivery.contract.dead_letters import DEAD_LETTER_SCHEMA
-from pipelines.options import (
-    DeliveryOptions,
-    add_streaming_arguments,
-    delivery_settings,
-    help_parser,
-)
+from pipelines.flags import add_trigger_argument
+from pipelines.options import DeliveryOptions, add_streaming_arguments, delivery_settings, exit_on_help
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
 from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
@@ -50,6 +46,7 @@ from transforms.settings import DeliverySettings
 from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
 
 PROG = "python -m pipelines.delivery"
+READY_LINE = "delivering "  # logged once the job reads its subscription; local runs wait for it
 
 
 def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None = None):
@@ -123,12 +120,10 @@ def _interrupt(signum, frame):
 
 def start(argv: list[str]):
     """Builds and starts the job; returns its result and runner. Flag errors exit with code 2."""
-    if {"-h", "--help"} & set(argv):
-        help_parser(PROG, __doc__, add_streaming_arguments).print_help()
-        sys.exit(0)
+    exit_on_help(argv, PROG, __doc__, add_trigger_argument, add_streaming_arguments)
     options = pipeline_options(argv)
     try:
-        settings = delivery_settings(options.view_as(DeliveryOptions))
+        settings = delivery_settings(options)
         subscription = subscription_path(options, settings)
     except (KeyError, ValueError) as error:
         preflight.fail(PROG, str(error).strip("'\""))
@@ -146,7 +141,7 @@ def start(argv: list[str]):
     pipeline = beam.Pipeline(options=options)
     deliver(pipeline | "ReadMessages" >> ReadMessages(subscription), settings)
     result = pipeline.run()
-    logging.info("delivering %s from %s to %s", settings.event_type.name, subscription, settings.layout.delivered)
+    logging.info("%s%s from %s to %s", READY_LINE, settings.event_type.name, subscription, settings.layout.delivered)
     return result, standard.runner
 
 

@@ -192,7 +192,7 @@ def open_existing_keystore(keys: KeyConfig, allow_empty: bool) -> Keystore:
     return keystore
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.forget", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -240,6 +240,11 @@ def main(argv=None) -> int:
     )
     add_copies_inventory_argument(parser)
     add_key_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args, beam_args = parser.parse_known_args(argv)
     if not (args.subject or args.subjects_file or args.sweep_orphans):
         parser.error("give subjects (--subjects_file, or --subject) or --sweep_orphans")

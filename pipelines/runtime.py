@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import posixpath
-import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -31,11 +30,6 @@ def pipeline_options(beam_args: list[str], local_runner: str = LOCAL_RUNNER) -> 
 
 def start_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def add_hour_range_arguments(parser, what: str) -> None:
-    parser.add_argument("--start", required=True, help=f"First hour of {what}, UTC: YYYY-MM-DDTHH (or ISO 8601).")
-    parser.add_argument("--end", required=True, help="End of the range (exclusive), UTC.")
 
 
 def start_batch_job(parser, argv: list[str], resolve, source: str):
@@ -67,11 +61,10 @@ def start_replay_job(prog: str, doc: str, argv: list[str], settings_of, source_o
     against the emulators, their credentials are in place.
     Returns ``(options, settings, (start, end), source)``.
     """
-    from pipelines.options import DeliveryOptions, add_replay_arguments, help_parser
+    from pipelines.flags import add_hour_range_arguments
+    from pipelines.options import DeliveryOptions, exit_on_help
 
-    if {"-h", "--help"} & set(argv):
-        help_parser(prog, doc, add_replay_arguments, *groups).print_help()
-        sys.exit(0)
+    exit_on_help(argv, prog, doc, add_hour_range_arguments, *groups)
     options = pipeline_options(argv, runner)
     family = options.view_as(DeliveryOptions)
     try:

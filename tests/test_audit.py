@@ -10,7 +10,7 @@ from unittest import mock
 import fastavro
 
 from event_delivery.cloud import files
-from event_delivery.contract import counts, partitions
+from event_delivery.contract import counts, partitions, slo
 from event_delivery.contract.registry import load_registry
 from event_delivery.ops import audit
 
@@ -103,7 +103,7 @@ def test_an_hour_with_fewer_outcomes_than_published_messages_is_named_as_lost(tm
 
 def test_an_hour_is_overdue_without_its_marker_past_the_deadline_or_with_a_late_one(tmp_path):
     layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
-    deadline = load_registry()["play"].tier.close_deadline_seconds(WINDOW)
+    deadline = WINDOW + slo.close_delay_budget_seconds(load_registry()["play"].tier)
     deliver_hour(layout, HOUR, ["e0"], closed_after_seconds=deadline - WINDOW + 1)  # closed a second too late
     deliver_hour(layout, HOUR + WINDOW, ["e1"])  # still staged
     count_published(layout, HOUR + 2 * WINDOW, published=2, distinct_ids=2)  # counted, never delivered

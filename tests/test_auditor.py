@@ -32,18 +32,12 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS, AUDIT_SUBSCRIPTION
 from event_delivery.ops import audit, provision
 from event_delivery.ops.producer import EventPublisher, PublishedCounts
-from pipelines.auditor import (
-    AuditorOptions,
-    AuditPublished,
-    AuditSettings,
-    AuditType,
-    CheckLostFn,
-    HourCounts,
-    LatestReportsFn,
-    accounted_for,
-    auditor_settings,
-)
+from pipelines.audit_checks import CheckLostFn, accounted_for
+from pipelines.audit_sources import HourCounts, LatestReportsFn
+from pipelines.auditor import AuditPublished, AuditType
+from pipelines.auditor_settings import AuditorOptions, AuditSettings, auditor_settings
 from pipelines.delivery import deliver
+from pipelines.flags import HourOptions
 from pipelines.options import DeliveryOptions
 from tests.conftest import PROJECT, drop_subscriptions_of, message, valid_fields
 from tests.streams import Clock, local_keys, local_settings, streaming_pipeline
@@ -331,9 +325,10 @@ def test_the_auditor_shares_the_delivery_flags_it_takes_and_resolves_tier_defaul
         "--trigger_seconds=2",
     ]
     options = PipelineOptions(argv)  # both options classes are loaded: one parser takes both
-    assert options.view_as(DeliveryOptions).window_seconds == options.view_as(AuditorOptions).window_seconds == 10
+    assert options.view_as(DeliveryOptions).target_file_mb == 128, "the delivery family's own flags parse beside"
+    assert options.view_as(HourOptions).window_seconds == 10
     assert options.get_all_options()["late_horizon_seconds"] == 600
-    by_type = {s.event_type.name: s for s in auditor_settings(options.view_as(AuditorOptions))}
+    by_type = {s.event_type.name: s for s in auditor_settings(options)}
     assert by_type["service_log"].source == AUDIT_SUBSCRIPTION
     assert by_type["play"].source == AUDIT_PRODUCER_COUNTS
     play = registry["play"].tier
@@ -408,9 +403,7 @@ class Run:
         return partitions.partition(self.hour, WINDOW)
 
     def audit(self, name: str) -> audit.TypeAudit:
-        return audit.audit_type(
-            Layout.under(self.root, name, WINDOW), close_deadline_seconds=WINDOW + CLOSE_WITHIN_SECONDS
-        )
+        return audit.audit_type(Layout.under(self.root, name, WINDOW), allowed_lateness_seconds=LATENESS)
 
     def counter(self, name: str, event_type: str) -> int:
         query = MetricsFilter().with_namespace(slo.AUDIT_NAMESPACE).with_name(name).with_step(f"Audit {event_type}")

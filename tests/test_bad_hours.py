@@ -21,7 +21,8 @@ from event_delivery.contract import counts, partitions
 from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops import audit, report
+from event_delivery.contract.slo import close_delay_budget_seconds
+from event_delivery.ops import audit, audit_scan, report
 from tests.conftest import valid_fields
 from transforms import publish
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES
@@ -32,7 +33,7 @@ TYPE = "service_log"  # a low-tier type: an hour is due 3 h 15 min after its end
 WINDOW = partitions.HOUR_SECONDS
 HOUR = 1_764_583_200  # 2025-12-01T10:00:00Z, long closed
 PARTITION = partitions.partition(HOUR)
-CLOSE_BUDGET = load_registry()[TYPE].tier.close_deadline_seconds(WINDOW) - WINDOW
+CLOSE_BUDGET = close_delay_budget_seconds(load_registry()[TYPE].tier)
 LISTS = "_SUCCESS lists other files or counts than the folder"
 COUNT = "_SUCCESS delivered count differs from the files"
 
@@ -117,7 +118,7 @@ def test_an_hour_published_as_the_close_publishes_it_passes_every_check(tmp_path
     assert (result.problems, result.failed_hours) == ([], {})
     assert {name: getattr(hour, name) for name in outcomes} == outcomes, "every outcome counted where it was written"
     assert (hour.published, hour.lost, hour.close_delay_seconds, hour.overdue) == (10, 0, 60, False)
-    assert result.settled and result.reconciled and audit.hours_settled(layout)
+    assert result.settled and result.reconciled and audit_scan.hours_settled(layout)
     assert run_main(tmp_path) == 0
     assert "problem" not in capsys.readouterr().out
 
@@ -225,7 +226,7 @@ def test_an_hour_with_a_file_still_staged_after_its_marker_is_not_settled(tmp_pa
     write_records(straggler, records("straggler", 2, HOUR + 4), files.UNCOMPRESSED)
     result = audited(layout)
     assert result.hours[PARTITION].staged == 2
-    assert not result.settled and not audit.hours_settled(layout)
+    assert not result.settled and not audit_scan.hours_settled(layout)
 
 
 def test_an_hour_with_parts_and_no_marker_is_not_settled_and_its_loss_not_yet_known(tmp_path):
@@ -235,7 +236,7 @@ def test_an_hour_with_parts_and_no_marker_is_not_settled_and_its_loss_not_yet_kn
     result = audited(layout)
     hour = result.hours[PARTITION]
     assert (hour.closed, hour.delivered, hour.lost) == (False, 5, None)
-    assert not result.settled and not audit.hours_settled(layout)
+    assert not result.settled and not audit_scan.hours_settled(layout)
 
 
 def test_a_closed_hour_with_output_but_no_count_is_not_reconciled(tmp_path):

@@ -22,8 +22,8 @@ from google.cloud import monitoring_dashboard_v1, monitoring_v3
 
 from event_delivery.contract import slo
 from event_delivery.contract.counts import counts_subscription
-from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, load_registry
-from event_delivery.ops import monitoring
+from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, load_registry, tier_types
+from event_delivery.ops import alerts, monitoring, monitoring_queries
 from event_delivery.ops.deploy import job_name
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -39,7 +39,7 @@ SERVICE_METRICS = {
     "dataflow.googleapis.com/job/current_num_vcpus": "dataflow_job",
     "dataflow.googleapis.com/job/user_counter": "dataflow_job",  # Beam metrics, named by label metric_name
 }
-PROMQL_NAMES = {monitoring.promql_name(metric): metric for metric in SERVICE_METRICS}
+PROMQL_NAMES = {monitoring_queries.promql_name(metric): metric for metric in SERVICE_METRICS}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def _one_of(filter_: str, label: str) -> list[str]:
 
 
 def _policy(policies, tier: str, title: str):
-    [policy] = [p for p in policies if p.display_name == monitoring.display_name(tier, title)]
+    [policy] = [p for p in policies if p.display_name == monitoring_queries.display_name(tier, title)]
     return policy
 
 
@@ -191,7 +191,7 @@ def test_every_policy_and_dashboard_parses_into_the_client_types(printed, polici
     ]
     tiers_with_types = {t.tier.name for t in load_registry().values()}
     assert sorted(d.display_name for d in boards) == sorted(
-        monitoring.display_name(tier, "dashboard") for tier in tiers_with_types
+        monitoring_queries.display_name(tier, "dashboard") for tier in tiers_with_types
     ), "one dashboard per tier"
 
 
@@ -251,7 +251,7 @@ def test_thresholds_follow_the_tier(policies):
             return condition.condition_absent.duration.total_seconds()
         return condition.condition_threshold.threshold_value
 
-    tiers = [t for t in tiers if monitoring.tier_types(t)]
+    tiers = [t for t in tiers if tier_types(t)]
     for title, index in (("backlog", 0), ("lag", 0), ("lag", 1), ("dead-letter rate", 0), ("not running", 1)):
         values = [threshold(tier, title, index) for tier in tiers]
         assert values == sorted(values) and len(set(values)) == len(values), (
@@ -283,7 +283,7 @@ def test_every_subscription_and_job_of_a_tier_is_watched(policies):
             for _, matchers in _selectors(condition.condition_prometheus_query_language.query):
                 assert job_name(event_type) in matchers["job_name"][1].split("|")
         for other in set(TIERS) - {tier}:
-            if monitoring.tier_types(other):
+            if tier_types(other):
                 assert event_type.subscription not in str(_policy(policies, other, "backlog").conditions)
 
 
@@ -294,7 +294,7 @@ def _anchors(markdown: str) -> set[str]:
 
 
 def test_the_service_levels_page_states_the_thresholds_in_force():
-    page = (ROOT / monitoring.RUNBOOK).read_text(encoding="utf-8")
+    page = (ROOT / alerts.RUNBOOK).read_text(encoding="utf-8")
     for name, tier in TIERS.items():
         goals = slo.objectives(tier)
         [row] = re.findall(rf"^\| `{name}` \|.*$", page, flags=re.MULTILINE)
@@ -307,10 +307,10 @@ def test_the_service_levels_page_states_the_thresholds_in_force():
 
 
 def test_every_policy_points_at_its_runbook_section(policies):
-    anchors = _anchors((ROOT / monitoring.RUNBOOK).read_text(encoding="utf-8"))
+    anchors = _anchors((ROOT / alerts.RUNBOOK).read_text(encoding="utf-8"))
     for policy in policies:
-        [anchor] = re.findall(re.escape(monitoring.RUNBOOK) + r"#([\w-]+)", policy.documentation.content)
-        assert anchor in anchors, f"{policy.display_name}: no section #{anchor} in {monitoring.RUNBOOK}"
+        [anchor] = re.findall(re.escape(alerts.RUNBOOK) + r"#([\w-]+)", policy.documentation.content)
+        assert anchor in anchors, f"{policy.display_name}: no section #{anchor} in {alerts.RUNBOOK}"
 
 
 # Applying: idempotent, by display name.

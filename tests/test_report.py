@@ -29,6 +29,7 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.ops import report
 from event_delivery.ops.audit import audit_type
+from event_delivery.ops.report_model import OUTCOMES
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.by_id import assert_every_id_in_one_place
@@ -104,7 +105,7 @@ class Sent:
 
     @property
     def numbers(self) -> dict[str, int]:
-        outcomes = {name: getattr(self, name) for name in report.OUTCOMES}
+        outcomes = {name: getattr(self, name) for name in OUTCOMES}
         return {**outcomes, "published": sum(outcomes.values()) + self.lost}
 
     @property

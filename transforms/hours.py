@@ -23,22 +23,14 @@ import zlib
 import apache_beam as beam
 from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindows
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Timestamp
 
-from event_delivery.contract.hours import HourWindows
+from event_delivery.contract.hours import into_hours
 
 
 def hour_windows(settings, when=None) -> beam.WindowInto:
     """Into the hour windows of ``settings`` (a ``DeliverySettings``), as every step of the path sees them."""
-    return beam.WindowInto(
-        HourWindows(settings.window_seconds, settings.allowed_lateness_seconds),
-        trigger=when or trigger.DefaultTrigger(),
-        accumulation_mode=trigger.AccumulationMode.DISCARDING,
-        # Parsing dead-letters events older than one horizon on arrival; the second
-        # horizon is slack between arrival and the watermark, so the runner never
-        # drops an event as too late.
-        allowed_lateness=Duration(seconds=2 * settings.late_horizon_seconds),
-    )
+    return into_hours(settings, when)
 
 
 WRITER = uuid.uuid4().hex[:12]  # this worker process, as pane keys and file names name it

@@ -40,6 +40,14 @@ def counts_subscription(event_type: EventType) -> str:
     return f"{COUNTS_TOPIC}-{event_type.name}"
 
 
+def auditor_subscription(event_type: EventType, source: str | None = None) -> str:
+    """The subscription the type's auditor reads, by ``source`` (default: its tier's audit source):
+    its own subscription of the type's topic, or its filtered subscription of the count reports."""
+    if (source or event_type.tier.audit_source) == AUDIT_SUBSCRIPTION:
+        return event_type.audit_subscription
+    return counts_subscription(event_type)
+
+
 def counts_filter(event_type: EventType) -> str:
     """The Pub/Sub filter of ``counts_subscription`` (the emulator ignores filters; the auditor checks too)."""
     return f'attributes.{envelope.EVENT_TYPE} = "{event_type.name}"'

@@ -7,9 +7,10 @@ passes the window's end exactly when the contract closes the hour.
 
 from __future__ import annotations
 
+import apache_beam as beam
 from apache_beam.coders import coders
-from apache_beam.transforms import window
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.transforms import trigger, window
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 
 class HourWindows(window.NonMergingWindowFn):
@@ -37,3 +38,19 @@ class HourWindows(window.NonMergingWindowFn):
 
     def __hash__(self):
         return hash((type(self), self.window_seconds, self.allowed_lateness_seconds))
+
+
+def into_hours(settings, when=None, accumulating: bool = False) -> beam.WindowInto:
+    """Into the hour windows of ``settings`` (anything with ``window_seconds``,
+    ``allowed_lateness_seconds`` and ``late_horizon_seconds``: the delivery job's settings
+    and the auditor's), firing by ``when`` (default: once, when the hour closes)."""
+    mode = trigger.AccumulationMode.ACCUMULATING if accumulating else trigger.AccumulationMode.DISCARDING
+    return beam.WindowInto(
+        HourWindows(settings.window_seconds, settings.allowed_lateness_seconds),
+        trigger=when or trigger.DefaultTrigger(),
+        accumulation_mode=mode,
+        # A message stamped more than one horizon back is dead-lettered by delivery and
+        # counted in its arrival's hour by the auditor; the second horizon is slack between
+        # arrival and the watermark, so the runner never drops one as too late.
+        allowed_lateness=Duration(seconds=2 * settings.late_horizon_seconds),
+    )

@@ -29,7 +29,7 @@ class Tier:
     """What a priority tier sets for each of its jobs, and the service levels it promises.
 
     An hour must close (its ``_SUCCESS`` written) by its end + ``allowed_lateness_seconds``
-    + ``close_margin_seconds``; it must lose nothing (published = delivered + duplicates +
+    + ``close_margin_seconds`` (``slo.is_overdue`` decides); it must lose nothing (published = delivered + duplicates +
     late + dead-lettered); and at most ``max_dead_letter_rate`` of what was published may
     be dead-lettered. ``audit_source`` says where the auditor counts what was published.
     """
@@ -42,10 +42,6 @@ class Tier:
     close_margin_seconds: int
     max_dead_letter_rate: float
     audit_source: str
-
-    def close_deadline_seconds(self, window_seconds: int) -> int:
-        """Seconds after an hour's start by which its marker must be written."""
-        return window_seconds + self.allowed_lateness_seconds + self.close_margin_seconds
 
 
 # High-tier hours close soonest so consumers of revenue and royalty data start early;
@@ -290,6 +286,11 @@ def load_registry() -> dict[str, EventType]:
     if not types:
         raise RegistryError(f"no schemas found in package {SCHEMA_PACKAGE}")
     return types
+
+
+def tier_types(tier: str) -> list[EventType]:
+    """The types of a tier, by name."""
+    return sorted((t for t in load_registry().values() if t.tier.name == tier), key=lambda t: t.name)
 
 
 def get_event_type(name: str) -> EventType:

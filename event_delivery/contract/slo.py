@@ -14,8 +14,9 @@ The jobs carry them as Beam metrics with the names below. On Dataflow every user
 reaches Cloud Monitoring as ``dataflow.googleapis.com/job/user_counter`` with the name in
 its ``metric_name`` label (the namespace is not in it, so a name means one thing in every
 job), and a distribution as four such series, ``<name>_MAX``, ``_MIN``, ``_MEAN`` and
-``_COUNT``. The names are an interface: the alerts and dashboards of
-``event_delivery.ops.monitoring`` select them, so renaming one silences an alert.
+``_COUNT``. The names are an interface: the alert policies and dashboards
+(``event_delivery.ops.alerts``, ``event_delivery.ops.dashboards``) select them, so
+renaming one silences an alert.
 ``tests/test_monitoring.py`` fails when a name selected here is registered by no job.
 """
 

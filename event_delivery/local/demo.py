@@ -28,8 +28,9 @@ from event_delivery.local.emulators import EmulatorError, running_emulators
 from event_delivery.local.jobs import JobError, start_auditor, start_job, stop_jobs
 from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
 from event_delivery.ops import provision
-from event_delivery.ops.audit import TypeAudit, audit_type, hours_settled
 from event_delivery.ops.audit import format_table as audit_table
+from event_delivery.ops.audit_model import TypeAudit
+from event_delivery.ops.audit_scan import audit_type, hours_settled
 from event_delivery.ops.producer import EventPublisher
 from event_delivery.ops.report import write_report
 

@@ -12,8 +12,8 @@ import sys
 import time
 
 from pipelines.auditor import READY_LINE as AUDITOR_READY_LINE
+from pipelines.delivery import READY_LINE
 
-READY_LINE = "delivering "
 AUDITOR = "auditor"
 
 

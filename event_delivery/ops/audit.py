@@ -12,229 +12,25 @@ lost = published − (delivered + duplicates + late + dead-lettered), known once
 has its count and its marker. And it times each close: the close delay is when the
 marker was written (its object's time) minus the hour's end. It prints one row per type
 and hour (``--json`` for a document instead) and exits with code 1 when any hour lost
-data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close deadline
-after the hour's start), or broke the contract::
+data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close delay budget
+after the hour's end: ``slo.is_overdue``), or broke the contract::
 
     python -m event_delivery.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
+
+The counts are ``audit_model``, read by ``audit_scan``; this module prints them.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
 import json
-import posixpath
 import sys
-import time
 
-from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
-
-
-@dataclasses.dataclass
-class HourAudit:
-    partition: str
-    delivered: int = 0
-    duplicates: int = 0
-    late: int = 0
-    dead_lettered: int = 0
-    staged: int = 0
-    closed: bool = False
-    dead_letter_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    delivered_ids: list = dataclasses.field(default_factory=list)
-    published: int | None = None  # the auditor's count of the hour's messages; None without one
-    distinct_ids: int | None = None  # the auditor's count of their distinct event ids
-    close_delay_seconds: float | None = None  # when the marker was written minus the hour's end
-    counts_source: str | None = None  # where the auditor counted: subscription or producer_counts
-    overdue: bool = False  # no marker past the close deadline, or one written after it
-
-    @property
-    def total(self) -> int:
-        return self.delivered + self.duplicates + self.late + self.dead_lettered
-
-    @property
-    def lost(self) -> int | None:
-        """Published messages in no output; None until the hour has the auditor's count and its marker.
-
-        Negative when the outputs hold more than was published (a message written twice).
-        """
-        if self.published is None or not self.closed:
-            return None
-        return self.published - self.total
-
-    @property
-    def failures(self) -> list[str]:
-        """Why this hour fails the audit: data lost, or the close overdue."""
-        reasons = [f"lost {self.lost}"] if self.lost else []
-        return reasons + (["overdue"] if self.overdue else [])
-
-
-@dataclasses.dataclass
-class TypeAudit:
-    event_type: str
-    hours: dict = dataclasses.field(default_factory=dict)
-    problems: list = dataclasses.field(default_factory=list)
-
-    def hour(self, partition: str) -> HourAudit:
-        return self.hours.setdefault(partition, HourAudit(partition))
-
-    def total(self, name: str) -> int:
-        return sum(getattr(hour, name) for hour in self.hours.values())
-
-    @property
-    def closed_hours(self) -> int:
-        return sum(hour.closed for hour in self.hours.values())
-
-    @property
-    def settled(self) -> bool:
-        """Every hour with delivered data has closed and nothing waits in staging."""
-        return all(hour.closed or not hour.delivered for hour in self.hours.values()) and not self.total("staged")
-
-    @property
-    def reconciled(self) -> bool:
-        """Every closed hour that has output or a count has the auditor's count, and its messages
-        are all accounted for (lost = 0). A closed hour with neither had nothing to lose."""
-        checked = [h for h in self.hours.values() if h.closed and (h.total or h.published is not None)]
-        return all(hour.lost == 0 for hour in checked)
-
-    @property
-    def failed_hours(self) -> dict[str, list[str]]:
-        """The hours that lost data or are overdue, with why."""
-        return {p: hour.failures for p, hour in sorted(self.hours.items()) if hour.failures}
-
-
-def _partition_files(root: str, event_type: str, pattern: str = "*") -> dict[str, list[str]]:
-    by_partition = collections.defaultdict(list)
-    prefix = partitions.join(root, event_type) + "/"
-    for path in files.glob(partitions.join(root, event_type, "dt=*", "hr=*", pattern)):
-        by_partition[posixpath.dirname(path[len(prefix) :])].append(path)
-    return by_partition
-
-
-def hours_settled(layout: Layout) -> bool:
-    """True when nothing waits in staging and every hour folder has its marker.
-
-    It only lists files, so it is safe to call while a job is publishing an hour.
-    """
-    if files.glob(partitions.join(layout.staging, layout.event_type, "dt=*", "hr=*", "*.avro")):
-        return False
-    folders = _partition_files(layout.delivered, layout.event_type).values()
-    return all(any(posixpath.basename(p) == partitions.SUCCESS_MARKER for p in paths) for paths in folders)
-
-
-def _check_in_hour(audit, partition, records, window_seconds, what) -> None:
-    start, end = partitions.partition_bounds(partition, window_seconds)
-    for record in records:
-        millis = int(record["received_at"].timestamp() * 1000)
-        if not start <= millis < end:
-            audit.problems.append(f"{what} {partition}: a record's received_at is outside the partition")
-            return
-
-
-class FileMoved(Exception):
-    """A listed file was gone when the audit came to read it: a close moved it meanwhile."""
-
-
-def _read(read, path: str):
-    try:
-        return read(path)
-    except Exception:
-        if files.exists(path):
-            raise
-        raise FileMoved(path) from None
-
-
-def audit_type(
-    layout: Layout, attempts: int = 5, now: float | None = None, close_deadline_seconds: int | None = None
-) -> TypeAudit:
-    """Counts every outcome of a type's messages, per hour, from its files under ``layout``,
-    joins the auditor's counts, and checks the output contract; a close that moves files
-    meanwhile starts it over.
-
-    An hour is overdue when its marker is missing ``close_deadline_seconds`` after the
-    hour's start (at ``now``), or was written later than that. Default: the tier's close
-    deadline (``Tier.close_deadline_seconds``).
-    """
-    now = time.time() if now is None else now
-    for attempt in range(1, attempts + 1):
-        try:
-            audit = _audit_type(layout)
-            break
-        except FileMoved:
-            if attempt == attempts:
-                raise
-    registry = load_registry()
-    if close_deadline_seconds is None and layout.event_type in registry:
-        close_deadline_seconds = registry[layout.event_type].tier.close_deadline_seconds(layout.window_seconds)
-    if close_deadline_seconds is not None:
-        _mark_overdue(audit, layout.window_seconds, close_deadline_seconds, now)
-    return audit
-
-
-def _mark_overdue(audit: TypeAudit, window_seconds: int, close_deadline_seconds: int, now: float) -> None:
-    for partition, hour in audit.hours.items():
-        start, end = (millis / 1000 for millis in partitions.partition_bounds(partition, window_seconds))
-        if hour.closed and hour.close_delay_seconds is None:
-            continue  # closed by a replay: not judged
-        closed_at = end + hour.close_delay_seconds if hour.closed else now
-        hour.overdue = closed_at - start > close_deadline_seconds
-
-
-def _audit_type(layout: Layout) -> TypeAudit:
-    event_type, output_root, window_seconds = layout.event_type, layout.delivered, layout.window_seconds
-    audit = TypeAudit(event_type)
-    for partition, paths in _partition_files(output_root, event_type).items():
-        hour = audit.hour(partition)
-        counts = {}
-        for path in paths:
-            if posixpath.basename(path) == partitions.SUCCESS_MARKER:
-                continue
-            records = _read(files.read_avro, path)
-            counts[path] = len(records)
-            hour.delivered += len(records)
-            hour.delivered_ids.extend(record["event_id"] for record in records)
-            _check_in_hour(audit, partition, records, window_seconds, "delivered")
-        if len(set(hour.delivered_ids)) != len(hour.delivered_ids):
-            audit.problems.append(f"delivered {partition}: duplicate event ids")
-        marker = partitions.join(output_root, event_type, partition, partitions.SUCCESS_MARKER)
-        if files.exists(marker):
-            hour.closed = True
-            manifest = _read(files.read_json, marker)
-            if not manifest.get("replayed"):  # a backfill's close time says nothing about timeliness
-                hour_end = partitions.partition_bounds(partition, window_seconds)[1] / 1000
-                hour.close_delay_seconds = files.updated_seconds(marker) - hour_end
-            hour.duplicates = manifest["accounting"]["duplicates"]
-            listed = {entry["path"]: entry["records"] for entry in manifest["files"]}
-            if listed != counts:
-                audit.problems.append(f"delivered {partition}: _SUCCESS lists other files or counts than the folder")
-            if manifest["accounting"]["delivered"] != hour.delivered:
-                audit.problems.append(f"delivered {partition}: _SUCCESS delivered count differs from the files")
-    for partition, paths in _partition_files(layout.staging, event_type, "*.avro").items():
-        audit.hour(partition).staged += sum(_read(files.count_avro_records, path) for path in paths)
-    for partition, paths in _partition_files(layout.late, event_type, "*.avro").items():
-        for path in paths:
-            records = _read(files.read_avro, path)
-            audit.hour(partition).late += len(records)
-            _check_in_hour(audit, partition, records, window_seconds, "late")
-    for partition, paths in _partition_files(layout.late, event_type, partitions.LATE_DUPLICATES_PATTERN).items():
-        audit.hour(partition).duplicates += sum(_read(files.read_json, path)["duplicates"] for path in paths)
-    for partition, paths in _partition_files(layout.dead_letter, event_type).items():
-        hour = audit.hour(partition)
-        for path in paths:
-            records = _read(files.read_avro, path)
-            hour.dead_lettered += len(records)
-            hour.dead_letter_kinds.update(record["error_kind"].lower() for record in records)
-    if layout.audit is not None:
-        for partition, paths in _partition_files(layout.audit, event_type, partitions.AUDIT_COUNTS).items():
-            hour = audit.hour(partition)
-            counted = _read(files.read_json, paths[0])
-            hour.published, hour.distinct_ids = counted["published"], counted["distinct_ids"]
-            hour.counts_source = counted["source"]
-    return audit
-
+from event_delivery.ops.audit_model import HourAudit, TypeAudit
+from event_delivery.ops.audit_scan import audit_type
 
 COLUMNS = (
     ("type", None),
@@ -335,10 +131,8 @@ def main(argv=None) -> int:
     use_emulator_credentials()
     audits = []
     for name in args.event_type or sorted(registry):
-        deadline = None
-        if args.allowed_lateness_seconds is not None:
-            deadline = args.window_seconds + args.allowed_lateness_seconds + registry[name].tier.close_margin_seconds
-        audits.append(audit_type(Layout.under(root, name, args.window_seconds), close_deadline_seconds=deadline))
+        layout = Layout.under(root, name, args.window_seconds)
+        audits.append(audit_type(layout, allowed_lateness_seconds=args.allowed_lateness_seconds))
     if args.json:
         print(json.dumps({audit.event_type: _document(audit) for audit in audits}, indent=2, sort_keys=True))
     else:

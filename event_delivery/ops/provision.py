@@ -37,10 +37,9 @@ def provision_type(project: str, event_type: EventType, publisher, subscriber) -
 
 def audit_subscription(project: str, event_type: EventType, publisher, subscriber) -> tuple[str, str, str | None]:
     """``(subscription, topic, filter)`` that the type's auditor reads, by its tier's audit source."""
+    subscription = subscriber.subscription_path(project, counts.auditor_subscription(event_type))
     if event_type.tier.audit_source == AUDIT_SUBSCRIPTION:
-        subscription = subscriber.subscription_path(project, event_type.audit_subscription)
         return subscription, publisher.topic_path(project, event_type.topic), None
-    subscription = subscriber.subscription_path(project, counts.counts_subscription(event_type))
     return subscription, publisher.topic_path(project, counts.COUNTS_TOPIC), counts.counts_filter(event_type)
 
 
@@ -136,9 +135,9 @@ def main(argv=None) -> int:
         print(f"error: provisioning failed: {error.message}", file=sys.stderr)
         return 2
     for event_type in types:
-        audit = event_type.audit_subscription
+        audit = counts.auditor_subscription(event_type)
         if event_type.tier.audit_source != AUDIT_SUBSCRIPTION:
-            audit = f"{counts.counts_subscription(event_type)} (of {counts.COUNTS_TOPIC})"
+            audit += f" (of {counts.COUNTS_TOPIC})"
         print(f"{event_type.name:16} topic {event_type.topic}, subscriptions {event_type.subscription}, {audit}")
     if args.bucket:
         print(f"bucket gs://{args.bucket}")
