@@ -137,6 +137,47 @@ def test_an_hour_the_late_path_cannot_check_is_written_late_and_counted(tmp_path
     assert "was not checked against its hour's index" in caplog.text
 
 
+def test_a_retry_that_drops_what_its_lost_try_wrote_unchecked_leaves_no_file_of_it(tmp_path, registry):
+    """The first try cannot read the index (a transient error) and writes a delivered id late
+    unchecked; its commit is lost. The retry reads the index and drops the id: the first try's file
+    must go, or the id is both delivered and late."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
+    manifest = close_an_hour(settings, registry, delivered)
+    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")[0]
+    readable = files.read_json(index)
+    with open(index, "w") as broken:
+        broken.write("{not json")
+    fn, number = WriteLatePaneFn(settings), Number()
+    fn.setup()
+    first = write_late(fn, number, registry, 0, "", delivered[0][:1], commit=False)
+    files.write_json(index, readable)
+    retried = write_late(fn, number, registry, 0, "", delivered[0][:1])
+
+    assert [r[0] for r in first] == [LATE] and [(kind, n) for kind, n, _ in retried] == [(DUPLICATES, 1)]
+    everywhere = delivered_ids(manifest) + late_ids(settings.layout)
+    assert late_ids(settings.layout) == [] and sorted(everywhere) == sorted({*everywhere}), "each id once"
+
+
+def test_a_retry_that_takes_its_panes_in_another_order_loses_no_first_copy(tmp_path, registry):
+    """A retried work item may process its panes in another order: the first try's files, whose
+    commit was lost, are no earlier copies (the retry rewrites their names), so no id is dropped
+    against a file that is then overwritten."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    close_an_hour(settings, registry, {0: ids_of_shard(0, 1, "d"), 1: []})
+    x, y, z = ids_of_shard(0, 3, "x")
+    fn, number = WriteLatePaneFn(settings), Number()
+    fn.setup()
+    for pane in ([x], [y]):  # the first try writes l0 = {x}, l1 = {y} ...
+        write_late(fn, number, registry, 0, "", pane, commit=False)
+        number.value = number.pending
+    number.value = number.pending = None  # ... and its commit is lost
+    for pane in ([y], [x], [z]):  # the retry, in another order, then a new pane
+        write_late(fn, number, registry, 0, "", pane)
+
+    assert sorted(late_ids(settings.layout)) == sorted([x, y, z]), "every id late once"
+
+
 def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, registry, monkeypatch):
     """The index of a shard is split so that a bucket holds at most ``IDS_PER_BUCKET`` ids: what a late
     pane reads is bounded by its own ids, not by the hour."""

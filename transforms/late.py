@@ -10,11 +10,13 @@ second hash: a late pane reads only the buckets its own ids fall in, never the h
 ``WriteLatePanes`` keys late panes by (hour, shard) alone, so one key's work, a pane at a
 time, reads the index and the late files that earlier panes of its shard wrote, and
 drops the ids found there as duplicates (an hour report, so the hour's accounting stays
-``in = delivered + duplicates + late + dead-lettered``). A retried bundle rewrites the
-file it wrote before under the same name, and does not count its own file as an earlier
-copy. A pane that cannot read what it should (no marker yet: the close is still
-publishing; an index missing or unreadable) is written as it is and counted
-(``late_panes_unchecked``): the index is a way to drop repeats, never a reason to stall.
+``in = delivered + duplicates + late + dead-lettered``). A retried work item rewrites the
+files it wrote before under the same numbers, perhaps for panes in another order: files of
+this key numbered at or past the number state kept are no earlier copies, and a pane that
+keeps nothing deletes the file a lost try may have written under its number. A pane that
+cannot read what it should (no marker yet: the close is still publishing; an index missing
+or unreadable) is written as it is and counted (``late_panes_unchecked``): the index is a
+way to drop repeats, never a reason to stall.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import re
 import zlib
 
 import apache_beam as beam
@@ -123,8 +126,7 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         if not events:
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
-        own = partitions.join(self._folder(window), self._name(shard, writer, current))
-        held = self._held_by_the_hour(window, shard, {e[0] for e in events}, own)
+        held = self._held_by_the_hour(window, shard, {e[0] for e in events}, current)
         kept = [e for e in events if e[0] not in held]
         if len(kept) < len(events):
             self.duplicates.inc(len(events) - len(kept))
@@ -132,8 +134,18 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         if kept:
             number.write(current + 1)
             yield from self.write(((shard, writer), kept), window, current)
+        else:  # an earlier try of this pane may have written it unchecked: its commit was lost, so is its file
+            self._delete_uncommitted(partitions.join(self._folder(window), self._name(shard, writer, current)))
 
-    def _held_by_the_hour(self, window, shard: int, event_ids: set[str], own: str) -> set[str]:
+    def _uncommitted(self, path: str, current: int) -> bool:
+        """Whether ``path`` is one of this key's files from a try whose commit was lost: numbered at or past
+        the number state kept. It is no earlier copy: the retry may take its panes in another order, and
+        rewrites those names."""
+        prefix = re.escape(f"{self.layout.event_type}-{self.run_id}-{partitions.LATE_SERIES}")
+        written = re.match(rf"{prefix}(\d+)-s", posixpath.basename(path))
+        return bool(written) and int(written.group(1)) >= current
+
+    def _held_by_the_hour(self, window, shard: int, event_ids: set[str], current: int) -> set[str]:
         hour_start = bucket_start_seconds(window)
         held = set()
         try:
@@ -142,11 +154,17 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
             self._count_unchecked("its hour's index", error)
         try:
             for path in partitions.late_files_of_shard(self._folder(window), self.layout.event_type, shard):
-                if path != own:
+                if not self._uncommitted(path, current):
                     held |= event_ids.intersection(files.read_event_ids(path))
         except Exception as error:  # noqa: BLE001 - as above
             self._count_unchecked("the late files of its shard", error)
         return held
+
+    def _delete_uncommitted(self, path: str) -> None:
+        try:
+            files.delete_existing([path])
+        except Exception as error:  # noqa: BLE001 - a stray late copy is no reason to fail a bundle for good
+            _LOG.warning("a late file of a lost commit, %s, could not be deleted (%s)", path, type(error).__name__)
 
     def _count_unchecked(self, what: str, error: Exception) -> None:
         self.unchecked.inc()
