@@ -196,6 +196,22 @@ def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, regi
     assert len(read) == 1 and read[0].endswith(f"-b{index_bucket(delivered[0][7], SHARDS, 10):05d}-of00010.json")
 
 
+def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_counted(tmp_path, registry, caplog):
+    """A job redeployed (or a redrive) with another ``num_shards`` puts an id in another shard, whose
+    index files it would read in vain: the index names its shard count, and a mismatch is unchecked."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 20, "d"), 1: []}
+    close_an_hour(settings, registry, delivered)
+    more_shards = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS + 1)
+    fn = WriteLatePaneFn(more_shards)
+    fn.setup()
+    moved = [i for i in delivered[0] if shard_of(i, SHARDS + 1) == 1]
+    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
+        outputs = write_late(fn, Number(), registry, 1, "", moved)
+    assert [(kind, n) for kind, n, _ in outputs] == [(LATE, len(moved))]
+    assert f"split into other shards than {SHARDS + 1}" in caplog.text, "counted as unchecked, not taken as new"
+
+
 @pytest.fixture
 def stream_settings(tmp_path, registry):
     return local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=3)

@@ -80,23 +80,27 @@ def write_index(task: dict) -> None:
         for event_id in files.read_event_ids(source):
             split[index_bucket(event_id, num_shards, buckets)].add(event_id)
     for bucket, ids in enumerate(split):
-        path = partitions.join(task["folder"], partitions.id_index_name(shard, bucket, buckets))
+        path = partitions.join(task["folder"], partitions.id_index_name(shard, bucket, buckets, num_shards))
         files.write_json(path, sorted(ids))
 
 
 def indexed_ids(layout: Layout, hour_start: int, shard: int, event_ids: set[str], num_shards: int) -> set[str]:
     """Those of ``event_ids`` (all of ``shard``) that the closed hour's index holds. Raises
-    ``LookupError`` when there is no complete index to ask: the hour has no marker yet, or none was left."""
+    ``LookupError`` when there is no complete index to ask: the hour has no marker yet, none was left, or
+    it was split into another number of shards than ``num_shards`` (a job redeployed with another count)."""
     if not files.exists(layout.marker(hour_start)):
         raise LookupError("the hour has no marker yet")
     folder = layout.hour(layout.id_index, hour_start)
     written = files.glob(partitions.join(folder, partitions.id_index_pattern(shard)))
     if not written:
         raise LookupError("the hour has no index of its ids")
-    buckets = int(posixpath.basename(written[0]).rsplit("-of", 1)[1].split(".")[0])
+    shape = partitions.id_index_shape(written[0])
+    if shape is None or shape[0] != num_shards:
+        raise LookupError(f"the hour's index was split into other shards than {num_shards}")
+    buckets = shape[1]
     found = set()
     for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
-        ids = files.read_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets)))
+        ids = files.read_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards)))
         found |= event_ids.intersection(ids)
     return found
 

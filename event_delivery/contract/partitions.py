@@ -132,13 +132,21 @@ def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
 LATE_DUPLICATES_PATTERN = "_duplicates-*.json"
 
 
-def id_index_name(shard: int, bucket: int, buckets: int) -> str:
-    """One bucket of a closed hour's ids in one shard; the name says how many buckets the shard has."""
-    return f"s{shard:03d}-b{bucket:05d}-of{buckets:05d}.json"
+def id_index_name(shard: int, bucket: int, buckets: int, num_shards: int) -> str:
+    """One bucket of a closed hour's ids in one shard; the name says how many buckets the shard has, and how
+    many shards the ids were split into (a job with another count reads other shards)."""
+    return f"s{shard:03d}-n{num_shards:03d}-b{bucket:05d}-of{buckets:05d}.json"
 
 
 def id_index_pattern(shard: int) -> str:
-    return f"s{shard:03d}-b*-of*.json"
+    return f"s{shard:03d}-*.json"
+
+
+def id_index_shape(path: str) -> tuple[int, int] | None:
+    """``(num_shards, buckets)`` from an index file's name (see ``id_index_name``), None for a name
+    without them (an index written before names held the shard count)."""
+    named = re.search(r"-n(\d+)-b\d+-of(\d+)\.json$", path)
+    return (int(named.group(1)), int(named.group(2))) if named else None
 
 
 def late_files_of_shard(folder: str, event_type: str, shard: int) -> list[str]:
