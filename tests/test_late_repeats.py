@@ -9,7 +9,9 @@ come from several writers, and an index that cannot be read never fails a bundle
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 
 import pytest
 from apache_beam.transforms.window import IntervalWindow
@@ -194,6 +196,31 @@ def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, regi
     outputs = write_late(fn, Number(), registry, 0, "w1", [delivered[0][7]])
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1)]
     assert len(read) == 1 and read[0].endswith(f"-b{index_bucket(delivered[0][7], SHARDS, 10):05d}-of00010.json")
+
+
+def test_the_close_emits_each_staged_file_once_however_many_index_tasks_it_emits(tmp_path, registry):
+    """The close emits its parts and index tasks in one commit, under Dataflow's ~80 MB limit: an index
+    task names no files (it reads them from the saved plan), so the commit does not double with them."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
+    delivered = {shard: ids_of_shard(shard, 40, "d") for shard in range(SHARDS)}
+    reports = []
+    for shard, ids in delivered.items():
+        for number, event_id in enumerate(ids):  # a file per event: many files per shard
+            name = partitions.pane_file_name("service_log", settings.run_id, number, shard, "w1")
+            path = partitions.join(layout.hour(layout.staging, START), name)
+            files.write_avro(path, schema, [event_record(event(registry, event_id))], files.UNCOMPRESSED)
+            reports.append(report(DELIVERED, 1, path))
+    plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 1, SHARDS)
+    emitted = json.dumps(publish.to_write(plan))
+    assert all(emitted.count(posixpath.basename(path)) == 1 for _, _, path in reports), "each file named once"
+    for task in publish.to_write(plan):
+        publish.write_part(layout, START, task)
+    publish.finish_hour(layout, START)
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    outputs = write_late(fn, Number(), registry, 1, "", delivered[1])
+    assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 40)], "the index holds the shard's ids"
 
 
 def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_counted(tmp_path, registry, caplog):

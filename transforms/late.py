@@ -46,23 +46,18 @@ def index_bucket(event_id: str, num_shards: int, buckets: int) -> int:
     return zlib.crc32(event_id.encode("utf-8")) // num_shards % buckets
 
 
-def index_tasks(layout: Layout, hour_start: int, staged: dict[str, int], num_shards: int) -> list[dict]:
-    """One task per shard, ``{"index_of_shard", "sources", "buckets", "num_shards", "folder"}``, to write the ids of the
-    hour's staged files (path -> records) of that shard. Every shard gets one, also with no files (an
-    empty bucket), so that a missing index means one that could not be written, not an empty shard."""
-    by_shard: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
-    for path in sorted(staged):
-        by_shard[partitions.shard_of_file(path)].append(path)
-    folder = layout.hour(layout.id_index, hour_start)
+def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
+    """One task per shard, ``{"index_of_shard", "buckets", "num_shards"}``, to write the ids of the hour's
+    staged files (path -> records) of that shard. A task names no files: the close emits its parts and
+    these in one commit, so the shard's files are read from the saved plan (``write_index``). Every
+    shard gets one, also with no files (an empty bucket), so that a missing index means one that could
+    not be written, not an empty shard."""
+    records = dict.fromkeys(range(num_shards), 0)
+    for path, count in staged.items():
+        records[partitions.shard_of_file(path)] += count
     return [
-        {
-            "index_of_shard": shard,
-            "sources": sources,
-            "buckets": max(1, math.ceil(sum(staged[s] for s in sources) / IDS_PER_BUCKET)),
-            "num_shards": num_shards,
-            "folder": folder,
-        }
-        for shard, sources in by_shard.items()
+        {"index_of_shard": shard, "buckets": max(1, math.ceil(count / IDS_PER_BUCKET)), "num_shards": num_shards}
+        for shard, count in records.items()
     ]
 
 
@@ -70,17 +65,19 @@ def is_index_task(task: dict) -> bool:
     return "index_of_shard" in task
 
 
-def write_index(task: dict) -> None:
-    """The buckets of one shard's ids, each a sorted JSON list, under fixed names: a retry rewrites them.
+def write_index(folder: str, task: dict, staged: list[str]) -> None:
+    """The buckets of one shard's ids in the hour's ``staged`` files (those of the plan), each a sorted JSON
+    list in ``folder``, under fixed names: a retry rewrites them.
 
     It holds the shard's ids of the hour in memory: see docs/dataflow.md for the bound."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
     split: list[set[str]] = [set() for _ in range(buckets)]
-    for source in task["sources"]:
-        for event_id in files.read_event_ids(source):
-            split[index_bucket(event_id, num_shards, buckets)].add(event_id)
+    for source in staged:
+        if partitions.shard_of_file(source) == shard:
+            for event_id in files.read_event_ids(source):
+                split[index_bucket(event_id, num_shards, buckets)].add(event_id)
     for bucket, ids in enumerate(split):
-        path = partitions.join(task["folder"], partitions.id_index_name(shard, bucket, buckets, num_shards))
+        path = partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards))
         files.write_json(path, sorted(ids))
 
 

@@ -141,7 +141,7 @@ def plan_hour(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
     )
     counted = [[kind, records] for kind, records, path in collected if kind in COUNTED_WITHOUT_A_FILE]
-    index = [] if num_shards is None else index_tasks(layout, hour_start, {p: staged[p][0] for p in staged}, num_shards)
+    index = [] if num_shards is None else index_tasks({p: staged[p][0] for p in staged}, num_shards)
     plan = {"manifest": manifest, "parts": parts, "counted": counted, "index": index}
     files.write_json(saved, plan)
     return plan
@@ -189,8 +189,9 @@ def write_part(layout: Layout, hour_start: int, part: dict) -> None:
     written record by record, without them; any other is copied block by block."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    if is_index_task(part):
-        write_index(part)
+    if is_index_task(part):  # it names no files, to keep the close's commit small: the saved plan does
+        planned = files.read_json(plan_path(layout, hour_start))["parts"]
+        write_index(layout.hour(layout.id_index, hour_start), part, [s for p in planned for s in p["sources"]])
     elif part.get("left_out"):
         files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]))
     else:
