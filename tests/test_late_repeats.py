@@ -223,6 +223,28 @@ def test_the_close_emits_each_staged_file_once_however_many_index_tasks_it_emits
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 40)], "the index holds the shard's ids"
 
 
+def test_a_shard_with_more_ids_than_an_index_task_holds_is_skipped_and_its_late_panes_counted(
+    tmp_path, registry, monkeypatch, caplog
+):
+    """An index task holds its shard's ids in memory; past ``MAX_INDEXED_IDS`` it would run out of it, be
+    retried for good, and the marker would wait. Such a shard, told from the plan's counts, is skipped:
+    none of its ids is read, and its late panes are written unchecked, counted; other shards are indexed."""
+    monkeypatch.setattr(late_path, "MAX_INDEXED_IDS", 4)
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 5, "d"), 1: ids_of_shard(1, 4, "d")}
+    read, read_event_ids = [], files.read_event_ids
+    monkeypatch.setattr(late_path.files, "read_event_ids", lambda path: read.append(path) or read_event_ids(path))
+    close_an_hour(settings, registry, delivered)
+    assert [partitions.shard_of_file(path) for path in read] == [1], "the skipped shard's ids are never read"
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
+        skipped = write_late(fn, Number(), registry, 0, "", delivered[0][:2])
+    indexed = write_late(fn, Number(), registry, 1, "", delivered[1][:2])
+    assert [(kind, n) for kind, n, _ in skipped] == [(LATE, 2)] and "more ids than its index may" in caplog.text
+    assert [(kind, n) for kind, n, _ in indexed] == [(DUPLICATES, 2)]
+
+
 def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_counted(tmp_path, registry, caplog):
     """A job redeployed (or a redrive) with another ``num_shards`` puts an id in another shard, whose
     index files it would read in vain: the index names its shard count, and a mismatch is unchecked."""

@@ -39,6 +39,10 @@ from transforms.write import WRITE_FAILED, WriteNumberedPaneFn
 
 _LOG = logging.getLogger(__name__)
 IDS_PER_BUCKET = 200_000  # ~8 MB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
+# The most ids of a shard-hour that one index task holds in memory (~100 B each in Python: ~200 MB). A
+# shard with more is skipped, decided from the plan's counts, so that every retry agrees: on Dataflow a
+# task that runs out of memory is retried for good, and the hour's marker waits for it.
+MAX_INDEXED_IDS = 2_000_000
 
 
 def index_bucket(event_id: str, num_shards: int, buckets: int) -> int:
@@ -51,14 +55,18 @@ def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
     staged files (path -> records) of that shard. A task names no files: the close emits its parts and
     these in one commit, so the shard's files are read from the saved plan (``write_index``). Every
     shard gets one, also with no files (an empty bucket), so that a missing index means one that could
-    not be written, not an empty shard."""
+    not be written, not an empty shard; one of more than ``MAX_INDEXED_IDS`` has 0 buckets: skipped."""
     records = dict.fromkeys(range(num_shards), 0)
     for path, count in staged.items():
         records[partitions.shard_of_file(path)] += count
     return [
-        {"index_of_shard": shard, "buckets": max(1, math.ceil(count / IDS_PER_BUCKET)), "num_shards": num_shards}
+        {"index_of_shard": shard, "buckets": _buckets(count), "num_shards": num_shards}
         for shard, count in records.items()
     ]
+
+
+def _buckets(records: int) -> int:
+    return 0 if records > MAX_INDEXED_IDS else max(1, math.ceil(records / IDS_PER_BUCKET))
 
 
 def is_index_task(task: dict) -> bool:
@@ -69,8 +77,13 @@ def write_index(folder: str, task: dict, staged: list[str]) -> None:
     """The buckets of one shard's ids in the hour's ``staged`` files (those of the plan), each a sorted JSON
     list in ``folder``, under fixed names: a retry rewrites them.
 
-    It holds the shard's ids of the hour in memory: see docs/dataflow.md for the bound."""
+    It holds the shard's ids of the hour in memory, at most ``MAX_INDEXED_IDS``: a task of a shard with
+    more (0 buckets) writes a sentinel instead, and its late panes are written unchecked, counted."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
+    if not buckets:
+        files.write_json(partitions.join(folder, partitions.id_index_skipped_name(shard, num_shards)), {})
+        beam.metrics.Metrics.counter(slo.NAMESPACE, "index_shards_skipped").inc()  # per try: see docs/dataflow.md
+        return
     split: list[set[str]] = [set() for _ in range(buckets)]
     for source in staged:
         if partitions.shard_of_file(source) == shard:
@@ -95,6 +108,8 @@ def indexed_ids(layout: Layout, hour_start: int, shard: int, event_ids: set[str]
     if shape is None or shape[0] != num_shards:
         raise LookupError(f"the hour's index was split into other shards than {num_shards}")
     buckets = shape[1]
+    if not buckets:
+        raise LookupError("the shard held more ids than its index may")
     found = set()
     for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
         ids = files.read_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards)))

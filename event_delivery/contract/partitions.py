@@ -138,15 +138,20 @@ def id_index_name(shard: int, bucket: int, buckets: int, num_shards: int) -> str
     return f"s{shard:03d}-n{num_shards:03d}-b{bucket:05d}-of{buckets:05d}.json"
 
 
+def id_index_skipped_name(shard: int, num_shards: int) -> str:
+    """In place of a shard's buckets: the shard held more ids than one task may (see ``transforms.late``)."""
+    return f"s{shard:03d}-n{num_shards:03d}-skipped.json"
+
+
 def id_index_pattern(shard: int) -> str:
     return f"s{shard:03d}-*.json"
 
 
 def id_index_shape(path: str) -> tuple[int, int] | None:
-    """``(num_shards, buckets)`` from an index file's name (see ``id_index_name``), None for a name
-    without them (an index written before names held the shard count)."""
-    named = re.search(r"-n(\d+)-b\d+-of(\d+)\.json$", path)
-    return (int(named.group(1)), int(named.group(2))) if named else None
+    """``(num_shards, buckets)`` from an index file's name (see ``id_index_name``), 0 buckets for a
+    skipped shard; None for a name without them (written before names held the shard count)."""
+    named = re.search(r"-n(\d+)-(?:b\d+-of(\d+)|skipped)\.json$", path)
+    return (int(named.group(1)), int(named.group(2) or 0)) if named else None
 
 
 def late_files_of_shard(folder: str, event_type: str, shard: int) -> list[str]:
