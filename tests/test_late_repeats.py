@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 
 import pytest
@@ -259,6 +260,45 @@ def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_
         outputs = write_late(fn, Number(), registry, 1, "", moved)
     assert [(kind, n) for kind, n, _ in outputs] == [(LATE, len(moved))]
     assert f"split into other shards than {SHARDS + 1}" in caplog.text, "counted as unchecked, not taken as new"
+
+
+def test_what_a_late_pane_reads_is_bounded_by_its_budget_not_by_the_hour_or_the_late_burst(
+    tmp_path, registry, monkeypatch, caplog
+):
+    """A burst of late panes for one shard-hour: each pane reads at most ``READ_BUDGET_BYTES`` of the index
+    and the late files (else the reads grow with the burst, and ``CloseHour``, which hears of each late
+    file, holds the watermark); what the budget does not reach is written unchecked, counted."""
+    monkeypatch.setattr(late_path, "IDS_PER_BUCKET", 10)
+    monkeypatch.setattr(late_path, "READ_BUDGET_BYTES", 8_000)
+    monkeypatch.setattr(late_path, "MIN_READ_BYTES", 0)
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 95, "d")}
+    close_an_hour(settings, registry, delivered)
+    read = []
+    for name in ("read_json", "read_event_ids"):
+        real = getattr(files, name)
+        monkeypatch.setattr(
+            late_path.files, name, lambda path, real=real: read.append(os.path.getsize(path)) or real(path)
+        )
+    fn, number = WriteLatePaneFn(settings), Number()
+    fn.setup()
+
+    first = write_late(fn, number, registry, 0, "", delivered[0][:1])
+    read_per_pane = [sum(read)]
+    stragglers = ids_of_shard(0, 20, "x")
+    for straggler in stragglers:  # a burst: each pane one new id, one more late file
+        read.clear()
+        write_late(fn, number, registry, 0, "", [straggler])
+        read_per_pane.append(sum(read))
+    read.clear()
+    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
+        last = write_late(fn, number, registry, 0, "", stragglers)  # all again: each in a late file
+    read_per_pane.append(sum(read))
+
+    assert [(kind, n) for kind, n, _ in first] == [(DUPLICATES, 1)], "within the budget, checked"
+    assert max(read_per_pane) <= 8_000, "no pane reads past its budget"
+    dropped = sum(n for kind, n, _ in last if kind == DUPLICATES)
+    assert 0 < dropped < 20 and "past its 8000 bytes to read" in caplog.text, "the rest unchecked, counted"
 
 
 @pytest.fixture

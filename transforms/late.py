@@ -38,7 +38,13 @@ from transforms.reports import DUPLICATES, LATE, report
 from transforms.write import WRITE_FAILED, WriteNumberedPaneFn
 
 _LOG = logging.getLogger(__name__)
-IDS_PER_BUCKET = 200_000  # ~8 MB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
+IDS_PER_BUCKET = 10_000  # ~400 KB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
+# What one late pane may read of the index and of its shard's late files; past it, the rest of the pane
+# is written unchecked (counted), so that a late burst, whose panes ``CloseHour`` hears of, never holds the
+# watermark with reads that grow with the hour. A read counts as at least ``MIN_READ_BYTES`` (its round
+# trip), which bounds the number of reads too: 64.
+READ_BUDGET_BYTES = 16 * 1024 * 1024
+MIN_READ_BYTES = 256 * 1024
 # The most ids of a shard-hour that one index task holds in memory (~100 B each in Python: ~200 MB). A
 # shard with more is skipped, decided from the plan's counts, so that every retry agrees: on Dataflow a
 # task that runs out of memory is retried for good, and the hour's marker waits for it.
@@ -94,17 +100,32 @@ def write_index(folder: str, task: dict, staged: list[str]) -> None:
         files.write_json(path, sorted(ids))
 
 
-def indexed_ids(layout: Layout, hour_start: int, shard: int, event_ids: set[str], num_shards: int) -> set[str]:
-    """Those of ``event_ids`` (all of ``shard``) that the closed hour's index holds. Raises
-    ``LookupError`` when there is no complete index to ask: the hour has no marker yet, none was left, or
-    it was split into another number of shards than ``num_shards`` (a job redeployed with another count)."""
+class ReadBudget:
+    """What a late pane may still read, in bytes (``READ_BUDGET_BYTES``); ``spent`` once a read was refused."""
+
+    def __init__(self):
+        self.left, self.spent = READ_BUDGET_BYTES, False
+
+    def allows(self, size: int) -> bool:
+        cost = max(size, MIN_READ_BYTES)
+        self.spent = self.spent or cost > self.left
+        self.left -= 0 if self.spent else cost
+        return not self.spent
+
+
+def indexed_ids(
+    layout: Layout, hour_start: int, shard: int, event_ids: set[str], num_shards: int, budget: ReadBudget
+) -> set[str]:
+    """Those of ``event_ids`` (all of ``shard``) that the closed hour's index holds, as far as ``budget``
+    reads. Raises ``LookupError`` when there is no complete index to ask: the hour has no marker yet, none
+    was left, or it was split into another number of shards than ``num_shards`` (another deployment's)."""
     if not files.exists(layout.marker(hour_start)):
         raise LookupError("the hour has no marker yet")
     folder = layout.hour(layout.id_index, hour_start)
-    written = files.glob(partitions.join(folder, partitions.id_index_pattern(shard)))
+    written = files.sizes(partitions.join(folder, partitions.id_index_pattern(shard)))
     if not written:
         raise LookupError("the hour has no index of its ids")
-    shape = partitions.id_index_shape(written[0])
+    shape = partitions.id_index_shape(min(written))
     if shape is None or shape[0] != num_shards:
         raise LookupError(f"the hour's index was split into other shards than {num_shards}")
     buckets = shape[1]
@@ -112,8 +133,10 @@ def indexed_ids(layout: Layout, hour_start: int, shard: int, event_ids: set[str]
         raise LookupError("the shard held more ids than its index may")
     found = set()
     for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
-        ids = files.read_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards)))
-        found |= event_ids.intersection(ids)
+        path = partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards))
+        if not budget.allows(written.get(path, 0)):
+            break
+        found |= event_ids.intersection(files.read_json(path))
     return found
 
 
@@ -162,18 +185,21 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         return bool(written) and int(written.group(1)) >= current
 
     def _held_by_the_hour(self, window, shard: int, event_ids: set[str], current: int) -> set[str]:
-        hour_start = bucket_start_seconds(window)
+        hour_start, budget = bucket_start_seconds(window), ReadBudget()
         held = set()
         try:
-            held |= indexed_ids(self.layout, hour_start, shard, event_ids, self.num_shards)
+            held |= indexed_ids(self.layout, hour_start, shard, event_ids, self.num_shards, budget)
         except Exception as error:  # noqa: BLE001 - an index is never a reason to fail a bundle for good
             self._count_unchecked("its hour's index", error)
         try:
-            for path in partitions.late_files_of_shard(self._folder(window), self.layout.event_type, shard):
-                if not self._uncommitted(path, current):
+            late_files = partitions.late_files_of_shard(self._folder(window), self.layout.event_type, shard)
+            for path, size in sorted(late_files.items()):
+                if not self._uncommitted(path, current) and budget.allows(size):
                     held |= event_ids.intersection(files.read_event_ids(path))
         except Exception as error:  # noqa: BLE001 - as above
             self._count_unchecked("the late files of its shard", error)
+        if budget.spent:
+            self._count_unchecked("all it should", LookupError(f"past its {READ_BUDGET_BYTES} bytes to read"))
         return held
 
     def _delete_uncommitted(self, path: str) -> None:

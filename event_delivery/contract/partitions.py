@@ -154,14 +154,14 @@ def id_index_shape(path: str) -> tuple[int, int] | None:
     return (int(named.group(1)), int(named.group(2) or 0)) if named else None
 
 
-def late_files_of_shard(folder: str, event_type: str, shard: int) -> list[str]:
-    """The late files in an hour's ``folder`` that hold ids of ``shard``: written late, or staged and moved
-    there, by any run and writer."""
-    return [
-        path
+def late_files_of_shard(folder: str, event_type: str, shard: int) -> dict[str, int]:
+    """The late files in an hour's ``folder`` that hold ids of ``shard``, with their sizes: written late, or
+    staged and moved there, by any run and writer."""
+    return {
+        path: size
         for part in (f"s{shard:03d}", f"s{shard:03d}-w*")
-        for path in files.glob(join(folder, f"{event_type}-*-{part}.avro"))
-    ]
+        for path, size in files.sizes(join(folder, f"{event_type}-*-{part}.avro")).items()
+    }
 
 
 def late_duplicates(layout: Layout, window_start_seconds: float) -> int:
