@@ -23,10 +23,11 @@ from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms import id_index, publish
 from transforms import late as late_path
-from transforms import publish
 from transforms.hours import shard_of
-from transforms.late import WriteLatePaneFn, index_bucket
+from transforms.id_index import index_bucket
+from transforms.late import WriteLatePaneFn
 from transforms.reports import DELIVERED, DUPLICATES, LATE, report
 from transforms.write import event_record
 
@@ -184,7 +185,7 @@ def test_a_retry_that_takes_its_panes_in_another_order_loses_no_first_copy(tmp_p
 def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, registry, monkeypatch):
     """The index of a shard is split so that a bucket holds at most ``IDS_PER_BUCKET`` ids: what a late
     pane reads is bounded by its own ids, not by the hour."""
-    monkeypatch.setattr(late_path, "IDS_PER_BUCKET", 10)
+    monkeypatch.setattr(id_index, "IDS_PER_BUCKET", 10)
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {0: ids_of_shard(0, 95, "d")}
     close_an_hour(settings, registry, delivered)
@@ -230,7 +231,7 @@ def test_a_shard_with_more_ids_than_an_index_task_holds_is_skipped_and_its_late_
     """An index task holds its shard's ids in memory; past ``MAX_INDEXED_IDS`` it would run out of it, be
     retried for good, and the marker would wait. Such a shard, told from the plan's counts, is skipped:
     none of its ids is read, and its late panes are written unchecked, counted; other shards are indexed."""
-    monkeypatch.setattr(late_path, "MAX_INDEXED_IDS", 4)
+    monkeypatch.setattr(id_index, "MAX_INDEXED_IDS", 4)
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {0: ids_of_shard(0, 5, "d"), 1: ids_of_shard(1, 4, "d")}
     read, read_event_ids = [], files.read_event_ids
@@ -268,9 +269,9 @@ def test_what_a_late_pane_reads_is_bounded_by_its_budget_not_by_the_hour_or_the_
     """A burst of late panes for one shard-hour: each pane reads at most ``READ_BUDGET_BYTES`` of the index
     and the late files (else the reads grow with the burst, and ``CloseHour``, which hears of each late
     file, holds the watermark); what the budget does not reach is written unchecked, counted."""
-    monkeypatch.setattr(late_path, "IDS_PER_BUCKET", 10)
-    monkeypatch.setattr(late_path, "READ_BUDGET_BYTES", 8_000)
-    monkeypatch.setattr(late_path, "MIN_READ_BYTES", 0)
+    monkeypatch.setattr(id_index, "IDS_PER_BUCKET", 10)
+    monkeypatch.setattr(id_index, "READ_BUDGET_BYTES", 8_000)
+    monkeypatch.setattr(id_index, "MIN_READ_BYTES", 0)
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {0: ids_of_shard(0, 95, "d")}
     close_an_hour(settings, registry, delivered)

@@ -37,7 +37,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
-from transforms.late import index_tasks, is_index_task, write_index
+from transforms.id_index import index_tasks, is_index_task, write_index
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
 
 _LOG = logging.getLogger(__name__)
