@@ -57,16 +57,16 @@ format: $(INSTALLED)  ## Apply ruff's fixes and formatting.
 	$(VENV)/bin/ruff format .
 
 demo: $(INSTALLED)  ## Every type end to end on fresh emulators (about 2 minutes); output in .demo/.
-	$(PY) -m event_delivery.local.demo
+	$(PY) -m tools.local.demo
 
 emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; writes $(STATE_DIR)/env.sh.
-	$(PY) -m event_delivery.local.emulators up --state_dir $(STATE_DIR)
+	$(PY) -m tools.local.emulators up --state_dir $(STATE_DIR)
 
 emulators-down:  ## Stop the emulators.
-	$(PY) -m event_delivery.local.emulators down --state_dir $(STATE_DIR)
+	$(PY) -m tools.local.emulators down --state_dir $(STATE_DIR)
 
 provision: $(INSTALLED)  ## Create every type's topic and subscription, the bucket (dead letters expire after 30 days) and its Dataflow temp bucket.
-	$(ENV) $(PY) -m event_delivery.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS)
+	$(ENV) $(PY) -m tools.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
@@ -76,10 +76,10 @@ run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1]
 
 load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
 	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.local.loadgen --project $(PROJECT) --event_type $(TYPE) $(ARGS)
+	$(ENV) $(PY) -m tools.local.loadgen --project $(PROJECT) --event_type $(TYPE) $(ARGS)
 
 audit: $(INSTALLED)  ## Count every message's outcome and check the output contract.
-	$(ENV) $(PY) -m event_delivery.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+	$(ENV) $(PY) -m tools.ops.audit --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),)
 
 auditor: $(INSTALLED)  ## Count what is published per type and hour, for make audit: make auditor [TYPE=play] [ARGS="--allowed_lateness_seconds 30"].
@@ -87,7 +87,7 @@ auditor: $(INSTALLED)  ## Count what is published per type and hour, for make au
 		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) $(ARGS)
 
 report: $(INSTALLED)  ## One offline HTML page of every type's hours against its SLOs: make report [TYPE=play] [OUTPUT=.demo/report.html].
-	$(ENV) $(PY) -m event_delivery.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
+	$(ENV) $(PY) -m tools.ops.report --storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(TYPE),--event_type $(TYPE),) --output $(or $(OUTPUT),.demo/report.html)
 
 # Forget's values can come from a data subject's request: make neither expands them nor pastes them
@@ -130,19 +130,19 @@ backfill: $(INSTALLED)  ## Re-deliver hours from the raw archive: make backfill 
 
 deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,)
 
 update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
-	$(ENV) $(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,)
 
 drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged for the next run): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
-	$(PY) -m event_delivery.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)
 
 monitoring: $(INSTALLED)  ## Alert policies and a dashboard per tier, from the registry, into Cloud Monitoring: make monitoring PROJECT=my-project [TIER=high] [CHANNELS="<channel names>"] [DRY_RUN=1].
-	$(PY) -m event_delivery.ops.monitoring --project $(PROJECT) $(if $(TIER),--tier $(TIER),) $(if $(DRY_RUN),--dry_run,) \
+	$(PY) -m tools.ops.monitoring --project $(PROJECT) $(if $(TIER),--tier $(TIER),) $(if $(DRY_RUN),--dry_run,) \
 		$(foreach channel,$(CHANNELS),--notification_channel $(channel))

@@ -11,8 +11,8 @@ setuptools.setup(
     version="0.1.0",
     description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "transforms"]),
-    package_data={"avro_schemas": ["*.avsc"], "event_delivery.ops": ["report.css"]},
+    packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "tools*", "transforms"]),
+    package_data={"avro_schemas": ["*.avsc"], "tools.ops": ["report.css"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
         "cryptography==50.0.2",

@@ -21,10 +21,10 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
 from event_delivery.keys.config import KeyConfig
-from event_delivery.local.emulators import running_emulators
-from event_delivery.local.jobs import start_job, stop_jobs
-from event_delivery.ops import provision
-from event_delivery.ops.producer import EventPublisher
+from event_delivery.producer import EventPublisher
+from tools.local.emulators import running_emulators
+from tools.local.jobs import start_job, stop_jobs
+from tools.ops import provision
 
 PROJECT, BUCKET, TYPE = "local-project", "event-delivery-bench", "play"
 WINDOW, LATENESS, TRIGGER = 10, 2, 1

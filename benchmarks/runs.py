@@ -29,9 +29,9 @@ from apache_beam.runners.portability.fn_api_runner import worker_handlers
 from benchmarks import floor, ledger, workload
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops import job_flags
 from pipelines.backfill import Backfill
 from pipelines.runtime import LOCAL_BATCH_RUNNER
+from tools.ops import job_flags
 from transforms.settings import DeliverySettings
 
 WORKLOADS = pathlib.Path(__file__).parent / ".workloads"

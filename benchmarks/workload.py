@@ -23,7 +23,7 @@ from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
 from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import encrypt_bytes
-from event_delivery.ops.producer import attributes_for
+from event_delivery.producer import attributes_for
 from transforms.archive import RAW, parsed_raw_archive_schema
 
 HOUR = 1_795_946_400  # 2026-11-29T10:00:00Z

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import fastavro
 from apache_beam.io.filesystems import FileSystems
 
-from event_delivery.local.loadgen import DEAD_LETTER
+from tools.local.loadgen import DEAD_LETTER
 
 ROOTS = {"delivered": "delivered", "late": "late", "dead_lettered": "dead-letter"}
 

@@ -15,7 +15,7 @@ from event_delivery.cloud import clients
 from event_delivery.contract import envelope
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
-from event_delivery.local.emulators import running_emulators
+from tools.local.emulators import running_emulators
 
 PROJECT = "local-project"
 
@@ -47,7 +47,7 @@ def drop_subscriptions_of(project: str, event_types) -> None:
     to them; provisioning makes them anew, empty."""
     from google.api_core import exceptions
 
-    from event_delivery.ops import provision
+    from tools.ops import provision
 
     publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
     for event_type in event_types:

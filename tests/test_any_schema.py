@@ -17,9 +17,9 @@ from event_delivery.cloud import files
 from event_delivery.contract.compatibility import check_backward_compatible
 from event_delivery.contract.registry import RegistryError, event_type_from_schema
 from event_delivery.contract.samples import fake_fields
-from event_delivery.local.loadgen import DELIVERED, TrafficMix, traffic
 from tests.streams import local_keys, local_settings
 from tests.test_gdpr import decrypted, deliver_events
+from tools.local.loadgen import DELIVERED, TrafficMix, traffic
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent / "schemas" / "listening_session.avsc").read_text())
 

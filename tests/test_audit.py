@@ -12,7 +12,7 @@ import fastavro
 from event_delivery.cloud import files
 from event_delivery.contract import counts, partitions, slo
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops import audit
+from tools.ops import audit
 
 HOUR = 1_795_946_400  # 2026-11-29T10:00:00Z
 SCHEMA = fastavro.parse_schema(

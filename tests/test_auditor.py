@@ -30,8 +30,7 @@ from event_delivery.cloud import clients, files
 from event_delivery.contract import counts, envelope, partitions, slo
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS, AUDIT_SUBSCRIPTION
-from event_delivery.ops import audit, provision
-from event_delivery.ops.producer import EventPublisher, PublishedCounts
+from event_delivery.producer import EventPublisher, PublishedCounts
 from pipelines.audit_checks import CheckLostFn, accounted_for
 from pipelines.audit_sources import HourCounts, LatestReportsFn
 from pipelines.auditor import AuditPublished, AuditType
@@ -41,6 +40,7 @@ from pipelines.flags import HourOptions
 from pipelines.options import DeliveryOptions
 from tests.conftest import PROJECT, drop_subscriptions_of, message, valid_fields
 from tests.streams import Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops import audit, provision
 from transforms.read import ReadMessages
 
 HOUR = 3600  # the TestStreams' first bucket: 1970-01-01T01:00:00Z

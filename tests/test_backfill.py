@@ -8,12 +8,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops.audit import audit_type
 from pipelines import backfill
 from pipelines.decrypt import decrypt_record
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 
 
 def live_run(root, event_type, keys):

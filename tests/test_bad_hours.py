@@ -22,8 +22,8 @@ from event_delivery.contract.dead_letters import ErrorKind, dead_letter, parsed_
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.slo import close_delay_budget_seconds
-from event_delivery.ops import audit, audit_scan, report
 from tests.conftest import valid_fields
+from tools.ops import audit, audit_scan, report
 from transforms import publish
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES
 from transforms.reports import report as hour_report

@@ -8,7 +8,7 @@ import pytest
 from benchmarks import floor, runs, workload
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import Layout
-from event_delivery.ops.audit import audit_type
+from tools.ops.audit import audit_type
 
 
 def _workload_hour(root, name: str):

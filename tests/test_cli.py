@@ -13,7 +13,7 @@ import pytest
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.config import open_keystore
 from event_delivery.keys.kek import LocalKeyFile
-from event_delivery.ops import provision
+from tools.ops import provision
 
 
 def run(*args):
@@ -68,17 +68,17 @@ def test_bad_flags_explain_themselves_in_one_line(args, complaint):
     "module, args, complaint",
     [
         (
-            "event_delivery.local.loadgen",
+            "tools.local.loadgen",
             ["--project", "p", "--event_type", "play", "--duplicates", "1.5"],
             "--duplicates must be a fraction between 0 and 1",
         ),
-        ("event_delivery.ops.provision", ["--event_type", "play"], "the following arguments are required: --project"),
+        ("tools.ops.provision", ["--event_type", "play"], "the following arguments are required: --project"),
         (
-            "event_delivery.ops.deploy",
+            "tools.ops.deploy",
             ["--project", "p", "--region", "r", "--bucket", "b"],
             "one of the arguments --event_type --tier is required",
         ),
-        ("event_delivery.ops.audit", [], "the following arguments are required: --storage_root"),
+        ("tools.ops.audit", [], "the following arguments are required: --storage_root"),
         (
             "pipelines.backfill",
             ["--event_type", "play", "--start", "2026-11-29T00", "--end", "2026-11-29T01"],
@@ -116,7 +116,7 @@ def test_tools_reject_bad_flags_with_exit_code_2(module, args, complaint):
 
 def test_drain_names_the_jobs_of_a_tier():
     result = run(
-        "event_delivery.ops.deploy",
+        "tools.ops.deploy",
         "--project",
         "p",
         "--region",
@@ -176,9 +176,9 @@ NO_CLOUD = "no {} emulator ({}_EMULATOR_HOST is not set) and no Google credentia
             ["--event_type", "play", "--project", "local-project", "--storage_root", "gs://b"],
             "Pub/Sub",
         ),
-        ("event_delivery.local.loadgen", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
-        ("event_delivery.ops.producer", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
-        ("event_delivery.ops.audit", ["--storage_root", "gs://b"], "Cloud Storage"),
+        ("tools.local.loadgen", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("event_delivery.producer", ["--project", "local-project", "--event_type", "play"], "Pub/Sub"),
+        ("tools.ops.audit", ["--storage_root", "gs://b"], "Cloud Storage"),
         (
             "pipelines.decrypt",
             ["--event_type", "search", "--input_root", "gs://b/delivered", "--output_root", "out"]
@@ -257,7 +257,7 @@ def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
 
 @pytest.mark.emulators
 def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
-    up = run("event_delivery.local.emulators", "up", "--state_dir", str(tmp_path))
+    up = run("tools.local.emulators", "up", "--state_dir", str(tmp_path))
     try:
         assert up.returncode == 0, up.stderr
         exports = dict(
@@ -267,14 +267,14 @@ def test_make_emulators_starts_every_emulator_it_promises(tmp_path):
             host, port = exports[variable].removeprefix("http://").split(":")
             socket.create_connection((host, int(port)), timeout=5).close()
     finally:
-        down = run("event_delivery.local.emulators", "down", "--state_dir", str(tmp_path))
+        down = run("tools.local.emulators", "down", "--state_dir", str(tmp_path))
     assert down.returncode == 0 and not (tmp_path / "env.sh").exists()
 
 
 def test_a_dry_run_update_prints_the_steps_for_each_job_of_a_tier():
     # No gcloud on the PATH: a dry run must not need it.
     env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
-    args = ["event_delivery.ops.deploy", "--project", "p", "--region", "r", "--bucket", "b"]
+    args = ["tools.ops.deploy", "--project", "p", "--region", "r", "--bucket", "b"]
     args += ["--tier", "high", "--update", "--dry_run"]
     result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr

@@ -12,8 +12,8 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from event_delivery.cloud import clients, files
 from event_delivery.contract import counts
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
-from event_delivery.ops import provision
-from event_delivery.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
+from tools.ops import provision
+from tools.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
 from transforms.sealing import KEY_UNAVAILABLE
 
 pytestmark = pytest.mark.emulators

@@ -22,11 +22,11 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter, parsed_dead_letter_schema
 from event_delivery.contract.registry import load_registry
-from event_delivery.local.loadgen import malformed
-from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.local.loadgen import malformed
+from tools.ops.audit import audit_type
 from transforms import close, hours
 from transforms.hours import shard_of
 from transforms.publish import build_manifest

@@ -6,9 +6,9 @@ import types
 
 import pytest
 
-from event_delivery.local import demo
-from event_delivery.local.loadgen import Ledger
-from event_delivery.ops.audit import TypeAudit
+from tools.local import demo
+from tools.local.loadgen import Ledger
+from tools.ops.audit import TypeAudit
 
 
 def test_the_demo_fails_at_its_deadline_naming_what_never_happened(monkeypatch):

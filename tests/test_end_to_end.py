@@ -23,12 +23,12 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.dead_letters import ErrorKind
 from event_delivery.keys.config import KeyConfig
-from event_delivery.local.demo import Scenario, run_scenario
-from event_delivery.local.loadgen import TrafficMix
 from pipelines.decrypt import decrypt
 from pipelines.runtime import LOCAL_RUNNER, partition_paths
 from tests.by_id import assert_every_id_in_one_place, ledger_ids
 from tests.conftest import drop_subscriptions_of
+from tools.local.demo import Scenario, run_scenario
+from tools.local.loadgen import TrafficMix
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 

@@ -26,12 +26,12 @@ from event_delivery.contract import envelope
 from event_delivery.contract.dead_letters import ErrorKind, parsed_dead_letter_schema, quarantine_key_name
 from event_delivery.contract.registry import event_type_from_schema, load_registry
 from event_delivery.keys.fields import decrypt_bytes
-from event_delivery.ops.audit import audit_type
 from pipelines import backfill, redrive
 from pipelines.delivery import deliver
 from pipelines.redrive import ReplayDeadLettersFn
 from tests.conftest import malformed_messages, message, published_at, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
 from transforms.personal import EncryptPersonalFieldsFn

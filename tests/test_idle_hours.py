@@ -15,9 +15,9 @@ import pytest
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from event_delivery.local.jobs import start_job, stop_jobs
-from event_delivery.ops import provision
 from tests.streams import local_keys
+from tools.local.jobs import start_job, stop_jobs
+from tools.ops import provision
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 

@@ -24,13 +24,13 @@ import pytest
 from event_delivery.cloud import clients, files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from event_delivery.local.jobs import start_job, stop_jobs
-from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
-from event_delivery.ops import provision
-from event_delivery.ops.audit import TypeAudit, audit_type
-from event_delivery.ops.producer import EventPublisher
+from event_delivery.producer import EventPublisher
 from tests.by_id import assert_every_id_in_one_place, ledger_ids
 from tests.streams import local_keys
+from tools.local.jobs import start_job, stop_jobs
+from tools.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
+from tools.ops import provision
+from tools.ops.audit import TypeAudit, audit_type
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 

@@ -24,11 +24,11 @@ from event_delivery.contract.partitions import Layout
 from event_delivery.keys import kek
 from event_delivery.keys.fields import decrypt_bytes
 from event_delivery.keys.sqlite import SqliteKeystore
-from event_delivery.ops.audit import audit_type
 from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 from transforms import retries
 
 SUBJECTS = ["alice", "bob", "carol", "dave", "erin", "frank"]

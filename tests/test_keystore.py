@@ -33,8 +33,8 @@ from event_delivery.keys.rotation import REWRAP_LEASE, REWRAP_LEASE_SECONDS, Rew
 from event_delivery.keys.sqlite import SqliteKeystore
 from event_delivery.keys.wrapped_keys import KEY_WRAPPING_MEMORY_SECONDS, new_key_id
 from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
-from event_delivery.local.emulators import bigtable_command, free_port, start, stop_process_group
 from pipelines.forget import sweep_quarantine_keys
+from tools.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.sealing import TRANSIENT, UNAVAILABLE, JobKeyCache
 
 
@@ -591,7 +591,7 @@ def test_jobs_and_tools_open_only_the_keys_provisioning_made(key_config, tmp_pat
 
 
 def test_make_provision_creates_the_keystore_and_the_kek(key_config, monkeypatch, capsys):
-    from event_delivery.ops import provision
+    from tools.ops import provision
 
     monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
     args = ["--project", "local-project", "--keystore", key_config.keystore]

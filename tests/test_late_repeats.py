@@ -19,10 +19,10 @@ from apache_beam.transforms.window import IntervalWindow
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
-from event_delivery.ops.audit import audit_type
 from pipelines.delivery import deliver
 from tests.conftest import message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 from transforms import id_index, publish
 from transforms import late as late_path
 from transforms.hours import shard_of

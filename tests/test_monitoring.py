@@ -23,8 +23,8 @@ from google.cloud import monitoring_dashboard_v1, monitoring_v3
 from event_delivery.contract import slo
 from event_delivery.contract.counts import counts_subscription
 from event_delivery.contract.registry import AUDIT_SUBSCRIPTION, TIERS, load_registry, tier_types
-from event_delivery.ops import alerts, monitoring, monitoring_queries
-from event_delivery.ops.deploy import job_name
+from tools.ops import alerts, monitoring, monitoring_queries
+from tools.ops.deploy import job_name
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -46,7 +46,7 @@ PROMQL_NAMES = {monitoring_queries.promql_name(metric): metric for metric in SER
 def printed():
     """What ``--dry_run`` prints, as a machine without credentials runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "event_delivery.ops.monitoring", "--dry_run"],
+        [sys.executable, "-m", "tools.ops.monitoring", "--dry_run"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -444,7 +444,7 @@ def test_make_monitoring_dry_run_prints_json_without_credentials(tmp_path):
 )
 def test_applying_needs_a_project_and_credentials(tmp_path, args, complaint):
     result = subprocess.run(
-        [sys.executable, "-m", "event_delivery.ops.monitoring", *args],
+        [sys.executable, "-m", "tools.ops.monitoring", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -453,4 +453,4 @@ def test_applying_needs_a_project_and_credentials(tmp_path, args, complaint):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     [error] = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert error.startswith("python -m event_delivery.ops.monitoring: error: ") and complaint in error
+    assert error.startswith("python -m tools.ops.monitoring: error: ") and complaint in error

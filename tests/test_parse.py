@@ -13,9 +13,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind
-from event_delivery.local.loadgen import malformed
 from tests.conftest import message, published_at, raw_message, valid_fields
 from tests.streams import local_keys, local_settings
+from tools.local.loadgen import malformed
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 from transforms.read import StampArrivalFn
 

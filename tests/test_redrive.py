@@ -16,11 +16,11 @@ from event_delivery.contract.fixes import FIXES, strip_unknown_fields
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import encrypt_bytes
-from event_delivery.ops.audit import audit_type
 from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 
 
 def setup(tmp_path):

@@ -27,14 +27,14 @@ from event_delivery.cloud import files
 from event_delivery.contract import envelope, partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops import report
-from event_delivery.ops.audit import audit_type
-from event_delivery.ops.report_model import OUTCOMES
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.by_id import assert_every_id_in_one_place
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import local_keys, local_settings
+from tools.ops import report
+from tools.ops.audit import audit_type
+from tools.ops.report_model import OUTCOMES
 
 HOUR = partitions.HOUR_SECONDS
 STABLE_SCREENSHOT = pathlib.Path(__file__).resolve().parents[1] / ".test-output" / "report.png"

@@ -10,13 +10,13 @@ import pytest
 
 from event_delivery.cloud import clients, files
 from event_delivery.contract.partitions import Layout
-from event_delivery.local.jobs import start_job, stop_jobs
-from event_delivery.ops import provision
-from event_delivery.ops.audit import audit_type
-from event_delivery.ops.producer import EventPublisher
+from event_delivery.producer import EventPublisher
 from pipelines import backfill
 from tests.conftest import PROJECT, valid_fields
 from tests.streams import local_keys
+from tools.local.jobs import start_job, stop_jobs
+from tools.ops import provision
+from tools.ops.audit import audit_type
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow]
 

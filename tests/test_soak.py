@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from event_delivery.local.demo import Scenario, format_table, run_scenario
-from event_delivery.local.loadgen import TrafficMix
 from tests.by_id import assert_every_id_in_one_place, ledger_ids
+from tools.local.demo import Scenario, format_table, run_scenario
+from tools.local.loadgen import TrafficMix
 
 pytestmark = [pytest.mark.emulators, pytest.mark.slow, pytest.mark.soak]
 

@@ -18,9 +18,9 @@ import pathlib
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from event_delivery.ops import deploy
 from pipelines import delivery
 from pipelines.options import DeliveryOptions, delivery_settings
+from tools.ops import deploy
 
 RECORDED = json.loads((pathlib.Path(__file__).parent / "fixtures" / "running_job_play.json").read_text())
 RUN_ID = "20270115t080000"
@@ -73,7 +73,7 @@ def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, rec
         deploy.main([*WHERE, "--event_type", "play", "--update"])
     assert exit_.value.code == 2 and submitted == []
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("python -m event_delivery.ops.deploy: error: events-play: ")
+    assert line.startswith("python -m tools.ops.deploy: error: events-play: ")
     assert f"--{option} would change from {int(recorded)} to {new}, {deploy.KEPT_BECAUSE[option]}" in line
 
 

@@ -16,11 +16,11 @@ from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import Layout
-from event_delivery.ops.audit import audit_type
 from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from tools.ops.audit import audit_type
 from transforms import close, publish, retries, write
 
 IDS = [f"e{i}" for i in range(6)]

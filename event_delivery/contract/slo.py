@@ -15,7 +15,7 @@ reaches Cloud Monitoring as ``dataflow.googleapis.com/job/user_counter`` with th
 its ``metric_name`` label (the namespace is not in it, so a name means one thing in every
 job), and a distribution as four such series, ``<name>_MAX``, ``_MIN``, ``_MEAN`` and
 ``_COUNT``. The names are an interface: the alert policies and dashboards
-(``event_delivery.ops.alerts``, ``event_delivery.ops.dashboards``) select them, so
+(``tools.ops.alerts``, ``tools.ops.dashboards``) select them, so
 renaming one silences an alert.
 ``tests/test_monitoring.py`` fails when a name selected here is registered by no job.
 """

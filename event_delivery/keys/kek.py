@@ -33,7 +33,7 @@ KEY_BYTES = 32
 PRIVATE_FOLDER = 0o700  # a folder of keys is readable by its owner alone
 WRAPPED_FORMAT = 1
 HEADER = struct.Struct(">BI")  # format, KEK version
-PROVISION_HINT = "create it with `make provision` (python -m event_delivery.ops.provision)"
+PROVISION_HINT = "create it with `make provision` (python -m tools.ops.provision)"
 
 
 def private_folder(folder: str | os.PathLike) -> None:

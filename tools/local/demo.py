@@ -6,7 +6,7 @@ bucket, and runs one delivery job per type on the DirectRunner with 10-second
 events, waits until every hour with data has closed, stops everything and prints
 what happened to every message::
 
-    python -m event_delivery.local.demo            # or: make demo
+    python -m tools.local.demo            # or: make demo
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.config import KeyConfig
-from event_delivery.local.emulators import EmulatorError, running_emulators
-from event_delivery.local.jobs import JobError, start_auditor, start_job, stop_jobs
-from event_delivery.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
-from event_delivery.ops import provision
-from event_delivery.ops.audit import format_table as audit_table
-from event_delivery.ops.audit_model import TypeAudit
-from event_delivery.ops.audit_scan import audit_type, hours_settled
-from event_delivery.ops.producer import EventPublisher
-from event_delivery.ops.report import write_report
+from event_delivery.producer import EventPublisher
+from tools.local.emulators import EmulatorError, running_emulators
+from tools.local.jobs import JobError, start_auditor, start_job, stop_jobs
+from tools.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
+from tools.ops import provision
+from tools.ops.audit import format_table as audit_table
+from tools.ops.audit_model import TypeAudit
+from tools.ops.audit_scan import audit_type, hours_settled
+from tools.ops.report import write_report
 
 
 @dataclasses.dataclass
@@ -220,7 +220,7 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.local.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.local.demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--state_dir",
         type=pathlib.Path,

@@ -8,8 +8,8 @@ import datetime
 from importlib import resources
 
 from event_delivery.contract import partitions
-from event_delivery.ops.audit_model import HourAudit
-from event_delivery.ops.report_charts import (
+from tools.ops.audit_model import HourAudit
+from tools.ops.report_charts import (
     CHARTS,
     COLORS,
     LABELS,
@@ -20,7 +20,7 @@ from event_delivery.ops.report_charts import (
     percent,
     volumes_chart,
 )
-from event_delivery.ops.report_model import OUTCOMES, TypeReport
+from tools.ops.report_model import OUTCOMES, TypeReport
 
 STYLE = resources.files(__package__).joinpath("report.css").read_text(encoding="utf-8")
 

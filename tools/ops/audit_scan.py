@@ -15,7 +15,7 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import Tier, load_registry
-from event_delivery.ops.audit_model import TypeAudit
+from tools.ops.audit_model import TypeAudit
 
 
 def _partition_files(root: str, event_type: str, pattern: str = "*") -> dict[str, list[str]]:

@@ -12,8 +12,8 @@ import dataclasses
 from event_delivery.contract import slo
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import Tier, load_registry
-from event_delivery.ops.audit_model import HourAudit
-from event_delivery.ops.audit_scan import audit_type
+from tools.ops.audit_model import HourAudit
+from tools.ops.audit_scan import audit_type
 
 OUTCOMES = ("delivered", "duplicates", "late", "dead_lettered")
 

@@ -1,12 +1,12 @@
 """Deploy delivery jobs to Dataflow: one streaming job per type, sized by its tier, and
 beside each its auditor, a small job that counts what is published.
 
-    python -m event_delivery.ops.deploy --project my-project --region europe-west1 \\
+    python -m tools.ops.deploy --project my-project --region europe-west1 \\
         --bucket my-bucket --event_type play          # one type
-    python -m event_delivery.ops.deploy ... --tier high   # every type of a tier
-    python -m event_delivery.ops.deploy ... --update      # replace running jobs in place, keeping their run
-    python -m event_delivery.ops.deploy ... --dry_run     # build, validate and stage only
-    python -m event_delivery.ops.deploy ... --drain       # stop reading and stop; open hours stay staged
+    python -m tools.ops.deploy ... --tier high   # every type of a tier
+    python -m tools.ops.deploy ... --update      # replace running jobs in place, keeping their run
+    python -m tools.ops.deploy ... --dry_run     # build, validate and stage only
+    python -m tools.ops.deploy ... --drain       # stop reading and stop; open hours stay staged
 
 A dry run translates each job for Dataflow and stages its artifacts (the package,
 the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
@@ -30,7 +30,7 @@ import subprocess
 import sys
 
 from event_delivery.contract.registry import TIERS, EventType, load_registry, tier_types
-from event_delivery.ops.job_flags import (
+from tools.ops.job_flags import (
     KEPT_BECAUSE,
     auditor_args,
     auditor_job_name,
@@ -168,7 +168,7 @@ def selected_types(names: list[str] | None, tier: str | None) -> list[EventType]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ops.deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument("--bucket", required=True, help="Output, temp and staging bucket, without gs://.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import EventType
-from event_delivery.ops.provision import temp_bucket
+from tools.ops.provision import temp_bucket
 
 SDK_STATE_CACHE_MB = 0  # see _streaming_job; the bench runs its pipelines with the same
 

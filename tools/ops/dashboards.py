@@ -6,8 +6,8 @@ from __future__ import annotations
 from event_delivery.contract import slo
 from event_delivery.contract.counts import auditor_subscription
 from event_delivery.contract.registry import TIERS, tier_types
-from event_delivery.ops.job_flags import job_name
-from event_delivery.ops.monitoring_queries import (
+from tools.ops.job_flags import job_name
+from tools.ops.monitoring_queries import (
     ALIGNMENT,
     ALL_JOBS,
     IS_FAILED,

@@ -9,7 +9,7 @@ once the traffic is that old, so that they belong to an hour that had traffic an
 has closed). A careless producer may also add an attribute of its own that names a
 subject (``producer_attributes``), which the jobs must seal.
 
-    python -m event_delivery.local.loadgen --project local-project --event_type play \\
+    python -m tools.local.loadgen --project local-project --event_type play \\
         --count 1000 --rate 200 --duplicates 0.05 --malformed 0.01 --late 0.02
 """
 
@@ -29,7 +29,7 @@ from event_delivery.contract import envelope
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind
 from event_delivery.contract.registry import EventType, load_registry
 from event_delivery.contract.samples import fake_fields
-from event_delivery.ops.producer import EventPublisher, attributes_for
+from event_delivery.producer import EventPublisher, attributes_for
 
 DELIVERED, DUPLICATE, LATE, DEAD_LETTER = "delivered", "duplicate", "late", "dead_letter"
 RECENT_EVENTS = 64
@@ -184,7 +184,7 @@ def publish_traffic(publisher: EventPublisher, messages, rate: float, progress=N
 def main(argv=None) -> int:
     registry = load_registry()
     parser = argparse.ArgumentParser(
-        prog="python -m event_delivery.local.loadgen",
+        prog="python -m tools.local.loadgen",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

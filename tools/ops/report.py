@@ -9,7 +9,7 @@ row, green where the SLOs hold and red where they do not. It is built from the
 (``report_page``), so it needs no network to view, and every number a chart shows is also
 in a table cell (``data-type``, ``data-hour``, ``data-metric``)::
 
-    python -m event_delivery.ops.report --storage_root gs://event-delivery-local --window_seconds 10 \\
+    python -m tools.ops.report --storage_root gs://event-delivery-local --window_seconds 10 \\
         --output .demo/report.html
 """
 
@@ -22,8 +22,8 @@ import sys
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops.report_model import collect
-from event_delivery.ops.report_page import render
+from tools.ops.report_model import collect
+from tools.ops.report_page import render
 
 
 def write_report(storage_root: str, window_seconds: int, event_types, output: str) -> str:
@@ -37,7 +37,7 @@ def write_report(storage_root: str, window_seconds: int, event_types, output: st
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ops.report", description=__doc__.split("\n")[0])
     parser.add_argument("--storage_root", required=True, help="The jobs' --storage_root.")
     parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")

@@ -1,8 +1,8 @@
 """Alerts and dashboards as code: Cloud Monitoring alert policies and one dashboard per tier.
 
-    python -m event_delivery.ops.monitoring --dry_run                   # print them as JSON
-    python -m event_delivery.ops.monitoring --project my-project        # create or update them
-    python -m event_delivery.ops.monitoring --project my-project --tier high \\
+    python -m tools.ops.monitoring --dry_run                   # print them as JSON
+    python -m tools.ops.monitoring --project my-project        # create or update them
+    python -m tools.ops.monitoring --project my-project --tier high \\
         --notification_channel projects/my-project/notificationChannels/123
 
 Everything derives from the registry: a tier's policies watch the subscriptions and jobs
@@ -23,8 +23,8 @@ place, never duplicated. The printed JSON is the REST form of ``AlertPolicy`` an
 ``Dashboard``, which ``gcloud monitoring policies create --policy-from-file`` and
 ``gcloud monitoring dashboards create --config-from-file`` also read.
 
-The policies are ``event_delivery.ops.alerts``, the dashboards ``event_delivery.ops.dashboards``,
-and what both select ``event_delivery.ops.monitoring_queries``; this module applies them.
+The policies are ``tools.ops.alerts``, the dashboards ``tools.ops.dashboards``,
+and what both select ``tools.ops.monitoring_queries``; this module applies them.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import json
 import sys
 
 from event_delivery.cloud import preflight
-from event_delivery.ops.alerts import alert_policies
-from event_delivery.ops.dashboards import dashboards
-from event_delivery.ops.monitoring_queries import ordered_tiers
+from tools.ops.alerts import alert_policies
+from tools.ops.dashboards import dashboards
+from tools.ops.monitoring_queries import ordered_tiers
 
-PROG = "python -m event_delivery.ops.monitoring"
+PROG = "python -m tools.ops.monitoring"
 
 
 def as_json(message) -> dict:

@@ -7,7 +7,7 @@ in every project, so that every producer can report to it.
 
 Everything derives from the schema registry, and re-running is harmless::
 
-    python -m event_delivery.ops.provision --project local-project --bucket event-delivery-local
+    python -m tools.ops.provision --project local-project --bucket event-delivery-local
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def provision(
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.provision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ops.provision", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True, help="GCP project (local-project on the emulators).")
     parser.add_argument("--bucket", help="Output bucket to create, if any.")
     parser.add_argument(

@@ -9,7 +9,7 @@ As a library::
 As a command, one JSON object per line on stdin::
 
     echo '{"service": "login", ...}' | \\
-        python -m event_delivery.ops.producer --project local-project --event_type service_log
+        python -m event_delivery.producer --project local-project --event_type service_log
 
 Every publisher also counts what it publishes, per hour of ``received_at`` (buckets of
 ``window_seconds``, as the delivery job's), and reports those counts about once a minute
@@ -246,7 +246,7 @@ class EventPublisher:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.producer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m event_delivery.producer", description=__doc__.split("\n")[0])
     parser.add_argument("--project", required=True)
     parser.add_argument("--event_type", required=True, choices=sorted(registry))
     parser.add_argument(

@@ -7,7 +7,7 @@ import html
 import math
 
 from event_delivery.contract import partitions
-from event_delivery.ops.report_model import OUTCOMES, TypeReport
+from tools.ops.report_model import OUTCOMES, TypeReport
 
 LABELS = {"dead_lettered": "dead-lettered", "ok": "on time", "bad": "overdue", "open": "still open"}
 CHARTS = {

@@ -2,9 +2,9 @@
 
 Tests use ``running_emulators()``; ``make emulators`` runs this module::
 
-    python -m event_delivery.local.emulators up --state_dir .emulators
+    python -m tools.local.emulators up --state_dir .emulators
     source .emulators/env.sh
-    python -m event_delivery.local.emulators down --state_dir .emulators
+    python -m tools.local.emulators down --state_dir .emulators
 """
 
 from __future__ import annotations
@@ -210,9 +210,7 @@ def _down(state_dir: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m event_delivery.local.emulators", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tools.local.emulators", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument(
         "--state_dir",

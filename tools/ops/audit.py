@@ -15,7 +15,7 @@ and hour (``--json`` for a document instead) and exits with code 1 when any hour
 data (lost ≠ 0), is overdue (no marker, or a late one, past the tier's close delay budget
 after the hour's end: ``slo.is_overdue``), or broke the contract::
 
-    python -m event_delivery.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
+    python -m tools.ops.audit --storage_root gs://event-delivery-local --window_seconds 10
 
 The counts are ``audit_model``, read by ``audit_scan``; this module prints them.
 """
@@ -29,8 +29,8 @@ import sys
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
-from event_delivery.ops.audit_model import HourAudit, TypeAudit
-from event_delivery.ops.audit_scan import audit_type
+from tools.ops.audit_model import HourAudit, TypeAudit
+from tools.ops.audit_scan import audit_type
 
 COLUMNS = (
     ("type", None),
@@ -110,7 +110,7 @@ def _document(audit: TypeAudit) -> dict:
 
 def main(argv=None) -> int:
     registry = load_registry()
-    parser = argparse.ArgumentParser(prog="python -m event_delivery.ops.audit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ops.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--storage_root", required=True, help="The jobs' --storage_root.")
     parser.add_argument("--window_seconds", type=int, default=partitions.HOUR_SECONDS)
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
