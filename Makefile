@@ -54,7 +54,7 @@ mutants: $(INSTALLED)  ## Mutation testing of the modules that lose or leak data
 	@mkdir -p mutants
 	$(VENV)/bin/mutmut run $(foreach glob,$(MODULES),'$(glob)') > mutants/run.log 2>&1 || { tail -c 2000 mutants/run.log; exit 1; }
 	@# One line per module: how many of its mutants each verdict holds; then the survivors by name.
-	@$(VENV)/bin/mutmut results --all true | awk '{ split($$1, name, ".x"); n[name[1] " " $$2]++ } \
+	@$(VENV)/bin/mutmut results --all true | awk '{ split($$1, name, ".x"); $$1 = ""; n[name[1] $$0]++ } \
 		END { for (k in n) print k, n[k] }' | sort
 	@$(VENV)/bin/mutmut results
 
