@@ -200,3 +200,14 @@ def test_the_command_refuses_a_missing_root_or_an_unknown_type_and_creates_nothi
             audit.main(argv)
         assert exit.value.code == 2
         assert capsys.readouterr().err.startswith("usage: python -m event_delivery.ops.audit")
+
+
+def test_a_record_on_its_hours_first_millisecond_belongs_to_it_and_one_on_the_next_hours_does_not(tmp_path):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    problems = []
+    for received_at in (HOUR, HOUR + WINDOW):
+        hour = audit.TypeAudit("play")
+        at = datetime.datetime.fromtimestamp(received_at, tz=datetime.timezone.utc)
+        audit._check_in_hour(hour, partitions.partition(HOUR), [{"received_at": at}], layout.window_seconds, "late")
+        problems.append(hour.problems)
+    assert problems == [[], [f"late {partitions.partition(HOUR)}: a record's received_at is outside the partition"]]
