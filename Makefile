@@ -22,7 +22,7 @@ KEY_ARGS ?=
 COPIES_INVENTORY ?=
 COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
 .PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit \
-	auditor report forget sweep-keys rewrap decrypt redrive backfill deploy update drain monitoring
+	auditor report forget sweep-keys mutants rewrap decrypt redrive backfill deploy update drain monitoring
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -46,6 +46,17 @@ bench: $(INSTALLED)  ## Cost per event vs the floor, scaling, memory, latency (a
 
 test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
 	$(PY) -m pytest -m "not emulators"
+
+# Mutant-name globs, e.g. MODULES="transforms.dedup.* event_delivery.keys.*"; empty: every module in
+# pyproject.toml's [tool.mutmut], resuming from the verdicts already in mutants/.
+MODULES ?=
+mutants: $(INSTALLED)  ## Mutation testing of the modules that lose or leak data on a wrong line (hours; see docs/development.md) [MODULES="transforms.dedup.*"].
+	@mkdir -p mutants
+	$(VENV)/bin/mutmut run $(foreach glob,$(MODULES),'$(glob)') > mutants/run.log 2>&1 || { tail -c 2000 mutants/run.log; exit 1; }
+	@# One line per module: how many of its mutants each verdict holds; then the survivors by name.
+	@$(VENV)/bin/mutmut results --all true | awk '{ split($$1, name, ".x"); $$1 = ""; n[name[1] $$0]++ } \
+		END { for (k in n) print k, n[k] }' | sort
+	@$(VENV)/bin/mutmut results
 
 lint: $(INSTALLED)  ## ruff check, format check, and the import contracts (imports only go down).
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,7 @@ setuptools.setup(
             "matplotlib==3.10.9",  # make bench's chart
             "promql-parser==0.11.0",  # checks the PromQL of make monitoring's alerts
             "playwright==1.65.2",  # drives Debian's chromium in the report's browser test
+            "mutmut==3.8.1",  # make mutants
         ],
     },
 )

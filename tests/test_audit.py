@@ -8,6 +8,7 @@ import os
 from unittest import mock
 
 import fastavro
+import pytest
 
 from event_delivery.cloud import files
 from event_delivery.contract import counts, partitions, slo
@@ -135,3 +136,78 @@ def test_hours_without_the_auditors_count_pass_as_before(tmp_path, capsys):
         assert audit.main(["--storage_root", str(tmp_path), "--event_type", "play", "--json"]) == 0
     hour = json.loads(capsys.readouterr().out)["play"]["hours"][partitions.partition(HOUR)]
     assert (hour["published"], hour["lost"], hour["delivered"], hour["closed"]) == (None, None, 2, True)
+
+
+def test_the_table_names_each_hours_state_and_aligns_the_numbers(tmp_path):
+    """The status column is what an operator reads first: open, ok, empty (closed with nothing
+    to count), no count (output but no auditor's count), or what failed, in capitals."""
+    hours = {
+        "dt=a": audit.HourAudit("dt=a"),
+        "dt=b": audit.HourAudit("dt=b", delivered=12, closed=True, published=12, close_delay_seconds=61.25),
+        "dt=c": audit.HourAudit("dt=c", closed=True),
+        "dt=d": audit.HourAudit("dt=d", delivered=1, closed=True),
+        "dt=e": audit.HourAudit("dt=e", delivered=1, closed=True, published=3, overdue=True),
+    }
+    table = audit.format_table([audit.TypeAudit("play", hours)])
+    assert table.splitlines() == [
+        "type  hour  published  distinct ids  delivered  duplicates  late  dead-lettered  lost  close delay  status",
+        "-" * 115,  # as wide as the widest row
+        "play  dt=a          -             -          0           0     0              0     -            -  open",
+        "play  dt=b         12             -         12           0     0              0     0        61.2s  ok",
+        "play  dt=c          -             -          0           0     0              0     -            -  empty",
+        "play  dt=d          -             -          1           0     0              0     -            -  no count",
+        "play  dt=e          3             -          1           0     0              0     2            -  LOST 2, OVERDUE",  # noqa: E501
+    ]
+
+
+def test_the_command_audits_the_types_asked_for_against_the_deadline_of_the_lateness_given(tmp_path, capsys):
+    """With ``--allowed_lateness_seconds`` an hour is overdue once its marker comes later than
+    the window, that lateness and the tier's close margin after the hour's start, to the second."""
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    lateness, margin = 120, load_registry()["play"].tier.close_margin_seconds
+    deliver_hour(layout, HOUR, ["e0"], closed_after_seconds=lateness + margin)  # on the deadline
+    deliver_hour(layout, HOUR + WINDOW, ["e1"], closed_after_seconds=lateness + margin + 1)  # a second past it
+    flags = ["--storage_root", f"{tmp_path}/", "--window_seconds", str(WINDOW), "--json"]
+
+    with mock.patch("time.time", return_value=HOUR + 10 * WINDOW):
+        assert audit.main([*flags, "--event_type", "play", "--allowed_lateness_seconds", str(lateness)]) == 1
+        asked = json.loads(capsys.readouterr().out)
+        assert audit.main(flags) == 0, "the tier's own lateness is longer: nothing is overdue"
+        every = json.loads(capsys.readouterr().out)
+    assert list(asked) == ["play"] and sorted(every) == sorted(load_registry())
+    assert asked["play"]["failed_hours"] == {partitions.partition(HOUR + WINDOW): ["overdue"]}
+    assert set(asked["play"]) == {
+        "delivered", "duplicates", "late", "dead_lettered", "closed_hours", "staged_in_open_hours",
+        "problems", "failed_hours", "hours",
+    }  # fmt: skip
+    assert (asked["play"]["delivered"], asked["play"]["closed_hours"]) == (2, 2)
+    hour = asked["play"]["hours"][partitions.partition(HOUR)]
+    assert set(hour) == {
+        "published", "distinct_ids", "delivered", "duplicates", "late", "dead_lettered", "staged", "lost",
+        "closed", "close_delay_seconds", "overdue",
+    }  # fmt: skip
+    assert (hour["close_delay_seconds"], hour["overdue"]) == (lateness + margin, False)
+
+
+def test_the_command_refuses_a_missing_root_or_an_unknown_type_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    with pytest.raises(SystemExit) as exit:
+        audit.main(["--storage_root", str(missing)])
+    assert exit.value.code == 2 and not missing.exists()
+    assert capsys.readouterr().err.startswith("python -m event_delivery.ops.audit: error: there is no folder")
+    for argv in ([], ["--storage_root", str(tmp_path), "--event_type", "no_such_type"]):
+        with pytest.raises(SystemExit) as exit:
+            audit.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.startswith("usage: python -m event_delivery.ops.audit")
+
+
+def test_a_record_on_its_hours_first_millisecond_belongs_to_it_and_one_on_the_next_hours_does_not(tmp_path):
+    layout = partitions.Layout.under(str(tmp_path), "play", WINDOW)
+    problems = []
+    for received_at in (HOUR, HOUR + WINDOW):
+        hour = audit.TypeAudit("play")
+        at = datetime.datetime.fromtimestamp(received_at, tz=datetime.timezone.utc)
+        audit._check_in_hour(hour, partitions.partition(HOUR), [{"received_at": at}], layout.window_seconds, "late")
+        problems.append(hour.problems)
+    assert problems == [[], [f"late {partitions.partition(HOUR)}: a record's received_at is outside the partition"]]

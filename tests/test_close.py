@@ -161,3 +161,20 @@ class Flag:
 
     def write(self, value):
         self.value = value
+
+
+def test_repeats_dropped_after_the_close_are_each_counted_once_whichever_run_dropped_them(tmp_path, registry):
+    """Each count of late repeats gets a file of its own, which two runs never share, and a
+    retried count (its state not committed) rewrites its file instead of adding one."""
+    layout = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path)).layout
+    window = IntervalWindow(START, START + WINDOW + LATENESS)
+    for run_id, counts in (("run1", [3, 5]), ("run2", [7])):
+        fn = close.CloseHourFn(local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), run_id=run_id))
+        fn.setup()
+        late_counts = Flag()
+        for records in counts:
+            committed = late_counts.read()
+            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts)
+            late_counts.write(committed)  # the bundle is retried: its state write is lost
+            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts)
+    assert partitions.late_duplicates(layout, START) == 3 + 5 + 7

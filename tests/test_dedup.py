@@ -257,3 +257,35 @@ def test_a_staged_file_a_restart_cannot_read_seeds_nothing_and_stalls_nothing(tm
     fn.setup()
     assert [seed.value for seed in fn.process((600, good))] == [dedup.staged_copy("e1", 600_000, good)]
     assert list(fn.process((600, corrupt))) == [] and list(fn.process((600, gone))) == []
+
+
+def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_path):
+    """The seeds are the files of runs other than this one, of hours without a marker: this
+    run's own files (a retried bundle's) are no earlier copies, and a closed hour has none
+    to seed. A whole-hour pane reads only its own shard's files and drops their ids."""
+    s = settings(tmp_path, run_id="run2")
+    log, layout = s.event_type, s.layout
+
+    def stage(hour_start, run_id, shard, ids):
+        path = f"{layout.hour(layout.staging, hour_start)}/{partitions.pane_file_name(log.name, run_id, 0, shard)}"
+        records = [{"event_id": i, "received_at": hour_start * 1000, **valid_fields(log)} for i in ids]
+        files.write_avro(path, log.parsed_delivered_schema, records)
+        return path
+
+    earlier = stage(0, "run1", 0, ["a1", "a2"])
+    other_shard = stage(0, "run1", 1, ["b1"])
+    stage(0, "run2", 0, ["own"])
+    stage(WINDOW, "run1", 0, ["closed"])
+    files.write_bytes(layout.marker(WINDOW), b"")
+
+    listed = list(dedup.ListStagedByEarlierRunsFn(s).process(None))
+    assert sorted(listed) == sorted([(0, earlier), (0, other_shard)])
+    hour = IntervalWindow(0, WINDOW)
+    assert sorted(dedup.staged_by_earlier_runs(s, hour, 0)) == ["a1", "a2"]
+
+    fn = dedup.DeduplicateWholeHourFn(s)
+    fn.setup()
+    pane = [event("a1", 1), event("own", 2), event("new", 3), event("new", 4)]
+    [(key, unique), duplicates] = fn.process(((0, ""), pane), window=hour)
+    assert key == (0, "") and unique == [event("own", 2), event("new", 3)]
+    assert duplicates.value[1] == 2, "the earlier run's id and the repeat are counted"
