@@ -194,12 +194,12 @@ def test_the_command_refuses_a_missing_root_or_an_unknown_type_and_creates_nothi
     with pytest.raises(SystemExit) as exit:
         audit.main(["--storage_root", str(missing)])
     assert exit.value.code == 2 and not missing.exists()
-    assert capsys.readouterr().err.startswith("python -m event_delivery.ops.audit: error: there is no folder")
+    assert capsys.readouterr().err.startswith("python -m tools.ops.audit: error: there is no folder")
     for argv in ([], ["--storage_root", str(tmp_path), "--event_type", "no_such_type"]):
         with pytest.raises(SystemExit) as exit:
             audit.main(argv)
         assert exit.value.code == 2
-        assert capsys.readouterr().err.startswith("usage: python -m event_delivery.ops.audit")
+        assert capsys.readouterr().err.startswith("usage: python -m tools.ops.audit")
 
 
 def test_a_record_on_its_hours_first_millisecond_belongs_to_it_and_one_on_the_next_hours_does_not(tmp_path):
