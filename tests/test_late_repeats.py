@@ -16,6 +16,7 @@ import posixpath
 
 import pytest
 from apache_beam.transforms.window import IntervalWindow
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -170,6 +171,59 @@ def test_a_retry_that_drops_what_its_lost_try_wrote_unchecked_leaves_no_file_of_
     assert [r[0] for r in first] == [LATE] and [(kind, n) for kind, n, _ in retried] == [(DUPLICATES, 1)]
     everywhere = delivered_ids(manifest) + late_ids(settings.layout)
     assert late_ids(settings.layout) == [] and sorted(everywhere) == sorted({*everywhere}), "each id once"
+
+
+def a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, delete_fails_with: list) -> tuple:
+    """As above; the retry's deletion of the first try's file first fails with each of ``delete_fails_with``.
+    Returns the hour's manifest and the retry's reports."""
+    delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
+    manifest = close_an_hour(settings, registry, delivered)
+    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")[0]
+    readable = files.read_json(index)
+    with open(index, "w") as broken:
+        broken.write("{not json")
+    fn, number = WriteLatePaneFn(settings), Number()
+    fn.setup()
+    write_late(fn, number, registry, 0, "", delivered[0][:1], commit=False)
+    files.write_json(index, readable)
+    delete_existing = files.delete_existing
+
+    def delete(paths):
+        if delete_fails_with:
+            raise delete_fails_with.pop(0)
+        return delete_existing(paths)
+
+    monkeypatch.setattr(late_path.files, "delete_existing", delete)
+    monkeypatch.setattr(late_path.retries, "sleep", lambda seconds: None)
+    return manifest, write_late(fn, number, registry, 0, "", delivered[0][:1])
+
+
+def test_a_lost_trys_file_that_a_transient_error_keeps_is_deleted_on_a_retry_of_the_call(
+    tmp_path, registry, monkeypatch
+):
+    """A transient error of the deletion is retried (or fails the bundle): logged and let be, it left the
+    first try's file, whose id was then delivered, late and a duplicate."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    busy = google_errors.ServiceUnavailable("busy")
+    manifest, retried = a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [busy])
+    assert [(kind, n) for kind, n, _ in retried] == [(DUPLICATES, 1)] and late_ids(settings.layout) == []
+
+    again = tmp_path / "again"
+    again.mkdir()
+    settings = local_settings(again, registry["service_log"], local_keys(again), num_shards=SHARDS)
+    with pytest.raises(google_errors.ServiceUnavailable):  # one that does not pass: the runner retries
+        a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [busy] * late_path.retries.ATTEMPTS)
+
+
+def test_a_lost_trys_file_that_cannot_be_deleted_holds_late_ids_that_are_no_duplicates(tmp_path, registry, monkeypatch):
+    """A deletion denied for good leaves the first try's file: its id is late there (the audit counts the
+    file), so the retry reports no duplicate of it: each copy counted once, in = delivered + duplicates + late."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    denied = google_errors.Forbidden("no delete")
+    manifest, retried = a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [denied])
+    duplicates = sum(n for kind, n, _ in retried if kind == DUPLICATES)
+    sent = len(delivered_ids(manifest)) + 1
+    assert len(delivered_ids(manifest)) + len(late_ids(settings.layout)) + duplicates == sent
 
 
 def test_a_retry_that_takes_its_panes_in_another_order_loses_no_first_copy(tmp_path, registry):
