@@ -16,6 +16,7 @@ import posixpath
 
 import pytest
 from apache_beam.transforms.window import IntervalWindow
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -62,19 +63,28 @@ def event(registry, event_id: str) -> tuple:
     return (event_id, (START + 1) * 1000, valid_fields(registry["service_log"], 1))
 
 
-def close_an_hour(settings, registry, delivered: dict[int, list[str]]) -> dict:
-    """Stages one pane per shard and closes the hour as ``CloseHour`` and ``PublishHours`` do."""
+def close_an_hour(settings, registry, delivered: dict[int, list[str]], run_id: str | None = None) -> dict:
+    """Stages one pane per shard (of run ``run_id``, this one's by default) and closes the hour as
+    ``CloseHour`` and ``PublishHours`` do, with the settings' shard count."""
     layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
     reports = []
     for shard, ids in delivered.items():
-        name = partitions.pane_file_name("service_log", settings.run_id, 0, shard, "w1")
+        name = partitions.pane_file_name("service_log", run_id or settings.run_id, 0, shard, "w1")
         path = partitions.join(layout.hour(layout.staging, START), name)
         files.write_avro(path, schema, [event_record(event(registry, i)) for i in ids], files.UNCOMPRESSED)
         reports.append(report(DELIVERED, len(ids), path))
-    plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 0, SHARDS)
+    plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 0, settings.num_shards)
     for task in publish.to_write(plan):
         publish.write_part(layout, START, task)
     return publish.finish_hour(layout, START)
+
+
+def staged_by_a_run_of(shards: int, ids: list[str]) -> dict[int, list[str]]:
+    """``ids`` by the shard that a run of ``shards`` shards staged each in."""
+    split: dict[int, list[str]] = {}
+    for event_id in ids:
+        split.setdefault(shard_of(event_id, shards), []).append(event_id)
+    return split
 
 
 def write_late(fn, number: Number, registry, shard: int, writer: str, ids: list[str], commit=True) -> list:
@@ -161,6 +171,59 @@ def test_a_retry_that_drops_what_its_lost_try_wrote_unchecked_leaves_no_file_of_
     assert [r[0] for r in first] == [LATE] and [(kind, n) for kind, n, _ in retried] == [(DUPLICATES, 1)]
     everywhere = delivered_ids(manifest) + late_ids(settings.layout)
     assert late_ids(settings.layout) == [] and sorted(everywhere) == sorted({*everywhere}), "each id once"
+
+
+def a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, delete_fails_with: list) -> tuple:
+    """As above; the retry's deletion of the first try's file first fails with each of ``delete_fails_with``.
+    Returns the hour's manifest and the retry's reports."""
+    delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
+    manifest = close_an_hour(settings, registry, delivered)
+    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")[0]
+    readable = files.read_json(index)
+    with open(index, "w") as broken:
+        broken.write("{not json")
+    fn, number = WriteLatePaneFn(settings), Number()
+    fn.setup()
+    write_late(fn, number, registry, 0, "", delivered[0][:1], commit=False)
+    files.write_json(index, readable)
+    delete_existing = files.delete_existing
+
+    def delete(paths):
+        if delete_fails_with:
+            raise delete_fails_with.pop(0)
+        return delete_existing(paths)
+
+    monkeypatch.setattr(late_path.files, "delete_existing", delete)
+    monkeypatch.setattr(late_path.retries, "sleep", lambda seconds: None)
+    return manifest, write_late(fn, number, registry, 0, "", delivered[0][:1])
+
+
+def test_a_lost_trys_file_that_a_transient_error_keeps_is_deleted_on_a_retry_of_the_call(
+    tmp_path, registry, monkeypatch
+):
+    """A transient error of the deletion is retried (or fails the bundle): logged and let be, it left the
+    first try's file, whose id was then delivered, late and a duplicate."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    busy = google_errors.ServiceUnavailable("busy")
+    manifest, retried = a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [busy])
+    assert [(kind, n) for kind, n, _ in retried] == [(DUPLICATES, 1)] and late_ids(settings.layout) == []
+
+    again = tmp_path / "again"
+    again.mkdir()
+    settings = local_settings(again, registry["service_log"], local_keys(again), num_shards=SHARDS)
+    with pytest.raises(google_errors.ServiceUnavailable):  # one that does not pass: the runner retries
+        a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [busy] * late_path.retries.ATTEMPTS)
+
+
+def test_a_lost_trys_file_that_cannot_be_deleted_holds_late_ids_that_are_no_duplicates(tmp_path, registry, monkeypatch):
+    """A deletion denied for good leaves the first try's file: its id is late there (the audit counts the
+    file), so the retry reports no duplicate of it: each copy counted once, in = delivered + duplicates + late."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    denied = google_errors.Forbidden("no delete")
+    manifest, retried = a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, [denied])
+    duplicates = sum(n for kind, n, _ in retried if kind == DUPLICATES)
+    sent = len(delivered_ids(manifest)) + 1
+    assert len(delivered_ids(manifest)) + len(late_ids(settings.layout)) + duplicates == sent
 
 
 def test_a_retry_that_takes_its_panes_in_another_order_loses_no_first_copy(tmp_path, registry):
@@ -261,6 +324,32 @@ def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_
         outputs = write_late(fn, Number(), registry, 1, "", moved)
     assert [(kind, n) for kind, n, _ in outputs] == [(LATE, len(moved))]
     assert f"split into other shards than {SHARDS + 1}" in caplog.text, "counted as unchecked, not taken as new"
+
+
+@pytest.mark.parametrize("staged_shards", [4, 3, 1])
+def test_staged_files_of_a_run_of_another_shard_count_never_stall_the_close_nor_hide_repeats(
+    tmp_path, registry, caplog, staged_shards
+):
+    """Shards change by a drain and a deploy of the new layout, which leaves the old run's staged files for
+    the open hours. Its shard numbers may be past the new count (a plan that raised on them would be retried
+    forever, and hold the watermark), and its files hold ids of several new shards: an index that took
+    them by the name would miss repeats, unseen. Each late repeat is a duplicate, or unchecked and counted."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    ids = [f"d{n}" for n in range(40)]
+    manifest = close_an_hour(settings, registry, staged_by_a_run_of(staged_shards, ids), run_id="drained")
+    fn, outputs = WriteLatePaneFn(settings), []
+    fn.setup()
+    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
+        for shard in range(SHARDS):
+            outputs += write_late(fn, Number(), registry, shard, "", [i for i in ids if shard_of(i, SHARDS) == shard])
+
+    assert sorted(delivered_ids(manifest)) == sorted(ids), "the hour closed with every staged file"
+    dropped = sum(n for kind, n, _ in outputs if kind == DUPLICATES)
+    unchecked = caplog.text.count("was not checked against its hour's index")
+    if staged_shards % SHARDS == 0:
+        assert dropped == len(ids) and not unchecked, "a split the new one refines: every repeat dropped"
+    else:
+        assert unchecked == SHARDS and "another shard count" in caplog.text, "each late pane counted unchecked"
 
 
 def test_what_a_late_pane_reads_is_bounded_by_its_budget_not_by_the_hour_or_the_late_burst(

@@ -33,7 +33,6 @@ import typing
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, VarIntCoder
-from apache_beam.io.filesystem import BeamIOError
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
@@ -42,7 +41,6 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
-from transforms import retries
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.publish import (
     CLOSE_PLAN,
@@ -56,21 +54,12 @@ from transforms.publish import (
     unplanned,
 )
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
+from transforms.retries import denied  # what no retry of the bundle mends where the close publishes
 
 _LOG = logging.getLogger(__name__)
 wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
 PARTS = "parts"
 RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
-# What no retry of the bundle mends: what the job may do where it publishes.
-DENIED = (*retries.DENIED, PermissionError)
-
-
-def denied(error: Exception) -> bool:
-    """Whether a close failed for good: denied, or a Beam file-system call (a listing, a batch)
-    whose every failure was."""
-    if isinstance(error, BeamIOError) and error.exception_details:
-        return all(denied(cause) for cause in error.exception_details.values())
-    return isinstance(error, DENIED)
 
 
 class CloseHourFn(beam.DoFn):

@@ -12,7 +12,8 @@ drops the ids found there as duplicates (an hour report, so the hour's accountin
 ``in = delivered + duplicates + late + dead-lettered``). A retried work item rewrites the
 files it wrote before under the same numbers, perhaps for panes in another order: files of
 this key numbered at or past the number state kept are no earlier copies, and a pane that
-keeps nothing deletes the file a lost try may have written under its number. A pane that
+keeps nothing deletes the file a lost try may have written under its number (a deletion denied for
+good leaves the ids it holds late there, not duplicates too: counted). A pane that
 cannot read what it should (no marker yet: the close is still publishing; an index missing
 or unreadable) is written as it is and counted (``late_panes_unchecked``): the index is a
 way to drop repeats, never a reason to stall.
@@ -28,7 +29,7 @@ import apache_beam as beam
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
-from transforms import write
+from transforms import retries, write
 from transforms.hours import bucket_start_seconds
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
@@ -52,6 +53,7 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         super().setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
+        self.left_by_lost_tries = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_files_left_by_lost_tries")
 
     def process(
         self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteNumberedPaneFn.NUMBER)
@@ -60,16 +62,20 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         if not events:
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
-        held = self._held_by_the_hour(window, shard, {e[0] for e in events}, current)
+        event_ids = {e[0] for e in events}
+        held = self._held_by_the_hour(window, shard, event_ids, current)
         kept = [e for e in events if e[0] not in held]
-        if len(kept) < len(events):
-            self.duplicates.inc(len(events) - len(kept))
-            yield report(DUPLICATES, len(events) - len(kept))
+        if not kept:  # an earlier try of this pane may have written it unchecked: its commit was lost, so is its file
+            held -= self._left_by_a_lost_try(
+                partitions.join(self._folder(window), self._name(shard, writer, current)), event_ids
+            )
+        duplicates = sum(1 for e in events if e[0] in held)
+        if duplicates:
+            self.duplicates.inc(duplicates)
+            yield report(DUPLICATES, duplicates)
         if kept:
             number.write(current + 1)
             yield from self.write(((shard, writer), kept), window, current)
-        else:  # an earlier try of this pane may have written it unchecked: its commit was lost, so is its file
-            self._delete_uncommitted(partitions.join(self._folder(window), self._name(shard, writer, current)))
 
     def _uncommitted(self, path: str, current: int) -> bool:
         """Whether ``path`` is one of this key's files from a try whose commit was lost: numbered at or past
@@ -97,11 +103,25 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
             self._count_unchecked("all it should", LookupError(f"past its {budget.limit} bytes to read"))
         return held
 
-    def _delete_uncommitted(self, path: str) -> None:
+    def _left_by_a_lost_try(self, path: str, event_ids: set[str]) -> set[str]:
+        """Deletes the file a try whose commit was lost may have written under this pane's number; returns
+        those of ``event_ids`` that it still holds when the deletion is denied for good. Those are late in
+        it (the audit counts its records), so not duplicates too: counted (``late_files_left_by_lost_tries``)
+        instead. Another error is retried (``transforms.retries``), then fails the bundle: the runner retries."""
         try:
-            files.delete_existing([path])
-        except Exception as error:  # noqa: BLE001 - a stray late copy is no reason to fail a bundle for good
-            _LOG.warning("a late file of a lost commit, %s, could not be deleted (%s)", path, type(error).__name__)
+            retries.with_retries(lambda: files.delete_existing([path]), passing=lambda error: not retries.denied(error))
+            return set()
+        except Exception as error:
+            if not retries.denied(error):
+                raise
+            _LOG.error("a late file of a lost commit, %s, could not be deleted (%s)", path, type(error).__name__)
+        self.left_by_lost_tries.inc()
+        try:
+            return event_ids.intersection(files.read_event_ids(path))
+        except Exception as error:
+            if not retries.denied(error):
+                raise
+            return event_ids  # it may hold any of them: none is counted twice
 
     def _count_unchecked(self, what: str, error: Exception) -> None:
         self.unchecked.inc()

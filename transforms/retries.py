@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from apache_beam.io.filesystem import BeamIOError
 from google.api_core import exceptions as google_errors
 
 ATTEMPTS = 3
@@ -30,3 +31,11 @@ def with_retries(call: Callable, passing: Callable[[Exception], bool]):
             if attempt == ATTEMPTS or not passing(error):
                 raise
             sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+
+
+def denied(error: Exception) -> bool:
+    """Whether a call on files failed for good: denied (``DENIED``, or by the local file system), or a
+    Beam file-system call (a listing, a batch) whose every failure was."""
+    if isinstance(error, BeamIOError) and error.exception_details:
+        return all(denied(cause) for cause in error.exception_details.values())
+    return isinstance(error, (*DENIED, PermissionError))
