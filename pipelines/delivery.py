@@ -64,8 +64,8 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
         parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
     # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
     # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
-    sealed = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
-    events, superseded = sealed["events"], ()
+    encrypted = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
+    events, superseded = encrypted["events"], ()
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         marked = events | "MarkRepeats" >> MarkRepeats(settings)
         events, superseded = marked.events, (marked[SUPERSEDED],)
@@ -83,7 +83,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
     dead_letters = (
         parsed.dead_letters,
-        sealed[KEY_UNAVAILABLE],
+        encrypted[KEY_UNAVAILABLE],
         failed_writes | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache),
     ) | "DeadLetters" >> beam.Flatten()
     dead_lettered = (

@@ -42,7 +42,7 @@ def prepared_record(element) -> dict:
     return element[2]
 
 
-class WritePaneFn(beam.DoFn):
+class WriteBoundedPaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
     def __init__(
@@ -65,6 +65,9 @@ class WritePaneFn(beam.DoFn):
         self.schema = schema
         self.report_kind = report_kind
         self.to_record = to_record
+
+    def default_label(self):
+        return "WritePaneFn"  # the step name from before the rename, as the stream twin's
 
     def setup(self):
         use_emulator_credentials()
@@ -122,7 +125,7 @@ class WritePaneFn(beam.DoFn):
         retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 
-class WriteNumberedPaneFn(WritePaneFn):
+class WriteStreamPaneFn(WriteBoundedPaneFn):
     """Writes each pane of a stream's (hour, shard, writer) under the next number that state keeps for it.
 
     Beam's pane index would name files too, but a runner may reset it: Dataflow's
@@ -132,6 +135,11 @@ class WriteNumberedPaneFn(WritePaneFn):
     """
 
     NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
+
+    def default_label(self):
+        # Running jobs know this stateful step as ``.../ParDo(WriteNumberedPaneFn)``: ``--update``
+        # hands its state over by that name, so the class's rename leaves it as it was.
+        return "WriteNumberedPaneFn"
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(NUMBER)):
         if not pane_elements[1]:
@@ -171,7 +179,7 @@ class WriteAvroPanes(beam.PTransform):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
-        fn = WritePaneFn if settings.bounded else WriteNumberedPaneFn
+        fn = WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
         codec = files.AVRO_CODEC if compress else files.UNCOMPRESSED
         self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures, codec, series)
         self.give_up_failures = give_up_failures
