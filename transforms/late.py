@@ -33,6 +33,7 @@ from transforms import retries, write
 from transforms.hours import bucket_start_seconds
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
+from transforms.results import WrittenPanes
 from transforms.write import WRITE_FAILED, WriteStreamPaneFn
 
 _LOG = logging.getLogger(__name__)
@@ -139,16 +140,17 @@ def _keyed_by_shard(pane):
 
 
 class WriteLatePanes(beam.PTransform):
-    """``((shard, writer), [events])`` late panes in; ``reports`` (late files, duplicates) and
-    ``write_failed`` out, as ``WriteAvroPanes`` with ``give_up_failures``."""
+    """``((shard, writer), [events])`` late panes in; ``WrittenPanes`` out (hour reports of late
+    files and duplicates, and the failed writes), as from ``WriteAvroPanesOrGiveUp``."""
 
     def __init__(self, settings):
         super().__init__()
         self.settings = settings
 
     def expand(self, panes):
-        return (
+        written = (
             panes
             | "KeyByShard" >> beam.Map(_keyed_by_shard)
             | "WriteFiles" >> beam.ParDo(WriteLatePaneFn(self.settings)).with_outputs(WRITE_FAILED, main="reports")
         )
+        return WrittenPanes(written.reports, written[WRITE_FAILED])
