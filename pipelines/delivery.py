@@ -36,14 +36,14 @@ from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.late import WriteLatePanes
-from transforms.parse import RAW_MESSAGES, ParseEvents
+from transforms.parse import ParseEvents
 from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, SUPERSEDED
 from transforms.sealed_dead_letters import DeadLetterFailedWrites, SealDeadLetters
-from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache
+from transforms.sealing import JobKeyCache
 from transforms.settings import DeliverySettings
-from transforms.write import WRITE_FAILED, WriteAvroPanes, prepared_record
+from transforms.write import WriteAvroPanes, WriteAvroPanesOrGiveUp, prepared_record
 
 PROG = "python -m pipelines.delivery"
 READY_LINE = "delivering "  # logged once the job reads its subscription; local runs wait for it
@@ -61,11 +61,11 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
 
     parsed = messages | "ParseEvents" >> ParseEvents(settings, keep_raw=archive)
     if archive:
-        parsed[RAW_MESSAGES] | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
+        parsed.raw_messages | "ArchiveRawMessages" >> ArchiveRawMessages(settings, key_cache)
     # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
     # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
-    sealed = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
-    events, superseded = sealed["events"], ()
+    encrypted = parsed.output | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
+    events, superseded = encrypted.output, ()
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         marked = events | "MarkRepeats" >> MarkRepeats(settings)
         events, superseded = marked.events, (marked[SUPERSEDED],)
@@ -74,16 +74,16 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
-    staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanes(
-        settings, layout.staging, DELIVERED, give_up_failures=True, compress=False
+    staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanesOrGiveUp(
+        settings, layout.staging, DELIVERED, compress=False
     )
     # Less the ids its closed hour already holds, for the whole late horizon (see transforms/late.py).
     late = deduplicated.late | "WriteLate" >> WriteLatePanes(settings)
-    failed_writes = (staged[WRITE_FAILED], late[WRITE_FAILED]) | "FailedWrites" >> beam.Flatten()
+    failed_writes = (staged.failed_writes, late.failed_writes) | "FailedWrites" >> beam.Flatten()
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
     dead_letters = (
         parsed.dead_letters,
-        sealed[KEY_UNAVAILABLE],
+        encrypted.dead_letters,
         failed_writes | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache),
     ) | "DeadLetters" >> beam.Flatten()
     dead_lettered = (
@@ -94,7 +94,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)
     )
 
-    reports = (staged.reports, deduplicated.duplicates, *superseded, forgotten, late.reports, dead_lettered)
+    reports = (staged.output, deduplicated.duplicates, *superseded, forgotten, late.output, dead_lettered)
     if not settings.bounded:  # hours a drained or stopped run left open close with this run's,
         # and every hour from the start on closes, also when nothing arrives in it
         reports += (

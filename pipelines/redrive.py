@@ -47,7 +47,7 @@ from transforms.hours import BucketByHour
 from transforms.parse import ParseEvents
 from transforms.personal import EncryptPersonalFields
 from transforms.reports import DELIVERED
-from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache, open_attributes
+from transforms.sealing import JobKeyCache, open_attributes
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes
 
@@ -157,9 +157,9 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
     )
     parsed = replayed.messages | "ParseEvents" >> ParseEvents(settings)
     key_cache = JobKeyCache(settings.keys, settings.event_type.name)
-    protected = parsed.events | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
+    encrypted = parsed.output | "EncryptPersonalFields" >> EncryptPersonalFields(settings.event_type, key_cache)
     # No deduplication: every dead letter replays once, and each must land somewhere to be counted.
-    panes = protected["events"] | "BucketByHour" >> BucketByHour(settings)
+    panes = encrypted.output | "BucketByHour" >> BucketByHour(settings)
     staged = panes | "StageDelivered" >> WriteAvroPanes(settings, settings.layout.staging, DELIVERED, compress=False)
     staged | "CloseHour" >> CloseHour(settings, publish=False)
 
@@ -169,7 +169,7 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
     key_unavailable = (
         {
             "replayed": replayed[REPLAYED],
-            "key_unavailable": protected[KEY_UNAVAILABLE] | "UnavailableIds" >> beam.Map(lambda dead: (dead[0], 1)),
+            "key_unavailable": encrypted.dead_letters | "UnavailableIds" >> beam.Map(lambda dead: (dead[0], 1)),
         }
         | "JoinIds" >> beam.CoGroupByKey()
         | "KeyStillUnavailable" >> beam.FlatMap(_places_of_unavailable)

@@ -241,7 +241,8 @@ def test_forget_refuses_a_keystore_without_keys_unless_told(tmp_path):
     result = _forget(tmp_path, "--allow_empty_keystore")
     assert result.returncode == 0, result.stderr
     assert "0 subject(s) whose keys were deleted, 1 subject(s) had no key and are tombstoned" in result.stdout
-    assert open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek).is_forgotten("user-1")
+    keystore = open_keystore(f"sqlite:///{tmp_path}/keys/keystore.db", kek)
+    assert keystore.subject_key_ids(["user-1"]) == {"user-1": None}, "tombstoned: asking makes no key"
 
 
 def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
@@ -252,7 +253,8 @@ def test_forget_deletes_a_key_and_never_prints_the_subject(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1 subject(s) whose keys were deleted, 0 subject(s) had no key" in result.stdout
     assert "user-1" not in result.stdout + result.stderr
-    assert keystore.is_forgotten("user-1") and not keystore.is_forgotten("user-2")
+    key_ids = keystore.subject_key_ids(["user-1", "user-2"])
+    assert key_ids["user-1"] is None and key_ids["user-2"] is not None
 
 
 @pytest.mark.emulators
@@ -298,4 +300,5 @@ def test_forget_reads_subjects_from_standard_input_and_prints_none(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 subject(s) whose keys were deleted, 0 subject(s) had no key" in result.stdout
     assert "user-" not in result.stdout + result.stderr
-    assert [keystore.is_forgotten(s) for s in ("user-1", "user-2", "user-3")] == [True, False, True]
+    key_ids = keystore.subject_key_ids(["user-1", "user-2", "user-3"])
+    assert [key_ids[s] is None for s in ("user-1", "user-2", "user-3")] == [True, False, True]

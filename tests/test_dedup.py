@@ -21,7 +21,7 @@ from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.conftest import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import dedup, hours
-from transforms.dedup import LATE, REPEAT, Deduplicate, DeduplicateFn, MarkRepeats, MarkRepeatsFn
+from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, DeduplicateStreamPaneFn, MarkRepeats, MarkRepeatsFn
 from transforms.hours import BucketByHour, shard_of
 
 
@@ -152,7 +152,7 @@ def repeat(event_id):
 
 
 def test_a_pane_holds_no_state_but_whether_its_hour_closed(tmp_path):
-    fn, closed, timer = DeduplicateFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+    fn, closed, timer = DeduplicateStreamPaneFn(settings(tmp_path)), ValueState(), WatermarkTimer()
     fn.setup()
     window = IntervalWindow(600, 600 + WINDOW + LATENESS)
     [unique, duplicates] = fn.process(((0, "w"), [event("e1", 600), repeat("e1")]), window, closed, timer)
@@ -160,9 +160,9 @@ def test_a_pane_holds_no_state_but_whether_its_hour_closed(tmp_path):
     assert timer.at == window.end
     fn.close_hour(closed=closed)
     late, duplicates = fn.process(((0, "w"), [event("e5", 600), repeat("e4")]), window, closed, timer)
-    assert (late.tag, late.value[1]) == (LATE, [event("e5", 600)]), "late, the marked repeat dropped"
+    assert (late.tag, late.value[1]) == (LATE_PANES, [event("e5", 600)]), "late, the marked repeat dropped"
     assert duplicates.value[1] == 1, "and counted as a duplicate"
-    assert {spec.name for spec in DeduplicateFn.__dict__.values() if hasattr(spec, "coder")} == {"closed"}
+    assert {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")} == {"closed"}
 
 
 def mark(fn, seen, timer, *elements) -> list:
@@ -283,7 +283,7 @@ def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_pa
     hour = IntervalWindow(0, WINDOW)
     assert sorted(dedup.staged_by_earlier_runs(s, hour, 0)) == ["a1", "a2"]
 
-    fn = dedup.DeduplicateWholeHourFn(s)
+    fn = dedup.DeduplicateBoundedPaneFn(s)
     fn.setup()
     pane = [event("a1", 1), event("own", 2), event("new", 3), event("new", 4)]
     [(key, unique), duplicates] = fn.process(((0, ""), pane), window=hour)

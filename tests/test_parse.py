@@ -130,7 +130,7 @@ def test_parse_events_transform_splits_events_and_dead_letters(registry, tmp_pat
     with TestPipeline() as pipeline:
         settings = local_settings(tmp_path, log, local_keys(tmp_path), max_event_bytes=MAX_BYTES)
         parsed = pipeline | beam.Create(arrived) | ParseEvents(settings)
-        assert_that(parsed.events | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")
+        assert_that(parsed.output | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")
         kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[2]["error_kind"]))
         assert_that(kinds, equal_to([("bad", "NOT_JSON")]), label="dead_letters")
 
@@ -146,7 +146,7 @@ def test_without_publish_time_the_element_timestamp_is_the_arrival(registry, tmp
     pipeline = TestPipeline()
     arrived = [beam.window.TimestampedValue(m, ARRIVAL_MILLIS / 1000) for m in (unstamped, stale)]
     parsed = pipeline | beam.Create(arrived) | beam.ParDo(StampArrivalFn()) | ParseEvents(settings)
-    events = parsed.events | "Events" >> beam.Map(lambda e: (e[0], e[1]))
+    events = parsed.output | "Events" >> beam.Map(lambda e: (e[0], e[1]))
     assert_that(events, equal_to([("fresh", ARRIVAL_MILLIS)]), label="events")
     kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[1], d[2]["error_kind"]))
     assert_that(kinds, equal_to([("stale", ARRIVAL_MILLIS, "BAD_TIMESTAMP")]), label="dead_letters")

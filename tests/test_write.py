@@ -18,7 +18,7 @@ from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, l
 from transforms.close import CloseHour
 from transforms.hours import BucketByHour
 from transforms.reports import DELIVERED
-from transforms.write import WriteAvroPanes, WritePaneFn
+from transforms.write import WriteAvroPanes, WriteBoundedPaneFn
 
 HOUR = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00:00Z
 
@@ -27,7 +27,7 @@ def write_pane(root, event_type, events, number=0, shard=3, writer=""):
     unused = KeyConfig("sqlite:///never-opened.db", "never-opened.key")  # writing seals nothing
     settings = local_settings(root, event_type, unused, window_seconds=3600)
     record = lambda e: {"event_id": e[0], "received_at": e[1], **e[2]}  # noqa: E731
-    fn = WritePaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
+    fn = WriteBoundedPaneFn(settings, root, DELIVERED, event_type.clear_schema, record)
     fn.setup()
     window = IntervalWindow(HOUR, HOUR + 3600 + 600)
     return list(fn.write(((shard, writer), events), window, number))

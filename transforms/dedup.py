@@ -36,7 +36,7 @@ from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.reports import DUPLICATES, SUPERSEDED, report
 
 _LOG = logging.getLogger(__name__)
-LATE = "late"
+LATE_PANES = "late"  # the output of panes that came after their hour closed (not the report kind)
 REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
 DELIVERED_HERE = ""  # an id's cell when this run let its first copy through; else the earlier run's file
 
@@ -223,16 +223,19 @@ def _count_duplicates(counter, duplicates: int):
         yield beam.pvalue.TaggedOutput(DUPLICATES, report(DUPLICATES, duplicates))
 
 
-class DeduplicateWholeHourFn(beam.DoFn):
+class DeduplicateBoundedPaneFn(beam.DoFn):
     """Keeps the first copy of each id in a pane that holds the whole of its (hour, shard),
     as a bounded input's one pane does, and counts the others. No pane can come after
     it, so none is late, and no state is kept.
 
-    What earlier runs staged for the hour counts as seen, see ``DeduplicateFn``.
+    What earlier runs staged for the hour counts as seen, see ``DeduplicateStreamPaneFn``.
     """
 
     def __init__(self, settings):
         self.settings = settings
+
+    def default_label(self):
+        return "DeduplicateWholeHourFn"  # the step name from before the rename, as below
 
     def setup(self):
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
@@ -245,7 +248,7 @@ class DeduplicateWholeHourFn(beam.DoFn):
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
 
-class DeduplicateFn(DeduplicateWholeHourFn):
+class DeduplicateStreamPaneFn(DeduplicateBoundedPaneFn):
     """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them.
 
     A pane that arrives after the watermark closed the hour goes out as ``late``, its
@@ -258,6 +261,11 @@ class DeduplicateFn(DeduplicateWholeHourFn):
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
+    def default_label(self):
+        # Running jobs know this stateful step as ``.../ParDo(DeduplicateFn)``: ``--update``
+        # hands its state over by that name, so the class's rename leaves it as it was.
+        return "DeduplicateFn"
+
     def process(
         self,
         pane_elements,
@@ -268,7 +276,7 @@ class DeduplicateFn(DeduplicateWholeHourFn):
         pane_key, events = pane_elements
         unique = keep_first_copies([e for e in events if not is_repeat(e)], set())
         if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE, (pane_key, unique))
+            yield beam.pvalue.TaggedOutput(LATE_PANES, (pane_key, unique))
         else:
             close.set(window.end)
             yield pane_key, unique
@@ -291,6 +299,6 @@ class Deduplicate(beam.PTransform):
         self.settings = settings
 
     def expand(self, panes):
-        fn = DeduplicateWholeHourFn if self.settings.bounded else DeduplicateFn
+        fn = DeduplicateBoundedPaneFn if self.settings.bounded else DeduplicateStreamPaneFn
         dedup = beam.ParDo(fn(self.settings))
-        return panes | "DropRepeatedIds" >> dedup.with_outputs(DUPLICATES, LATE, main="unique")
+        return panes | "DropRepeatedIds" >> dedup.with_outputs(DUPLICATES, LATE_PANES, main="unique")

@@ -33,13 +33,14 @@ from transforms import retries, write
 from transforms.hours import bucket_start_seconds
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
-from transforms.write import WRITE_FAILED, WriteNumberedPaneFn
+from transforms.results import WrittenPanes
+from transforms.write import WRITE_FAILED, WriteStreamPaneFn
 
 _LOG = logging.getLogger(__name__)
-NUMBER = WriteNumberedPaneFn.NUMBER
+NUMBER = WriteStreamPaneFn.NUMBER
 
 
-class WriteLatePaneFn(WriteNumberedPaneFn):
+class WriteLatePaneFn(WriteStreamPaneFn):
     """Writes a late pane of an (hour, shard) less the ids its hour already holds: delivered (in the
     index), or written late by an earlier pane of the shard. Those are counted as duplicates."""
 
@@ -49,6 +50,9 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         super().__init__(settings, settings.layout.late, LATE, schema, to_record, True, None, partitions.LATE_SERIES)
         self.num_shards = settings.num_shards
 
+    def default_label(self):
+        return "WriteLatePaneFn"  # its own name, not the one its parent keeps for running jobs
+
     def setup(self):
         super().setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
@@ -56,7 +60,7 @@ class WriteLatePaneFn(WriteNumberedPaneFn):
         self.left_by_lost_tries = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_files_left_by_lost_tries")
 
     def process(
-        self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteNumberedPaneFn.NUMBER)
+        self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteStreamPaneFn.NUMBER)
     ):
         (shard, writer), events = pane_elements
         if not events:
@@ -136,16 +140,17 @@ def _keyed_by_shard(pane):
 
 
 class WriteLatePanes(beam.PTransform):
-    """``((shard, writer), [events])`` late panes in; ``reports`` (late files, duplicates) and
-    ``write_failed`` out, as ``WriteAvroPanes`` with ``give_up_failures``."""
+    """``((shard, writer), [events])`` late panes in; ``WrittenPanes`` out (hour reports of late
+    files and duplicates, and the failed writes), as from ``WriteAvroPanesOrGiveUp``."""
 
     def __init__(self, settings):
         super().__init__()
         self.settings = settings
 
     def expand(self, panes):
-        return (
+        written = (
             panes
             | "KeyByShard" >> beam.Map(_keyed_by_shard)
             | "WriteFiles" >> beam.ParDo(WriteLatePaneFn(self.settings)).with_outputs(WRITE_FAILED, main="reports")
         )
+        return WrittenPanes(written.reports, written[WRITE_FAILED])

@@ -14,6 +14,7 @@ from fastavro.validation import ValidationError, validate
 from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter
 from event_delivery.contract.registry import EventType
+from transforms.results import ParsedMessages
 
 DEAD_LETTERS = "dead_letters"
 RAW_MESSAGES = "raw_messages"
@@ -230,7 +231,8 @@ class ParseEventFn(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Messages in; ``events``, ``dead_letters`` and (with ``keep_raw``) ``raw_messages`` out.
+    """Messages in; a ``ParsedMessages`` out: the events (``output``), the ``dead_letters``, and
+    (with ``keep_raw``) the ``raw_messages``.
 
     ``settings`` are the job's ``DeliverySettings``: the type, its size limit and its
     bounds on ``received_at``.
@@ -247,4 +249,5 @@ class ParseEvents(beam.PTransform):
         )
 
     def expand(self, messages):
-        return messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, RAW_MESSAGES, main="events")
+        parsed = messages | "Parse" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTERS, RAW_MESSAGES, main="events")
+        return ParsedMessages(parsed.events, parsed[DEAD_LETTERS], parsed[RAW_MESSAGES])

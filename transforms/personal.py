@@ -17,6 +17,7 @@ from event_delivery.contract.dead_letters import ErrorKind
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import encrypt_value
 from transforms.reports import FORGOTTEN, report
+from transforms.results import Result
 from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache, SealInBatchesFn, dead_letter_as_arrived
 
 
@@ -63,12 +64,12 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
 
 
 class EncryptPersonalFields(beam.PTransform):
-    """``(event_id, received_at_millis, fields)`` events in, the same out (``events``) with every
+    """``(event_id, received_at_millis, fields)`` events in, the same out (a ``Result``'s ``output``) with every
     personal field sealed under its subject's key and the ``key_id`` added. A forgotten subject's
     fields become null, with no key id. Types without a data subject pass through.
 
-    An event whose subject's key is unavailable (see the module) goes to the ``key_unavailable``
-    output instead, as an unsealed dead letter for ``SealDeadLetters``, in the global window.
+    An event whose subject's key is unavailable (see the module) goes to the ``dead_letters``
+    instead, as an unsealed ``key_unavailable`` dead letter for ``SealDeadLetters``, in the global window.
 
     It belongs right after parsing, so that nothing personal crosses a shuffle or rests
     in a runner's state in clear.
@@ -81,10 +82,10 @@ class EncryptPersonalFields(beam.PTransform):
 
     def expand(self, events):
         if not self.event_type.subject_field:
-            return {"events": events, KEY_UNAVAILABLE: events | "NoSubjects" >> beam.FlatMap(lambda _: [])}
+            return Result(events, events | "NoSubjects" >> beam.FlatMap(lambda _: []))
         fn = EncryptPersonalFieldsFn(self.event_type, self.key_cache)
         sealed = events | "SealFields" >> beam.ParDo(fn).with_outputs(KEY_UNAVAILABLE, main="events")
-        return {"events": sealed.events, KEY_UNAVAILABLE: sealed[KEY_UNAVAILABLE]}
+        return Result(sealed.events, sealed[KEY_UNAVAILABLE])
 
 
 def _forgotten_in(pane):

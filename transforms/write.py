@@ -2,7 +2,7 @@
 
 No pane is retried forever. A write that fails on its data (a record the schema does
 not take) or on a permanent error (permission denied, no such bucket) gives its events
-up on the ``write_failed`` output, which the delivery path turns into dead letters, and
+up (``WriteAvroPanesOrGiveUp``), which the delivery path turns into dead letters, and
 the job moves on. A transient error is retried (``transforms.retries``), then left to the
 runner, which retries the bundle.
 """
@@ -23,6 +23,7 @@ from event_delivery.contract import partitions, slo
 from transforms import retries
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
+from transforms.results import WrittenPanes
 
 _LOG = logging.getLogger(__name__)
 WRITE_FAILED = "write_failed"
@@ -42,7 +43,7 @@ def prepared_record(element) -> dict:
     return element[2]
 
 
-class WritePaneFn(beam.DoFn):
+class WriteBoundedPaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
     def __init__(
@@ -65,6 +66,9 @@ class WritePaneFn(beam.DoFn):
         self.schema = schema
         self.report_kind = report_kind
         self.to_record = to_record
+
+    def default_label(self):
+        return "WritePaneFn"  # the step name from before the rename, as the stream twin's
 
     def setup(self):
         use_emulator_credentials()
@@ -122,7 +126,7 @@ class WritePaneFn(beam.DoFn):
         retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 
-class WriteNumberedPaneFn(WritePaneFn):
+class WriteStreamPaneFn(WriteBoundedPaneFn):
     """Writes each pane of a stream's (hour, shard, writer) under the next number that state keeps for it.
 
     Beam's pane index would name files too, but a runner may reset it: Dataflow's
@@ -132,6 +136,11 @@ class WriteNumberedPaneFn(WritePaneFn):
     """
 
     NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
+
+    def default_label(self):
+        # Running jobs know this stateful step as ``.../ParDo(WriteNumberedPaneFn)``: ``--update``
+        # hands its state over by that name, so the class's rename leaves it as it was.
+        return "WriteNumberedPaneFn"
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(NUMBER)):
         if not pane_elements[1]:
@@ -149,13 +158,14 @@ class WriteAvroPanes(beam.PTransform):
     panes of an (hour, shard, writer) in state; a bounded input has one pane each. Records follow the
     type's delivered schema unless ``schema`` says otherwise.
 
-    With ``give_up_failures``, it returns ``reports`` and ``write_failed`` outputs, the
-    latter ``(reason, [elements])`` per pane whose write failed for good (see above);
-    without, such a failure fails the bundle. Without ``compress``, the files are written
-    uncompressed: staged panes, which the close compresses once, into the hour's parts.
+    A write that fails for good fails the bundle (``WriteAvroPanesOrGiveUp`` gives the pane
+    up instead). Without ``compress``, the files are written uncompressed: staged panes,
+    which the close compresses once, into the hour's parts.
     ``series`` names the files of a writer that shares its root with another (see
     ``partitions.pane_file_name``): the late root's.
     """
+
+    give_up_failures = False
 
     def __init__(
         self,
@@ -164,20 +174,26 @@ class WriteAvroPanes(beam.PTransform):
         report_kind: str,
         schema: dict | None = None,
         to_record=None,
-        give_up_failures: bool = False,
         compress: bool = True,
         series: str = partitions.STAGED_SERIES,
     ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
-        fn = WritePaneFn if settings.bounded else WriteNumberedPaneFn
+        fn = WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
         codec = files.AVRO_CODEC if compress else files.UNCOMPRESSED
-        self.fn = fn(settings, root, report_kind, schema, to_record, give_up_failures, codec, series)
-        self.give_up_failures = give_up_failures
+        self.fn = fn(settings, root, report_kind, schema, to_record, self.give_up_failures, codec, series)
 
     def expand(self, panes):
-        write = beam.ParDo(self.fn)
-        if self.give_up_failures:
-            return panes | "WriteFiles" >> write.with_outputs(WRITE_FAILED, main="reports")
-        return panes | "WriteFiles" >> write
+        return panes | "WriteFiles" >> beam.ParDo(self.fn)
+
+
+class WriteAvroPanesOrGiveUp(WriteAvroPanes):
+    """As ``WriteAvroPanes``, but a pane whose write fails for good (see the module) is given up
+    and the job goes on: ``WrittenPanes`` out, the hour reports and the failed writes."""
+
+    give_up_failures = True
+
+    def expand(self, panes):
+        written = panes | "WriteFiles" >> beam.ParDo(self.fn).with_outputs(WRITE_FAILED, main="reports")
+        return WrittenPanes(written.reports, written[WRITE_FAILED])

@@ -167,12 +167,6 @@ class Keystore(KeyWrappingTier, KeyRotation, abc.ABC):
         """The subject's pseudonyms in every scope whose secret is stored (one per type ever used)."""
         return [self._pseudonym(n, subject_id) for n in sorted(self.named_keys(SCOPED_PSEUDONYM_KEY.format(scope="")))]
 
-    def _forgotten(self, subject_ids) -> set[str]:
-        """The subjects among ``subject_ids`` that have the unscoped tombstone, in one batch."""
-        by_pseudonym = {self.pseudonym(s): s for s in set(subject_ids)}
-        known = self._read_subjects(list(by_pseudonym))
-        return {s for p, s in by_pseudonym.items() if p in known and known[p] is None}
-
     def subject_key_ids(self, subject_ids, create: bool = True, scope: str | None = None) -> dict[str, str | None]:
         """Key ids for many subjects in ``scope`` (an event type's name; None: the unscoped keys of
         keystores from before scopes), in one batch; None for forgotten (or, without ``create``,
@@ -234,10 +228,6 @@ class Keystore(KeyWrappingTier, KeyRotation, abc.ABC):
         self._forget_done(unscoped)
         self._purge_deleted()
         return deleted
-
-    def is_forgotten(self, subject_id: str) -> bool:
-        """Whether the subject has the unscoped tombstone that forget writes first."""
-        return subject_id in self._forgotten([subject_id])
 
     def named_key(self, name: str) -> SubjectKey:
         """A key kept for a purpose rather than a subject, created on first use (and only then wrapped)."""
