@@ -13,7 +13,7 @@ import pytest
 from event_delivery.cloud import files
 from event_delivery.contract import counts, partitions, slo
 from event_delivery.contract.registry import load_registry
-from tools.ops import audit
+from tools.ops import audit, audit_scan
 
 HOUR = 1_795_946_400  # 2026-11-29T10:00:00Z
 SCHEMA = fastavro.parse_schema(
@@ -208,6 +208,7 @@ def test_a_record_on_its_hours_first_millisecond_belongs_to_it_and_one_on_the_ne
     for received_at in (HOUR, HOUR + WINDOW):
         hour = audit.TypeAudit("play")
         at = datetime.datetime.fromtimestamp(received_at, tz=datetime.timezone.utc)
-        audit._check_in_hour(hour, partitions.partition(HOUR), [{"received_at": at}], layout.window_seconds, "late")
+        records = [{"received_at": at}]
+        audit_scan._check_in_hour(hour, partitions.partition(HOUR), records, layout.window_seconds, "late")
         problems.append(hour.problems)
     assert problems == [[], [f"late {partitions.partition(HOUR)}: a record's received_at is outside the partition"]]
