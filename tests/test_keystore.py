@@ -349,6 +349,18 @@ def test_the_cache_holds_at_most_max_entries_dropping_the_oldest_before_their_tt
     assert cache.lookup(["alice"])["alice"][0] == keys["alice"], "a dropped one is fetched again"
 
 
+def test_the_cache_reads_each_named_key_once_and_each_name_is_a_key_of_its_own(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    read, named_key = [], keystore.named_key
+    keystore.named_key = lambda name: read.append(name) or named_key(name)
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
+    days = [quarantine_key_name("search", day * 86_400_000) for day in (5, 6)]
+    served = [cache.named_key(name) for name in days + days]
+    assert read == days, "one keystore read per name for the worker's life"
+    assert served[:2] == served[2:] and served[0][0] != served[1][0]
+    assert [key.key_id for key, _ in served[:2]] == [named_key(name).key_id for name in days]
+
+
 def test_the_cache_survives_another_thread_emptying_its_expiry_queue_as_it_looks(tmp_path, kek):
     class EmptiedAsRead(collections.deque):
         def __getitem__(self, index):
