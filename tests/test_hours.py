@@ -101,3 +101,20 @@ def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_pa
         # Pickling adds some bytes per element to what the bound counts: twice the bound is the limit here.
         delivered = panes | beam.ParDo(RefusePastTheCommitLimitFn(limit_bytes=2 * bound))
         assert_that(delivered, equal_to(ids))
+
+
+def test_a_bundle_spanning_hours_packs_each_element_with_the_others_of_its_hour():
+    """A pack is windowed by its stamp, so every element in it must belong to that stamp's hour:
+    here a bundle of one shard holds events all over three hours, including the half past and
+    the turn of the hour, whatever else a key built from the arrival time could confuse."""
+    hour = 3_600_000
+    start = 1_800_000_000_000 - 1_800_000_000_000 % hour
+    arrivals = [start + h * hour + offset for h in range(3) for offset in (0, 100, hour // 2 + 100, hour - 1)]
+    fn = PackByShardFn(window_seconds=3600, num_shards=1)
+    fn.start_bundle()
+    for n, received_at in enumerate(arrivals):
+        assert not list(fn.process((f"e{n}", received_at, {"n": n})))
+    packs = [(wv.timestamp.micros // 1000, pickle.loads(wv.value[1])) for wv in fn.finish_bundle()]
+    assert sorted(stamp for stamp, _ in packs) == [start, start + hour, start + 2 * hour], "a pack per hour"
+    for stamp, elements in packs:
+        assert [e[1] for e in elements] == [t for t in arrivals if t - t % hour == stamp]
