@@ -302,3 +302,24 @@ def test_a_left_over_report_after_this_runs_close_moves_only_other_runs_files(tm
     assert written(layout, layout.late) == ["run1-0-0", "run2-1-0", "run2-1-1"]
     assert not files.glob(partitions.join(layout.hour(layout.staging, START), "*")), "staging is empty"
     assert late.total == 3, "each late record counted once"
+
+
+def test_a_close_that_finds_the_hour_published_by_an_overlapping_run_moves_what_it_collected_late(tmp_path, registry):
+    """Two runs overlap (a restart before the old one stopped): run 2 collects a pane before run 1
+    publishes the hour, and one after; its own close then finds the marker and no plan."""
+    first, second = (hour_settings(tmp_path, registry, run) for run in ("run1", "run2"))
+    overlapping = Runner(second)
+    overlapping.arrive(stage(second, "run2", 0, 2))
+    overlapping.run()
+    old = Runner(first)
+    old.arrive(stage(first, "run1", 0, 1))
+    old.fire_close()
+    old.run()
+    overlapping.arrive(stage(second, "run2", 1, 1))
+    overlapping.fire_close()
+    overlapping.run()
+
+    layout = first.layout
+    assert written(layout, layout.delivered) == ["run1-0-0", "run2-0-0", "run2-0-1"], "run 1 took run 2's first"
+    assert written(layout, layout.late) == ["run2-1-0"]
+    assert overlapping.markers == [] and not files.glob(partitions.join(layout.hour(layout.staging, START), "*"))
