@@ -19,7 +19,15 @@ from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
 from tests.streams import START, TRIGGER, Clock, local_settings, streaming_pipeline
-from transforms.hours import BucketByHour, FormPanesFn, PackByShardFn, bucket_start_seconds, shard_of
+from transforms.hours import (
+    BucketByHour,
+    FormPanesFn,
+    PackByShardFn,
+    _keyed_by_pane,
+    bucket_start_seconds,
+    shard_of,
+    writer_id,
+)
 
 
 @given(
@@ -31,7 +39,7 @@ def test_each_timestamp_gets_the_window_of_its_bucket(micros, window_seconds, la
     windows = HourWindows(window_seconds, lateness)
     [window] = windows.assign(WindowFn.AssignContext(Timestamp(micros=micros)))
     start = bucket_start_seconds(window)
-    assert start % window_seconds == 0
+    assert isinstance(start, int) and start % window_seconds == 0
     assert start * 10**6 <= micros < (start + window_seconds) * 10**6
     assert window.end.micros == (start + window_seconds + lateness) * 10**6
 
@@ -71,6 +79,17 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
+    keyed = [_keyed_by_pane(("", start + n, {"n": 0}), 16)[0] for n in range(200)]
+    assert len({shard for shard, _ in keyed}) > 8, "nor when they are keyed one by one"
+    assert {writer for _, writer in keyed} == {writer_id()}
+
+
+def test_a_streams_packs_are_keyed_by_the_process_that_read_them():
+    fn = PackByShardFn(window_seconds=3600, num_shards=4, per_writer=True)
+    fn.start_bundle()
+    list(fn.process(("e-1", 1_800_000_000_000, {})))
+    [packed] = fn.finish_bundle()
+    assert packed.value[0] == (shard_of("e-1", 4), writer_id()) and len(writer_id()) == 12
 
 
 class RefusePastTheCommitLimitFn(beam.DoFn):
