@@ -24,6 +24,7 @@ from transforms.hours import (
     FormPanesFn,
     PackByShardFn,
     _keyed_by_pane,
+    approximate_bytes,
     bucket_start_seconds,
     shard_of,
     writer_id,
@@ -137,3 +138,13 @@ def test_a_bundle_spanning_hours_packs_each_element_with_the_others_of_its_hour(
     assert sorted(stamp for stamp, _ in packs) == [start, start + hour, start + 2 * hour], "a pack per hour"
     for stamp, elements in packs:
         assert [e[1] for e in elements] == [t for t in arrivals if t - t % hour == stamp]
+
+
+def test_a_stream_pane_holds_as_many_elements_as_fit_within_the_bound_and_no_more():
+    """Cut at the bound, not before: a pane of fewer elements than fit means more, smaller files."""
+    element = ("e-00001", 1_800_000_000_000, {"field": "x" * 10})  # 7 + 8 + 5 + 10 = 30 bytes
+    assert approximate_bytes(element) == 30
+    assert approximate_bytes({"k": [b"12", 3.5, None]}) == 1 + 2 + 8 + 8, "keys, bytes, 8 for the rest"
+    panes = list(FormPanesFn(packed=False, max_pane_bytes=120).process((("k", "w"), [element] * 10)))
+    assert [len(elements) for _, elements in panes] == [4, 4, 2] and {key for key, _ in panes} == {("k", "w")}
+    assert [len(p) for _, p in FormPanesFn(packed=False).process((("k", "w"), [element] * 10))] == [10]
