@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -121,6 +122,19 @@ def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_pa
         # Pickling adds some bytes per element to what the bound counts: twice the bound is the limit here.
         delivered = panes | beam.ParDo(RefusePastTheCommitLimitFn(limit_bytes=2 * bound))
         assert_that(delivered, equal_to(ids))
+        other_writers = panes | beam.Filter(lambda pane: pane[0][1] != writer_id())
+        assert_that(other_writers, equal_to([]), label="keyed by the process that read them")
+
+
+def test_a_bounded_inputs_hour_and_shard_is_one_pane_whatever_the_pane_bound(tmp_path):
+    """Its deduplication needs every copy of an id in one pane: a batch shuffle takes any size."""
+    s = local_settings(tmp_path, load_registry()["service_log"], None, num_shards=1, trigger_seconds=None)
+    s = dataclasses.replace(s, max_pane_bytes=1000)
+    events = [(f"e-{n:04d}", (START + 1) * 1000, {"pad": "x" * 100}) for n in range(100)]
+    with beam.Pipeline() as pipeline:
+        panes = pipeline | beam.Create(events) | BucketByHour(s)
+        sizes = panes | beam.Map(lambda pane: (pane[0], len(pane[1])))
+        assert_that(sizes, equal_to([((0, ""), 100)]))
 
 
 def test_a_bundle_spanning_hours_packs_each_element_with_the_others_of_its_hour():
