@@ -32,7 +32,15 @@ from event_delivery.keys.keystore import PSEUDONYM_KEY, SubjectKey
 from event_delivery.keys.rotation import REWRAP_LEASE, REWRAP_LEASE_SECONDS, RewrapCounts, RotationUnderWay
 from event_delivery.keys.sqlite import SqliteKeystore
 from event_delivery.keys.wrapped_keys import KEY_WRAPPING_MEMORY_SECONDS, new_key_id
-from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
+from event_delivery.keys.wrapping import (
+    KEY_WRAPPING_KEYS,
+    KeyWrappingReplaced,
+    NewKey,
+    generation_name,
+    generation_of,
+    newest_generation,
+    wrapping_key_id_of,
+)
 from pipelines.forget import sweep_quarantine_keys
 from tools.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.sealing import TRANSIENT, UNAVAILABLE, JobKeyCache
@@ -359,6 +367,14 @@ def test_the_cache_reads_each_named_key_once_and_each_name_is_a_key_of_its_own(t
     assert read == days, "one keystore read per name for the worker's life"
     assert served[:2] == served[2:] and served[0][0] != served[1][0]
     assert [key.key_id for key, _ in served[:2]] == [named_key(name).key_id for name in days]
+
+
+def test_the_newest_generation_of_a_months_key_wrapping_key_is_the_highest_number_not_the_last_name():
+    month = KEY_WRAPPING_KEYS + "2026-12"
+    names = {month: "k0", month + "/1": "k1", month + "/10": "k10", month + "/9": "k9"}  # in name order
+    assert newest_generation(names) == (month + "/10", "k10")
+    assert [generation_of(name) for name in names] == [("2026-12", n) for n in (0, 1, 10, 9)]
+    assert generation_name("2026-12", 0) == month and generation_name("2026-12", 10) == month + "/10"
 
 
 def test_the_cache_survives_another_thread_emptying_its_expiry_queue_as_it_looks(tmp_path, kek):
