@@ -101,6 +101,9 @@ def test_an_hours_panes_are_compacted_into_parts_of_the_target_size(tmp_path, re
         "files of two runs (two schemas, maybe) never share a part"
     )
     assert publish_hour.group_into_parts({"a-p1": (1, 1), "a-p2": (1, 1)}, 0) == [["a-p1"], ["a-p2"]]
+    pane = "staging/service_log-run1-p7-s003.avro"
+    assert publish_hour.part_name("service_log", 4, [pane]) == "service_log-run1-p7-s003.avro", "a one-pane part"
+    assert publish_hour.part_name("service_log", 4, [pane, pane + "x"]) == "service_log-part00004.avro"
 
 
 def test_a_file_system_call_is_denied_for_good_only_when_every_cause_was():
@@ -178,3 +181,27 @@ def test_repeats_dropped_after_the_close_are_each_counted_once_whichever_run_dro
             late_counts.write(committed)  # the bundle is retried: its state write is lost
             fn._after_the_close(report(DUPLICATES, records, None), window, late_counts)
     assert partitions.late_duplicates(layout, START) == 3 + 5 + 7
+
+
+def test_only_what_a_saved_plan_was_not_made_from_is_unplanned_even_in_a_plan_of_an_earlier_version(tmp_path, registry):
+    """A retried close (or a later run) meets reports the saved plan holds and ones that came after
+    it: only those go late. A plan saved by a version before plans kept their counts, or their
+    left-out copies, is read too: everything without a file counts as after it."""
+    layout = Layout.under(tmp_path, "service_log", WINDOW)
+    [first, second] = stage(layout, registry, 2)
+    superseded = report(SUPERSEDED, 1, (second[2], "e1-0"))
+    plan = publish_hour.plan_hour(
+        layout, START, CLOSES_AT, [first, second, superseded, report(DUPLICATES, 2)], False, 0
+    )
+    after = [stage(layout, registry, 3)[2], report(DUPLICATES, 2), report(SUPERSEDED, 1, (second[2], "e1-1"))]
+    collected = [first, second, superseded, report(DUPLICATES, 2), *after]
+
+    assert publish_hour.unplanned(plan, collected) == after
+    parts = [{key: value for key, value in part.items() if key != "left_out"} for part in plan["parts"]]
+    earlier_version = {"manifest": plan["manifest"], "parts": parts}
+    assert publish_hour.unplanned(earlier_version, collected) == [
+        collected[2],
+        collected[3],
+        *after,
+    ], "without counts or left-out copies, each of them comes after the plan"
+    assert publish_hour.unplanned(None, collected) == collected, "published, its plan gone: everything is after"

@@ -267,3 +267,59 @@ def test_a_left_over_report_that_reaches_an_hour_this_run_is_publishing_leaves_t
     manifest = files.read_json(settings.layout.marker(START))
     assert written(settings.layout, settings.layout.delivered) == ["run1-0-0", "run1-0-1", "run2-0-0"]
     assert [f["records"] for f in manifest["files"]] == [2, 1] and not files.exists(left_by_run1[2])
+
+
+class Tally:
+    """A counter the test reads: what ``inc`` added up to."""
+
+    def __init__(self):
+        self.total = 0
+
+    def inc(self, n: int = 1):
+        self.total += n
+
+
+def test_a_left_over_report_after_this_runs_close_moves_only_other_runs_files(tmp_path, registry):
+    """A pane this run stages after it closed the hour goes late on its own report, which is on
+    its way: the clear-up after the marker is for files whose runs stopped, and taking this run's
+    too would count its records late twice."""
+    settings = hour_settings(tmp_path, registry, "run2")
+    runner = Runner(settings)
+    runner.arrive(stage(settings, "run2", 0, 1))
+    runner.fire_close()
+    runner.run()
+    runner.close_hour.late = late = Tally()
+    left_by_run1 = stage(settings, "run1", 0, 1)  # as that run stopped after the close; its report lost
+    own_late_pane = stage(settings, "run2", 1, 2)
+    runner.arrive(report(LEFT_OVER, 0))
+    runner.run()
+
+    layout = settings.layout
+    assert written(layout, layout.late) == ["run1-0-0"] and not files.exists(left_by_run1[2])
+    assert files.exists(own_late_pane[2]), "this run's pane waits for its report"
+    runner.arrive(own_late_pane)
+    runner.run()
+    assert written(layout, layout.late) == ["run1-0-0", "run2-1-0", "run2-1-1"]
+    assert not files.glob(partitions.join(layout.hour(layout.staging, START), "*")), "staging is empty"
+    assert late.total == 3, "each late record counted once"
+
+
+def test_a_close_that_finds_the_hour_published_by_an_overlapping_run_moves_what_it_collected_late(tmp_path, registry):
+    """Two runs overlap (a restart before the old one stopped): run 2 collects a pane before run 1
+    publishes the hour, and one after; its own close then finds the marker and no plan."""
+    first, second = (hour_settings(tmp_path, registry, run) for run in ("run1", "run2"))
+    overlapping = Runner(second)
+    overlapping.arrive(stage(second, "run2", 0, 2))
+    overlapping.run()
+    old = Runner(first)
+    old.arrive(stage(first, "run1", 0, 1))
+    old.fire_close()
+    old.run()
+    overlapping.arrive(stage(second, "run2", 1, 1))
+    overlapping.fire_close()
+    overlapping.run()
+
+    layout = first.layout
+    assert written(layout, layout.delivered) == ["run1-0-0", "run2-0-0", "run2-0-1"], "run 1 took run 2's first"
+    assert written(layout, layout.late) == ["run2-1-0"]
+    assert overlapping.markers == [] and not files.glob(partitions.join(layout.hour(layout.staging, START), "*"))

@@ -3,6 +3,7 @@ fails to decrypt."""
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import pytest
@@ -108,3 +109,29 @@ def test_a_payload_sealed_before_the_format_byte_and_event_id_were_bound_is_refu
     legacy = nonce + KEY.encrypt(nonce, b"{}", b"search\x1fpayload\x1fk1")
     with pytest.raises(UndecryptableField):
         decrypt_bytes(KEY, legacy, "search", "payload", "k1", "e1")
+
+
+@pytest.mark.parametrize("event_id", ["e1", None])
+def test_the_stored_format_is_the_documented_one_so_ciphertexts_of_earlier_versions_stay_readable(event_id):
+    """``format || nonce || ciphertext``, the associated data ``format 0x1f type 0x1f field 0x1f key
+    id 0x1f event id`` (empty without one), the value as compact JSON: stated here byte by byte, so
+    that a change that encrypts and decrypts alike, and round-trips, still fails."""
+    key = secrets.token_bytes(32)
+    nonce = secrets.token_bytes(12)
+    bound = b"\x1fsearch\x1fquery\x1fk1\x1f" + (event_id or "").encode()
+    value = {"q": "café", "n": [1, 2]}
+    stored = (
+        bytes([FIELD_FORMAT]) + nonce + AESGCM(key).encrypt(nonce, b'{"q":"caf\xc3\xa9","n":[1,2]}', b"\x01" + bound)
+    )
+    assert decrypt_value(AESGCM(key), stored, "search", "query", "k1", event_id) == value
+
+    sealed = encrypt_value(AESGCM(key), value, "search", "query", "k1", event_id)
+    assert sealed[0] == FIELD_FORMAT and len(sealed) == 1 + 12 + len('{"q":"café","n":[1,2]}'.encode()) + 16
+    assert json.loads(AESGCM(key).decrypt(sealed[1:13], sealed[13:], b"\x01" + bound)) == value
+
+    payload = secrets.token_bytes(40)
+    sealed = encrypt_bytes(AESGCM(key), payload, "search", "payload", "k1", event_id)
+    bound = bound.replace(b"\x1fquery\x1f", b"\x1fpayload\x1f")
+    assert sealed[0] == SEALED_FORMAT and AESGCM(key).decrypt(sealed[1:13], sealed[13:], b"\x02" + bound) == payload
+    stored = bytes([SEALED_FORMAT]) + nonce + AESGCM(key).encrypt(nonce, payload, b"\x02" + bound)
+    assert decrypt_bytes(AESGCM(key), stored, "search", "payload", "k1", event_id) == payload

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -19,7 +20,16 @@ from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
 from tests.streams import START, TRIGGER, Clock, local_settings, streaming_pipeline
-from transforms.hours import BucketByHour, FormPanesFn, PackByShardFn, bucket_start_seconds, shard_of
+from transforms.hours import (
+    BucketByHour,
+    FormPanesFn,
+    PackByShardFn,
+    _keyed_by_pane,
+    approximate_bytes,
+    bucket_start_seconds,
+    shard_of,
+    writer_id,
+)
 
 
 @given(
@@ -31,7 +41,7 @@ def test_each_timestamp_gets_the_window_of_its_bucket(micros, window_seconds, la
     windows = HourWindows(window_seconds, lateness)
     [window] = windows.assign(WindowFn.AssignContext(Timestamp(micros=micros)))
     start = bucket_start_seconds(window)
-    assert start % window_seconds == 0
+    assert isinstance(start, int) and start % window_seconds == 0
     assert start * 10**6 <= micros < (start + window_seconds) * 10**6
     assert window.end.micros == (start + window_seconds + lateness) * 10**6
 
@@ -71,6 +81,17 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
+    keyed = [_keyed_by_pane(("", start + n, {"n": 0}), 16)[0] for n in range(200)]
+    assert len({shard for shard, _ in keyed}) > 8, "nor when they are keyed one by one"
+    assert {writer for _, writer in keyed} == {writer_id()}
+
+
+def test_a_streams_packs_are_keyed_by_the_process_that_read_them():
+    fn = PackByShardFn(window_seconds=3600, num_shards=4, per_writer=True)
+    fn.start_bundle()
+    list(fn.process(("e-1", 1_800_000_000_000, {})))
+    [packed] = fn.finish_bundle()
+    assert packed.value[0] == (shard_of("e-1", 4), writer_id()) and len(writer_id()) == 12
 
 
 class RefusePastTheCommitLimitFn(beam.DoFn):
@@ -101,3 +122,43 @@ def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_pa
         # Pickling adds some bytes per element to what the bound counts: twice the bound is the limit here.
         delivered = panes | beam.ParDo(RefusePastTheCommitLimitFn(limit_bytes=2 * bound))
         assert_that(delivered, equal_to(ids))
+        other_writers = panes | beam.Filter(lambda pane: pane[0][1] != writer_id())
+        assert_that(other_writers, equal_to([]), label="keyed by the process that read them")
+
+
+def test_a_bounded_inputs_hour_and_shard_is_one_pane_whatever_the_pane_bound(tmp_path):
+    """Its deduplication needs every copy of an id in one pane: a batch shuffle takes any size."""
+    s = local_settings(tmp_path, load_registry()["service_log"], None, num_shards=1, trigger_seconds=None)
+    s = dataclasses.replace(s, max_pane_bytes=1000)
+    events = [(f"e-{n:04d}", (START + 1) * 1000, {"pad": "x" * 100}) for n in range(100)]
+    with beam.Pipeline() as pipeline:
+        panes = pipeline | beam.Create(events) | BucketByHour(s)
+        sizes = panes | beam.Map(lambda pane: (pane[0], len(pane[1])))
+        assert_that(sizes, equal_to([((0, ""), 100)]))
+
+
+def test_a_bundle_spanning_hours_packs_each_element_with_the_others_of_its_hour():
+    """A pack is windowed by its stamp, so every element in it must belong to that stamp's hour:
+    here a bundle of one shard holds events all over three hours, including the half past and
+    the turn of the hour, whatever else a key built from the arrival time could confuse."""
+    hour = 3_600_000
+    start = 1_800_000_000_000 - 1_800_000_000_000 % hour
+    arrivals = [start + h * hour + offset for h in range(3) for offset in (0, 100, hour // 2 + 100, hour - 1)]
+    fn = PackByShardFn(window_seconds=3600, num_shards=1)
+    fn.start_bundle()
+    for n, received_at in enumerate(arrivals):
+        assert not list(fn.process((f"e{n}", received_at, {"n": n})))
+    packs = [(wv.timestamp.micros // 1000, pickle.loads(wv.value[1])) for wv in fn.finish_bundle()]
+    assert sorted(stamp for stamp, _ in packs) == [start, start + hour, start + 2 * hour], "a pack per hour"
+    for stamp, elements in packs:
+        assert [e[1] for e in elements] == [t for t in arrivals if t - t % hour == stamp]
+
+
+def test_a_stream_pane_holds_as_many_elements_as_fit_within_the_bound_and_no_more():
+    """Cut at the bound, not before: a pane of fewer elements than fit means more, smaller files."""
+    element = ("e-00001", 1_800_000_000_000, {"field": "x" * 10})  # 7 + 8 + 5 + 10 = 30 bytes
+    assert approximate_bytes(element) == 30
+    assert approximate_bytes({"k": [b"12", 3.5, None]}) == 1 + 2 + 8 + 8, "keys, bytes, 8 for the rest"
+    panes = list(FormPanesFn(packed=False, max_pane_bytes=120).process((("k", "w"), [element] * 10)))
+    assert [len(elements) for _, elements in panes] == [4, 4, 2] and {key for key, _ in panes} == {("k", "w")}
+    assert [len(p) for _, p in FormPanesFn(packed=False).process((("k", "w"), [element] * 10))] == [10]

@@ -32,7 +32,15 @@ from event_delivery.keys.keystore import PSEUDONYM_KEY, SubjectKey
 from event_delivery.keys.rotation import REWRAP_LEASE, REWRAP_LEASE_SECONDS, RewrapCounts, RotationUnderWay
 from event_delivery.keys.sqlite import SqliteKeystore
 from event_delivery.keys.wrapped_keys import KEY_WRAPPING_MEMORY_SECONDS, new_key_id
-from event_delivery.keys.wrapping import KEY_WRAPPING_KEYS, KeyWrappingReplaced, NewKey, wrapping_key_id_of
+from event_delivery.keys.wrapping import (
+    KEY_WRAPPING_KEYS,
+    KeyWrappingReplaced,
+    NewKey,
+    generation_name,
+    generation_of,
+    newest_generation,
+    wrapping_key_id_of,
+)
 from pipelines.forget import sweep_quarantine_keys
 from tools.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.sealing import TRANSIENT, UNAVAILABLE, JobKeyCache
@@ -348,6 +356,26 @@ def test_the_cache_holds_at_most_max_entries_dropping_the_oldest_before_their_tt
     assert len(cache._expiring) <= 4 and len(cache._key_ids) + len(cache._keys) <= 4
     assert set(cache._key_ids) == {"dave", "erin"}, "the newest stay, none of them expired"
     assert cache.lookup(["alice"])["alice"][0] == keys["alice"], "a dropped one is fetched again"
+
+
+def test_the_cache_reads_each_named_key_once_and_each_name_is_a_key_of_its_own(tmp_path, kek):
+    keystore = SqliteKeystore(kek, str(tmp_path / "keys.db"), create=True)
+    read, named_key = [], keystore.named_key
+    keystore.named_key = lambda name: read.append(name) or named_key(name)
+    cache = KeyCache(keystore, "search", ttl_seconds=60)
+    days = [quarantine_key_name("search", day * 86_400_000) for day in (5, 6)]
+    served = [cache.named_key(name) for name in days + days]
+    assert read == days, "one keystore read per name for the worker's life"
+    assert served[:2] == served[2:] and served[0][0] != served[1][0]
+    assert [key.key_id for key, _ in served[:2]] == [named_key(name).key_id for name in days]
+
+
+def test_the_newest_generation_of_a_months_key_wrapping_key_is_the_highest_number_not_the_last_name():
+    month = KEY_WRAPPING_KEYS + "2026-12"
+    names = {month: "k0", month + "/1": "k1", month + "/10": "k10", month + "/9": "k9"}  # in name order
+    assert newest_generation(names) == (month + "/10", "k10")
+    assert [generation_of(name) for name in names] == [("2026-12", n) for n in (0, 1, 10, 9)]
+    assert generation_name("2026-12", 0) == month and generation_name("2026-12", 10) == month + "/10"
 
 
 def test_the_cache_survives_another_thread_emptying_its_expiry_queue_as_it_looks(tmp_path, kek):
