@@ -114,3 +114,14 @@ def check_root(root: str, project: str | None = None, create: bool = True) -> No
         raise PreflightError(f"cannot reach {_where(clients.STORAGE_EMULATOR_HOST, 'Cloud Storage')}") from None
     if found is None:
         raise PreflightError(f"bucket gs://{bucket} does not exist; create it with `make provision`")
+
+
+def storage_to_read(prog: str, root: str) -> str:
+    """``root`` without a trailing slash, once it exists, with the emulators' credentials set:
+    where the tools that only read the storage (audit, report) start. Exits with code 2,
+    saying what is missing, if it does not exist."""
+    root = root.rstrip("/")
+    with exit_on_failure(prog):
+        check_root(root, create=False)
+    clients.use_emulator_credentials()
+    return root

@@ -123,12 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="Print one JSON document per type instead of the table.")
     args = parser.parse_args(argv)
     from event_delivery.cloud import preflight
-    from event_delivery.cloud.clients import use_emulator_credentials
 
-    root = args.storage_root.rstrip("/")
-    with preflight.exit_on_failure(parser.prog):
-        preflight.check_root(root, create=False)
-    use_emulator_credentials()
+    root = preflight.storage_to_read(parser.prog, args.storage_root)
     audits = []
     for name in args.event_type or sorted(registry):
         layout = Layout.under(root, name, args.window_seconds)

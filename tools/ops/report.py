@@ -44,12 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="report.html", help="The HTML file to write (local or gs://).")
     args = parser.parse_args(argv)
     from event_delivery.cloud import preflight
-    from event_delivery.cloud.clients import use_emulator_credentials
 
-    root = args.storage_root.rstrip("/")
-    with preflight.exit_on_failure(parser.prog):
-        preflight.check_root(root, create=False)
-    use_emulator_credentials()
+    root = preflight.storage_to_read(parser.prog, args.storage_root)
     print(write_report(root, args.window_seconds, args.event_type or sorted(registry), args.output))
     return 0
 
