@@ -10,11 +10,7 @@ steps empty after an ``--update`` (see that module).
 
 from __future__ import annotations
 
-import apache_beam as beam
-
-from event_delivery.contract.registry import load_registry
-from pipelines.delivery import deliver
-from tests.streams import local_keys, local_settings
+from tests.test_step_names import built_path
 
 STREAMING = [
     "ParseEvents/Parse/ParDo(ParseEventFn)",
@@ -36,9 +32,6 @@ BOUNDED = [
 
 
 def dofn_step_names(tmp_path, **more) -> list[str]:
-    settings = local_settings(tmp_path, load_registry()["play"], local_keys(tmp_path), raw_archive=True, **more)
-    pipeline = beam.Pipeline()
-    deliver(pipeline | "Messages" >> beam.Create([]), settings)
     names = []
 
     def walk(node):
@@ -47,7 +40,7 @@ def dofn_step_names(tmp_path, **more) -> list[str]:
                 names.append(part.full_label)
             walk(part)
 
-    walk(pipeline.transforms_stack[0])
+    walk(built_path(tmp_path, **more))
     return names
 
 

@@ -21,12 +21,18 @@ from tests.streams import local_keys, local_settings
 RECORDED = pathlib.Path(__file__).parent / "fixtures" / "step_names.json"
 
 
-def step_names(tmp_path, **more) -> list[str]:
-    """The full names of the steps ``deliver`` builds, down to the steps Beam's own transforms
-    name inside themselves, which follow Beam's version and not this code."""
+def built_path(tmp_path, **more):
+    """The top node of a pipeline that ``deliver`` builds (for ``play``, with the raw archive) on an
+    empty input named ``Messages``."""
     settings = local_settings(tmp_path, load_registry()["play"], local_keys(tmp_path), raw_archive=True, **more)
     pipeline = beam.Pipeline()
     deliver(pipeline | "Messages" >> beam.Create([]), settings)
+    return pipeline.transforms_stack[0]
+
+
+def step_names(tmp_path, **more) -> list[str]:
+    """The full names of the steps ``deliver`` builds, down to the steps Beam's own transforms
+    name inside themselves, which follow Beam's version and not this code."""
     names = []
 
     def walk(node):
@@ -37,7 +43,7 @@ def step_names(tmp_path, **more) -> list[str]:
             if not type(part.transform).__module__.startswith("apache_beam"):
                 walk(part)
 
-    walk(pipeline.transforms_stack[0])
+    walk(built_path(tmp_path, **more))
     return names
 
 
