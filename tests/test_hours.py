@@ -11,7 +11,7 @@ import sys
 import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import WindowFn
+from apache_beam.transforms.window import TimestampedValue, WindowFn
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,14 +19,17 @@ from hypothesis import strategies as st
 from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
-from tests.streams import START, TRIGGER, Clock, local_settings, streaming_pipeline
+from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_settings, streaming_pipeline
 from transforms.hours import (
+    PACKS_PER_FIRING,
     BucketByHour,
     FormPanesFn,
     PackByShardFn,
     _keyed_by_pane,
     approximate_bytes,
     bucket_start_seconds,
+    hour_windows,
+    pane_trigger,
     shard_of,
     writer_id,
 )
@@ -124,6 +127,73 @@ def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_pa
         assert_that(delivered, equal_to(ids))
         other_writers = panes | beam.Filter(lambda pane: pane[0][1] != writer_id())
         assert_that(other_writers, equal_to([]), label="keyed by the process that read them")
+
+
+def _a_backlog_in_reads(clock: Clock, reads: int, per_read: int, make) -> Clock:
+    """``reads`` reads of ``per_read`` elements each, all before the pane's trigger time, as
+    a backlog comes in when a job catches up: every read is a bundle of its own."""
+    for read in range(reads):
+        clock.arrive(*(make(read * per_read + n) for n in range(per_read)))
+    return clock
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["events", "packs"])
+def test_a_key_fires_once_its_count_waits_however_much_a_backlog_brings_at_once(tmp_path, packed):
+    """A firing leaves in one commit, which Streaming Engine cannot split (the input of a work
+    item it can): 40 reads of 50 elements reach one key within one trigger interval, 20 times
+    what may wait for it. Each firing holds at most what waited plus one read."""
+    waiting = PACKS_PER_FIRING if packed else 100
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_events=waiting)
+    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=50, make=lambda n: ("key", n))
+    with streaming_pipeline() as pipeline:
+        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed))
+        fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: list(elements))
+        too_large = fired | beam.Filter(lambda elements: len(elements) > waiting + 50 - 1)
+        assert_that(too_large | beam.Map(len), equal_to([]), label="no firing past it")
+        assert_that(fired | beam.FlatMap(lambda elements: elements), equal_to(range(2000)), label="each fired once")
+
+
+def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_count(tmp_path):
+    """After the hour closed, three stragglers a trigger interval apart leave as three panes,
+    then a backlog of 20 reads fires on the count. The local runner's own ``AfterAny`` fires
+    the first straggler only and holds the rest, and every close, until the late horizon
+    (``transforms/any_trigger.py``); Dataflow fires each."""
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_events=100)
+    clock = Clock(START).advance(WINDOW + LATENESS + TRIGGER)
+    in_the_closed_hour = START + 1
+
+    def arrive_late(*elements):
+        clock.stream = clock.stream.add_elements([TimestampedValue(e, in_the_closed_hour) for e in elements])
+
+    for straggler in range(3):
+        arrive_late(("key", straggler))
+        clock.advance(TRIGGER * 2)
+    for read in range(20):
+        arrive_late(*(("key", 1000 + read * 50 + n) for n in range(50)))
+    with streaming_pipeline() as pipeline:
+        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed=False))
+        fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: sorted(elements))
+        stragglers = fired | beam.Filter(lambda elements: elements and min(elements) < 1000)
+        assert_that(stragglers, equal_to([[0], [1], [2]]), label="a pane each")
+        too_large = fired | beam.Filter(lambda elements: len(elements) > 100 + 50 - 1)
+        assert_that(too_large | beam.Map(len), equal_to([]), label="no firing past the count")
+        every = [*range(3), *range(1000, 2000)]
+        assert_that(fired | beam.FlatMap(lambda elements: elements), equal_to(every), label="each fired once")
+
+
+def test_a_streams_panes_fire_on_the_count_of_events_waiting(tmp_path):
+    """The same backlog through ``BucketByHour`` with no byte bound to cut it: each pane is one
+    firing, and none holds more than the count plus one read."""
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1)
+    s = dataclasses.replace(s, max_pane_events=100, max_pane_bytes=10**9)
+    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"n": n})  # noqa: E731
+    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=50, make=make)
+    with streaming_pipeline() as pipeline:
+        panes = pipeline | clock.advance(TRIGGER * 2).finish() | BucketByHour(s, pack=False)
+        too_large = panes | beam.Map(lambda pane: len(pane[1])) | beam.Filter(lambda n: n > 100 + 50 - 1)
+        assert_that(too_large, equal_to([]), label="no pane past the count")
+        ids = panes | beam.FlatMap(lambda pane: [event[0] for event in pane[1]])
+        assert_that(ids, equal_to([f"backlog-{n:05d}" for n in range(2000)]), label="every event in a pane once")
 
 
 def test_a_bounded_inputs_hour_and_shard_is_one_pane_whatever_the_pane_bound(tmp_path):

@@ -26,6 +26,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
 from event_delivery.contract.hours import into_hours
+from transforms import any_trigger  # noqa: F401 - AfterAny as Dataflow runs it
 
 
 def hour_windows(settings, when=None) -> beam.WindowInto:
@@ -155,6 +156,34 @@ class FormPanesFn(beam.DoFn):
             yield pane_key, pane
 
 
+PACKS_PER_FIRING = 64  # a stream's packs are cut at 1/64 of the pane bound, and a key fires once this many wait
+
+
+def pane_trigger(settings, packed: bool) -> trigger.TriggerFn:
+    """When a key's panes fire: a bounded input's once per hour; a stream's every
+    ``trigger_seconds`` while the hour is open, or as soon as ``max_pane_events`` events (or
+    ``PACKS_PER_FIRING`` packs) wait, whichever comes first; when it closes; and afterwards,
+    for stragglers, on the same two.
+
+    A firing leaves in one commit, with every pane ``FormPanes`` cuts from it. Streaming
+    Engine refuses a key's commit past ~180 MB, and a firing's commit cannot be split as the
+    input of a work item can (apache/beam#19956): the key would be retried for good. A
+    firing holds what waited before it plus one work item's input, whatever the rate, the
+    backlog or the number of writers: packs, each within 1/64 of the pane bound, fire at the
+    pane bound; events at ``max_pane_events`` times their average size (32 MB at 1 kB). The
+    count fires only in a backlog or a burst: a 60 s pane of the busiest type holds ~37,500
+    events per key. A backlog is on time: Pub/Sub's watermark stays at the oldest unread
+    message, so an hour stays open while its backlog is read.
+    """
+    s = settings
+    if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
+        return trigger.DefaultTrigger()
+    flush = trigger.AfterCount(s.trigger_events) if s.trigger_events else trigger.AfterProcessingTime(s.trigger_seconds)
+    waiting = trigger.AfterCount(PACKS_PER_FIRING if packed else s.max_pane_events)
+    either = trigger.AfterAny(flush, waiting)  # on the local runner as on Dataflow: see transforms.any_trigger
+    return trigger.AfterWatermark(early=either, late=either)
+
+
 class BucketByHour(beam.PTransform):
     """``(id, received_at_millis, payload)`` in; ``((shard, writer), [elements])`` panes out.
 
@@ -164,8 +193,7 @@ class BucketByHour(beam.PTransform):
     it deduplicates. Without ``pack``, a stream's elements are keyed one by one (see
     ``PackByShardFn``): for input that comes from a keyed stateful step.
 
-    A pane fires every ``trigger_seconds`` while the hour is open, when it closes, and
-    afterwards for stragglers. Which of those a pane is, is decided downstream by state,
+    When a pane fires is ``pane_trigger``'s. Which pane it is (early, on time, late) is decided downstream by state,
     not by the runner's pane label: the Python DirectRunner labels panes with a
     watermark that event timestamps from the past can hold back.
     """
@@ -178,18 +206,10 @@ class BucketByHour(beam.PTransform):
 
     def expand(self, elements):
         s = self.settings
-        if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
-            when = trigger.DefaultTrigger()
-        else:
-            flush = (
-                trigger.AfterCount(s.trigger_events)
-                if s.trigger_events
-                else trigger.AfterProcessingTime(s.trigger_seconds)
-            )
-            when = trigger.AfterWatermark(early=flush, late=flush)
         bound = None if s.bounded else s.max_pane_bytes
         if self.pack:
-            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
+            pack_bound = bound and max(1, bound // PACKS_PER_FIRING)
+            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=pack_bound)
             keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, str], bytes])
         else:
             keyed = elements | "KeyByShardAndWriter" >> beam.Map(_keyed_by_pane, s.num_shards).with_output_types(
@@ -197,7 +217,7 @@ class BucketByHour(beam.PTransform):
             )
         return (
             keyed
-            | "HourWindows" >> hour_windows(s, when)
+            | "HourWindows" >> hour_windows(s, pane_trigger(s, self.pack))
             | "GroupIntoPanes" >> beam.GroupByKey()
             | "FormPanes" >> beam.ParDo(FormPanesFn(self.pack, bound))
         )

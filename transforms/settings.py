@@ -34,6 +34,9 @@ class DeliverySettings:
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
     max_pane_bytes: int = 16 * 1024 * 1024  # a stream's largest shuffled pane; Streaming Engine refuses ~80 MB
+    # A stream's panes also fire once this many events wait: what one firing commits is bounded in
+    # events however fast they come (a backlog, a burst, fewer writers); see ``transforms.hours``.
+    max_pane_events: int = 32_768
     target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: one per pane
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
 
@@ -42,7 +45,14 @@ class DeliverySettings:
         for name in ("allowed_lateness_seconds", "late_horizon_seconds", "max_future_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("trigger_seconds", "trigger_events", "num_shards", "max_event_bytes", "max_pane_bytes"):
+        for name in (
+            "trigger_seconds",
+            "trigger_events",
+            "num_shards",
+            "max_event_bytes",
+            "max_pane_bytes",
+            "max_pane_events",
+        ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.target_file_mb < 0:

@@ -118,6 +118,7 @@ KEPT_BECAUSE = {
     # The trigger of every step that forms panes, part of their windowing strategy; panes
     # buffered under the old trigger keep it, so one job would fire panes on two schedules.
     "trigger_seconds": "changing the trigger of the panes the job holds",
+    "max_pane_events": "changing the trigger of the panes the job holds",
 }
 
 
@@ -131,20 +132,24 @@ def job_layout(event_type: EventType) -> dict[str, int]:
     update may add but not remove; every deploy archives, so none removes them.
     """
     tier = event_type.tier
-    streaming = _delivery_defaults()
+    streaming, delivery = _delivery_defaults()
     return {
         "window_seconds": partitions.HOUR_SECONDS,
         "allowed_lateness_seconds": tier.allowed_lateness_seconds,
         "num_shards": tier.num_shards,
         "late_horizon_seconds": streaming.late_horizon_seconds,
         "trigger_seconds": streaming.trigger_seconds,
+        "max_pane_events": delivery.max_pane_events,
     }
 
 
 def _delivery_defaults():
-    """The delivery job's shared options (``HourOptions``) as they are when no flag sets them."""
+    """The delivery job's shared and own options (``HourOptions``, ``DeliveryOptions``) as they
+    are when no flag sets them."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.flags import HourOptions
+    from pipelines.options import DeliveryOptions
 
-    return PipelineOptions([]).view_as(HourOptions)
+    defaults = PipelineOptions([])
+    return defaults.view_as(HourOptions), defaults.view_as(DeliveryOptions)
