@@ -71,3 +71,4 @@ def test_the_codec_comparison_measures_files_written_in_each_codec(tmp_path):
         written = sorted((tmp_path / codec).glob("*/*/dt=*/hr=*/*.avro"))
         assert written and {fastavro.reader(path.open("rb")).codec for path in written} == {codec}
         assert runs.published_bytes(tmp_path / codec) == sum(path.stat().st_size for path in written)
+        assert runs.compression_seconds(tmp_path / codec, codec) > 0
