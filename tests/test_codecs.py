@@ -14,6 +14,7 @@ import pytest
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
+from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
@@ -135,3 +136,28 @@ def test_a_codec_no_reader_is_promised_is_refused(tmp_path, registry):
     settings = local_settings(tmp_path, registry["play"], local_keys(tmp_path))
     with pytest.raises(ValueError, match="codec 'lz4' is not one of deflate, snappy, zstandard"):
         dataclasses.replace(settings, codec="lz4")
+
+
+def test_a_redrive_rewrites_dead_letters_and_writes_late_files_in_its_codec(tmp_path, registry):
+    search = registry["search"]
+    settings = local_settings(tmp_path, search, local_keys(tmp_path), codec="zstandard")
+    clock = Clock(START)
+    clock.arrive(message(valid_fields(search, 1), "ok", (START + 1) * 1000))
+    clock.arrive(message({**valid_fields(search, 2), "new_field": "x"}, "ahead", (START + 2) * 1000))
+    clock.arrive(raw_message(b"{broken", "broken"))
+    clock.advance(WINDOW + LATENESS + TRIGGER)
+    with streaming_pipeline() as pipeline:
+        deliver(pipeline | clock.finish(), settings)
+
+    keys = [f"--keystore=sqlite:///{tmp_path}/keystore.db", f"--local_key_file={tmp_path}/kek.key"]
+    hours = [f"--window_seconds={WINDOW}", f"--allowed_lateness_seconds={LATENESS}", "--codec=zstandard"]
+    replay = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
+    assert redrive.main([*replay, "--fix=strip_unknown_fields", *keys, *hours]) == 0
+
+    written = {root: files.glob(f"{tmp_path}/{root}/search/*/*/*.avro") for root in ("late", "dead-letter")}
+    read = {root: [read_by_both(path) for path in paths] for root, paths in written.items()}
+    assert {root: [[r["event_id"] for r in records] for _, records in found] for root, found in read.items()} == {
+        "late": [["ahead"]],
+        "dead-letter": [["broken"]],
+    }
+    assert {codec for found in read.values() for codec, _ in found} == {"zstandard"}
