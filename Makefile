@@ -154,6 +154,11 @@ drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged f
 	$(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --drain $(if $(DRY_RUN),--dry_run,)
 
+.PHONY: tables
+tables: $(INSTALLED)  ## BigQuery external tables over each type's delivered hours (dt, hr): make tables PROJECT=my-project BUCKET=... [DATASET=event_delivery] [LOCATION=EU] [TYPE=search] [DRY_RUN=1].
+	$(ENV) $(PY) -m tools.ops.tables --project $(PROJECT) --bucket $(BUCKET) $(if $(DATASET),--dataset $(DATASET),) \
+		$(if $(LOCATION),--location $(LOCATION),) $(if $(TYPE),--event_type $(TYPE),) $(if $(DRY_RUN),--dry_run,)
+
 monitoring: $(INSTALLED)  ## Alert policies and a dashboard per tier, from the registry, into Cloud Monitoring: make monitoring PROJECT=my-project [TIER=high] [CHANNELS="<channel names>"] [DRY_RUN=1].
 	$(PY) -m tools.ops.monitoring --project $(PROJECT) $(if $(TIER),--tier $(TIER),) $(if $(DRY_RUN),--dry_run,) \
 		$(foreach channel,$(CHANNELS),--notification_channel $(channel))

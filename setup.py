@@ -17,6 +17,9 @@ setuptools.setup(
         "apache-beam[gcp]==2.77.0",
         "cryptography==50.0.2",
         "fastavro==1.13.1",
+        # fastavro's codecs beside deflate (--codec): snappy through cramjam, zstandard through backports.zstd
+        "cramjam==2.14.0",
+        'backports.zstd==1.8.0; python_version < "3.14"',
         "google-cloud-bigtable==2.50.2",
         "google-cloud-kms==3.18.0",
         "google-cloud-monitoring==2.32.0",  # make monitoring: alert policies
@@ -28,6 +31,7 @@ setuptools.setup(
         "dev": [
             "pytest==9.2.0",
             "avro==1.12.2",
+            "python-snappy==0.7.3",  # the Apache Avro reader's snappy (its zstandard is zstandard, pinned)
             "hypothesis==6.170.15",
             "ruff==0.17.6",
             "import-linter==2.17",  # make lint: imports only go down

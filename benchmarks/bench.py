@@ -1,6 +1,6 @@
 """make bench: the delivery path's cost per event, side by side with the floor.
 
-    python -m benchmarks.bench [--events 200000] [--rounds 3] [--skip_latency]
+    python -m benchmarks.bench [--events 200000] [--rounds 3] [--skip_latency] [--codecs_only]
 
 Each measurement runs in a fresh process, and the rounds interleave the floor, two
 floors at once (how far this machine's cores scale the same work with nothing shared),
@@ -8,7 +8,9 @@ the bounded pipeline (the backfill) with 1 worker and with 2 workers, and the st
 path with 1 worker, so a noisy neighbour hits them all alike; the table quotes medians.
 One more streaming run counts its cost ledger per event (``benchmarks.ledger``). Peak
 memory comes from single 1-worker runs at 1x, 2x and 4x the workload; one 2-worker run
-at 4x beside the last shows how scaling grows as the job's fixed cost weighs less.
+at 4x beside the last shows how scaling grows as the job's fixed cost weighs less. The
+codecs (``--codec``) are compared on the bounded pipeline, one run of each per round,
+interleaved: the bytes it published and its CPU, per event.
 Streaming latency is measured on the emulators. Writes benchmarks/results.json and
 benchmarks/results.png.
 """
@@ -27,6 +29,7 @@ import time
 
 from benchmarks import latency
 from benchmarks.runs import workload_for
+from event_delivery.cloud import files
 
 HERE = pathlib.Path(__file__).parent
 PEAK_EVENTS_PER_SECOND = 8_000_000
@@ -91,6 +94,50 @@ def throughput(events: int, rounds: int, say) -> dict:
         }
         for name, results in runs.items()
     }
+
+
+def codecs(events: int, rounds: int, say) -> dict:
+    """Per codec, the bounded pipeline's published bytes and CPU per event (medians of
+    interleaved rounds, so that a noisy neighbour hits each codec alike)."""
+    runs = {codec: [] for codec in files.CODECS}
+    for round_number in range(1, rounds + 1):
+        for codec in files.CODECS:
+            run = measured("pipeline", events, 1, "--codec", codec)
+            runs[codec].append(run)
+            say(
+                f"  round {round_number}/{rounds}: {codec:<10} {run['output_bytes'] / events:7.1f} bytes/event  "
+                f"{run['cpu_seconds'] / events * 1e6:7.1f} CPU µs/event, "
+                f"{run['compression_cpu_seconds'] / events * 1e6:5.2f} of it compressing"
+            )
+    return {
+        codec: {
+            "events": events,
+            "output_bytes_per_event": statistics.median(r["output_bytes"] for r in results) / events,
+            "cpu_microseconds_per_event": statistics.median(r["cpu_seconds"] for r in results) / events * 1e6,
+            "compression_microseconds_per_event": statistics.median(r["compression_cpu_seconds"] for r in results)
+            / events
+            * 1e6,
+            "events_per_second": events / statistics.median(r["seconds"] for r in results),
+        }
+        for codec, results in runs.items()
+    }
+
+
+def codec_table(by_codec: dict) -> str:
+    deflate = by_codec[files.AVRO_CODEC]
+    lines = [
+        "| --codec | bytes/event | x deflate | CPU µs/event | x deflate | compressing, µs | x deflate | events/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for codec, run in by_codec.items():
+        size, cpu = run["output_bytes_per_event"], run["cpu_microseconds_per_event"]
+        compressing = run["compression_microseconds_per_event"]
+        lines.append(
+            f"| {codec} | {size:,.1f} | {size / deflate['output_bytes_per_event']:.2f} | {cpu:,.1f} | "
+            f"{cpu / deflate['cpu_microseconds_per_event']:.2f} | {compressing:,.2f} | "
+            f"{compressing / deflate['compression_microseconds_per_event']:.2f} | {run['events_per_second']:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def cost_ledger(events: int, say) -> dict:
@@ -183,6 +230,9 @@ def table(results: dict) -> str:
                 f"; readable in staging: p50 {lat['staged_p50_seconds']:.1f} s, p95 {lat['staged_p95_seconds']:.1f} s"
             )
         out += "."
+    if results.get("codecs"):
+        out += "\n\nPer codec (bounded pipeline, 1 worker; delivered, late and dead-letter files):\n\n"
+        out += codec_table(results["codecs"])
     return out
 
 
@@ -217,6 +267,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are quoted. Default: 3.")
     parser.add_argument("--skip_latency", action="store_true", help="Skip the streaming latency (needs emulators).")
     parser.add_argument("--output", type=pathlib.Path, default=HERE, help="Where results.json/.png go.")
+    parser.add_argument(
+        "--codecs_only",
+        action="store_true",
+        help="Compare the codecs only (bytes and CPU per event); print their table, write no results.",
+    )
     args = parser.parse_args(argv)
     if args.events < 1000 or args.rounds < 1:
         parser.error("--events must be at least 1000 and --rounds at least 1")
@@ -224,6 +279,10 @@ def main(argv=None) -> int:
     started = time.monotonic()
     say(f"workload: {args.events} events (built once, then reused from benchmarks/.workloads/)")
     work = workload_for(args.events)
+    if args.codecs_only:
+        say(f"codecs: {args.rounds} interleaved rounds")
+        say("\n" + codec_table(codecs(args.events, args.rounds, say)))
+        return 0
     say(f"throughput: {args.rounds} interleaved rounds")
     results = {
         "command": " ".join(["make bench", *(argv or sys.argv[1:])]),
@@ -234,6 +293,8 @@ def main(argv=None) -> int:
     }
     say("cost ledger of the streaming path")
     results["ledger"] = cost_ledger(args.events, say)
+    say(f"codecs: {args.rounds} interleaved rounds of the bounded pipeline")
+    results["codecs"] = codecs(args.events, args.rounds, say)
     say("memory: 1-worker pipeline at 1x, 2x and 4x")
     results["memory"] = memory(args.events, say)
     say("scaling at 4x: 2 workers, once")

@@ -4,9 +4,11 @@ streaming path.
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
     python -m benchmarks.runs streaming --events 200000 [--ledger]
+    python -m benchmarks.runs pipeline --events 200000 --codec zstandard
 
-Prints one JSON line: events read, seconds, and peak resident memory (this process and
-its worker processes); with ``--ledger``, the streaming path's cost ledger too (see
+Prints one JSON line: events read, seconds, CPU seconds and peak resident memory (this
+process and its worker processes), and the bytes of the files it published (delivered,
+late and dead-letter, in ``--codec``); with ``--ledger``, the streaming path's cost ledger too (see
 ``benchmarks.ledger``; counting slows the run, so its seconds are not a measurement).
 The workload is built first if it is not there yet.
 """
@@ -14,6 +16,7 @@ The workload is built first if it is not there yet.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import pathlib
 import resource
@@ -23,10 +26,12 @@ import tempfile
 import time
 
 import apache_beam as beam
+import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
 from benchmarks import floor, ledger, workload
+from event_delivery.cloud import files
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
 from pipelines.backfill import Backfill
@@ -55,7 +60,9 @@ def _as_deployed() -> None:
     worker_handlers.STATE_CACHE_SIZE_MB = job_flags.SDK_STATE_CACHE_MB
 
 
-def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None) -> beam.Pipeline:
+def _pipeline(
+    work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None, codec=files.AVRO_CODEC
+) -> beam.Pipeline:
     """The delivery path over the whole workload, one branch per type, as one Beam job: the
     backfill's (bounded: one pane per hour and shard) or the streaming job's (every stateful
     step: repeat marks, panes, deduplication, the close), fed from the archive."""
@@ -80,6 +87,7 @@ def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streamin
             trigger_seconds=60 if streaming else None,
             trigger_events=PANE_EVENTS if streaming else None,
             run_id="bench",
+            codec=codec,
         )
         pipeline | f"{_BRANCH[streaming]} {name}" >> Backfill(work.archive_paths(name), settings)
     return pipeline
@@ -88,9 +96,38 @@ def _pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streamin
 _BRANCH = {False: "Backfill", True: "Stream"}
 
 
-def run_pipeline(work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool = False) -> int:
-    _pipeline(work, out, workers, streaming).run().wait_until_finish()
+def run_pipeline(
+    work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool = False, codec=files.AVRO_CODEC
+) -> int:
+    _pipeline(work, out, workers, streaming, codec=codec).run().wait_until_finish()
     return work.events
+
+
+def published_files(out: pathlib.Path) -> list[pathlib.Path]:
+    """The delivered, late and dead-letter files under ``out`` (not staging, nor the id index)."""
+    folders = [out / root for root in ("delivered", "late", "dead-letter")]
+    return [path for folder in folders for path in sorted(folder.glob("*/dt=*/hr=*/*.avro"))]
+
+
+def published_bytes(out: pathlib.Path) -> int:
+    return sum(path.stat().st_size for path in published_files(out))
+
+
+def compression_seconds(out: pathlib.Path, codec: str) -> float:
+    """The CPU that compressing the published files' blocks in ``codec`` takes, alone: the codec's own
+    share of the run, which the pipeline's CPU holds too, in the noise of everything else it does."""
+    decoded = []
+    for path in published_files(out):
+        with path.open("rb") as handle:
+            blocks = fastavro.block_reader(handle)
+            decoded.append((blocks.writer_schema, list(blocks)))  # decompressed as read
+    started = time.process_time()
+    for schema, blocks in decoded:
+        writer = fastavro.write.Writer(io.BytesIO(), schema, codec=codec)
+        for block in blocks:
+            writer.write_block(block)  # compressed here
+        writer.flush()
+    return time.process_time() - started
 
 
 def run_ledger(work: workload.Workload, out: pathlib.Path) -> dict:
@@ -109,6 +146,12 @@ def run_ledger(work: workload.Workload, out: pathlib.Path) -> dict:
     }
 
 
+def cpu_seconds() -> float:
+    """User and system CPU of this process and its worker processes."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 def peak_rss_bytes() -> int:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -121,6 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
+    parser.add_argument("--codec", default=files.AVRO_CODEC, choices=files.CODECS, help="The files' Avro codec.")
     parser.add_argument(
         "--start_at", type=float, help="Wall-clock time (epoch seconds) to start at, so that copies run side by side."
     )
@@ -130,15 +174,16 @@ def main(argv=None) -> int:
     if args.start_at:
         time.sleep(max(0.0, args.start_at - time.time()))
     try:
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_seconds()
         costs = None
         if args.what == "floor":
             events = floor.run_floor(work, out)
         elif args.ledger:
             events, costs = work.events, run_ledger(work, out)
         else:
-            events = run_pipeline(work, out, args.workers, streaming=args.what == "streaming")
-        seconds = time.perf_counter() - started
+            events = run_pipeline(work, out, args.workers, streaming=args.what == "streaming", codec=args.codec)
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
+        output_bytes, compression = published_bytes(out), compression_seconds(out, args.codec)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(
@@ -148,6 +193,9 @@ def main(argv=None) -> int:
                 "workers": args.workers,
                 "events": events,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
+                "output_bytes": output_bytes,
+                "compression_cpu_seconds": compression,
                 "peak_rss_bytes": peak_rss_bytes(),
                 **({"ledger": costs} if costs else {}),
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.fixes import FIXES
 from event_delivery.contract.partitions import Layout
@@ -65,6 +66,14 @@ def add_delivery_arguments(parser) -> None:
         help="At close, an hour's pane files are compacted into parts of about this much uncompressed data "
         "(compressed, a part is smaller by the codec's ratio; 0: each pane's file is a part of its own). "
         "Default: 128.",
+    )
+    group.add_argument(
+        "--codec",
+        default=files.AVRO_CODEC,
+        help=f"The Avro codec of the delivered, late and dead-letter files: {', '.join(files.CODECS)} "
+        "(deflate reads anywhere, snappy is the fastest, zstandard the smallest). Each file names its own, so "
+        "an update may change it: an hour's parts all have the codec its close started with. "
+        f"Default: {files.AVRO_CODEC}.",
     )
     group.add_argument(
         "--raw_archive_root",
@@ -135,6 +144,7 @@ def delivery_settings(
         max_pane_bytes=options.max_pane_bytes,
         max_pane_events=options.max_pane_events,
         target_file_mb=options.target_file_mb,
+        codec=options.codec,
     )
     if options.run_id:
         values["run_id"] = options.run_id

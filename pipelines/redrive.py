@@ -110,7 +110,10 @@ class ReplayDeadLettersFn(beam.DoFn):
 
 
 class RemoveRedrivenFn(beam.DoFn):
-    """Rewrites a dead-letter file without the messages that were redriven from it."""
+    """Rewrites a dead-letter file without the messages that were redriven from it, with the job's codec."""
+
+    def __init__(self, codec: str):
+        self.codec = codec
 
     def setup(self):
         use_emulator_credentials()
@@ -121,7 +124,7 @@ class RemoveRedrivenFn(beam.DoFn):
         indices = set(indices)
         remaining = [r for i, r in enumerate(files.read_avro(path)) if i not in indices]
         if remaining:
-            files.write_avro(path, self.schema, remaining)
+            files.write_avro(path, self.schema, remaining, self.codec)
         else:
             FileSystems.delete([path])
         yield len(indices)
@@ -184,7 +187,7 @@ def redrive(pipeline, paths: list[str], settings: DeliverySettings, fix: str):
         | "Redriven" >> beam.FlatMap(_passed)
         | "ByFile" >> beam.Map(_source_place)
         | "GroupByFile" >> beam.GroupByKey()
-        | "RemoveRedriven" >> beam.ParDo(RemoveRedrivenFn(), written=beam.pvalue.AsList(written))
+        | "RemoveRedriven" >> beam.ParDo(RemoveRedrivenFn(settings.codec), written=beam.pvalue.AsList(written))
     )
 
 

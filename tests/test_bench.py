@@ -3,6 +3,7 @@ path deliver the same events; and its cost ledger counts what the streaming path
 
 from __future__ import annotations
 
+import fastavro
 import pytest
 
 from benchmarks import floor, runs, workload
@@ -59,3 +60,15 @@ def test_the_ledger_counts_what_the_streaming_path_does(tmp_path):
         assert per_event["bytes_shuffled"] == pytest.approx(
             sum(step["bytes"] for step in costs["steps"]) / work.counts[name]
         )
+
+
+def test_the_codec_comparison_measures_files_written_in_each_codec(tmp_path):
+    """``make bench`` compares codecs by the bytes of what each run published: each run's files must be
+    in its codec, or the comparison compares nothing."""
+    work = workload.build(tmp_path / "workload", 1000)
+    for codec in ("deflate", "zstandard"):
+        runs.run_pipeline(work, tmp_path / codec, workers=1, codec=codec)
+        written = sorted((tmp_path / codec).glob("*/*/dt=*/hr=*/*.avro"))
+        assert written and {fastavro.reader(path.open("rb")).codec for path in written} == {codec}
+        assert runs.published_bytes(tmp_path / codec) == sum(path.stat().st_size for path in written)
+        assert runs.compression_seconds(tmp_path / codec, codec) > 0

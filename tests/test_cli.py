@@ -32,6 +32,7 @@ def test_help_documents_every_option():
         "--late_horizon_seconds",
         "--num_shards",
         "--max_event_bytes",
+        "--codec",
     ):
         assert option in result.stdout
 
@@ -49,6 +50,10 @@ def test_help_documents_every_option():
         (
             ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--num_shards", "0"],
             "num_shards must be positive",
+        ),
+        (
+            ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--codec", "lz4"],
+            "codec 'lz4' is not one of deflate, snappy, zstandard",
         ),
         (
             ["--event_type", "play", "--storage_root", "/tmp/x", "--project", "p", "--trigger_seconds", "soon"],

@@ -73,6 +73,7 @@ class CloseHourFn(beam.DoFn):
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.target_file_mb = settings.target_file_mb
+        self.codec = settings.codec
         self.num_shards = settings.num_shards
         self.publish = publish
         self.streaming = not settings.bounded
@@ -121,7 +122,8 @@ class CloseHourFn(beam.DoFn):
         """A report the hour's manifest does not hold: its file goes to the late root, its count beside it."""
         kind, records, path = hour_report
         if kind == DELIVERED:
-            publish_late(path, partitions.join(self._folder(self.layout.late, window), posixpath.basename(path)))
+            late_path = partitions.join(self._folder(self.layout.late, window), posixpath.basename(path))
+            publish_late(path, late_path, self.codec)
             self.late.inc(records)
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)
@@ -181,8 +183,9 @@ class CloseHourFn(beam.DoFn):
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
         try:
+            shards, codec = self.num_shards, self.codec
             plan = plan_hour(
-                self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb, self.num_shards
+                self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb, shards, codec
             )
         except Exception as error:
             if not (self.streaming and denied(error)):

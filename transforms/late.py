@@ -47,7 +47,9 @@ class WriteLatePaneFn(WriteStreamPaneFn):
     def __init__(self, settings):
         schema, to_record = settings.event_type.delivered_schema, write.event_record  # looked up when built, as
         # ``WriteAvroPanes`` does
-        super().__init__(settings, settings.layout.late, LATE, schema, to_record, True, None, partitions.LATE_SERIES)
+        super().__init__(
+            settings, settings.layout.late, LATE, schema, to_record, True, settings.codec, partitions.LATE_SERIES
+        )
         self.num_shards = settings.num_shards
 
     def default_label(self):

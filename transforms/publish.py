@@ -5,6 +5,8 @@ folder (``_CLOSING.json``) before anything moves: which staged files make which 
 and the manifest. Then the parts are written side by side, on any worker: a part is
 its pane files' Avro blocks in one file of about ``--target_file_mb``, compressed. Panes
 are staged uncompressed, so each record is compressed once, here, and none is decoded.
+The plan names each part's codec (``--codec`` when it was saved): a part is written with
+one codec, and so is every part of an hour, also when an update changes the codec meanwhile.
 When every part is written, the marker is written, and only then are the staged files
 deleted.
 
@@ -114,8 +116,9 @@ def plan_hour(
     replayed: bool,
     target_file_mb: int,
     num_shards: int | None = None,
+    codec: str = files.AVRO_CODEC,
 ) -> dict | None:
-    """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records"}], "counted", "index"}``:
+    """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records", "codec"}], "counted", "index"}``:
     read from its staging folder if an earlier attempt (or run) saved one, else made from the hour's
     reports and saved there, before any file moves. None if the hour is published and its plan
     gone: nothing collected now is in it. With ``num_shards``, ``index`` holds the tasks that write
@@ -135,7 +138,7 @@ def plan_hour(
         path = partitions.join(folder, part_name(layout.event_type, number, sources))
         left_out = sorted(i for source in sources for i in superseded.get(source, ()))
         records = sum(staged[s][0] for s in sources) - len(left_out)
-        parts.append({"path": path, "sources": sources, "records": records, "left_out": left_out})
+        parts.append({"path": path, "sources": sources, "records": records, "left_out": left_out, "codec": codec})
     published = {part["path"]: part["records"] for part in parts}
     manifest = build_manifest(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
@@ -186,22 +189,27 @@ def to_write(plan: dict) -> list[dict]:
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
     """Writes one part (or index task) of a planned hour, unless the hour's marker says it is
     published. A part whose sources hold superseded copies (rare: only after a restart) is
-    written record by record, without them; any other is copied block by block."""
+    written record by record, without them; any other is copied block by block. Either way it has
+    the codec its plan names (a plan saved before plans named one: deflate, the codec of then)."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
     if is_index_task(part):  # it names no files, to keep the close's commit small: the saved plan does
         planned = files.read_json(plan_path(layout, hour_start))["parts"]
         write_index(layout.hour(layout.id_index, hour_start), part, [s for p in planned for s in p["sources"]])
     elif part.get("left_out"):
-        files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]))
+        files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]), part_codec(part))
     else:
-        files.concatenate_avro(part["sources"], part["path"])
+        files.concatenate_avro(part["sources"], part["path"], part_codec(part))
 
 
-def publish_late(staged: str, destination: str) -> None:
-    """A staged pane file, compressed, at ``destination`` in the late root, and gone from staging."""
+def part_codec(part: dict) -> str:
+    return part.get("codec", files.AVRO_CODEC)
+
+
+def publish_late(staged: str, destination: str, codec: str = files.AVRO_CODEC) -> None:
+    """A staged pane file, compressed with ``codec``, at ``destination`` in the late root, and gone from staging."""
     if files.exists(staged):
-        files.concatenate_avro([staged], destination)
+        files.concatenate_avro([staged], destination, codec)
         files.delete_existing([staged])
 
 

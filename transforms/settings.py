@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import EventType
@@ -38,6 +39,7 @@ class DeliverySettings:
     # events however fast they come (a backlog, a burst, fewer writers); see ``transforms.hours``.
     max_pane_events: int = 32_768
     target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: one per pane
+    codec: str = files.AVRO_CODEC  # of the delivered, late and dead-letter files (staged panes are uncompressed)
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
 
     def __post_init__(self):
@@ -55,6 +57,8 @@ class DeliverySettings:
         ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.codec not in files.CODECS:
+            raise ValueError(f"codec {self.codec!r} is not one of {', '.join(files.CODECS)}")
         if self.target_file_mb < 0:
             raise ValueError("target_file_mb must not be negative")
         if self.late_horizon_seconds <= self.window_seconds + self.allowed_lateness_seconds:

@@ -159,8 +159,8 @@ class WriteAvroPanes(beam.PTransform):
     type's delivered schema unless ``schema`` says otherwise.
 
     A write that fails for good fails the bundle (``WriteAvroPanesOrGiveUp`` gives the pane
-    up instead). Without ``compress``, the files are written uncompressed: staged panes,
-    which the close compresses once, into the hour's parts.
+    up instead). They are compressed with the job's codec (``--codec``); without ``compress``,
+    uncompressed: staged panes, which the close compresses once, into the hour's parts.
     ``series`` names the files of a writer that shares its root with another (see
     ``partitions.pane_file_name``): the late root's.
     """
@@ -181,7 +181,7 @@ class WriteAvroPanes(beam.PTransform):
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
         fn = WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
-        codec = files.AVRO_CODEC if compress else files.UNCOMPRESSED
+        codec = settings.codec if compress else files.UNCOMPRESSED
         self.fn = fn(settings, root, report_kind, schema, to_record, self.give_up_failures, codec, series)
 
     def expand(self, panes):

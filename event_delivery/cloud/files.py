@@ -9,6 +9,10 @@ import fastavro
 from apache_beam.io.filesystems import FileSystems
 
 AVRO_CODEC = "deflate"
+# The codecs a job may write its files with (``--codec``): deflate for any reader, snappy for
+# speed, zstandard for size. fastavro needs cramjam for snappy and backports.zstd for
+# zstandard (both pinned in setup.py); the Apache Avro reader, python-snappy and zstandard.
+CODECS = (AVRO_CODEC, "snappy", "zstandard")
 UNCOMPRESSED = "null"  # Avro's name for no codec
 
 
@@ -69,11 +73,12 @@ def count_avro_records(path: str) -> int:
         return sum(block.num_records for block in fastavro.block_reader(io.BytesIO(handle.read())))
 
 
-def concatenate_avro(sources: list[str], destination: str) -> int:
-    """Writes the blocks of ``sources``, Avro files of one writer schema, into one compressed
-    file at ``destination``, in order, without decoding a record; returns how many records it
-    holds. Uncompressed sources cost the least: their blocks are compressed once, here. One
-    block at a time is held in memory."""
+def concatenate_avro(sources: list[str], destination: str, codec: str = AVRO_CODEC) -> int:
+    """Writes the blocks of ``sources``, Avro files of one writer schema, into one file at
+    ``destination`` compressed with ``codec``, in order, without decoding a record; returns how
+    many records it holds. Each block is decompressed as it is read and compressed again as it is
+    written, so the file has one codec whatever the sources had. Uncompressed sources cost the
+    least: their blocks are compressed once, here. One block at a time is held in memory."""
     records, schema = 0, None
     with FileSystems.create(destination, mime_type="application/octet-stream") as out:
         writer = None
@@ -82,7 +87,7 @@ def concatenate_avro(sources: list[str], destination: str) -> int:
                 blocks = fastavro.block_reader(handle)
                 if writer is None:
                     schema = blocks.writer_schema
-                    writer = fastavro.write.Writer(out, schema, codec=AVRO_CODEC)
+                    writer = fastavro.write.Writer(out, schema, codec=codec)
                 elif blocks.writer_schema != schema:
                     raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
                 for block in blocks:
@@ -92,9 +97,9 @@ def concatenate_avro(sources: list[str], destination: str) -> int:
     return records
 
 
-def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[str]) -> int:
-    """Writes the records of ``sources``, Avro files of one writer schema, into one compressed
-    file at ``destination``, in order, less those whose ``event_id`` is in ``event_ids``;
+def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[str], codec: str = AVRO_CODEC) -> int:
+    """Writes the records of ``sources``, Avro files of one writer schema, into one file at
+    ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in ``event_ids``;
     returns how many records it holds. Each record is decoded and encoded again."""
     with FileSystems.open(sources[0], mime_type="application/octet-stream") as handle:
         schema = fastavro.parse_schema(fastavro.reader(handle).writer_schema)
@@ -110,7 +115,7 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
                         yield record
 
     with FileSystems.create(destination, mime_type="application/octet-stream") as out:
-        fastavro.writer(out, schema, records(), codec=AVRO_CODEC)
+        fastavro.writer(out, schema, records(), codec=codec)
     return kept
 
 

@@ -128,8 +128,10 @@ def job_layout(event_type: EventType) -> dict[str, int]:
 
     The other options are left to change: ``target_file_mb``, ``max_event_bytes`` and
     ``max_future_seconds`` decide how a close groups files and what parsing accepts, not
-    the graph, a coder or what state holds. The raw archive adds steps of its own, which an
-    update may add but not remove; every deploy archives, so none removes them.
+    the graph, a coder or what state holds; ``codec`` only how files are compressed, and
+    each file names its own (an hour's parts keep the codec its saved plan names). The raw
+    archive adds steps of its own, which an update may add but not remove; every deploy
+    archives, so none removes them.
     """
     tier = event_type.tier
     streaming, delivery = _delivery_defaults()
