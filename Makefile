@@ -76,8 +76,9 @@ emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; write
 emulators-down:  ## Stop the emulators.
 	$(PY) -m tools.local.emulators down --state_dir $(STATE_DIR)
 
-provision: $(INSTALLED)  ## Create every type's topic and subscription, the bucket (dead letters expire after 30 days) and its Dataflow temp bucket.
-	$(ENV) $(PY) -m tools.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS)
+provision: $(INSTALLED)  ## Topics, subscriptions, buckets with their lifecycle rules, keys; DATAFLOW=1 adds KMS keys, Bigtable, the worker account and its roles [DRY_RUN=1] [ARGS=...].
+	$(ENV) $(PY) -m tools.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS) \
+		$(if $(DATAFLOW),--for_dataflow --region $(REGION),) $(if $(DRY_RUN),--dry_run,) $(ARGS)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
