@@ -13,6 +13,7 @@ from event_delivery.cloud import files
 from event_delivery.contract import counts
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
 from tools.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
+from tools.ops.provisioning.plan import worker_service_account
 from transforms.sealing import KEY_UNAVAILABLE
 
 pytestmark = pytest.mark.emulators
@@ -86,6 +87,7 @@ def test_the_job_keeps_cleartext_out_of_temp_files_and_encrypts_its_state(regist
     assert "disable_always_on_exception_sampling" in environment.experiments
     assert environment.temp_storage_prefix.startswith(f"storage.googleapis.com/{bucket}-dataflow-tmp/")
     assert environment.service_kms_key_name.endswith("/keyRings/event-delivery/cryptoKeys/dataflow-state")
+    assert environment.service_account_email == worker_service_account("local-project"), "the provisioned worker"
 
 
 def shuffles_of_cleartext(pipeline) -> list[str]:
