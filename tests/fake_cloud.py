@@ -8,7 +8,7 @@ import copy
 import dataclasses
 
 from google.api_core import exceptions, iam
-from google.cloud import bigtable_admin_v2, iam_admin_v1, kms
+from google.cloud import bigtable_admin_v2, iam_admin_v1, kms, resourcemanager_v3
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
 
@@ -141,6 +141,14 @@ class FakeBigtable:
     table_admin_client: FakeTableAdmin = dataclasses.field(default_factory=FakeTableAdmin)
 
 
+class FakeProjects(PolicyHolder):
+    NUMBER = "123456789012"
+
+    def get_project(self, request):
+        assert isinstance(request, resourcemanager_v3.GetProjectRequest)
+        return resourcemanager_v3.Project(name=f"projects/{self.NUMBER}", project_id=request.name.split("/")[1])
+
+
 class FakeIam(Creates):
     def create_service_account(self, request):
         assert isinstance(request, iam_admin_v1.CreateServiceAccountRequest)
@@ -156,7 +164,7 @@ class FakeCloud:
     kms: FakeKms = dataclasses.field(default_factory=FakeKms)
     bigtable: FakeBigtable = dataclasses.field(default_factory=FakeBigtable)
     iam: FakeIam = dataclasses.field(default_factory=FakeIam)
-    projects: PolicyHolder = dataclasses.field(default_factory=PolicyHolder)
+    projects: FakeProjects = dataclasses.field(default_factory=FakeProjects)
 
     def clients(self):
         from tools.ops.provisioning.apply import Clients

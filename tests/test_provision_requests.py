@@ -10,7 +10,7 @@ from google.cloud import bigtable_admin_v2, kms
 from google.iam.v1 import policy_pb2
 
 from event_delivery.keys.config import KeyConfig
-from tests.fake_cloud import FakeCloud
+from tests.fake_cloud import FakeCloud, FakeProjects
 from tools.ops import job_flags, provision
 from tools.ops.provisioning.apply import apply_plan
 from tools.ops.provisioning.changes import UNCHANGED
@@ -114,6 +114,19 @@ def test_the_worker_holds_roles_on_exactly_the_planned_resources(registry):
     )
     [account] = cloud.iam.created.values()
     assert account.name == f"projects/{PROJECT}" and account.account_id == "event-delivery-worker"
+
+
+def test_dataflows_service_agents_may_encrypt_state_with_the_state_key(registry):
+    cloud = FakeCloud()
+    apply_plan(dataflow_plan(registry), cloud.clients())
+    [binding] = cloud.kms.policies[job_flags.state_kms_key(PROJECT, REGION)].bindings
+    number = FakeProjects.NUMBER
+    assert binding.role == "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+    assert set(binding.members) == {
+        WORKER,
+        f"serviceAccount:service-{number}@dataflow-service-producer-prod.iam.gserviceaccount.com",
+        f"serviceAccount:service-{number}@compute-system.iam.gserviceaccount.com",
+    }
 
 
 def test_a_grant_keeps_the_policys_other_bindings(registry):

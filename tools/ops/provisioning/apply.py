@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 from event_delivery.cloud import clients
@@ -69,11 +70,12 @@ def apply_plan(plan: Plan, make: Clients | None = None) -> list[Change]:
     if plan.service_account:
         changes.append(iam.ensure_service_account(make.iam(), plan.project, plan.service_account))
         policy_holders = {"subscription": subscriber, "crypto_key": key_client, "bigtable_table": table_admin}
-        policy_holders["project"] = make.projects()
-        member = f"serviceAccount:{plan.service_account}"
+        projects = policy_holders["project"] = make.projects()
+        number = functools.cache(lambda: iam.project_number(projects, plan.project))
         for grant in plan.grants:
+            members = tuple(m.format(project_number=number()) if "{" in m else m for m in grant.members)
             if grant.kind == "bucket":
-                changes.append(iam.grant_on_bucket(storage, grant, member))
+                changes.append(iam.grant_on_bucket(storage, grant, members))
             else:
-                changes.append(iam.grant(policy_holders[grant.kind], grant, member))
+                changes.append(iam.grant(policy_holders[grant.kind], grant, members))
     return changes

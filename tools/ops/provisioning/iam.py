@@ -7,7 +7,7 @@ that already grants every planned role is not written at all.
 
 from __future__ import annotations
 
-from google.cloud import iam_admin_v1
+from google.cloud import iam_admin_v1, resourcemanager_v3
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
 from tools.ops.provisioning.changes import UNCHANGED, UPDATED, Change, create_unless_exists
@@ -32,16 +32,23 @@ def ensure_service_account(iam_client, project: str, email: str) -> Change:
     return create_unless_exists(lambda: iam_client.create_service_account(request=request), "service account", email)
 
 
-def with_roles(policy: policy_pb2.Policy, roles: tuple[str, ...], member: str) -> bool:
-    """Adds ``member`` to each of ``roles`` in ``policy`` (unconditional bindings only); True if it added any."""
+def project_number(projects_client, project: str) -> str:
+    """The project's number, which names its service agents."""
+    request = resourcemanager_v3.GetProjectRequest(name=f"projects/{project}")
+    return projects_client.get_project(request=request).name.rpartition("/")[2]
+
+
+def with_roles(policy: policy_pb2.Policy, roles: tuple[str, ...], members: tuple[str, ...]) -> bool:
+    """Adds ``members`` to each of ``roles`` in ``policy`` (unconditional bindings only); True if it added any."""
     added = False
     for role in roles:
         binding = next((b for b in policy.bindings if b.role == role and not b.HasField("condition")), None)
         if binding is None:
             binding = policy.bindings.add(role=role)
-        if member not in binding.members:
-            binding.members.append(member)
-            added = True
+        for member in members:
+            if member not in binding.members:
+                binding.members.append(member)
+                added = True
     return added
 
 
@@ -51,28 +58,27 @@ def get_policy_request(resource: str) -> iam_policy_pb2.GetIamPolicyRequest:
     return request
 
 
-def grant(client, grant: Grant, member: str) -> Change:
+def grant(client, grant: Grant, members: tuple[str, ...]) -> Change:
     """Grants ``grant.roles`` through a client with the standard ``get_iam_policy``/``set_iam_policy``
     (Pub/Sub, KMS, Bigtable admin, Resource Manager)."""
     policy = client.get_iam_policy(request=get_policy_request(grant.resource))
     name = f"{', '.join(grant.roles)} on {grant.kind} {grant.resource}"
-    if not with_roles(policy, grant.roles, member):
+    if not with_roles(policy, grant.roles, members):
         return Change(UNCHANGED, "grant", name)
     policy.version = POLICY_VERSION
     client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=grant.resource, policy=policy))
     return Change(UPDATED, "grant", name)
 
 
-def grant_on_bucket(storage_client, grant: Grant, member: str) -> Change:
+def grant_on_bucket(storage_client, grant: Grant, members: tuple[str, ...]) -> Change:
     """Cloud Storage keeps its own policy type (a list of role/members dicts)."""
     bucket = storage_client.bucket(grant.resource)
     policy = bucket.get_iam_policy(requested_policy_version=POLICY_VERSION)
     name = f"{', '.join(grant.roles)} on bucket gs://{grant.resource}"
-    missing = [
-        role for role in grant.roles if not any(member in b["members"] and b["role"] == role for b in policy.bindings)
-    ]
+    held = {(binding["role"], member) for binding in policy.bindings for member in binding["members"]}
+    missing = [(role, member) for role in grant.roles for member in members if (role, member) not in held]
     if not missing:
         return Change(UNCHANGED, "grant", name)
-    policy.bindings.extend({"role": role, "members": {member}} for role in missing)
+    policy.bindings.extend({"role": role, "members": {member}} for role, member in missing)
     bucket.set_iam_policy(policy)
     return Change(UPDATED, "grant", name)

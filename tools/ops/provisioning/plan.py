@@ -108,11 +108,13 @@ class BigtableTable:
 
 @dataclasses.dataclass(frozen=True)
 class Grant:
-    """Roles the worker service account gets on one resource, and only there."""
+    """Roles that ``members`` get on one resource, and only there. A member may hold
+    ``{project_number}``, which provisioning reads from the project."""
 
     kind: str  # project, subscription, bucket, crypto_key, bigtable_table
     resource: str
     roles: tuple[str, ...]
+    members: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,10 @@ class Plan:
             lines.append(f"bigtable table {self.bigtable.path}, family {self.bigtable.family} (1 version)")
         if self.service_account:
             lines.append(f"service account {self.service_account}")
-        lines += [f"  {', '.join(g.roles)} on {g.kind} {g.resource}" for g in self.grants]
+        worker = (f"serviceAccount:{self.service_account}",)
+        for g in self.grants:
+            to = "" if g.members == worker else f" to {', '.join(g.members)}"
+            lines.append(f"  {', '.join(g.roles)} on {g.kind} {g.resource}{to}")
         return lines
 
 
