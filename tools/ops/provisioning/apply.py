@@ -69,13 +69,20 @@ def apply_plan(plan: Plan, make: Clients | None = None) -> list[Change]:
         changes.append(bigtable.ensure_table(table_admin, plan.bigtable))
     if plan.service_account:
         changes.append(iam.ensure_service_account(make.iam(), plan.project, plan.service_account))
-        policy_holders = {"subscription": subscriber, "crypto_key": key_client, "bigtable_table": table_admin}
-        projects = policy_holders["project"] = make.projects()
-        number = functools.cache(lambda: iam.project_number(projects, plan.project))
-        for grant in plan.grants:
-            members = tuple(m.format(project_number=number()) if "{" in m else m for m in grant.members)
-            if grant.kind == "bucket":
-                changes.append(iam.grant_on_bucket(storage, grant, members))
-            else:
-                changes.append(iam.grant(policy_holders[grant.kind], grant, members))
+        holders = {"subscription": subscriber, "crypto_key": key_client, "bigtable_table": table_admin}
+        changes += _grant_roles(plan, {**holders, "project": make.projects(), "bucket": storage})
+    return changes
+
+
+def _grant_roles(plan: Plan, policy_holders: dict) -> list[Change]:
+    """Each grant through the client of its resource's kind; a member naming ``{project_number}``
+    gets the number from the project (read once, and only then)."""
+    number = functools.cache(lambda: iam.project_number(policy_holders["project"], plan.project))
+    changes = []
+    for grant in plan.grants:
+        members = tuple(m.format(project_number=number()) if "{" in m else m for m in grant.members)
+        if grant.kind == "bucket":
+            changes.append(iam.grant_on_bucket(policy_holders["bucket"], grant, members))
+        else:
+            changes.append(iam.grant(policy_holders[grant.kind], grant, members))
     return changes

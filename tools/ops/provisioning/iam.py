@@ -75,7 +75,8 @@ def grant_on_bucket(storage_client, grant: Grant, members: tuple[str, ...]) -> C
     bucket = storage_client.bucket(grant.resource)
     policy = bucket.get_iam_policy(requested_policy_version=POLICY_VERSION)
     name = f"{', '.join(grant.roles)} on bucket gs://{grant.resource}"
-    held = {(binding["role"], member) for binding in policy.bindings for member in binding["members"]}
+    unconditional = [binding for binding in policy.bindings if not binding.get("condition")]
+    held = {(binding["role"], member) for binding in unconditional for member in binding["members"]}
     missing = [(role, member) for role in grant.roles for member in members if (role, member) not in held]
     if not missing:
         return Change(UNCHANGED, "grant", name)

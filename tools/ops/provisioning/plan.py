@@ -131,7 +131,8 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan, one resource a line, as a dry run prints it."""
         lines = [f"topic {topic}" for topic in self.topics]
-        lines += [f"subscription {s.path} of {s.topic} ({s.reader})" for s in self.subscriptions]
+        for s in self.subscriptions:
+            lines.append(f"subscription {s.path} of {s.topic} ({s.reader}{f', filter {s.filter}' if s.filter else ''})")
         for bucket in self.buckets:
             lines.append(f"bucket gs://{bucket.name}")
             lines += [f"  delete {', '.join(r.prefixes) or '*'} after {r.age_days} days: {r.why}" for r in bucket.rules]
