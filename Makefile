@@ -22,7 +22,7 @@ KEY_ARGS ?=
 COPIES_INVENTORY ?=
 COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
 .PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit \
-	auditor report forget sweep-keys mutants rewrap decrypt redrive backfill deploy update drain monitoring
+	auditor report forget sweep-keys mutants rewrap decrypt redrive backfill deploy update drain monitoring template
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -76,8 +76,9 @@ emulators: $(INSTALLED)  ## Start the Pub/Sub, GCS and Bigtable emulators; write
 emulators-down:  ## Stop the emulators.
 	$(PY) -m tools.local.emulators down --state_dir $(STATE_DIR)
 
-provision: $(INSTALLED)  ## Create every type's topic and subscription, the bucket (dead letters expire after 30 days) and its Dataflow temp bucket.
-	$(ENV) $(PY) -m tools.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS)
+provision: $(INSTALLED)  ## Topics, subscriptions, buckets with their lifecycle rules, keys; DATAFLOW=1 adds KMS keys, Bigtable, the worker account and its roles [DRY_RUN=1] [ARGS=...].
+	$(ENV) $(PY) -m tools.ops.provision --project $(PROJECT) --bucket $(BUCKET) $(KEY_ARGS) \
+		$(if $(DATAFLOW),--for_dataflow --region $(REGION),) $(if $(DRY_RUN),--dry_run,) $(ARGS)
 
 run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1] [ARGS="--trigger_seconds 10"].
 	@test -n "$(TYPE)" || { echo "usage: make run TYPE=<event type> [ARCHIVE=1] [ARGS=...]" >&2; exit 2; }
@@ -139,15 +140,21 @@ backfill: $(INSTALLED)  ## Re-deliver hours from the raw archive: make backfill 
 		--storage_root $(or $(OUTPUT),$(STORAGE_ROOT)/backfill) --start $(START) --end $(END) \
 		--window_seconds $(WINDOW_SECONDS) $(KEY_ARGS) $(ARGS)
 
-deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [DRY_RUN=1].
-	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
+deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [TEMPLATE=gs://.../delivery.json [IMAGE=...]] [DRY_RUN=1].
+	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [TEMPLATE=gs://...] [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
-		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,)
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,) \
+		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),)
 
-update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [DRY_RUN=1].
+template: $(INSTALLED)  ## The delivery job's Flex Template: metadata from the registry and options, image from ./Dockerfile (Cloud Build) [IMAGE=...] [DRY_RUN=1].
+	$(PY) -m tools.ops.flex_template --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+		$(if $(IMAGE),--image $(IMAGE),) $(if $(DRY_RUN),--dry_run,)
+
+update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [TEMPLATE=gs://...] [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
-		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,)
+		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,) \
+		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),)
 
 drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged for the next run): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }

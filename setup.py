@@ -21,11 +21,13 @@ setuptools.setup(
         "cramjam==2.14.0",
         'backports.zstd==1.8.0; python_version < "3.14"',
         "google-cloud-bigtable==2.50.2",
+        "google-cloud-iam==2.27.0",  # make provision: the worker service account
         "google-cloud-kms==3.18.0",
         "google-cloud-monitoring==2.32.0",  # make monitoring: alert policies
         "google-cloud-monitoring-dashboards==3.2.0",  # make monitoring: dashboards
         "google-cloud-storage==3.17.1",
         "google-cloud-pubsub==2.44.0",
+        "google-cloud-resource-manager==1.19.0",  # make provision: the worker's role on the project
     ],
     extras_require={
         "dev": [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import uuid
 
 import pytest
@@ -15,7 +16,7 @@ from event_delivery.cloud import clients
 from event_delivery.contract import envelope
 from event_delivery.contract.registry import load_registry
 from event_delivery.contract.samples import fake_fields
-from tools.local.emulators import running_emulators
+from tools.local.emulators import bigtable_command, free_port, running_emulators, start, stop_process_group
 
 PROJECT = "local-project"
 
@@ -34,6 +35,27 @@ def emulators(tmp_path_factory):
         yield env
 
 
+@pytest.fixture(scope="module")
+def bigtable_emulator(tmp_path_factory):
+    """A Bigtable emulator for one test module; ``BIGTABLE_EMULATOR_HOST`` points at it meanwhile."""
+    port = free_port()
+    emulator = start(
+        "Bigtable",
+        bigtable_command(port),
+        clients.BIGTABLE_EMULATOR_HOST,
+        port,
+        tmp_path_factory.mktemp("bigtable") / "bigtable.log",
+    )
+    previous = os.environ.get(clients.BIGTABLE_EMULATOR_HOST)
+    os.environ[clients.BIGTABLE_EMULATOR_HOST] = emulator.address
+    yield emulator.address
+    stop_process_group(emulator.process.pid)
+    if previous is None:
+        del os.environ[clients.BIGTABLE_EMULATOR_HOST]
+    else:
+        os.environ[clients.BIGTABLE_EMULATOR_HOST] = previous
+
+
 @pytest.fixture
 def bucket(emulators):
     """A fresh bucket on the GCS emulator."""
@@ -49,10 +71,10 @@ def drop_subscriptions_of(project: str, event_types) -> None:
 
     from tools.ops import provision
 
-    publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
+    subscriber = clients.subscriber_client()
     for event_type in event_types:
         delivery = subscriber.subscription_path(project, event_type.subscription)
-        audit_source = provision.audit_subscription(project, event_type, publisher, subscriber)[0]
+        audit_source = provision.audit_subscription(project, event_type)[0]
         for name in (delivery, audit_source):
             with contextlib.suppress(exceptions.NotFound):
                 subscriber.delete_subscription(subscription=name)

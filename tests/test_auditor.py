@@ -412,9 +412,9 @@ class Run:
 
 def fresh_audit_subscriptions(event_types) -> None:
     """The auditors' subscriptions, emptied of what other tests published."""
-    publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
+    subscriber = clients.subscriber_client()
     for event_type in event_types:
-        name = provision.audit_subscription(PROJECT, event_type, publisher, subscriber)[0]
+        name = provision.audit_subscription(PROJECT, event_type)[0]
         with contextlib.suppress(exceptions.NotFound):
             subscriber.delete_subscription(subscription=name)
     provision.provision(PROJECT, event_types, None)

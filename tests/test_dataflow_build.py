@@ -9,11 +9,11 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from event_delivery.cloud import clients, files
+from event_delivery.cloud import files
 from event_delivery.contract import counts
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
-from tools.ops import provision
 from tools.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
+from tools.ops.provisioning.plan import worker_service_account
 from transforms.sealing import KEY_UNAVAILABLE
 
 pytestmark = pytest.mark.emulators
@@ -87,20 +87,7 @@ def test_the_job_keeps_cleartext_out_of_temp_files_and_encrypts_its_state(regist
     assert "disable_always_on_exception_sampling" in environment.experiments
     assert environment.temp_storage_prefix.startswith(f"storage.googleapis.com/{bucket}-dataflow-tmp/")
     assert environment.service_kms_key_name.endswith("/keyRings/event-delivery/cryptoKeys/dataflow-state")
-
-
-def test_provisioning_sets_the_retention_of_dead_letters_and_temp_files(bucket):
-    provision.provision("local-project", [], bucket)
-    provision.provision("local-project", [], bucket)  # again: nothing changes
-    client = clients.storage_client("local-project")
-    temp = client.get_bucket(provision.temp_bucket(bucket))
-    assert [rule["condition"] for rule in temp.lifecycle_rules] == [{"age": provision.TEMP_RETENTION_DAYS}]
-    output = client.get_bucket(bucket)
-    dead_letters_expire = {
-        "age": provision.QUARANTINE_RETENTION_DAYS,
-        "matchesPrefix": ["dead-letter/", "backfill/dead-letter/"],
-    }
-    assert [rule["condition"] for rule in output.lifecycle_rules] == [dead_letters_expire]
+    assert environment.service_account_email == worker_service_account("local-project"), "the provisioned worker"
 
 
 def shuffles_of_cleartext(pipeline) -> list[str]:

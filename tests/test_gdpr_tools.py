@@ -196,7 +196,7 @@ def test_make_forget_hands_any_value_to_forget_as_it_is_and_runs_none(tmp_path, 
 def test_the_commands_refuse_a_keystore_url_that_names_no_file(url, tmp_path, monkeypatch, capsys):
     from tools.ops import provision
 
-    monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
+    monkeypatch.setattr(provision, "apply_plan", lambda *args: [])  # topics and buckets: not this test's
     LocalKeyFile(tmp_path / "kek.key", create=True)
     key_flags = ["--keystore", url, "--local_key_file", str(tmp_path / "kek.key")]
     for command in (

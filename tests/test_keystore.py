@@ -19,7 +19,6 @@ import uuid
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from event_delivery.cloud.clients import BIGTABLE_EMULATOR_HOST
 from event_delivery.contract.dead_letters import quarantine_key_name
 from event_delivery.keys import bigtable as bigtable_backend
 from event_delivery.keys import cache as cache_module
@@ -42,28 +41,7 @@ from event_delivery.keys.wrapping import (
     wrapping_key_id_of,
 )
 from pipelines.forget import sweep_quarantine_keys
-from tools.local.emulators import bigtable_command, free_port, start, stop_process_group
 from transforms.sealing import TRANSIENT, UNAVAILABLE, JobKeyCache
-
-
-@pytest.fixture(scope="module")
-def bigtable_emulator(tmp_path_factory):
-    port = free_port()
-    emulator = start(
-        "Bigtable",
-        bigtable_command(port),
-        BIGTABLE_EMULATOR_HOST,
-        port,
-        tmp_path_factory.mktemp("bigtable") / "bigtable.log",
-    )
-    previous = os.environ.get(BIGTABLE_EMULATOR_HOST)
-    os.environ[BIGTABLE_EMULATOR_HOST] = emulator.address
-    yield emulator.address
-    stop_process_group(emulator.process.pid)
-    if previous is None:
-        del os.environ[BIGTABLE_EMULATOR_HOST]
-    else:
-        os.environ[BIGTABLE_EMULATOR_HOST] = previous
 
 
 @pytest.fixture(params=["sqlite", pytest.param("bigtable", marks=pytest.mark.emulators)])
@@ -622,7 +600,7 @@ def test_jobs_and_tools_open_only_the_keys_provisioning_made(key_config, tmp_pat
 def test_make_provision_creates_the_keystore_and_the_kek(key_config, monkeypatch, capsys):
     from tools.ops import provision
 
-    monkeypatch.setattr(provision, "provision", lambda *args: None)  # topics and buckets: not this test's
+    monkeypatch.setattr(provision, "apply_plan", lambda *args: [])  # topics, buckets, Bigtable: not this test's
     args = ["--project", "local-project", "--keystore", key_config.keystore]
     assert provision.main([*args, "--local_key_file", key_config.local_key_file]) == 0
     assert f"keystore {key_config.keystore}, key-encryption key {key_config.local_key_file}" in capsys.readouterr().out

@@ -7,6 +7,7 @@ beside each its auditor, a small job that counts what is published.
     python -m tools.ops.deploy ... --update      # replace running jobs in place, keeping their run
     python -m tools.ops.deploy ... --dry_run     # build, validate and stage only
     python -m tools.ops.deploy ... --drain       # stop reading and stop; open hours stay staged
+    python -m tools.ops.deploy ... --template gs://my-bucket/templates/delivery.json   # from the Flex Template
 
 A dry run translates each job for Dataflow and stages its artifacts (the package,
 the pipeline proto) to ``gs://<bucket>/staging`` without submitting anything; CI
@@ -30,6 +31,8 @@ import subprocess
 import sys
 
 from event_delivery.contract.registry import TIERS, EventType, load_registry, tier_types
+from tools.ops.flex_launch import launch_command
+from tools.ops.flex_template import default_image
 from tools.ops.job_flags import (
     KEPT_BECAUSE,
     auditor_args,
@@ -193,6 +196,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dry_run", action="store_true", help="Build and stage only (or print the steps of a drain or an update)."
     )
     parser.add_argument(
+        "--template",
+        help="Launch the delivery jobs from this Flex Template spec (make template: gs://<bucket>/templates/"
+        "delivery.json) with gcloud, not from this checkout. With --dry_run, print the command.",
+    )
+    parser.add_argument("--image", help="The template's image, for the workers. Default: the one make template builds.")
+    parser.add_argument(
         "--no_auditor",
         action="store_true",
         help="Deploy the delivery jobs only. By default a deploy (not an update) also starts each type's auditor.",
@@ -206,7 +215,9 @@ def _deploy(event_type: EventType, args, run_id: str | None) -> None:
     job_args = dataflow_args(
         event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key, run_id
     )
-    if args.dry_run:
+    if args.template:
+        _launch_from_template(event_type, job_args, args)
+    elif args.dry_run:
         job = dry_run(job_args)
         print(f"{event_type.name}: built and staged to {job.root_staging_location} (not submitted)")
     else:
@@ -222,6 +233,16 @@ def _deploy(event_type: EventType, args, run_id: str | None) -> None:
     else:
         _start_auditor(audit_args)
         print(f"{event_type.name}: auditor submitted as {auditor_job_name(event_type)}")
+
+
+def _launch_from_template(event_type: EventType, job_args: list[str], args) -> None:
+    image = args.image or default_image(args.project, args.region)
+    command = launch_command(job_args, args.template, image)
+    if args.dry_run:
+        print(f"{event_type.name}: would run: {' '.join(command)}")
+        return
+    subprocess.run(command, check=True)
+    print(f"{event_type.name}: launched from {args.template} as {job_name(event_type)}")
 
 
 def main(argv=None) -> int:

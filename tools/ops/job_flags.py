@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import EventType
-from tools.ops.provision import temp_bucket
+from tools.ops.provisioning.plan import temp_bucket, worker_service_account
 
 SDK_STATE_CACHE_MB = 0  # see _streaming_job; the bench runs its pipelines with the same
 
@@ -67,6 +67,8 @@ def _streaming_job(event_type: EventType, project: str, region: str, bucket: str
         f"--temp_location=gs://{temp_bucket(bucket)}/tmp",
         "--experiments=disable_always_on_exception_sampling",
         f"--dataflow_kms_key={state_kms_key(project, region)}",
+        # The workers run as the account make provision --for_dataflow grants roles on these resources only.
+        f"--service_account_email={worker_service_account(project)}",
         f"--staging_location=gs://{bucket}/staging",
         "--setup_file=./setup.py",
         "--enable_streaming_engine",
