@@ -49,6 +49,22 @@ def test_an_update_with_the_same_layout_keeps_the_run_id(cloud):
     assert settings.run_id == RUN_ID, "the new job names its files as the running one did"
 
 
+@pytest.mark.parametrize(
+    "recorded, flag, codec",
+    [(None, [], "deflate"), ("zstandard", [], "zstandard"), ("zstandard", ["--codec", "snappy"], "snappy")],
+    ids=["a job from before the codec writes deflate", "kept", "changed by the flag"],
+)
+def test_an_update_keeps_the_running_jobs_codec_unless_told_otherwise(cloud, recorded, flag, codec):
+    """Files are self-describing and an hour's parts keep one codec, so the codec may change by
+    update; what must not happen is an update quietly switching a job back to the default."""
+    running, submitted = cloud
+    if recorded:
+        running["environment"]["sdkPipelineOptions"]["options"]["codec"] = recorded
+    assert deploy.main([*WHERE, "--event_type", "play", "--update", *flag]) == 0
+    [args] = submitted
+    assert delivery_settings(PipelineOptions(args).view_as(DeliveryOptions)).codec == codec
+
+
 def test_a_job_deployed_before_the_late_horizon_and_trigger_were_passed_keeps_them_by_update(cloud):
     running, submitted = cloud
     assert "late_horizon_seconds" not in {

@@ -30,6 +30,7 @@ import json
 import subprocess
 import sys
 
+from event_delivery.cloud import files
 from event_delivery.contract.registry import TIERS, EventType, load_registry, tier_types
 from tools.ops.flex_launch import launch_command
 from tools.ops.flex_template import default_image
@@ -202,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image", help="The template's image, for the workers. Default: the one make template builds.")
     parser.add_argument(
+        "--codec",
+        choices=files.CODECS,
+        help=f"The codec of the delivered, late and dead-letter files. Default: {files.AVRO_CODEC} for a new job; "
+        "an update keeps the running job's.",
+    )
+    parser.add_argument(
         "--no_auditor",
         action="store_true",
         help="Deploy the delivery jobs only. By default a deploy (not an update) also starts each type's auditor.",
@@ -209,12 +216,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _deploy(event_type: EventType, args, run_id: str | None) -> None:
+def _deploy(event_type: EventType, args, run_id: str | None, codec: str) -> None:
     """Submits (or, dry, builds and stages) the type's delivery job and, unless told not to,
     its auditor."""
     job_args = dataflow_args(
         event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key, run_id
     )
+    job_args.append(f"--codec={codec}")
     if args.template:
         _launch_from_template(event_type, job_args, args)
     elif args.dry_run:
@@ -260,11 +268,13 @@ def main(argv=None) -> int:
         return 0
     try:
         # Every type is checked before any is submitted, so a refused tier updates no job.
-        run_ids = {t.name: kept_run_id(t, running_job(t, args.project, args.region)) for t in types if args.update}
+        running = {t.name: running_job(t, args.project, args.region) for t in types if args.update}
+        run_ids = {t.name: kept_run_id(t, running[t.name]) for t in types if args.update}
     except UpdateRefused as refused:
         parser.exit(2, f"{parser.prog}: error: {refused}\n")
     for event_type in types:
-        _deploy(event_type, args, run_ids.get(event_type.name))
+        kept = job_options(running[event_type.name]).get("codec") if event_type.name in running else None
+        _deploy(event_type, args, run_ids.get(event_type.name), args.codec or kept or files.AVRO_CODEC)
     return 0
 
 
