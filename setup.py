@@ -11,7 +11,9 @@ setuptools.setup(
     version="0.1.0",
     description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "tools*", "transforms"]),
+    packages=setuptools.find_packages(
+        include=["avro_schemas", "event_delivery*", "gateway", "pipelines", "tools*", "transforms"]
+    ),
     package_data={"avro_schemas": ["*.avsc"], "tools.ops": ["report.css"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
@@ -23,6 +25,8 @@ setuptools.setup(
         "google-cloud-monitoring-dashboards==3.2.0",  # make monitoring: dashboards
         "google-cloud-storage==3.17.1",
         "google-cloud-pubsub==2.44.0",
+        "aiohttp==3.14.5",  # the gateway's HTTP server
+        "prometheus-client==0.26.0",  # the gateway's /metrics
     ],
     extras_require={
         "dev": [

@@ -1,0 +1,140 @@
+"""A gateway process against a Pub/Sub emulator of its own, for the gateway's tests.
+
+The emulator is the test's own, not the session's, because the outage test stops it with
+SIGSTOP. The gateway runs as ``python -m gateway``, so the tests see it only through its
+command line and its HTTP routes, and can SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from google.api_core import exceptions
+
+from event_delivery.cloud import clients
+from event_delivery.contract import counts
+from event_delivery.contract.registry import load_registry
+from tools.local import emulators
+
+PROJECT = "local-project"
+READY_SECONDS = 60
+
+
+def test_subscription(event_type) -> str:
+    return f"{event_type.topic}-gateway-test"
+
+
+test_subscription.__test__ = False  # a helper, not a test
+
+
+@contextlib.contextmanager
+def pubsub_emulator(state_dir: pathlib.Path):
+    """A Pub/Sub emulator with every type's topic and a test subscription to each; ``os.environ`` points at it."""
+    port = emulators.free_port()
+    log = state_dir / "pubsub.log"
+    emulator = emulators.start("Pub/Sub", emulators.pubsub_command(port), clients.PUBSUB_EMULATOR_HOST, port, log)
+    saved = os.environ.get(clients.PUBSUB_EMULATOR_HOST)
+    os.environ[clients.PUBSUB_EMULATOR_HOST] = emulator.address
+    try:
+        publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
+        publisher.create_topic(name=publisher.topic_path(PROJECT, counts.COUNTS_TOPIC))
+        for event_type in load_registry().values():
+            topic = publisher.topic_path(PROJECT, event_type.topic)
+            publisher.create_topic(name=topic)
+            subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
+            subscriber.create_subscription(name=subscription, topic=topic)
+        yield emulator
+    finally:
+        emulators.stop_process_group(emulator.process.pid)
+        if saved is None:
+            os.environ.pop(clients.PUBSUB_EMULATOR_HOST, None)
+        else:
+            os.environ[clients.PUBSUB_EMULATOR_HOST] = saved
+
+
+@contextlib.contextmanager
+def paused(emulator):
+    """The emulator stopped (SIGSTOP) for the block: Pub/Sub hangs, as in an outage."""
+    os.killpg(emulator.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(emulator.process.pid, signal.SIGCONT)
+
+
+class Gateway:
+    """``python -m gateway`` on a free port of 127.0.0.1; ``stop`` with SIGTERM, or ``kill`` with SIGKILL."""
+
+    def __init__(self, spill_dir: pathlib.Path, *flags: str):
+        self.port = emulators.free_port()
+        self.log_path = spill_dir.parent / f"gateway-{self.port}.log"
+        command = [sys.executable, "-m", "gateway", "--project", PROJECT, "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--spill_dir", str(spill_dir), *flags]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_SECONDS
+        while "gateway ready" not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the gateway did not start; its log:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+        """``(status, headers, body)`` of one request."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def post(self, event_type: str, events: list[dict], content_type: str | None = None):
+        """Posts one event as JSON, or several as NDJSON; ``(status, headers, body)``."""
+        if len(events) == 1 and content_type is None:
+            body, content_type = json.dumps(events[0]).encode(), "application/json"
+        else:
+            body = b"".join(json.dumps(event).encode() + b"\n" for event in events)
+            content_type = content_type or "application/x-ndjson"
+        return self.request("POST", f"/v1/events/{event_type}", body, {"Content-Type": content_type})
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics")[2].decode()
+
+    def stop(self, timeout: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def pull_all(event_type, expected: int, seconds: float = 20) -> list:
+    """Pulls and acknowledges the type's test subscription until ``expected`` messages came or
+    ``seconds`` passed, then once more briefly for extras; ``[(data, attributes)]``."""
+    subscriber = clients.subscriber_client()
+    subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
+    received, deadline, quiet_rounds = [], time.monotonic() + seconds, 0
+    while time.monotonic() < deadline and (len(received) < expected or quiet_rounds < 1):
+        try:
+            response = subscriber.pull(subscription=subscription, max_messages=1000, timeout=2)
+        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable):
+            response = None
+        messages = response.received_messages if response else []
+        quiet_rounds = 0 if messages else quiet_rounds + 1
+        if messages:
+            subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in messages])
+        received += [(m.message.data, dict(m.message.attributes)) for m in messages]
+    return received
