@@ -67,19 +67,24 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=intake.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
 
+def heartbeat_failures(settings: GatewaySettings, spill_fraction: float, disk_free_bytes: int) -> list[str]:
+    """Why the gateway should get no more traffic, if it should not: a nearly full spill, a low disk."""
+    failures = []
+    if spill_fraction >= settings.heartbeat_spill_fraction:
+        failures.append(f"spill is {spill_fraction:.0%} full")
+    if disk_free_bytes < settings.min_free_disk_bytes:
+        failures.append(f"spill disk has {disk_free_bytes} bytes free")
+    return failures
+
+
 async def get_heartbeat(request: web.Request) -> web.Response:
     """200 while the gateway can take events; 503 when its spill is nearly full or its disk low."""
     intake, settings = request.app[INTAKE], request.app[SETTINGS]
     spill_fraction = intake.spill_budget.fraction_used()
     free = shutil.disk_usage(settings.spill_dir).free
-    failures = []
-    if spill_fraction >= settings.heartbeat_spill_fraction:
-        failures.append(f"spill is {spill_fraction:.0%} full")
-    if free < settings.min_free_disk_bytes:
-        failures.append(f"spill disk has {free} bytes free")
-    status = 503 if failures else 200
+    failures = heartbeat_failures(settings, spill_fraction, free)
     body = {"ok": not failures, "failures": failures, "spill_fraction": spill_fraction, "disk_free_bytes": free}
-    return web.Response(status=status, text=json.dumps(body) + "\n", content_type="application/json")
+    return web.Response(status=503 if failures else 200, text=json.dumps(body) + "\n", content_type="application/json")
 
 
 async def _run_background(app: web.Application):
