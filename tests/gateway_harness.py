@@ -121,20 +121,27 @@ class Gateway:
         self.process.wait()
 
 
-def pull_all(event_type, expected: int, seconds: float = 20) -> list:
-    """Pulls and acknowledges the type's test subscription until ``expected`` messages came or
-    ``seconds`` passed, then once more briefly for extras; ``[(data, attributes)]``."""
+def pull_all(wanted_ids: set[str], seconds: float = 30) -> dict[str, list]:
+    """Pulls and acknowledges every type's test subscription until all of ``wanted_ids`` came
+    (or ``seconds`` passed) and a round brings nothing more; ``{type: [(data, attributes)]}``.
+    Messages of other tests come too: compare by id."""
     subscriber = clients.subscriber_client()
-    subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
-    received, deadline, quiet_rounds = [], time.monotonic() + seconds, 0
-    while time.monotonic() < deadline and (len(received) < expected or quiet_rounds < 1):
-        try:
-            response = subscriber.pull(subscription=subscription, max_messages=1000, timeout=2)
-        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable):
-            response = None
-        messages = response.received_messages if response else []
-        quiet_rounds = 0 if messages else quiet_rounds + 1
-        if messages:
-            subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in messages])
-        received += [(m.message.data, dict(m.message.attributes)) for m in messages]
+    received = {name: [] for name in load_registry()}
+    seen, deadline = set(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = 0
+        for event_type in load_registry().values():
+            subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
+            with contextlib.suppress(exceptions.DeadlineExceeded, exceptions.ServiceUnavailable):
+                request = {"subscription": subscription, "max_messages": 1000, "return_immediately": True}
+                messages = subscriber.pull(request=request, timeout=5).received_messages
+                if messages:
+                    subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in messages])
+                received[event_type.name] += [(m.message.data, dict(m.message.attributes)) for m in messages]
+                seen.update(m.message.attributes.get("event_id") for m in messages)
+                got += len(messages)
+        if not got and wanted_ids <= seen:
+            break
+        if not got:
+            time.sleep(0.5)
     return received
