@@ -197,3 +197,9 @@ def test_during_an_outage_high_is_spilled_then_delivered_and_low_is_shed(emulato
         assert metric(gateway, "gateway_events_flushed_total", event_type=HIGH.name, tier=high) == spilled
     finally:
         gateway.stop()
+
+
+def test_a_project_without_the_topics_stops_the_gateway_with_one_line(emulator, tmp_path):
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        Gateway(tmp_path / "spill", "--project", "other-project")
+    assert "python -m gateway: error:" in str(failed.value) and "events-" in str(failed.value)

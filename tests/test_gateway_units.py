@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -32,12 +34,15 @@ class FakePublisher:
     def __init__(self, acknowledges: bool = True):
         self.acknowledges = acknowledges
         self.sent = []
+        self.hanging = []  # publishes Pub/Sub has not answered yet
 
     def publish(self, data: bytes, attributes: dict) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         if self.acknowledges:
             self.sent.append((data, attributes))
             future.set_result("message-id")
+        else:
+            self.hanging.append(future)
         return future
 
 
@@ -177,6 +182,23 @@ def test_under_pressure_low_then_normal_are_shed_while_high_is_spilled_at_once(t
     assert len(spilled_ids(intake.spill)) == 8
 
 
+def test_a_timed_out_publish_holds_its_budget_until_pub_sub_answers(tmp_path):
+    intake = intake_for(tmp_path, acknowledges=False, max_in_flight=10)
+
+    async def scenario():
+        await intake.accept(HIGH, messages(HIGH, 8))  # timed out, spilled, still in flight
+        assert intake.in_flight.used == 8
+        with pytest.raises(Refused):
+            await intake.accept(LOW, messages(LOW, 1))
+        assert intake.publishers[LOW.name].hanging == []  # shed without waiting for a timeout
+        for future in intake.publishers[HIGH.name].hanging:
+            future.set_result("message-id")
+        await asyncio.sleep(0)
+        assert intake.in_flight.used == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_full_spill_answers_507_and_keeps_what_it_holds(tmp_path):
     one = messages(HIGH, 1)
     intake = intake_for(tmp_path, acknowledges=False, spill_max_bytes=3 * event_size(*one[0]))
@@ -231,3 +253,37 @@ def test_the_gateway_message_is_the_producers():
         envelope.RECEIVED_AT: envelope.format_received_at(1_700_000_000_000),
         envelope.EVENT_TYPE: HIGH.name,
     }
+
+
+def run_gateway(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *flags], capture_output=True, text=True, timeout=60)
+
+
+def test_help_documents_the_command_line():
+    result = run_gateway("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--project",
+        "--port",
+        "--spill_dir",
+        "--spill_max_mb",
+        "--publish_timeout_seconds",
+        "--max_in_flight",
+    ):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (["--port", "1"], "the following arguments are required: --project, --spill_dir"),
+        (["--project", "p", "--spill_dir", "d", "--max_in_flight", "0"], "--max_in_flight: 0 is not above 0"),
+        (["--project", "p", "--spill_dir", "d", "--window_seconds", "7"], "must divide 3600"),
+        (["--project", "p", "--spill_dir", "d", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_code_2(flags, complaint):
+    result = run_gateway(*flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert complaint in error
