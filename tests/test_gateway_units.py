@@ -287,3 +287,25 @@ def test_a_bad_flag_is_one_line_and_exit_code_2(flags, complaint):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [error] = [line for line in result.stderr.splitlines() if "error:" in line]
     assert complaint in error
+
+
+def test_the_image_holds_every_package_the_gateway_imports():
+    """The Dockerfile copies packages by hand: a new import from another room must be copied too."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    imported = {"gateway", "avro_schemas"}  # the registry reads its schemas as package data
+    for module in (root / "gateway").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+    local = {name for name in imported if (root / name).is_dir()}
+    copied = {
+        line.split()[1]
+        for line in (root / "gateway" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    }
+    assert "event_delivery" in local and local <= copied
