@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from event_delivery.contract import envelope
 from event_delivery.contract.registry import load_registry
-from tests.gateway_harness import Gateway, paused, pubsub_emulator, pull_all
+from tools.local.gateway_process import Gateway, paused, pubsub_emulator, pull_all
 
 pytestmark = [pytest.mark.emulators]
 REGISTRY = load_registry()

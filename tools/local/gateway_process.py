@@ -1,8 +1,9 @@
-"""A gateway process against a Pub/Sub emulator of its own, for the gateway's tests.
+"""A gateway process against a Pub/Sub emulator of its own, for the gateway's tests and bench.
 
-The emulator is the test's own, not the session's, because the outage test stops it with
-SIGSTOP. The gateway runs as ``python -m gateway``, so the tests see it only through its
-command line and its HTTP routes, and can SIGKILL it.
+The emulator is the caller's own, not shared, because an outage is made by stopping it with
+SIGSTOP. The gateway runs as ``python -m gateway``, so callers see it only through its
+command line and its HTTP routes, and can SIGKILL it. Every type's topic gets a read-back
+subscription, which ``pull_all`` drains.
 """
 
 from __future__ import annotations
@@ -28,16 +29,13 @@ PROJECT = "local-project"
 READY_SECONDS = 60
 
 
-def test_subscription(event_type) -> str:
-    return f"{event_type.topic}-gateway-test"
-
-
-test_subscription.__test__ = False  # a helper, not a test
+def readback_subscription(event_type) -> str:
+    return f"{event_type.topic}-gateway-readback"
 
 
 @contextlib.contextmanager
 def pubsub_emulator(state_dir: pathlib.Path):
-    """A Pub/Sub emulator with every type's topic and a test subscription to each; ``os.environ`` points at it."""
+    """A Pub/Sub emulator with every type's topic and a read-back subscription to each; ``os.environ`` points at it."""
     port = emulators.free_port()
     log = state_dir / "pubsub.log"
     emulator = emulators.start("Pub/Sub", emulators.pubsub_command(port), clients.PUBSUB_EMULATOR_HOST, port, log)
@@ -49,7 +47,7 @@ def pubsub_emulator(state_dir: pathlib.Path):
         for event_type in load_registry().values():
             topic = publisher.topic_path(PROJECT, event_type.topic)
             publisher.create_topic(name=topic)
-            subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
+            subscription = subscriber.subscription_path(PROJECT, readback_subscription(event_type))
             subscriber.create_subscription(name=subscription, topic=topic)
         yield emulator
     finally:
@@ -122,16 +120,16 @@ class Gateway:
 
 
 def pull_all(wanted_ids: set[str], seconds: float = 30) -> dict[str, list]:
-    """Pulls and acknowledges every type's test subscription until all of ``wanted_ids`` came
+    """Pulls and acknowledges every type's read-back subscription until all of ``wanted_ids`` came
     (or ``seconds`` passed) and a round brings nothing more; ``{type: [(data, attributes)]}``.
-    Messages of other tests come too: compare by id."""
+    Messages published before come too: compare by id."""
     subscriber = clients.subscriber_client()
     received = {name: [] for name in load_registry()}
     seen, deadline = set(), time.monotonic() + seconds
     while time.monotonic() < deadline:
         got = 0
         for event_type in load_registry().values():
-            subscription = subscriber.subscription_path(PROJECT, test_subscription(event_type))
+            subscription = subscriber.subscription_path(PROJECT, readback_subscription(event_type))
             with contextlib.suppress(exceptions.DeadlineExceeded, exceptions.ServiceUnavailable):
                 request = {"subscription": subscription, "max_messages": 1000, "return_immediately": True}
                 messages = subscriber.pull(request=request, timeout=5).received_messages
