@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from event_delivery.contract import envelope
 from event_delivery.contract.registry import load_registry
-from tools.local.gateway_process import Gateway, paused, pubsub_emulator, pull_all
+from tools.local.gateway_process import Gateway, paused, pubsub_emulator, pull_all, pull_count_reports
 
 pytestmark = [pytest.mark.emulators]
 REGISTRY = load_registry()
@@ -80,6 +80,25 @@ def test_every_type_reaches_its_own_topic_and_only_it(gateway):
     for name, event_type in REGISTRY.items():
         assert metric(gateway, "gateway_events_accepted_total", event_type=name, tier=event_type.tier.name) == 4
         assert metric(gateway, "gateway_events_published_total", event_type=name, tier=event_type.tier.name) == 4
+
+
+def test_what_pub_sub_acknowledged_is_reported_to_the_audit_as_the_producer_reports_it(emulator, tmp_path):
+    pull_count_reports()  # what earlier gateways reported
+    gateway = Gateway(tmp_path / "spill")
+    posted = {HIGH.name: 3, LOW.name: 2}
+    for name, count in posted.items():
+        assert gateway.post(name, [{"n": n, "event_id": f"{name}-{n}"} for n in range(count)])[0] == 200
+    assert gateway.post(HIGH.name, [{"n": 0, "event_id": f"{HIGH.name}-0"}])[0] == 200  # a client's retry
+    assert gateway.stop() == 0  # a shutdown sends the last reports
+    latest = {}
+    for report in pull_count_reports():
+        key = (report.event_type, report.producer_id, report.hour_start)
+        if key not in latest or latest[key].sequence < report.sequence:
+            latest[key] = report
+    published = {name: sum(r.published for (t, *_), r in latest.items() if t == name) for name in posted}
+    distinct = {name: sum(r.distinct_ids for (t, *_), r in latest.items() if t == name) for name in posted}
+    assert published == {HIGH.name: 4, LOW.name: 2}
+    assert distinct == posted
 
 
 BAD_REQUESTS = [

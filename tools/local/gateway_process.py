@@ -43,7 +43,8 @@ def pubsub_emulator(state_dir: pathlib.Path):
     os.environ[clients.PUBSUB_EMULATOR_HOST] = emulator.address
     try:
         publisher, subscriber = clients.publisher_client(), clients.subscriber_client()
-        publisher.create_topic(name=publisher.topic_path(PROJECT, counts.COUNTS_TOPIC))
+        counts_topic = publisher.create_topic(name=publisher.topic_path(PROJECT, counts.COUNTS_TOPIC)).name
+        subscriber.create_subscription(name=_counts_readback(subscriber), topic=counts_topic)
         for event_type in load_registry().values():
             topic = publisher.topic_path(PROJECT, event_type.topic)
             publisher.create_topic(name=topic)
@@ -56,6 +57,20 @@ def pubsub_emulator(state_dir: pathlib.Path):
             os.environ.pop(clients.PUBSUB_EMULATOR_HOST, None)
         else:
             os.environ[clients.PUBSUB_EMULATOR_HOST] = saved
+
+
+def _counts_readback(subscriber) -> str:
+    return subscriber.subscription_path(PROJECT, f"{counts.COUNTS_TOPIC}-gateway-readback")
+
+
+def pull_count_reports() -> list[counts.CountReport]:
+    """The audit's count reports sent since the last call (an emulator answers at once)."""
+    subscriber, reports = clients.subscriber_client(), []
+    request = {"subscription": _counts_readback(subscriber), "max_messages": 1000, "return_immediately": True}
+    while messages := subscriber.pull(request=request, timeout=10).received_messages:
+        subscriber.acknowledge(subscription=request["subscription"], ack_ids=[m.ack_id for m in messages])
+        reports += [counts.CountReport.decode(m.message.data) for m in messages]
+    return reports
 
 
 @contextlib.contextmanager
