@@ -22,7 +22,8 @@ KEY_ARGS ?=
 COPIES_INVENTORY ?=
 COPIES_ARGS := $(if $(COPIES_INVENTORY),--copies_inventory $(COPIES_INVENTORY),)
 .PHONY: help install test soak bench test-fast lint format demo emulators emulators-down provision run load audit \
-	auditor report forget sweep-keys mutants rewrap decrypt redrive backfill deploy update drain monitoring template
+	auditor report forget sweep-keys mutants rewrap decrypt redrive backfill deploy update drain monitoring template \
+	gateway gateway-bench
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -85,6 +86,13 @@ run: $(INSTALLED)  ## Run one type's job locally: make run TYPE=play [ARCHIVE=1]
 	$(ENV) $(PY) -m pipelines.delivery --event_type $(TYPE) --project $(PROJECT) \
 		--storage_root $(STORAGE_ROOT) --window_seconds $(WINDOW_SECONDS) \
 		$(if $(ARCHIVE),--raw_archive_root $(STORAGE_ROOT)/raw,) $(KEY_ARGS) $(ARGS)
+
+GATEWAY_PORT ?= 8080
+gateway: $(INSTALLED)  ## Serve POST /v1/events/<type> into the local topics (after make emulators provision) [GATEWAY_PORT=8080] [ARGS=...].
+	$(ENV) $(PY) -m gateway --project $(PROJECT) --port $(GATEWAY_PORT) --spill_dir .gateway-spill $(ARGS)
+
+gateway-bench: $(INSTALLED)  ## The gateway's requests/s, p50/p99 and non-200 share, then through a Pub/Sub outage (about 1 minute) [ARGS="--concurrency 64"].
+	$(PY) -m benchmarks.gateway_bench $(ARGS)
 
 load: $(INSTALLED)  ## Publish generated traffic: make load TYPE=play [ARGS="--count 5000 --rate 500"].
 	@test -n "$(TYPE)" || { echo "usage: make load TYPE=<event type> [ARGS=...]" >&2; exit 2; }

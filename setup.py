@@ -11,7 +11,9 @@ setuptools.setup(
     version="0.1.0",
     description="Per-type Apache Beam jobs delivering Pub/Sub events into hourly Avro partitions.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["avro_schemas", "event_delivery*", "pipelines", "tools*", "transforms"]),
+    packages=setuptools.find_packages(
+        include=["avro_schemas", "event_delivery*", "gateway", "pipelines", "tools*", "transforms"]
+    ),
     package_data={"avro_schemas": ["*.avsc"], "tools.ops": ["report.css"]},
     install_requires=[
         "apache-beam[gcp]==2.77.0",
@@ -28,6 +30,8 @@ setuptools.setup(
         "google-cloud-storage==3.17.1",
         "google-cloud-pubsub==2.44.0",
         "google-cloud-resource-manager==1.19.0",  # make provision: the worker's role on the project
+        "aiohttp==3.14.5",  # the gateway's HTTP server
+        "prometheus-client==0.26.0",  # the gateway's /metrics
     ],
     extras_require={
         "dev": [

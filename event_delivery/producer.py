@@ -51,6 +51,17 @@ def attributes_for(event_type: EventType, event_id: str, received_at_millis: int
     }
 
 
+def stamp(
+    event_type: EventType, fields: dict, event_id: str | None = None, received_at_millis: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The message of an event, as every door publishes it: ``fields`` as compact JSON, and the
+    envelope attributes, with a new ``event_id`` unless given and ``received_at`` now unless given."""
+    event_id = event_id or str(uuid.uuid4())
+    received_at_millis = int(time.time() * 1000) if received_at_millis is None else received_at_millis
+    data = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+    return data, attributes_for(event_type, event_id, received_at_millis)
+
+
 @dataclasses.dataclass
 class _HourTally:
     published: int = 0
@@ -174,11 +185,9 @@ class EventPublisher:
 
         A retry must reuse the returned ``event_id``: that is how delivery deduplicates.
         """
-        event_id = event_id or str(uuid.uuid4())
-        received_at_millis = int(time.time() * 1000) if received_at_millis is None else received_at_millis
-        data = json.dumps(fields, separators=(",", ":")).encode("utf-8")
-        self.publish_raw(data, attributes_for(self.event_type, event_id, received_at_millis))
-        return event_id
+        data, attributes = stamp(self.event_type, fields, event_id, received_at_millis)
+        self.publish_raw(data, attributes)
+        return attributes[envelope.EVENT_ID]
 
     def publish_raw(self, data: bytes, attributes: dict[str, str]) -> None:
         """Publishes exactly these bytes and attributes (the load generator's malformed input)."""
