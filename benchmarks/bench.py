@@ -1,11 +1,12 @@
-"""make bench: the delivery path's cost per event, side by side with the floor.
+"""make bench: the delivery path's cost per event, side by side with the floor and the plain loop.
 
     python -m benchmarks.bench [--events 200000] [--rounds 3] [--skip_latency] [--codecs_only]
 
-Each measurement runs in a fresh process, and the rounds interleave the floor, two
-floors at once (how far this machine's cores scale the same work with nothing shared),
-the bounded pipeline (the backfill) with 1 worker and with 2 workers, and the streaming
-path with 1 worker, so a noisy neighbour hits them all alike; the table quotes medians.
+Each measurement runs in a fresh process, and the rounds interleave the plain loop (the
+essential work alone: the lower bound), the floor, two floors at once (how far this
+machine's cores scale the same work with nothing shared), the bounded pipeline (the
+backfill) with 1 worker and with 2 workers, and the streaming path with 1 worker, so a
+noisy neighbour hits them all alike; the table quotes medians.
 One more streaming run counts its cost ledger per event (``benchmarks.ledger``). Peak
 memory comes from single 1-worker runs at 1x, 2x and 4x the workload; one 2-worker run
 at 4x beside the last shows how scaling grows as the job's fixed cost weighs less. The
@@ -71,6 +72,7 @@ def measured_together(what: str, events: int, copies: int) -> dict:
 
 def throughput(events: int, rounds: int, say) -> dict:
     plan = (
+        ("plain_loop", lambda: measured("plain_loop", events)),
         ("floor", lambda: measured("floor", events)),
         ("floor_2_at_once", lambda: measured_together("floor", events, 2)),
         ("pipeline_1_worker", lambda: measured("pipeline", events, 1)),
@@ -184,8 +186,10 @@ def _rate(run: dict) -> dict:
 def table(results: dict) -> str:
     t, m = results["throughput"], results["memory"]
     floor, one, two = t["floor"], t["pipeline_1_worker"], t["pipeline_2_workers"]
+    loop = t.get("plain_loop")  # results from before the plain loop have none
     rows = (  # label, run, cores it used
-        ("floor (plain loop)", floor, 1),
+        *((("plain loop (the essential work alone)", loop, 1),) if loop else ()),
+        ("floor (the path's work in one loop)", floor, 1),
         ("floor, 2 copies at once", t["floor_2_at_once"], 2),
         ("bounded pipeline, 1 worker", one, 1),
         ("bounded pipeline, 2 workers", two, 2),
@@ -200,6 +204,8 @@ def table(results: dict) -> str:
             f"{run['peak_rss_bytes'] / 2**20:,.0f} | {PEAK_EVENTS_PER_SECOND / (rate / cores):,.0f} |"
         )
     out = "\n".join(lines)
+    if loop:
+        out += f"\n\n- The floor runs at {floor['events_per_second'] / loop['events_per_second']:.2f}x the plain loop."
     out += (
         f"\n\n- Scaling from 1 to 2 workers: {two['events_per_second'] / one['events_per_second']:.2f}x; "
         f"this machine's own scaling of the same work, two floors at once: "
@@ -244,9 +250,16 @@ def chart(results: dict, path: pathlib.Path) -> None:
 
     t, m = results["throughput"], results["memory"]
     figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(11, 4))
-    names = ["floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers", "streaming_1_worker"]
-    labels = ["floor", "2 floors\nat once", "bounded\n1 worker", "bounded\n2 workers", "streaming\n1 worker"]
-    colors = ["#888", "#bbb", "#1f77b4", "#2ca02c", "#d62728"]
+    names = ["plain_loop", "floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers", "streaming_1_worker"]
+    labels = [
+        "plain\nloop",
+        "floor",
+        "2 floors\nat once",
+        "bounded\n1 worker",
+        "bounded\n2 workers",
+        "streaming\n1 worker",
+    ]
+    colors = ["#555", "#888", "#bbb", "#1f77b4", "#2ca02c", "#d62728"]
     bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=colors)
     rates.bar_label(bars, fmt="{:,.0f}")
     rates.set_ylabel("events/s (median)")

@@ -1,6 +1,7 @@
-"""One measured run, in a process of its own: the floor, the backfill pipeline, or the
-streaming path.
+"""One measured run, in a process of its own: the plain loop, the floor, the backfill
+pipeline, or the streaming path.
 
+    python -m benchmarks.runs plain_loop --events 200000
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
     python -m benchmarks.runs streaming --events 200000 [--ledger]
@@ -30,7 +31,7 @@ import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
-from benchmarks import floor, ledger, workload
+from benchmarks import floor, ledger, plain_loop, workload
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
@@ -160,7 +161,7 @@ def peak_rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runs", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["floor", "pipeline", "streaming"])
+    parser.add_argument("what", choices=["plain_loop", "floor", "pipeline", "streaming"])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
@@ -174,9 +175,12 @@ def main(argv=None) -> int:
     if args.start_at:
         time.sleep(max(0.0, args.start_at - time.time()))
     try:
+        prepared = plain_loop.prepare(work) if args.what == "plain_loop" else None  # before the clock: see there
         started, cpu_before = time.perf_counter(), cpu_seconds()
         costs = None
-        if args.what == "floor":
+        if prepared:
+            events = plain_loop.run_plain_loop(prepared, out)
+        elif args.what == "floor":
             events = floor.run_floor(work, out)
         elif args.ledger:
             events, costs = work.events, run_ledger(work, out)

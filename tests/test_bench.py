@@ -1,14 +1,17 @@
-"""The benchmark compares like with like: the floor, the backfill pipeline and the streaming
-path deliver the same events; and its cost ledger counts what the streaming path does."""
+"""The benchmark compares like with like: the plain loop, the floor, the backfill pipeline and
+the streaming path deliver the same events; and its cost ledger counts what the streaming path does."""
 
 from __future__ import annotations
 
 import fastavro
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from benchmarks import floor, runs, workload
+from benchmarks import floor, plain_loop, runs, workload
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import Layout
+from event_delivery.contract.registry import load_registry
+from event_delivery.keys.fields import decrypt_value
 from tools.ops.audit import audit_type
 
 
@@ -36,6 +39,30 @@ def test_the_floor_and_the_pipeline_do_the_same_work(tmp_path, streaming):
         assert len(by_floor) == len(set(by_floor)), f"{name}: the floor deduplicates too"
         assert hour.dead_lettered == dead_by_floor, name
         assert hour.total == work.counts[name], f"{name}: every archived message is accounted for"
+
+
+def test_the_plain_loop_delivers_what_the_floor_delivers_sealed_alike(tmp_path):
+    """The lower bound skips work around the essential (validation, dead letters, the key
+    store), never the essential itself: the same ids, each once, their personal fields
+    sealed under the subject's key as the floor seals them."""
+    work = workload.build(tmp_path / "workload", 3000)
+    floor.run_floor(work, tmp_path / "floor")
+    assert plain_loop.run_plain_loop(plain_loop.prepare(work), tmp_path / "loop") == 3000
+    keys = work.keys.open()
+    for name in workload.MIX:
+        by_floor = {r["event_id"]: r for r in files.read_avro(str(tmp_path / "floor" / f"{name}.avro"))}
+        by_loop = files.read_avro(str(tmp_path / "loop" / f"{name}.avro"))
+        assert sorted(r["event_id"] for r in by_loop) == sorted(by_floor), name
+        event_type = load_registry()[name]
+        for record in by_loop[:50]:
+            same = by_floor[record["event_id"]]
+            assert record.get("key_id") == same.get("key_id"), name
+            for field in [f for f in event_type.personal_fields if record[f] is not None]:
+                aead = AESGCM(keys.data_keys([record["key_id"]])[record["key_id"]])
+                opened = [
+                    decrypt_value(aead, r[field], name, field, r["key_id"], r["event_id"]) for r in (record, same)
+                ]
+                assert opened[0] == opened[1] and record[field] != same[field], f"{name}.{field}: sealed, fresh nonce"
 
 
 def test_the_ledger_counts_what_the_streaming_path_does(tmp_path):
