@@ -48,16 +48,9 @@ def add_delivery_arguments(parser) -> None:
         "--max_pane_bytes",
         type=int,
         default=16 * 1024 * 1024,
-        help="A stream's panes are cut at about this many bytes before they cross a shuffle "
-        "(Streaming Engine refuses a commit past ~80 MB and the key then stalls). Default: 16777216.",
-    )
-    group.add_argument(
-        "--max_pane_events",
-        type=int,
-        default=32_768,
-        help="A stream's key also fires its pane once this many events wait, so that one firing's "
-        "commit stays bounded in a backlog (~180 MB is refused for good): keep it times the type's "
-        "average event size under ~100 MB. Default: 32768.",
+        help="A stream's panes are cut at about this many bytes before they cross a shuffle, and fire "
+        "once about this many bytes wait (Streaming Engine refuses a value past ~80 MB and a commit "
+        "past ~180 MB, and the key then stalls). Default: 16777216.",
     )
     group.add_argument(
         "--target_file_mb",
@@ -142,7 +135,6 @@ def delivery_settings(
         max_future_seconds=shared.max_future_seconds,
         max_event_bytes=options.max_event_bytes,
         max_pane_bytes=options.max_pane_bytes,
-        max_pane_events=options.max_pane_events,
         target_file_mb=options.target_file_mb,
         codec=options.codec,
     )

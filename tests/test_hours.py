@@ -10,7 +10,7 @@ import sys
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue, WindowFn
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
@@ -21,7 +21,8 @@ from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_settings, streaming_pipeline
 from transforms.hours import (
-    PACKS_PER_FIRING,
+    WEIGHT,
+    WEIGHT_BYTES,
     BucketByHour,
     FormPanesFn,
     PackByShardFn,
@@ -84,9 +85,10 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
-    keyed = [_keyed_by_pane(("", start + n, {"n": 0}), 16)[0] for n in range(200)]
-    assert len({shard for shard, _ in keyed}) > 8, "nor when they are keyed one by one"
-    assert {writer for _, writer in keyed} == {writer_id()}
+    keyed = [_keyed_by_pane(("", start + n, {"n": 0}), 3600, 16)[0][0] for n in range(200)]
+    assert len({shard for _, shard, _ in keyed}) > 8, "nor when they are keyed one by one"
+    assert {writer for _, _, writer in keyed} == {writer_id()}
+    assert {bucket for bucket, _, _ in keyed} == {start // 1000}, "and each under its hour"
 
 
 def test_a_streams_packs_are_keyed_by_the_process_that_read_them():
@@ -94,7 +96,7 @@ def test_a_streams_packs_are_keyed_by_the_process_that_read_them():
     fn.start_bundle()
     list(fn.process(("e-1", 1_800_000_000_000, {})))
     [packed] = fn.finish_bundle()
-    assert packed.value[0] == (shard_of("e-1", 4), writer_id()) and len(writer_id()) == 12
+    assert packed.value[0] == (1_800_000_000, shard_of("e-1", 4), writer_id()) and len(writer_id()) == 12
 
 
 class RefusePastTheCommitLimitFn(beam.DoFn):
@@ -137,28 +139,95 @@ def _a_backlog_in_reads(clock: Clock, reads: int, per_read: int, make) -> Clock:
     return clock
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["events", "packs"])
-def test_a_key_fires_once_its_count_waits_however_much_a_backlog_brings_at_once(tmp_path, packed):
+def _bytes_per_firing(keyed, s):
+    """The bytes of what each firing of the panes' grouping holds (weights left out), as it
+    leaves in one commit; and its key and window."""
+    grouped = keyed | hour_windows(s, pane_trigger(s)) | beam.GroupByKey()
+    return grouped | beam.ParDo(_FiringFn())
+
+
+class _FiringFn(beam.DoFn):
+    def process(self, grouped, window=beam.DoFn.WindowParam):
+        key, values = grouped
+        real = [v for v in values if v != WEIGHT]
+        if real:
+            yield (
+                key,
+                bucket_start_seconds(window),
+                sum(len(v) if isinstance(v, bytes) else approximate_bytes(v) for v in real),
+            )
+
+
+@pytest.mark.parametrize("pad, per_read", [(100, 50), (20_000, 5)], ids=["small events", "large events"])
+def test_a_key_fires_once_its_bytes_wait_however_large_a_backlog_or_its_events(tmp_path, pad, per_read):
     """A firing leaves in one commit, which Streaming Engine cannot split (the input of a work
-    item it can): 40 reads of 50 elements reach one key within one trigger interval, 20 times
-    what may wait for it. Each firing holds at most what waited plus one read."""
-    waiting = PACKS_PER_FIRING if packed else 100
-    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_events=waiting)
-    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=50, make=lambda n: ("key", n))
+    item it can): 40 reads reach one key within one trigger interval, about 30 times the
+    bytes that may wait for it. Each firing holds at most the bound plus one read, events of
+    20 kB as well as of 100 bytes: the trigger counts elements, and large ones weigh more."""
+    bound = 64 * WEIGHT_BYTES
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
+    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"pad": "x" * pad})  # noqa: E731
+    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=per_read, make=make)
+    one_read = per_read * approximate_bytes(make(0))
     with streaming_pipeline() as pipeline:
-        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed))
-        fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: list(elements))
-        too_large = fired | beam.Filter(lambda elements: len(elements) > waiting + 50 - 1)
-        assert_that(too_large | beam.Map(len), equal_to([]), label="no firing past it")
-        assert_that(fired | beam.FlatMap(lambda elements: elements), equal_to(range(2000)), label="each fired once")
+        events = pipeline | clock.advance(TRIGGER * 2).finish()
+        fired = _bytes_per_firing(events | beam.FlatMap(_keyed_by_pane, WINDOW, 1), s)
+        too_large = fired | beam.Filter(lambda firing: firing[2] > bound + one_read)
+        assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
+        panes = events | BucketByHour(s, pack=False)
+        ids = panes | beam.FlatMap(lambda pane: [event[0] for event in pane[1]])
+        assert_that(ids, equal_to([make(n)[0] for n in range(40 * per_read)]), label="every event in a pane once")
 
 
-def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_count(tmp_path):
+def test_packs_fire_once_their_bytes_wait_however_few_they_are(tmp_path):
+    """Dead letters and the raw archive are packed per read: here 40 reads of one 20 kB
+    message each, one pack per read, which a count of packs would let pile up; the bytes
+    count, so no firing holds more than the bound and a read."""
+    bound = 64 * WEIGHT_BYTES
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
+    make = lambda n: (f"m-{n:05d}", (START + 1) * 1000, {"payload": "x" * 20_000})  # noqa: E731
+    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=1, make=make)
+    pack = PackByShardFn(WINDOW, num_shards=1, per_writer=True, max_pack_bytes=bound)
+    with streaming_pipeline() as pipeline:
+        messages = pipeline | clock.advance(TRIGGER * 2).finish()
+        fired = _bytes_per_firing(messages | beam.ParDo(pack), s)
+        too_large = fired | beam.Filter(lambda firing: firing[2] > bound + 2 * 20_100)
+        assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
+        ids = messages | BucketByHour(s) | beam.FlatMap(lambda pane: [m[0] for m in pane[1]])
+        assert_that(ids, equal_to([make(n)[0] for n in range(40)]), label="every message in a pane once")
+
+
+def test_a_key_holds_one_hours_window_so_a_backlog_of_hours_fires_apart(tmp_path):
+    """Timers that fire together in one work item leave in one commit: a key holding a
+    window per hour of a backlog would fire all of them at once. A key holds one hour."""
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1)
+    hours = [START + h * WINDOW for h in range(3)]
+    make = lambda n: (f"e-{n:04d}", (hours[n % 3] + 1) * 1000, {"n": n})  # noqa: E731
+    clock = _a_backlog_in_reads(Clock(START), reads=10, per_read=30, make=make)
+    with streaming_pipeline() as pipeline:
+        events = pipeline | clock.advance(TRIGGER * 2).finish()
+        events = events | beam.Map(lambda e: TimestampedValue(e, e[1] / 1000))
+        fired = _bytes_per_firing(events | beam.FlatMap(_keyed_by_pane, WINDOW, 1), s)
+        elsewhere = fired | beam.Filter(lambda firing: firing[0][0] != firing[1])
+        assert_that(elsewhere, equal_to([]), label="each key's firings are its own hour's")
+        assert_that(fired | beam.Map(lambda f: f[1]), _covers(hours), label="every hour fired")
+
+
+def _covers(expected):
+    def match(actual):
+        if set(actual) != set(expected):
+            raise BeamAssertException(f"{sorted(set(actual))} != {sorted(expected)}")
+
+    return match
+
+
+def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_bytes(tmp_path):
     """After the hour closed, three stragglers a trigger interval apart leave as three panes,
-    then a backlog of 20 reads fires on the count. The local runner's own ``AfterAny`` fires
+    then a backlog of 20 reads fires on the bytes. The local runner's own ``AfterAny`` fires
     the first straggler only and holds the rest, and every close, until the late horizon
     (``transforms/any_trigger.py``); Dataflow fires each."""
-    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_events=100)
+    bound = 100 * WEIGHT_BYTES  # 100 elements of ("key", n), which weigh one each
+    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
     clock = Clock(START).advance(WINDOW + LATENESS + TRIGGER)
     in_the_closed_hour = START + 1
 
@@ -171,29 +240,14 @@ def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_count(
     for read in range(20):
         arrive_late(*(("key", 1000 + read * 50 + n) for n in range(50)))
     with streaming_pipeline() as pipeline:
-        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed=False))
+        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s))
         fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: sorted(elements))
         stragglers = fired | beam.Filter(lambda elements: elements and min(elements) < 1000)
         assert_that(stragglers, equal_to([[0], [1], [2]]), label="a pane each")
         too_large = fired | beam.Filter(lambda elements: len(elements) > 100 + 50 - 1)
-        assert_that(too_large | beam.Map(len), equal_to([]), label="no firing past the count")
+        assert_that(too_large | beam.Map(len), equal_to([]), label="no firing past the bound")
         every = [*range(3), *range(1000, 2000)]
         assert_that(fired | beam.FlatMap(lambda elements: elements), equal_to(every), label="each fired once")
-
-
-def test_a_streams_panes_fire_on_the_count_of_events_waiting(tmp_path):
-    """The same backlog through ``BucketByHour`` with no byte bound to cut it: each pane is one
-    firing, and none holds more than the count plus one read."""
-    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1)
-    s = dataclasses.replace(s, max_pane_events=100, max_pane_bytes=10**9)
-    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"n": n})  # noqa: E731
-    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=50, make=make)
-    with streaming_pipeline() as pipeline:
-        panes = pipeline | clock.advance(TRIGGER * 2).finish() | BucketByHour(s, pack=False)
-        too_large = panes | beam.Map(lambda pane: len(pane[1])) | beam.Filter(lambda n: n > 100 + 50 - 1)
-        assert_that(too_large, equal_to([]), label="no pane past the count")
-        ids = panes | beam.FlatMap(lambda pane: [event[0] for event in pane[1]])
-        assert_that(ids, equal_to([f"backlog-{n:05d}" for n in range(2000)]), label="every event in a pane once")
 
 
 def test_a_bounded_inputs_hour_and_shard_is_one_pane_whatever_the_pane_bound(tmp_path):
@@ -229,6 +283,6 @@ def test_a_stream_pane_holds_as_many_elements_as_fit_within_the_bound_and_no_mor
     element = ("e-00001", 1_800_000_000_000, {"field": "x" * 10})  # 7 + 8 + 5 + 10 = 30 bytes
     assert approximate_bytes(element) == 30
     assert approximate_bytes({"k": [b"12", 3.5, None]}) == 1 + 2 + 8 + 8, "keys, bytes, 8 for the rest"
-    panes = list(FormPanesFn(packed=False, max_pane_bytes=120).process((("k", "w"), [element] * 10)))
-    assert [len(elements) for _, elements in panes] == [4, 4, 2] and {key for key, _ in panes} == {("k", "w")}
-    assert [len(p) for _, p in FormPanesFn(packed=False).process((("k", "w"), [element] * 10))] == [10]
+    panes = list(FormPanesFn(packed=False, max_pane_bytes=120).process(((0, 1, "w"), [element] * 10)))
+    assert [len(elements) for _, elements in panes] == [4, 4, 2] and {key for key, _ in panes} == {(1, "w")}
+    assert [len(p) for _, p in FormPanesFn(packed=False).process(((0, 1, "w"), [element] * 10))] == [10]

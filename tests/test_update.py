@@ -32,8 +32,8 @@ def cloud(monkeypatch):
     """The recorded job stands in for gcloud; submitted jobs are collected, not started."""
     running = copy.deepcopy(RECORDED)
     # Recorded as the SDK records every option it knows, by a job deployed since panes fire on
-    # a count too (the fixture's job predates that option: it is refused, as tested below).
-    running["environment"]["sdkPipelineOptions"]["options"]["max_pane_events"] = 32768.0
+    # the bytes waiting too (the fixture's job predates the option: it is refused, as tested below).
+    running["environment"]["sdkPipelineOptions"]["options"]["max_pane_bytes"] = 16777216.0
     submitted = []
     monkeypatch.setattr(deploy, "running_job", lambda event_type, project, region: running)
     monkeypatch.setattr(delivery, "start", submitted.append)
@@ -83,7 +83,7 @@ def test_a_job_deployed_before_the_late_horizon_and_trigger_were_passed_keeps_th
         ("allowed_lateness_seconds", 1800.0, 600),
         ("late_horizon_seconds", 172800.0, 604800),
         ("trigger_seconds", 30.0, 60),
-        ("max_pane_events", 1000.0, 32768),
+        ("max_pane_bytes", 1048576.0, 16777216),
     ],
 )
 def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, recorded, new):
@@ -97,7 +97,7 @@ def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, rec
     assert f"--{option} would change from {int(recorded)} to {new}, {deploy.KEPT_BECAUSE[option]}" in line
 
 
-@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds", "max_pane_events"])
+@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds", "max_pane_bytes"])
 def test_a_running_job_that_records_no_late_horizon_or_trigger_is_not_updated(cloud, capsys, option):
     running, submitted = cloud
     del running["environment"]["sdkPipelineOptions"]["options"][option]
@@ -144,7 +144,7 @@ def test_a_running_job_without_a_run_id_is_not_updated(cloud, capsys):
 
 def test_options_recorded_under_camel_case_names_are_read_too(registry):
     camel = {"windowSeconds": 3600, "allowedLatenessSeconds": 600, "numShards": 16, "runId": RUN_ID}
-    camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60, "maxPaneEvents": 32768}
+    camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60, "maxPaneBytes": 16777216}
     job = {"environment": {"sdkPipelineOptions": {"options": camel}}}
     assert deploy.kept_run_id(registry["play"], job) == RUN_ID
 

@@ -66,8 +66,9 @@ def approximate_bytes(value) -> int:
 
 
 class PackByShardFn(beam.DoFn):
-    """Packs a bundle's elements into blobs per (bucket, shard), keyed by ``(shard, writer)``
-    (the writer empty unless ``per_writer``) and stamped with the earliest
+    """Packs a bundle's elements into blobs per (bucket, shard), keyed by ``(bucket, shard, writer)``
+    (the writer empty unless ``per_writer``; the bucket, so that a key holds one window: see
+    ``pane_trigger``) and stamped with the earliest
     ``received_at`` in it, so the shuffle that forms panes moves a few pickled blobs instead
     of every event through Beam's per-field coder and the runner's grouping buffer (in
     ``make bench`` this halved the time of bucketing). With ``max_pack_bytes``, a pack is sent
@@ -105,27 +106,46 @@ class PackByShardFn(beam.DoFn):
         if self.max_pack_bytes:
             pack[2] += approximate_bytes(element)
             if pack[2] >= self.max_pack_bytes:
-                yield self._sealed(shard, self.packs.pop(key))
+                yield from self._sealed(key, self.packs.pop(key))
 
     def finish_bundle(self):
-        for (_, shard), pack in self.packs.items():
-            yield self._sealed(shard, pack)
+        for key, pack in self.packs.items():
+            yield from self._sealed(key, pack)
         self.packs = {}
 
-    def _sealed(self, shard: int, pack: list):
+    def _sealed(self, bucket_and_shard: tuple, pack: list):
+        """The pack, and in a stream its weight (see ``weighed``), stamped with its earliest arrival."""
         earliest_millis, elements, _ = pack
         blob = pickle.dumps(elements, protocol=pickle.HIGHEST_PROTOCOL)
-        return GlobalWindows.windowed_value(((shard, self.writer), blob), Timestamp(micros=earliest_millis * 1000))
+        keyed = ((bucket_and_shard[0] // 1000, bucket_and_shard[1], self.writer), blob)
+        stamp = Timestamp(micros=earliest_millis * 1000)
+        for value in weighed(keyed, len(blob)) if self.max_pack_bytes else (keyed,):
+            yield GlobalWindows.windowed_value(value, stamp)
 
 
-def _keyed_by_pane(element, num_shards: int):
-    """``((shard, writer), element)`` for an element on its own, as a stream's writer keys it."""
-    return (shard_of(element[0] or str(element[1]), num_shards), writer_id()), element
+def _keyed_by_pane(element, window_seconds: int, num_shards: int):
+    """``((bucket, shard, writer), element)`` for an element on its own, as a stream's writer
+    keys it, and its weight (see ``weighed``)."""
+    received_at_seconds = element[1] // 1000
+    bucket = received_at_seconds - received_at_seconds % window_seconds
+    keyed = ((bucket, shard_of(element[0] or str(element[1]), num_shards), writer_id()), element)
+    return weighed(keyed, approximate_bytes(element))
+
+
+WEIGHT_BYTES = 1024  # a stream's element counts once more toward its pane's firing per KiB it holds
+WEIGHT = b""  # what a key's weight is made of: nothing, which ``FormPanes`` drops
+
+
+def weighed(keyed, nbytes: int) -> list:
+    """``keyed``, followed by one ``WEIGHT`` under its key per ``WEIGHT_BYTES`` it holds past the
+    first: the grouping's trigger counts elements, so this is how it counts bytes."""
+    return [keyed, *[(keyed[0], WEIGHT)] * (-(-nbytes // WEIGHT_BYTES) - 1)]
 
 
 class FormPanesFn(beam.DoFn):
-    """A key's grouped values in (packs, or elements on their own); its panes out, each
-    ``((shard, writer), [elements])`` of at most ``max_pane_bytes``, or one pane of them all.
+    """A key's grouped values in (packs, or elements on their own, and their weights); its
+    panes out, each ``((shard, writer), [elements])`` of at most ``max_pane_bytes``, or one
+    pane of them all. The hour leaves the key here: the window holds it from now on.
 
     A pane is one element from here on, through the shuffle into the stateful steps that
     filter and write it. Streaming Engine refuses a commit or a value past ~80 MB, and the
@@ -141,9 +161,11 @@ class FormPanesFn(beam.DoFn):
         self.max_pane_bytes = max_pane_bytes
 
     def process(self, keyed_values):
-        pane_key, values = keyed_values
-        pane, size = [], 0
+        (_, *pane_key), values = keyed_values
+        pane_key, pane, size = tuple(pane_key), [], 0
         for value in values:
+            if value == WEIGHT:
+                continue
             elements = pickle.loads(value) if self.packed else [value]
             if self.max_pane_bytes:
                 value_bytes = len(value) if self.packed else approximate_bytes(value)
@@ -156,31 +178,27 @@ class FormPanesFn(beam.DoFn):
             yield pane_key, pane
 
 
-PACKS_PER_FIRING = 64  # a stream's packs are cut at 1/64 of the pane bound, and a key fires once this many wait
-
-
-def pane_trigger(settings, packed: bool) -> trigger.TriggerFn:
+def pane_trigger(settings) -> trigger.TriggerFn:
     """When a key's panes fire: a bounded input's once per hour; a stream's every
-    ``trigger_seconds`` while the hour is open, or as soon as ``max_pane_events`` events (or
-    ``PACKS_PER_FIRING`` packs) wait, whichever comes first; when it closes; and afterwards,
-    for stragglers, on the same two.
+    ``trigger_seconds`` while the hour is open, or as soon as ``max_pane_bytes`` wait (counted
+    by their weights, see ``weighed``), whichever comes first; when it closes; and
+    afterwards, for stragglers, on the same two.
 
     A firing leaves in one commit, with every pane ``FormPanes`` cuts from it. Streaming
     Engine refuses a key's commit past ~180 MB, and a firing's commit cannot be split as the
-    input of a work item can (apache/beam#19956): the key would be retried for good. A
-    firing holds what waited before it plus one work item's input, whatever the rate, the
-    backlog or the number of writers: packs, each within 1/64 of the pane bound, fire at the
-    pane bound; events at ``max_pane_events`` times their average size (32 MB at 1 kB). The
-    count fires only in a backlog or a burst: a 60 s pane of the busiest type holds ~37,500
-    events per key. A backlog is on time: Pub/Sub's watermark stays at the oldest unread
-    message, so an hour stays open while its backlog is read.
+    input of a work item can (apache/beam#19956): the key would be retried for good. So a
+    firing holds what waited before it (less than ``max_pane_bytes``) plus one work item's
+    input, whatever the rate, the backlog, the size of the events or the number of writers;
+    and since a key is one hour's (its bucket leads it), the timers that fire together in one work
+    item fire one window's panes, however many hours a backlog spans. A 60 s pane of the
+    busiest type (~37 MB per key) fires on the bytes twice a minute.
     """
     s = settings
     if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
         return trigger.DefaultTrigger()
     flush = trigger.AfterCount(s.trigger_events) if s.trigger_events else trigger.AfterProcessingTime(s.trigger_seconds)
-    waiting = trigger.AfterCount(PACKS_PER_FIRING if packed else s.max_pane_events)
-    either = trigger.AfterAny(flush, waiting)  # on the local runner as on Dataflow: see transforms.any_trigger
+    waited = trigger.AfterCount(max(1, s.max_pane_bytes // WEIGHT_BYTES))
+    either = trigger.AfterAny(flush, waited)  # on the local runner as on Dataflow: see transforms.any_trigger
     return trigger.AfterWatermark(early=either, late=either)
 
 
@@ -208,16 +226,15 @@ class BucketByHour(beam.PTransform):
         s = self.settings
         bound = None if s.bounded else s.max_pane_bytes
         if self.pack:
-            pack_bound = bound and max(1, bound // PACKS_PER_FIRING)
-            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=pack_bound)
-            keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, str], bytes])
+            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
+            keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, int, str], bytes])
         else:
-            keyed = elements | "KeyByShardAndWriter" >> beam.Map(_keyed_by_pane, s.num_shards).with_output_types(
-                tuple[tuple[int, str], typing.Any]
-            )
+            keyed = elements | "KeyByShardAndWriter" >> beam.FlatMap(
+                _keyed_by_pane, s.window_seconds, s.num_shards
+            ).with_output_types(tuple[tuple[int, int, str], typing.Any])
         return (
             keyed
-            | "HourWindows" >> hour_windows(s, pane_trigger(s, self.pack))
+            | "HourWindows" >> hour_windows(s, pane_trigger(s))
             | "GroupIntoPanes" >> beam.GroupByKey()
             | "FormPanes" >> beam.ParDo(FormPanesFn(self.pack, bound))
         )

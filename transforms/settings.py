@@ -34,10 +34,9 @@ class DeliverySettings:
     late_horizon_seconds: int = 7 * DAY_SECONDS
     max_future_seconds: int = 3600
     max_event_bytes: int = 64 * 1024
-    max_pane_bytes: int = 16 * 1024 * 1024  # a stream's largest shuffled pane; Streaming Engine refuses ~80 MB
-    # A stream's panes also fire once this many events wait: what one firing commits is bounded in
-    # events however fast they come (a backlog, a burst, fewer writers); see ``transforms.hours``.
-    max_pane_events: int = 32_768
+    # A stream's largest shuffled pane, and what a key lets wait before its panes fire (see
+    # ``transforms.hours.pane_trigger``): Streaming Engine refuses a value past ~80 MB, a commit past ~180 MB.
+    max_pane_bytes: int = 16 * 1024 * 1024
     target_file_mb: int = 128  # an hour's pane files are compacted at close into parts this big; 0: one per pane
     codec: str = files.AVRO_CODEC  # of the delivered, late and dead-letter files (staged panes are uncompressed)
     run_id: str = dataclasses.field(default_factory=partitions.new_run_id)
@@ -53,7 +52,6 @@ class DeliverySettings:
             "num_shards",
             "max_event_bytes",
             "max_pane_bytes",
-            "max_pane_events",
         ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

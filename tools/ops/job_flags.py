@@ -120,7 +120,7 @@ KEPT_BECAUSE = {
     # The trigger of every step that forms panes, part of their windowing strategy; panes
     # buffered under the old trigger keep it, so one job would fire panes on two schedules.
     "trigger_seconds": "changing the trigger of the panes the job holds",
-    "max_pane_events": "changing the trigger of the panes the job holds",
+    "max_pane_bytes": "changing the trigger of the panes the job holds",
 }
 
 
@@ -143,7 +143,7 @@ def job_layout(event_type: EventType) -> dict[str, int]:
         "num_shards": tier.num_shards,
         "late_horizon_seconds": streaming.late_horizon_seconds,
         "trigger_seconds": streaming.trigger_seconds,
-        "max_pane_events": delivery.max_pane_events,
+        "max_pane_bytes": delivery.max_pane_bytes,
     }
 
 
