@@ -26,86 +26,121 @@ from transforms.archive import RAW
 _MISSING = object()
 
 
-def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> int:
-    event_type = load_registry()[name]
-    schema, personal, subject_field = (
-        event_type.parsed_payload_schema,
-        event_type.personal_fields,
-        event_type.subject_field,
-    )
+class _Keys:
+    """The keys one type's delivery uses, each fetched once and cached as the pipeline's workers do."""
+
+    def __init__(self, keystore, name: str):
+        self.keystore, self.name = keystore, name
+        self.unseal = {}  # archive key id -> AESGCM
+        self.seal = {}  # subject -> (key id, AESGCM)
+        self.quarantine = {}  # by day
+
+    def fetch_unseal_keys(self, records) -> None:
+        """One batch per file for the archive keys it names and the cache lacks."""
+        missing = {r["key_id"] for r in records if r["key_id"]} - self.unseal.keys()
+        self.unseal.update({k: AESGCM(v) for k, v in self.keystore.data_keys(missing).items()})
+
+    def fetch_subject_keys(self, subjects) -> None:
+        """One batch per file for the subjects the cache lacks."""
+        new = set(subjects) - self.seal.keys()
+        found = self.keystore.subject_keys(new, scope=self.name)
+        self.seal.update({s: (k.key_id, k.aead) for s, k in found.items()})
+
+    def quarantine_key(self, received_at):
+        day = quarantine_key_name(self.name, received_at)
+        if day not in self.quarantine:
+            self.quarantine[day] = self.keystore.named_key(day)
+        return self.quarantine[day]
+
+
+def _sealed_dead_letter(keys: _Keys, event_id, received_at, attributes, data: bytes) -> dict:
+    """A malformed message sealed under the day's quarantine key, whatever subject it names, as the pipeline does."""
+    key = keys.quarantine_key(received_at)
+    return {
+        "event_id": event_id,
+        "received_at": received_at,
+        "event_type": keys.name,
+        "error_kind": "NOT_JSON",
+        "error_detail": "",
+        "attributes": attributes,
+        "payload": encrypt_bytes(key.aead, data, keys.name, "payload", key.key_id, event_id),
+        "quarantine_key_id": key.key_id,
+    }
+
+
+def _parse_new(event_type, records, keys: _Keys, seen: set, dead: list) -> list[dict]:
+    """The file's valid records whose id is not in ``seen`` (which they join); the malformed go to ``dead``."""
+    name, schema = event_type.name, event_type.parsed_payload_schema
     fields = [(f["name"], f.get("default", _MISSING)) for f in event_type.schema["fields"]]
     known = {n for n, _ in fields}
-    quarantine = {}  # by day, as the pipeline's workers cache them
-    unseal, seal = {}, {}
+    keys.fetch_unseal_keys(records)
+    unseal, parsed = keys.unseal, []
+    for archived in records:
+        data = archived["payload"]
+        key_id = archived["key_id"]
+        if key_id:
+            data = decrypt_bytes(unseal[key_id], data, name, RAW, key_id, archived["event_id"])
+        attributes = archived["attributes"]
+        event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
+        try:
+            obj = json.loads(data)
+            record = {n: obj.get(n, d) for n, d in fields}
+            valid = (
+                not (obj.keys() - known)
+                and _MISSING not in record.values()
+                and validate(record, schema, raise_errors=False)
+            )
+        except (ValueError, AttributeError):
+            valid = False
+        if not valid:
+            dead.append(_sealed_dead_letter(keys, event_id, received_at, attributes, data))
+            continue
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        record["event_id"], record["received_at"] = event_id, received_at
+        parsed.append(record)
+    return parsed
+
+
+def _encrypt_personal_fields(event_type, records: list[dict], keys: _Keys) -> list[dict]:
+    """The records with their personal fields encrypted under their subject's key, in place."""
+    subject_field, personal, name = event_type.subject_field, event_type.personal_fields, event_type.name
+    if not subject_field:
+        return records
+    keys.fetch_subject_keys(r[subject_field] for r in records)
+    for record in records:
+        key_id, aead = keys.seal[record[subject_field]]
+        record["key_id"] = key_id
+        for field in personal:
+            value = record[field]
+            record[field] = (
+                None if value is None else encrypt_value(aead, value, name, field, key_id, record["event_id"])
+            )
+    return records
+
+
+def _write_outputs(out: pathlib.Path, event_type, delivered: list[dict], dead: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{event_type.name}.avro", "wb") as handle:
+        fastavro.writer(handle, event_type.parsed_delivered_schema, delivered, codec="deflate")
+    with open(out / f"{event_type.name}-dead-letters.avro", "wb") as handle:
+        fastavro.writer(handle, parsed_dead_letter_schema(), dead, codec="deflate")
+
+
+def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> int:
+    """Delivers one type's archived files to ``out``; returns how many messages it read."""
+    event_type = load_registry()[name]
+    keys = _Keys(keystore, name)
     seen, delivered, dead = set(), [], []
     read = 0
     for path in paths:
         with open(path, "rb") as handle:
             records = list(fastavro.reader(handle))
         read += len(records)
-        missing = {r["key_id"] for r in records if r["key_id"]} - unseal.keys()
-        unseal.update({k: AESGCM(v) for k, v in keystore.data_keys(missing).items()})
-        parsed = []
-        for archived in records:
-            data = archived["payload"]
-            key_id = archived["key_id"]
-            if key_id:
-                data = decrypt_bytes(unseal[key_id], data, name, RAW, key_id, archived["event_id"])
-            attributes = archived["attributes"]
-            event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
-            try:
-                obj = json.loads(data)
-                record = {n: obj.get(n, d) for n, d in fields}
-                valid = (
-                    not (obj.keys() - known)
-                    and _MISSING not in record.values()
-                    and validate(record, schema, raise_errors=False)
-                )
-            except (ValueError, AttributeError):
-                valid = False
-            if not valid:
-                # Sealed under the day's quarantine key, whatever subject it names, as the pipeline does.
-                day = quarantine_key_name(name, received_at)
-                if day not in quarantine:
-                    quarantine[day] = keystore.named_key(day)
-                key = quarantine[day]
-                sealed = encrypt_bytes(key.aead, data, name, "payload", key.key_id, event_id)
-                dead.append(
-                    {
-                        "event_id": event_id,
-                        "received_at": received_at,
-                        "event_type": name,
-                        "error_kind": "NOT_JSON",
-                        "error_detail": "",
-                        "attributes": attributes,
-                        "payload": sealed,
-                        "quarantine_key_id": key.key_id,
-                    }
-                )
-                continue
-            if event_id in seen:
-                continue
-            seen.add(event_id)
-            record["event_id"], record["received_at"] = event_id, received_at
-            parsed.append(record)
-        if subject_field:
-            new = {r[subject_field] for r in parsed} - seal.keys()
-            seal.update({s: (k.key_id, k.aead) for s, k in keystore.subject_keys(new, scope=name).items()})
-        for record in parsed:
-            if subject_field:
-                key_id, aead = seal[record[subject_field]]
-                record["key_id"] = key_id
-                for field in personal:
-                    value = record[field]
-                    record[field] = (
-                        None if value is None else encrypt_value(aead, value, name, field, key_id, record["event_id"])
-                    )
-            delivered.append(record)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.avro", "wb") as handle:
-        fastavro.writer(handle, event_type.parsed_delivered_schema, delivered, codec="deflate")
-    with open(out / f"{name}-dead-letters.avro", "wb") as handle:
-        fastavro.writer(handle, parsed_dead_letter_schema(), dead, codec="deflate")
+        parsed = _parse_new(event_type, records, keys, seen, dead)
+        delivered.extend(_encrypt_personal_fields(event_type, parsed, keys))
+    _write_outputs(out, event_type, delivered, dead)
     return read
 
 

@@ -40,7 +40,7 @@ from transforms.parse import ParseEvents
 from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages
 from transforms.reports import DEAD_LETTERED, DELIVERED, SUPERSEDED
-from transforms.sealed_dead_letters import DeadLetterFailedWrites, SealDeadLetters
+from transforms.sealed_dead_letters import SealDeadLetters
 from transforms.sealing import JobKeyCache
 from transforms.settings import DeliverySettings
 from transforms.write import WriteAvroPanes, WriteAvroPanesOrGiveUp, prepared_record
@@ -75,19 +75,16 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanesOrGiveUp(
-        settings, layout.staging, DELIVERED, compress=False
+        settings, layout.staging, DELIVERED, key_cache, compress=False
     )
     # Less the ids its closed hour already holds, for the whole late horizon (see transforms/late.py).
-    late = deduplicated.late | "WriteLate" >> WriteLatePanes(settings)
-    failed_writes = (staged.failed_writes, late.failed_writes) | "FailedWrites" >> beam.Flatten()
+    late = deduplicated.late | "WriteLate" >> WriteLatePanes(settings, key_cache)
     forgotten = deduplicated.unique | "CountForgotten" >> CountForgotten(event_type)
-    dead_letters = (
-        parsed.dead_letters,
-        encrypted.dead_letters,
-        failed_writes | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache),
-    ) | "DeadLetters" >> beam.Flatten()
+
+    # Every step that can fail gives its failures in one shape, and they all go to one sink.
     dead_lettered = (
-        dead_letters
+        (parsed.dead_letters, encrypted.dead_letters, staged.dead_letters, late.dead_letters)
+        | "DeadLetters" >> beam.Flatten()
         | "SealDeadLetters" >> SealDeadLetters(event_type, key_cache)
         | "BucketDeadLetters" >> BucketByHour(settings)
         | "WriteDeadLetters"

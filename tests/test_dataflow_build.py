@@ -19,7 +19,11 @@ from transforms.sealing import KEY_UNAVAILABLE
 pytestmark = pytest.mark.emulators
 
 # Where cleartext enters the job, and the steps that seal it; everything else passes it on.
-CLEARTEXT_FROM = ("ParseEvents/", "DeadLetterFailedWrites/UnsealFailedWrites")
+CLEARTEXT_FROM = (
+    "ParseEvents/",
+    "StageDelivered/DeadLetterFailedWrites/UnsealFailedWrites",
+    "WriteLate/DeadLetterFailedWrites/UnsealFailedWrites",
+)
 SEALERS = ("EncryptPersonalFields/", "SealDeadLetters/", "ArchiveRawMessages/SealRawMessages")
 
 STEPS = [

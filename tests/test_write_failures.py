@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import collections
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, TimestampedValue
 from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
+from event_delivery.contract.dead_letters import ErrorKind, dead_letter
 from event_delivery.contract.partitions import Layout
 from pipelines import redrive
 from pipelines.delivery import deliver
@@ -22,6 +27,11 @@ from tests.conftest import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
 from transforms import close, publish, retries, write
+from transforms.late import WriteLatePanes
+from transforms.parse import ParseEvents
+from transforms.reports import DELIVERED
+from transforms.sealing import JobKeyCache
+from transforms.write import WriteAvroPanesOrGiveUp
 
 IDS = [f"e{i}" for i in range(6)]
 
@@ -212,3 +222,38 @@ def test_a_late_pane_whose_write_fails_for_good_goes_to_the_dead_letters_and_the
     outcomes = [*first.delivered_ids, *written_late, *(r["event_id"] for r in failed), *second.delivered_ids]
     assert sorted(outcomes) == sorted(IDS + next_hour), "every message in exactly one place"
     assert first.total + second.total == len(IDS + next_hour)
+
+
+def _shape(dead_letter, window=beam.DoFn.WindowParam):
+    """What the dead-letter sink relies on: ``(event_id, received_at_millis, record)`` with the record's
+    fields, in the global window (the sink buckets them by hour itself)."""
+    event_id, received_at, record = dead_letter
+    return type(event_id).__name__, type(received_at).__name__, sorted(record), isinstance(window, GlobalWindow)
+
+
+def test_every_step_that_can_fail_gives_its_failures_as_dead_letters_of_one_shape(tmp_path, search, monkeypatch):
+    """Parsing, staging and the late write each return a ``Result`` whose ``dead_letters`` the delivery
+    path sends, as they are, to its one sink: the writes' given-up panes are dead letters already."""
+    settings = local_settings(tmp_path, search, local_keys(tmp_path), num_shards=1)
+    denied, failures = fail_writes_under(search.name, google_errors.Forbidden("denied"))
+    monkeypatch.setattr(files, "write_avro", denied)
+    key_cache = JobKeyCache(settings.keys, search.name)
+    pane = ((0, "w"), [("e0", (START + 1) * 1000, {**valid_fields(search), "key_id": None})])
+    record = dead_letter(search.name, ErrorKind.NOT_JSON, "", "x", 0, {}, b"")
+    parse_shape = _shape(("x", 0, record), GlobalWindow())
+    with TestPipeline() as pipeline:
+        panes = (
+            pipeline
+            | "Panes" >> beam.Create([pane])
+            | "InTheHour" >> beam.Map(lambda p: TimestampedValue(p, START + 1))
+            | "IntoHours" >> beam.WindowInto(FixedWindows(WINDOW))
+        )
+        failing = {
+            "ParseEvents": pipeline | beam.Create([raw_message(b"{broken", "broken")]) | ParseEvents(settings),
+            "StageDelivered": panes
+            | "Stage" >> WriteAvroPanesOrGiveUp(settings, settings.layout.staging, DELIVERED, key_cache),
+            "WriteLate": panes | "Late" >> WriteLatePanes(settings, key_cache),
+        }
+        for step, result in failing.items():
+            assert_that(result.dead_letters | f"{step}Shape" >> beam.Map(_shape), equal_to([parse_shape]), step)
+    assert len(failures) == 2, "both writes failed for good"

@@ -33,8 +33,7 @@ from transforms import retries, write
 from transforms.hours import bucket_start_seconds
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
-from transforms.results import WrittenPanes
-from transforms.write import WRITE_FAILED, WriteStreamPaneFn
+from transforms.write import WRITE_FAILED, WriteStreamPaneFn, given_up_as_dead_letters
 
 _LOG = logging.getLogger(__name__)
 NUMBER = WriteStreamPaneFn.NUMBER
@@ -142,12 +141,14 @@ def _keyed_by_shard(pane):
 
 
 class WriteLatePanes(beam.PTransform):
-    """``((shard, writer), [events])`` late panes in; ``WrittenPanes`` out (hour reports of late
-    files and duplicates, and the failed writes), as from ``WriteAvroPanesOrGiveUp``."""
+    """``((shard, writer), [events])`` late panes in; a ``Result`` out, as from ``WriteAvroPanesOrGiveUp``:
+    hour reports of late files and duplicates (``output``), and the events of a pane whose write
+    failed for good as ``write_failed`` ``dead_letters``, unsealed again with ``key_cache``'s keys."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, key_cache):
         super().__init__()
         self.settings = settings
+        self.key_cache = key_cache
 
     def expand(self, panes):
         written = (
@@ -155,4 +156,4 @@ class WriteLatePanes(beam.PTransform):
             | "KeyByShard" >> beam.Map(_keyed_by_shard)
             | "WriteFiles" >> beam.ParDo(WriteLatePaneFn(self.settings)).with_outputs(WRITE_FAILED, main="reports")
         )
-        return WrittenPanes(written.reports, written[WRITE_FAILED])
+        return given_up_as_dead_letters(written, self.settings.event_type, self.key_cache)

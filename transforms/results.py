@@ -28,12 +28,3 @@ class ParsedMessages(NamedTuple):
     output: PCollection
     dead_letters: PCollection
     raw_messages: PCollection
-
-
-class WrittenPanes(NamedTuple):
-    """A write's hour reports (``output``) and the panes whose write failed for good,
-    ``(reason, [events])``: their events are sealed, and ``DeadLetterFailedWrites`` (its own
-    step, one for every write, so that its name stays for ``--update``) makes them dead letters."""
-
-    output: PCollection
-    failed_writes: PCollection

@@ -2,9 +2,8 @@
 
 No pane is retried forever. A write that fails on its data (a record the schema does
 not take) or on a permanent error (permission denied, no such bucket) gives its events
-up (``WriteAvroPanesOrGiveUp``), which the delivery path turns into dead letters, and
-the job moves on. A transient error is retried (``transforms.retries``), then left to the
-runner, which retries the bundle.
+up as dead letters (``WriteAvroPanesOrGiveUp``), and the job moves on. A transient error
+is retried (``transforms.retries``), then left to the runner, which retries the bundle.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from event_delivery.contract import partitions, slo
 from transforms import retries
 from transforms.hours import bucket_start_seconds
 from transforms.reports import report
-from transforms.results import WrittenPanes
+from transforms.results import Result
+from transforms.sealed_dead_letters import DeadLetterFailedWrites
 
 _LOG = logging.getLogger(__name__)
 WRITE_FAILED = "write_failed"
@@ -190,10 +190,22 @@ class WriteAvroPanes(beam.PTransform):
 
 class WriteAvroPanesOrGiveUp(WriteAvroPanes):
     """As ``WriteAvroPanes``, but a pane whose write fails for good (see the module) is given up
-    and the job goes on: ``WrittenPanes`` out, the hour reports and the failed writes."""
+    and the job goes on: a ``Result`` out, the hour reports (``output``) and the given-up events as
+    ``write_failed`` ``dead_letters``, their personal fields unsealed again with ``key_cache``'s keys."""
 
     give_up_failures = True
 
+    def __init__(self, settings, root: str, report_kind: str, key_cache, compress: bool = True):
+        super().__init__(settings, root, report_kind, compress=compress)
+        self.event_type, self.key_cache = settings.event_type, key_cache
+
     def expand(self, panes):
         written = panes | "WriteFiles" >> beam.ParDo(self.fn).with_outputs(WRITE_FAILED, main="reports")
-        return WrittenPanes(written.reports, written[WRITE_FAILED])
+        return given_up_as_dead_letters(written, self.event_type, self.key_cache)
+
+
+def given_up_as_dead_letters(written, event_type, key_cache) -> Result:
+    """A giving-up write's ``reports`` and ``WRITE_FAILED`` outputs as a ``Result``: the reports, and
+    the failed writes, ``(reason, [events])``, as the dead letters that every failing step gives."""
+    dead_letters = written[WRITE_FAILED] | "DeadLetterFailedWrites" >> DeadLetterFailedWrites(event_type, key_cache)
+    return Result(written.reports, dead_letters)
