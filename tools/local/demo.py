@@ -4,9 +4,15 @@ It starts the Pub/Sub and GCS emulators, provisions topics, subscriptions and th
 bucket, and runs one delivery job per type on the DirectRunner with 10-second
 "hours". It feeds each job generated traffic with duplicates, malformed and late
 events, waits until every hour with data has closed, stops everything and prints
-what happened to every message::
+what happened to every message, and what the gateway counted::
 
     python -m tools.local.demo            # or: make demo
+
+The traffic comes through both doors (``tools.local.gateway_door``): every well-formed
+event through the gateway (``python -m gateway``, started on the emulators), and straight
+to Pub/Sub only what a gateway cannot produce (malformed payloads and attributes, events
+stamped in the past to be late, producer retries with the same id), as a misbehaving
+producer with its own Pub/Sub access would.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from event_delivery.contract.registry import load_registry
 from event_delivery.keys.config import KeyConfig
 from event_delivery.producer import EventPublisher
 from tools.local.emulators import EmulatorError, running_emulators
+from tools.local.gateway_door import GatewayCounts, TwoDoors, gateway_counts, send_traffic
+from tools.local.gateway_process import Gateway
 from tools.local.jobs import JobError, start_auditor, start_job, stop_jobs
 from tools.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
 from tools.ops import provision
@@ -54,6 +62,7 @@ class Scenario:
     )
     close_timeout_seconds: float = 300  # generous: a wait that ends as soon as all is accounted for
     raw_archive: bool = False  # the jobs also archive every message they read, under <storage_root>/raw
+    through_gateway: bool = False  # well-formed events go through the gateway (make demo), the rest to Pub/Sub
 
     @property
     def storage_root(self) -> str:
@@ -67,6 +76,9 @@ class Scenario:
             f"--num_shards={self.num_shards}",
             *([f"--raw_archive_root={self.storage_root}/raw"] if self.raw_archive else []),
         ]
+
+    def gateway_args(self) -> list[str]:
+        return [f"--window_seconds={self.window_seconds}"]
 
     def auditor_args(self) -> list[str]:
         return [*self._hours_args(), f"--check_delay_seconds={self.trigger_seconds}"]
@@ -97,6 +109,7 @@ class NotAccounted(JobError):
 class Outcome:
     ledger: Ledger
     audit: TypeAudit
+    gateway: GatewayCounts | None = None  # when the traffic came through the gateway
 
     @property
     def accounted(self) -> int:
@@ -104,7 +117,8 @@ class Outcome:
 
     @property
     def balanced(self) -> bool:
-        return self.accounted == self.ledger.published and not self.audit.problems
+        gateway_balanced = self.gateway is None or self.gateway.accepted == self.gateway.sent
+        return self.accounted == self.ledger.published and not self.audit.problems and gateway_balanced
 
     @property
     def missing(self) -> list[str]:
@@ -119,15 +133,20 @@ class Outcome:
         return missing
 
 
-def _publish_all(scenario: Scenario, say) -> dict[str, Ledger]:
+def _publish_all(scenario: Scenario, say, gateway=None) -> tuple[dict[str, Ledger], dict[str, int]]:
+    """Each type's ledger, and how many of its events went through ``gateway`` (if given)."""
     registry = load_registry()
-    ledgers, threads = {}, []
+    ledgers, sent_to_gateway, threads = {}, {}, []
     count = int(scenario.publish_seconds * scenario.rate)
 
     def publish(name, seed):
         messages = traffic(registry[name], count, scenario.mix, random.Random(seed))
         publisher = EventPublisher(scenario.project, registry[name], window_seconds=scenario.window_seconds)
-        ledgers[name] = publish_traffic(publisher, messages, scenario.rate)
+        if gateway is None:
+            ledgers[name] = publish_traffic(publisher, messages, scenario.rate)
+        else:
+            doors = send_traffic(TwoDoors(gateway, publisher, scenario.window_seconds), messages, scenario.rate)
+            ledgers[name], sent_to_gateway[name] = doors.ledger, doors.sent_to_gateway
 
     for seed, name in enumerate(scenario.types):
         threads.append(threading.Thread(target=publish, args=(name, seed), name=f"publish-{name}"))
@@ -139,7 +158,10 @@ def _publish_all(scenario: Scenario, say) -> dict[str, Ledger]:
         say(f"  publishing... {time.monotonic() - started:4.0f}s of {scenario.publish_seconds:.0f}s")
     for thread in threads:
         thread.join()
-    return ledgers
+    missing = [name for name in scenario.types if name not in ledgers]
+    if missing:
+        raise JobError(f"publishing failed for {', '.join(missing)}; see the error above")
+    return ledgers, sent_to_gateway
 
 
 def _all_hours_closed(scenario: Scenario) -> bool:
@@ -149,19 +171,41 @@ def _all_hours_closed(scenario: Scenario) -> bool:
 def run_scenario(scenario: Scenario, state_dir: pathlib.Path, say=print) -> dict[str, Outcome]:
     """Runs the scenario on the emulators ``os.environ`` points at; returns each type's ledger and audit."""
     use_emulator_credentials()
-    provision.provision(scenario.project, [load_registry()[n] for n in scenario.types], scenario.bucket)
+    # The gateway serves every registered type, and checks at start that each one's topic exists.
+    provisioned = sorted(load_registry()) if scenario.through_gateway else scenario.types
+    provision.provision(scenario.project, [load_registry()[n] for n in provisioned], scenario.bucket)
     KeyConfig(f"sqlite:///{state_dir.resolve()}/keystore.db", f"{state_dir.resolve()}/kek.key").provision()
-    say(f"{len(scenario.types)} types provisioned; starting one delivery job per type")
+    say(f"{len(provisioned)} types provisioned; starting one delivery job per type of {len(scenario.types)}")
     jobs = [start_job(name, scenario.job_args(state_dir), state_dir / "logs") for name in scenario.types]
     jobs.append(start_auditor(scenario.types, scenario.auditor_args(), state_dir / "logs"))
     try:
         for job in jobs:
             job.wait_ready()
         say(f"jobs running; publishing for {scenario.publish_seconds:.0f}s at {scenario.rate:.0f} msg/s per type")
-        ledgers = _publish_all(scenario, say)
-        return _wait_until_accounted(scenario, jobs, ledgers, say)
+        if not scenario.through_gateway:
+            return _wait_until_accounted(scenario, jobs, _publish_all(scenario, say)[0], say)
+        ledgers, counts = _publish_through_gateway(scenario, state_dir, say)
+        outcomes = _wait_until_accounted(scenario, jobs, ledgers, say)
+        return {name: dataclasses.replace(outcome, gateway=counts[name]) for name, outcome in outcomes.items()}
     finally:
         stop_jobs(jobs)
+
+
+def _publish_through_gateway(scenario: Scenario, state_dir: pathlib.Path, say):
+    """Each type's ledger and gateway counts, the gateway stopped: it has drained its spill and
+    sent the audit its final counts."""
+    (state_dir / "gateway").mkdir(parents=True, exist_ok=True)
+    try:
+        gateway = Gateway(state_dir / "gateway" / "spill", "--project", scenario.project, *scenario.gateway_args())
+    except RuntimeError as error:
+        raise JobError(str(error)) from None
+    try:
+        say(f"gateway up on port {gateway.port}; its log: {gateway.log_path}")
+        ledgers, sent = _publish_all(scenario, say, gateway)
+        counts = gateway_counts(gateway.metrics())
+    finally:
+        gateway.stop()
+    return ledgers, {name: dataclasses.replace(counts.get(name, GatewayCounts()), sent=sent[name]) for name in ledgers}
 
 
 def _wait_until_accounted(scenario: Scenario, jobs, ledgers: dict[str, Ledger], say) -> dict[str, Outcome]:
@@ -188,12 +232,20 @@ def _wait_until_accounted(scenario: Scenario, jobs, ledgers: dict[str, Ledger], 
                 raise NotAccounted("not everything was accounted for in time:\n" + "\n".join(lines))
 
 
+GATEWAY_COLUMNS = ("sent", "accepted", "published", "spilled", "shed", "rejected")
+
+
 def format_table(outcomes: dict[str, Outcome]) -> str:
+    """What became of each type's messages; with the gateway's counts (``gw``) when it had traffic."""
     registry = load_registry()
-    header = ("type", "tier", "published", "delivered", "duplicates", "late", "dead-lettered", "closed hrs", "balanced")
+    through_gateway = any(outcome.gateway for outcome in outcomes.values())
+    header = ("type", "tier", "published", "delivered", "duplicates", "late", "dead-lettered", "closed hrs")
+    header += tuple(f"gw {column}" for column in GATEWAY_COLUMNS) if through_gateway else ()
+    header += ("balanced",)
     rows = [header]
     for name, outcome in outcomes.items():
         a = outcome.audit
+        gateway = outcome.gateway or GatewayCounts()
         rows.append(
             (
                 name,
@@ -204,6 +256,7 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
                 str(a.total("late")),
                 str(a.total("dead_lettered")),
                 str(a.closed_hours),
+                *(str(getattr(gateway, column)) for column in GATEWAY_COLUMNS if through_gateway),
                 "yes" if outcome.balanced else "NO",
             )
         )
@@ -232,7 +285,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=10, help="Messages per second per type.")
     args = parser.parse_args(argv)
     shutil.rmtree(args.state_dir, ignore_errors=True)
-    scenario = Scenario(types=args.event_type or sorted(registry), publish_seconds=args.publish_seconds, rate=args.rate)
+    scenario = Scenario(
+        types=args.event_type or sorted(registry),
+        publish_seconds=args.publish_seconds,
+        rate=args.rate,
+        through_gateway=True,
+    )
     started = time.monotonic()
     say = lambda line: print(line, flush=True)  # noqa: E731
     try:
@@ -252,9 +310,11 @@ def main(argv=None) -> int:
     print(audit_table([outcome.audit for outcome in outcomes.values()]))
     print()
     print(
-        "published = delivered + duplicates + late + dead-lettered:",
+        "published = delivered + duplicates + late + dead-lettered, and gw sent = gw accepted:",
         "holds for every type" if all(o.balanced for o in outcomes.values()) else "VIOLATED",
     )
+    print("gw: the demo's events sent through the gateway, and the gateway's own counts (its /metrics);")
+    print("the rest (malformed, late, retries) went straight to Pub/Sub.")
     for name, outcome in outcomes.items():
         for problem in outcome.audit.problems:
             print(f"problem in {name}: {problem}")
