@@ -148,21 +148,21 @@ backfill: $(INSTALLED)  ## Re-deliver hours from the raw archive: make backfill 
 		--storage_root $(or $(OUTPUT),$(STORAGE_ROOT)/backfill) --start $(START) --end $(END) \
 		--window_seconds $(WINDOW_SECONDS) $(KEY_ARGS) $(ARGS)
 
-deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [TEMPLATE=gs://.../delivery.json [IMAGE=...]] [DRY_RUN=1].
+deploy: $(INSTALLED)  ## Start Dataflow jobs: make deploy TYPE=play | TIER=high [TEMPLATE=gs://.../delivery.json [IMAGE=...]] [CODEC=snappy] [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make deploy TYPE=<type> | TIER=<tier> [TEMPLATE=gs://...] [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) $(if $(DRY_RUN),--dry_run,) \
-		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),)
+		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),) $(if $(CODEC),--codec $(CODEC),)
 
 template: $(INSTALLED)  ## The delivery job's Flex Template: metadata from the registry and options, image from ./Dockerfile (Cloud Build) [IMAGE=...] [DRY_RUN=1].
 	$(PY) -m tools.ops.flex_template --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(IMAGE),--image $(IMAGE),) $(if $(DRY_RUN),--dry_run,)
 
-update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [TEMPLATE=gs://...] [DRY_RUN=1].
+update: $(INSTALLED)  ## Update Dataflow jobs in place (same run, same hours): make update TYPE=play | TIER=high [TEMPLATE=gs://...] [CODEC=...] [DRY_RUN=1].
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make update TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
 	$(ENV) $(PY) -m tools.ops.deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
 		$(if $(TYPE),--event_type $(TYPE),--tier $(TIER)) --update $(if $(DRY_RUN),--dry_run,) \
-		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),)
+		$(if $(TEMPLATE),--template $(TEMPLATE),) $(if $(IMAGE),--image $(IMAGE),) $(if $(CODEC),--codec $(CODEC),)
 
 drain: $(INSTALLED)  ## Drain Dataflow jobs (they stop; open hours stay staged for the next run): make drain TYPE=play | TIER=high.
 	@test -n "$(TYPE)$(TIER)" || { echo "usage: make drain TYPE=<type> | TIER=<tier> [DRY_RUN=1]" >&2; exit 2; }
