@@ -15,7 +15,7 @@ from apache_beam.testing.test_stream import TestStream
 from event_delivery.contract.partitions import Layout
 from event_delivery.keys.config import KeyConfig
 from pipelines.runtime import LOCAL_RUNNER
-from tests.conftest import published_at
+from tests.messages import published_at
 from transforms.settings import DeliverySettings
 
 # Short "hours" for the tests, placed near the epoch because a TestStream's processing

@@ -5,7 +5,7 @@ the old schema (generated to cover every field, null branches included) must dec
 with the new schema as the reader schema.
 
 No job calls it: it is the gate a schema change passes before it merges.
-``tests/test_registry.py`` runs it on every schema against each earlier version git
+``tests/unit/test_registry.py`` runs it on every schema against each earlier version git
 holds, so CI refuses a change that could not read what the old version wrote.
 """
 

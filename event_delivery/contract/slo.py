@@ -17,7 +17,7 @@ job), and a distribution as four such series, ``<name>_MAX``, ``_MIN``, ``_MEAN`
 ``_COUNT``. The names are an interface: the alert policies and dashboards
 (``tools.ops.alerts``, ``tools.ops.dashboards``) select them, so
 renaming one silences an alert.
-``tests/test_monitoring.py`` fails when a name selected here is registered by no job.
+``tests/unit/test_monitoring.py`` fails when a name selected here is registered by no job.
 """
 
 from __future__ import annotations

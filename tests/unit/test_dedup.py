@@ -1,0 +1,291 @@
+"""Deduplication across panes of an hour, bounded state, and late panes after the close.
+
+Bounded state means: while an hour is open its state holds each distinct id once, and
+once the hour closes nothing of its ids is left, whatever arrives afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import apache_beam as beam
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import FixedWindows, IntervalWindow, TimestampedValue
+
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from event_delivery.contract.registry import load_registry
+from pipelines.runtime import LOCAL_BATCH_RUNNER
+from tests.messages import valid_fields
+from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
+from transforms import dedup, hours
+from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, DeduplicateStreamPaneFn, MarkRepeats, MarkRepeatsFn
+from transforms.hours import BucketByHour, shard_of
+
+
+def event(event_id, received_at_seconds):
+    return (event_id, received_at_seconds * 1000, {"n": event_id})
+
+
+def settings(tmp_path, num_shards=3, **more):
+    """Three shards unless told otherwise, and a staging folder of the test's own."""
+    return local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path), num_shards=num_shards, **more)
+
+
+def run(clock, unique, late, duplicates, tmp_path):
+    """Runs the stream through bucketing and deduplication and checks what comes out."""
+    with streaming_pipeline() as pipeline:
+        s = settings(tmp_path, late_horizon_seconds=3600)
+        panes = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False)
+        result = panes | Deduplicate(s)
+        ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
+        assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
+        assert_that(ids("LateIds", result.late), equal_to(late), label="late")
+        counted = (
+            result.duplicates
+            | beam.Map(lambda report: report[1])
+            | beam.WindowInto(FixedWindows(10**6))  # one window for the whole test
+            | beam.CombineGlobally(sum).without_defaults()
+        )
+        assert_that(counted, equal_to(duplicates), label="duplicates")
+
+
+def test_repeats_are_dropped_within_a_pane_and_across_panes(tmp_path):
+    start = 600
+    clock = Clock(start)
+    clock.arrive(*(event(f"e{i}", start + i) for i in range(6)), event("e0", start))  # repeat in the same pane
+    clock.advance(TRIGGER * 2)  # the first pane fires
+    clock.arrive(event("e1", start + 1), event("e2", start + 2), event("e9", start + 9))  # repeats in a later pane
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e0", "e1", "e2", "e3", "e4", "e5", "e9"], late=[], duplicates=[3], tmp_path=tmp_path)
+
+
+def test_the_same_id_in_another_hour_is_not_a_duplicate(tmp_path):
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start), event("e1", start + WINDOW))
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1", "e1"], late=[], duplicates=[], tmp_path=tmp_path)
+
+
+def test_after_the_close_a_repeat_is_a_duplicate_and_a_straggler_is_late(tmp_path):
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1), event("e2", start + 2))
+    clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
+    clock.arrive(event("e1", start + 1), event("e3", start + 3), event("e3", start + 3))  # a repeat, a straggler twice
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1", "e2"], late=["e3"], duplicates=[2], tmp_path=tmp_path)
+
+
+def test_a_repeat_later_than_a_window_after_the_close_reaches_the_late_path_unmarked(tmp_path):
+    """The bound of the ids' memory: past it, a repeat is not marked here; the late path drops it
+    against the hour's index (``tests/unit/test_late_repeats.py``)."""
+    start = 600
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1))
+    clock.advance(WINDOW + LATENESS + WINDOW + TRIGGER)  # closed, and its ids forgotten
+    clock.arrive(event("e1", start + 1))
+    clock.advance(TRIGGER * 2)
+    run(clock, unique=["e1"], late=["e1"], duplicates=[], tmp_path=tmp_path)
+
+
+def test_with_lateness_longer_than_the_hour_a_repeat_until_the_close_and_a_window_after_is_a_duplicate(tmp_path):
+    """The low tier keeps an hour open for two hours after it ends: an id's cell must outlive
+    that, so a producer retry late in the open hour, or just after its close, is not delivered twice."""
+    start, lateness = 600, 2 * WINDOW
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1), event("e2", start + 2))
+    clock.advance(WINDOW + lateness - TRIGGER)  # the hour ended long ago, and is still open
+    clock.arrive(event("e1", start + 1))
+    clock.advance(2 * TRIGGER)  # now it closed
+    clock.arrive(event("e2", start + 2))
+    clock.advance(TRIGGER * 2)
+    with streaming_pipeline() as pipeline:
+        s = settings(tmp_path, allowed_lateness_seconds=lateness, late_horizon_seconds=3600)
+        result = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False) | Deduplicate(s)
+        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        late = result.late | "LateIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        assert_that(unique, equal_to(["e1", "e2"]), label="unique")
+        assert_that(late, equal_to([]), label="late")
+
+
+def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_path):
+    start, ids = 600, [f"e{i % 7}" for i in range(30)]  # 7 ids, most of them repeated
+    events = [event(i, start + n) for n, i in enumerate(ids)] + [event("e1", start + WINDOW)]  # e1 again, next hour
+    with beam.Pipeline(runner=LOCAL_BATCH_RUNNER) as pipeline:
+        s = settings(tmp_path, late_horizon_seconds=3600, trigger_seconds=None)
+        panes = pipeline | beam.Create(events) | BucketByHour(s)
+        result = panes | Deduplicate(s)
+        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        assert_that(unique, equal_to(sorted(set(ids)) + ["e1"]), label="unique")
+        per_hour = result.duplicates | beam.Map(lambda report: report[1]) | beam.CombineGlobally(sum).without_defaults()
+        assert_that(per_hour, equal_to([len(ids) - len(set(ids))]), label="duplicates")  # none in the second hour
+        assert_that(result.late, equal_to([]), label="late")
+
+
+class ValueState:
+    """An in-memory stand-in for Beam's read-modify-write state; None when cleared."""
+
+    def __init__(self):
+        self.value = None
+
+    def write(self, value):
+        self.value = value
+
+    def read(self):
+        return self.value
+
+    def clear(self):
+        self.value = None
+
+
+class WatermarkTimer:
+    def set(self, timestamp):
+        self.at = timestamp
+
+
+def repeat(event_id):
+    return (*event(event_id, 600), REPEAT)
+
+
+def test_a_pane_holds_no_state_but_whether_its_hour_closed(tmp_path):
+    fn, closed, timer = DeduplicateStreamPaneFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+    fn.setup()
+    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+    [unique, duplicates] = fn.process(((0, "w"), [event("e1", 600), repeat("e1")]), window, closed, timer)
+    assert [e[0] for e in unique[1]] == ["e1"] and duplicates.value[1] == 1, "the marked repeat is dropped"
+    assert timer.at == window.end
+    fn.close_hour(closed=closed)
+    late, duplicates = fn.process(((0, "w"), [event("e5", 600), repeat("e4")]), window, closed, timer)
+    assert (late.tag, late.value[1]) == (LATE_PANES, [event("e5", 600)]), "late, the marked repeat dropped"
+    assert duplicates.value[1] == 1, "and counted as a duplicate"
+    assert {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")} == {"closed"}
+
+
+def mark(fn, seen, timer, *elements) -> list:
+    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+    return [out for element in elements for out in fn.process((element[0], element), window, seen=seen, forget=timer)]
+
+
+def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_none_after(tmp_path):
+    fn, seen, timer = MarkRepeatsFn(remember_seconds=WINDOW), ValueState(), WatermarkTimer()
+    first, again = mark(fn, seen, timer, event("e1", 600), event("e1", 601))
+    assert first == event("e1", 600) and again == (*event("e1", 601), REPEAT)
+    assert timer.at == IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
+    fn.forget_id(seen=seen)
+    assert seen.read() is None
+
+
+def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first():
+    """Seeds (what stopped runs staged) and this run's copies reach a cell in any order; Dataflow
+    gives no order between the bounded branch that reads the files and the subscription."""
+    fn = MarkRepeatsFn(remember_seconds=WINDOW)
+    seed = dedup.staged_copy("e1", 600_000, "staging/run1-p00000.avro")
+
+    seen, timer = ValueState(), WatermarkTimer()
+    assert mark(fn, seen, timer, seed, event("e1", 600)) == [(*event("e1", 600), REPEAT)], "the seed came first"
+
+    seen, timer = ValueState(), WatermarkTimer()
+    [delivered, superseded] = mark(fn, seen, timer, event("e1", 600), seed)
+    assert delivered == event("e1", 600), "this run let its copy through before the seed came"
+    assert superseded.tag == dedup.SUPERSEDED
+    assert superseded.value == (dedup.SUPERSEDED, 1, ("staging/run1-p00000.avro", "e1")), "the earlier copy goes"
+    assert mark(fn, seen, timer, seed, event("e1", 601)) == [(*event("e1", 601), REPEAT)], "and nothing else"
+
+    seen, timer = ValueState(), WatermarkTimer()
+    other = dedup.staged_copy("e1", 600_000, "staging/run0-p00003.avro")
+    [superseded] = mark(fn, seen, timer, seed, seed, other)
+    assert superseded.value[2] == ("staging/run0-p00003.avro", "e1"), "two stopped runs staged it: one copy stays"
+
+
+def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_events(tmp_path, monkeypatch):
+    """Earlier runs left N ids for an open hour in files of P writers over the shards. A restarted
+    run reads each of those files once, whatever its own writers, and delivers each id once:
+    the ids it sees again are dropped as duplicates, and what a pane reads is its own events."""
+    earlier_ids, writers, shards = 240, 4, 3
+    s = settings(tmp_path, num_shards=shards, run_id="run2", late_horizon_seconds=3600)
+    log, layout = s.event_type, s.layout
+    staged = [f"old-{n}" for n in range(earlier_ids)]
+    folder = layout.hour(layout.staging, 600)
+    for writer in range(writers):
+        for shard in range(shards):
+            ids = [i for i in staged[writer::writers] if shard_of(i, shards) == shard]
+            name = partitions.pane_file_name("service_log", "run1", 0, shard, f"w{writer}")
+            records = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in ids]
+            files.write_avro(f"{folder}/{name}", log.parsed_delivered_schema, records)
+    reads = []
+    read_avro = files.read_avro
+    monkeypatch.setattr(files, "read_avro", lambda path: reads.append(path) or read_avro(path))
+    new_writers = itertools.cycle(["a", "b", "c", "d", "e"])  # this run's worker processes
+    monkeypatch.setattr(hours, "writer_id", lambda: next(new_writers))
+
+    stream = TestStream().advance_processing_time(600).advance_watermark_to(600)
+    again = staged[::3]
+    for n in range(20):  # 20 panes, each with new ids and ids an earlier run staged
+        batch = [event(f"new-{n}-{i}", 600 + i) for i in range(5)] + [event(i, 601) for i in again[n::20]]
+        stream = stream.add_elements([TimestampedValue(e, 600 + n) for e in batch])
+        stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
+    with streaming_pipeline() as pipeline:
+        marked = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s)
+        result = marked.events | BucketByHour(s, pack=False) | Deduplicate(s)
+        here = result.unique | "Here" >> beam.FlatMap(lambda pane: [("here", e[0]) for e in pane[1]])
+        gone = marked[dedup.SUPERSEDED] | "LeftOut" >> beam.Map(lambda r: ("left out", r[2][1]))
+        new = [f"new-{n}-{i}" for n in range(20) for i in range(5)]
+
+        def each_id_once(outcomes):
+            kept_earlier = set(staged) - {i for kind, i in outcomes if kind == "left out"}
+            delivered = collections.Counter([i for kind, i in outcomes if kind == "here"] + sorted(kept_earlier))
+            assert sorted(delivered) == sorted(new + staged) and set(delivered.values()) == {1}, delivered
+
+        assert_that((here, gone) | beam.Flatten(), each_id_once)
+    assert sorted(reads) == sorted(files.glob(f"{folder}/*.avro")), "each earlier file read once, by no pane"
+
+
+def test_a_staged_file_a_restart_cannot_read_seeds_nothing_and_stalls_nothing(tmp_path):
+    """The seeds hold every close of the type until they are all read: a file gone since the
+    listing, or corrupt, must not fail its bundle (Dataflow would retry it for good)."""
+    log = load_registry()["service_log"]
+    good, corrupt, gone = (str(tmp_path / name) for name in ("good.avro", "corrupt.avro", "gone.avro"))
+    files.write_avro(
+        good, log.parsed_delivered_schema, [{"event_id": "e1", "received_at": 600_000, **valid_fields(log)}]
+    )
+    files.write_bytes(corrupt, b"Obj\x01 not an Avro file")
+    fn = dedup.ReadStagedIdsFn()
+    fn.setup()
+    assert [seed.value for seed in fn.process((600, good))] == [dedup.staged_copy("e1", 600_000, good)]
+    assert list(fn.process((600, corrupt))) == [] and list(fn.process((600, gone))) == []
+
+
+def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_path):
+    """The seeds are the files of runs other than this one, of hours without a marker: this
+    run's own files (a retried bundle's) are no earlier copies, and a closed hour has none
+    to seed. A whole-hour pane reads only its own shard's files and drops their ids."""
+    s = settings(tmp_path, run_id="run2")
+    log, layout = s.event_type, s.layout
+
+    def stage(hour_start, run_id, shard, ids):
+        path = f"{layout.hour(layout.staging, hour_start)}/{partitions.pane_file_name(log.name, run_id, 0, shard)}"
+        records = [{"event_id": i, "received_at": hour_start * 1000, **valid_fields(log)} for i in ids]
+        files.write_avro(path, log.parsed_delivered_schema, records)
+        return path
+
+    earlier = stage(0, "run1", 0, ["a1", "a2"])
+    other_shard = stage(0, "run1", 1, ["b1"])
+    stage(0, "run2", 0, ["own"])
+    stage(WINDOW, "run1", 0, ["closed"])
+    files.write_bytes(layout.marker(WINDOW), b"")
+
+    listed = list(dedup.ListStagedByEarlierRunsFn(s).process(None))
+    assert sorted(listed) == sorted([(0, earlier), (0, other_shard)])
+    hour = IntervalWindow(0, WINDOW)
+    assert sorted(dedup.staged_by_earlier_runs(s, hour, 0)) == ["a1", "a2"]
+
+    fn = dedup.DeduplicateBoundedPaneFn(s)
+    fn.setup()
+    pane = [event("a1", 1), event("own", 2), event("new", 3), event("new", 4)]
+    [(key, unique), duplicates] = fn.process(((0, ""), pane), window=hour)
+    assert key == (0, "") and unique == [event("own", 2), event("new", 3)]
+    assert duplicates.value[1] == 2, "the earlier run's id and the repeat are counted"
