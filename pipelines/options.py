@@ -19,7 +19,7 @@ from event_delivery.contract.registry import get_event_type
 from event_delivery.keys.config import add_key_arguments, key_config_from_args
 from pipelines import flags
 from pipelines.flags import HourOptions, add_hour_range_arguments
-from transforms.settings import DeliverySettings
+from transforms.settings import STATE_LAYOUT, DeliverySettings
 
 
 class DeliveryOptions(PipelineOptions):
@@ -88,6 +88,13 @@ def add_streaming_arguments(parser) -> None:
         help="Names this run's files and tells them from earlier runs' staged files. An in-place "
         "update must keep the running job's (make update passes it on). Default: a new one at launch.",
     )
+    group.add_argument(
+        "--state_layout",
+        type=int,
+        default=STATE_LAYOUT,
+        help="The layout of the state this code keeps, recorded for make update, which refuses to hand "
+        f"a running job's state to another layout. Default (the only one): {STATE_LAYOUT}.",
+    )
 
 
 def add_redrive_arguments(parser) -> None:
@@ -140,4 +147,6 @@ def delivery_settings(
     )
     if options.run_id:
         values["run_id"] = options.run_id
+    if options.state_layout != STATE_LAYOUT:
+        raise ValueError(f"--state_layout {options.state_layout}: this code keeps its state in layout {STATE_LAYOUT}")
     return DeliverySettings(**{**values, **overrides})

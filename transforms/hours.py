@@ -54,9 +54,10 @@ def shard_of(event_id: str, num_shards: int) -> int:
 
 def approximate_bytes(value) -> int:
     """About what ``value`` takes once encoded, to bound a shuffled element: the length of its
-    strings (in characters: four times that at most in UTF-8) and bytes, keys included, and 8
-    for anything else. The bounds it serves sit well below the runner's limits for that reason."""
-    if isinstance(value, (str, bytes)):
+    bytes and of its strings in UTF-8, keys included, and 8 for anything else."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
         return len(value)
     if isinstance(value, dict):
         return sum(approximate_bytes(k) + approximate_bytes(v) for k, v in value.items())
@@ -114,32 +115,50 @@ class PackByShardFn(beam.DoFn):
         self.packs = {}
 
     def _sealed(self, bucket_and_shard: tuple, pack: list):
-        """The pack, and in a stream its weight (see ``weighed``), stamped with its earliest arrival."""
+        """The pack, and in a stream one ``WEIGHT`` per ``PACK_WEIGHT_BYTES`` it holds past the
+        first, stamped with its earliest arrival (see ``pane_trigger``)."""
         earliest_millis, elements, _ = pack
         blob = pickle.dumps(elements, protocol=pickle.HIGHEST_PROTOCOL)
         keyed = ((bucket_and_shard[0] // 1000, bucket_and_shard[1], self.writer), blob)
         stamp = Timestamp(micros=earliest_millis * 1000)
-        for value in weighed(keyed, len(blob)) if self.max_pack_bytes else (keyed,):
+        weights = -(-len(blob) // PACK_WEIGHT_BYTES) - 1 if self.max_pack_bytes else 0
+        for value in (keyed, *[(keyed[0], WEIGHT)] * weights):
             yield GlobalWindows.windowed_value(value, stamp)
 
 
-def _keyed_by_pane(element, window_seconds: int, num_shards: int):
-    """``((bucket, shard, writer), element)`` for an element on its own, as a stream's writer
-    keys it, and its weight (see ``weighed``)."""
-    received_at_seconds = element[1] // 1000
-    bucket = received_at_seconds - received_at_seconds % window_seconds
-    keyed = ((bucket, shard_of(element[0] or str(element[1]), num_shards), writer_id()), element)
-    return weighed(keyed, approximate_bytes(element))
+WEIGHT = b""  # an element that only weighs: ``FormPanes`` drops it
+EVENT_WEIGHT_BYTES = 1024  # what an event, or a weight among events, stands for
+PACK_WEIGHT_BYTES = 64 * 1024  # what a pack, or a weight among packs, stands for
 
 
-WEIGHT_BYTES = 1024  # a stream's element counts once more toward its pane's firing per KiB it holds
-WEIGHT = b""  # what a key's weight is made of: nothing, which ``FormPanes`` drops
+class KeyByPaneFn(beam.DoFn):
+    """``((bucket, shard, writer), event)`` for each event on its own, as a stream's writer keys
+    it. An event stands for ``EVENT_WEIGHT_BYTES`` in its pane's trigger; what it holds past
+    that is carried per key, and a ``WEIGHT`` follows for each full unit carried, so that a
+    key's elements since any firing stand for its bytes within one unit per instance, and an
+    event under a KiB adds nothing. Nothing unused is carried forward: a run of small events
+    leaves no credit for large ones.
+    """
 
+    def __init__(self, window_seconds: int, num_shards: int):
+        self.window_seconds = window_seconds
+        self.num_shards = num_shards
 
-def weighed(keyed, nbytes: int) -> list:
-    """``keyed``, followed by one ``WEIGHT`` under its key per ``WEIGHT_BYTES`` it holds past the
-    first: the grouping's trigger counts elements, so this is how it counts bytes."""
-    return [keyed, *[(keyed[0], WEIGHT)] * (-(-nbytes // WEIGHT_BYTES) - 1)]
+    def setup(self):
+        self.carried = {}  # per key of this instance: bytes not yet stood for, under a unit
+
+    def process(self, event):
+        received_at_seconds = event[1] // 1000
+        bucket = received_at_seconds - received_at_seconds % self.window_seconds
+        key = (bucket, shard_of(event[0] or str(event[1]), self.num_shards), writer_id())
+        yield key, event
+        over = self.carried.pop(key, 0) + approximate_bytes(event) - EVENT_WEIGHT_BYTES
+        weights, carried = divmod(max(over, 0), EVENT_WEIGHT_BYTES)
+        yield from [(key, WEIGHT)] * weights
+        if carried:
+            self.carried[key] = carried
+        if len(self.carried) > 10_000:  # keys of hours long closed; each forgets less than a unit
+            self.carried.clear()
 
 
 class FormPanesFn(beam.DoFn):
@@ -178,26 +197,29 @@ class FormPanesFn(beam.DoFn):
             yield pane_key, pane
 
 
-def pane_trigger(settings) -> trigger.TriggerFn:
+def pane_trigger(settings, packed: bool) -> trigger.TriggerFn:
     """When a key's panes fire: a bounded input's once per hour; a stream's every
-    ``trigger_seconds`` while the hour is open, or as soon as ``max_pane_bytes`` wait (counted
-    by their weights, see ``weighed``), whichever comes first; when it closes; and
-    afterwards, for stragglers, on the same two.
+    ``trigger_seconds`` while the hour is open, or as soon as twice ``max_pane_bytes`` wait
+    (counted in elements, each standing for ``EVENT_WEIGHT_BYTES``, or ``PACK_WEIGHT_BYTES``
+    among packs, with weights added where elements hold more: ``KeyByPaneFn``,
+    ``PackByShardFn``), whichever comes first; when it closes; and afterwards, for
+    stragglers, on the same two.
 
     A firing leaves in one commit, with every pane ``FormPanes`` cuts from it. Streaming
     Engine refuses a key's commit past ~180 MB, and a firing's commit cannot be split as the
     input of a work item can (apache/beam#19956): the key would be retried for good. So a
-    firing holds what waited before it (less than ``max_pane_bytes``) plus one work item's
-    input, whatever the rate, the backlog, the size of the events or the number of writers;
-    and since a key is one hour's (its bucket leads it), the timers that fire together in one work
-    item fire one window's panes, however many hours a backlog spans. A 60 s pane of the
-    busiest type (~37 MB per key) fires on the bytes twice a minute.
+    firing holds what waited before it (less than twice ``max_pane_bytes``, 32 MB) plus one
+    work item's input, whatever the rate, the backlog, the size of the events or the number
+    of writers; and since a key is one hour's (its bucket leads it), the timers that fire
+    together in one work item fire one window's panes, however many hours a backlog spans.
+    The busiest type's 60 s pane (~37 MB per key) fires on the bytes about once a minute.
     """
     s = settings
     if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
         return trigger.DefaultTrigger()
     flush = trigger.AfterCount(s.trigger_events) if s.trigger_events else trigger.AfterProcessingTime(s.trigger_seconds)
-    waited = trigger.AfterCount(max(1, s.max_pane_bytes // WEIGHT_BYTES))
+    unit = PACK_WEIGHT_BYTES if packed else EVENT_WEIGHT_BYTES
+    waited = trigger.AfterCount(max(1, 2 * s.max_pane_bytes // unit))
     either = trigger.AfterAny(flush, waited)  # on the local runner as on Dataflow: see transforms.any_trigger
     return trigger.AfterWatermark(early=either, late=either)
 
@@ -229,12 +251,13 @@ class BucketByHour(beam.PTransform):
             pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
             keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, int, str], bytes])
         else:
-            keyed = elements | "KeyByShardAndWriter" >> beam.FlatMap(
-                _keyed_by_pane, s.window_seconds, s.num_shards
+            keyed = elements | "KeyByShardAndWriter" >> beam.ParDo(
+                KeyByPaneFn(s.window_seconds, s.num_shards)
             ).with_output_types(tuple[tuple[int, int, str], typing.Any])
         return (
             keyed
-            | "HourWindows" >> hour_windows(s, pane_trigger(s))
+            | "HourWindows" >> hour_windows(s, pane_trigger(s, self.pack))
             | "GroupIntoPanes" >> beam.GroupByKey()
-            | "FormPanes" >> beam.ParDo(FormPanesFn(self.pack, bound))
+            | "FormPanes"
+            >> beam.ParDo(FormPanesFn(self.pack, bound)).with_output_types(tuple[tuple[int, str], typing.Any])
         )

@@ -11,6 +11,11 @@ from event_delivery.contract.registry import EventType
 from event_delivery.keys.config import KeyConfig
 
 DAY_SECONDS = 24 * 3600
+# The layout of the state a stream keeps: its stateful steps' keys and coders, and the
+# triggers of its groupings. An in-place update hands state over only within one layout,
+# so any change to them bumps it (``make update`` refuses a running job of another).
+# 2: panes are grouped by (hour, shard, writer) and fire on the bytes waiting.
+STATE_LAYOUT = 2
 
 
 @dataclasses.dataclass(frozen=True)

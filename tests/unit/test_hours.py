@@ -21,12 +21,13 @@ from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_settings, streaming_pipeline
 from transforms.hours import (
+    EVENT_WEIGHT_BYTES,
+    PACK_WEIGHT_BYTES,
     WEIGHT,
-    WEIGHT_BYTES,
     BucketByHour,
     FormPanesFn,
+    KeyByPaneFn,
     PackByShardFn,
-    _keyed_by_pane,
     approximate_bytes,
     bucket_start_seconds,
     hour_windows,
@@ -85,7 +86,9 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
-    keyed = [_keyed_by_pane(("", start + n, {"n": 0}), 3600, 16)[0][0] for n in range(200)]
+    key_by_pane = KeyByPaneFn(3600, 16)
+    key_by_pane.setup()
+    keyed = [next(key_by_pane.process(("", start + n, {"n": 0})))[0] for n in range(200)]
     assert len({shard for _, shard, _ in keyed}) > 8, "nor when they are keyed one by one"
     assert {writer for _, _, writer in keyed} == {writer_id()}
     assert {bucket for bucket, _, _ in keyed} == {start // 1000}, "and each under its hour"
@@ -139,10 +142,10 @@ def _a_backlog_in_reads(clock: Clock, reads: int, per_read: int, make) -> Clock:
     return clock
 
 
-def _bytes_per_firing(keyed, s):
+def _bytes_per_firing(keyed, s, packed=False):
     """The bytes of what each firing of the panes' grouping holds (weights left out), as it
     leaves in one commit; and its key and window."""
-    grouped = keyed | hour_windows(s, pane_trigger(s)) | beam.GroupByKey()
+    grouped = keyed | hour_windows(s, pane_trigger(s, packed)) | beam.GroupByKey()
     return grouped | beam.ParDo(_FiringFn())
 
 
@@ -158,43 +161,73 @@ class _FiringFn(beam.DoFn):
             )
 
 
-@pytest.mark.parametrize("pad, per_read", [(100, 50), (20_000, 5)], ids=["small events", "large events"])
+@pytest.mark.parametrize("pad, per_read", [(100, 50), (20_000, 5), ("ü" * 5_000, 5)], ids=["small", "large", "utf-8"])
 def test_a_key_fires_once_its_bytes_wait_however_large_a_backlog_or_its_events(tmp_path, pad, per_read):
     """A firing leaves in one commit, which Streaming Engine cannot split (the input of a work
-    item it can): 40 reads reach one key within one trigger interval, about 30 times the
-    bytes that may wait for it. Each firing holds at most the bound plus one read, events of
-    20 kB as well as of 100 bytes: the trigger counts elements, and large ones weigh more."""
-    bound = 64 * WEIGHT_BYTES
+    item it can): 40 reads reach one key within one trigger interval, many times the bytes
+    that may wait for it. Each firing holds at most twice the pane bound plus one read,
+    events of 20 kB (or of 5,000 two-byte characters) as well as of 100 bytes: the trigger
+    counts elements, and large ones bring weights."""
+    bound = 32 * EVENT_WEIGHT_BYTES
     s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
-    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"pad": "x" * pad})  # noqa: E731
+    text = pad if isinstance(pad, str) else "x" * pad
+    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"pad": text})  # noqa: E731
     clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=per_read, make=make)
-    one_read = per_read * approximate_bytes(make(0))
+    one_read = per_read * len(repr(make(0)).encode())
     with streaming_pipeline() as pipeline:
         events = pipeline | clock.advance(TRIGGER * 2).finish()
-        fired = _bytes_per_firing(events | beam.FlatMap(_keyed_by_pane, WINDOW, 1), s)
-        too_large = fired | beam.Filter(lambda firing: firing[2] > bound + one_read)
+        fired = _bytes_per_firing(events | beam.ParDo(KeyByPaneFn(WINDOW, 1)), s)
+        too_large = fired | beam.Filter(lambda firing: firing[2] > 2 * bound + one_read + EVENT_WEIGHT_BYTES)
         assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
         panes = events | BucketByHour(s, pack=False)
         ids = panes | beam.FlatMap(lambda pane: [event[0] for event in pane[1]])
         assert_that(ids, equal_to([make(n)[0] for n in range(40 * per_read)]), label="every event in a pane once")
 
 
-def test_packs_fire_once_their_bytes_wait_however_few_they_are(tmp_path):
-    """Dead letters and the raw archive are packed per read: here 40 reads of one 20 kB
-    message each, one pack per read, which a count of packs would let pile up; the bytes
-    count, so no firing holds more than the bound and a read."""
-    bound = 64 * WEIGHT_BYTES
+def test_an_event_under_a_kib_brings_no_weight_and_none_carries_credit():
+    """Weights are elements the grouping handles too: events of 400 bytes add none, 1,050 bytes
+    one every 40 or so, 3 kB two each; and a run of small events leaves no credit that would
+    spare a large one its weights."""
+    key_by_pane = KeyByPaneFn(3600, 1)
+    key_by_pane.setup()
+
+    def weights(size: int, count: int) -> tuple[int, int]:
+        """The weights sent for ``count`` events of ``size`` bytes, and the bytes they held past a unit each."""
+        events = [(f"e{n:05d}", 0, {"p": "x" * (size - 15)}) for n in range(count)]  # id 6, stamp 8, key 1
+        assert {approximate_bytes(e) for e in events} == {size}
+        out = [value for e in events for _, value in key_by_pane.process(e)]
+        return sum(1 for value in out if value == WEIGHT), count * (size - EVENT_WEIGHT_BYTES)
+
+    assert weights(400, 1000)[0] == 0
+    sent, over = weights(1050, 1000)
+    assert sent == over // EVENT_WEIGHT_BYTES == 25, "what the events hold past a unit, within one unit"
+    assert weights(3072, 100)[0] == 200
+    weights(100, 10_000)
+    assert weights(20_480, 1)[0] == 19, "no credit from the small ones"
+
+
+def test_packs_fire_once_their_bytes_wait_and_small_ones_do_not_fire_on_their_number(tmp_path):
+    """Dead letters and the raw archive are packed per read: 40 reads of one 200 kB message,
+    one pack per read, fire on the bytes, none past twice the bound and a read; 40 reads of a
+    small message fire once, on the clock, as if unpacked they would not."""
+    bound = 4 * PACK_WEIGHT_BYTES
     s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
-    make = lambda n: (f"m-{n:05d}", (START + 1) * 1000, {"payload": "x" * 20_000})  # noqa: E731
-    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=1, make=make)
+    as_deployed = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1)
+    large = lambda n: (f"m-{n:05d}", (START + 1) * 1000, {"payload": "x" * 200_000})  # noqa: E731
+    small = lambda n: (f"s-{n:05d}", (START + 1) * 1000, {"payload": "x"})  # noqa: E731
     pack = PackByShardFn(WINDOW, num_shards=1, per_writer=True, max_pack_bytes=bound)
-    with streaming_pipeline() as pipeline:
-        messages = pipeline | clock.advance(TRIGGER * 2).finish()
-        fired = _bytes_per_firing(messages | beam.ParDo(pack), s)
-        too_large = fired | beam.Filter(lambda firing: firing[2] > bound + 2 * 20_100)
-        assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
-        ids = messages | BucketByHour(s) | beam.FlatMap(lambda pane: [m[0] for m in pane[1]])
-        assert_that(ids, equal_to([make(n)[0] for n in range(40)]), label="every message in a pane once")
+    for name, make in (("large", large), ("small", small)):
+        clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=1, make=make)
+        with streaming_pipeline() as pipeline:
+            messages = pipeline | clock.advance(TRIGGER * 2).finish()
+            fired = _bytes_per_firing(messages | beam.ParDo(pack), s if name == "large" else as_deployed, packed=True)
+            if name == "large":
+                too_large = fired | beam.Filter(lambda firing: firing[2] > 2 * bound + 200_100)
+                assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
+            else:
+                assert_that(fired | beam.Map(lambda firing: firing[0][0]), equal_to([START]), label="one firing")
+            ids = messages | BucketByHour(s) | beam.FlatMap(lambda pane: [m[0] for m in pane[1]])
+            assert_that(ids, equal_to([make(n)[0] for n in range(40)]), label="every message in a pane once")
 
 
 def test_a_key_holds_one_hours_window_so_a_backlog_of_hours_fires_apart(tmp_path):
@@ -207,7 +240,7 @@ def test_a_key_holds_one_hours_window_so_a_backlog_of_hours_fires_apart(tmp_path
     with streaming_pipeline() as pipeline:
         events = pipeline | clock.advance(TRIGGER * 2).finish()
         events = events | beam.Map(lambda e: TimestampedValue(e, e[1] / 1000))
-        fired = _bytes_per_firing(events | beam.FlatMap(_keyed_by_pane, WINDOW, 1), s)
+        fired = _bytes_per_firing(events | beam.ParDo(KeyByPaneFn(WINDOW, 1)), s)
         elsewhere = fired | beam.Filter(lambda firing: firing[0][0] != firing[1])
         assert_that(elsewhere, equal_to([]), label="each key's firings are its own hour's")
         assert_that(fired | beam.Map(lambda f: f[1]), _covers(hours), label="every hour fired")
@@ -226,7 +259,7 @@ def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_bytes(
     then a backlog of 20 reads fires on the bytes. The local runner's own ``AfterAny`` fires
     the first straggler only and holds the rest, and every close, until the late horizon
     (``transforms/any_trigger.py``); Dataflow fires each."""
-    bound = 100 * WEIGHT_BYTES  # 100 elements of ("key", n), which weigh one each
+    bound = 50 * EVENT_WEIGHT_BYTES  # fires at twice that: 100 elements of ("key", n), which stand for a unit each
     s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
     clock = Clock(START).advance(WINDOW + LATENESS + TRIGGER)
     in_the_closed_hour = START + 1
@@ -240,7 +273,7 @@ def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_bytes(
     for read in range(20):
         arrive_late(*(("key", 1000 + read * 50 + n) for n in range(50)))
     with streaming_pipeline() as pipeline:
-        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s))
+        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed=False))
         fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: sorted(elements))
         stragglers = fired | beam.Filter(lambda elements: elements and min(elements) < 1000)
         assert_that(stragglers, equal_to([[0], [1], [2]]), label="a pane each")

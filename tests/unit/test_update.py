@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import delivery
 from pipelines.options import DeliveryOptions, delivery_settings
 from tools.ops import deploy
+from transforms.settings import STATE_LAYOUT
 
 RECORDED = json.loads((pathlib.Path(__file__).parents[1] / "fixtures" / "running_job_play.json").read_text())
 RUN_ID = "20270115t080000"
@@ -34,6 +35,7 @@ def cloud(monkeypatch):
     # Recorded as the SDK records every option it knows, by a job deployed since panes fire on
     # the bytes waiting too (the fixture's job predates the option: it is refused, as tested below).
     running["environment"]["sdkPipelineOptions"]["options"]["max_pane_bytes"] = 16777216.0
+    running["environment"]["sdkPipelineOptions"]["options"]["state_layout"] = float(STATE_LAYOUT)
     submitted = []
     monkeypatch.setattr(deploy, "running_job", lambda event_type, project, region: running)
     monkeypatch.setattr(delivery, "start", submitted.append)
@@ -84,6 +86,7 @@ def test_a_job_deployed_before_the_late_horizon_and_trigger_were_passed_keeps_th
         ("late_horizon_seconds", 172800.0, 604800),
         ("trigger_seconds", 30.0, 60),
         ("max_pane_bytes", 1048576.0, 16777216),
+        ("state_layout", 1.0, STATE_LAYOUT),
     ],
 )
 def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, recorded, new):
@@ -97,7 +100,7 @@ def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, rec
     assert f"--{option} would change from {int(recorded)} to {new}, {deploy.KEPT_BECAUSE[option]}" in line
 
 
-@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds", "max_pane_bytes"])
+@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds", "max_pane_bytes", "state_layout"])
 def test_a_running_job_that_records_no_late_horizon_or_trigger_is_not_updated(cloud, capsys, option):
     running, submitted = cloud
     del running["environment"]["sdkPipelineOptions"]["options"][option]
@@ -144,7 +147,7 @@ def test_a_running_job_without_a_run_id_is_not_updated(cloud, capsys):
 
 def test_options_recorded_under_camel_case_names_are_read_too(registry):
     camel = {"windowSeconds": 3600, "allowedLatenessSeconds": 600, "numShards": 16, "runId": RUN_ID}
-    camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60, "maxPaneBytes": 16777216}
+    camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60, "maxPaneBytes": 16777216, "stateLayout": STATE_LAYOUT}
     job = {"environment": {"sdkPipelineOptions": {"options": camel}}}
     assert deploy.kept_run_id(registry["play"], job) == RUN_ID
 

@@ -121,6 +121,10 @@ KEPT_BECAUSE = {
     # buffered under the old trigger keep it, so one job would fire panes on two schedules.
     "trigger_seconds": "changing the trigger of the panes the job holds",
     "max_pane_bytes": "changing the trigger of the panes the job holds",
+    # What the job's stateful steps are keyed by and how their keys are encoded, and the
+    # triggers of its groupings, as this code keeps them: state of another layout would be
+    # read under the wrong coder (transforms.settings.STATE_LAYOUT).
+    "state_layout": "handing its state to code that keeps state in another layout",
 }
 
 
@@ -144,6 +148,7 @@ def job_layout(event_type: EventType) -> dict[str, int]:
         "late_horizon_seconds": streaming.late_horizon_seconds,
         "trigger_seconds": streaming.trigger_seconds,
         "max_pane_bytes": delivery.max_pane_bytes,
+        "state_layout": delivery.state_layout,
     }
 
 
