@@ -271,8 +271,7 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    registry = load_registry()
+def _parser(registry) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.local.demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--state_dir",
@@ -283,7 +282,45 @@ def main(argv=None) -> int:
     parser.add_argument("--event_type", action="append", choices=sorted(registry), help="Default: every type.")
     parser.add_argument("--publish_seconds", type=float, default=25)
     parser.add_argument("--rate", type=float, default=10, help="Messages per second per type.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _print_outcomes(outcomes: dict) -> None:
+    print()
+    print(format_table(outcomes))
+    print()
+    print("The auditor's count of what was published, joined with the output (make audit):")
+    print(audit_table([outcome.audit for outcome in outcomes.values()]))
+    print()
+    print(
+        "published = delivered + duplicates + late + dead-lettered, and gw sent = gw accepted:",
+        "holds for every type" if all(o.balanced for o in outcomes.values()) else "VIOLATED",
+    )
+    print("gw: the demo's events sent through the gateway, and the gateway's own counts (its /metrics);")
+    print("the rest (malformed, late, retries) went straight to Pub/Sub.")
+    for name, outcome in outcomes.items():
+        for problem in outcome.audit.problems:
+            print(f"problem in {name}: {problem}")
+
+
+def _where_to_look(state_dir: pathlib.Path, bucket: str, report: str) -> str:
+    data = state_dir / "gcs-data" / ".cloudstorage" / bucket
+    keys = f"--keystore sqlite:///{state_dir}/keystore.db --local_key_file {state_dir}/kek.key"
+    read = "import fastavro,sys; [print(r) for r in fastavro.reader(open(sys.argv[1],'rb'))]"
+    return f"""The output stays on disk under {data}/:
+  delivered/<type>/dt=YYYY-MM-DD/hr=HH-MM-SS/*.avro and _SUCCESS, late/..., dead-letter/...
+Read a file with:  .venv/bin/python -c "{read}" <file.avro>
+Job logs: {state_dir / "logs"}/<type>.log
+Personal fields are encrypted. A decrypted copy of every search hour:
+  .venv/bin/python -m pipelines.decrypt --event_type search --input_root {data}/delivered \
+--output_root {state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys} \
+--copies_inventory {state_dir}/decrypted-copies
+The report, to open in a browser: {report}"""
+
+
+def main(argv=None) -> int:
+    registry = load_registry()
+    args = _parser(registry).parse_args(argv)
     shutil.rmtree(args.state_dir, ignore_errors=True)
     scenario = Scenario(
         types=args.event_type or sorted(registry),
@@ -303,37 +340,8 @@ def main(argv=None) -> int:
     except (EmulatorError, JobError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print()
-    print(format_table(outcomes))
-    print()
-    print("The auditor's count of what was published, joined with the output (make audit):")
-    print(audit_table([outcome.audit for outcome in outcomes.values()]))
-    print()
-    print(
-        "published = delivered + duplicates + late + dead-lettered, and gw sent = gw accepted:",
-        "holds for every type" if all(o.balanced for o in outcomes.values()) else "VIOLATED",
-    )
-    print("gw: the demo's events sent through the gateway, and the gateway's own counts (its /metrics);")
-    print("the rest (malformed, late, retries) went straight to Pub/Sub.")
-    for name, outcome in outcomes.items():
-        for problem in outcome.audit.problems:
-            print(f"problem in {name}: {problem}")
-    data = args.state_dir / "gcs-data" / ".cloudstorage" / scenario.bucket
-    print(f"\nfinished in {time.monotonic() - started:.0f}s. The output stays on disk under {data}/:")
-    print("  delivered/<type>/dt=YYYY-MM-DD/hr=HH-MM-SS/*.avro and _SUCCESS, late/..., dead-letter/...")
-    print(
-        'Read a file with:  .venv/bin/python -c "import fastavro,sys; '
-        "[print(r) for r in fastavro.reader(open(sys.argv[1],'rb'))]\" <file.avro>"
-    )
-    print(f"Job logs: {args.state_dir / 'logs'}/<type>.log")
-    keys = f"--keystore sqlite:///{args.state_dir}/keystore.db --local_key_file {args.state_dir}/kek.key"
-    print("Personal fields are encrypted. A decrypted copy of every search hour:")
-    print(
-        f"  .venv/bin/python -m pipelines.decrypt --event_type search --input_root {data}/delivered "
-        f"--output_root {args.state_dir}/decrypted --start 2000-01-01T00 --end 2100-01-01T00 {keys} "
-        f"--copies_inventory {args.state_dir}/decrypted-copies"
-    )
-    print(f"The report, to open in a browser: {report}")
+    _print_outcomes(outcomes)
+    print(f"\nfinished in {time.monotonic() - started:.0f}s. {_where_to_look(args.state_dir, scenario.bucket, report)}")
     return 0 if all(o.balanced for o in outcomes.values()) else 1
 
 
