@@ -259,5 +259,5 @@ class BucketByHour(beam.PTransform):
             | "HourWindows" >> hour_windows(s, pane_trigger(s, self.pack))
             | "GroupIntoPanes" >> beam.GroupByKey()
             | "FormPanes"
-            >> beam.ParDo(FormPanesFn(self.pack, bound)).with_output_types(tuple[tuple[int, str], typing.Any])
+            >> beam.ParDo(FormPanesFn(self.pack, bound)).with_output_types(tuple[tuple[int, str], list[typing.Any]])
         )

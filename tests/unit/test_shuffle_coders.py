@@ -8,9 +8,10 @@ and for the coders the state itself is stored with. A key coder must also be
 deterministic: one that pickles (``FastPrimitivesCoder``'s fallback) can encode one key
 in two ways and split its state in two. Beam picks coders from type hints, so dropping or
 changing a hint (``BucketByHour``'s ``tuple[tuple[int, str], ...]``) changes them
-silently; a change must therefore be deliberate: it rewrites
+silently; a change must therefore be deliberate: it bumps ``transforms.settings.STATE_LAYOUT``
+(which ``make update`` checks) and rewrites
 ``tests/fixtures/shuffle_coders.json`` in the same commit (``python -m
-tests.test_shuffle_coders > tests/fixtures/shuffle_coders.json``). A Beam upgrade may
+tests.unit.test_shuffle_coders > tests/fixtures/shuffle_coders.json``). A Beam upgrade may
 change them too: it is then one to read before an ``--update``.
 
 The coders are read from the pipeline proto the job submits, as the runner sees them:
@@ -34,7 +35,7 @@ from pipelines.delivery import deliver
 from tests.streams import local_keys, local_settings
 from transforms.read import ReadMessages
 
-RECORDED = pathlib.Path(__file__).parent / "fixtures" / "shuffle_coders.json"
+RECORDED = pathlib.Path(__file__).parents[1] / "fixtures" / "shuffle_coders.json"
 
 
 def delivery_proto(tmp_path) -> beam_runner_api_pb2.Pipeline:
