@@ -25,6 +25,7 @@ from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
+from event_delivery.contract.counts import hour_start_seconds
 from event_delivery.contract.hours import into_hours
 from transforms import any_trigger  # noqa: F401 - AfterAny as Dataflow runs it
 
@@ -66,6 +67,14 @@ def approximate_bytes(value) -> int:
     return 8
 
 
+def pane_key(element, window_seconds: int, num_shards: int, writer: str) -> tuple[int, int, str]:
+    """``(bucket, shard, writer)``: the start of the element's hour (bucket), its id's shard,
+    and the writer. Messages without an id (dead letters) spread over the shards by their arrival."""
+    received_at_millis = element[1]
+    shard = shard_of(element[0] or str(received_at_millis), num_shards)
+    return hour_start_seconds(received_at_millis, window_seconds), shard, writer
+
+
 class PackByShardFn(beam.DoFn):
     """Packs a bundle's elements into blobs per (bucket, shard), keyed by ``(bucket, shard, writer)``
     (the writer empty unless ``per_writer``; the bucket, so that a key holds one window: see
@@ -85,7 +94,7 @@ class PackByShardFn(beam.DoFn):
     """
 
     def __init__(self, window_seconds: int, num_shards: int, per_writer: bool = False, max_pack_bytes=None):
-        self.window_millis = window_seconds * 1000
+        self.window_seconds = window_seconds
         self.num_shards = num_shards
         self.per_writer = per_writer
         self.max_pack_bytes = max_pack_bytes
@@ -95,10 +104,8 @@ class PackByShardFn(beam.DoFn):
         self.writer = writer_id() if self.per_writer else ""
 
     def process(self, element):
-        event_id, received_at_millis = element[0], element[1]
-        # Messages without an id (dead letters) spread by their arrival instead of all landing in one shard.
-        shard = shard_of(event_id or str(received_at_millis), self.num_shards)
-        key = (received_at_millis - received_at_millis % self.window_millis, shard)
+        received_at_millis = element[1]
+        key = pane_key(element, self.window_seconds, self.num_shards, self.writer)
         pack = self.packs.get(key)
         if pack is None:
             pack = self.packs[key] = [received_at_millis, [], 0]
@@ -114,12 +121,12 @@ class PackByShardFn(beam.DoFn):
             yield from self._sealed(key, pack)
         self.packs = {}
 
-    def _sealed(self, bucket_and_shard: tuple, pack: list):
+    def _sealed(self, key: tuple, pack: list):
         """The pack, and in a stream one ``WEIGHT`` per ``PACK_WEIGHT_BYTES`` it holds past the
         first, stamped with its earliest arrival (see ``pane_trigger``)."""
         earliest_millis, elements, _ = pack
         blob = pickle.dumps(elements, protocol=pickle.HIGHEST_PROTOCOL)
-        keyed = ((bucket_and_shard[0] // 1000, bucket_and_shard[1], self.writer), blob)
+        keyed = (key, blob)
         stamp = Timestamp(micros=earliest_millis * 1000)
         weights = -(-len(blob) // PACK_WEIGHT_BYTES) - 1 if self.max_pack_bytes else 0
         for value in (keyed, *[(keyed[0], WEIGHT)] * weights):
@@ -148,9 +155,7 @@ class KeyByPaneFn(beam.DoFn):
         self.carried = {}  # per key of this instance: bytes not yet stood for, under a unit
 
     def process(self, event):
-        received_at_seconds = event[1] // 1000
-        bucket = received_at_seconds - received_at_seconds % self.window_seconds
-        key = (bucket, shard_of(event[0] or str(event[1]), self.num_shards), writer_id())
+        key = pane_key(event, self.window_seconds, self.num_shards, writer_id())
         yield key, event
         over = self.carried.pop(key, 0) + approximate_bytes(event) - EVENT_WEIGHT_BYTES
         weights, carried = divmod(max(over, 0), EVENT_WEIGHT_BYTES)

@@ -51,13 +51,7 @@ class DeliverySettings:
         for name in ("allowed_lateness_seconds", "late_horizon_seconds", "max_future_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in (
-            "trigger_seconds",
-            "trigger_events",
-            "num_shards",
-            "max_event_bytes",
-            "max_pane_bytes",
-        ):
+        for name in ("trigger_seconds", "trigger_events", "num_shards", "max_event_bytes", "max_pane_bytes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.codec not in files.CODECS:
