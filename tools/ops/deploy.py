@@ -220,9 +220,8 @@ def _deploy(event_type: EventType, args, run_id: str | None, codec: str) -> None
     """Submits (or, dry, builds and stages) the type's delivery job and, unless told not to,
     its auditor."""
     job_args = dataflow_args(
-        event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key, run_id
+        event_type, args.project, args.region, args.bucket, args.update, args.keystore, args.kms_key, run_id, codec
     )
-    job_args.append(f"--codec={codec}")
     if args.template:
         _launch_from_template(event_type, job_args, args)
     elif args.dry_run:
@@ -273,7 +272,7 @@ def main(argv=None) -> int:
     except UpdateRefused as refused:
         parser.exit(2, f"{parser.prog}: error: {refused}\n")
     for event_type in types:
-        kept = job_options(running[event_type.name]).get("codec") if event_type.name in running else None
+        kept = job_options(running[event_type.name]).get("codec") if args.update else None
         _deploy(event_type, args, run_ids.get(event_type.name), args.codec or kept or files.AVRO_CODEC)
     return 0
 

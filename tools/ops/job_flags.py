@@ -4,6 +4,7 @@ records and an in-place update must keep."""
 
 from __future__ import annotations
 
+from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import EventType
 from tools.ops.provisioning.plan import temp_bucket, worker_service_account
@@ -32,11 +33,12 @@ def dataflow_args(
     keystore: str | None = None,
     kms_key: str | None = None,
     run_id: str | None = None,
+    codec: str = files.AVRO_CODEC,
 ) -> list[str]:
     """The delivery job's flags on Dataflow; the tier sets the resources.
 
-    The layout and the run id are always explicit, so the job's options record them
-    for a later ``--update`` to compare and keep. ``run_id`` defaults to a new one.
+    The layout, the run id and the codec are always explicit, so the job's options record
+    them for a later ``--update`` to compare and keep. ``run_id`` defaults to a new one.
     """
     layout = [f"--{name}={value}" for name, value in job_layout(event_type).items()]
     args = [
@@ -46,6 +48,7 @@ def dataflow_args(
         *_streaming_job(event_type, project, region, bucket, job_name(event_type), event_type.tier.max_workers),
         *layout,
         f"--run_id={run_id or partitions.new_run_id()}",
+        f"--codec={codec}",
     ]
     if update:
         args.append("--update")
