@@ -26,7 +26,7 @@ from transforms.archive import RAW
 _MISSING = object()
 
 
-class _Keys:
+class Keys:
     """The keys one type's delivery uses, each fetched once and cached as the pipeline's workers do."""
 
     def __init__(self, keystore, name: str):
@@ -39,6 +39,13 @@ class _Keys:
         """One batch per file for the archive keys it names and the cache lacks."""
         missing = {r["key_id"] for r in records if r["key_id"]} - self.unseal.keys()
         self.unseal.update({k: AESGCM(v) for k, v in self.keystore.data_keys(missing).items()})
+
+    def unsealed(self, archived: dict) -> bytes:
+        """An archived message's payload as it arrived (the archive seals personal payloads)."""
+        key_id = archived["key_id"]
+        if not key_id:
+            return archived["payload"]
+        return decrypt_bytes(self.unseal[key_id], archived["payload"], self.name, RAW, key_id, archived["event_id"])
 
     def fetch_subject_keys(self, subjects) -> None:
         """One batch per file for the subjects the cache lacks."""
@@ -53,7 +60,7 @@ class _Keys:
         return self.quarantine[day]
 
 
-def _sealed_dead_letter(keys: _Keys, event_id, received_at, attributes, data: bytes) -> dict:
+def _sealed_dead_letter(keys: Keys, event_id, received_at, attributes, data: bytes) -> dict:
     """A malformed message sealed under the day's quarantine key, whatever subject it names, as the pipeline does."""
     key = keys.quarantine_key(received_at)
     return {
@@ -68,18 +75,15 @@ def _sealed_dead_letter(keys: _Keys, event_id, received_at, attributes, data: by
     }
 
 
-def _parse_new(event_type, records, keys: _Keys, seen: set, dead: list) -> list[dict]:
+def _parse_new(event_type, records, keys: Keys, seen: set, dead: list) -> list[dict]:
     """The file's valid records whose id is not in ``seen`` (which they join); the malformed go to ``dead``."""
-    name, schema = event_type.name, event_type.parsed_payload_schema
+    schema = event_type.parsed_payload_schema
     fields = [(f["name"], f.get("default", _MISSING)) for f in event_type.schema["fields"]]
     known = {n for n, _ in fields}
     keys.fetch_unseal_keys(records)
-    unseal, parsed = keys.unseal, []
+    parsed = []
     for archived in records:
-        data = archived["payload"]
-        key_id = archived["key_id"]
-        if key_id:
-            data = decrypt_bytes(unseal[key_id], data, name, RAW, key_id, archived["event_id"])
+        data = keys.unsealed(archived)
         attributes = archived["attributes"]
         event_id, received_at = attributes["event_id"], parse_received_at(attributes["received_at"])
         try:
@@ -103,7 +107,7 @@ def _parse_new(event_type, records, keys: _Keys, seen: set, dead: list) -> list[
     return parsed
 
 
-def _encrypt_personal_fields(event_type, records: list[dict], keys: _Keys) -> list[dict]:
+def _encrypt_personal_fields(event_type, records: list[dict], keys: Keys) -> list[dict]:
     """The records with their personal fields encrypted under their subject's key, in place."""
     subject_field, personal, name = event_type.subject_field, event_type.personal_fields, event_type.name
     if not subject_field:
@@ -131,7 +135,7 @@ def _write_outputs(out: pathlib.Path, event_type, delivered: list[dict], dead: l
 def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> int:
     """Delivers one type's archived files to ``out``; returns how many messages it read."""
     event_type = load_registry()[name]
-    keys = _Keys(keystore, name)
+    keys = Keys(keystore, name)
     seen, delivered, dead = set(), [], []
     read = 0
     for path in paths:

@@ -17,11 +17,11 @@ import pathlib
 import fastavro
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from benchmarks.floor import Keys
 from event_delivery.cloud import files
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
-from event_delivery.keys.fields import decrypt_bytes, encrypt_value
-from transforms.archive import RAW
+from event_delivery.keys.fields import encrypt_value
 
 
 @dataclasses.dataclass
@@ -34,23 +34,21 @@ class Messages:
 
 
 def prepare(workload) -> list[Messages]:
-    """Every type's archived messages unsealed, and the keys of their subjects fetched."""
+    """Every type's archived messages unsealed, and the keys of their subjects fetched (as the floor fetches them)."""
     keystore = workload.keys.open()
     prepared = []
     for name in (n for n in workload.counts if n[0] != "_"):
         records = [r for path in workload.archive_paths(name) for r in files.read_avro(path)]
-        unseal = {k: AESGCM(v) for k, v in keystore.data_keys({r["key_id"] for r in records if r["key_id"]}).items()}
-        messages = []
-        for r in records:
-            data = r["payload"]
-            if r["key_id"]:
-                data = decrypt_bytes(unseal[r["key_id"]], data, name, RAW, r["key_id"], r["event_id"])
-            attributes = r["attributes"]
-            messages.append((attributes["event_id"], parse_received_at(attributes["received_at"]), data))
+        keys = Keys(keystore, name)
+        keys.fetch_unseal_keys(records)
+        messages = [
+            (r["attributes"]["event_id"], parse_received_at(r["attributes"]["received_at"]), keys.unsealed(r))
+            for r in records
+        ]
         subject_field = load_registry()[name].subject_field
-        subjects = {_subject(data, subject_field) for _, _, data in messages} - {None} if subject_field else set()
-        keys = keystore.subject_keys(subjects, scope=name)
-        prepared.append(Messages(name, messages, {s: (k.key_id, k.aead) for s, k in keys.items()}))
+        if subject_field:
+            keys.fetch_subject_keys({_subject(data, subject_field) for _, _, data in messages} - {None})
+        prepared.append(Messages(name, messages, keys.seal))
     return prepared
 
 
