@@ -183,9 +183,15 @@ class CloseHourFn(beam.DoFn):
         hour_start = bucket_start_seconds(window)
         collected = list(reports.read()) + self._left_by_earlier_runs(window)
         try:
-            shards, codec = self.num_shards, self.codec
             plan = plan_hour(
-                self.layout, hour_start, closes_at, collected, not self.streaming, self.target_file_mb, shards, codec
+                self.layout,
+                hour_start,
+                closes_at,
+                collected,
+                replayed=not self.streaming,
+                target_file_mb=self.target_file_mb,
+                num_shards=self.num_shards,
+                codec=self.codec,
             )
         except Exception as error:
             if not (self.streaming and denied(error)):
