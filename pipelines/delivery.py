@@ -75,7 +75,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanesOrGiveUp(
-        settings, layout.staging, DELIVERED, key_cache, compress=False
+        settings, layout.staging, DELIVERED, key_cache, compress=False, numbered=True
     )
     # Less the ids its closed hour already holds, for the whole late horizon (see transforms/late.py).
     late = deduplicated.late | "WriteLate" >> WriteLatePanes(settings, key_cache)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, StrUtf8Coder
+from apache_beam.coders import BooleanCoder, StrUtf8Coder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
@@ -242,23 +242,31 @@ class DeduplicateBoundedPaneFn(beam.DoFn):
         use_emulator_credentials()
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
-        pane_key, events = pane_elements
-        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.settings, window, pane_key[0])))
-        yield pane_key, unique
+        (shard, writer), events = pane_elements
+        unique = keep_first_copies(events, set(staged_by_earlier_runs(self.settings, window, shard)))
+        if unique:
+            yield (shard, writer, 0), unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
 
 class DeduplicateStreamPaneFn(DeduplicateBoundedPaneFn):
-    """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them.
+    """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them, and numbers the
+    panes it lets through.
 
     A pane that arrives after the watermark closed the hour goes out as ``late``, its
     marked copies dropped and counted too, whatever timing label the runner gave it.
 
-    Its only state is that flag: which ids came before, in this run or in the runs before
-    it, is in the cells of ``MarkRepeats``, so a pane reads nothing but its own events.
+    Which ids came before, in this run or in the runs before it, is in the cells of
+    ``MarkRepeats``, so a pane reads nothing but its own events. The state of an (hour,
+    shard, writer) is whether its hour closed, and the number of the next pane it lets
+    through: a pane goes out as ``((shard, writer, number), events)``, and the write that
+    follows names its file by that number without state of its own, so it needs no keyed
+    shuffle of its own either. The number is committed with the pane, so a retried work
+    item numbers its panes as before and the write replaces the same files.
     """
 
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
+    NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
     def default_label(self):
@@ -271,15 +279,19 @@ class DeduplicateStreamPaneFn(DeduplicateBoundedPaneFn):
         pane_elements,
         window=beam.DoFn.WindowParam,
         closed=beam.DoFn.StateParam(CLOSED),
+        number=beam.DoFn.StateParam(NUMBER),
         close=beam.DoFn.TimerParam(CLOSE),
     ):
-        pane_key, events = pane_elements
+        (shard, writer), events = pane_elements
         unique = keep_first_copies([e for e in events if not is_repeat(e)], set())
         if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE_PANES, (pane_key, unique))
+            yield beam.pvalue.TaggedOutput(LATE_PANES, ((shard, writer), unique))
         else:
             close.set(window.end)
-            yield pane_key, unique
+            if unique:
+                current = number.read() or 0
+                number.write(current + 1)
+                yield (shard, writer, current), unique
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
     @on_timer(CLOSE)
@@ -288,7 +300,8 @@ class DeduplicateStreamPaneFn(DeduplicateBoundedPaneFn):
 
 
 class Deduplicate(beam.PTransform):
-    """``((shard, writer), [events])`` panes in; ``unique`` and ``late`` panes and ``duplicates`` reports out.
+    """``((shard, writer), [events])`` panes in; ``duplicates`` reports out, ``late`` panes as they came,
+    and ``unique`` panes numbered, ``((shard, writer, file number), [events])``, none empty.
 
     ``settings`` are the job's ``DeliverySettings``: where panes are staged, the run, and
     whether the input is bounded (one pane per hour and shard).

@@ -150,8 +150,21 @@ class WriteStreamPaneFn(WriteBoundedPaneFn):
         yield from self.write(pane_elements, window, current)
 
 
+class WriteNumberedPaneFn(WriteBoundedPaneFn):
+    """Writes each pane under the file number its key carries, ``((shard, writer, number), elements)``:
+    panes that a stateful step before it numbered (``Deduplicate``). It keeps no state, so a runner
+    fuses it with that step, and a pane crosses no keyed shuffle on its way to its file."""
+
+    def default_label(self):
+        return "WritePaneOfItsNumberFn"
+
+    def process(self, pane_elements, window=beam.DoFn.WindowParam):
+        (shard, writer, number), elements = pane_elements
+        yield from self.write(((shard, writer), elements), window, number)
+
+
 class WriteAvroPanes(beam.PTransform):
-    """``((shard, writer), [elements])`` panes in; one file per non-empty pane under ``root``; hour reports out.
+    """``((shard, writer), [elements])`` panes in (or ``numbered`` ones); one file per non-empty pane under ``root``; hour reports out.
 
     The file name is fixed by (run, hour, file number, shard, writer), so a retried
     bundle rewrites the same file instead of adding a second copy. A stream numbers the
@@ -162,7 +175,8 @@ class WriteAvroPanes(beam.PTransform):
     up instead). They are compressed with the job's codec (``--codec``); without ``compress``,
     uncompressed: staged panes, which the close compresses once, into the hour's parts.
     ``series`` names the files of a writer that shares its root with another (see
-    ``partitions.pane_file_name``): the late root's.
+    ``partitions.pane_file_name``): the late root's. ``numbered`` panes carry their file number
+    in their key, ``((shard, writer, number), elements)`` (``Deduplicate``'s): none is kept here.
     """
 
     give_up_failures = False
@@ -176,11 +190,12 @@ class WriteAvroPanes(beam.PTransform):
         to_record=None,
         compress: bool = True,
         series: str = partitions.STAGED_SERIES,
+        numbered: bool = False,
     ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
         to_record = to_record or event_record
-        fn = WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
+        fn = WriteNumberedPaneFn if numbered else WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
         codec = settings.codec if compress else files.UNCOMPRESSED
         self.fn = fn(settings, root, report_kind, schema, to_record, self.give_up_failures, codec, series)
 
@@ -195,8 +210,8 @@ class WriteAvroPanesOrGiveUp(WriteAvroPanes):
 
     give_up_failures = True
 
-    def __init__(self, settings, root: str, report_kind: str, key_cache, compress: bool = True):
-        super().__init__(settings, root, report_kind, compress=compress)
+    def __init__(self, settings, root: str, report_kind: str, key_cache, compress: bool = True, numbered=False):
+        super().__init__(settings, root, report_kind, compress=compress, numbered=numbered)
         self.event_type, self.key_cache = settings.event_type, key_cache
 
     def expand(self, panes):

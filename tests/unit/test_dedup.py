@@ -151,18 +151,31 @@ def repeat(event_id):
     return (*event(event_id, 600), REPEAT)
 
 
-def test_a_pane_holds_no_state_but_whether_its_hour_closed(tmp_path):
-    fn, closed, timer = DeduplicateStreamPaneFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+def test_a_pane_holds_no_state_but_whether_its_hour_closed_and_the_number_of_its_next_file(tmp_path):
+    fn, closed, number, timer = (
+        DeduplicateStreamPaneFn(settings(tmp_path)),
+        ValueState(),
+        ValueState(),
+        WatermarkTimer(),
+    )
     fn.setup()
     window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-    [unique, duplicates] = fn.process(((0, "w"), [event("e1", 600), repeat("e1")]), window, closed, timer)
-    assert [e[0] for e in unique[1]] == ["e1"] and duplicates.value[1] == 1, "the marked repeat is dropped"
-    assert timer.at == window.end
+    dedup = lambda *events: list(fn.process(((0, "w"), list(events)), window, closed, number, timer))  # noqa: E731
+    [unique, duplicates] = dedup(event("e1", 600), repeat("e1"))
+    assert unique == ((0, "w", 0), [event("e1", 600)]), "the marked repeat is dropped, the pane is file 0"
+    assert duplicates.value[1] == 1 and timer.at == window.end
+    timer.at = None
+    [duplicates] = dedup(repeat("e2"))
+    assert timer.at == window.end, "a pane of repeats alone arms the close too: its key's next pane may be late"
+    [unique] = dedup(event("e3", 600))
+    assert unique[0] == (0, "w", 1), "a pane with nothing to write takes no number"
     fn.close_hour(closed=closed)
-    late, duplicates = fn.process(((0, "w"), [event("e5", 600), repeat("e4")]), window, closed, timer)
-    assert (late.tag, late.value[1]) == (LATE_PANES, [event("e5", 600)]), "late, the marked repeat dropped"
+    late, duplicates = dedup(event("e5", 600), repeat("e4"))
+    assert (late.tag, late.value) == (LATE_PANES, ((0, "w"), [event("e5", 600)])), "late, the marked repeat dropped"
     assert duplicates.value[1] == 1, "and counted as a duplicate"
-    assert {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")} == {"closed"}
+    assert number.read() == 2, "a late pane takes no number of the staged files"
+    specs = {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")}
+    assert specs == {"closed", "next_file_number"}
 
 
 def mark(fn, seen, timer, *elements) -> list:
@@ -287,5 +300,5 @@ def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_pa
     fn.setup()
     pane = [event("a1", 1), event("own", 2), event("new", 3), event("new", 4)]
     [(key, unique), duplicates] = fn.process(((0, ""), pane), window=hour)
-    assert key == (0, "") and unique == [event("own", 2), event("new", 3)]
+    assert key == (0, "", 0) and unique == [event("own", 2), event("new", 3)]
     assert duplicates.value[1] == 2, "the earlier run's id and the repeat are counted"

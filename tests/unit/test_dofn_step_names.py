@@ -17,7 +17,7 @@ STREAMING = [
     "EncryptPersonalFields/SealFields/ParDo(EncryptPersonalFieldsFn)",
     "MarkRepeats/MarkRepeatedIds/ParDo(MarkRepeatsFn)",
     "Deduplicate/DropRepeatedIds/ParDo(DeduplicateFn)",
-    "StageDelivered/WriteFiles/ParDo(WriteNumberedPaneFn)",
+    "StageDelivered/WriteFiles/ParDo(WritePaneOfItsNumberFn)",
     "WriteLate/WriteFiles/ParDo(WriteLatePaneFn)",
     "CloseHour/CloseWhenDue/ParDo(CloseHourFn)",
 ]
@@ -25,7 +25,7 @@ BOUNDED = [
     "ParseEvents/Parse/ParDo(ParseEventFn)",
     "EncryptPersonalFields/SealFields/ParDo(EncryptPersonalFieldsFn)",
     "Deduplicate/DropRepeatedIds/ParDo(DeduplicateWholeHourFn)",
-    "StageDelivered/WriteFiles/ParDo(WritePaneFn)",
+    "StageDelivered/WriteFiles/ParDo(WritePaneOfItsNumberFn)",
     "WriteLate/WriteFiles/ParDo(WriteLatePaneFn)",
     "CloseHour/CloseWhenDue/ParDo(CloseHourFn)",
 ]

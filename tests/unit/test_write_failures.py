@@ -251,7 +251,8 @@ def test_every_step_that_can_fail_gives_its_failures_as_dead_letters_of_one_shap
         failing = {
             "ParseEvents": pipeline | beam.Create([raw_message(b"{broken", "broken")]) | ParseEvents(settings),
             "StageDelivered": panes
-            | "Stage" >> WriteAvroPanesOrGiveUp(settings, settings.layout.staging, DELIVERED, key_cache),
+            | "AsDeduplicateNumbersThem" >> beam.Map(lambda pane: ((*pane[0], 0), pane[1]))
+            | "Stage" >> WriteAvroPanesOrGiveUp(settings, settings.layout.staging, DELIVERED, key_cache, numbered=True),
             "WriteLate": panes | "Late" >> WriteLatePanes(settings, key_cache),
         }
         for step, result in failing.items():
