@@ -164,7 +164,8 @@ class WriteNumberedPaneFn(WriteBoundedPaneFn):
 
 
 class WriteAvroPanes(beam.PTransform):
-    """``((shard, writer), [elements])`` panes in (or ``numbered`` ones); one file per non-empty pane under ``root``; hour reports out.
+    """``((shard, writer), [elements])`` panes in (or ``numbered`` ones); one file per non-empty pane
+    under ``root``; hour reports out.
 
     The file name is fixed by (run, hour, file number, shard, writer), so a retried
     bundle rewrites the same file instead of adding a second copy. A stream numbers the
