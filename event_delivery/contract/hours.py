@@ -19,13 +19,22 @@ class HourWindows(window.NonMergingWindowFn):
     def __init__(self, window_seconds: int, allowed_lateness_seconds: int):
         self.window_seconds = window_seconds
         self.allowed_lateness_seconds = allowed_lateness_seconds
+        self._recent = {}  # bucket start (micros) -> its window, built once: most events fall into a few hours
 
     def assign(self, context):
         micros = context.timestamp.micros
         size = self.window_seconds * 1_000_000
         start = micros - micros % size
-        end = start + size + self.allowed_lateness_seconds * 1_000_000
-        return [window.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))]
+        assigned = self._recent.get(start)
+        if assigned is None:
+            if len(self._recent) > 1_000:
+                self._recent.clear()
+            end = start + size + self.allowed_lateness_seconds * 1_000_000
+            assigned = self._recent[start] = window.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))
+        return [assigned]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_recent": {}}
 
     def get_window_coder(self):
         return coders.IntervalWindowCoder()
