@@ -57,15 +57,12 @@ def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
     """The read tasks that index the hour's staged files (path -> records): per shard, its files in name
     order cut into chunks of at most ``IDS_PER_CHUNK`` records (a bigger file is a chunk of its own), each
     ``{"index_of_shard", "num_shards", "buckets", "chunks", "files": [start, stop]}``. A task names its
-    files by their places among its shard's files in the saved plan (``shard_sources``), not by path: the
+    files by their places among its shard's files in the saved plan (``sources_by_shard``), not by path: the
     close emits its parts and these in one commit. Every shard gets a bucket and a chunk, also with no
     files (an empty bucket), so that a missing index means one that could not be written, not an empty
     shard."""
-    by_shard: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
-    for path in sorted(staged):
-        by_shard[_reader_of(path, num_shards)].append(path)
     tasks = []
-    for shard, paths in by_shard.items():
+    for shard, paths in sources_by_shard(list(staged), num_shards).items():
         cuts, records = [0], 0
         for place, path in enumerate(paths):
             if records and records + staged[path] > IDS_PER_CHUNK:
@@ -94,22 +91,22 @@ def is_index_task(task: dict) -> bool:
 
 
 def as_chunks(index: list[dict]) -> list[dict]:
-    """A plan's read tasks. A plan saved before the ids were shuffled to their buckets has one task per
-    shard (``buckets`` 0 if it skipped the shard for its size): each is a chunk of all its shard's files
-    (``files`` None), a skipped one writes its shard's sentinel, and sends an empty bucket."""
-    return [
-        task
-        if "chunks" in task
-        else task
-        | {"chunks": 1, "files": None, "buckets": task["buckets"] or 1}
-        | ({"skipped": True} if not task["buckets"] else {})
-        for task in index
-    ]
+    """A plan's read tasks, also those of a plan saved before the ids were shuffled to their buckets."""
+    return [task if "chunks" in task else _as_chunk(task) for task in index]
 
 
-def shard_sources(sources: list[str], shard: int, num_shards: int) -> list[str]:
-    """The staged files of ``shard`` among a plan's ``sources``, in name order: where a task's ``files`` point."""
-    return [path for path in sorted(sources) if _reader_of(path, num_shards) == shard]
+def _as_chunk(task: dict) -> dict:
+    """An earlier plan's task reads all its shard's files (``files`` None) as one chunk; one of 0 buckets (its
+    shard skipped for its size) writes the shard's sentinel, and sends one empty bucket."""
+    return task | {"chunks": 1, "files": None, "buckets": task["buckets"] or 1, "skipped": not task["buckets"]}
+
+
+def sources_by_shard(sources: list[str], num_shards: int) -> dict[int, list[str]]:
+    """A plan's staged files by the shard whose read tasks read them, in name order: where ``files`` point."""
+    by_shard: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
+    for path in sorted(sources):
+        by_shard[_reader_of(path, num_shards)].append(path)
+    return by_shard
 
 
 def ids_by_bucket(folder: str, task: dict, sources: list[str]):

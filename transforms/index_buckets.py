@@ -17,23 +17,22 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.partitions import Layout
-from transforms.id_index import ids_by_bucket, shard_sources, write_bucket
+from transforms.id_index import ids_by_bucket, sources_by_shard, write_bucket
 
 BUCKET_KEY = tuple[tuple[int, int, int], typing.Any]  # (hour start, shard, bucket): a deterministic key coder
 
 
-def read_index_chunk(layout: Layout, hour_start: int, task: dict, sources: list[str] | None) -> list:
+def read_index_chunk(layout: Layout, hour_start: int, task: dict, sources: dict[int, list[str]] | None) -> list:
     """The ids of one read task's chunk, by bucket: ``((hour start, shard, bucket), (chunks, buckets,
     num_shards, entries))`` for every bucket of its shard (``id_index.ids_by_bucket``); none once the
     hour's marker says it is published (every bucket was written). ``sources`` are the staged files of the
-    hour's saved plan: the task names its files by their places among them."""
+    hour's saved plan by shard (``sources_by_shard``): the task names its files by their places there."""
     if sources is None or files.exists(layout.marker(hour_start)):
         return []
-    shard, num_shards = task["index_of_shard"], task["num_shards"]
     folder = layout.hour(layout.id_index, hour_start)
     return [
         ((hour_start, shard, bucket), ids)
-        for (shard, bucket), ids in ids_by_bucket(folder, task, shard_sources(sources, shard, num_shards))
+        for (shard, bucket), ids in ids_by_bucket(folder, task, sources[task["index_of_shard"]])
     ]
 
 
@@ -47,19 +46,21 @@ class ReadIndexChunkFn(beam.DoFn):
 
     def setup(self):
         use_emulator_credentials()
-        self._sources = (None, [])  # the last hour's planned staged files
+        self._sources = (None, {})  # the last hour's planned staged files, by shard
 
     def process(self, hour_task):
         hour_start, task = hour_task
-        yield from read_index_chunk(self.layout, hour_start, task, self._planned_sources(hour_start))
+        yield from read_index_chunk(self.layout, hour_start, task, self._planned_sources(hour_start, task))
 
-    def _planned_sources(self, hour_start: int) -> list[str] | None:
+    def _planned_sources(self, hour_start: int, task: dict) -> dict[int, list[str]] | None:
         """A saved plan is never changed, so a worker reads it once for all the read tasks it gets of the
         hour (~150 B a staged file: tens of MB for a busy type), not once per task."""
-        if self._sources[0] != hour_start:
+        hour = (hour_start, task["num_shards"])
+        if self._sources[0] != hour:
             if files.exists(self.layout.marker(hour_start)):
                 return None  # published, its plan perhaps gone: nothing to read
-            self._sources = (hour_start, self.planned_sources(self.layout, hour_start))
+            planned = self.planned_sources(self.layout, hour_start)
+            self._sources = (hour, sources_by_shard(planned, task["num_shards"]))
         return self._sources[1]
 
 
