@@ -182,7 +182,7 @@ def indexed_ids(
     buckets = min(shape[1] for shape in shapes)
     if not buckets:
         raise LookupError(
-            "the shard's index was skipped: more ids than its index may hold, or staged files of another shard count"
+            "the shard's index was skipped: staged files of another shard count, or too many ids for an earlier close"
         )
     found = set()
     for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
