@@ -63,9 +63,9 @@ def assert_every_id_in_one_place(
     it was sent; ``dead_lettered`` those that must be dead-lettered. Every other id is written
     (delivered or late) exactly once, however often it was sent: a repeat after its hour's close is
     dropped against the hour's index (docs/dataflow.md, "Late repeats"). ``may_be_late_again`` names
-    the ids a test sends past a documented bound of that check (a shard-hour of more than
-    ``MAX_INDEXED_IDS`` ids, a spent read budget): each may be written late again, at most as often
-    as it was sent. Returns what was found, for further checks.
+    the ids a test sends past a documented bound of that check (a spent read budget, staged files of
+    another shard count): each may be written late again, at most as often as it was sent. Returns
+    what was found, for further checks.
     """
     sent, must_dead_letter, unchecked = collections.Counter(published), set(dead_lettered), set(may_be_late_again)
     found = ids_found(storage_root, event_type)

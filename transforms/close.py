@@ -49,6 +49,7 @@ from transforms.publish import (
     finish_hour,
     plan_hour,
     plan_path,
+    planned_writes,
     publish_late,
     to_write,
     unplanned,
@@ -214,7 +215,7 @@ class CloseHourFn(beam.DoFn):
             return  # published by an earlier run
         for part in to_write(plan):
             yield beam.pvalue.TaggedOutput(PARTS, (hour_start, part))
-        yield hour_start, (PLANNED, len(to_write(plan)))
+        yield hour_start, (PLANNED, planned_writes(plan))
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""

@@ -1,13 +1,21 @@
 """The index of a closed hour's ids, which the close leaves beside the hour for its late repeats.
 
-Written by the close before its marker (``index_tasks`` in the plan, ``write_index`` on any worker),
-read by late panes (``indexed_ids``, ``transforms.late``). Per shard, split by a second hash into
-buckets of at most ``IDS_PER_BUCKET`` ids: a late pane reads only the buckets its own ids fall in,
-never the hour, and no more than its ``ReadBudget``.
+Written by the close before its marker, read by late panes (``indexed_ids``, ``transforms.late``). Per
+shard, split by a second hash into buckets of at most ``IDS_PER_BUCKET`` ids: a late pane reads only the
+buckets its own ids fall in, never the hour, and no more than its ``ReadBudget``.
+
+The close shuffles the ids to their buckets, so that no task holds more than a chunk or a bucket,
+whatever the hour holds. The plan names *read tasks* (``index_tasks``): per shard, its staged files in
+chunks of at most ``IDS_PER_CHUNK`` records, each task naming its shard's bucket and chunk counts. A read
+task (``ids_by_bucket``) sends, for every bucket of its shard, also an empty one, the chunk's ids that
+fall in it; a bucket, keyed by (hour, shard, bucket), is written (``write_bucket``) once every chunk of
+its shard has sent its part. The marker waits for every bucket, so a marker means a complete index.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import zlib
 
@@ -19,16 +27,19 @@ from event_delivery.contract.partitions import Layout
 from transforms.hours import shard_of
 
 IDS_PER_BUCKET = 10_000  # ~400 KB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
+# The most records of a read task's chunk: what it holds, and what it sends on in one commit (each id at
+# most ``MAX_ENTRY_BYTES``: ≤ ~70 MB, ~40 MB for 36-character ids), well below Streaming Engine's ~180 MB.
+IDS_PER_CHUNK = 1_000_000
+# An id longer than this (UTF-8) is indexed by its digest, so that an entry, and with it a chunk's commit, is
+# bounded whatever ids producers send (an attribute may hold 1 KB).
+MAX_ENTRY_BYTES = 64
+DIGEST = "sha256:"
 # What one late pane may read of the index and of its shard's late files; past it, the rest of the pane
 # is written unchecked (counted), so that a late burst, whose panes ``CloseHour`` hears of, never holds the
 # watermark with reads that grow with the hour. A read counts as at least ``MIN_READ_BYTES`` (its round
 # trip), which bounds the number of reads too: 64.
 READ_BUDGET_BYTES = 16 * 1024 * 1024
 MIN_READ_BYTES = 256 * 1024
-# The most ids of a shard-hour that one index task holds in memory (~100 B each in Python: ~200 MB). A
-# shard with more is skipped, decided from the plan's counts, so that every retry agrees: on Dataflow a
-# task that runs out of memory is retried for good, and the hour's marker waits for it.
-MAX_INDEXED_IDS = 2_000_000
 
 
 def index_bucket(event_id: str, num_shards: int, buckets: int) -> int:
@@ -36,65 +47,100 @@ def index_bucket(event_id: str, num_shards: int, buckets: int) -> int:
     return zlib.crc32(event_id.encode("utf-8")) // num_shards % buckets
 
 
+def index_entry(event_id: str) -> str:
+    """How an id is held in its bucket: as it is, or by its digest if it is longer than ``MAX_ENTRY_BYTES``."""
+    encoded = event_id.encode("utf-8")
+    return event_id if len(encoded) <= MAX_ENTRY_BYTES else DIGEST + hashlib.sha256(encoded).hexdigest()
+
+
 def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
-    """One task per shard, ``{"index_of_shard", "buckets", "num_shards"}``, to write the ids of the hour's
-    staged files (path -> records) of that shard. A task names no files: the close emits its parts and
-    these in one commit, so the shard's files are read from the saved plan (``write_index``). Every
-    shard gets one, also with no files (an empty bucket), so that a missing index means one that could
-    not be written, not an empty shard; one of more than ``MAX_INDEXED_IDS`` has 0 buckets: skipped."""
-    records = dict.fromkeys(range(num_shards), 0)
-    for path, count in staged.items():
-        records[_reader_of(path, num_shards)] += count
-    return [
-        {"index_of_shard": shard, "buckets": _buckets(count), "num_shards": num_shards}
-        for shard, count in records.items()
-    ]
+    """The read tasks that index the hour's staged files (path -> records): per shard, its files in name
+    order cut into chunks of at most ``IDS_PER_CHUNK`` records (a bigger file is a chunk of its own), each
+    ``{"index_of_shard", "num_shards", "buckets", "chunks", "files": [start, stop]}``. A task names its
+    files by their places among its shard's files in the saved plan (``sources_by_shard``), not by path: the
+    close emits its parts and these in one commit. Every shard gets a bucket and a chunk, also with no
+    files (an empty bucket), so that a missing index means one that could not be written, not an empty
+    shard."""
+    tasks = []
+    for shard, paths in sources_by_shard(list(staged), num_shards).items():
+        cuts, records = [0], 0
+        for place, path in enumerate(paths):
+            if records and records + staged[path] > IDS_PER_CHUNK:
+                cuts.append(place)
+                records = 0
+            records += staged[path]
+        cuts.append(len(paths))
+        buckets = max(1, math.ceil(sum(staged[p] for p in paths) / IDS_PER_BUCKET))
+        shape = {"index_of_shard": shard, "num_shards": num_shards, "buckets": buckets, "chunks": len(cuts) - 1}
+        tasks += [shape | {"files": [start, stop]} for start, stop in itertools.pairwise(cuts)]
+    return tasks
 
 
 def _reader_of(path: str, num_shards: int) -> int:
-    """The index task that reads a staged file: the shard in its name, modulo the shard count. A run of
-    another shard count (drained, then deployed with a new layout) may have staged it for the hour, so
-    the name may hold any shard, or none: ``write_index`` checks every id it reads against its shard."""
+    """The shard whose read tasks read a staged file: the shard in its name, modulo the shard count. A run
+    of another shard count (drained, then deployed with a new layout) may have staged it for the hour, so
+    the name may hold any shard, or none: ``ids_by_bucket`` checks every id it reads against its shard."""
     try:
         return partitions.shard_of_file(path) % num_shards
     except (AttributeError, ValueError):  # no shard in the name
         return 0
 
 
-def _buckets(records: int) -> int:
-    return 0 if records > MAX_INDEXED_IDS else max(1, math.ceil(records / IDS_PER_BUCKET))
-
-
 def is_index_task(task: dict) -> bool:
     return "index_of_shard" in task
 
 
-def write_index(folder: str, task: dict, staged: list[str]) -> None:
-    """The buckets of one shard's ids in the hour's ``staged`` files (those of the plan), each a sorted JSON
-    list in ``folder``, under fixed names: a retry rewrites them.
+def as_chunks(index: list[dict]) -> list[dict]:
+    """A plan's read tasks, also those of a plan saved before the ids were shuffled to their buckets."""
+    return [task if "chunks" in task else _as_chunk(task) for task in index]
 
-    It holds the shard's ids of the hour in memory, at most ``MAX_INDEXED_IDS``: a task of a shard with
-    more (0 buckets) writes a sentinel instead, and its late panes are written unchecked, counted.
+
+def _as_chunk(task: dict) -> dict:
+    """An earlier plan's task reads all its shard's files (``files`` None) as one chunk; one of 0 buckets (its
+    shard skipped for its size) writes the shard's sentinel, and sends one empty bucket."""
+    return task | {"chunks": 1, "files": None, "buckets": task["buckets"] or 1, "skipped": not task["buckets"]}
+
+
+def sources_by_shard(sources: list[str], num_shards: int) -> dict[int, list[str]]:
+    """A plan's staged files by the shard whose read tasks read them, in name order: where ``files`` point."""
+    by_shard: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
+    for path in sorted(sources):
+        by_shard[_reader_of(path, num_shards)].append(path)
+    return by_shard
+
+
+def ids_by_bucket(folder: str, task: dict, sources: list[str]):
+    """For every bucket of the task's shard, ``((shard, bucket), (chunks, buckets, num_shards, entries))``:
+    the entries (``index_entry``) of those ids of its chunk of ``sources`` (its shard's files) that fall in
+    the bucket, sorted; an empty list too, since a bucket's writer counts the chunks it has heard from.
 
     An id of another shard in its files was staged by a run of another shard count: the index of every
     shard may then miss ids that files of other shards hold, so the task writes the sentinel of every
-    shard of the hour (beside whatever buckets other tasks write: ``indexed_ids`` takes the sentinel)."""
+    shard of the hour (beside whatever buckets are written: ``indexed_ids`` takes the sentinel), and sends
+    its buckets empty."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
-    if not buckets:
-        _skip(folder, [shard], num_shards, "index_shards_skipped")
-        return
+    start, stop = task["files"] or (0, len(sources))
     split: list[set[str]] = [set() for _ in range(buckets)]
-    for source in staged:
-        if _reader_of(source, num_shards) != shard:
-            continue
-        for event_id in files.read_event_ids(source):
-            if event_id and shard_of(event_id, num_shards) != shard:  # no id: sharded by its receipt time
-                _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
-                return
-            split[index_bucket(event_id, num_shards, buckets)].add(event_id)
-    for bucket, ids in enumerate(split):
-        path = partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards))
-        files.write_json(path, sorted(ids))
+    if task.get("skipped"):
+        _skip(folder, [shard], num_shards, "index_shards_skipped")
+        sources = []
+    for source in sources[start:stop]:
+        event_ids = files.read_event_ids(source)
+        if any(i and shard_of(i, num_shards) != shard for i in event_ids):  # no id: sharded by its receipt time
+            _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
+            split = [set() for _ in range(buckets)]
+            break
+        for event_id in event_ids:
+            split[index_bucket(event_id, num_shards, buckets)].add(index_entry(event_id))
+    for bucket, entries in enumerate(split):
+        yield (shard, bucket), (task["chunks"], buckets, num_shards, sorted(entries))
+
+
+def write_bucket(folder: str, shard: int, bucket: int, buckets: int, num_shards: int, parts) -> None:
+    """One bucket of a shard's ids, from the entry lists its chunks sent: a sorted JSON list in ``folder``,
+    under a fixed name, so that a retry rewrites it."""
+    entries = sorted({entry for part in parts for entry in part})
+    files.write_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards)), entries)
 
 
 def _skip(folder: str, shards, num_shards: int, counter: str) -> None:
@@ -136,12 +182,13 @@ def indexed_ids(
     buckets = min(shape[1] for shape in shapes)
     if not buckets:
         raise LookupError(
-            "the shard's index was skipped: more ids than its index may hold, or staged files of another shard count"
+            "the shard's index was skipped: staged files of another shard count, or too many ids for an earlier close"
         )
     found = set()
     for bucket in sorted({index_bucket(i, num_shards, buckets) for i in event_ids}):
         path = partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards))
         if not budget.allows(written.get(path, 0)):
             break
-        found |= event_ids.intersection(files.read_json(path))
+        held = set(files.read_json(path))
+        found |= {i for i in event_ids if i in held or index_entry(i) in held}  # an id as it is: an older index
     return found

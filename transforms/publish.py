@@ -39,7 +39,8 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
-from transforms.id_index import index_tasks, is_index_task, write_index
+from transforms.id_index import as_chunks, index_tasks, is_index_task
+from transforms.index_buckets import BUCKET_KEY, ReadIndexChunkFn, WriteIndexBucketFn
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
 
 _LOG = logging.getLogger(__name__)
@@ -121,8 +122,9 @@ def plan_hour(
     """The hour's plan, ``{"manifest", "parts": [{"path", "sources", "records", "codec"}], "counted", "index"}``:
     read from its staging folder if an earlier attempt (or run) saved one, else made from the hour's
     reports and saved there, before any file moves. None if the hour is published and its plan
-    gone: nothing collected now is in it. With ``num_shards``, ``index`` holds the tasks that write
-    the hour's ids for its late repeats (``transforms.late``), before the marker as the parts are."""
+    gone: nothing collected now is in it. With ``num_shards``, ``index`` holds the tasks that read the
+    hour's ids for its late repeats (``transforms.id_index``), whose buckets are written before the
+    marker as the parts are."""
     staging = layout.hour(layout.staging, hour_start)
     saved = plan_path(layout, hour_start)
     if files.exists(saved):
@@ -182,24 +184,33 @@ def unplanned(plan: dict | None, collected: list) -> list[tuple]:
 
 
 def to_write(plan: dict) -> list[dict]:
-    """What an hour's plan has written before its marker: its parts, and the index of its ids."""
-    return plan["parts"] + plan.get("index", [])
+    """The tasks an hour's plan sends on: its parts, and the read tasks of the index of its ids."""
+    return plan["parts"] + as_chunks(plan.get("index", []))
+
+
+def planned_writes(plan: dict) -> int:
+    """What an hour's plan writes before its marker, each counted once by ``PublishWhenWrittenFn``: its parts,
+    and the buckets of its index (each once all its shard's chunks were read; a read task counts for none)."""
+    buckets = {task["index_of_shard"]: task["buckets"] for task in as_chunks(plan.get("index", []))}
+    return len(plan["parts"]) + sum(buckets.values())
 
 
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
-    """Writes one part (or index task) of a planned hour, unless the hour's marker says it is
-    published. A part whose sources hold superseded copies (rare: only after a restart) is
-    written record by record, without them; any other is copied block by block. Either way it has
-    the codec its plan names (a plan saved before plans named one: deflate, the codec of then)."""
+    """Writes one part of a planned hour, unless the hour's marker says it is published. A part
+    whose sources hold superseded copies (rare: only after a restart) is written record by
+    record, without them; any other is copied block by block. Either way it has the codec its
+    plan names (a plan saved before plans named one: deflate, the codec of then)."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    if is_index_task(part):  # it names no files, to keep the close's commit small: the saved plan does
-        planned = files.read_json(plan_path(layout, hour_start))["parts"]
-        write_index(layout.hour(layout.id_index, hour_start), part, [s for p in planned for s in p["sources"]])
-    elif part.get("left_out"):
+    if part.get("left_out"):
         files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]), part_codec(part))
     else:
         files.concatenate_avro(part["sources"], part["path"], part_codec(part))
+
+
+def planned_sources(layout: Layout, hour_start: int) -> list[str]:
+    """The staged files of the hour's saved plan."""
+    return [source for part in files.read_json(plan_path(layout, hour_start))["parts"] for source in part["sources"]]
 
 
 def part_codec(part: dict) -> str:
@@ -243,7 +254,8 @@ class WritePartFn(beam.DoFn):
 
 
 class PublishWhenWrittenFn(beam.DoFn):
-    """Counts an hour's written parts against its plan's; when all are written, publishes it."""
+    """Counts an hour's writes against its plan's (``planned_writes``: its parts and its index's buckets,
+    each sent as ``(WRITTEN, 1)`` once it is written); when all are written, publishes it."""
 
     PARTS = ReadModifyWriteStateSpec("parts", VarIntCoder())
     WRITTEN_PARTS = ReadModifyWriteStateSpec("written", VarIntCoder())
@@ -298,13 +310,11 @@ class PublishWhenWrittenFn(beam.DoFn):
 
 
 class PublishHours(beam.PTransform):
-    """Planned hours in, as ``CloseHour`` emits them: ``parts`` (``(hour start, part)``) and
-    ``planned`` (``(hour start, (PLANNED, number of parts))``); marker paths out, in the global window.
-
-    The parts are spread over the workers (a runner would otherwise write them where the
-    hour's close ran, one after another); the hour is published, keyed by hour, when the
-    last of its parts is written.
-    """
+    """Planned hours in, as ``CloseHour`` emits them: ``parts`` (``(hour start, part)``, also the index's
+    read tasks) and ``planned`` (``(hour start, (PLANNED, planned_writes))``); marker paths out, in the
+    global window. Parts and read tasks are spread over the workers (else they would run where the
+    close ran, one after another), the read tasks' ids shuffled to their buckets (``transforms.index_buckets``);
+    the hour is published, keyed by hour, when the last of its parts and buckets is written."""
 
     def __init__(self, settings):
         super().__init__()
@@ -315,15 +325,26 @@ class PublishHours(beam.PTransform):
         # Out of the hour windows: an hour's elements carry their close time, which a window
         # function would put in the next hour (a reshuffle windows again), and state kept per
         # hour key is dropped once the hour is published.
-        written = (
+        spread = (
             planned_hours["parts"]
             | "PartsOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
             | "SpreadParts" >> beam.Reshuffle()
+        )
+        written = (
+            spread
+            | "Parts" >> beam.Filter(lambda hour_part: not is_index_task(hour_part[1]))
             | "WriteParts" >> beam.ParDo(WritePartFn(layout))
+        )
+        buckets = (
+            spread
+            | "IndexReadTasks" >> beam.Filter(lambda hour_part: is_index_task(hour_part[1]))
+            | "ReadIndexChunks" >> beam.ParDo(ReadIndexChunkFn(layout, planned_sources)).with_output_types(BUCKET_KEY)
+            | "WriteIndexBuckets" >> beam.ParDo(WriteIndexBucketFn(layout))
+            | "BucketsWritten" >> beam.Map(lambda hour_start: (hour_start, (WRITTEN, 1)))
         )
         planned = planned_hours["planned"] | "PlansOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
         return (
-            (planned, written)
+            (planned, written, buckets)
             | "PlansAndParts" >> beam.Flatten().with_output_types(tuple[int, typing.Any])  # a deterministic key
             | "PublishWhenWritten" >> beam.ParDo(PublishWhenWrittenFn(self.settings))
         )

@@ -139,7 +139,7 @@ def id_index_name(shard: int, bucket: int, buckets: int, num_shards: int) -> str
 
 
 def id_index_skipped_name(shard: int, num_shards: int) -> str:
-    """In place of a shard's buckets: the shard held more ids than one task may (see ``transforms.late``)."""
+    """Beside or in place of a shard's buckets: its index may miss ids (see ``transforms.id_index``)."""
     return f"s{shard:03d}-n{num_shards:03d}-skipped.json"
 
 

@@ -2,9 +2,10 @@
 any two steps (or a job be cancelled there), and reports keep arriving meanwhile.
 
 ``Runner`` plays Dataflow for one hour: it runs the close's work items (``CloseHourFn``'s
-reports and timer, ``WritePartFn``, ``PublishWhenWrittenFn``) one at a time, and commits an
-item's state and outputs only if it finishes. A crash leaves what the item did to the files
-and loses the rest, and the item is run again: a lost commit.
+reports and timer, ``WritePartFn``, the index's ``ReadIndexChunkFn`` and ``WriteIndexBucketFn``,
+``PublishWhenWrittenFn``) one at a time, and commits an item's state and outputs only if it
+finishes. A crash leaves what the item did to the files and loses the rest, and the item is run
+again: a lost commit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from tests.messages import valid_fields
+from tests.publishing import Cell, index_reader
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, local_settings
-from transforms import close, publish
+from transforms import close, index_buckets, publish
+from transforms.id_index import is_index_task
 from transforms.reports import DELIVERED, DUPLICATES, LEFT_OVER, report
 from transforms.write import event_record
 
@@ -34,37 +37,18 @@ class Crash(Exception):
     """The worker died: what the work item did to the files stays, its commit is lost."""
 
 
-class Cell:
-    """A state cell or timer of a key, in the copy of the key's state a work item sees."""
-
-    def __init__(self, values: dict, name: str, empty=None):
-        self.values, self.name, self.empty = values, name, empty
-
-    def read(self):
-        return self.values.get(self.name, self.empty)
-
-    def write(self, value):
-        self.values[self.name] = value
-
-    set = write
-
-    def add(self, value):
-        self.values[self.name] = [*self.read(), value]
-
-    def clear(self):
-        self.values.pop(self.name, None)
-
-
 class Runner:
     """Dataflow, for the close of the hour at ``START`` in one run of the job."""
 
     def __init__(self, settings):
         self.close_hour = close.CloseHourFn(settings)
         self.write_part = publish.WritePartFn(settings.layout)
+        self.read_chunk = index_reader(settings.layout)
+        self.write_bucket = index_buckets.WriteIndexBucketFn(settings.layout)
         self.publish_hour = publish.PublishWhenWrittenFn(settings)
-        for fn in (self.close_hour, self.write_part, self.publish_hour):
+        for fn in (self.close_hour, self.write_part, self.write_bucket, self.publish_hour):
             fn.setup()
-        self.state = {"close": {}, "publish": {}}  # per step, of the hour's key: what is committed
+        self.state = {"close": {}, "publish": {}}  # per key (the hour's, a bucket's): what is committed
         self.pending = collections.deque()  # work items, in order
         self.markers = []  # what the job outputs: the paths of the markers it wrote
 
@@ -81,8 +65,8 @@ class Runner:
         while self.pending and items != 0:
             items = None if items is None else items - 1
             step, element = self.pending[0]
-            key = "publish" if step == "progress" else "close"
-            values = copy.deepcopy(self.state[key])
+            key = {"progress": "publish", "bucket": element and element[0]}.get(step, "close")
+            values = copy.deepcopy(self.state.get(key, {}))
             outputs = list(self._run(step, element, values))
             self.state[key] = values
             self.pending.popleft()
@@ -100,8 +84,16 @@ class Runner:
             close_again = Cell(values, "close_again")
             for output in self.close_hour.close_when_due(WINDOW_OF_THE_HOUR, close_again=close_again, **close_state):
                 yield ("part", output.value) if isinstance(output, TaggedOutput) else ("progress", output)
+        elif step == "part" and is_index_task(element[1]):
+            yield from (("bucket", bucket_ids) for bucket_ids in self.read_chunk.process(element))
         elif step == "part":
             yield from (("progress", progress) for progress in self.write_part.process(element))
+        elif step == "bucket":
+            entries, chunks = Cell(values, "entries", []), Cell(values, "chunks")
+            yield from (
+                ("progress", (hour, (publish.WRITTEN, 1)))
+                for hour in self.write_bucket.process(element, entries, chunks)
+            )
         else:
             parts, written = Cell(values, "parts"), Cell(values, "written")
             self.markers += self.publish_hour.process(element, parts=parts, written=written)

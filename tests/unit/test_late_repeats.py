@@ -14,17 +14,21 @@ import logging
 import os
 import posixpath
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import IntervalWindow
 from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from pipelines.delivery import deliver
+from pipelines.runtime import LOCAL_RUNNER
 from tests.messages import message, valid_fields
+from tests.publishing import publish_planned
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
-from transforms import id_index, publish
+from transforms import id_index, index_buckets, publish
 from transforms import late as late_path
 from transforms.hours import shard_of
 from transforms.id_index import index_bucket
@@ -74,9 +78,7 @@ def close_an_hour(settings, registry, delivered: dict[int, list[str]], run_id: s
         files.write_avro(path, schema, [event_record(event(registry, i)) for i in ids], files.UNCOMPRESSED)
         reports.append(report(DELIVERED, len(ids), path))
     plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 0, settings.num_shards)
-    for task in publish.to_write(plan):
-        publish.write_part(layout, START, task)
-    return publish.finish_hour(layout, START)
+    return publish_planned(layout, START, plan)
 
 
 def staged_by_a_run_of(shards: int, ids: list[str]) -> dict[int, list[str]]:
@@ -279,35 +281,102 @@ def test_the_close_emits_each_staged_file_once_however_many_index_tasks_it_emits
     plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 1, SHARDS)
     emitted = json.dumps(publish.to_write(plan))
     assert all(emitted.count(posixpath.basename(path)) == 1 for _, _, path in reports), "each file named once"
-    for task in publish.to_write(plan):
-        publish.write_part(layout, START, task)
-    publish.finish_hour(layout, START)
+    publish_planned(layout, START, plan)
     fn = WriteLatePaneFn(settings)
     fn.setup()
     outputs = write_late(fn, Number(), registry, 1, "", delivered[1])
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 40)], "the index holds the shard's ids"
 
 
-def test_a_shard_with_more_ids_than_an_index_task_holds_is_skipped_and_its_late_panes_counted(
-    tmp_path, registry, monkeypatch, caplog
+def stage_files(settings, registry, files_of_ids: list[list[str]]) -> list[tuple]:
+    """One staged pane file per list of ids, in the shard of its first id; their reports."""
+    layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
+    reports = []
+    for number, ids in enumerate(files_of_ids):
+        name = partitions.pane_file_name("service_log", settings.run_id, number, shard_of(ids[0], SHARDS), "w1")
+        path = partitions.join(layout.hour(layout.staging, START), name)
+        files.write_avro(path, schema, [event_record(event(registry, i)) for i in ids], files.UNCOMPRESSED)
+        reports.append(report(DELIVERED, len(ids), path))
+    return reports
+
+
+def run_publish_hours(settings, plan: dict) -> list[str]:
+    """``PublishHours`` on the local runner, with the hour as ``CloseHour`` emits it; the markers written."""
+    planned = [(START, (publish.PLANNED, publish.planned_writes(plan)))]
+    with beam.Pipeline(runner=LOCAL_RUNNER) as pipeline:
+        hour = {
+            "planned": pipeline | "Planned" >> beam.Create(planned),
+            "parts": pipeline | "Parts" >> beam.Create([(START, task) for task in publish.to_write(plan)]),
+        }
+        markers = hour | publish.PublishHours(settings)
+        assert_that(markers | beam.combiners.ToList(), equal_to([[settings.layout.marker(START)]]))
+    return [settings.layout.marker(START)]
+
+
+def test_a_shard_hour_far_past_what_a_task_may_hold_is_indexed_by_chunks_shuffled_to_buckets(
+    tmp_path, registry, monkeypatch
 ):
-    """An index task holds its shard's ids in memory; past ``MAX_INDEXED_IDS`` it would run out of it, be
-    retried for good, and the marker would wait. Such a shard, told from the plan's counts, is skipped:
-    none of its ids is read, and its late panes are written unchecked, counted; other shards are indexed."""
-    monkeypatch.setattr(id_index, "MAX_INDEXED_IDS", 4)
+    """At 1M events/s a shard-hour holds ~225M ids: no task may hold them. Its files are read in chunks of
+    at most ``IDS_PER_CHUNK`` records, whose ids are shuffled to their buckets; every id is then in the one
+    bucket a late pane reads for it, no task or element held more than a chunk, no key more than a bucket,
+    and late repeats of the hour are dropped: in = delivered + duplicates + late + dead-lettered."""
+    monkeypatch.setattr(id_index, "IDS_PER_CHUNK", 1_500)
+    monkeypatch.setattr(id_index, "IDS_PER_BUCKET", 1_000)
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
-    delivered = {0: ids_of_shard(0, 5, "d"), 1: ids_of_shard(1, 4, "d")}
-    read, read_event_ids = [], files.read_event_ids
-    monkeypatch.setattr(late_path.files, "read_event_ids", lambda path: read.append(path) or read_event_ids(path))
-    close_an_hour(settings, registry, delivered)
-    assert [partitions.shard_of_file(path) for path in read] == [1], "the skipped shard's ids are never read"
+    ids = [i for i in (f"d{n}" for n in range(12_000)) if shard_of(i, SHARDS) == 0][:5_000]
+    reports = stage_files(settings, registry, [ids[n : n + 1_000] for n in range(0, 5_000, 1_000)])  # shard 1: none
+    plan = publish.plan_hour(settings.layout, START, CLOSES_AT, reports, False, 0, SHARDS)
+    [buckets] = {task["buckets"] for task in plan["index"] if task["index_of_shard"] == 0}
+    chunks = [task for task in plan["index"] if task["index_of_shard"] == 0]
+    assert len(chunks) >= 3 and buckets >= 4, "the shard is past what one task or one bucket holds"
+    read, held = [], []
+    monkeypatch.setattr(index_buckets, "ids_by_bucket", counted(id_index.ids_by_bucket, read))
+    monkeypatch.setattr(index_buckets, "write_bucket", counted_bucket(id_index.write_bucket, held))
+
+    run_publish_hours(settings, plan)
+    folder = settings.layout.hour(settings.layout.id_index, START)
+    written = {path: set(files.read_json(path)) for path in files.glob(partitions.join(folder, "s000-*.json"))}
+    for event_id in ids:
+        name = partitions.id_index_name(0, index_bucket(event_id, SHARDS, buckets), buckets, SHARDS)
+        assert [posixpath.basename(p) for p, held_ids in written.items() if event_id in held_ids] == [name]
+    assert len(read) == len(plan["index"]) and max(map(sum, read)) <= 1_500, "a task holds one chunk"
+    assert sorted(map(len, read)) == [1] + [buckets] * len(chunks), "an element per bucket, empty ones too"
+    assert len(held) == buckets + 1 and max(held) <= 2 * 1_000, "a key holds one bucket"
+
     fn = WriteLatePaneFn(settings)
     fn.setup()
-    with caplog.at_level(logging.WARNING, logger=late_path.__name__):
-        skipped = write_late(fn, Number(), registry, 0, "", delivered[0][:2])
-    indexed = write_late(fn, Number(), registry, 1, "", delivered[1][:2])
-    assert [(kind, n) for kind, n, _ in skipped] == [(LATE, 2)] and "more ids than its index may" in caplog.text
-    assert [(kind, n) for kind, n, _ in indexed] == [(DUPLICATES, 2)]
+    straggler = ids_of_shard(0, 1, "x")[0]
+    repeats = ids[::50]
+    outputs = write_late(fn, Number(), registry, 0, "", repeats + [straggler])
+    manifest = files.read_json(settings.layout.marker(START))
+    late = sum(n for kind, n, _ in outputs if kind == LATE)
+    duplicates = sum(n for kind, n, _ in outputs if kind == DUPLICATES)
+    assert (late, duplicates) == (1, len(repeats)) and late_ids(settings.layout) == [straggler]
+    sent = len(ids) + len(repeats) + 1
+    accounting = manifest["accounting"]
+    assert accounting["delivered"] + accounting["duplicates"] + duplicates + late + accounting["dead_lettered"] == sent
+
+
+def counted(ids_by_bucket, read: list):
+    """``ids_by_bucket`` that notes, per read task, how many entries each element it sends holds."""
+
+    def counting(folder, task, sources):
+        elements = list(ids_by_bucket(folder, task, sources))
+        read.append([len(entries) for _, (_, _, _, entries) in elements])
+        return elements
+
+    return counting
+
+
+def counted_bucket(write_bucket, held: list):
+    """``write_bucket`` that notes how many entries each bucket it writes holds."""
+
+    def counting(folder, shard, bucket, buckets, num_shards, parts):
+        parts = list(parts)
+        held.append(len({entry for part in parts for entry in part}))
+        return write_bucket(folder, shard, bucket, buckets, num_shards, parts)
+
+    return counting
 
 
 def test_a_late_pane_of_a_job_with_another_shard_count_is_written_unchecked_and_counted(tmp_path, registry, caplog):

@@ -1,0 +1,70 @@
+"""The close's publishing, one step after the other, as ``PublishHours`` runs it: for tests that need a
+published hour, and for those that play Dataflow's retries step by step."""
+
+from __future__ import annotations
+
+from event_delivery.contract.partitions import Layout
+from transforms import index_buckets, publish
+from transforms.id_index import is_index_task
+
+
+class Cell:
+    """A state cell, bag or timer of a key, in the copy of the key's state a work item sees."""
+
+    def __init__(self, values: dict, name: str, empty=None):
+        self.values, self.name, self.empty = values, name, empty
+
+    def read(self):
+        return self.values.get(self.name, self.empty)
+
+    def write(self, value):
+        self.values[self.name] = value
+
+    set = write
+
+    def add(self, value):
+        self.values[self.name] = [*self.read(), value]
+
+    def clear(self):
+        self.values.pop(self.name, None)
+
+
+class BucketWriter:
+    """``WriteIndexBucketFn`` with a state per (hour, shard, bucket) key; ``process`` returns the hours of
+    the buckets it wrote."""
+
+    def __init__(self, layout: Layout):
+        self.fn = index_buckets.WriteIndexBucketFn(layout)
+        self.fn.setup()
+        self.state: dict[tuple, dict] = {}
+
+    def process(self, bucket_ids) -> list:
+        values = self.state.setdefault(bucket_ids[0], {})
+        return list(self.fn.process(bucket_ids, entries=Cell(values, "entries", []), chunks=Cell(values, "chunks")))
+
+
+def index_reader(layout: Layout) -> index_buckets.ReadIndexChunkFn:
+    reader = index_buckets.ReadIndexChunkFn(layout, publish.planned_sources)
+    reader.setup()
+    return reader
+
+
+def write_planned(layout: Layout, hour_start: int, plan: dict) -> int:
+    """Writes a planned hour's parts and index, each task once, in plan order; returns how many writes
+    ``PublishWhenWrittenFn`` heard of."""
+    reader, buckets = index_reader(layout), BucketWriter(layout)
+    written = 0
+    for task in publish.to_write(plan):
+        if is_index_task(task):
+            for bucket_ids in reader.process((hour_start, task)):
+                written += len(buckets.process(bucket_ids))
+        else:
+            publish.write_part(layout, hour_start, task)
+            written += 1
+    return written
+
+
+def publish_planned(layout: Layout, hour_start: int, plan: dict) -> dict:
+    """``write_planned``, then the marker; returns the manifest."""
+    assert write_planned(layout, hour_start, plan) == publish.planned_writes(plan), "every planned write heard of"
+    return publish.finish_hour(layout, hour_start)
