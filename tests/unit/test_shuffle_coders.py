@@ -9,10 +9,11 @@ deterministic: one that pickles (``FastPrimitivesCoder``'s fallback) can encode 
 in two ways and split its state in two. Beam picks coders from type hints, so dropping or
 changing a hint (``BucketByHour``'s ``tuple[tuple[int, str], ...]``) changes them
 silently; a change must therefore be deliberate: it bumps ``transforms.settings.STATE_LAYOUT``
-(which ``make update`` checks) and rewrites
-``tests/fixtures/shuffle_coders.json`` in the same commit (``python -m
-tests.unit.test_shuffle_coders > tests/fixtures/shuffle_coders.json``). A Beam upgrade may
-change them too: it is then one to read before an ``--update``.
+(which ``make update`` checks) and rewrites ``tests/fixtures/shuffle_coders.json`` in the
+same commit (``python -m tests.unit.test_shuffle_coders``). The fixture records the layout
+its coders belong to, and the rewrite refuses other coders under the same layout: a change
+of coders cannot pass without a new layout, which ``make update`` then refuses to mix
+with the old. A Beam upgrade may change them too: it is then one to read before an ``--update``.
 
 The coders are read from the pipeline proto the job submits, as the runner sees them:
 standard coders by their URN (``kv`` for ``beam:coder:kv:v1``), the coders it cannot read
@@ -26,6 +27,7 @@ import pathlib
 import sys
 
 import apache_beam as beam
+import pytest
 from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.pipeline_context import PipelineContext
@@ -34,6 +36,7 @@ from event_delivery.contract.registry import load_registry
 from pipelines.delivery import deliver
 from tests.streams import local_keys, local_settings
 from transforms.read import ReadMessages
+from transforms.settings import STATE_LAYOUT
 
 RECORDED = pathlib.Path(__file__).parents[1] / "fixtures" / "shuffle_coders.json"
 
@@ -96,13 +99,35 @@ def _stored_with(spec: beam_runner_api_pb2.StateSpec) -> list[str]:
     return [coder_id for field, coder_id in held.ListFields() if field.name.endswith("coder_id")]
 
 
+def recorded(steps: dict, layout: int, before: dict) -> dict:
+    """The fixture for ``steps`` under state ``layout``, given the fixture ``before``; raises
+    ``ValueError`` for other coders under the layout ``before`` recorded them for."""
+    if before.get("state_layout") == layout and before.get("steps") != steps:
+        raise ValueError(f"the coders changed under state layout {layout}: bump transforms.settings.STATE_LAYOUT")
+    return {"state_layout": layout, "steps": steps}
+
+
 def test_the_shuffles_and_stateful_steps_keep_their_coders(tmp_path):
-    assert keyed_steps(delivery_proto(tmp_path)) == json.loads(RECORDED.read_text())
+    fixture = json.loads(RECORDED.read_text())
+    assert fixture == recorded(keyed_steps(delivery_proto(tmp_path)), STATE_LAYOUT, fixture)
+
+
+def test_coders_recorded_anew_need_a_new_state_layout():
+    steps = {"MarkRepeats": {"key": "string_utf8", "state": {}}}
+    before = recorded(steps, 3, {})
+    other = {"MarkRepeats": {"key": "FastPrimitivesCoder", "state": {}}}
+    with pytest.raises(ValueError, match="bump"):
+        recorded(other, 3, before)
+    assert recorded(other, 4, before) == {"state_layout": 4, "steps": other}
+    assert recorded(steps, 3, before) == before, "the same coders rewrite the same fixture"
 
 
 if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as where:
-        json.dump(keyed_steps(delivery_proto(pathlib.Path(where))), sys.stdout, indent=1)
-        print()
+        fresh = recorded(
+            keyed_steps(delivery_proto(pathlib.Path(where))), STATE_LAYOUT, json.loads(RECORDED.read_text())
+        )
+    RECORDED.write_text(json.dumps(fresh, indent=1) + "\n")
+    print(f"{RECORDED}: state layout {STATE_LAYOUT}, {len(fresh['steps'])} keyed steps", file=sys.stderr)
