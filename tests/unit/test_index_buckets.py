@@ -54,10 +54,10 @@ def test_a_read_task_or_a_bucket_writer_run_twice_writes_and_sends_what_it_does_
         assert writer.process(bucket_ids) == [], "no bucket is written before every chunk was read"
     last = sent[1][0][0]
     committed = copy.deepcopy(writer.state)
-    assert writer.process(last) == [START]
+    assert writer.process(last) == [(START, 2)], "the group's two buckets"
     written = index_files(layout)
     writer.state = committed  # the commit was lost: the retry sees the state before it
-    assert writer.process(last) == [START] and index_files(layout) == written, "the retry rewrites the same file"
+    assert writer.process(last) == [(START, 2)] and index_files(layout) == written, "the retry rewrites the files"
     assert writer.state[last[0]] == {}, "the bucket's key keeps nothing once written"
 
 
@@ -78,13 +78,13 @@ def test_the_marker_waits_for_the_last_bucket(tmp_path, registry, monkeypatch):
     markers = []
     for task in publish.to_write(plan):
         if id_index.is_index_task(task):
-            written = [hour for bucket_ids in reader.process((START, task)) for hour in writer.process(bucket_ids)]
+            written = [n for group_ids in reader.process((START, task)) for _, n in writer.process(group_ids)]
         else:
             publish.write_part(layout, START, task)
-            written = [START]
-        for _ in written:
+            written = [1]
+        for count in written:
             assert not files.exists(layout.marker(START)), "no marker before the last write"
-            markers += progress(publish.WRITTEN, 1)
+            markers += progress(publish.WRITTEN, count)
     assert markers == [layout.marker(START)] and files.exists(layout.marker(START))
     assert len(index_files(layout)) == 2 + 1, "two buckets of shard 0, one of shard 1"
 
