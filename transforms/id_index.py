@@ -157,15 +157,16 @@ def groups(buckets: int) -> list[range]:
 def ids_by_group(folder: str, task: dict, sources: list[str]):
     """For every group of buckets of the task's shard (``groups``), ``((shard, group), (chunks, buckets,
     num_shards, entries))``: per bucket of the group, the entries (``index_entry``) of those ids of its
-    chunk's files (``sources``) that fall in the bucket, sorted; empty lists too, since a group's writer
-    counts the chunks it has heard from.
+    chunk's files (``sources``) that fall in the bucket, in the files' order; empty lists too, since a
+    group's writer counts the chunks it has heard from. Lists, not sets: a repeat (rare: superseded copies)
+    costs an entry, and ``write_bucket`` drops it, while a set per bucket would hold more than the ids.
 
     An id of another shard in its files was staged by a run of another shard count: the index of every
     shard may then miss ids that files of other shards hold, so the task writes the sentinel of every
     shard of the hour (beside whatever buckets are written: ``indexed_ids`` takes the sentinel), and sends
     its buckets empty."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
-    split: list[set[str]] = [set() for _ in range(buckets)]
+    split: list[list[str]] = [[] for _ in range(buckets)]
     if task.get("skipped"):
         _skip(folder, [shard], num_shards, "index_shards_skipped")
         sources = []
@@ -173,12 +174,12 @@ def ids_by_group(folder: str, task: dict, sources: list[str]):
         event_ids = files.read_event_ids(source)
         if any(i and shard_of(i, num_shards) != shard for i in event_ids):  # no id: sharded by its receipt time
             _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
-            split = [set() for _ in range(buckets)]
+            split = [[] for _ in range(buckets)]
             break
         for event_id in event_ids:
-            split[index_bucket(event_id, num_shards, buckets)].add(index_entry(event_id))
+            split[index_bucket(event_id, num_shards, buckets)].append(index_entry(event_id))
     for group, members in enumerate(groups(buckets)):
-        yield (shard, group), (task["chunks"], buckets, num_shards, [sorted(split[bucket]) for bucket in members])
+        yield (shard, group), (task["chunks"], buckets, num_shards, [split[bucket] for bucket in members])
 
 
 def write_bucket(folder: str, shard: int, bucket: int, buckets: int, num_shards: int, parts) -> None:
