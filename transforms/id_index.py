@@ -8,7 +8,7 @@ The close shuffles the ids to their buckets, so that no task holds more than a c
 buckets, whatever the hour holds. The plan names *read tasks* (``index_tasks``): per shard, its staged
 files in chunks of at most ``IDS_PER_CHUNK`` records, each task naming its shard's bucket and chunk counts,
 and its files in a list of its own saved beside the plan (``save_task_sources``), so that a task reads
-~15 kB, not the plan. A read task (``ids_by_group``) sends, for every group of ``BUCKETS_PER_GROUP``
+~150 B a file of its chunk, not the plan. A read task (``ids_by_group``) sends, for every group of ``BUCKETS_PER_GROUP``
 buckets of its shard, also an empty one, the chunk's ids that fall in each of them; a group, keyed by
 (hour, shard, group), writes its buckets (``write_bucket``) once every chunk of its shard has sent its
 part. The marker waits for every bucket, so a marker means a complete index.
@@ -29,9 +29,10 @@ from event_delivery.contract.partitions import Layout
 from transforms.hours import shard_of
 
 IDS_PER_BUCKET = 10_000  # ~400 KB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
-# The most records of a read task's chunk: what it holds (~35 MB of strings, sets and sorted lists for
-# 36-character ids, measured), and what it sends on in one commit (each id at most ``MAX_ENTRY_BYTES``:
-# ≤ ~18 MB, ~10 MB for 36-character ids), well below Streaming Engine's ~80 MB.
+# The most records of a read task's chunk: what it holds (~26 MB of strings and lists for 36-character
+# ids, measured: every harness thread of a worker may run one), and what it sends on in one commit (each
+# id at most ``MAX_ENTRY_BYTES``: ≤ ~18 MB, ~10 MB for 36-character ids), well below Streaming Engine's
+# ~80 MB.
 IDS_PER_CHUNK = 250_000
 # The buckets of a shard that one key of ``WriteIndexBuckets`` writes: a chunk sends one element per group,
 # not per bucket, and a key holds at most ~160,000 ids (~6.5 MB) until its chunks have all come.
@@ -102,7 +103,7 @@ def save_task_sources(staging: str, tasks: list[dict], sources: list[str]) -> No
 
 
 def task_sources(staging: str, task: dict, planned_sources) -> list[str]:
-    """The staged files of a read task's chunk: its list (``save_task_sources``), ~15 kB; a task of a plan
+    """The staged files of a read task's chunk: its list (``save_task_sources``), kilobytes; a task of a plan
     saved before tasks had lists reads its places among its shard's files in the whole plan, which
     ``planned_sources()`` reads."""
     start, stop = task["files"] or (0, None)

@@ -32,8 +32,8 @@ def read_index_chunk(layout: Layout, hour_start: int, task: dict, planned_source
     hour's marker says it is published (by another run, say), nothing is read and every group gets
     ``PUBLISHED``, so that its key still counts every chunk and clears its state, writing nothing."""
     if files.exists(layout.marker(hour_start)):
-        shape = (task.get("chunks", 1), task["buckets"] or 1, task["num_shards"], PUBLISHED)
-        return [((hour_start, task["index_of_shard"], group), shape) for group in range(len(groups(shape[1])))]
+        shape = (task["chunks"], task["buckets"], task["num_shards"], PUBLISHED)
+        return [((hour_start, task["index_of_shard"], group), shape) for group in range(len(groups(task["buckets"])))]
     sources = task_sources(layout.hour(layout.staging, hour_start), task, planned_sources)
     folder = layout.hour(layout.id_index, hour_start)
     return [((hour_start, shard, group), ids) for (shard, group), ids in ids_by_group(folder, task, sources)]
@@ -41,7 +41,7 @@ def read_index_chunk(layout: Layout, hour_start: int, task: dict, planned_source
 
 class ReadIndexChunkFn(beam.DoFn):
     """``(hour start, read task)`` in; the chunk's ids by group out (``read_index_chunk``). A task reads its
-    own list of files, ~15 kB; one of a plan saved before tasks had lists reads the plan's staged files
+    own list of files (kilobytes); one of a plan saved before tasks had lists reads the plan's staged files
     with ``planned_sources`` (a task per shard: a read of the plan each)."""
 
     def __init__(self, layout: Layout, planned_sources: Callable[[Layout, int], list[str]]):
@@ -61,7 +61,7 @@ class WriteIndexBucketFn(beam.DoFn):
     """``((hour start, shard, group), (chunks, buckets, num_shards, entries by bucket))`` in, one from each
     read task of the shard; once all ``chunks`` have sent theirs, the group's buckets are written, and
     ``(hour start, buckets written)`` goes out: once per group. A key holds its group's entries until then
-    (≤ ``BUCKETS_PER_GROUP`` × ~10,000 ids, ~6.5 MB: a bag of one list per chunk, ~225 adds and one read),
+    (≤ ``BUCKETS_PER_GROUP`` × ~10,000 ids, ~6.5 MB: a bag of one add per chunk, ~900, and one read),
     and none after. A group that heard ``PUBLISHED`` from a chunk writes nothing (the hour's index is
     another run's) and still counts its buckets, so that its hour's key clears too.
 
