@@ -30,17 +30,17 @@ class Cell:
 
 
 class BucketWriter:
-    """``WriteIndexBucketFn`` with a state per (hour, shard, bucket) key; ``process`` returns the hours of
-    the buckets it wrote."""
+    """``WriteIndexBucketFn`` with a state per (hour, shard, group) key; ``process`` returns ``(hour, buckets
+    written)`` once it wrote a group."""
 
     def __init__(self, layout: Layout):
         self.fn = index_buckets.WriteIndexBucketFn(layout)
         self.fn.setup()
         self.state: dict[tuple, dict] = {}
 
-    def process(self, bucket_ids) -> list:
-        values = self.state.setdefault(bucket_ids[0], {})
-        return list(self.fn.process(bucket_ids, entries=Cell(values, "entries", []), chunks=Cell(values, "chunks")))
+    def process(self, group_ids) -> list:
+        values = self.state.setdefault(group_ids[0], {})
+        return list(self.fn.process(group_ids, entries=Cell(values, "entries", []), chunks=Cell(values, "chunks")))
 
 
 def index_reader(layout: Layout) -> index_buckets.ReadIndexChunkFn:
@@ -56,8 +56,8 @@ def write_planned(layout: Layout, hour_start: int, plan: dict) -> int:
     written = 0
     for task in publish.to_write(plan):
         if is_index_task(task):
-            for bucket_ids in reader.process((hour_start, task)):
-                written += len(buckets.process(bucket_ids))
+            for group_ids in reader.process((hour_start, task)):
+                written += sum(count for _, count in buckets.process(group_ids))
         else:
             publish.write_part(layout, hour_start, task)
             written += 1

@@ -4,12 +4,14 @@ Written by the close before its marker, read by late panes (``indexed_ids``, ``t
 shard, split by a second hash into buckets of at most ``IDS_PER_BUCKET`` ids: a late pane reads only the
 buckets its own ids fall in, never the hour, and no more than its ``ReadBudget``.
 
-The close shuffles the ids to their buckets, so that no task holds more than a chunk or a bucket,
-whatever the hour holds. The plan names *read tasks* (``index_tasks``): per shard, its staged files in
-chunks of at most ``IDS_PER_CHUNK`` records, each task naming its shard's bucket and chunk counts. A read
-task (``ids_by_bucket``) sends, for every bucket of its shard, also an empty one, the chunk's ids that
-fall in it; a bucket, keyed by (hour, shard, bucket), is written (``write_bucket``) once every chunk of
-its shard has sent its part. The marker waits for every bucket, so a marker means a complete index.
+The close shuffles the ids to their buckets, so that no task holds more than a chunk or a group of
+buckets, whatever the hour holds. The plan names *read tasks* (``index_tasks``): per shard, its staged
+files in chunks of at most ``IDS_PER_CHUNK`` records, each task naming its shard's bucket and chunk counts,
+and its files in a list of its own saved beside the plan (``save_task_sources``), so that a task reads
+~150 B a file of its chunk, not the plan. A read task (``ids_by_group``) sends, for every group of ``BUCKETS_PER_GROUP``
+buckets of its shard, also an empty one, the chunk's ids that fall in each of them; a group, keyed by
+(hour, shard, group), writes its buckets (``write_bucket``) once every chunk of its shard has sent its
+part. The marker waits for every bucket, so a marker means a complete index.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ from event_delivery.contract.partitions import Layout
 from transforms.hours import shard_of
 
 IDS_PER_BUCKET = 10_000  # ~400 KB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
-# The most records of a read task's chunk: what it holds, and what it sends on in one commit (each id at
-# most ``MAX_ENTRY_BYTES``: ≤ ~70 MB, ~40 MB for 36-character ids), well below Streaming Engine's ~180 MB.
-IDS_PER_CHUNK = 1_000_000
+# The most records of a read task's chunk: what it holds (~26 MB of strings and lists for 36-character
+# ids, measured: every harness thread of a worker may run one), and what it sends on in one commit (each
+# id at most ``MAX_ENTRY_BYTES``: ≤ ~18 MB, ~10 MB for 36-character ids), well below Streaming Engine's
+# ~80 MB.
+IDS_PER_CHUNK = 250_000
+# The buckets of a shard that one key of ``WriteIndexBuckets`` writes: a chunk sends one element per group,
+# not per bucket, and a key holds at most ~160,000 ids (~6.5 MB) until its chunks have all come.
+BUCKETS_PER_GROUP = 16
+# Each read task's staged files, beside the plan in the hour's staging folder (``sources_name``).
+SOURCES_PREFIX = "_CLOSING-index-"
 # An id longer than this (UTF-8) is indexed by its digest, so that an entry, and with it a chunk's commit, is
 # bounded whatever ids producers send (an attribute may hold 1 KB).
 MAX_ENTRY_BYTES = 64
@@ -56,11 +65,11 @@ def index_entry(event_id: str) -> str:
 def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
     """The read tasks that index the hour's staged files (path -> records): per shard, its files in name
     order cut into chunks of at most ``IDS_PER_CHUNK`` records (a bigger file is a chunk of its own), each
-    ``{"index_of_shard", "num_shards", "buckets", "chunks", "files": [start, stop]}``. A task names its
-    files by their places among its shard's files in the saved plan (``sources_by_shard``), not by path: the
-    close emits its parts and these in one commit. Every shard gets a bucket and a chunk, also with no
-    files (an empty bucket), so that a missing index means one that could not be written, not an empty
-    shard."""
+    ``{"index_of_shard", "num_shards", "buckets", "chunks", "chunk", "files": [start, stop]}``. A task names its
+    files by their places among its shard's files in the saved plan (``sources_by_shard``) and by its list
+    (``sources_name``), not by path: the close emits its parts and these in one commit. Every shard gets a
+    bucket and a chunk, also with no files (an empty bucket), so that a missing index means one that could
+    not be written, not an empty shard."""
     tasks = []
     for shard, paths in sources_by_shard(list(staged), num_shards).items():
         cuts, records = [0], 0
@@ -72,14 +81,46 @@ def index_tasks(staged: dict[str, int], num_shards: int) -> list[dict]:
         cuts.append(len(paths))
         buckets = max(1, math.ceil(sum(staged[p] for p in paths) / IDS_PER_BUCKET))
         shape = {"index_of_shard": shard, "num_shards": num_shards, "buckets": buckets, "chunks": len(cuts) - 1}
-        tasks += [shape | {"files": [start, stop]} for start, stop in itertools.pairwise(cuts)]
+        chunks = enumerate(itertools.pairwise(cuts))
+        tasks += [shape | {"chunk": chunk, "files": [start, stop]} for chunk, (start, stop) in chunks]
     return tasks
+
+
+def sources_name(task: dict) -> str:
+    return f"{SOURCES_PREFIX}s{task['index_of_shard']:03d}-c{task['chunk']:05d}.json"
+
+
+def save_task_sources(staging: str, tasks: list[dict], sources: list[str]) -> None:
+    """Each read task's staged files (of ``sources``, the plan's), in a list of its own in the hour's
+    ``staging`` folder; none for a task with no files. Saved before the plan, which stays the commit point:
+    a close that crashes before it saves its plan saves the lists again, under the same names, and
+    ``remove_task_sources`` deletes whatever an earlier try left."""
+    by_shard = sources_by_shard(sources, tasks[0]["num_shards"]) if tasks else {}
+    for task in tasks:
+        start, stop = task["files"]
+        if start < stop:
+            files.write_json(partitions.join(staging, sources_name(task)), by_shard[task["index_of_shard"]][start:stop])
+
+
+def task_sources(staging: str, task: dict, planned_sources) -> list[str]:
+    """The staged files of a read task's chunk: its list (``save_task_sources``), kilobytes; a task of a plan
+    saved before tasks had lists reads its places among its shard's files in the whole plan, which
+    ``planned_sources()`` reads."""
+    start, stop = task["files"] or (0, None)
+    if "chunk" in task:
+        return [] if start == stop else files.read_json(partitions.join(staging, sources_name(task)))
+    return sources_by_shard(planned_sources(), task["num_shards"])[task["index_of_shard"]][start:stop]
+
+
+def remove_task_sources(staging: str) -> None:
+    """Deletes every read task's list in the hour's ``staging`` folder, also one a crashed try left."""
+    files.delete_existing(files.glob(partitions.join(staging, SOURCES_PREFIX + "*.json")))
 
 
 def _reader_of(path: str, num_shards: int) -> int:
     """The shard whose read tasks read a staged file: the shard in its name, modulo the shard count. A run
     of another shard count (drained, then deployed with a new layout) may have staged it for the hour, so
-    the name may hold any shard, or none: ``ids_by_bucket`` checks every id it reads against its shard."""
+    the name may hold any shard, or none: ``ids_by_group`` checks every id it reads against its shard."""
     try:
         return partitions.shard_of_file(path) % num_shards
     except (AttributeError, ValueError):  # no shard in the name
@@ -109,31 +150,37 @@ def sources_by_shard(sources: list[str], num_shards: int) -> dict[int, list[str]
     return by_shard
 
 
-def ids_by_bucket(folder: str, task: dict, sources: list[str]):
-    """For every bucket of the task's shard, ``((shard, bucket), (chunks, buckets, num_shards, entries))``:
-    the entries (``index_entry``) of those ids of its chunk of ``sources`` (its shard's files) that fall in
-    the bucket, sorted; an empty list too, since a bucket's writer counts the chunks it has heard from.
+def groups(buckets: int) -> list[range]:
+    """A shard's buckets, in groups of ``BUCKETS_PER_GROUP``: one key of ``WriteIndexBuckets`` each."""
+    return [range(first, min(first + BUCKETS_PER_GROUP, buckets)) for first in range(0, buckets, BUCKETS_PER_GROUP)]
+
+
+def ids_by_group(folder: str, task: dict, sources: list[str]):
+    """For every group of buckets of the task's shard (``groups``), ``((shard, group), (chunks, buckets,
+    num_shards, entries))``: per bucket of the group, the entries (``index_entry``) of those ids of its
+    chunk's files (``sources``) that fall in the bucket, in the files' order; empty lists too, since a
+    group's writer counts the chunks it has heard from. Lists, not sets: a repeat (rare: superseded copies)
+    costs an entry, and ``write_bucket`` drops it, while a set per bucket would hold more than the ids.
 
     An id of another shard in its files was staged by a run of another shard count: the index of every
     shard may then miss ids that files of other shards hold, so the task writes the sentinel of every
     shard of the hour (beside whatever buckets are written: ``indexed_ids`` takes the sentinel), and sends
     its buckets empty."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
-    start, stop = task["files"] or (0, len(sources))
-    split: list[set[str]] = [set() for _ in range(buckets)]
+    split: list[list[str]] = [[] for _ in range(buckets)]
     if task.get("skipped"):
         _skip(folder, [shard], num_shards, "index_shards_skipped")
         sources = []
-    for source in sources[start:stop]:
+    for source in sources:
         event_ids = files.read_event_ids(source)
         if any(i and shard_of(i, num_shards) != shard for i in event_ids):  # no id: sharded by its receipt time
             _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
-            split = [set() for _ in range(buckets)]
+            split = [[] for _ in range(buckets)]
             break
         for event_id in event_ids:
-            split[index_bucket(event_id, num_shards, buckets)].add(index_entry(event_id))
-    for bucket, entries in enumerate(split):
-        yield (shard, bucket), (task["chunks"], buckets, num_shards, sorted(entries))
+            split[index_bucket(event_id, num_shards, buckets)].append(index_entry(event_id))
+    for group, members in enumerate(groups(buckets)):
+        yield (shard, group), (task["chunks"], buckets, num_shards, [split[bucket] for bucket in members])
 
 
 def write_bucket(folder: str, shard: int, bucket: int, buckets: int, num_shards: int, parts) -> None:

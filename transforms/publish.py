@@ -39,8 +39,8 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
-from transforms.id_index import as_chunks, index_tasks, is_index_task
-from transforms.index_buckets import BUCKET_KEY, ReadIndexChunkFn, WriteIndexBucketFn
+from transforms.id_index import as_chunks, index_tasks, is_index_task, remove_task_sources, save_task_sources
+from transforms.index_buckets import GROUP_KEY, ReadIndexChunkFn, WriteIndexBucketFn
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
 
 _LOG = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def plan_hour(
     reports and saved there, before any file moves. None if the hour is published and its plan
     gone: nothing collected now is in it. With ``num_shards``, ``index`` holds the tasks that read the
     hour's ids for its late repeats (``transforms.id_index``), whose buckets are written before the
-    marker as the parts are."""
+    marker as the parts are; each task's list of files is saved before the plan."""
     staging = layout.hour(layout.staging, hour_start)
     saved = plan_path(layout, hour_start)
     if files.exists(saved):
@@ -148,6 +148,7 @@ def plan_hour(
     counted = [[kind, records] for kind, records, path in collected if kind in COUNTED_WITHOUT_A_FILE]
     index = [] if num_shards is None else index_tasks({p: staged[p][0] for p in staged}, num_shards)
     plan = {"manifest": manifest, "parts": parts, "counted": counted, "index": index}
+    save_task_sources(staging, index, list(staged))
     files.write_json(saved, plan)
     return plan
 
@@ -209,7 +210,7 @@ def write_part(layout: Layout, hour_start: int, part: dict) -> None:
 
 
 def planned_sources(layout: Layout, hour_start: int) -> list[str]:
-    """The staged files of the hour's saved plan."""
+    """The staged files of the hour's saved plan (read tasks of plans saved before they had lists read it)."""
     return [source for part in files.read_json(plan_path(layout, hour_start))["parts"] for source in part["sources"]]
 
 
@@ -225,8 +226,8 @@ def publish_late(staged: str, destination: str, codec: str = files.AVRO_CODEC) -
 
 
 def finish_hour(layout: Layout, hour_start: int) -> dict:
-    """Once every part is written: the marker, then the plan's staged files and the plan deleted;
-    returns the manifest. The plan goes last, so an attempt that finds none (one before it got
+    """Once every part is written: the marker, then the read tasks' lists, the plan's staged files and the
+    plan deleted; returns the manifest. The plan goes last, so an attempt that finds none (one before it got
     that far, its commit lost) finds the marker, and reads the manifest there."""
     saved = plan_path(layout, hour_start)
     if not files.exists(saved):
@@ -234,6 +235,7 @@ def finish_hour(layout: Layout, hour_start: int) -> dict:
     plan = files.read_json(saved)
     if not files.exists(layout.marker(hour_start)):
         files.write_json(layout.marker(hour_start), plan["manifest"])
+    remove_task_sources(layout.hour(layout.staging, hour_start))
     files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [saved])
     return plan["manifest"]
 
@@ -273,12 +275,7 @@ class PublishWhenWrittenFn(beam.DoFn):
         self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
         self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
 
-    def process(
-        self,
-        hour_progress,
-        parts=beam.DoFn.StateParam(PARTS),
-        written=beam.DoFn.StateParam(WRITTEN_PARTS),
-    ):
+    def process(self, hour_progress, parts=beam.DoFn.StateParam(PARTS), written=beam.DoFn.StateParam(WRITTEN_PARTS)):
         hour_start, (kind, count) = hour_progress
         if kind == PLANNED:
             parts.write(count)
@@ -312,9 +309,9 @@ class PublishWhenWrittenFn(beam.DoFn):
 class PublishHours(beam.PTransform):
     """Planned hours in, as ``CloseHour`` emits them: ``parts`` (``(hour start, part)``, also the index's
     read tasks) and ``planned`` (``(hour start, (PLANNED, planned_writes))``); marker paths out, in the
-    global window. Parts and read tasks are spread over the workers (else they would run where the
-    close ran, one after another), the read tasks' ids shuffled to their buckets (``transforms.index_buckets``);
-    the hour is published, keyed by hour, when the last of its parts and buckets is written."""
+    global window. Parts and read tasks are spread over the workers (else they would run where the close ran,
+    one after another), the ids shuffled to groups of buckets (``transforms.index_buckets``); the hour is
+    published, keyed by hour, when the last of its parts and buckets is written."""
 
     def __init__(self, settings):
         super().__init__()
@@ -338,9 +335,9 @@ class PublishHours(beam.PTransform):
         buckets = (
             spread
             | "IndexReadTasks" >> beam.Filter(lambda hour_part: is_index_task(hour_part[1]))
-            | "ReadIndexChunks" >> beam.ParDo(ReadIndexChunkFn(layout, planned_sources)).with_output_types(BUCKET_KEY)
+            | "ReadIndexChunks" >> beam.ParDo(ReadIndexChunkFn(layout, planned_sources)).with_output_types(GROUP_KEY)
             | "WriteIndexBuckets" >> beam.ParDo(WriteIndexBucketFn(layout))
-            | "BucketsWritten" >> beam.Map(lambda hour_start: (hour_start, (WRITTEN, 1)))
+            | "BucketsWritten" >> beam.MapTuple(lambda hour_start, buckets: (hour_start, (WRITTEN, buckets)))
         )
         planned = planned_hours["planned"] | "PlansOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
         return (

@@ -16,7 +16,7 @@ DAY_SECONDS = 24 * 3600
 # so any change to them bumps it (``make update`` refuses a running job of another).
 # 2: panes are grouped by (hour, shard, writer) and fire on the bytes waiting.
 # 3: ``Deduplicate`` numbers the staged files (``StageDelivered`` keeps no state), and the close's
-#    index of an hour's ids is shuffled to (hour, shard, bucket) keys (``WriteIndexBuckets``).
+#    index of an hour's ids is shuffled to (hour, shard, group of buckets) keys (``WriteIndexBuckets``).
 STATE_LAYOUT = 3
 
 
