@@ -48,10 +48,12 @@ class Keys:
         return decrypt_bytes(self.unseal[key_id], archived["payload"], self.name, RAW, key_id, archived["event_id"])
 
     def fetch_subject_keys(self, subjects) -> None:
-        """One batch per file for the subjects the cache lacks."""
-        new = set(subjects) - self.seal.keys()
-        found = self.keystore.subject_keys(new, scope=self.name)
-        self.seal.update({s: (k.key_id, k.aead) for s, k in found.items()})
+        """One batch per file for the subjects the cache lacks: their key ids, and the keys that
+        unsealing did not fetch already (the pipeline's ``KeyCache`` shares them the same way)."""
+        key_ids = self.keystore.subject_key_ids(set(subjects) - self.seal.keys(), scope=self.name)
+        missing = {k for k in key_ids.values() if k} - self.unseal.keys()
+        self.unseal.update({k: AESGCM(v) for k, v in self.keystore.data_keys(missing).items() if v})
+        self.seal.update({s: (k, self.unseal[k]) if k in self.unseal else None for s, k in key_ids.items()})
 
     def quarantine_key(self, received_at):
         day = quarantine_key_name(self.name, received_at)
