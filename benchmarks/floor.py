@@ -22,6 +22,7 @@ from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import decrypt_bytes, encrypt_bytes, encrypt_value
 from transforms.archive import RAW
+from transforms.field_checks import compile_fields
 
 _MISSING = object()
 
@@ -82,6 +83,7 @@ def _parse_new(event_type, records, keys: Keys, seen: set, dead: list) -> list[d
     schema = event_type.parsed_payload_schema
     fields = [(f["name"], f.get("default", _MISSING)) for f in event_type.schema["fields"]]
     known = {n for n, _ in fields}
+    checks = compile_fields(schema)  # as parsing compiles them: fastavro validates what they do not cover
     keys.fetch_unseal_keys(records)
     parsed = []
     for archived in records:
@@ -94,7 +96,11 @@ def _parse_new(event_type, records, keys: Keys, seen: set, dead: list) -> list[d
             valid = (
                 not (obj.keys() - known)
                 and _MISSING not in record.values()
-                and validate(record, schema, raise_errors=False)
+                and (
+                    all([check(record[n]) for n, check in checks])
+                    if checks
+                    else validate(record, schema, raise_errors=False)
+                )
             )
         except (ValueError, AttributeError):
             valid = False

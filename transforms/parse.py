@@ -14,11 +14,18 @@ from fastavro.validation import ValidationError, validate
 from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter
 from event_delivery.contract.registry import EventType
+from transforms.field_checks import compile_fields
 from transforms.results import ParsedMessages
 
 DEAD_LETTERS = "dead_letters"
 RAW_MESSAGES = "raw_messages"
 _MISSING = object()
+
+
+def _anything(value) -> bool:
+    return True
+
+
 _DOUBLE_DIGITS = len(str(int(sys.float_info.max))) - 1  # no int with fewer digits is past a double
 
 
@@ -117,8 +124,16 @@ class ParseEventFn(beam.DoFn):
 
     def setup(self):
         self.schema = self.event_type.parsed_payload_schema
-        self.fields = [(f["name"], f.get("default", _MISSING)) for f in self.event_type.schema["fields"]]
-        self.field_names = {name for name, _ in self.fields}
+        # Each field's check compiled from the schema once, where it allows (a third of fastavro's
+        # cost per record); else fastavro validates the record whole.
+        checks = compile_fields(self.schema)
+        self.compiled = checks is not None
+        checks = dict(checks or ())
+        self.fields = [
+            (f["name"], f.get("default", _MISSING), checks.get(f["name"], _anything))
+            for f in self.event_type.schema["fields"]
+        ]
+        self.field_names = {name for name, _, _ in self.fields}
         hooks = dict(parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
         self.decoder = json.JSONDecoder(**hooks)
         # Only a text this long can hold an int past a double: reading every int through a hook
@@ -207,13 +222,14 @@ class ParseEventFn(beam.DoFn):
         if unknown:
             # Unknown keys are not quoted: a broken producer may put personal data there.
             raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"{unknown} field(s) not in the schema")
-        record = {}
-        for name, default in self.fields:
+        record, valid = {}, True
+        for name, default, check in self.fields:
             value = obj.get(name, default)
             if value is _MISSING:
                 raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"required field {name!r} is missing")
             record[name] = value
-        if not validate(record, self.schema, raise_errors=False):
+            valid = valid and check(value)
+        if not (valid and (self.compiled or validate(record, self.schema, raise_errors=False))):
             raise _Rejected(ErrorKind.SCHEMA_VIOLATION, f"field(s) {self._invalid_fields(record)} have the wrong type")
         if has_escapes and not _strings_encode(record):
             raise _Rejected(ErrorKind.SCHEMA_VIOLATION, "a string holds a lone surrogate")
