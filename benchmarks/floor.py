@@ -20,7 +20,7 @@ from fastavro.validation import validate
 from event_delivery.contract.dead_letters import parsed_dead_letter_schema, quarantine_key_name
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
-from event_delivery.keys.fields import decrypt_bytes, encrypt_bytes, encrypt_value
+from event_delivery.keys.fields import decrypt_bytes, encrypt_bytes, encrypt_fields
 from transforms.archive import RAW
 from transforms.field_checks import compile_fields
 
@@ -124,11 +124,7 @@ def _encrypt_personal_fields(event_type, records: list[dict], keys: Keys) -> lis
     for record in records:
         key_id, aead = keys.seal[record[subject_field]]
         record["key_id"] = key_id
-        for field in personal:
-            value = record[field]
-            record[field] = (
-                None if value is None else encrypt_value(aead, value, name, field, key_id, record["event_id"])
-            )
+        record.update(encrypt_fields(aead, record, personal, name, key_id, record["event_id"]))
     return records
 
 

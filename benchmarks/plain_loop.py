@@ -23,7 +23,7 @@ from benchmarks.floor import Keys
 from event_delivery.cloud import files
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
-from event_delivery.keys.fields import encrypt_value
+from event_delivery.keys.fields import encrypt_fields
 
 
 @dataclasses.dataclass
@@ -79,9 +79,7 @@ def deliver(messages: Messages, out: pathlib.Path) -> int:
         if subject_field:
             key_id, aead = messages.keys[subject]
             record["key_id"] = key_id
-            for field in personal:
-                if record.get(field) is not None:
-                    record[field] = encrypt_value(aead, record[field], name, field, key_id, event_id)
+            record.update(encrypt_fields(aead, record, personal, name, key_id, event_id))
         delivered.append(record)
     with open(out / f"{name}.avro", "wb") as handle:
         fastavro.writer(handle, event_type.parsed_delivered_schema, delivered, codec="deflate")

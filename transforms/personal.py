@@ -15,7 +15,7 @@ import apache_beam as beam
 from event_delivery.contract import slo
 from event_delivery.contract.dead_letters import ErrorKind
 from event_delivery.contract.registry import EventType
-from event_delivery.keys.fields import encrypt_value
+from event_delivery.keys.fields import encrypt_fields
 from transforms.reports import FORGOTTEN, report
 from transforms.results import Result
 from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache, SealInBatchesFn, dead_letter_as_arrived
@@ -52,11 +52,7 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
                     sealed[field] = None
             else:
                 sealed["key_id"] = key.key_id
-                for field in personal:
-                    value = fields[field]
-                    sealed[field] = (
-                        None if value is None else encrypt_value(aead, value, name, field, key.key_id, event_id)
-                    )
+                sealed.update(encrypt_fields(aead, fields, personal, name, key.key_id, event_id))
             sealed_events.append((event_id, received_at, sealed))
         if forgotten:
             self.forgotten.inc(forgotten)

@@ -18,6 +18,7 @@ refused, never misread: payloads sealed before the format byte and the event id 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 
 from cryptography.exceptions import InvalidTag
@@ -75,6 +76,24 @@ def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str,
     nonce = secrets.token_bytes(NONCE_BYTES)
     bound = _bound_data(_FIELD_BYTE, event_type, field, key_id, event_id)
     return _FIELD_BYTE + nonce + aead.encrypt(nonce, plaintext, bound)
+
+
+def encrypt_fields(aead: AESGCM, record: dict, names, event_type: str, key_id: str, event_id: str | None) -> dict:
+    """The fields ``names`` of one record sealed at once: ``{name: encrypt_value(aead, record[name],
+    event_type, name, key_id, event_id)}``, a null (or absent) value left null. The same ciphertexts
+    as one ``encrypt_value`` per field, for less: the nonces come from one draw of random bytes,
+    each field's its own 12 of them."""
+    nonces = os.urandom(NONCE_BYTES * len(names))
+    sealed, start = {}, 0
+    for name in names:
+        value = record.get(name)
+        if value is None:
+            sealed[name] = None
+            continue
+        nonce, start = nonces[start : start + NONCE_BYTES], start + NONCE_BYTES
+        bound = _FIELD_BYTE + f"\x1f{event_type}\x1f{name}\x1f{key_id}\x1f{event_id or ''}".encode()
+        sealed[name] = _FIELD_BYTE + nonce + aead.encrypt(nonce, _to_json(value).encode("utf-8"), bound)
+    return sealed
 
 
 def decrypt_value(aead: AESGCM, ciphertext: bytes, event_type: str, field: str, key_id: str, event_id: str | None):

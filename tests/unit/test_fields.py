@@ -18,6 +18,7 @@ from event_delivery.keys.fields import (
     decrypt_bytes,
     decrypt_value,
     encrypt_bytes,
+    encrypt_fields,
     encrypt_value,
 )
 
@@ -135,3 +136,22 @@ def test_the_stored_format_is_the_documented_one_so_ciphertexts_of_earlier_versi
     assert sealed[0] == SEALED_FORMAT and AESGCM(key).decrypt(sealed[1:13], sealed[13:], b"\x02" + bound) == payload
     stored = bytes([SEALED_FORMAT]) + nonce + AESGCM(key).encrypt(nonce, payload, b"\x02" + bound)
     assert decrypt_bytes(AESGCM(key), stored, "search", "payload", "k1", event_id) == payload
+
+
+@given(record=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), values | st.none()), event_id=st.none() | st.text())
+def test_fields_sealed_at_once_are_each_what_encrypt_value_makes_under_a_nonce_of_their_own(record, event_id):
+    """Each sealed field opens as ``encrypt_value``'s does, in its own place only; null and absent
+    fields stay null; no two fields of a record share a nonce (a repeat under one key breaks GCM)."""
+    names = ["a", "b", "c", "d"]
+    sealed = encrypt_fields(KEY, record, names, "search", "k1", event_id)
+    assert list(sealed) == names
+    for name in names:
+        if record.get(name) is None:
+            assert sealed[name] is None
+            continue
+        assert sealed[name][0] == FIELD_FORMAT
+        assert decrypt_value(KEY, sealed[name], "search", name, "k1", event_id) == record[name]
+        with pytest.raises(UndecryptableField):
+            decrypt_value(KEY, sealed[name], "search", next(n for n in names if n != name), "k1", event_id)
+    nonces = [c[1:13] for c in sealed.values() if c is not None]
+    assert len(set(nonces)) == len(nonces)
