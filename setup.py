@@ -43,6 +43,7 @@ setuptools.setup(
             "import-linter==2.17",  # make lint: imports only go down
             "gcp-storage-emulator==2026.7.19",
             "matplotlib==3.10.9",  # make bench's chart
+            "orjson==3.13.0",  # make bench: the plain loop and the floor parse with it (Beam's gcp extra has it too)
             "promql-parser==0.11.0",  # checks the PromQL of make monitoring's alerts
             "playwright==1.65.2",  # drives Debian's chromium in the report's browser test
             "mutmut==3.8.1",  # make mutants
