@@ -138,7 +138,10 @@ def test_the_stored_format_is_the_documented_one_so_ciphertexts_of_earlier_versi
     assert decrypt_bytes(AESGCM(key), stored, "search", "payload", "k1", event_id) == payload
 
 
-@given(record=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), values | st.none()), event_id=st.none() | st.text())
+@given(
+    record=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), values | st.none()),
+    event_id=st.none() | st.text(),
+)
 def test_fields_sealed_at_once_are_each_what_encrypt_value_makes_under_a_nonce_of_their_own(record, event_id):
     """Each sealed field opens as ``encrypt_value``'s does, in its own place only; null and absent
     fields stay null; no two fields of a record share a nonce (a repeat under one key breaks GCM)."""
