@@ -16,6 +16,7 @@ part. The marker waits for every bucket, so a marker means a complete index.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import math
@@ -39,6 +40,7 @@ IDS_PER_CHUNK = 250_000
 BUCKETS_PER_GROUP = 16
 # Each read task's staged files, beside the plan in the hour's staging folder (``sources_name``).
 SOURCES_PREFIX = "_CLOSING-index-"
+SAVING_THREADS = 32  # the read tasks' lists the close writes at a time
 # An id longer than this (UTF-8) is indexed by its digest, so that an entry, and with it a chunk's commit, is
 # bounded whatever ids producers send (an attribute may hold 1 KB).
 MAX_ENTRY_BYTES = 64
@@ -96,10 +98,15 @@ def save_task_sources(staging: str, tasks: list[dict], sources: list[str]) -> No
     a close that crashes before it saves its plan saves the lists again, under the same names, and
     ``remove_task_sources`` deletes whatever an earlier try left."""
     by_shard = sources_by_shard(sources, tasks[0]["num_shards"]) if tasks else {}
-    for task in tasks:
-        start, stop = task["files"]
-        if start < stop:
-            files.write_json(partitions.join(staging, sources_name(task)), by_shard[task["index_of_shard"]][start:stop])
+    lists = {
+        partitions.join(staging, sources_name(task)): by_shard[task["index_of_shard"]][slice(*task["files"])]
+        for task in tasks
+        if task["files"][0] < task["files"][1]
+    }
+    # ~14,400 lists an hour at 1M events/s: one after another they would hold the close's work item for
+    # minutes (~40 ms a write), so they are written side by side.
+    with concurrent.futures.ThreadPoolExecutor(SAVING_THREADS) as pool:
+        list(pool.map(files.write_json, lists, lists.values()))
 
 
 def task_sources(staging: str, task: dict, planned_sources) -> list[str]:
