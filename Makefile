@@ -36,8 +36,9 @@ $(INSTALLED): setup.py constraints.txt
 
 install: $(INSTALLED)  ## Create .venv with the pinned dependencies.
 
-test: $(INSTALLED)  ## Run every test; starts and stops its own emulators.
-	$(PY) -m pytest
+TEST_WORKERS ?= 2
+test: $(INSTALLED)  ## Run every test; starts and stops its own emulators [TEST_WORKERS=2 processes].
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 soak: $(INSTALLED)  ## Every type under load for minutes; prints the figures (SOAK_SECONDS=180 SOAK_RATE=4).
 	$(PY) -m pytest -m soak -s tests/integration/test_soak.py

@@ -36,6 +36,7 @@ setuptools.setup(
     extras_require={
         "dev": [
             "pytest==9.2.0",
+            "pytest-xdist==3.8.0",  # make test: the suite on two processes
             "avro==1.12.2",
             "python-snappy==0.7.3",  # the Apache Avro reader's snappy (its zstandard is zstandard, pinned)
             "hypothesis==6.170.15",

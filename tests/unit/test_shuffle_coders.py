@@ -13,7 +13,9 @@ silently; a change must therefore be deliberate: it bumps ``transforms.settings.
 same commit (``python -m tests.unit.test_shuffle_coders``). The fixture records the layout
 its coders belong to, and the rewrite refuses other coders under the same layout: a change
 of coders cannot pass without a new layout, which ``make update`` then refuses to mix
-with the old. A Beam upgrade may change them too: it is then one to read before an ``--update``.
+with the old. (Changes within one layout that no job runs yet, all bound for one release,
+are recorded by deleting the fixture before rewriting it.) A Beam upgrade may change them
+too: it is then one to read before an ``--update``.
 
 The coders are read from the pipeline proto the job submits, as the runner sees them:
 standard coders by their URN (``kv`` for ``beam:coder:kv:v1``), the coders it cannot read
