@@ -136,15 +136,22 @@ def test_repeats_days_after_the_close_are_duplicates_and_each_id_is_delivered_or
     assert (late, duplicates) == (1, len(sent) - 1), "every copy that came late is late or a duplicate, counted"
 
 
+def break_the_index(settings) -> tuple[str, list]:
+    """Makes shard 0's index of the hour unreadable; returns its path and what it held, to mend it with."""
+    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")
+    assert index, "the close left the shard's index beside the hour"
+    readable = files.read_json(index[0])
+    with open(index[0], "w") as broken:
+        broken.write("{not json")
+    return index[0], readable
+
+
 def test_an_hour_the_late_path_cannot_check_is_written_late_and_counted(tmp_path, registry, caplog):
     """An index that cannot be read, or is missing, never fails a bundle: the pane is written as it is."""
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {0: ids_of_shard(0, 3, "d")}
     close_an_hour(settings, registry, delivered)
-    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")
-    assert index, "the close left the shard's index beside the hour"
-    with open(index[0], "w") as broken:
-        broken.write("{not json")
+    break_the_index(settings)
     fn = WriteLatePaneFn(settings)
     fn.setup()
     with caplog.at_level(logging.WARNING, logger=late_path.__name__):
@@ -160,10 +167,7 @@ def test_a_retry_that_drops_what_its_lost_try_wrote_unchecked_leaves_no_file_of_
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
     manifest = close_an_hour(settings, registry, delivered)
-    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")[0]
-    readable = files.read_json(index)
-    with open(index, "w") as broken:
-        broken.write("{not json")
+    index, readable = break_the_index(settings)
     fn, number = WriteLatePaneFn(settings), Number()
     fn.setup()
     first = write_late(fn, number, registry, 0, "", delivered[0][:1], commit=False)
@@ -180,10 +184,7 @@ def a_retry_after_an_unchecked_lost_try(settings, registry, monkeypatch, delete_
     Returns the hour's manifest and the retry's reports."""
     delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
     manifest = close_an_hour(settings, registry, delivered)
-    index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")[0]
-    readable = files.read_json(index)
-    with open(index, "w") as broken:
-        broken.write("{not json")
+    index, readable = break_the_index(settings)
     fn, number = WriteLatePaneFn(settings), Number()
     fn.setup()
     write_late(fn, number, registry, 0, "", delivered[0][:1], commit=False)
