@@ -26,7 +26,7 @@ from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
 from event_delivery.producer import EventPublisher
 from tests.by_id import assert_every_id_in_one_place, ledger_ids
-from tests.streams import local_keys
+from tests.emulated import short_hours_job_args
 from tools.local.jobs import start_job, stop_jobs
 from tools.local.loadgen import Ledger, TrafficMix, publish_traffic, traffic
 from tools.ops import provision
@@ -43,18 +43,7 @@ CLOSE_BOUND_SECONDS = WINDOW + LATENESS + 240
 
 
 def job_args(root: str, state: pathlib.Path) -> list[str]:
-    local_keys(state)  # provisioned, as `make provision` does before any job
-    return [
-        f"--project={PROJECT}",
-        f"--storage_root={root}",
-        f"--window_seconds={WINDOW}",
-        f"--allowed_lateness_seconds={LATENESS}",
-        f"--trigger_seconds={TRIGGER}",
-        "--late_horizon_seconds=600",
-        "--num_shards=2",
-        f"--keystore=sqlite:///{state}/keystore.db",
-        f"--local_key_file={state}/kek.key",
-    ]
+    return short_hours_job_args(root, state, WINDOW, LATENESS, TRIGGER)
 
 
 def test_a_broken_flooded_type_does_not_hold_back_another(emulators, registry, tmp_path):

@@ -16,9 +16,8 @@ import pytest
 from event_delivery.contract.partitions import Layout
 from event_delivery.producer import EventPublisher, attributes_for
 from tests.by_id import assert_every_id_in_one_place
-from tests.emulated import PROJECT
+from tests.emulated import PROJECT, short_hours_job_args
 from tests.messages import valid_fields
-from tests.streams import local_keys
 from tools.local.jobs import start_job, stop_jobs
 from tools.ops import provision
 from tools.ops.audit import audit_type
@@ -34,21 +33,10 @@ CLOSE_TIMEOUT_SECONDS = WINDOW + LATENESS + 90
 def test_a_nearly_10_mb_message_is_dead_lettered_and_the_hours_around_it_close(emulators, registry, tmp_path):
     play = registry["play"]
     provision.provision(PROJECT, [play], None)
-    local_keys(tmp_path)
     root = tmp_path / "root"
     job = start_job(
         "play",
-        [
-            f"--project={PROJECT}",
-            f"--storage_root={root}",
-            f"--window_seconds={WINDOW}",
-            f"--allowed_lateness_seconds={LATENESS}",
-            f"--trigger_seconds={TRIGGER}",
-            "--late_horizon_seconds=600",
-            "--num_shards=2",
-            f"--keystore=sqlite:///{tmp_path}/keystore.db",
-            f"--local_key_file={tmp_path}/kek.key",
-        ],
+        short_hours_job_args(root, tmp_path, WINDOW, LATENESS, TRIGGER),
         tmp_path / "logs",
     )
     try:
