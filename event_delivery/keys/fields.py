@@ -72,8 +72,11 @@ _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  #
 
 def encrypt_value(aead: AESGCM, value, event_type: str, field: str, key_id: str, event_id: str | None) -> bytes:
     """One field's value sealed (``FIELD_FORMAT``), bound to its type, field, key id and event id."""
+    return _sealed_value(aead, secrets.token_bytes(NONCE_BYTES), value, event_type, field, key_id, event_id)
+
+
+def _sealed_value(aead: AESGCM, nonce: bytes, value, event_type: str, field: str, key_id: str, event_id) -> bytes:
     plaintext = _to_json(value).encode("utf-8")
-    nonce = secrets.token_bytes(NONCE_BYTES)
     bound = _bound_data(_FIELD_BYTE, event_type, field, key_id, event_id)
     return _FIELD_BYTE + nonce + aead.encrypt(nonce, plaintext, bound)
 
@@ -91,8 +94,7 @@ def encrypt_fields(aead: AESGCM, record: dict, names, event_type: str, key_id: s
             sealed[name] = None
             continue
         nonce, start = nonces[start : start + NONCE_BYTES], start + NONCE_BYTES
-        bound = _FIELD_BYTE + f"\x1f{event_type}\x1f{name}\x1f{key_id}\x1f{event_id or ''}".encode()
-        sealed[name] = _FIELD_BYTE + nonce + aead.encrypt(nonce, _to_json(value).encode("utf-8"), bound)
+        sealed[name] = _sealed_value(aead, nonce, value, event_type, name, key_id, event_id)
     return sealed
 
 
