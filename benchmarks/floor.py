@@ -21,6 +21,7 @@ from event_delivery.contract.dead_letters import parsed_dead_letter_schema, quar
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import decrypt_bytes, encrypt_bytes, encrypt_fields
+from transforms import collector
 from transforms.archive import RAW
 from transforms.field_checks import compile_fields
 
@@ -154,6 +155,7 @@ def deliver_type(name: str, paths: list[str], keystore, out: pathlib.Path) -> in
 
 def run_floor(workload, out: pathlib.Path) -> int:
     """Delivers the whole workload; returns how many messages it read."""
+    collector.tune_for_streams()  # as the pipeline's workers run
     keystore = workload.keys.open()
     return sum(
         deliver_type(name, workload.archive_paths(name), keystore, out) for name in workload.counts if name[0] != "_"

@@ -24,6 +24,7 @@ from event_delivery.cloud import files
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import encrypt_fields
+from transforms import collector
 
 
 @dataclasses.dataclass
@@ -88,5 +89,6 @@ def deliver(messages: Messages, out: pathlib.Path) -> int:
 
 def run_plain_loop(prepared: list[Messages], out: pathlib.Path) -> int:
     """Delivers every prepared type; returns how many messages it read."""
+    collector.tune_for_streams()  # as the pipeline's workers run
     out.mkdir(parents=True, exist_ok=True)
     return sum(deliver(messages, out) for messages in prepared)

@@ -14,6 +14,7 @@ from fastavro.validation import ValidationError, validate
 from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind, dead_letter
 from event_delivery.contract.registry import EventType
+from transforms import collector
 from transforms.field_checks import compile_fields
 from transforms.results import ParsedMessages
 
@@ -123,6 +124,7 @@ class ParseEventFn(beam.DoFn):
         self.keep_raw = keep_raw
 
     def setup(self):
+        collector.tune_for_streams()  # the first step of every job that delivers
         self.schema = self.event_type.parsed_payload_schema
         # Each field's check compiled from the schema once, where it allows (a third of fastavro's
         # cost per record); else fastavro validates the record whole.

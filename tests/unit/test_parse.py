@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 
@@ -16,6 +17,7 @@ from event_delivery.contract.dead_letters import MESSAGE_ERRORS, ErrorKind
 from tests.messages import message, published_at, raw_message, valid_fields
 from tests.streams import local_keys, local_settings
 from tools.local.loadgen import malformed
+from transforms import collector
 from transforms.parse import DEAD_LETTERS, ParseEventFn, ParseEvents
 from transforms.read import StampArrivalFn
 
@@ -133,6 +135,22 @@ def test_parse_events_transform_splits_events_and_dead_letters(registry, tmp_pat
         assert_that(parsed.output | "Ids" >> beam.Map(lambda e: e[0]), equal_to(["good"]), label="events")
         kinds = parsed.dead_letters | "Kinds" >> beam.Map(lambda d: (d[0], d[2]["error_kind"]))
         assert_that(kinds, equal_to([("bad", "NOT_JSON")]), label="dead_letters")
+
+
+def test_the_workers_that_parse_run_with_the_collector_tuned_for_streams(registry, tmp_path):
+    """Every delivering job parses first: its workers' collector is tuned there (``transforms.collector``)."""
+    log = registry["service_log"]
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # CPython's defaults, as a fresh worker has them
+    try:
+        with TestPipeline() as pipeline:
+            settings = local_settings(tmp_path, log, local_keys(tmp_path), max_event_bytes=MAX_BYTES)
+            arrived = [published_at(message(valid_fields(log), "good", ARRIVAL_MILLIS), ARRIVAL_MILLIS)]
+            parsed = pipeline | beam.Create(arrived) | ParseEvents(settings)
+            thresholds = parsed.output | beam.Map(lambda _: gc.get_threshold())
+            assert_that(thresholds, equal_to([collector.THRESHOLDS]))
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_without_publish_time_the_element_timestamp_is_the_arrival(registry, tmp_path):
