@@ -9,6 +9,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from event_delivery.contract import envelope
 from event_delivery.contract.samples import fake_fields
+from transforms.records import RecordCoder, encoded_event, event_record
 
 
 def message(fields: dict | None = None, event_id: str | None = "e-1", received_at_millis=None, **attributes):
@@ -40,6 +41,15 @@ def valid_fields(event_type, seed: int = 0) -> dict:
     import random
 
     return fake_fields(event_type, random.Random(seed), 100)
+
+
+def forgotten_event(event_type, event_id: str, received_at_millis: int, seed: int = 0) -> tuple:
+    """A valid event of a forgotten subject as sealing gives it: encoded, its personal fields null."""
+    fields = {**valid_fields(event_type, seed), **dict.fromkeys(event_type.personal_fields)}
+    record = event_record((event_id, received_at_millis, fields))
+    return encoded_event(
+        event_id, received_at_millis, RecordCoder(event_type.parsed_delivered_schema).encode(record), True
+    )
 
 
 def malformed_messages(event_type, fields: dict, event_id: str, max_event_bytes: int, **attributes) -> list:

@@ -2,8 +2,10 @@
 
 Elements travel as plain tuples, which Beam encodes without pickling:
 
-- an event is ``(event_id, received_at_millis, fields)``;
+- an event is ``(event_id, received_at_millis, fields)`` until it is sealed, and from there on
+  ``(event_id, received_at_millis, record, forgotten)``, its delivered Avro record encoded
+  once (``records``); ``MarkRepeats`` appends a mark to a repeat;
 - a dead letter is ``(event_id or "", received_at_millis, dead_letter_record)``;
-- after ``BucketByHour``, a pane is ``(shard, [events])`` in its hour's window;
+- after ``BucketByHour``, a pane is ``((shard, writer), [events])`` in its hour's window;
 - an hour report is ``(kind, records, path, on_time)`` (see ``reports``).
 """

@@ -42,7 +42,8 @@ DELIVERED_HERE = ""  # an id's cell when this run let its first copy through; el
 
 
 def is_repeat(event) -> bool:
-    return len(event) > 3
+    """Whether ``MarkRepeats`` marked the encoded event (``transforms.records``) as a repeat."""
+    return len(event) > 4
 
 
 def staged_copy(event_id: str, received_at_millis: int, path: str) -> tuple:
@@ -174,9 +175,9 @@ class IdsStagedByEarlierRuns(beam.PTransform):
 
 
 class MarkRepeats(beam.PTransform):
-    """``(event_id, received_at_millis, fields)`` events in, the same out (``events``), repeats
-    marked; ``superseded`` hour reports out of copies that earlier runs staged and this run
-    delivered first (see ``MarkRepeatsFn``).
+    """Encoded events in (``transforms.records``), the same out (``events``), repeats marked;
+    ``superseded`` hour reports out of copies that earlier runs staged and this run delivered
+    first (see ``MarkRepeatsFn``).
 
     ``settings`` are the job's ``DeliverySettings``: its hours, lateness and staging.
     """

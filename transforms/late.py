@@ -29,7 +29,7 @@ import apache_beam as beam
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
-from transforms import retries, write
+from transforms import retries
 from transforms.hours import bucket_start_seconds
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
@@ -44,10 +44,9 @@ class WriteLatePaneFn(WriteStreamPaneFn):
     index), or written late by an earlier pane of the shard. Those are counted as duplicates."""
 
     def __init__(self, settings):
-        schema, to_record = settings.event_type.delivered_schema, write.event_record  # looked up when built, as
-        # ``WriteAvroPanes`` does
+        schema = settings.event_type.delivered_schema  # records encoded where sealed: no ``to_record``
         super().__init__(
-            settings, settings.layout.late, LATE, schema, to_record, True, settings.codec, partitions.LATE_SERIES
+            settings, settings.layout.late, LATE, schema, None, True, settings.codec, partitions.LATE_SERIES
         )
         self.num_shards = settings.num_shards
 

@@ -14,11 +14,14 @@ from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import ErrorKind, subject_named_in
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes
+from transforms.records import RecordCoder
 from transforms.sealing import JobKeyCache, SealInBatchesFn, dead_letter_as_arrived, seal_attributes
+
+_NOT_FIELDS = ("event_id", "received_at", "key_id")  # what a delivered record adds to the message's fields
 
 
 class UnsealFailedWritesFn(beam.DoFn):
-    """``(reason, [sealed events])`` in; each event out as a ``write_failed`` dead letter
+    """``(reason, [encoded events])`` in (``transforms.records``); each event out as a ``write_failed`` dead letter
     whose payload is the message as it arrived, its personal fields decrypted again, so
     that ``SealDeadLetters`` seals it under its subject's key and a redrive can replay it.
     This runs only on the rare failed write; its output goes straight to sealing."""
@@ -29,19 +32,22 @@ class UnsealFailedWritesFn(beam.DoFn):
 
     def setup(self):
         self.cache = self.key_cache.acquire()
+        self.records = RecordCoder(self.event_type.parsed_delivered_schema)
 
     def process(self, failed_write):
         reason, events = failed_write
         name, personal = self.event_type.name, self.event_type.personal_fields
-        keys = self.cache.data_keys(fields["key_id"] for _, _, fields in events if fields.get("key_id"))
-        for event_id, received_at, sealed in events:
-            fields = {k: v for k, v in sealed.items() if k != "key_id"}
-            aead = keys[sealed["key_id"]][1] if sealed.get("key_id") else None
+        records = [self.records.decode(event[2]) for event in events]
+        keys = self.cache.data_keys(record["key_id"] for record in records if record.get("key_id"))
+        for (event_id, received_at, *_), record in zip(events, records, strict=True):
+            key_id = record.get("key_id")
+            fields = {k: v for k, v in record.items() if k not in _NOT_FIELDS}
+            aead = keys[key_id][1] if key_id else None
             for field in personal:
                 if aead is None:  # its subject was forgotten meanwhile: nothing personal is kept
                     fields[field] = None
                 elif fields[field] is not None:
-                    fields[field] = decrypt_value(aead, fields[field], name, field, sealed["key_id"], event_id)
+                    fields[field] = decrypt_value(aead, fields[field], name, field, key_id, event_id)
             yield dead_letter_as_arrived(name, ErrorKind.WRITE_FAILED, reason, event_id, received_at, fields)
 
 

@@ -11,13 +11,15 @@ from event_delivery.contract.registry import EventType
 from event_delivery.keys.config import KeyConfig
 
 DAY_SECONDS = 24 * 3600
-# The layout of the state a stream keeps: its stateful steps' keys and coders, and the
-# triggers of its groupings. An in-place update hands state over only within one layout,
-# so any change to them bumps it (``make update`` refuses a running job of another).
+# The layout of the state a stream keeps: its stateful steps' keys and coders, the triggers
+# of its groupings, and the shape of the elements they hold. An in-place update hands state
+# over only within one layout, so any change to them bumps it (``make update`` refuses a
+# running job of another).
 # 2: panes are grouped by (hour, shard, writer) and fire on the bytes waiting.
 # 3: ``Deduplicate`` numbers the staged files (``StageDelivered`` keeps no state), and the close's
 #    index of an hour's ids is shuffled to (hour, shard, group of buckets) keys (``WriteIndexBuckets``).
-STATE_LAYOUT = 3
+# 4: events cross shuffles and rest in panes as encoded records (``transforms.records``), not field dicts.
+STATE_LAYOUT = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,13 @@ import apache_beam as beam
 import fastavro
 from apache_beam.coders import VarIntCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from fastavro.validation import validate
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms import retries
 from transforms.hours import bucket_start_seconds
+from transforms.records import RecordCoder
 from transforms.reports import report
 from transforms.results import Result
 from transforms.sealed_dead_letters import DeadLetterFailedWrites
@@ -31,15 +31,9 @@ WRITE_FAILED = "write_failed"
 PERMANENT = (files.AvroWriteError, *retries.DENIED)
 
 
-def event_record(event) -> dict:
-    """An ``(event_id, received_at_millis, fields)`` event as a delivered Avro record."""
-    event_id, received_at_millis, fields = event
-    return {"event_id": event_id, "received_at": received_at_millis, **fields}
-
-
 def prepared_record(element) -> dict:
     """An ``(id, received_at_millis, record)`` element whose record is ready for Avro
-    (a dead letter, an archived message)."""
+    (a dead letter, an archived message), to be encoded where it is written."""
     return element[2]
 
 
@@ -73,6 +67,7 @@ class WriteBoundedPaneFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.parsed_schema = fastavro.parse_schema(self.schema)
+        self.records = RecordCoder(self.parsed_schema)
         self.write_failed = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.dead_lettered(WRITE_FAILED))
 
     def process(self, pane_elements, window=beam.DoFn.WindowParam):
@@ -107,22 +102,25 @@ class WriteBoundedPaneFn(beam.DoFn):
 
     def _write_what_fits(self, path: str, elements: list) -> list:
         """Writes the pane, or, when a record does not fit the schema and failures may be
-        given up, the records that do; returns the elements written."""
-        records = [self.to_record(e) for e in elements]
-        try:
-            self._write_with_retries(path, records)
+        given up, the records that do; returns the elements written. Elements whose records are
+        encoded (``transforms.records``: no ``to_record``) all fit: they were encoded to it."""
+        if self.to_record is None:
+            self._write_with_retries(path, [e[2] for e in elements])
             return elements
-        except files.AvroWriteError:
-            if not self.give_up_failures:
-                raise
-        fits = [validate(r, self.parsed_schema, raise_errors=False) for r in records]
-        kept = [(e, r) for e, r, fit in zip(elements, records, fits, strict=True) if fit]
-        if kept:
-            self._write_with_retries(path, [r for _, r in kept])
-        return [e for e, _ in kept]
+        written, encoded = [], []
+        for element in elements:
+            try:
+                encoded.append(self.records.encode(self.to_record(element)))
+                written.append(element)
+            except files.AvroWriteError:
+                if not self.give_up_failures:
+                    raise
+        if encoded:
+            self._write_with_retries(path, encoded)
+        return written
 
-    def _write_with_retries(self, path: str, records: list) -> None:
-        write = lambda: files.write_avro(path, self.parsed_schema, records, self.codec)  # noqa: E731
+    def _write_with_retries(self, path: str, encoded: list[bytes]) -> None:
+        write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec)  # noqa: E731
         retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 
@@ -170,7 +168,8 @@ class WriteAvroPanes(beam.PTransform):
     The file name is fixed by (run, hour, file number, shard, writer), so a retried
     bundle rewrites the same file instead of adding a second copy. A stream numbers the
     panes of an (hour, shard, writer) in state; a bounded input has one pane each. Records follow the
-    type's delivered schema unless ``schema`` says otherwise.
+    type's delivered schema, encoded where they were sealed (``transforms.records``), unless
+    ``schema`` says otherwise: then ``to_record`` makes each element's record, encoded here.
 
     A write that fails for good fails the bundle (``WriteAvroPanesOrGiveUp`` gives the pane
     up instead). They are compressed with the job's codec (``--codec``); without ``compress``,
@@ -195,7 +194,6 @@ class WriteAvroPanes(beam.PTransform):
     ):
         super().__init__()
         schema = schema or settings.event_type.delivered_schema
-        to_record = to_record or event_record
         fn = WriteNumberedPaneFn if numbered else WriteBoundedPaneFn if settings.bounded else WriteStreamPaneFn
         codec = settings.codec if compress else files.UNCOMPRESSED
         self.fn = fn(settings, root, report_kind, schema, to_record, self.give_up_failures, codec, series)

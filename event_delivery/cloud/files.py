@@ -7,6 +7,7 @@ import json
 
 import fastavro
 from apache_beam.io.filesystems import FileSystems
+from fastavro.write import Writer
 
 AVRO_CODEC = "deflate"
 # The codecs a job may write its files with (``--codec``): deflate for any reader, snappy for
@@ -31,6 +32,41 @@ def write_avro(path: str, parsed_schema, records, codec: str = AVRO_CODEC) -> No
         # large for its type passes fastavro's validation and raises OverflowError here.
         raise AvroWriteError(f"a record does not match the Avro schema of {path}") from None
     write_bytes(path, buffer.getvalue())
+
+
+BLOCK_BYTES = 16_000  # where fastavro's writer cuts its blocks, and so where records already encoded are cut
+
+
+def write_encoded_avro(path: str, parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC) -> None:
+    """As ``write_avro``, for records already encoded under ``parsed_schema`` (see ``encoded_avro``)."""
+    write_bytes(path, encoded_avro(parsed_schema, encoded, codec))
+
+
+def encoded_avro(parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC) -> bytes:
+    """An Avro container file of records already encoded under ``parsed_schema`` (schemaless, as
+    ``fastavro.schemaless_writer`` writes them): their bytes concatenated into the file's blocks,
+    no record decoded or encoded again."""
+    buffer = io.BytesIO()
+    writer = Writer(buffer, parsed_schema, codec=codec)
+    block, size = [], 0
+    for record in encoded:
+        block.append(record)
+        size += len(record)
+        if size >= BLOCK_BYTES:
+            writer.write_block(_Block(block))
+            block, size = [], 0
+    if block:
+        writer.write_block(_Block(block))
+    writer.flush()
+    return buffer.getvalue()
+
+
+class _Block:
+    """Encoded records as ``fastavro``'s ``Writer.write_block`` takes a block read from another file."""
+
+    def __init__(self, records: list[bytes]):
+        self.num_records = len(records)
+        self.bytes_ = io.BytesIO(b"".join(records))
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -87,7 +123,7 @@ def concatenate_avro(sources: list[str], destination: str, codec: str = AVRO_COD
                 blocks = fastavro.block_reader(handle)
                 if writer is None:
                     schema = blocks.writer_schema
-                    writer = fastavro.write.Writer(out, schema, codec=codec)
+                    writer = Writer(out, schema, codec=codec)
                 elif blocks.writer_schema != schema:
                     raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
                 for block in blocks:

@@ -19,8 +19,8 @@ from pipelines.delivery import deliver
 from tests.messages import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import publish
+from transforms.records import event_record
 from transforms.reports import DELIVERED, report
-from transforms.write import event_record
 
 CLOSES_AT = START + WINDOW + LATENESS
 ROOTS = ("delivered", "late", "dead_letter")

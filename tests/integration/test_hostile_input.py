@@ -34,10 +34,10 @@ from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, l
 from tools.ops.audit import audit_type
 from transforms.archive import ReplayArchiveFn, SealRawMessagesFn, parsed_raw_archive_schema
 from transforms.parse import DEAD_LETTERS, RAW_MESSAGES, ParseEventFn
-from transforms.personal import EncryptPersonalFieldsFn
+from transforms.personal import DEAD_LETTERS as UNDELIVERABLE
+from transforms.personal import EncodeRecordsFn, EncryptPersonalFieldsFn
 from transforms.sealed_dead_letters import SealDeadLettersFn
-from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache
-from transforms.write import event_record
+from transforms.sealing import JobKeyCache
 
 ARRIVAL_MILLIS = 1_800_000_000_000
 TYPES = sorted(load_registry())
@@ -277,7 +277,7 @@ def test_an_event_whose_subject_id_no_key_can_be_made_for_is_held_back_not_raise
     encrypt.setup()
     events = [("lone", 1000, {**valid_fields(search, 1), "user_id": "\ud800"}), ("ok", 1000, valid_fields(search, 2))]
     outputs = encrypt.seal(events)
-    held_back = [o.value[0] for o in outputs if getattr(o, "tag", None) == KEY_UNAVAILABLE]
+    held_back = [o.value[0] for o in outputs if getattr(o, "tag", None) == UNDELIVERABLE]
     sealed = [o[0] for o in outputs if not hasattr(o, "tag")]
     assert (held_back, sealed) == (["lone"], ["ok"])
 
@@ -374,7 +374,10 @@ class WholePath:
         self.parse = ParseEventFn(
             event_type, 2**20, late_horizon_seconds=7 * 86400, max_future_seconds=3600, keep_raw=True
         )
-        self.encrypt = EncryptPersonalFieldsFn(event_type, key_cache)
+        if event_type.subject_field:
+            self.encrypt = EncryptPersonalFieldsFn(event_type, key_cache)
+        else:
+            self.encrypt = EncodeRecordsFn(event_type)
         self.seal_dead_letters = SealDeadLettersFn(event_type, key_cache)
         self.seal_raw = SealRawMessagesFn(event_type, key_cache)
         for fn in (self.parse, self.encrypt, self.seal_dead_letters, self.seal_raw):
@@ -386,14 +389,17 @@ class WholePath:
         events = [o for o in parsed if not hasattr(o, "tag")]
         dead = [o.value for o in parsed if getattr(o, "tag", None) == DEAD_LETTERS]
         raw = [o.value for o in parsed if getattr(o, "tag", None) == RAW_MESSAGES]
-        if self.event_type.subject_field:
-            sealed = _in_one_bundle(self.encrypt, events)
-            events = [_value(o) for o in sealed if getattr(o, "tag", None) is None]
-            dead += [_value(o) for o in sealed if getattr(o, "tag", None) == KEY_UNAVAILABLE]
+        sealed = _in_one_bundle(self.encrypt, events)
+        events = [_value(o) for o in sealed if getattr(o, "tag", None) is None]
+        dead += [_value(o) for o in sealed if getattr(o, "tag", None) == UNDELIVERABLE]
         letters = [_value(o)[2] for o in _in_one_bundle(self.seal_dead_letters, dead)]
         archived = [_value(o)[2] for o in _in_one_bundle(self.seal_raw, raw)]
         return (
-            _written_and_read_back(self.event_type.parsed_delivered_schema, [event_record(e) for e in events]),
+            list(
+                fastavro.reader(
+                    io.BytesIO(files.encoded_avro(self.event_type.parsed_delivered_schema, [e[2] for e in events]))
+                )
+            ),
             _written_and_read_back(parsed_dead_letter_schema(), letters),
             _written_and_read_back(parsed_raw_archive_schema(), archived),
         )

@@ -13,7 +13,7 @@ from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedV
 
 from event_delivery.cloud import files
 from event_delivery.keys.config import KeyConfig
-from tests.messages import valid_fields
+from tests.messages import forgotten_event, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms.close import CloseHour
 from transforms.hours import BucketByHour
@@ -100,7 +100,7 @@ def test_file_names_survive_a_runner_that_resets_pane_indices(tmp_path, registry
     clock, sent = Clock(START), []
     for batch in range(3):
         ids = [f"b{batch}-{i}" for i in range(4)]
-        clock.arrive(*((i, (START + 1) * 1000, valid_fields(log, n)) for n, i in enumerate(ids)))
+        clock.arrive(*(forgotten_event(log, i, (START + 1) * 1000, n) for n, i in enumerate(ids)))
         clock.advance(TRIGGER * 2)
         sent += ids
     clock.advance(WINDOW + LATENESS)

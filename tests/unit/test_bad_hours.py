@@ -25,9 +25,9 @@ from event_delivery.contract.slo import close_delay_budget_seconds
 from tests.messages import valid_fields
 from tools.ops import audit, audit_scan, report
 from transforms import publish
+from transforms.records import event_record
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES
 from transforms.reports import report as hour_report
-from transforms.write import event_record
 
 TYPE = "service_log"  # a low-tier type: an hour is due 3 h 15 min after its end
 WINDOW = partitions.HOUR_SECONDS

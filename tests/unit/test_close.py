@@ -15,8 +15,8 @@ from tests.messages import valid_fields
 from tests.streams import LATENESS, START, WINDOW, local_keys, local_settings
 from transforms import close
 from transforms import publish as publish_hour
+from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, SUPERSEDED, report
-from transforms.write import event_record
 
 CLOSES_AT = START + WINDOW + LATENESS
 

@@ -26,8 +26,8 @@ from tests.publishing import Cell, index_reader
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, local_settings
 from transforms import close, index_buckets, publish
 from transforms.id_index import is_index_task
+from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, LEFT_OVER, report
-from transforms.write import event_record
 
 CLOSES_AT = START + WINDOW + LATENESS
 WINDOW_OF_THE_HOUR = IntervalWindow(START, CLOSES_AT)

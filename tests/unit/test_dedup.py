@@ -23,10 +23,11 @@ from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_se
 from transforms import dedup, hours
 from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, DeduplicateStreamPaneFn, MarkRepeats, MarkRepeatsFn
 from transforms.hours import BucketByHour, shard_of
+from transforms.records import encoded_event
 
 
 def event(event_id, received_at_seconds):
-    return (event_id, received_at_seconds * 1000, {"n": event_id})
+    return encoded_event(event_id, received_at_seconds * 1000, event_id.encode(), forgotten=False)
 
 
 def settings(tmp_path, num_shards=3, **more):

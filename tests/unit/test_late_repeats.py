@@ -24,7 +24,7 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER
-from tests.messages import message, valid_fields
+from tests.messages import forgotten_event, message, valid_fields
 from tests.publishing import publish_planned
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
@@ -33,8 +33,8 @@ from transforms import late as late_path
 from transforms.hours import shard_of
 from transforms.id_index import index_bucket
 from transforms.late import WriteLatePaneFn
+from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, LATE, report
-from transforms.write import event_record
 
 CLOSES_AT = START + WINDOW + LATENESS
 WINDOW_OF_THE_HOUR = IntervalWindow(START, CLOSES_AT)
@@ -90,7 +90,8 @@ def staged_by_a_run_of(shards: int, ids: list[str]) -> dict[int, list[str]]:
 
 
 def write_late(fn, number: Number, registry, shard: int, writer: str, ids: list[str], commit=True) -> list:
-    outputs = list(fn.process(((shard, writer), [event(registry, i) for i in ids]), WINDOW_OF_THE_HOUR, number))
+    events = [forgotten_event(registry["service_log"], i, (START + 1) * 1000, 1) for i in ids]
+    outputs = list(fn.process(((shard, writer), events), WINDOW_OF_THE_HOUR, number))
     if commit:
         number.commit()
     return outputs

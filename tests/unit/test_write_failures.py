@@ -23,10 +23,10 @@ from event_delivery.contract.dead_letters import ErrorKind, dead_letter
 from event_delivery.contract.partitions import Layout
 from pipelines import redrive
 from pipelines.delivery import deliver
-from tests.messages import message, raw_message, valid_fields
+from tests.messages import forgotten_event, message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
-from transforms import close, publish, retries, write
+from transforms import close, publish, records, retries
 from transforms.late import WriteLatePanes
 from transforms.parse import ParseEvents
 from transforms.reports import DELIVERED
@@ -62,24 +62,24 @@ def dead_letters(tmp_path) -> list[dict]:
 
 
 def fail_writes_under(folder: str, error: Exception, times: int | None = None):
-    """``files.write_avro`` that raises ``error`` for paths under ``folder`` (``times`` times, or always)."""
-    real, failures = files.write_avro, []
+    """``files.write_encoded_avro`` that raises ``error`` for paths under ``folder`` (``times`` times, or always)."""
+    real, failures = files.write_encoded_avro, []
 
-    def write_avro(path, schema, records, codec=files.AVRO_CODEC):
+    def write_encoded_avro(path, schema, records, codec=files.AVRO_CODEC):
         if f"/{folder}/" in path and (times is None or len(failures) < times):
             failures.append(path)
             raise error
         return real(path, schema, records, codec)
 
-    return write_avro, failures
+    return write_encoded_avro, failures
 
 
 def test_a_denied_write_sends_its_events_to_the_dead_letters_and_redrive_brings_them_back(
     tmp_path, search, monkeypatch
 ):
-    working = files.write_avro
+    working = files.write_encoded_avro
     denied, failures = fail_writes_under("_staging", google_errors.Forbidden("denied"))
-    monkeypatch.setattr(files, "write_avro", denied)
+    monkeypatch.setattr(files, "write_encoded_avro", denied)
     hour = deliver_one_hour(tmp_path, search).hours
     [(partition, audited)] = hour.items()
 
@@ -90,7 +90,7 @@ def test_a_denied_write_sends_its_events_to_the_dead_letters_and_redrive_brings_
     assert sorted(r["event_id"] for r in failed) == IDS
     assert all(r["payload"] and r["quarantine_key_id"] for r in failed), "sealed like any dead letter"
 
-    monkeypatch.setattr(files, "write_avro", working)  # the bucket is fixed; the dead letters are redriven
+    monkeypatch.setattr(files, "write_encoded_avro", working)  # the bucket is fixed; the dead letters are redriven
     flags = [f"--keystore=sqlite:///{tmp_path}/keystore.db", f"--local_key_file={tmp_path}/kek.key"]
     window = [f"--window_seconds={WINDOW}", f"--allowed_lateness_seconds={LATENESS}"]
     span = ["--event_type=search", f"--storage_root={tmp_path}", "--start=1970-01-01T00", "--end=1970-01-02T00"]
@@ -103,13 +103,13 @@ def test_a_denied_write_sends_its_events_to_the_dead_letters_and_redrive_brings_
 
 
 def test_a_record_the_schema_does_not_take_goes_alone_to_the_dead_letters(tmp_path, search, monkeypatch):
-    as_record = write.event_record
+    as_record = records.event_record
 
     def corrupting(event):
         record = as_record(event)
         return {**record, "received_at": "not a time"} if event[0] == "e3" else record
 
-    monkeypatch.setattr(write, "event_record", corrupting)
+    monkeypatch.setattr(records, "event_record", corrupting)
     audited = next(iter(deliver_one_hour(tmp_path, search).hours.values()))
 
     assert (audited.delivered, audited.dead_lettered) == (len(IDS) - 1, 2)
@@ -121,7 +121,7 @@ def test_a_transient_failure_is_retried_and_loses_nothing(tmp_path, search, monk
     flaky, failures = fail_writes_under(
         "_staging", google_errors.ServiceUnavailable("busy"), times=retries.ATTEMPTS - 1
     )
-    monkeypatch.setattr(files, "write_avro", flaky)
+    monkeypatch.setattr(files, "write_encoded_avro", flaky)
     audited = next(iter(deliver_one_hour(tmp_path, search).hours.values()))
 
     assert len(failures) == retries.ATTEMPTS - 1
@@ -132,7 +132,7 @@ def test_a_transient_failure_that_does_not_end_fails_the_bundle_after_a_bounded_
     tmp_path, search, monkeypatch
 ):
     down, failures = fail_writes_under("_staging", google_errors.ServiceUnavailable("down"))
-    monkeypatch.setattr(files, "write_avro", down)
+    monkeypatch.setattr(files, "write_encoded_avro", down)
     with pytest.raises(Exception, match="down"):
         deliver_one_hour(tmp_path, search)
     # Each try of the bundle (the local runner tries a failed bundle a few times) writes a
@@ -176,19 +176,19 @@ LATE_IDS = IDS[3:]
 def deny_the_late_root(monkeypatch) -> list[str]:
     """The job may not write the late root: every late pane's write fails for good."""
     denied, _ = fail_writes_under("late/search", google_errors.Forbidden("denied"))
-    monkeypatch.setattr(files, "write_avro", denied)
+    monkeypatch.setattr(files, "write_encoded_avro", denied)
     return LATE_IDS
 
 
 def refuse_a_late_record(monkeypatch) -> list[str]:
     """One late event's record is one the schema does not take: it alone fails."""
-    as_record = write.event_record
+    as_record = records.event_record
 
     def corrupting(event):
         record = as_record(event)
         return {**record, "received_at": "not a time"} if event[0] == "e4" else record
 
-    monkeypatch.setattr(write, "event_record", corrupting)
+    monkeypatch.setattr(records, "event_record", corrupting)
     return ["e4"]
 
 
@@ -236,9 +236,9 @@ def test_every_step_that_can_fail_gives_its_failures_as_dead_letters_of_one_shap
     path sends, as they are, to its one sink: the writes' given-up panes are dead letters already."""
     settings = local_settings(tmp_path, search, local_keys(tmp_path), num_shards=1)
     denied, failures = fail_writes_under(search.name, google_errors.Forbidden("denied"))
-    monkeypatch.setattr(files, "write_avro", denied)
+    monkeypatch.setattr(files, "write_encoded_avro", denied)
     key_cache = JobKeyCache(settings.keys, search.name)
-    pane = ((0, "w"), [("e0", (START + 1) * 1000, {**valid_fields(search), "key_id": None})])
+    pane = ((0, "w"), [forgotten_event(search, "e0", (START + 1) * 1000)])
     record = dead_letter(search.name, ErrorKind.NOT_JSON, "", "x", 0, {}, b"")
     parse_shape = _shape(("x", 0, record), GlobalWindow())
     with TestPipeline() as pipeline:

@@ -1,0 +1,81 @@
+"""An event is sealed and encoded once, where it is read, and crosses the shuffles as its record's
+bytes (``transforms.records``); a pane's file is those bytes in Avro blocks, as fastavro writes them."""
+
+from __future__ import annotations
+
+import io
+
+import apache_beam as beam
+import fastavro
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from event_delivery.cloud import files
+from event_delivery.contract.registry import load_registry
+from event_delivery.keys.fields import decrypt_value
+from tests.messages import valid_fields
+from tests.streams import local_keys
+from transforms.personal import EncryptPersonalFields
+from transforms.records import RecordCoder, event_record
+from transforms.sealing import JobKeyCache
+
+
+def records(event_type, n: int) -> list[dict]:
+    """``n`` delivered records of ``event_type``, forgotten subjects' (personal fields null)."""
+    nulls = dict.fromkeys(event_type.personal_fields)
+    return [event_record((f"e{i}", 1000 + i, {**valid_fields(event_type, i), **nulls})) for i in range(n)]
+
+
+@pytest.mark.parametrize("codec", files.CODECS + (files.UNCOMPRESSED,))
+@pytest.mark.parametrize("n", [0, 1, 2_000])
+def test_records_encoded_one_by_one_make_the_file_fastavro_writes_of_them(codec, n):
+    event_type = load_registry()["service_log"]
+    schema, written = event_type.parsed_delivered_schema, records(event_type, n)
+    coder = RecordCoder(schema)
+
+    concatenated = files.encoded_avro(schema, [coder.encode(r) for r in written], codec)
+
+    whole = io.BytesIO()
+    fastavro.writer(whole, schema, written, codec=codec)
+    assert list(fastavro.reader(io.BytesIO(concatenated))) == list(fastavro.reader(io.BytesIO(whole.getvalue())))
+    blocks = list(fastavro.block_reader(io.BytesIO(concatenated)))
+    assert sum(b.num_records for b in blocks) == n
+    assert all(b.size < 2 * files.BLOCK_BYTES for b in blocks), "cut into blocks as fastavro cuts them"
+    assert len(blocks) > 1 or n < 100
+
+
+def test_a_record_the_schema_does_not_take_is_refused_without_quoting_it():
+    event_type = load_registry()["service_log"]
+    coder = RecordCoder(event_type.parsed_delivered_schema)
+    [record] = records(event_type, 1)
+    with pytest.raises(files.AvroWriteError) as refused:
+        coder.encode({**record, "received_at": "secret-value"})
+    assert "secret-value" not in str(refused.value)
+    decoded = coder.decode(coder.encode(record))
+    assert decoded["received_at"].timestamp() * 1000 == record["received_at"]  # a timestamp-millis
+    assert {**decoded, "received_at": record["received_at"]} == record
+
+
+def test_sealed_events_leave_sealing_as_their_encoded_records_with_personal_fields_sealed(tmp_path):
+    """What crosses every shuffle after sealing: ``(id, received_at, bytes, forgotten)``, no field dict."""
+    search = load_registry()["search"]
+    keys = local_keys(tmp_path)
+    events = [(f"e{i}", 1000 + i, valid_fields(search, i)) for i in range(5)]
+
+    with TestPipeline() as pipeline:
+        sealed = pipeline | beam.Create(events) | EncryptPersonalFields(search, JobKeyCache(keys, search.name))
+        shapes = sealed.output | "Shapes" >> beam.Map(lambda e: tuple(type(v).__name__ for v in e))
+        assert_that(shapes, equal_to([("str", "int", "bytes", "bool")] * len(events)))
+        opened = sealed.output | "Open" >> beam.Map(_opened, search, keys)
+        assert_that(opened, equal_to([event_record(e) for e in events]), label="Opened")
+
+
+def _opened(event, event_type, keys) -> dict:
+    """The encoded event's record, its personal fields decrypted with the keystore's keys."""
+    record = RecordCoder(event_type.parsed_delivered_schema).decode(event[2])
+    key_id, record["received_at"] = record.pop("key_id"), event[1]
+    _, aead = JobKeyCache(keys, event_type.name).acquire().data_keys([key_id])[key_id]
+    for field in event_type.personal_fields:
+        record[field] = decrypt_value(aead, record[field], event_type.name, field, key_id, record["event_id"])
+    return record

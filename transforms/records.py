@@ -1,0 +1,52 @@
+"""A delivered event as its encoded Avro record, from the step that seals it to its file.
+
+An event is parsed, sealed and encoded once, in the bundle that read it. From there on it
+is ``(event_id, received_at_millis, record, forgotten)``: ``record`` the bytes of its Avro
+record under the type's delivered schema (schemaless, as ``fastavro.schemaless_writer``
+writes one), ``forgotten`` whether its subject was forgotten (its personal fields null).
+That is what every shuffle after sealing carries, and a pane's file is its records' bytes
+concatenated into Avro blocks (``files.write_encoded_avro``). No step after sealing reads a
+field but the id and the arrival; the rare one that needs more (the dead letters of a
+failed write) decodes the record.
+"""
+
+from __future__ import annotations
+
+import io
+
+import fastavro
+
+from event_delivery.cloud.files import AvroWriteError
+
+
+def event_record(event) -> dict:
+    """A sealed ``(event_id, received_at_millis, fields)`` event's delivered Avro record."""
+    event_id, received_at_millis, fields = event
+    return {"event_id": event_id, "received_at": received_at_millis, **fields}
+
+
+def encoded_event(event_id: str, received_at_millis: int, record: bytes, forgotten: bool) -> tuple:
+    return (event_id, received_at_millis, record, forgotten)
+
+
+def is_forgotten(event) -> bool:
+    return event[3]
+
+
+class RecordCoder:
+    """Encodes records of one parsed schema to their Avro bytes, and back."""
+
+    def __init__(self, parsed_schema):
+        self.schema = parsed_schema
+
+    def encode(self, record: dict) -> bytes:
+        """The record's bytes; ``AvroWriteError`` if the schema does not take it (never quoting a value)."""
+        buffer = io.BytesIO()
+        try:
+            fastavro.schemaless_writer(buffer, self.schema, record)
+        except (ValueError, TypeError, KeyError, OverflowError):  # as ``files.write_avro``
+            raise AvroWriteError("a record does not match the Avro schema") from None
+        return buffer.getvalue()
+
+    def decode(self, encoded: bytes) -> dict:
+        return fastavro.schemaless_reader(io.BytesIO(encoded), self.schema, None)
