@@ -19,6 +19,7 @@ from event_delivery.contract.registry import get_event_type
 from event_delivery.keys.config import add_key_arguments, key_config_from_args
 from pipelines import flags
 from pipelines.flags import HourOptions, add_hour_range_arguments
+from transforms.records import schema_fingerprint
 from transforms.settings import STATE_LAYOUT, DeliverySettings
 
 
@@ -95,6 +96,12 @@ def add_streaming_arguments(parser) -> None:
         help="The layout of the state this code keeps, recorded for make update, which refuses to hand "
         f"a running job's state to another layout. Default (the only one): {STATE_LAYOUT}.",
     )
+    group.add_argument(
+        "--schema_fingerprint",
+        type=int,
+        help="The fingerprint of the type's delivered schema that the events in flight are encoded under, "
+        "recorded for make update, which refuses to change it. Default: the type's, as this code has it.",
+    )
 
 
 def add_redrive_arguments(parser) -> None:
@@ -149,4 +156,10 @@ def delivery_settings(
         values["run_id"] = options.run_id
     if options.state_layout != STATE_LAYOUT:
         raise ValueError(f"--state_layout {options.state_layout}: this code keeps its state in layout {STATE_LAYOUT}")
+    fingerprint = schema_fingerprint(event_type)
+    if options.schema_fingerprint not in (None, fingerprint):
+        raise ValueError(
+            f"--schema_fingerprint {options.schema_fingerprint}: this code delivers {event_type.name} "
+            f"under the schema of fingerprint {fingerprint}"
+        )
     return DeliverySettings(**{**values, **overrides})

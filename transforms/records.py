@@ -13,10 +13,22 @@ failed write) decodes the record.
 from __future__ import annotations
 
 import io
+import json
+import zlib
 
 import fastavro
+from fastavro.schema import to_parsing_canonical_form
 
 from event_delivery.cloud.files import AvroWriteError
+
+
+def schema_fingerprint(event_type) -> int:
+    """A 31-bit fingerprint of the type's delivered schema, in Avro's canonical form. Events in flight
+    carry their records encoded under the running job's schema, with nothing that names it, so an
+    in-place update may not change it (``tools.ops.job_flags.job_layout``). 31 bits: job options
+    are recorded as JSON numbers, and compared as ints."""
+    canonical = to_parsing_canonical_form(json.loads(json.dumps(event_type.delivered_schema)))
+    return zlib.crc32(canonical.encode("utf-8")) & 0x7FFF_FFFF
 
 
 def event_record(event) -> dict:
@@ -34,10 +46,12 @@ def is_forgotten(event) -> bool:
 
 
 class RecordCoder:
-    """Encodes records of one parsed schema to their Avro bytes, and back."""
+    """Encodes records of one parsed schema to their Avro bytes, and back as the message carried
+    them: a logical type's value as its underlying one (a ``timestamp-millis`` as its int)."""
 
     def __init__(self, parsed_schema):
         self.schema = parsed_schema
+        self.plain_schema = None  # the schema without its logical types: made on the first decode
 
     def encode(self, record: dict) -> bytes:
         """The record's bytes; ``AvroWriteError`` if the schema does not take it (never quoting a value)."""
@@ -49,4 +63,15 @@ class RecordCoder:
         return buffer.getvalue()
 
     def decode(self, encoded: bytes) -> dict:
-        return fastavro.schemaless_reader(io.BytesIO(encoded), self.schema, None)
+        if self.plain_schema is None:
+            self.plain_schema = _without_logical_types(self.schema)
+        return fastavro.schemaless_reader(io.BytesIO(encoded), self.plain_schema, None)
+
+
+def _without_logical_types(schema):
+    """A copy of a (parsed) schema with no ``logicalType``: its values decode as their underlying types."""
+    if isinstance(schema, dict):
+        return {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_without_logical_types(v) for v in schema]
+    return schema

@@ -1,8 +1,9 @@
 """Write each pane of an hour's shard as one Avro file in the hour-partitioned layout.
 
-No pane is retried forever. A write that fails on its data (a record the schema does
-not take) or on a permanent error (permission denied, no such bucket) gives its events
-up as dead letters (``WriteAvroPanesOrGiveUp``), and the job moves on. A transient error
+No pane is retried forever. A write that fails for good (permission denied, no such
+bucket) gives its events up as dead letters (``WriteAvroPanesOrGiveUp``), and the job
+moves on. A record the schema does not take never reaches a delivered pane: sealing
+encodes each event's record, and gives that event up alone (``transforms.personal``). A transient error
 is retried (``transforms.retries``), then left to the runner, which retries the bundle.
 """
 
@@ -78,21 +79,17 @@ class WriteBoundedPaneFn(beam.DoFn):
         if not elements:
             return
         path = partitions.join(self._folder(window), self._name(shard, writer, number))
-        reason = files.AvroWriteError.__name__
         try:
-            written = self._write_what_fits(path, elements)
+            self._write_with_retries(path, self._encoded(elements))
         except PERMANENT as error:
             if not self.give_up_failures:
                 raise
-            written, reason = [], type(error).__name__
-        if written:
-            yield report(self.report_kind, len(written), path)
-        if len(written) < len(elements):
-            kept = {id(e) for e in written}
-            failed = [e for e in elements if id(e) not in kept]
-            self.write_failed.inc(len(failed))
-            _LOG.error("%d event(s) for %s go to the dead letters: %s", len(failed), path, reason)
-            yield beam.pvalue.TaggedOutput(WRITE_FAILED, (f"writing {self.report_kind} failed: {reason}", failed))
+            reason = type(error).__name__
+            self.write_failed.inc(len(elements))
+            _LOG.error("%d event(s) for %s go to the dead letters: %s", len(elements), path, reason)
+            yield beam.pvalue.TaggedOutput(WRITE_FAILED, (f"writing {self.report_kind} failed: {reason}", elements))
+            return
+        yield report(self.report_kind, len(elements), path)
 
     def _folder(self, window) -> str:
         return self.layout.hour(self.root, bucket_start_seconds(window))
@@ -100,24 +97,12 @@ class WriteBoundedPaneFn(beam.DoFn):
     def _name(self, shard: int, writer: str, number: int) -> str:
         return partitions.pane_file_name(self.layout.event_type, self.run_id, number, shard, writer, self.series)
 
-    def _write_what_fits(self, path: str, elements: list) -> list:
-        """Writes the pane, or, when a record does not fit the schema and failures may be
-        given up, the records that do; returns the elements written. Elements whose records are
-        encoded (``transforms.records``: no ``to_record``) all fit: they were encoded to it."""
+    def _encoded(self, elements: list) -> list[bytes]:
+        """The elements' records as Avro bytes: encoded where they were sealed (``transforms.records``),
+        or here by ``to_record``, which fails the pane with ``AvroWriteError`` if one does not fit."""
         if self.to_record is None:
-            self._write_with_retries(path, [e[2] for e in elements])
-            return elements
-        written, encoded = [], []
-        for element in elements:
-            try:
-                encoded.append(self.records.encode(self.to_record(element)))
-                written.append(element)
-            except files.AvroWriteError:
-                if not self.give_up_failures:
-                    raise
-        if encoded:
-            self._write_with_retries(path, encoded)
-        return written
+            return [e[2] for e in elements]
+        return [self.records.encode(self.to_record(e)) for e in elements]
 
     def _write_with_retries(self, path: str, encoded: list[bytes]) -> None:
         write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec)  # noqa: E731

@@ -14,7 +14,7 @@ from event_delivery.contract import counts
 from event_delivery.contract.registry import AUDIT_PRODUCER_COUNTS
 from tools.ops.deploy import auditor_args, auditor_job_name, dataflow_args, dry_run
 from tools.ops.provisioning.plan import worker_service_account
-from transforms.sealing import KEY_UNAVAILABLE
+from transforms.personal import DEAD_LETTERS as GIVEN_UP_IN_CLEAR
 
 pytestmark = pytest.mark.emulators
 
@@ -106,7 +106,7 @@ def shuffles_of_cleartext(pipeline) -> list[str]:
         for leaf in leaves.values():
             name = leaf.unique_name
             if name.startswith(SEALERS):  # sealed, bar what a sealer gives up in clear for the dead letters
-                new = {pcoll for tag, pcoll in leaf.outputs.items() if tag == KEY_UNAVAILABLE} - cleartext
+                new = {pcoll for tag, pcoll in leaf.outputs.items() if tag == GIVEN_UP_IN_CLEAR} - cleartext
                 cleartext |= new
                 changed |= bool(new)
                 continue

@@ -18,13 +18,16 @@ import pathlib
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from event_delivery.contract.registry import load_registry
 from pipelines import delivery
 from pipelines.options import DeliveryOptions, delivery_settings
 from tools.ops import deploy
+from transforms.records import schema_fingerprint
 from transforms.settings import STATE_LAYOUT
 
 RECORDED = json.loads((pathlib.Path(__file__).parents[1] / "fixtures" / "running_job_play.json").read_text())
 RUN_ID = "20270115t080000"
+PLAY_SCHEMA = schema_fingerprint(load_registry()["play"])
 WHERE = ["--project", "my-project", "--region", "europe-west1", "--bucket", "my-bucket"]
 
 
@@ -36,6 +39,7 @@ def cloud(monkeypatch):
     # the bytes waiting too (the fixture's job predates the option: it is refused, as tested below).
     running["environment"]["sdkPipelineOptions"]["options"]["max_pane_bytes"] = 16777216.0
     running["environment"]["sdkPipelineOptions"]["options"]["state_layout"] = float(STATE_LAYOUT)
+    running["environment"]["sdkPipelineOptions"]["options"]["schema_fingerprint"] = float(PLAY_SCHEMA)
     submitted = []
     monkeypatch.setattr(deploy, "running_job", lambda event_type, project, region: running)
     monkeypatch.setattr(delivery, "start", submitted.append)
@@ -87,6 +91,7 @@ def test_a_job_deployed_before_the_late_horizon_and_trigger_were_passed_keeps_th
         ("trigger_seconds", 30.0, 60),
         ("max_pane_bytes", 1048576.0, 16777216),
         ("state_layout", 1.0, STATE_LAYOUT),
+        ("schema_fingerprint", 12345.0, PLAY_SCHEMA),
     ],
 )
 def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, recorded, new):
@@ -100,7 +105,9 @@ def test_an_update_that_changes_the_layout_is_refused(cloud, capsys, option, rec
     assert f"--{option} would change from {int(recorded)} to {new}, {deploy.KEPT_BECAUSE[option]}" in line
 
 
-@pytest.mark.parametrize("option", ["late_horizon_seconds", "trigger_seconds", "max_pane_bytes", "state_layout"])
+@pytest.mark.parametrize(
+    "option", ["late_horizon_seconds", "trigger_seconds", "max_pane_bytes", "state_layout", "schema_fingerprint"]
+)
 def test_a_running_job_that_records_no_late_horizon_or_trigger_is_not_updated(cloud, capsys, option):
     running, submitted = cloud
     del running["environment"]["sdkPipelineOptions"]["options"][option]
@@ -148,6 +155,7 @@ def test_a_running_job_without_a_run_id_is_not_updated(cloud, capsys):
 def test_options_recorded_under_camel_case_names_are_read_too(registry):
     camel = {"windowSeconds": 3600, "allowedLatenessSeconds": 600, "numShards": 16, "runId": RUN_ID}
     camel |= {"lateHorizonSeconds": 604800, "triggerSeconds": 60, "maxPaneBytes": 16777216, "stateLayout": STATE_LAYOUT}
+    camel |= {"schemaFingerprint": PLAY_SCHEMA}
     job = {"environment": {"sdkPipelineOptions": {"options": camel}}}
     assert deploy.kept_run_id(registry["play"], job) == RUN_ID
 
@@ -179,3 +187,13 @@ def test_run_id_is_a_new_one_at_launch_unless_given(registry):
     assert delivery_settings(given).run_id == "r1"
     default = PipelineOptions(["--event_type=play", "--storage_root=/tmp/x"]).view_as(DeliveryOptions)
     assert delivery_settings(default).run_id not in ("r1", None)
+
+
+def test_a_job_given_another_schemas_fingerprint_refuses_to_start():
+    """Code whose schema differs from the one a deploy recorded would write records encoded under the
+    other: the job stops at its flags, with one line, before a file is written."""
+    flags = ["--event_type=play", "--storage_root=/tmp/x", f"--schema_fingerprint={PLAY_SCHEMA + 1}"]
+    with pytest.raises(ValueError, match=f"--schema_fingerprint {PLAY_SCHEMA + 1}: this code delivers play"):
+        delivery_settings(PipelineOptions(flags).view_as(DeliveryOptions))
+    same = ["--event_type=play", "--storage_root=/tmp/x", f"--schema_fingerprint={PLAY_SCHEMA}"]
+    assert delivery_settings(PipelineOptions(same).view_as(DeliveryOptions)).event_type.name == "play"

@@ -8,6 +8,7 @@ from event_delivery.cloud import files
 from event_delivery.contract import partitions
 from event_delivery.contract.registry import EventType
 from tools.ops.provisioning.plan import temp_bucket, worker_service_account
+from transforms.records import schema_fingerprint
 
 SDK_STATE_CACHE_MB = 0  # see _streaming_job; the bench runs its pipelines with the same
 
@@ -128,6 +129,9 @@ KEPT_BECAUSE = {
     # triggers of its groupings, as this code keeps them: state of another layout would be
     # read under the wrong coder (transforms.settings.STATE_LAYOUT).
     "state_layout": "handing its state to code that keeps state in another layout",
+    # Events in flight carry their records encoded under the running job's delivered schema,
+    # which nothing in them names (transforms.records): written under another, a file is corrupt.
+    "schema_fingerprint": "writing the events in flight under a schema they were not encoded with",
 }
 
 
@@ -152,6 +156,7 @@ def job_layout(event_type: EventType) -> dict[str, int]:
         "trigger_seconds": streaming.trigger_seconds,
         "max_pane_bytes": delivery.max_pane_bytes,
         "state_layout": delivery.state_layout,
+        "schema_fingerprint": schema_fingerprint(event_type),
     }
 
 
