@@ -60,10 +60,11 @@ class MarkRepeatsFn(beam.DoFn):
 
     The cell is empty until a copy is kept: this run's (``DELIVERED_HERE``), or one that an
     earlier run staged in a file and left when it stopped before the hour closed (that file's
-    path, seeded at start, see ``IdsStagedByEarlierRuns``). A copy of this run that finds a cell is a
-    repeat. Seeds and this run's copies race: when this run let a copy through before the
-    seed of its id came, the earlier run's copy is the one too many, and it goes out on the
-    ``superseded`` output as an hour report, ``(file, id)``, for the close to leave out.
+    path, seeded at start, see ``IdsStagedByEarlierRuns``). A copy of this run that finds a
+    cell is a repeat: it goes on marked, without its record, only to be counted. Seeds and
+    this run's copies race: when this run let a copy through before the seed of its id came,
+    the earlier run's copy is the one too many, and it goes out on the ``superseded`` output
+    as an hour report, ``(file, id)``, for the close to leave out.
 
     The cell lives until ``remember_seconds`` after the hour closes. A copy that arrives
     after that finds none and is not marked: the late path checks it (``transforms.late``).
@@ -93,8 +94,9 @@ class MarkRepeatsFn(beam.DoFn):
                 seen.write(path)
                 yield beam.pvalue.TaggedOutput(SUPERSEDED, report(SUPERSEDED, 1, (path, event_id)))
             return
-        if first is not None:
-            yield (*event, REPEAT)
+        if first is not None:  # counted downstream, never written: its record goes no further
+            event_id, received_at, _, forgotten = event
+            yield (event_id, received_at, b"", forgotten, REPEAT)
             return
         seen.write(DELIVERED_HERE)
         forget.set(window.end + self.remember)

@@ -148,10 +148,6 @@ class WatermarkTimer:
         self.at = timestamp
 
 
-def repeat(event_id):
-    return (*event(event_id, 600), REPEAT)
-
-
 def test_a_pane_holds_no_state_but_whether_its_hour_closed_and_the_number_of_its_next_file(tmp_path):
     fn, closed, number, timer = (
         DeduplicateStreamPaneFn(settings(tmp_path)),
@@ -162,21 +158,27 @@ def test_a_pane_holds_no_state_but_whether_its_hour_closed_and_the_number_of_its
     fn.setup()
     window = IntervalWindow(600, 600 + WINDOW + LATENESS)
     dedup = lambda *events: list(fn.process(((0, "w"), list(events)), window, closed, number, timer))  # noqa: E731
-    [unique, duplicates] = dedup(event("e1", 600), repeat("e1"))
+    [unique, duplicates] = dedup(event("e1", 600), repeat(event("e1", 600)))
     assert unique == ((0, "w", 0), [event("e1", 600)]), "the marked repeat is dropped, the pane is file 0"
     assert duplicates.value[1] == 1 and timer.at == window.end
     timer.at = None
-    [duplicates] = dedup(repeat("e2"))
+    [duplicates] = dedup(repeat(event("e2", 600)))
     assert timer.at == window.end, "a pane of repeats alone arms the close too: its key's next pane may be late"
     [unique] = dedup(event("e3", 600))
     assert unique[0] == (0, "w", 1), "a pane with nothing to write takes no number"
     fn.close_hour(closed=closed)
-    late, duplicates = dedup(event("e5", 600), repeat("e4"))
+    late, duplicates = dedup(event("e5", 600), repeat(event("e4", 600)))
     assert (late.tag, late.value) == (LATE_PANES, ((0, "w"), [event("e5", 600)])), "late, the marked repeat dropped"
     assert duplicates.value[1] == 1, "and counted as a duplicate"
     assert number.read() == 2, "a late pane takes no number of the staged files"
     specs = {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")}
     assert specs == {"closed", "next_file_number"}
+
+
+def repeat(event) -> tuple:
+    """A marked repeat as it crosses the panes' shuffle: its id, arrival and subject's fate, no record."""
+    event_id, received_at, _, forgotten = event
+    return (event_id, received_at, b"", forgotten, REPEAT)
 
 
 def mark(fn, seen, timer, *elements) -> list:
@@ -187,7 +189,7 @@ def mark(fn, seen, timer, *elements) -> list:
 def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_none_after(tmp_path):
     fn, seen, timer = MarkRepeatsFn(remember_seconds=WINDOW), ValueState(), WatermarkTimer()
     first, again = mark(fn, seen, timer, event("e1", 600), event("e1", 601))
-    assert first == event("e1", 600) and again == (*event("e1", 601), REPEAT)
+    assert first == event("e1", 600) and again == repeat(event("e1", 601))
     assert timer.at == IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
     fn.forget_id(seen=seen)
     assert seen.read() is None
@@ -200,14 +202,14 @@ def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_fi
     seed = dedup.staged_copy("e1", 600_000, "staging/run1-p00000.avro")
 
     seen, timer = ValueState(), WatermarkTimer()
-    assert mark(fn, seen, timer, seed, event("e1", 600)) == [(*event("e1", 600), REPEAT)], "the seed came first"
+    assert mark(fn, seen, timer, seed, event("e1", 600)) == [repeat(event("e1", 600))], "the seed came first"
 
     seen, timer = ValueState(), WatermarkTimer()
     [delivered, superseded] = mark(fn, seen, timer, event("e1", 600), seed)
     assert delivered == event("e1", 600), "this run let its copy through before the seed came"
     assert superseded.tag == dedup.SUPERSEDED
     assert superseded.value == (dedup.SUPERSEDED, 1, ("staging/run1-p00000.avro", "e1")), "the earlier copy goes"
-    assert mark(fn, seen, timer, seed, event("e1", 601)) == [(*event("e1", 601), REPEAT)], "and nothing else"
+    assert mark(fn, seen, timer, seed, event("e1", 601)) == [repeat(event("e1", 601))], "and nothing else"
 
     seen, timer = ValueState(), WatermarkTimer()
     other = dedup.staged_copy("e1", 600_000, "staging/run0-p00003.avro")
