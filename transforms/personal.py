@@ -68,7 +68,7 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
         name, subject_field = self.event_type.name, self.event_type.subject_field
         personal = self.event_type.personal_fields
         keys, unavailable = self.available_keys(fields[subject_field] for _, _, fields in events)
-        sealed_events, forgotten = [], 0
+        sealed_events = []
         for event_id, received_at, fields in events:
             error = unavailable.get(fields[subject_field])
             if error:
@@ -80,7 +80,6 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
             key, aead = keys[fields[subject_field]]
             sealed = dict(fields)
             if key is None:
-                forgotten += 1
                 sealed["key_id"] = None
                 for field in personal:
                     sealed[field] = None
@@ -90,6 +89,8 @@ class EncryptPersonalFieldsFn(SealInBatchesFn):
             sealed_events.append(
                 encoded_or_dead_letter(self, event_id, received_at, fields, sealed, forgotten=key is None)
             )
+        # Counted once encoded: a forgotten subject's event whose record failed is a dead letter only.
+        forgotten = sum(1 for event in sealed_events if isinstance(event, tuple) and is_forgotten(event))
         if forgotten:
             self.forgotten.inc(forgotten)
         return sealed_events

@@ -10,6 +10,7 @@ import pathlib
 import apache_beam as beam
 import fastavro
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -18,13 +19,14 @@ from event_delivery.contract.registry import event_type_from_schema, load_regist
 from event_delivery.keys.fields import decrypt_value
 from tests.messages import valid_fields
 from tests.streams import local_keys
+from transforms import records
 from transforms.personal import EncryptPersonalFields, EncryptPersonalFieldsFn
 from transforms.records import RecordCoder, event_record
 from transforms.sealed_dead_letters import UnsealFailedWritesFn
 from transforms.sealing import JobKeyCache
 
 
-def records(event_type, n: int) -> list[dict]:
+def delivered_records(event_type, n: int) -> list[dict]:
     """``n`` delivered records of ``event_type``, forgotten subjects' (personal fields null)."""
     nulls = dict.fromkeys(event_type.personal_fields)
     return [event_record((f"e{i}", 1000 + i, {**valid_fields(event_type, i), **nulls})) for i in range(n)]
@@ -34,7 +36,7 @@ def records(event_type, n: int) -> list[dict]:
 @pytest.mark.parametrize("n", [0, 1, 2_000])
 def test_records_encoded_one_by_one_make_the_file_fastavro_writes_of_them(codec, n):
     event_type = load_registry()["service_log"]
-    schema, written = event_type.parsed_delivered_schema, records(event_type, n)
+    schema, written = event_type.parsed_delivered_schema, delivered_records(event_type, n)
     coder = RecordCoder(schema)
 
     concatenated = files.encoded_avro(schema, [coder.encode(r) for r in written], codec)
@@ -51,7 +53,7 @@ def test_records_encoded_one_by_one_make_the_file_fastavro_writes_of_them(codec,
 def test_a_record_the_schema_does_not_take_is_refused_without_quoting_it():
     event_type = load_registry()["service_log"]
     coder = RecordCoder(event_type.parsed_delivered_schema)
-    [record] = records(event_type, 1)
+    [record] = delivered_records(event_type, 1)
     with pytest.raises(files.AvroWriteError) as refused:
         coder.encode({**record, "received_at": "secret-value"})
     assert "secret-value" not in str(refused.value)
@@ -100,3 +102,23 @@ def test_a_failed_writes_dead_letters_carry_each_event_as_it_arrived_whatever_it
 
     assert [json.loads(letter[2]["payload"]) for letter in letters] == [fields for _, _, fields in arrived]
     assert {letter[2]["error_kind"] for letter in letters} == {"WRITE_FAILED"}
+
+
+def test_a_forgotten_subjects_event_whose_record_fails_is_counted_as_a_dead_letter_only(tmp_path, monkeypatch):
+    """Every event is counted once: delivered forgotten (its personal fields null), or dead-lettered."""
+    search = load_registry()["search"]
+    keys = local_keys(tmp_path)
+    events = [(f"e{i}", 1000 + i, {**valid_fields(search, i), "user_id": "alice"}) for i in range(3)]
+    JobKeyCache(keys, search.name).acquire().lookup(["alice"])  # alice has a key, then is forgotten
+    assert keys.open().forget("alice")
+    as_record = records.event_record
+    monkeypatch.setattr(
+        records, "event_record", lambda e: {**as_record(e), "received_at": "x"} if e[0] == "e0" else as_record(e)
+    )
+
+    pipeline = TestPipeline()
+    sealed = pipeline | beam.Create(events) | EncryptPersonalFields(search, JobKeyCache(keys, search.name))
+    assert_that(sealed.output | "Ids" >> beam.Map(lambda e: (e[0], e[3])), equal_to([("e1", True), ("e2", True)]))
+    assert_that(sealed.dead_letters | "Dead" >> beam.Map(lambda d: d[0]), equal_to(["e0"]), label="Dead")
+    counters = pipeline.run().metrics().query(MetricsFilter().with_name("forgotten_subject_events"))["counters"]
+    assert [c.committed for c in counters] == [2]
