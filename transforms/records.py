@@ -17,18 +17,20 @@ import json
 import zlib
 
 import fastavro
-from fastavro.schema import to_parsing_canonical_form
 
-from event_delivery.cloud.files import AvroWriteError
+from event_delivery.cloud.files import RECORD_MISFITS, AvroWriteError
 
 
 def schema_fingerprint(event_type) -> int:
-    """A 31-bit fingerprint of the type's delivered schema, in Avro's canonical form. Events in flight
-    carry their records encoded under the running job's schema, with nothing that names it, so an
-    in-place update may not change it (``tools.ops.job_flags.job_layout``). 31 bits: job options
-    are recorded as JSON numbers, and compared as ints."""
-    canonical = to_parsing_canonical_form(json.loads(json.dumps(event_type.delivered_schema)))
-    return zlib.crc32(canonical.encode("utf-8")) & 0x7FFF_FFFF
+    """A 31-bit fingerprint of the type's delivered schema, all of it (docs and defaults too).
+
+    Events in flight carry their records encoded under the running job's schema, with nothing
+    that names it, and an hour's staged files of one run share its parts, which take one
+    schema, header and all (``files.concatenate_avro``). So an in-place update may change
+    nothing of it (``tools.ops.job_flags.job_layout``). 31 bits: job options are recorded as
+    JSON numbers, and compared as ints."""
+    whole = json.dumps(event_type.delivered_schema, sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(whole.encode("utf-8")) & 0x7FFF_FFFF
 
 
 def event_record(event) -> dict:
@@ -58,7 +60,7 @@ class RecordCoder:
         buffer = io.BytesIO()
         try:
             fastavro.schemaless_writer(buffer, self.schema, record)
-        except (ValueError, TypeError, KeyError, OverflowError):  # as ``files.write_avro``
+        except RECORD_MISFITS:
             raise AvroWriteError("a record does not match the Avro schema") from None
         return buffer.getvalue()
 

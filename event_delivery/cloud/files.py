@@ -21,15 +21,19 @@ class AvroWriteError(RuntimeError):
     """A record does not match the file's schema. The message never quotes record values."""
 
 
+# What fastavro raises for a record its schema does not take; its message quotes the offending
+# value, which may be personal. A number too large for its type passes fastavro's validation and
+# raises OverflowError; a list where the schema has a map, AttributeError.
+RECORD_MISFITS = (ValueError, TypeError, KeyError, OverflowError, AttributeError)
+
+
 def write_avro(path: str, parsed_schema, records, codec: str = AVRO_CODEC) -> None:
     """Writes one Avro container file, with its schema, compressed unless ``codec`` is
     ``UNCOMPRESSED``, in a single upload."""
     buffer = io.BytesIO()
     try:
         fastavro.writer(buffer, parsed_schema, records, codec=codec)
-    except (ValueError, TypeError, KeyError, OverflowError):
-        # fastavro's message quotes the offending value, which may be personal. A number too
-        # large for its type passes fastavro's validation and raises OverflowError here.
+    except RECORD_MISFITS:
         raise AvroWriteError(f"a record does not match the Avro schema of {path}") from None
     write_bytes(path, buffer.getvalue())
 

@@ -3,6 +3,7 @@ bytes (``transforms.records``); a pane's file is those bytes in Avro blocks, as 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pathlib
@@ -21,7 +22,7 @@ from tests.messages import valid_fields
 from tests.streams import local_keys
 from transforms import records
 from transforms.personal import EncryptPersonalFields, EncryptPersonalFieldsFn
-from transforms.records import RecordCoder, event_record
+from transforms.records import RecordCoder, event_record, schema_fingerprint
 from transforms.sealed_dead_letters import UnsealFailedWritesFn
 from transforms.sealing import JobKeyCache
 
@@ -54,9 +55,15 @@ def test_a_record_the_schema_does_not_take_is_refused_without_quoting_it():
     event_type = load_registry()["service_log"]
     coder = RecordCoder(event_type.parsed_delivered_schema)
     [record] = delivered_records(event_type, 1)
-    with pytest.raises(files.AvroWriteError) as refused:
-        coder.encode({**record, "received_at": "secret-value"})
-    assert "secret-value" not in str(refused.value)
+    for misfit in ({"received_at": "secret-value"}, {"message": ["secret-value"]}, {"received_at": 2**70}):
+        with pytest.raises(files.AvroWriteError) as refused:
+            coder.encode({**record, **misfit})
+        assert "secret-value" not in str(refused.value)
+    counters = fastavro.parse_schema(
+        {"type": "record", "name": "C", "fields": [{"name": "m", "type": {"type": "map", "values": "int"}}]}
+    )
+    with pytest.raises(files.AvroWriteError):  # a list where the schema has a map
+        RecordCoder(counters).encode({"m": ["secret-value"]})
     assert coder.decode(coder.encode(record)) == record, "a timestamp-millis decodes as the int it was"
 
 
@@ -122,3 +129,27 @@ def test_a_forgotten_subjects_event_whose_record_fails_is_counted_as_a_dead_lett
     assert_that(sealed.dead_letters | "Dead" >> beam.Map(lambda d: d[0]), equal_to(["e0"]), label="Dead")
     counters = pipeline.run().metrics().query(MetricsFilter().with_name("forgotten_subject_events"))["counters"]
     assert [c.committed for c in counters] == [2]
+
+
+def test_the_schema_fingerprint_changes_with_anything_a_files_header_holds():
+    """An hour's files of one run share parts, which take one schema, header and all: so the
+    fingerprint that ``make update`` keeps changes with a doc or a default too, not only with
+    what the bytes of a record depend on."""
+    original = json.loads((pathlib.Path(__file__).parents[1] / "schemas" / "listening_session.avsc").read_text())
+
+    def fingerprint(change=lambda schema: None) -> int:
+        schema = copy.deepcopy(original)
+        change(schema)
+        return schema_fingerprint(event_type_from_schema(schema, "listening_session"))
+
+    def field(schema, name) -> dict:
+        return next(f for f in schema["fields"] if f["name"] == name)
+
+    changes = {
+        "a doc": lambda s: s.update(doc="another"),
+        "a default": lambda s: field(s, "score").update(default=None, type=["null", "string", "int"]),
+        "a logical type": lambda s: field(s, "session_uuid").update(type="string"),
+        "a field added": lambda s: s["fields"].append({"name": "extra", "type": ["null", "int"], "default": None}),
+    }
+    assert fingerprint() == fingerprint(), "the same schema, the same fingerprint"
+    assert {what for what, change in changes.items() if fingerprint(change) == fingerprint()} == set()
