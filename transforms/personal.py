@@ -22,9 +22,9 @@ from transforms.records import RecordCoder, encoded_event, is_forgotten
 from transforms.reports import DELIVERED, FORGOTTEN, report
 from transforms.results import Result
 from transforms.sealing import KEY_UNAVAILABLE, JobKeyCache, SealInBatchesFn, dead_letter_as_arrived
+from transforms.write import WRITE_FAILED, failed_write_reason
 
 DEAD_LETTERS = "dead_letters"  # the output of events that cannot be delivered: their key, or their record
-WRITE_FAILED = ErrorKind.WRITE_FAILED.value
 
 
 class EncodeRecordsFn(beam.DoFn):
@@ -51,7 +51,7 @@ def encoded_or_dead_letter(fn, event_id: str, received_at: int, fields: dict, se
         )
     except AvroWriteError:
         fn.write_failed.inc()
-        detail = f"writing {DELIVERED} failed: {AvroWriteError.__name__}"
+        detail = failed_write_reason(DELIVERED, AvroWriteError.__name__)
         dead = dead_letter_as_arrived(fn.event_type.name, ErrorKind.WRITE_FAILED, detail, event_id, received_at, fields)
         return beam.pvalue.TaggedOutput(DEAD_LETTERS, dead)
 

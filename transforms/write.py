@@ -32,6 +32,11 @@ WRITE_FAILED = "write_failed"
 PERMANENT = (files.AvroWriteError, *retries.DENIED)
 
 
+def failed_write_reason(report_kind: str, error_name: str) -> str:
+    """Why a write's events went to the dead letters, as their ``write_failed`` dead letters say it."""
+    return f"writing {report_kind} failed: {error_name}"
+
+
 def prepared_record(element) -> dict:
     """An ``(id, received_at_millis, record)`` element whose record is ready for Avro
     (a dead letter, an archived message), to be encoded where it is written."""
@@ -87,7 +92,7 @@ class WriteBoundedPaneFn(beam.DoFn):
             reason = type(error).__name__
             self.write_failed.inc(len(elements))
             _LOG.error("%d event(s) for %s go to the dead letters: %s", len(elements), path, reason)
-            yield beam.pvalue.TaggedOutput(WRITE_FAILED, (f"writing {self.report_kind} failed: {reason}", elements))
+            yield beam.pvalue.TaggedOutput(WRITE_FAILED, (failed_write_reason(self.report_kind, reason), elements))
             return
         yield report(self.report_kind, len(elements), path)
 
