@@ -8,11 +8,12 @@ every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked
 before the hour closes and after, when the rest goes to the late root. A run that
 starts while hours are open seeds the cells with the ids that the runs before it staged
 for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
-until one window after its hour closed, so a repeat that comes that late is still
-counted as a duplicate rather than written again. A repeat that comes later still
-reaches the late path unmarked, which drops it against the index of ids that the
-close left beside the hour (``transforms.late``): delivered and late together hold
-each id once for the whole late horizon, and no cell outlives the close by more than a window.
+until one window after its hour closed, and until the close has published the hour
+(``HourPublished``), so a repeat that comes that late is still counted as a duplicate
+rather than written again. A repeat that comes later still reaches the late path
+unmarked, which drops it against the index of ids that the close left beside the hour
+(``transforms.late``): delivered and late together hold each id once for the whole late
+horizon, and no cell outlives the publication of its hour by more than a window.
 A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
 alone decides and no state is kept: a runner can then spread the shards over its
 workers (the local runner runs a stateful step on one worker only).
@@ -33,6 +34,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
+from transforms.published_hours import HourPublished
 from transforms.reports import DUPLICATES, SUPERSEDED, report
 
 _LOG = logging.getLogger(__name__)
@@ -66,15 +68,20 @@ class MarkRepeatsFn(beam.DoFn):
     the earlier run's copy is the one too many, and it goes out on the ``superseded`` output
     as an hour report, ``(file, id)``, for the close to leave out.
 
-    The cell lives until ``remember_seconds`` after the hour closes. A copy that arrives
-    after that finds none and is not marked: the late path checks it (``transforms.late``).
+    The cell lives until one window after the hour closes, and then until the hour is
+    published (``HourPublished``). A copy that arrives after that finds none and is not marked:
+    the late path checks it against the index the close left (``transforms.late``).
     """
 
     SEEN = ReadModifyWriteStateSpec("first_copy", StrUtf8Coder())
     FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
 
-    def __init__(self, remember_seconds: int):
-        self.remember = Duration(seconds=remember_seconds)
+    def __init__(self, settings):
+        self.remember = Duration(seconds=settings.window_seconds)
+        self.settings = settings
+
+    def setup(self):
+        self.published = HourPublished(self.settings)
 
     def process(
         self,
@@ -103,8 +110,17 @@ class MarkRepeatsFn(beam.DoFn):
         yield event
 
     @on_timer(FORGET)
-    def forget_id(self, seen=beam.DoFn.StateParam(SEEN)):
-        seen.clear()
+    def forget_id(
+        self,
+        fired_at=beam.DoFn.TimestampParam,
+        window=beam.DoFn.WindowParam,
+        seen=beam.DoFn.StateParam(SEEN),
+        forget=beam.DoFn.TimerParam(FORGET),
+    ):
+        if self.published.may_forget(bucket_start_seconds(window), fired_at.micros / 1e6):
+            seen.clear()
+        else:  # the close lags this step by more than a window: ask again a window on
+            forget.set(fired_at + self.remember)
 
 
 def _keyed_in_its_hour(event) -> TimestampedValue:
@@ -196,8 +212,7 @@ class MarkRepeats(beam.PTransform):
             | "EventsAndSeeds" >> beam.Flatten()
             | "KeyById" >> beam.Map(_keyed_in_its_hour)
             | "IntoHours" >> hour_windows(s)
-            | "MarkRepeatedIds"
-            >> beam.ParDo(MarkRepeatsFn(remember_seconds=s.window_seconds)).with_outputs(SUPERSEDED, main="events")
+            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(s)).with_outputs(SUPERSEDED, main="events")
         )
 
 

@@ -1,6 +1,6 @@
 """Late panes: written to the late root, less the ids that their hour already holds, for the whole late horizon.
 
-``MarkRepeats`` forgets an id one window after its hour closed: state per id for the
+``MarkRepeats`` forgets an id one window after its hour was published: state per id for the
 whole late horizon (7 days) is not affordable at 1M events/s. So the close leaves the
 hour's ids behind, in an *index* beside the hour (``Layout.id_index``), written before
 the marker; late panes, which are rare, read it (``transforms.id_index``), and what a pane

@@ -12,7 +12,14 @@ import itertools
 import apache_beam as beam
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import FixedWindows, IntervalWindow, TimestampedValue
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import (
+    FixedWindows,
+    GlobalWindows,
+    IntervalWindow,
+    TimestampCombiner,
+    TimestampedValue,
+)
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -20,7 +27,7 @@ from event_delivery.contract.registry import load_registry
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.messages import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import dedup, hours
+from transforms import dedup, hours, published_hours
 from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, DeduplicateStreamPaneFn, MarkRepeats, MarkRepeatsFn
 from transforms.hours import BucketByHour, shard_of
 from transforms.records import encoded_event
@@ -81,10 +88,12 @@ def test_after_the_close_a_repeat_is_a_duplicate_and_a_straggler_is_late(tmp_pat
     run(clock, unique=["e1", "e2"], late=["e3"], duplicates=[2], tmp_path=tmp_path)
 
 
-def test_a_repeat_later_than_a_window_after_the_close_reaches_the_late_path_unmarked(tmp_path):
+def test_a_repeat_a_window_after_its_hour_was_published_reaches_the_late_path_unmarked(tmp_path, monkeypatch):
     """The bound of the ids' memory: past it, a repeat is not marked here; the late path drops it
     against the hour's index (``tests/unit/test_late_repeats.py``)."""
     start = 600
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: start + 20 * WINDOW)  # the present, past every hour here
+    files.write_json(settings(tmp_path).layout.marker(start), {})  # the close published the hour
     clock = Clock(start)
     clock.arrive(event("e1", start + 1))
     clock.advance(WINDOW + LATENESS + WINDOW + TRIGGER)  # closed, and its ids forgotten
@@ -186,19 +195,109 @@ def mark(fn, seen, timer, *elements) -> list:
     return [out for element in elements for out in fn.process((element[0], element), window, seen=seen, forget=timer)]
 
 
-def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_none_after(tmp_path):
-    fn, seen, timer = MarkRepeatsFn(remember_seconds=WINDOW), ValueState(), WatermarkTimer()
+def forget(fn, seen, timer):
+    """The cell's timer fires, at the time it was set for."""
+    fn.forget_id(fired_at=timer.at, window=IntervalWindow(600, 600 + WINDOW + LATENESS), seen=seen, forget=timer)
+
+
+def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_its_marker_and_none_after(tmp_path, monkeypatch):
+    s = settings(tmp_path, late_horizon_seconds=3600)
+    fn, seen, timer = MarkRepeatsFn(s), ValueState(), WatermarkTimer()
+    fn.setup()
     first, again = mark(fn, seen, timer, event("e1", 600), event("e1", 601))
     assert first == event("e1", 600) and again == repeat(event("e1", 601))
-    assert timer.at == IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
-    fn.forget_id(seen=seen)
-    assert seen.read() is None
+    due = IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
+    assert timer.at == due
+    other_seen, other_timer = ValueState(), WatermarkTimer()
+    mark(fn, other_seen, other_timer, event("e2", 602))
+    clock = [due.micros / 1e6 + 1]
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: clock[0])
+
+    forget(fn, seen, timer)
+    assert seen.read() is not None and timer.at == due + WINDOW, "no marker: the close lags, the cell stays"
+    files.write_json(s.layout.marker(600), {})
+    forget(fn, other_seen, other_timer)
+    assert other_seen.read() is not None, "the marker is asked at most once a second"
+    clock[0] = timer.at.micros / 1e6 + 1
+    forget(fn, seen, timer)
+    assert seen.read() is None, "published: later copies go to the late path's index"
 
 
-def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first():
+def test_without_a_marker_a_cell_goes_in_a_drain_or_past_the_late_horizon(tmp_path, monkeypatch):
+    s = settings(tmp_path, late_horizon_seconds=3600)
+    fn = MarkRepeatsFn(s)
+    fn.setup()
+    for now, why in ((599, "the watermark passed the present: a drain"), (600 + WINDOW + 3601, "no copy parses")):
+        monkeypatch.setattr(published_hours, "wall_clock", lambda now=now: now)
+        seen, timer = ValueState(), WatermarkTimer()
+        mark(fn, seen, timer, event("e1", 600))
+        forget(fn, seen, timer)
+        assert seen.read() is None, why
+
+
+def test_a_marker_that_cannot_be_asked_for_keeps_the_cell_a_window_more(tmp_path, monkeypatch):
+    """A timer that raised would be retried by the runner for as long as the storage refuses."""
+    s = settings(tmp_path, late_horizon_seconds=3600)
+    fn, seen, timer = MarkRepeatsFn(s), ValueState(), WatermarkTimer()
+    fn.setup()
+    mark(fn, seen, timer, event("e1", 600))
+    due = timer.at
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: due.micros / 1e6 + 1)
+
+    def denied(path):
+        raise PermissionError(path)
+
+    monkeypatch.setattr(files, "exists", denied)
+    forget(fn, seen, timer)
+    assert seen.read() is not None and timer.at == due + WINDOW
+
+
+def lagging_behind(stream, release_after_seconds: int):
+    """An empty PCollection whose watermark stays at the stream's first element until processing
+    time has gone ``release_after_seconds`` on: flattened into a step's input, it holds that step
+    back as a stalled stage holds a Dataflow step (a write that retries, a close denied)."""
+    return (
+        stream
+        | "FirstElement" >> beam.Map(lambda e: ("hold", e))
+        | "HeldInAPane"
+        >> beam.WindowInto(
+            GlobalWindows(),
+            trigger=trigger.Repeatedly(trigger.AfterProcessingTime(release_after_seconds)),
+            accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST,
+        )
+        | "Hold" >> beam.GroupByKey()
+        | "NothingOut" >> beam.FlatMap(lambda _: [])
+    )
+
+
+def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_published_twice(tmp_path, monkeypatch):
+    """Dataflow gives each step its own watermark: the steps after ``MarkRepeats`` may lag it by
+    more than a window. Its cells must outlive that lag (until the hour is published), else a
+    repeat finds no cell and is staged a second time while the hour is still open downstream."""
+    start = 600
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: start + 20 * WINDOW)  # the present, past every hour here
+    clock = Clock(start)
+    clock.arrive(event("e1", start + 1))
+    clock.advance(WINDOW + LATENESS + 3 * WINDOW)  # past the close by three windows, for the marks only
+    clock.arrive(event("e1", start + 1))
+    clock.advance(TRIGGER * 2)
+    clock.advance(10 * WINDOW)  # the stalled step goes on
+    with streaming_pipeline() as pipeline:
+        s = settings(tmp_path, late_horizon_seconds=3600)
+        stream = pipeline | clock.finish()
+        marked = (stream | MarkRepeats(s)).events
+        held = lagging_behind(stream, release_after_seconds=WINDOW + LATENESS + 6 * WINDOW)
+        lagging = (marked, held) | beam.Flatten()
+        result = lagging | BucketByHour(s, pack=False) | Deduplicate(s)
+        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
+        assert_that(unique, equal_to(["e1"]), label="unique")
+
+
+def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first(tmp_path):
     """Seeds (what stopped runs staged) and this run's copies reach a cell in any order; Dataflow
     gives no order between the bounded branch that reads the files and the subscription."""
-    fn = MarkRepeatsFn(remember_seconds=WINDOW)
+    fn = MarkRepeatsFn(local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path)))
     seed = dedup.staged_copy("e1", 600_000, "staging/run1-p00000.avro")
 
     seen, timer = ValueState(), WatermarkTimer()
