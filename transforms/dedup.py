@@ -69,8 +69,9 @@ class MarkRepeatsFn(beam.DoFn):
     as an hour report, ``(file, id)``, for the close to leave out.
 
     The cell lives until one window after the hour closes, and then until the hour is
-    published (``HourPublished``). A copy that arrives after that finds none and is not marked:
-    the late path checks it against the index the close left (``transforms.late``).
+    published (``HourPublished``), asked again after one window, two, four and so on. A copy
+    that arrives after that finds none and is not marked: the late path checks it against the
+    index the close left (``transforms.late``).
     """
 
     SEEN = ReadModifyWriteStateSpec("first_copy", StrUtf8Coder())
@@ -82,6 +83,7 @@ class MarkRepeatsFn(beam.DoFn):
 
     def setup(self):
         self.published = HourPublished(self.settings)
+        self.kept_unpublished = beam.metrics.Metrics.counter(slo.NAMESPACE, "cells_kept_for_unpublished_hours")
 
     def process(
         self,
@@ -119,8 +121,9 @@ class MarkRepeatsFn(beam.DoFn):
     ):
         if self.published.may_forget(bucket_start_seconds(window), fired_at.micros / 1e6):
             seen.clear()
-        else:  # the close lags this step by more than a window: ask again a window on
-            forget.set(fired_at + self.remember)
+        else:  # the close lags this step: ask again, each time twice as late
+            self.kept_unpublished.inc()
+            forget.set(fired_at + max(self.remember, fired_at - window.end))
 
 
 def _keyed_in_its_hour(event) -> TimestampedValue:

@@ -23,12 +23,13 @@ class HourPublished:
     one by any amount (a stalled write, a close that retries), so a cell dropped a window after
     the close by this step's watermark may be dropped before the close: a copy arriving then
     would be staged again, and published twice. The marker is asked at most once a second per
-    hour and worker thread, and remembered once there; a question that fails keeps the cell a
+    hour and DoFn instance, and remembered once there; a question that fails keeps the cell a
     window more.
 
-    Without a marker, a cell is still forgotten once the watermark passes the present (a
-    drain: no copy comes to this run after it), or once the hour is older than the late
-    horizon (parsing refuses its copies).
+    Without a marker, a cell is still forgotten once its timer's time is past the late horizon
+    of the hour (parsing refuses any copy published after it, and the watermark is a bound on
+    publish times), or more than a window past the present: a drain, which moves the watermark
+    to infinity (no copy comes to this run after it; the window is slack for the clocks).
     """
 
     ASK_EVERY_SECONDS = 1.0
@@ -41,8 +42,11 @@ class HourPublished:
         use_emulator_credentials()
 
     def may_forget(self, hour_start: int, fired_at_seconds: float) -> bool:
-        now = wall_clock()
-        if fired_at_seconds > now or hour_start + self.layout.window_seconds < now - self.late_horizon_seconds:
+        hour_end, now = hour_start + self.layout.window_seconds, wall_clock()
+        if (
+            fired_at_seconds > hour_end + self.late_horizon_seconds
+            or fired_at_seconds > now + self.layout.window_seconds
+        ):
             return True
         return self._published(hour_start, now)
 

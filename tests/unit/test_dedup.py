@@ -20,6 +20,7 @@ from apache_beam.transforms.window import (
     TimestampCombiner,
     TimestampedValue,
 )
+from apache_beam.utils.timestamp import Timestamp
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -223,16 +224,44 @@ def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_its_marke
     assert seen.read() is None, "published: later copies go to the late path's index"
 
 
-def test_without_a_marker_a_cell_goes_in_a_drain_or_past_the_late_horizon(tmp_path, monkeypatch):
+def test_without_a_marker_a_cell_goes_past_the_late_horizon_or_in_a_drain_after_a_few_questions(tmp_path, monkeypatch):
     s = settings(tmp_path, late_horizon_seconds=3600)
     fn = MarkRepeatsFn(s)
     fn.setup()
-    for now, why in ((599, "the watermark passed the present: a drain"), (600 + WINDOW + 3601, "no copy parses")):
-        monkeypatch.setattr(published_hours, "wall_clock", lambda now=now: now)
-        seen, timer = ValueState(), WatermarkTimer()
-        mark(fn, seen, timer, event("e1", 600))
+    seen, timer = ValueState(), WatermarkTimer()
+    mark(fn, seen, timer, event("e1", 600))
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: 10**9)  # a present far past the hour
+    timer.at = Timestamp(600 + WINDOW + 3600 + 1)  # the watermark passed the hour's late horizon
+    forget(fn, seen, timer)
+    assert seen.read() is None, "no copy of the hour parses any more"
+
+    seen, timer = ValueState(), WatermarkTimer()
+    mark(fn, seen, timer, event("e1", 600))
+    now = timer.at.micros / 1e6 + 2 * WINDOW  # a drain: the hour closed by the clock, its close not done
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: now)
+    asked = 0
+    while seen.read() is not None:  # the watermark is at infinity: each timer fires as soon as it is set
         forget(fn, seen, timer)
-        assert seen.read() is None, why
+        asked += 1
+    assert asked <= 4 and timer.at.micros / 1e6 > now + WINDOW, "the questions back off past the present"
+
+
+def test_a_drained_hour_still_open_by_the_clock_forgets_at_once(tmp_path, monkeypatch):
+    fn, seen, timer = MarkRepeatsFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+    fn.setup()
+    mark(fn, seen, timer, event("e1", 600))
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: 600 + WINDOW - 1)
+    forget(fn, seen, timer)
+    assert seen.read() is None
+
+
+def test_a_worker_clock_a_little_behind_the_watermark_is_no_drain(tmp_path, monkeypatch):
+    fn, seen, timer = MarkRepeatsFn(settings(tmp_path)), ValueState(), WatermarkTimer()
+    fn.setup()
+    mark(fn, seen, timer, event("e1", 600))
+    monkeypatch.setattr(published_hours, "wall_clock", lambda: timer.at.micros / 1e6 - 5)
+    forget(fn, seen, timer)
+    assert seen.read() is not None
 
 
 def test_a_marker_that_cannot_be_asked_for_keeps_the_cell_a_window_more(tmp_path, monkeypatch):
@@ -292,6 +321,8 @@ def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_pu
         result = lagging | BucketByHour(s, pack=False) | Deduplicate(s)
         unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         assert_that(unique, equal_to(["e1"]), label="unique")
+        counted = result.duplicates | beam.Map(lambda report: report[1]) | beam.WindowInto(FixedWindows(10**6))
+        assert_that(counted | beam.CombineGlobally(sum).without_defaults(), equal_to([1]), label="duplicates")
 
 
 def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first(tmp_path):
