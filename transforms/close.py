@@ -5,7 +5,8 @@ are written to a staging folder; when the watermark passes the hour's end plus i
 allowed lateness, the hour's plan is saved and its files are published as parts of
 about ``--target_file_mb``, the marker last (``transforms.publish``). A staged pane
 that turns up after that (or for an hour an earlier run closed) moves to the late root
-instead, so nothing is ever added to a folder that has a marker. So does one a saved plan
+instead, less the ids the hour already holds (``transforms.late.move_late_checked``), so
+nothing is ever added to a folder that has a marker, nor a repeat to the late root. So does one a saved plan
 does not list (staged after a close attempt that failed, or by a new run for an hour a
 stopped run had planned): a saved plan is never changed, since parts of it may be written.
 
@@ -27,7 +28,6 @@ then publish an hour whose messages are still unread in the subscription.
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 import typing
 
@@ -42,6 +42,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.hours import bucket_start_seconds, hour_windows
+from transforms.late import LateMover
 from transforms.publish import (
     CLOSE_PLAN,
     PLANNED,
@@ -50,7 +51,6 @@ from transforms.publish import (
     plan_hour,
     plan_path,
     planned_writes,
-    publish_late,
     to_write,
     unplanned,
 )
@@ -71,6 +71,7 @@ class CloseHourFn(beam.DoFn):
     CLOSE_AGAIN = TimerSpec("close_again", TimeDomain.REAL_TIME)
 
     def __init__(self, settings, publish: bool = True):
+        self.settings = settings
         self.layout = settings.layout
         self.run_id = settings.run_id
         self.target_file_mb = settings.target_file_mb
@@ -82,6 +83,7 @@ class CloseHourFn(beam.DoFn):
     def setup(self):
         use_emulator_credentials()
         self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
+        self.late_files = LateMover(self.settings)
         self.left_open = beam.metrics.Metrics.counter(slo.NAMESPACE, "hours_left_open_by_drain")
         self.dead_lettered_after_close = beam.metrics.Metrics.counter(slo.NAMESPACE, "dead_lettered_after_close")
         self.closes_failed = beam.metrics.Metrics.counter(slo.NAMESPACE, "closes_failed")
@@ -120,12 +122,11 @@ class CloseHourFn(beam.DoFn):
             self._after_the_close(hour_report, window, late_counts)
 
     def _after_the_close(self, hour_report, window, late_counts) -> None:
-        """A report the hour's manifest does not hold: its file goes to the late root, its count beside it."""
+        """A report the hour's manifest does not hold: its file goes to the late root less the ids the hour
+        holds (counted as duplicates beside it), its count beside it."""
         kind, records, path = hour_report
         if kind == DELIVERED:
-            late_path = partitions.join(self._folder(self.layout.late, window), posixpath.basename(path))
-            publish_late(path, late_path, self.codec)
-            self.late.inc(records)
+            self.late_files.move(path, bucket_start_seconds(window))
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)
         elif kind == DEAD_LETTERED:  # its file is in the hour's dead-letter folder, which the audit counts

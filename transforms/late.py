@@ -1,4 +1,6 @@
-"""Late panes: written to the late root, less the ids that their hour already holds, for the whole late horizon.
+"""Late panes, and panes staged for an hour that closed before their report reached the close
+(``move_late_checked``): written to the late root, less the ids that their hour already holds, for the
+whole late horizon.
 
 ``MarkRepeats`` forgets an id one window after its hour was published: state per id for the
 whole late horizon (7 days) is not affordable at 1M events/s. So the close leaves the
@@ -30,7 +32,7 @@ import apache_beam as beam
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from transforms import retries
-from transforms.hours import bucket_start_seconds
+from transforms.hours import bucket_start_seconds, shard_of
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
 from transforms.write import WRITE_FAILED, WriteStreamPaneFn, given_up_as_dead_letters
@@ -90,21 +92,10 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         return bool(written) and int(written.group(1)) >= current
 
     def _held_by_the_hour(self, window, shard: int, event_ids: set[str], current: int) -> set[str]:
-        hour_start, budget = bucket_start_seconds(window), ReadBudget()
-        held = set()
-        try:
-            held |= indexed_ids(self.layout, hour_start, shard, event_ids, self.num_shards, budget)
-        except Exception as error:  # noqa: BLE001 - an index is never a reason to fail a bundle for good
-            self._count_unchecked("its hour's index", error)
-        try:
-            late_files = partitions.late_files_of_shard(self._folder(window), self.layout.event_type, shard)
-            for path, size in sorted(late_files.items()):
-                if not self._uncommitted(path, current) and budget.allows(size):
-                    held |= event_ids.intersection(files.read_event_ids(path))
-        except Exception as error:  # noqa: BLE001 - as above
-            self._count_unchecked("the late files of its shard", error)
-        if budget.spent:
-            self._count_unchecked("all it should", LookupError(f"past its {budget.limit} bytes to read"))
+        hour = HourHeld(self.layout, bucket_start_seconds(window), shard, self.num_shards)
+        held = hour.of(event_ids, skip=lambda path: self._uncommitted(path, current))
+        for what, error in hour.unchecked:
+            self._count_unchecked(what, error)
         return held
 
     def _left_by_a_lost_try(self, path: str, event_ids: set[str]) -> set[str]:
@@ -131,6 +122,89 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         self.unchecked.inc()
         reason = str(error) if isinstance(error, LookupError) else type(error).__name__
         _LOG.warning("a late pane of %s was not checked against %s (%s)", self.layout.event_type, what, reason)
+
+
+class HourHeld:
+    """Which ids a closed hour already holds for one of its shards: delivered (its index) or late (its late
+    files), as far as one ``ReadBudget`` reads. What it could not check is in ``unchecked``, ``(what, error)``:
+    the index is a way to drop repeats, never a reason to stall."""
+
+    def __init__(self, layout, hour_start: int, shard: int, num_shards: int):
+        self.layout, self.hour_start, self.shard, self.num_shards = layout, hour_start, shard, num_shards
+        self.unchecked = []
+
+    def of(self, event_ids: set[str], skip=lambda path: False) -> set[str]:
+        """Those of ``event_ids`` the hour holds; late files that ``skip`` names are not read."""
+        budget, held = ReadBudget(), set()
+        try:
+            held |= indexed_ids(self.layout, self.hour_start, self.shard, event_ids, self.num_shards, budget)
+        except Exception as error:  # noqa: BLE001 - see the class
+            self.unchecked.append(("its hour's index", error))
+        try:
+            folder = self.layout.hour(self.layout.late, self.hour_start)
+            late_files = partitions.late_files_of_shard(folder, self.layout.event_type, self.shard)
+            for path, size in sorted(late_files.items()):
+                if not skip(path) and budget.allows(size):
+                    held |= event_ids.intersection(files.read_event_ids(path))
+        except Exception as error:  # noqa: BLE001 - as above
+            self.unchecked.append(("the late files of its shard", error))
+        if budget.spent:
+            self.unchecked.append(("all it should", LookupError(f"past its {budget.limit} bytes to read")))
+        return held
+
+
+def move_late_checked(layout, hour_start: int, staged: str, destination: str, num_shards: int, codec: str):
+    """A pane file staged for an hour that has closed, moved to ``destination`` in the late root less the ids
+    the hour already holds (``HourHeld``, per shard of ``num_shards``); returns ``(records moved, repeats
+    dropped, what went unchecked)``, or None if ``staged`` is gone (a try whose commit was lost moved it).
+
+    The repeats are counted beside the late files, in a count named after the staged file, and the staged
+    file is deleted last: a try that runs again after a crash finds what it wrote under the same names, and
+    does not take its own late file (``destination``) for an earlier copy."""
+    if not files.exists(staged):
+        return None
+    event_ids = files.read_event_ids(staged)
+    held, unchecked = set(), []
+    for shard in sorted({shard_of(i, num_shards) for i in event_ids}):  # one, unless another run staged it
+        hour = HourHeld(layout, hour_start, shard, num_shards)
+        held |= hour.of({i for i in event_ids if shard_of(i, num_shards) == shard}, skip=lambda p: p == destination)
+        unchecked += hour.unchecked
+    if not held:
+        moved = files.concatenate_avro([staged], destination, codec)
+    elif len(held) < len(event_ids):
+        moved = files.rewrite_avro_without([staged], destination, held, codec)
+    else:
+        moved = 0
+    if held:
+        count = partitions.join(posixpath.dirname(destination), partitions.late_duplicates_of(staged))
+        files.write_json(count, {DUPLICATES: len(event_ids) - moved})
+    files.delete_existing([staged])
+    return moved, len(event_ids) - moved, unchecked
+
+
+class LateMover:
+    """``CloseHour``'s mover of files staged after the close (``move_late_checked``), with its counters."""
+
+    def __init__(self, settings):
+        self.layout, self.num_shards, self.codec = settings.layout, settings.num_shards, settings.codec
+        self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
+        self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
+        self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
+
+    def move(self, staged: str, hour_start: int) -> None:
+        destination = partitions.join(self.layout.hour(self.layout.late, hour_start), posixpath.basename(staged))
+        moved = move_late_checked(self.layout, hour_start, staged, destination, self.num_shards, self.codec)
+        if moved is None:
+            return
+        records, repeats, unchecked = moved
+        self.late.inc(records)
+        self.duplicates.inc(repeats)
+        for what, error in unchecked:
+            self.unchecked.inc()
+            reason = str(error) if isinstance(error, LookupError) else type(error).__name__
+            _LOG.warning(
+                "a late file of %s, %s, was not checked against %s (%s)", self.layout.event_type, staged, what, reason
+            )
 
 
 def _keyed_by_shard(pane):

@@ -218,13 +218,6 @@ def part_codec(part: dict) -> str:
     return part.get("codec", files.AVRO_CODEC)
 
 
-def publish_late(staged: str, destination: str, codec: str = files.AVRO_CODEC) -> None:
-    """A staged pane file, compressed with ``codec``, at ``destination`` in the late root, and gone from staging."""
-    if files.exists(staged):
-        files.concatenate_avro([staged], destination, codec)
-        files.delete_existing([staged])
-
-
 def finish_hour(layout: Layout, hour_start: int) -> dict:
     """Once every part is written: the marker, then the read tasks' lists, the plan's staged files and the
     plan deleted; returns the manifest. The plan goes last, so an attempt that finds none (one before it got

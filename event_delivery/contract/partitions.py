@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import posixpath
 import re
 
 from event_delivery.cloud import files
@@ -127,6 +128,11 @@ def shard_of_file(path: str) -> int:
 def late_duplicates_name(event_type: str, run_id: str, number: int) -> str:
     """A count of repeats dropped after the hour closed, beside its late files (``_``: not data)."""
     return f"_duplicates-{event_type}-{run_id}-{number:05d}.json"
+
+
+def late_duplicates_of(staged: str) -> str:
+    """The count of repeats dropped from a staged pane file that the close moved late, named after it."""
+    return f"_duplicates-{posixpath.basename(staged).removesuffix('.avro')}.json"
 
 
 LATE_DUPLICATES_PATTERN = "_duplicates-*.json"

@@ -18,7 +18,7 @@ from pipelines import redrive
 from pipelines.delivery import deliver
 from tests.messages import message, raw_message, valid_fields
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import publish
+from transforms import late, publish
 from transforms.records import event_record
 from transforms.reports import DELIVERED, report
 
@@ -128,7 +128,7 @@ def test_a_staged_pane_moved_late_takes_the_jobs_codec(tmp_path, registry):
     layout = Layout.under(tmp_path, "service_log", WINDOW)
     [(_, _, staged)] = stage_in(layout, registry, [files.UNCOMPRESSED])
     destination = partitions.join(layout.hour(layout.late, START), "moved.avro")
-    publish.publish_late(staged, destination, "snappy")
+    late.move_late_checked(layout, START, staged, destination, 2, "snappy")
     assert read_by_both(destination)[0] == "snappy" and not files.exists(staged)
 
 

@@ -24,7 +24,7 @@ from event_delivery.contract.partitions import Layout
 from tests.messages import valid_fields
 from tests.publishing import Cell, index_reader
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, local_settings
-from transforms import close, index_buckets, publish
+from transforms import close, index_buckets, late, publish
 from transforms.id_index import is_index_task
 from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, LEFT_OVER, report
@@ -117,15 +117,16 @@ def crash_after(monkeypatch, change: int) -> list:
     return changes
 
 
-def stage(settings, run_id: str, number: int, records: int) -> tuple:
-    """A pane file the writer staged for the hour, as it reports it."""
+def stage(settings, run_id: str, number: int, records: int, ids: list[str] | None = None) -> tuple:
+    """A pane file the writer staged for the hour, as it reports it; its ids ``run-number-i``, or ``ids``."""
     log = settings.event_type
-    events = [(f"{run_id}-{number}-{i}", (START + 1) * 1000, valid_fields(log, i)) for i in range(records)]
+    ids = ids or [f"{run_id}-{number}-{i}" for i in range(records)]
+    events = [(event_id, (START + 1) * 1000, valid_fields(log, i)) for i, event_id in enumerate(ids)]
     path = partitions.join(
         settings.layout.hour(settings.layout.staging, START), partitions.pane_file_name(log.name, run_id, number, 0)
     )
     files.write_avro(path, log.parsed_delivered_schema, [event_record(e) for e in events], files.UNCOMPRESSED)
-    return report(DELIVERED, records, path)
+    return report(DELIVERED, len(ids), path)
 
 
 def hour_settings(root, registry, run_id: str):
@@ -175,7 +176,7 @@ def test_each_step_of_the_close_run_twice_does_what_it_does_once(tmp_path, regis
     assert manifests[0] == manifests[1] == plans[0]["manifest"] == files.read_json(layout.marker(START))
     destination = partitions.join(layout.hour(layout.late, START), "late.avro")
     for _ in range(2):
-        publish.publish_late(late_pane[2], destination)
+        late.move_late_checked(layout, START, late_pane[2], destination, settings.num_shards, settings.codec)
     assert written(layout, layout.late) == ["run1-3-0"] and not files.exists(late_pane[2])
     assert publish.plan_hour(layout, START, CLOSES_AT, reports, False, 1) is None, "published: nothing to plan"
 
@@ -272,6 +273,22 @@ def test_a_left_over_report_that_reaches_an_hour_this_run_is_publishing_leaves_t
     assert [f["records"] for f in manifest["files"]] == [2, 1] and not files.exists(left_by_run1[2])
 
 
+def test_a_pane_staged_before_the_close_that_reaches_it_after_goes_late_less_the_hours_ids(tmp_path, registry):
+    """A step between the write and the close may lag: a pane staged while the hour was open by its
+    own step's watermark reaches the close after it. Its copies of delivered ids go no further."""
+    settings = hour_settings(tmp_path, registry, "run1")
+    runner = Runner(settings)
+    runner.arrive(stage(settings, "run1", 0, 3))
+    runner.fire_close()
+    runner.run()
+    assert runner.markers, "published, with its index"
+    runner.arrive(stage(settings, "run1", 1, 0, ids=["run1-0-1", "new"]))
+    runner.run()
+    assert written(settings.layout, settings.layout.delivered) == ["run1-0-0", "run1-0-1", "run1-0-2"]
+    assert written(settings.layout, settings.layout.late) == ["new"]
+    assert partitions.late_duplicates(settings.layout, START) == 1
+
+
 class Tally:
     """A counter the test reads: what ``inc`` added up to."""
 
@@ -291,7 +308,7 @@ def test_a_left_over_report_after_this_runs_close_moves_only_other_runs_files(tm
     runner.arrive(stage(settings, "run2", 0, 1))
     runner.fire_close()
     runner.run()
-    runner.close_hour.late = late = Tally()
+    runner.close_hour.late_files.late = late = Tally()
     left_by_run1 = stage(settings, "run1", 0, 1)  # as that run stopped after the close; its report lost
     own_late_pane = stage(settings, "run2", 1, 2)
     runner.arrive(report(LEFT_OVER, 0))

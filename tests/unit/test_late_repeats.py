@@ -137,6 +137,59 @@ def test_repeats_days_after_the_close_are_duplicates_and_each_id_is_delivered_or
     assert (late, duplicates) == (1, len(sent) - 1), "every copy that came late is late or a duplicate, counted"
 
 
+def stage_after_the_close(settings, registry, ids: list[str], run_id: str = "run2", shard: int = 0) -> str:
+    """A pane file of ``ids`` that a run staged for the hour after it closed; its path."""
+    name = partitions.pane_file_name("service_log", run_id, 7, shard, "w9")
+    path = partitions.join(settings.layout.hour(settings.layout.staging, START), name)
+    records = [event_record(event(registry, i)) for i in ids]
+    files.write_avro(path, registry["service_log"].parsed_delivered_schema, records, files.UNCOMPRESSED)
+    return path
+
+
+def late_duplicates(layout) -> int:
+    return sum(files.read_json(p)["duplicates"] for p in files.glob(f"{layout.late}/service_log/*/*/_duplicates-*"))
+
+
+def test_a_file_staged_after_the_close_moves_late_less_what_the_hour_holds_once_however_often_it_is_tried(
+    tmp_path, registry, monkeypatch
+):
+    """A pane that reached the staging folder after the close (the close is the one authority on that)
+    holds copies that came after ``MarkRepeats`` forgot them. Moved late, it keeps only ids the hour
+    does not hold, delivered or late; a try that crashed before deleting it runs again to the same files."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {shard: ids_of_shard(shard, 5, "d") for shard in range(SHARDS)}
+    manifest = close_an_hour(settings, registry, delivered)
+    straggler, again = ids_of_shard(0, 2, "x")
+    first = stage_after_the_close(settings, registry, [delivered[0][0], straggler])
+    destination = partitions.join(settings.layout.hour(settings.layout.late, START), posixpath.basename(first))
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "delete_existing", lambda paths: [])  # the try crashes before the staged file goes
+        late_path.move_late_checked(settings.layout, START, first, destination, SHARDS, "deflate")
+    assert late_path.move_late_checked(settings.layout, START, first, destination, SHARDS, "deflate") == (1, 1, [])
+    assert late_path.move_late_checked(settings.layout, START, first, destination, SHARDS, "deflate") is None
+    second = stage_after_the_close(settings, registry, [straggler, again, delivered[0][1]], shard=0, run_id="run3")
+    elsewhere = partitions.join(settings.layout.hour(settings.layout.late, START), posixpath.basename(second))
+    assert late_path.move_late_checked(settings.layout, START, second, elsewhere, SHARDS, "deflate")[:2] == (1, 2)
+
+    everywhere = delivered_ids(manifest) + late_ids(settings.layout)
+    assert sorted(everywhere) == sorted({*everywhere}), "delivered and late hold each id once"
+    assert sorted(late_ids(settings.layout)) == sorted([straggler, again])
+    assert late_duplicates(settings.layout) == 3, "every copy moved is late or a counted duplicate"
+    assert not files.glob(f"{settings.layout.staging}/service_log/*/*/*.avro")
+
+
+def test_a_file_staged_after_the_close_is_checked_by_the_shards_of_this_run(tmp_path, registry):
+    """A file of a run with another shard count holds ids of several of this run's shards: each is
+    looked up in its own shard's index."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {shard: ids_of_shard(shard, 5, "d") for shard in range(SHARDS)}
+    close_an_hour(settings, registry, delivered)
+    staged = stage_after_the_close(settings, registry, [delivered[0][0], delivered[1][0]], run_id="run5")
+    destination = partitions.join(settings.layout.hour(settings.layout.late, START), "moved.avro")
+    assert late_path.move_late_checked(settings.layout, START, staged, destination, SHARDS, "deflate") == (0, 2, [])
+    assert not files.exists(destination) and late_duplicates(settings.layout) == 2
+
+
 def break_the_index(settings) -> tuple[str, list]:
     """Makes shard 0's index of the hour unreadable; returns its path and what it held, to mend it with."""
     index = files.glob(f"{settings.layout.id_index}/service_log/*/*/s000-*.json")
