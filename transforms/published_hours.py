@@ -15,9 +15,9 @@ wall_clock = time.time  # module-level, so that a test can set the clock that te
 
 class HourPublished:
     """Whether ``MarkRepeats`` may forget the ids of an hour: once no copy of them can reach an
-    open hour any more. That is when the close has published the hour (its marker exists): every
-    step between here and the close then counts the hour closed, and a copy that comes later
-    goes to the late path, which checks it against the hour's index.
+    open hour any more. That is when the close has published the hour (its marker exists): a copy
+    that comes later is checked against the hour's index, on the late path, or by the close if a
+    step that lags staged it first (``transforms.late.move_late_checked``).
 
     Each step of a Dataflow job has a watermark of its own, and a step downstream may lag this
     one by any amount (a stalled write, a close that retries), so a cell dropped a window after
