@@ -59,6 +59,7 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         super().setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
+        self.denied = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_moves_denied")
         self.left_by_lost_tries = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_files_left_by_lost_tries")
 
     def process(
@@ -160,7 +161,9 @@ def move_late_checked(layout, hour_start: int, staged: str, destination: str, nu
 
     The repeats are counted beside the late files, in a count named after the staged file, and the staged
     file is deleted last: a try that runs again after a crash finds what it wrote under the same names, and
-    does not take its own late file (``destination``) for an earlier copy."""
+    does not take its own late file (``destination``) for an earlier copy. What it writes replaces all an
+    earlier try wrote, also when it drops every id (no late file) or none (no count): an earlier try may
+    have read less of the index (an error it took for unchecked), or more."""
     if not files.exists(staged):
         return None
     event_ids = files.read_event_ids(staged)
@@ -174,10 +177,13 @@ def move_late_checked(layout, hour_start: int, staged: str, destination: str, nu
     elif len(held) < len(event_ids):
         moved = files.rewrite_avro_without([staged], destination, held, codec)
     else:
+        files.delete_existing([destination])
         moved = 0
+    count = partitions.join(posixpath.dirname(destination), partitions.late_duplicates_of(staged))
     if held:
-        count = partitions.join(posixpath.dirname(destination), partitions.late_duplicates_of(staged))
         files.write_json(count, {DUPLICATES: len(event_ids) - moved})
+    else:
+        files.delete_existing([count])
     files.delete_existing([staged])
     return moved, len(event_ids) - moved, unchecked
 
@@ -190,10 +196,23 @@ class LateMover:
         self.late = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.LATE)
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
+        self.denied = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_moves_denied")
 
     def move(self, staged: str, hour_start: int) -> None:
+        """As ``move_late_checked``, to the hour's late folder under the staged file's name, counted and logged.
+
+        A move denied for good (no right to write the late root) leaves the file staged, sealed, counted
+        (``late_moves_denied``) and logged, and the close goes on: a later run's start moves it (see
+        ``CloseHourFn._clear_up_after_the_marker``). Any other error goes to the runner, which retries."""
         destination = partitions.join(self.layout.hour(self.layout.late, hour_start), posixpath.basename(staged))
-        moved = move_late_checked(self.layout, hour_start, staged, destination, self.num_shards, self.codec)
+        try:
+            moved = move_late_checked(self.layout, hour_start, staged, destination, self.num_shards, self.codec)
+        except Exception as error:
+            if not retries.denied(error):
+                raise
+            self.denied.inc()
+            _LOG.error("moving %s late was denied (%s): it stays staged", staged, type(error).__name__)
+            return
         if moved is None:
             return
         records, repeats, unchecked = moved

@@ -17,6 +17,7 @@ import shutil
 import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import IntervalWindow
+from google.api_core import exceptions as google_errors
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -287,6 +288,27 @@ def test_a_pane_staged_before_the_close_that_reaches_it_after_goes_late_less_the
     assert written(settings.layout, settings.layout.delivered) == ["run1-0-0", "run1-0-1", "run1-0-2"]
     assert written(settings.layout, settings.layout.late) == ["new"]
     assert partitions.late_duplicates(settings.layout, START) == 1
+
+
+def test_a_late_move_denied_for_good_leaves_its_file_staged_and_the_close_goes_on(tmp_path, registry, monkeypatch):
+    settings = hour_settings(tmp_path, registry, "run1")
+    runner = Runner(settings)
+    runner.arrive(stage(settings, "run1", 0, 3))
+    runner.fire_close()
+    runner.run()
+    concatenate = files.concatenate_avro
+
+    def denied(sources, destination, *more):
+        if destination.startswith(settings.layout.late):
+            raise google_errors.Forbidden("no right to write the late root")
+        return concatenate(sources, destination, *more)
+
+    monkeypatch.setattr(files, "concatenate_avro", denied)
+    late_pane = stage(settings, "run1", 1, 0, ids=["new"])
+    runner.arrive(late_pane)
+    runner.run()  # no error reaches the runner, which would retry it for good
+    assert files.exists(late_pane[2]) and written(settings.layout, settings.layout.late) == []
+    assert written(settings.layout, settings.layout.delivered) == ["run1-0-0", "run1-0-1", "run1-0-2"]
 
 
 class Tally:

@@ -178,6 +178,36 @@ def test_a_file_staged_after_the_close_moves_late_less_what_the_hour_holds_once_
     assert not files.glob(f"{settings.layout.staging}/service_log/*/*/*.avro")
 
 
+@pytest.mark.parametrize("index_first", ["unreadable", "readable"])
+def test_a_move_retried_after_a_crash_with_another_view_of_the_index_leaves_only_what_it_wrote(
+    tmp_path, registry, monkeypatch, index_first
+):
+    """A first try that could not read the index (a transient error: unchecked) writes a delivered id
+    late; one that could counts it as a duplicate. Either crashes before the staged file goes, and the
+    retry sees the index the other way: what the first wrote must go, or the id is delivered and late
+    though checked, or late and a duplicate (in = delivered + duplicates + late no more)."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    delivered = {0: ids_of_shard(0, 3, "d"), 1: []}
+    manifest = close_an_hour(settings, registry, delivered)
+    staged = stage_after_the_close(settings, registry, delivered[0][:1])
+    destination = partitions.join(settings.layout.hour(settings.layout.late, START), posixpath.basename(staged))
+    index, readable = break_the_index(settings)
+    views = [lambda: None, lambda: files.write_json(index, readable)]
+    if index_first == "readable":
+        views.reverse()
+    views[0]()
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "delete_existing", lambda paths: [])  # the try crashes before the staged file goes
+        late_path.move_late_checked(settings.layout, START, staged, destination, SHARDS, "deflate")
+    views[1]() if index_first == "unreadable" else break_the_index(settings)
+    moved, repeats, _ = late_path.move_late_checked(settings.layout, START, staged, destination, SHARDS, "deflate")
+
+    assert len(late_ids(settings.layout)) == moved and late_duplicates(settings.layout) == repeats
+    assert moved + repeats == 1, "the copy is late or a duplicate, once"
+    if index_first == "unreadable":  # the retry checked: the id is delivered only
+        assert (moved, late_ids(settings.layout)) == (0, []) and delivered_ids(manifest).count(delivered[0][0]) == 1
+
+
 def test_a_file_staged_after_the_close_is_checked_by_the_shards_of_this_run(tmp_path, registry):
     """A file of a run with another shard count holds ids of several of this run's shards: each is
     looked up in its own shard's index."""
