@@ -6,9 +6,10 @@ allowed lateness, the hour's plan is saved and its files are published as parts 
 about ``--target_file_mb``, the marker last (``transforms.publish``). A staged pane
 that turns up after that (or for an hour an earlier run closed) moves to the late root
 instead, less the ids the hour already holds (``transforms.late.move_late_checked``), so
-nothing is ever added to a folder that has a marker, nor a repeat to the late root. So does one a saved plan
-does not list (staged after a close attempt that failed, or by a new run for an hour a
-stopped run had planned): a saved plan is never changed, since parts of it may be written.
+nothing is ever added to a folder that has a marker, nor a repeat to the late root. So
+does one a saved plan does not list (staged after a close attempt that failed, or by a new
+run for an hour a stopped run had planned): a saved plan is never changed, since parts of
+it may be written.
 
 No close is retried forever. A close denied for good (permission denied, no such bucket)
 leaves the hour staged, is counted (``closes_failed``) and logged, and tries again on a

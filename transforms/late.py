@@ -59,7 +59,6 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         super().setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
-        self.denied = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_moves_denied")
         self.left_by_lost_tries = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_files_left_by_lost_tries")
 
     def process(
