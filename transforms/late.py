@@ -120,8 +120,12 @@ class WriteLatePaneFn(WriteStreamPaneFn):
 
     def _count_unchecked(self, what: str, error: Exception) -> None:
         self.unchecked.inc()
-        reason = str(error) if isinstance(error, LookupError) else type(error).__name__
-        _LOG.warning("a late pane of %s was not checked against %s (%s)", self.layout.event_type, what, reason)
+        _LOG.warning("a late pane of %s was not checked against %s (%s)", self.layout.event_type, what, why(error))
+
+
+def why(error: Exception) -> str:
+    """What a check that did not happen logs as its reason: a refusal says why, an error names its type."""
+    return str(error) if isinstance(error, LookupError) else type(error).__name__
 
 
 class HourHeld:
@@ -219,10 +223,7 @@ class LateMover:
         self.duplicates.inc(repeats)
         for what, error in unchecked:
             self.unchecked.inc()
-            reason = str(error) if isinstance(error, LookupError) else type(error).__name__
-            _LOG.warning(
-                "a late file of %s, %s, was not checked against %s (%s)", self.layout.event_type, staged, what, reason
-            )
+            _LOG.warning("late file %s was not checked against %s (%s)", staged, what, why(error))
 
 
 def _keyed_by_shard(pane):
