@@ -170,10 +170,13 @@ def move_late_checked(layout, hour_start: int, staged: str, destination: str, nu
     if not files.exists(staged):
         return None
     event_ids = files.read_event_ids(staged)
+    by_shard: dict[int, set[str]] = {}  # one shard, unless another run staged the file
+    for event_id in event_ids:
+        by_shard.setdefault(shard_of(event_id, num_shards), set()).add(event_id)
     held, unchecked = set(), []
-    for shard in sorted({shard_of(i, num_shards) for i in event_ids}):  # one, unless another run staged it
+    for shard, ids in sorted(by_shard.items()):
         hour = HourHeld(layout, hour_start, shard, num_shards)
-        held |= hour.of({i for i in event_ids if shard_of(i, num_shards) == shard}, skip=lambda p: p == destination)
+        held |= hour.of(ids, skip=lambda path: path == destination)
         unchecked += hour.unchecked
     if not held:
         moved = files.concatenate_avro([staged], destination, codec)
