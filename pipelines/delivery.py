@@ -43,6 +43,7 @@ from transforms.reports import DEAD_LETTERED, DELIVERED, SUPERSEDED
 from transforms.sealed_dead_letters import SealDeadLetters
 from transforms.sealing import JobKeyCache
 from transforms.settings import DeliverySettings
+from transforms.stream_panes import GatherPanes
 from transforms.write import WriteAvroPanes, WriteAvroPanesOrGiveUp, prepared_record
 
 PROG = "python -m pipelines.delivery"
@@ -69,9 +70,10 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
         marked = events | "MarkRepeats" >> MarkRepeats(settings)
         events, superseded = marked.events, (marked[SUPERSEDED],)
-    # After MarkRepeats a runner's bundle holds one id's work: a stream's events are not packed.
-    panes = events | "BucketByHour" >> BucketByHour(settings, pack=settings.bounded)
-    deduplicated = panes | "Deduplicate" >> Deduplicate(settings)
+    if settings.bounded:
+        deduplicated = events | "BucketByHour" >> BucketByHour(settings) | "Deduplicate" >> Deduplicate(settings)
+    else:  # one keyed step: after MarkRepeats a runner's bundle holds one id's work, nothing to pack
+        deduplicated = events | "GatherPanes" >> GatherPanes(settings)
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.
     staged = deduplicated.unique | "StageDelivered" >> WriteAvroPanesOrGiveUp(

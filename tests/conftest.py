@@ -12,6 +12,7 @@ from event_delivery.cloud import clients
 from event_delivery.contract.registry import load_registry
 from tests.emulated import PROJECT
 from tools.local.emulators import bigtable_command, free_port, running_emulators, start, stop_process_group
+from transforms import stream_panes
 
 # Hypothesis fails any example slower than 200 ms by default. On a loaded 2-core CI runner a
 # slow example is no bug, so no generated test has a deadline (set before any test module
@@ -60,3 +61,12 @@ def bucket(emulators):
 @pytest.fixture(scope="session")
 def registry():
     return load_registry()
+
+
+@pytest.fixture(autouse=True)
+def panes_on_the_test_clock(monkeypatch):
+    """A stream's pane waits ``trigger_seconds`` from its first event by the wall clock
+    (``transforms.stream_panes.wall_clock``); a TestStream's processing time starts near zero,
+    not today. Set to zero, the wait ends at the test clock's next tick, as a test expects
+    when it advances the clock past the trigger."""
+    monkeypatch.setattr(stream_panes, "wall_clock", lambda: 0)

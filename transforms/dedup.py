@@ -4,7 +4,8 @@ restarts of the job before the hour closed.
 A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
 (id, hour), keyed by the id, so each event reads and writes only its own cell however
 full the hour is, and the work spreads over as many keys as there are ids. It marks
-every copy after the first; ``Deduplicate``, per (hour, shard), drops the marked copies,
+every copy after the first; ``GatherPanes``, per (hour, shard, writer), drops the marked copies
+(``transforms.stream_panes``),
 before the hour closes and after, when the rest goes to the late root. A run that
 starts while hours are open seeds the cells with the ids that the runs before it staged
 for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, StrUtf8Coder, VarIntCoder
+from apache_beam.coders import StrUtf8Coder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
@@ -249,14 +250,14 @@ class DeduplicateBoundedPaneFn(beam.DoFn):
     as a bounded input's one pane does, and counts the others. No pane can come after
     it, so none is late, and no state is kept.
 
-    What earlier runs staged for the hour counts as seen, see ``DeduplicateStreamPaneFn``.
+    What earlier runs staged for the hour counts as seen (a backfill of an hour a stream left open).
     """
 
     def __init__(self, settings):
         self.settings = settings
 
     def default_label(self):
-        return "DeduplicateWholeHourFn"  # the step name from before the rename, as below
+        return "DeduplicateWholeHourFn"  # the step name from before the rename: a job's steps keep their names
 
     def setup(self):
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
@@ -270,62 +271,12 @@ class DeduplicateBoundedPaneFn(beam.DoFn):
         yield from _count_duplicates(self.duplicates, len(events) - len(unique))
 
 
-class DeduplicateStreamPaneFn(DeduplicateBoundedPaneFn):
-    """Drops the copies ``MarkRepeats`` marked in an hour's shard and counts them, and numbers the
-    panes it lets through.
-
-    A pane that arrives after the watermark closed the hour goes out as ``late``, its
-    marked copies dropped and counted too, whatever timing label the runner gave it.
-
-    Which ids came before, in this run or in the runs before it, is in the cells of
-    ``MarkRepeats``, so a pane reads nothing but its own events. The state of an (hour,
-    shard, writer) is whether its hour closed, and the number of the next pane it lets
-    through: a pane goes out as ``((shard, writer, number), events)``, and the write that
-    follows names its file by that number without state of its own, so it needs no keyed
-    shuffle of its own either. The number is committed with the pane, so a retried work
-    item numbers its panes as before and the write replaces the same files.
-    """
-
-    CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
-    NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
-    CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
-
-    def default_label(self):
-        # Running jobs know this stateful step as ``.../ParDo(DeduplicateFn)``: ``--update``
-        # hands its state over by that name, so the class's rename leaves it as it was.
-        return "DeduplicateFn"
-
-    def process(
-        self,
-        pane_elements,
-        window=beam.DoFn.WindowParam,
-        closed=beam.DoFn.StateParam(CLOSED),
-        number=beam.DoFn.StateParam(NUMBER),
-        close=beam.DoFn.TimerParam(CLOSE),
-    ):
-        (shard, writer), events = pane_elements
-        unique = keep_first_copies([e for e in events if not is_repeat(e)], set())
-        if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE_PANES, ((shard, writer), unique))
-        else:
-            close.set(window.end)
-            if unique:
-                current = number.read() or 0
-                number.write(current + 1)
-                yield (shard, writer, current), unique
-        yield from _count_duplicates(self.duplicates, len(events) - len(unique))
-
-    @on_timer(CLOSE)
-    def close_hour(self, closed=beam.DoFn.StateParam(CLOSED)):
-        closed.write(True)
-
-
 class Deduplicate(beam.PTransform):
-    """``((shard, writer), [events])`` panes in; ``duplicates`` reports out, ``late`` panes as they came,
-    and ``unique`` panes numbered, ``((shard, writer, file number), [events])``, none empty.
+    """A bounded input's ``((shard, writer), [events])`` panes in, one per hour and shard; ``duplicates``
+    reports out, and ``unique`` panes, ``((shard, writer, 0), [events])``, none empty; no ``late`` one.
+    (A stream's panes are gathered and deduplicated by ``transforms.stream_panes.GatherPanes``.)
 
-    ``settings`` are the job's ``DeliverySettings``: where panes are staged, the run, and
-    whether the input is bounded (one pane per hour and shard).
+    ``settings`` are the job's ``DeliverySettings``: where panes are staged, and the run.
     """
 
     def __init__(self, settings):
@@ -333,6 +284,5 @@ class Deduplicate(beam.PTransform):
         self.settings = settings
 
     def expand(self, panes):
-        fn = DeduplicateBoundedPaneFn if self.settings.bounded else DeduplicateStreamPaneFn
-        dedup = beam.ParDo(fn(self.settings))
+        dedup = beam.ParDo(DeduplicateBoundedPaneFn(self.settings))
         return panes | "DropRepeatedIds" >> dedup.with_outputs(DUPLICATES, LATE_PANES, main="unique")

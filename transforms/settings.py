@@ -19,7 +19,9 @@ DAY_SECONDS = 24 * 3600
 # 3: ``Deduplicate`` numbers the staged files (``StageDelivered`` keeps no state), and the close's
 #    index of an hour's ids is shuffled to (hour, shard, group of buckets) keys (``WriteIndexBuckets``).
 # 4: events cross shuffles and rest in panes as encoded records (``transforms.records``), not field dicts.
-STATE_LAYOUT = 4
+# 5: a stream's panes are gathered in state by ``GatherPanes``, which numbers them too: no grouping
+#    of events into panes, no ``Deduplicate`` step after it.
+STATE_LAYOUT = 5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import collections
 import itertools
 
 import apache_beam as beam
+import hypothesis
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger
@@ -21,6 +22,7 @@ from apache_beam.transforms.window import (
     TimestampedValue,
 )
 from apache_beam.utils.timestamp import Timestamp
+from hypothesis import strategies as st
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -29,9 +31,10 @@ from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.messages import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import dedup, hours, published_hours
-from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, DeduplicateStreamPaneFn, MarkRepeats, MarkRepeatsFn
+from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, MarkRepeats, MarkRepeatsFn
 from transforms.hours import BucketByHour, shard_of
 from transforms.records import encoded_event
+from transforms.stream_panes import GatherPanes, GatherPanesFn
 
 
 def event(event_id, received_at_seconds):
@@ -47,8 +50,7 @@ def run(clock, unique, late, duplicates, tmp_path):
     """Runs the stream through bucketing and deduplication and checks what comes out."""
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, late_horizon_seconds=3600)
-        panes = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False)
-        result = panes | Deduplicate(s)
+        result = (pipeline | clock.finish() | MarkRepeats(s)).events | GatherPanes(s)
         ids = lambda label, pcoll: pcoll | label >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])  # noqa: E731
         assert_that(ids("UniqueIds", result.unique), equal_to(unique), label="unique")
         assert_that(ids("LateIds", result.late), equal_to(late), label="late")
@@ -116,7 +118,7 @@ def test_with_lateness_longer_than_the_hour_a_repeat_until_the_close_and_a_windo
     clock.advance(TRIGGER * 2)
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, allowed_lateness_seconds=lateness, late_horizon_seconds=3600)
-        result = (pipeline | clock.finish() | MarkRepeats(s)).events | BucketByHour(s, pack=False) | Deduplicate(s)
+        result = (pipeline | clock.finish() | MarkRepeats(s)).events | GatherPanes(s)
         unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         late = result.late | "LateIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         assert_that(unique, equal_to(["e1", "e2"]), label="unique")
@@ -158,31 +160,76 @@ class WatermarkTimer:
         self.at = timestamp
 
 
-def test_a_pane_holds_no_state_but_whether_its_hour_closed_and_the_number_of_its_next_file(tmp_path):
-    fn, closed, number, timer = (
-        DeduplicateStreamPaneFn(settings(tmp_path)),
-        ValueState(),
-        ValueState(),
-        WatermarkTimer(),
-    )
-    fn.setup()
-    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-    dedup = lambda *events: list(fn.process(((0, "w"), list(events)), window, closed, number, timer))  # noqa: E731
-    [unique, duplicates] = dedup(event("e1", 600), repeat(event("e1", 600)))
-    assert unique == ((0, "w", 0), [event("e1", 600)]), "the marked repeat is dropped, the pane is file 0"
-    assert duplicates.value[1] == 1 and timer.at == window.end
-    timer.at = None
-    [duplicates] = dedup(repeat(event("e2", 600)))
-    assert timer.at == window.end, "a pane of repeats alone arms the close too: its key's next pane may be late"
-    [unique] = dedup(event("e3", 600))
-    assert unique[0] == (0, "w", 1), "a pane with nothing to write takes no number"
-    fn.close_hour(closed=closed)
-    late, duplicates = dedup(event("e5", 600), repeat(event("e4", 600)))
-    assert (late.tag, late.value) == (LATE_PANES, ((0, "w"), [event("e5", 600)])), "late, the marked repeat dropped"
-    assert duplicates.value[1] == 1, "and counted as a duplicate"
-    assert number.read() == 2, "a late pane takes no number of the staged files"
-    specs = {spec.name for spec in DeduplicateStreamPaneFn.__dict__.values() if hasattr(spec, "coder")}
-    assert specs == {"closed", "next_file_number"}
+class BagState:
+    def __init__(self):
+        self.values = []
+
+    def add(self, value):
+        self.values.append(value)
+
+    def read(self):
+        return list(self.values)
+
+    def clear(self):
+        self.values = []
+
+
+class Gathering:
+    """One key of ``GatherPanesFn`` with in-memory state: what it emits, event by event and on its timers."""
+
+    def __init__(self, settings):
+        self.fn = GatherPanesFn(settings)
+        self.fn.setup()
+        self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
+        self.state = dict(events=BagState(), waiting=ValueState(), number=ValueState(), closed=ValueState())
+        self.flush, self.close = WatermarkTimer(), WatermarkTimer()
+
+    def add(self, *events) -> list:
+        timers = dict(flush=self.flush, close=self.close)
+        return [out for e in events for out in self.fn.process(((600, 0, "w"), e), self.window, **self.state, **timers)]
+
+    def on_the_clock(self) -> list:
+        return list(self.fn.on_the_clock(key=(600, 0, "w"), window=self.window, **self.state))
+
+    def on_the_close(self) -> list:
+        return list(self.fn.on_the_close(key=(600, 0, "w"), window=self.window, **self.state))
+
+
+def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_goes_late(tmp_path):
+    gathering = Gathering(settings(tmp_path))
+    [duplicates] = gathering.add(event("e1", 600), repeat(event("e1", 600)))
+    assert duplicates.tag == dedup.DUPLICATES and duplicates.value.value[1] == 1, "the marked repeat is counted"
+    assert gathering.close.at == gathering.window.max_timestamp(), "the close is set, and holds the output"
+    assert gathering.flush.at == Timestamp(TRIGGER), "the pane waits trigger_seconds by the clock"
+    [pane] = gathering.on_the_clock()
+    assert pane.value == ((0, "w", 0), [event("e1", 600)]) and pane.timestamp == gathering.window.max_timestamp()
+    assert gathering.on_the_clock() == [], "nothing waits: no pane, and no number taken"
+    gathering.add(event("e2", 600), event("e2", 600))
+    [duplicates, pane] = gathering.on_the_close()
+    assert pane.value == ((0, "w", 1), [event("e2", 600)]), "the close sends what waits, under the next number"
+    assert duplicates.value.value[1] == 1, "a second copy within a pane is dropped and counted"
+    gathering.close.at = None
+    gathering.add(event("e3", 600))
+    [late] = gathering.on_the_clock()
+    assert (late.tag, late.value.value) == (LATE_PANES, ((0, "w"), [event("e3", 600)])), "after the close: late"
+    assert gathering.close.at is None and gathering.state["number"].read() == 2, "a late pane takes no number"
+    specs = {spec.name for spec in GatherPanesFn.__dict__.values() if hasattr(spec, "coder")}
+    assert specs == {"events", "waiting", "next_file_number", "closed"}
+
+
+@hypothesis.given(
+    sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=60),
+    bound=st.integers(min_value=50, max_value=1000),
+)
+@hypothesis.settings(max_examples=40, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+def test_every_event_goes_out_once_and_no_pane_outgrows_the_bound_by_more_than_its_last_event(tmp_path, sizes, bound):
+    gathering = Gathering(settings(tmp_path, max_pane_bytes=bound))
+    events = [encoded_event(f"e{n}", 600_000, b"x" * size, False) for n, size in enumerate(sizes)]
+    panes = [out.value for out in gathering.add(*events) + gathering.on_the_close()]
+    assert [e for _, pane in panes for e in pane] == events, "each event once, in order"
+    for _, pane in panes:
+        assert sum(hours.approximate_bytes(e) for e in pane[:-1]) < bound, "cut once the bound is reached"
+    assert [number for (_, _, number), _ in panes] == list(range(len(panes)))
 
 
 def repeat(event) -> tuple:
@@ -318,7 +365,7 @@ def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_pu
         marked = (stream | MarkRepeats(s)).events
         held = lagging_behind(stream, release_after_seconds=WINDOW + LATENESS + 6 * WINDOW)
         lagging = (marked, held) | beam.Flatten()
-        result = lagging | BucketByHour(s, pack=False) | Deduplicate(s)
+        result = lagging | GatherPanes(s)
         unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         assert_that(unique, equal_to(["e1"]), label="unique")
         counted = result.duplicates | beam.Map(lambda report: report[1]) | beam.WindowInto(FixedWindows(10**6))
@@ -376,7 +423,7 @@ def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_even
         stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
     with streaming_pipeline() as pipeline:
         marked = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s)
-        result = marked.events | BucketByHour(s, pack=False) | Deduplicate(s)
+        result = marked.events | GatherPanes(s)
         here = result.unique | "Here" >> beam.FlatMap(lambda pane: [("here", e[0]) for e in pane[1]])
         gone = marked[dedup.SUPERSEDED] | "LeftOut" >> beam.Map(lambda r: ("left out", r[2][1]))
         new = [f"new-{n}-{i}" for n in range(20) for i in range(5)]

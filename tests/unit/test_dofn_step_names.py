@@ -16,7 +16,7 @@ STREAMING = [
     "ParseEvents/Parse/ParDo(ParseEventFn)",
     "EncryptPersonalFields/SealFields/ParDo(EncryptPersonalFieldsFn)",
     "MarkRepeats/MarkRepeatedIds/ParDo(MarkRepeatsFn)",
-    "Deduplicate/DropRepeatedIds/ParDo(DeduplicateFn)",
+    "GatherPanes/GatherAndNumber/ParDo(GatherPanesFn)",
     "StageDelivered/WriteFiles/ParDo(WritePaneOfItsNumberFn)",
     "WriteLate/WriteFiles/ParDo(WriteLatePaneFn)",
     "CloseHour/CloseWhenDue/ParDo(CloseHourFn)",
