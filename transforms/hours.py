@@ -134,40 +134,11 @@ class PackByShardFn(beam.DoFn):
 
 
 WEIGHT = b""  # an element that only weighs: ``FormPanes`` drops it
-EVENT_WEIGHT_BYTES = 1024  # what an event, or a weight among events, stands for
 PACK_WEIGHT_BYTES = 64 * 1024  # what a pack, or a weight among packs, stands for
 
 
-class KeyByPaneFn(beam.DoFn):
-    """``((bucket, shard, writer), event)`` for each event on its own, as a stream's writer keys
-    it. An event stands for ``EVENT_WEIGHT_BYTES`` in its pane's trigger; what it holds past
-    that is carried per key, and a ``WEIGHT`` follows for each full unit carried, so that a
-    key's elements since any firing stand for its bytes within one unit per instance, and an
-    event under a KiB adds nothing. Nothing unused is carried forward: a run of small events
-    leaves no credit for large ones.
-    """
-
-    def __init__(self, window_seconds: int, num_shards: int):
-        self.window_seconds = window_seconds
-        self.num_shards = num_shards
-
-    def setup(self):
-        self.carried = {}  # per key of this instance: bytes not yet stood for, under a unit
-
-    def process(self, event):
-        key = pane_key(event, self.window_seconds, self.num_shards, writer_id())
-        yield key, event
-        over = self.carried.pop(key, 0) + approximate_bytes(event) - EVENT_WEIGHT_BYTES
-        weights, carried = divmod(max(over, 0), EVENT_WEIGHT_BYTES)
-        yield from [(key, WEIGHT)] * weights
-        if carried:
-            self.carried[key] = carried
-        if len(self.carried) > 10_000:  # keys of hours long closed; each forgets less than a unit
-            self.carried.clear()
-
-
 class FormPanesFn(beam.DoFn):
-    """A key's grouped values in (packs, or elements on their own, and their weights); its
+    """A key's grouped values in (packs and their weights); its
     panes out, each ``((shard, writer), [elements])`` of at most ``max_pane_bytes``, or one
     pane of them all. The hour leaves the key here: the window holds it from now on.
 
@@ -175,13 +146,12 @@ class FormPanesFn(beam.DoFn):
     filter and write it. Streaming Engine refuses a commit or a value past ~80 MB, and the
     key then holds the watermark for good; a trigger bounds a pane in time only, and a
     backlog, a burst or fewer writers fill it beyond any size. So a stream's panes are cut
-    at a byte bound (each pack, itself bounded, or element counted as it comes). A bounded
+    at a byte bound (each pack itself bounded). A bounded
     input's one pane per (hour, shard) is not cut: its deduplication needs the whole of it,
     and a batch shuffle has no such limit.
     """
 
-    def __init__(self, packed: bool, max_pane_bytes=None):
-        self.packed = packed
+    def __init__(self, max_pane_bytes=None):
         self.max_pane_bytes = max_pane_bytes
 
     def process(self, keyed_values):
@@ -190,24 +160,22 @@ class FormPanesFn(beam.DoFn):
         for value in values:
             if value == WEIGHT:
                 continue
-            elements = pickle.loads(value) if self.packed else [value]
+            elements = pickle.loads(value)
             if self.max_pane_bytes:
-                value_bytes = len(value) if self.packed else approximate_bytes(value)
-                if pane and size + value_bytes > self.max_pane_bytes:
+                if pane and size + len(value) > self.max_pane_bytes:
                     yield pane_key, pane
                     pane, size = [], 0
-                size += value_bytes
+                size += len(value)
             pane.extend(elements)
         if pane:
             yield pane_key, pane
 
 
-def pane_trigger(settings, packed: bool) -> trigger.TriggerFn:
+def pane_trigger(settings) -> trigger.TriggerFn:
     """When a key's panes fire: a bounded input's once per hour; a stream's every
     ``trigger_seconds`` while the hour is open, or as soon as twice ``max_pane_bytes`` wait
-    (counted in elements, each standing for ``EVENT_WEIGHT_BYTES``, or ``PACK_WEIGHT_BYTES``
-    among packs, with weights added where elements hold more: ``KeyByPaneFn``,
-    ``PackByShardFn``), whichever comes first; when it closes; and afterwards, for
+    (counted in packs, each standing for ``PACK_WEIGHT_BYTES``, with weights added where a pack
+    holds more: ``PackByShardFn``), whichever comes first; when it closes; and afterwards, for
     stragglers, on the same two.
 
     A firing leaves in one commit, with every pane ``FormPanes`` cuts from it. Streaming
@@ -217,13 +185,11 @@ def pane_trigger(settings, packed: bool) -> trigger.TriggerFn:
     work item's input, whatever the rate, the backlog, the size of the events or the number
     of writers; and since a key is one hour's (its bucket leads it), the timers that fire
     together in one work item fire one window's panes, however many hours a backlog spans.
-    The busiest type's 60 s pane (~37 MB per key) fires on the bytes about once a minute.
     """
     s = settings
     if s.trigger_seconds is None:  # a bounded input: one pane per hour and shard
         return trigger.DefaultTrigger()
-    unit = PACK_WEIGHT_BYTES if packed else EVENT_WEIGHT_BYTES
-    waited = max(1, 2 * s.max_pane_bytes // unit)
+    waited = max(1, 2 * s.max_pane_bytes // PACK_WEIGHT_BYTES)
     if s.trigger_events:  # a count for the clock (the bench's): of two counts the smaller fires first
         either = trigger.AfterCount(min(s.trigger_events, waited))
     else:  # on the local runner as on Dataflow: see transforms.any_trigger
@@ -237,34 +203,27 @@ class BucketByHour(beam.PTransform):
     Every copy of an id lands in the same shard. A stream's panes are split further by
     writer, and cut at ``max_pane_bytes`` (see ``FormPanesFn``); a bounded input's are not
     (writer ``""``): its one pane per (hour, shard) holds every copy of an id, which is how
-    it deduplicates. Without ``pack``, a stream's elements are keyed one by one (see
-    ``PackByShardFn``): for input that comes from a keyed stateful step.
+    it deduplicates. Packing pays where bundles are read (see ``PackByShardFn``): a stream's events,
+    which come from a keyed stateful step, are gathered into panes by ``transforms.stream_panes``.
 
     When a pane fires is ``pane_trigger``'s. Which pane it is (early, on time, late) is decided downstream by state,
     not by the runner's pane label: the Python DirectRunner labels panes with a
     watermark that event timestamps from the past can hold back.
     """
 
-    def __init__(self, settings, pack: bool = True):
+    def __init__(self, settings):
         """``settings`` is the job's ``DeliverySettings``."""
         super().__init__()
         self.settings = settings
-        self.pack = pack or settings.bounded
 
     def expand(self, elements):
         s = self.settings
         bound = None if s.bounded else s.max_pane_bytes
-        if self.pack:
-            pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
-            keyed = elements | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, int, str], bytes])
-        else:
-            keyed = elements | "KeyByShardAndWriter" >> beam.ParDo(
-                KeyByPaneFn(s.window_seconds, s.num_shards)
-            ).with_output_types(tuple[tuple[int, int, str], typing.Any])
+        pack = PackByShardFn(s.window_seconds, s.num_shards, per_writer=not s.bounded, max_pack_bytes=bound)
         return (
-            keyed
-            | "HourWindows" >> hour_windows(s, pane_trigger(s, self.pack))
+            elements
+            | "PackByShard" >> beam.ParDo(pack).with_output_types(tuple[tuple[int, int, str], bytes])
+            | "HourWindows" >> hour_windows(s, pane_trigger(s))
             | "GroupIntoPanes" >> beam.GroupByKey()
-            | "FormPanes"
-            >> beam.ParDo(FormPanesFn(self.pack, bound)).with_output_types(tuple[tuple[int, str], list[typing.Any]])
+            | "FormPanes" >> beam.ParDo(FormPanesFn(bound)).with_output_types(tuple[tuple[int, str], list[typing.Any]])
         )

@@ -33,9 +33,12 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from event_delivery.contract import slo
-from transforms import timer_holds  # noqa: F401 - the close timer holds the watermark locally as on Dataflow
+from transforms import (
+    hours,
+    timer_holds,  # noqa: F401 - the close timer holds the watermark locally as on Dataflow
+)
 from transforms.dedup import LATE_PANES, is_repeat, keep_first_copies
-from transforms.hours import approximate_bytes, pane_key, writer_id
+from transforms.hours import approximate_bytes, pane_key
 from transforms.reports import DUPLICATES, report
 
 wall_clock = time.time  # module-level, so that a test can put it on its TestStream's clock
@@ -43,7 +46,7 @@ wall_clock = time.time  # module-level, so that a test can put it on its TestStr
 
 def _keyed_by_pane(event, window_seconds: int, num_shards: int):
     """``((bucket, shard, writer), event)``: the writer is the worker process this runs in."""
-    return pane_key(event, window_seconds, num_shards, writer_id()), event
+    return pane_key(event, window_seconds, num_shards, hours.writer_id()), event
 
 
 def _at_the_end_of(window, value) -> WindowedValue:
@@ -93,13 +96,11 @@ class GatherPanesFn(beam.DoFn):
         count, size = count + 1, size + approximate_bytes(event)
         full = size >= self.max_pane_bytes or (self.trigger_events and count >= self.trigger_events)
         if count == 1:
-            is_closed = closed.read()
-            if not is_closed:
-                close.set(window.max_timestamp())
-            if self.trigger:
+            # The close's timer, once more after the close: it fires at once, and the late events of
+            # the work item go out as one pane. A flush timer would hold the output at their old time.
+            close.set(window.max_timestamp())
+            if self.trigger and not closed.read():
                 flush.set(Timestamp(wall_clock()) + self.trigger)
-            elif is_closed:  # no clock to wait for: a late event goes out at once
-                full = True
         if full:
             yield from self._pane(shard, writer, window, events, waiting, number, closed)
         else:
@@ -127,10 +128,13 @@ class GatherPanesFn(beam.DoFn):
         waiting=beam.DoFn.StateParam(WAITING),
         number=beam.DoFn.StateParam(NUMBER),
         closed=beam.DoFn.StateParam(CLOSED),
+        flush=beam.DoFn.TimerParam(FLUSH),
     ):
         _, shard, writer = key
         yield from self._pane(shard, writer, window, events, waiting, number, closed)
-        closed.write(True)
+        if not closed.read():
+            closed.write(True)
+            flush.clear()  # nothing waits for it, and it would hold a drain until it fires
 
     def _pane(self, shard, writer, window, events, waiting, number, closed):
         """What waits, as one pane: staged under the next number while the hour is open, else late."""

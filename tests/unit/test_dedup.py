@@ -156,8 +156,13 @@ class ValueState:
 
 
 class WatermarkTimer:
+    at = None
+
     def set(self, timestamp):
         self.at = timestamp
+
+    def clear(self):
+        self.at = None
 
 
 class BagState:
@@ -192,7 +197,7 @@ class Gathering:
         return list(self.fn.on_the_clock(key=(600, 0, "w"), window=self.window, **self.state))
 
     def on_the_close(self) -> list:
-        return list(self.fn.on_the_close(key=(600, 0, "w"), window=self.window, **self.state))
+        return list(self.fn.on_the_close(key=(600, 0, "w"), window=self.window, **self.state, flush=self.flush))
 
 
 def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_goes_late(tmp_path):
@@ -208,11 +213,14 @@ def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_
     [duplicates, pane] = gathering.on_the_close()
     assert pane.value == ((0, "w", 1), [event("e2", 600)]), "the close sends what waits, under the next number"
     assert duplicates.value.value[1] == 1, "a second copy within a pane is dropped and counted"
+    assert gathering.flush.at is None, "the close clears the clock's timer: it would hold a drain"
     gathering.close.at = None
     gathering.add(event("e3", 600))
-    [late] = gathering.on_the_clock()
+    assert gathering.flush.at is None, "a late event sets no timer on the clock: it would hold the close at its time"
+    assert gathering.close.at == gathering.window.max_timestamp(), "but the close's again, which fires at once"
+    [late] = gathering.on_the_close()
     assert (late.tag, late.value.value) == (LATE_PANES, ((0, "w"), [event("e3", 600)])), "after the close: late"
-    assert gathering.close.at is None and gathering.state["number"].read() == 2, "a late pane takes no number"
+    assert gathering.state["number"].read() == 2, "a late pane takes no number"
     specs = {spec.name for spec in GatherPanesFn.__dict__.values() if hasattr(spec, "coder")}
     assert specs == {"events", "waiting", "next_file_number", "closed"}
 

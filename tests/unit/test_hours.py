@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import apache_beam as beam
-import pytest
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue, WindowFn
 from apache_beam.utils.timestamp import Timestamp
@@ -20,13 +19,12 @@ from event_delivery.contract.hours import HourWindows
 from event_delivery.contract.partitions import partition
 from event_delivery.contract.registry import load_registry
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_settings, streaming_pipeline
+from transforms import stream_panes
 from transforms.hours import (
-    EVENT_WEIGHT_BYTES,
     PACK_WEIGHT_BYTES,
     WEIGHT,
     BucketByHour,
     FormPanesFn,
-    KeyByPaneFn,
     PackByShardFn,
     approximate_bytes,
     bucket_start_seconds,
@@ -80,15 +78,13 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     for n in range(200):
         list(fn.process(("", start + n, {"n": n})))
     list(fn.process(("e-42", start + 7, {"n": "event"})))
-    form = FormPanesFn(packed=True)
+    form = FormPanesFn()
     packs = {key: pane for wv in fn.finish_bundle() for key, pane in form.process((wv.value[0], [wv.value[1]]))}
     assert len(packs) > 8, "id-less messages spread over the shards"
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
-    key_by_pane = KeyByPaneFn(3600, 16)
-    key_by_pane.setup()
-    keyed = [next(key_by_pane.process(("", start + n, {"n": 0})))[0] for n in range(200)]
+    keyed = [stream_panes._keyed_by_pane(("", start + n, {"n": 0}), 3600, 16)[0] for n in range(200)]
     assert len({shard for _, shard, _ in keyed}) > 8, "nor when they are keyed one by one"
     assert {writer for _, _, writer in keyed} == {writer_id()}
     assert {bucket for bucket, _, _ in keyed} == {start // 1000}, "and each under its hour"
@@ -116,8 +112,7 @@ class RefusePastTheCommitLimitFn(beam.DoFn):
         yield from (element[0] for element in pane[1])
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["packed from read bundles", "keyed one by one"])
-def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_path, pack):
+def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_path):
     """3,000 events of ~150 bytes reach one (hour, shard, writer) at once, as a backlog does:
     about 100 times the bound. Every pane (and pack) that crosses a shuffle stays within it."""
     bound = 4096
@@ -126,7 +121,7 @@ def test_a_backlog_far_past_the_pane_bound_is_shuffled_in_panes_within_it(tmp_pa
     clock = Clock(START).arrive(*((i, (START + 1) * 1000, {"n": i, "pad": "x" * 120}) for i in ids))
     clock.advance(TRIGGER * 2)
     with streaming_pipeline() as pipeline:
-        panes = pipeline | clock.finish() | BucketByHour(s, pack=pack)
+        panes = pipeline | clock.finish() | BucketByHour(s)
         # Pickling adds some bytes per element to what the bound counts: twice the bound is the limit here.
         delivered = panes | beam.ParDo(RefusePastTheCommitLimitFn(limit_bytes=2 * bound))
         assert_that(delivered, equal_to(ids))
@@ -142,10 +137,10 @@ def _a_backlog_in_reads(clock: Clock, reads: int, per_read: int, make) -> Clock:
     return clock
 
 
-def _bytes_per_firing(keyed, s, packed=False):
+def _bytes_per_firing(keyed, s):
     """The bytes of what each firing of the panes' grouping holds (weights left out), as it
     leaves in one commit; and its key and window."""
-    grouped = keyed | hour_windows(s, pane_trigger(s, packed)) | beam.GroupByKey()
+    grouped = keyed | hour_windows(s, pane_trigger(s)) | beam.GroupByKey()
     return grouped | beam.ParDo(_FiringFn())
 
 
@@ -159,51 +154,6 @@ class _FiringFn(beam.DoFn):
                 bucket_start_seconds(window),
                 sum(len(v) if isinstance(v, bytes) else approximate_bytes(v) for v in real),
             )
-
-
-@pytest.mark.parametrize("pad, per_read", [(100, 50), (20_000, 5), ("ü" * 5_000, 5)], ids=["small", "large", "utf-8"])
-def test_a_key_fires_once_its_bytes_wait_however_large_a_backlog_or_its_events(tmp_path, pad, per_read):
-    """A firing leaves in one commit, which Streaming Engine cannot split (the input of a work
-    item it can): 40 reads reach one key within one trigger interval, many times the bytes
-    that may wait for it. Each firing holds at most twice the pane bound plus one read,
-    events of 20 kB (or of 5,000 two-byte characters) as well as of 100 bytes: the trigger
-    counts elements, and large ones bring weights."""
-    bound = 32 * EVENT_WEIGHT_BYTES
-    s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
-    text = pad if isinstance(pad, str) else "x" * pad
-    make = lambda n: (f"backlog-{n:05d}", (START + 1) * 1000, {"pad": text})  # noqa: E731
-    clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=per_read, make=make)
-    one_read = per_read * len(repr(make(0)).encode())
-    with streaming_pipeline() as pipeline:
-        events = pipeline | clock.advance(TRIGGER * 2).finish()
-        fired = _bytes_per_firing(events | beam.ParDo(KeyByPaneFn(WINDOW, 1)), s)
-        too_large = fired | beam.Filter(lambda firing: firing[2] > 2 * bound + one_read + EVENT_WEIGHT_BYTES)
-        assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
-        panes = events | BucketByHour(s, pack=False)
-        ids = panes | beam.FlatMap(lambda pane: [event[0] for event in pane[1]])
-        assert_that(ids, equal_to([make(n)[0] for n in range(40 * per_read)]), label="every event in a pane once")
-
-
-def test_an_event_under_a_kib_brings_no_weight_and_none_carries_credit():
-    """Weights are elements the grouping handles too: events of 400 bytes add none, 1,050 bytes
-    one every 40 or so, 3 kB two each; and a run of small events leaves no credit that would
-    spare a large one its weights."""
-    key_by_pane = KeyByPaneFn(3600, 1)
-    key_by_pane.setup()
-
-    def weights(size: int, count: int) -> tuple[int, int]:
-        """The weights sent for ``count`` events of ``size`` bytes, and the bytes they held past a unit each."""
-        events = [(f"e{n:05d}", 0, {"p": "x" * (size - 15)}) for n in range(count)]  # id 6, stamp 8, key 1
-        assert {approximate_bytes(e) for e in events} == {size}
-        out = [value for e in events for _, value in key_by_pane.process(e)]
-        return sum(1 for value in out if value == WEIGHT), count * (size - EVENT_WEIGHT_BYTES)
-
-    assert weights(400, 1000)[0] == 0
-    sent, over = weights(1050, 1000)
-    assert sent == over // EVENT_WEIGHT_BYTES == 25, "what the events hold past a unit, within one unit"
-    assert weights(3072, 100)[0] == 200
-    weights(100, 10_000)
-    assert weights(20_480, 1)[0] == 19, "no credit from the small ones"
 
 
 def test_packs_fire_once_their_bytes_wait_and_small_ones_do_not_fire_on_their_number(tmp_path):
@@ -220,7 +170,7 @@ def test_packs_fire_once_their_bytes_wait_and_small_ones_do_not_fire_on_their_nu
         clock = _a_backlog_in_reads(Clock(START), reads=40, per_read=1, make=make)
         with streaming_pipeline() as pipeline:
             messages = pipeline | clock.advance(TRIGGER * 2).finish()
-            fired = _bytes_per_firing(messages | beam.ParDo(pack), s if name == "large" else as_deployed, packed=True)
+            fired = _bytes_per_firing(messages | beam.ParDo(pack), s if name == "large" else as_deployed)
             if name == "large":
                 too_large = fired | beam.Filter(lambda firing: firing[2] > 2 * bound + 200_100)
                 assert_that(too_large, equal_to([]), label="no firing past the bound and a read")
@@ -240,7 +190,10 @@ def test_a_key_holds_one_hours_window_so_a_backlog_of_hours_fires_apart(tmp_path
     with streaming_pipeline() as pipeline:
         events = pipeline | clock.advance(TRIGGER * 2).finish()
         events = events | beam.Map(lambda e: TimestampedValue(e, e[1] / 1000))
-        fired = _bytes_per_firing(events | beam.ParDo(KeyByPaneFn(WINDOW, 1)), s)
+        packed = events | beam.ParDo(
+            PackByShardFn(WINDOW, num_shards=1, per_writer=True, max_pack_bytes=s.max_pane_bytes)
+        )
+        fired = _bytes_per_firing(packed, s)
         elsewhere = fired | beam.Filter(lambda firing: firing[0][0] != firing[1])
         assert_that(elsewhere, equal_to([]), label="each key's firings are its own hour's")
         assert_that(fired | beam.Map(lambda f: f[1]), _covers(hours), label="every hour fired")
@@ -259,7 +212,7 @@ def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_bytes(
     then a backlog of 20 reads fires on the bytes. The local runner's own ``AfterAny`` fires
     the first straggler only and holds the rest, and every close, until the late horizon
     (``transforms/any_trigger.py``); Dataflow fires each."""
-    bound = 50 * EVENT_WEIGHT_BYTES  # fires at twice that: 100 elements of ("key", n), which stand for a unit each
+    bound = 50 * PACK_WEIGHT_BYTES  # fires at twice that: 100 elements of ("key", n), which stand for a pack each
     s = local_settings(tmp_path, load_registry()["service_log"], keys=None, num_shards=1, max_pane_bytes=bound)
     clock = Clock(START).advance(WINDOW + LATENESS + TRIGGER)
     in_the_closed_hour = START + 1
@@ -273,7 +226,7 @@ def test_late_stragglers_fire_each_on_the_clock_and_a_late_backlog_on_the_bytes(
     for read in range(20):
         arrive_late(*(("key", 1000 + read * 50 + n) for n in range(50)))
     with streaming_pipeline() as pipeline:
-        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s, packed=False))
+        fired = pipeline | clock.advance(TRIGGER * 2).finish() | hour_windows(s, pane_trigger(s))
         fired = fired | beam.GroupByKey() | beam.MapTuple(lambda key, elements: sorted(elements))
         stragglers = fired | beam.Filter(lambda elements: elements and min(elements) < 1000)
         assert_that(stragglers, equal_to([[0], [1], [2]]), label="a pane each")
@@ -311,11 +264,12 @@ def test_a_bundle_spanning_hours_packs_each_element_with_the_others_of_its_hour(
         assert [e[1] for e in elements] == [t for t in arrivals if t - t % hour == stamp]
 
 
-def test_a_stream_pane_holds_as_many_elements_as_fit_within_the_bound_and_no_more():
-    """Cut at the bound, not before: a pane of fewer elements than fit means more, smaller files."""
+def test_a_stream_pane_holds_as_many_packs_as_fit_within_the_bound_and_no_more():
+    """Cut at the bound, not before: a pane of fewer packs than fit means more, smaller files."""
     element = ("e-00001", 1_800_000_000_000, {"field": "x" * 10})  # 7 + 8 + 5 + 10 = 30 bytes
     assert approximate_bytes(element) == 30
     assert approximate_bytes({"k": [b"12", 3.5, None]}) == 1 + 2 + 8 + 8, "keys, bytes, 8 for the rest"
-    panes = list(FormPanesFn(packed=False, max_pane_bytes=120).process(((0, 1, "w"), [element] * 10)))
+    pack = pickle.dumps([element], protocol=pickle.HIGHEST_PROTOCOL)
+    panes = list(FormPanesFn(max_pane_bytes=4 * len(pack)).process(((0, 1, "w"), [pack] * 10)))
     assert [len(elements) for _, elements in panes] == [4, 4, 2] and {key for key, _ in panes} == {(1, "w")}
-    assert [len(p) for _, p in FormPanesFn(packed=False).process(((0, 1, "w"), [element] * 10))] == [10]
+    assert [len(p) for _, p in FormPanesFn().process(((0, 1, "w"), [pack] * 10))] == [10]
