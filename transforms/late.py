@@ -32,6 +32,7 @@ import apache_beam as beam
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from transforms import retries
+from transforms.dedup import keep_first_copies
 from transforms.hours import bucket_start_seconds, shard_of
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
@@ -64,7 +65,9 @@ class WriteLatePaneFn(WriteStreamPaneFn):
     def process(
         self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteStreamPaneFn.NUMBER)
     ):
-        (shard, writer), events = pane_elements
+        (shard, writer), pane = pane_elements
+        events = keep_first_copies(pane, set())  # copies that came after their cells were forgotten
+        repeats = len(pane) - len(events)
         if not events:
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
@@ -75,7 +78,7 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             held -= self._left_by_a_lost_try(
                 partitions.join(self._folder(window), self._name(shard, writer, current)), event_ids
             )
-        duplicates = sum(1 for e in events if e[0] in held)
+        duplicates = repeats + sum(1 for e in events if e[0] in held)
         if duplicates:
             self.duplicates.inc(duplicates)
             yield report(DUPLICATES, duplicates)

@@ -10,14 +10,17 @@ A pane goes out when the bytes waiting reach ``max_pane_bytes`` (Streaming Engin
 a value past ~80 MB and a commit past ~180 MB: a work item's commit is its input and at
 most one pane more), ``trigger_seconds`` after its first event on the processing-time
 clock (or, for a runner with no such clock, after ``trigger_events`` events), and when the
-watermark closes the hour. After the close, what arrives goes out the same ways as
-``late`` panes. The pane's number is committed with its output, so a retried work item
-numbers its panes as the lost try did and the write replaces the same files.
+watermark closes the hour. The pane's number is committed with its output, so a retried
+work item numbers its panes as the lost try did and the write replaces the same files.
 
 Every pane is stamped at the end of its hour's window, as a grouping stamps its panes, and
-the close's timer holds the step's output there until it fires: downstream, the close of
-the hour comes after every pane staged for it. The flush timer, on the processing-time
-clock, holds the output at its first event's time, as a grouping's buffer does.
+the close's timer (an event-time timer, which holds the step's output at its time on
+Dataflow) fires there: downstream, the hour's close comes after every pane staged for it.
+A drain fires it too, so nothing waits in state when the windows expire. The flush timer,
+on the processing-time clock, holds the output at its first event's time, as a grouping's
+buffer does; the close clears it.
+
+After the close, events go out one by one and are grouped downstream (see ``GatherPanesFn``).
 """
 
 from __future__ import annotations
@@ -33,14 +36,12 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from event_delivery.contract import slo
-from transforms import (
-    hours,
-    timer_holds,  # noqa: F401 - the close timer holds the watermark locally as on Dataflow
-)
-from transforms.dedup import LATE_PANES, is_repeat, keep_first_copies
-from transforms.hours import approximate_bytes, pane_key
+from transforms import hours
+from transforms.dedup import is_repeat, keep_first_copies
+from transforms.hours import BucketByHour, approximate_bytes, pane_key
 from transforms.reports import DUPLICATES, report
 
+LATE_EVENTS = "late_events"  # the output of events that came after their hour closed
 wall_clock = time.time  # module-level, so that a test can put it on its TestStream's clock
 
 
@@ -56,17 +57,21 @@ def _at_the_end_of(window, value) -> WindowedValue:
 
 
 class GatherPanesFn(beam.DoFn):
-    """``((bucket, shard, writer), event)`` in; numbered panes ``((shard, writer, number), [events])``
-    out, ``late`` panes ``((shard, writer), [events])`` after the close, and ``duplicates`` reports
-    of the repeats dropped (marked by ``MarkRepeats``, or a second copy within a pane)."""
+    """``((bucket, shard, writer), event)`` in; numbered panes ``((shard, writer, number), [events])`` out
+    while the hour is open, ``late`` events one by one after its close, and ``duplicates`` reports of
+    the repeats dropped (marked by ``MarkRepeats``, or a second copy within a pane).
+
+    Late events are grouped by a ``GroupByKey`` downstream, not here: a grouping holds no watermark
+    for late data, while a timer here would hold this step's output at their old time, and every
+    close of the type behind it, for as long as late events keep coming.
+    """
 
     EVENTS = BagStateSpec("events", FastPrimitivesCoder())
-    WAITING = ReadModifyWriteStateSpec("waiting", TupleCoder((VarIntCoder(), VarIntCoder())))  # (events, bytes)
+    # (events waiting, their bytes, whether the hour closed): one read and one write an event
+    PANE = ReadModifyWriteStateSpec("pane", TupleCoder((VarIntCoder(), VarIntCoder(), BooleanCoder())))
     NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
-    CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
-    HOLDS_AT_TIMERS = True  # see transforms.timer_holds
 
     def __init__(self, settings):
         self.max_pane_bytes = settings.max_pane_bytes
@@ -81,9 +86,8 @@ class GatherPanesFn(beam.DoFn):
         keyed_event,
         window=beam.DoFn.WindowParam,
         events=beam.DoFn.StateParam(EVENTS),
-        waiting=beam.DoFn.StateParam(WAITING),
+        pane=beam.DoFn.StateParam(PANE),
         number=beam.DoFn.StateParam(NUMBER),
-        closed=beam.DoFn.StateParam(CLOSED),
         flush=beam.DoFn.TimerParam(FLUSH),
         close=beam.DoFn.TimerParam(CLOSE),
     ):
@@ -91,20 +95,20 @@ class GatherPanesFn(beam.DoFn):
         if is_repeat(event):  # counted, never written: its record did not come along
             yield from self._counted(1, window)
             return
+        waiting, size, closed = pane.read() or (0, 0, False)
+        if closed:
+            yield beam.pvalue.TaggedOutput(LATE_EVENTS, event)
+            return
         events.add(event)
-        count, size = waiting.read() or (0, 0)
-        count, size = count + 1, size + approximate_bytes(event)
-        full = size >= self.max_pane_bytes or (self.trigger_events and count >= self.trigger_events)
-        if count == 1:
-            # The close's timer, once more after the close: it fires at once, and the late events of
-            # the work item go out as one pane. A flush timer would hold the output at their old time.
+        waiting, size = waiting + 1, size + approximate_bytes(event)
+        if waiting == 1:
             close.set(window.max_timestamp())
-            if self.trigger and not closed.read():
+            if self.trigger:
                 flush.set(Timestamp(wall_clock()) + self.trigger)
-        if full:
-            yield from self._pane(shard, writer, window, events, waiting, number, closed)
+        if size >= self.max_pane_bytes or (self.trigger_events and waiting >= self.trigger_events):
+            yield from self._pane(shard, writer, window, events, pane, number)
         else:
-            waiting.write((count, size))
+            pane.write((waiting, size, False))
 
     @on_timer(FLUSH)
     def on_the_clock(
@@ -112,12 +116,11 @@ class GatherPanesFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         window=beam.DoFn.WindowParam,
         events=beam.DoFn.StateParam(EVENTS),
-        waiting=beam.DoFn.StateParam(WAITING),
+        pane=beam.DoFn.StateParam(PANE),
         number=beam.DoFn.StateParam(NUMBER),
-        closed=beam.DoFn.StateParam(CLOSED),
     ):
         _, shard, writer = key
-        yield from self._pane(shard, writer, window, events, waiting, number, closed)
+        yield from self._pane(shard, writer, window, events, pane, number)
 
     @on_timer(CLOSE)
     def on_the_close(
@@ -125,29 +128,25 @@ class GatherPanesFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         window=beam.DoFn.WindowParam,
         events=beam.DoFn.StateParam(EVENTS),
-        waiting=beam.DoFn.StateParam(WAITING),
+        pane=beam.DoFn.StateParam(PANE),
         number=beam.DoFn.StateParam(NUMBER),
-        closed=beam.DoFn.StateParam(CLOSED),
         flush=beam.DoFn.TimerParam(FLUSH),
     ):
         _, shard, writer = key
-        yield from self._pane(shard, writer, window, events, waiting, number, closed)
-        if not closed.read():
-            closed.write(True)
-            flush.clear()  # nothing waits for it, and it would hold a drain until it fires
+        yield from self._pane(shard, writer, window, events, pane, number)
+        pane.write((0, 0, True))
+        flush.clear()  # nothing waits for it, and it would hold a drain until it fires
 
-    def _pane(self, shard, writer, window, events, waiting, number, closed):
-        """What waits, as one pane: staged under the next number while the hour is open, else late."""
+    def _pane(self, shard, writer, window, events, pane, number):
+        """What waits, as one pane, under the key's next number; stamped at the end of the hour's window,
+        which the close's timer holds the output at: the pane is on time downstream, before the close."""
         waited = list(events.read())
         if not waited:
             return
         events.clear()
-        waiting.clear()
+        pane.write((0, 0, False))
         unique = keep_first_copies(waited, set())
         yield from self._counted(len(waited) - len(unique), window)
-        if closed.read():
-            yield beam.pvalue.TaggedOutput(LATE_PANES, _at_the_end_of(window, ((shard, writer), unique)))
-            return
         current = number.read() or 0
         number.write(current + 1)
         yield _at_the_end_of(window, ((shard, writer, current), unique))
@@ -158,10 +157,17 @@ class GatherPanesFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DUPLICATES, _at_the_end_of(window, report(DUPLICATES, duplicates)))
 
 
+class Gathered(typing.NamedTuple):
+    unique: beam.PCollection
+    late: beam.PCollection
+    duplicates: beam.PCollection
+
+
 class GatherPanes(beam.PTransform):
-    """A stream's encoded events in, repeats marked (``MarkRepeats``); ``unique`` panes numbered,
-    ``((shard, writer, file number), [events])``, ``late`` panes ``((shard, writer), [events])`` and
-    ``duplicates`` reports out, as ``Deduplicate`` gives a bounded input's.
+    """A stream's encoded events in, repeats marked (``MarkRepeats``); ``Gathered`` out: ``unique`` panes
+    numbered, ``((shard, writer, file number), [events])``; ``late`` panes ``((shard, writer), [events])``,
+    the late events grouped as dead letters are (``BucketByHour``); and ``duplicates`` reports. So a
+    stream gives what ``Deduplicate`` gives a bounded input.
 
     ``settings`` are the job's ``DeliverySettings``: its hours, shards, pane bound and trigger.
     """
@@ -172,11 +178,13 @@ class GatherPanes(beam.PTransform):
 
     def expand(self, events):
         s = self.settings
-        return (
+        gathered = (
             events
             | "KeyByPane"
             >> beam.Map(_keyed_by_pane, s.window_seconds, s.num_shards).with_output_types(
                 tuple[tuple[int, int, str], typing.Any]
             )
-            | "GatherAndNumber" >> beam.ParDo(GatherPanesFn(s)).with_outputs(DUPLICATES, LATE_PANES, main="unique")
+            | "GatherAndNumber" >> beam.ParDo(GatherPanesFn(s)).with_outputs(DUPLICATES, LATE_EVENTS, main="unique")
         )
+        late = gathered[LATE_EVENTS] | "BucketLateEvents" >> BucketByHour(s)
+        return Gathered(gathered.unique, late, gathered[DUPLICATES])

@@ -29,9 +29,9 @@ SEALERS = ("EncryptPersonalFields/", "SealDeadLetters/", "ArchiveRawMessages/Sea
 STEPS = [
     "ReadMessages",
     "ParseEvents",
-    "BucketByHour",
-    "Deduplicate",
     "EncryptPersonalFields",
+    "MarkRepeats",
+    "GatherPanes",
     "StageDelivered",
     "WriteLate",
     "WriteDeadLetters",

@@ -31,10 +31,10 @@ from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.messages import valid_fields
 from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from transforms import dedup, hours, published_hours
-from transforms.dedup import LATE_PANES, REPEAT, Deduplicate, MarkRepeats, MarkRepeatsFn
+from transforms.dedup import REPEAT, Deduplicate, MarkRepeats, MarkRepeatsFn
 from transforms.hours import BucketByHour, shard_of
 from transforms.records import encoded_event
-from transforms.stream_panes import GatherPanes, GatherPanesFn
+from transforms.stream_panes import LATE_EVENTS, GatherPanes, GatherPanesFn
 
 
 def event(event_id, received_at_seconds):
@@ -186,7 +186,7 @@ class Gathering:
         self.fn = GatherPanesFn(settings)
         self.fn.setup()
         self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-        self.state = dict(events=BagState(), waiting=ValueState(), number=ValueState(), closed=ValueState())
+        self.state = dict(events=BagState(), pane=ValueState(), number=ValueState())
         self.flush, self.close = WatermarkTimer(), WatermarkTimer()
 
     def add(self, *events) -> list:
@@ -200,14 +200,15 @@ class Gathering:
         return list(self.fn.on_the_close(key=(600, 0, "w"), window=self.window, **self.state, flush=self.flush))
 
 
-def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_goes_late(tmp_path):
+def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_its_events_go_one_by_one(tmp_path):
     gathering = Gathering(settings(tmp_path))
     [duplicates] = gathering.add(event("e1", 600), repeat(event("e1", 600)))
     assert duplicates.tag == dedup.DUPLICATES and duplicates.value.value[1] == 1, "the marked repeat is counted"
     assert gathering.close.at == gathering.window.max_timestamp(), "the close is set, and holds the output"
     assert gathering.flush.at == Timestamp(TRIGGER), "the pane waits trigger_seconds by the clock"
     [pane] = gathering.on_the_clock()
-    assert pane.value == ((0, "w", 0), [event("e1", 600)]) and pane.timestamp == gathering.window.max_timestamp()
+    assert pane.value == ((0, "w", 0), [event("e1", 600)]), "a pane, under the key's first number"
+    assert pane.timestamp == gathering.window.max_timestamp() and pane.windows == (gathering.window,), "its hour's"
     assert gathering.on_the_clock() == [], "nothing waits: no pane, and no number taken"
     gathering.add(event("e2", 600), event("e2", 600))
     [duplicates, pane] = gathering.on_the_close()
@@ -215,14 +216,16 @@ def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_
     assert duplicates.value.value[1] == 1, "a second copy within a pane is dropped and counted"
     assert gathering.flush.at is None, "the close clears the clock's timer: it would hold a drain"
     gathering.close.at = None
-    gathering.add(event("e3", 600))
-    assert gathering.flush.at is None, "a late event sets no timer on the clock: it would hold the close at its time"
-    assert gathering.close.at == gathering.window.max_timestamp(), "but the close's again, which fires at once"
-    [late] = gathering.on_the_close()
-    assert (late.tag, late.value.value) == (LATE_PANES, ((0, "w"), [event("e3", 600)])), "after the close: late"
-    assert gathering.state["number"].read() == 2, "a late pane takes no number"
+    late = gathering.add(event("e3", 600), event("e4", 600), repeat(event("e1", 600)))
+    assert [(out.tag, out.value) for out in late[:2]] == [
+        (LATE_EVENTS, event("e3", 600)),
+        (LATE_EVENTS, event("e4", 600)),
+    ]
+    assert late[2].tag == dedup.DUPLICATES, "a marked repeat is counted after the close too"
+    assert (gathering.flush.at, gathering.close.at) == (None, None), "no timer for late events: it would hold the close"
+    assert gathering.state["events"].read() == [] and gathering.state["number"].read() == 2, "nor state"
     specs = {spec.name for spec in GatherPanesFn.__dict__.values() if hasattr(spec, "coder")}
-    assert specs == {"events", "waiting", "next_file_number", "closed"}
+    assert specs == {"events", "pane", "next_file_number"}
 
 
 @hypothesis.given(
