@@ -1,8 +1,10 @@
-"""Bucket events into UTC hours and group them into panes per (hour, shard, writer).
+"""Bucket what a job reads into UTC hours and group it into panes per (hour, shard, writer).
 
 The window of an hour spans the hour itself plus its allowed lateness, so the
 watermark closes it exactly when the contract says the hour closes: the timers of
-``Deduplicate`` and ``CloseHour`` fire at the window's end.
+``GatherPanes`` and ``CloseHour`` fire at the window's end. What is grouped here is
+packed where it was read: dead letters, archived messages, late events and a bounded
+input's events (a stream's on-time events are gathered by ``transforms.stream_panes``).
 
 A pane's key is its events' id shard and, in a stream, the *writer*: the worker
 process that read them. Every copy of an id lands in the same shard, which is what

@@ -140,7 +140,7 @@ class WriteStreamPaneFn(WriteBoundedPaneFn):
 
 class WriteNumberedPaneFn(WriteBoundedPaneFn):
     """Writes each pane under the file number its key carries, ``((shard, writer, number), elements)``:
-    panes that a stateful step before it numbered (``Deduplicate``). It keeps no state, so a runner
+    panes that a stateful step before it numbered (``GatherPanes``). It keeps no state, so a runner
     fuses it with that step, and a pane crosses no keyed shuffle on its way to its file."""
 
     def default_label(self):
@@ -166,7 +166,8 @@ class WriteAvroPanes(beam.PTransform):
     uncompressed: staged panes, which the close compresses once, into the hour's parts.
     ``series`` names the files of a writer that shares its root with another (see
     ``partitions.pane_file_name``): the late root's. ``numbered`` panes carry their file number
-    in their key, ``((shard, writer, number), elements)`` (``Deduplicate``'s): none is kept here.
+    in their key, ``((shard, writer, number), elements)`` (``GatherPanes``'s, or ``Deduplicate``'s):
+    none is kept here.
     """
 
     give_up_failures = False

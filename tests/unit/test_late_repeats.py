@@ -137,6 +137,19 @@ def test_repeats_days_after_the_close_are_duplicates_and_each_id_is_delivered_or
     assert (late, duplicates) == (1, len(sent) - 1), "every copy that came late is late or a duplicate, counted"
 
 
+def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other(tmp_path, registry):
+    """Late events are grouped into panes after ``GatherPanes``, which drops no copy of a closed
+    hour: two copies that came after their cell was forgotten can share a late pane."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    close_an_hour(settings, registry, {0: ids_of_shard(0, 2, "d")})
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    [straggler, other] = ids_of_shard(0, 2, "x")
+    outputs = write_late(fn, Number(), registry, 0, "w1", [straggler, other, straggler])
+    assert sorted(late_ids(settings.layout)) == sorted([straggler, other]), "each id late once"
+    assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1), (LATE, 2)], "and the other copy counted"
+
+
 def stage_after_the_close(settings, registry, ids: list[str], run_id: str = "run2", shard: int = 0) -> str:
     """A pane file of ``ids`` that a run staged for the hour after it closed; its path."""
     name = partitions.pane_file_name("service_log", run_id, 7, shard, "w9")
