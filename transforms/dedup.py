@@ -4,9 +4,9 @@ restarts of the job before the hour closed.
 A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
 (id, hour), keyed by the id, so each event reads and writes only its own cell however
 full the hour is, and the work spreads over as many keys as there are ids. It marks
-every copy after the first; ``GatherPanes``, per (hour, shard, writer), drops the marked copies
-(``transforms.stream_panes``),
-before the hour closes and after, when the rest goes to the late root. A run that
+every copy after the first; ``GatherPanes`` (``transforms.stream_panes``), per (hour, shard,
+writer), drops the marked copies before the hour closes and after, when the rest goes to the
+late root. A run that
 starts while hours are open seeds the cells with the ids that the runs before it staged
 for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
 until one window after its hour closed, and until the close has published the hour
@@ -273,7 +273,7 @@ class DeduplicateBoundedPaneFn(beam.DoFn):
 
 class Deduplicate(beam.PTransform):
     """A bounded input's ``((shard, writer), [events])`` panes in, one per hour and shard; ``duplicates``
-    reports out, and ``unique`` panes, ``((shard, writer, 0), [events])``, none empty; no ``late`` one.
+    reports out, and ``unique`` panes, ``((shard, writer, 0), [events])``, none empty; ``late``, always empty.
     (A stream's panes are gathered and deduplicated by ``transforms.stream_panes.GatherPanes``.)
 
     ``settings`` are the job's ``DeliverySettings``: where panes are staged, and the run.

@@ -32,7 +32,7 @@ import apache_beam as beam
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from transforms import retries
-from transforms.dedup import keep_first_copies
+from transforms.dedup import is_repeat, keep_first_copies
 from transforms.hours import bucket_start_seconds, shard_of
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DUPLICATES, LATE, report
@@ -66,9 +66,11 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteStreamPaneFn.NUMBER)
     ):
         (shard, writer), pane = pane_elements
-        events = keep_first_copies(pane, set())  # copies that came after their cells were forgotten
+        # Marked repeats (counted here, not one by one at the close), and copies that came after their cells went
+        events = keep_first_copies([e for e in pane if not is_repeat(e)], set())
         repeats = len(pane) - len(events)
         if not events:
+            yield from self._counted(repeats)
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
         event_ids = {e[0] for e in events}
@@ -78,13 +80,15 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             held -= self._left_by_a_lost_try(
                 partitions.join(self._folder(window), self._name(shard, writer, current)), event_ids
             )
-        duplicates = repeats + sum(1 for e in events if e[0] in held)
-        if duplicates:
-            self.duplicates.inc(duplicates)
-            yield report(DUPLICATES, duplicates)
+        yield from self._counted(repeats + sum(1 for e in events if e[0] in held))
         if kept:
             number.write(current + 1)
             yield from self.write(((shard, writer), kept), window, current)
+
+    def _counted(self, duplicates: int):
+        if duplicates:
+            self.duplicates.inc(duplicates)
+            yield report(DUPLICATES, duplicates)
 
     def _uncommitted(self, path: str, current: int) -> bool:
         """Whether ``path`` is one of this key's files from a try whose commit was lost: numbered at or past

@@ -17,8 +17,8 @@ Every pane is stamped at the end of its hour's window, as a grouping stamps its 
 the close's timer (an event-time timer, which holds the step's output at its time on
 Dataflow) fires there: downstream, the hour's close comes after every pane staged for it.
 A drain fires it too, so nothing waits in state when the windows expire. The flush timer,
-on the processing-time clock, holds the output at its first event's time, as a grouping's
-buffer does; the close clears it.
+on the processing-time clock, holds the output at its first element's stamp, which is the
+end of the window too (``_keyed_by_pane``); the close clears it.
 
 After the close, events go out one by one and are grouped downstream (see ``GatherPanesFn``).
 """
@@ -42,12 +42,8 @@ from transforms.hours import BucketByHour, approximate_bytes, pane_key
 from transforms.reports import DUPLICATES, report
 
 LATE_EVENTS = "late_events"  # the output of events that came after their hour closed
+NOTHING_WAITS = (0, 0, 0, False)  # a key's pane cell before its first element
 wall_clock = time.time  # module-level, so that a test can put it on its TestStream's clock
-
-
-def _keyed_by_pane(event, window_seconds: int, num_shards: int):
-    """``((bucket, shard, writer), event)``: the writer is the worker process this runs in."""
-    return pane_key(event, window_seconds, num_shards, hours.writer_id()), event
 
 
 def _at_the_end_of(window, value) -> WindowedValue:
@@ -56,10 +52,21 @@ def _at_the_end_of(window, value) -> WindowedValue:
     return WindowedValue(value, window.max_timestamp(), (window,))
 
 
+def _keyed_by_pane(event, window_seconds: int, num_shards: int, window=beam.DoFn.WindowParam) -> WindowedValue:
+    """``((bucket, shard, writer), event)``, the writer the worker process this runs in, stamped at the end
+    of the event's window: the clock's timer that a pane's first event sets holds the output of
+    ``GatherPanes`` at its element's time, so there, as the close's timer does, and not at an arrival
+    far behind the watermark (a straggler's), which would hold every close of the type."""
+    return _at_the_end_of(window, (pane_key(event, window_seconds, num_shards, hours.writer_id()), event))
+
+
 class GatherPanesFn(beam.DoFn):
     """``((bucket, shard, writer), event)`` in; numbered panes ``((shard, writer, number), [events])`` out
     while the hour is open, ``late`` events one by one after its close, and ``duplicates`` reports of
-    the repeats dropped (marked by ``MarkRepeats``, or a second copy within a pane).
+    the repeats dropped (marked by ``MarkRepeats``, or a second copy within a pane), one with each pane.
+
+    After the close, marked repeats go on with the late events, whose path counts them per late pane:
+    one report per repeat would reach the hour's close one by one, on its single key.
 
     Late events are grouped by a ``GroupByKey`` downstream, not here: a grouping holds no watermark
     for late data, while a timer here would hold this step's output at their old time, and every
@@ -67,8 +74,8 @@ class GatherPanesFn(beam.DoFn):
     """
 
     EVENTS = BagStateSpec("events", FastPrimitivesCoder())
-    # (events waiting, their bytes, whether the hour closed): one read and one write an event
-    PANE = ReadModifyWriteStateSpec("pane", TupleCoder((VarIntCoder(), VarIntCoder(), BooleanCoder())))
+    # (events waiting, their bytes, marked repeats waiting, whether the hour closed): read and written once an event
+    PANE = ReadModifyWriteStateSpec("pane", TupleCoder((VarIntCoder(), VarIntCoder(), VarIntCoder(), BooleanCoder())))
     NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
@@ -92,23 +99,23 @@ class GatherPanesFn(beam.DoFn):
         close=beam.DoFn.TimerParam(CLOSE),
     ):
         (_, shard, writer), event = keyed_event
-        if is_repeat(event):  # counted, never written: its record did not come along
-            yield from self._counted(1, window)
-            return
-        waiting, size, closed = pane.read() or (0, 0, False)
+        waiting, size, repeats, closed = pane.read() or NOTHING_WAITS
         if closed:
             yield beam.pvalue.TaggedOutput(LATE_EVENTS, event)
             return
-        events.add(event)
-        waiting, size = waiting + 1, size + approximate_bytes(event)
-        if waiting == 1:
+        if not (waiting or repeats):  # the pane's first element
             close.set(window.max_timestamp())
             if self.trigger:
                 flush.set(Timestamp(wall_clock()) + self.trigger)
-        if size >= self.max_pane_bytes or (self.trigger_events and waiting >= self.trigger_events):
-            yield from self._pane(shard, writer, window, events, pane, number)
+        if is_repeat(event):  # counted with the pane, never written: its record did not come along
+            repeats += 1
         else:
-            pane.write((waiting, size, False))
+            events.add(event)
+            waiting, size = waiting + 1, size + approximate_bytes(event)
+        if size >= self.max_pane_bytes or (self.trigger_events and waiting >= self.trigger_events):
+            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats)
+        else:
+            pane.write((waiting, size, repeats, False))
 
     @on_timer(FLUSH)
     def on_the_clock(
@@ -120,7 +127,9 @@ class GatherPanesFn(beam.DoFn):
         number=beam.DoFn.StateParam(NUMBER),
     ):
         _, shard, writer = key
-        yield from self._pane(shard, writer, window, events, pane, number)
+        waiting, _, repeats, closed = pane.read() or NOTHING_WAITS
+        if not closed:
+            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats)
 
     @on_timer(CLOSE)
     def on_the_close(
@@ -133,23 +142,25 @@ class GatherPanesFn(beam.DoFn):
         flush=beam.DoFn.TimerParam(FLUSH),
     ):
         _, shard, writer = key
-        yield from self._pane(shard, writer, window, events, pane, number)
-        pane.write((0, 0, True))
-        flush.clear()  # nothing waits for it, and it would hold a drain until it fires
+        waiting, _, repeats, closed = pane.read() or NOTHING_WAITS
+        if not closed:
+            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats, closing=True)
+            flush.clear()  # nothing waits for it, and it would hold a drain until it fires
 
-    def _pane(self, shard, writer, window, events, pane, number):
-        """What waits, as one pane, under the key's next number; stamped at the end of the hour's window,
-        which the close's timer holds the output at: the pane is on time downstream, before the close."""
-        waited = list(events.read())
-        if not waited:
-            return
-        events.clear()
-        pane.write((0, 0, False))
+    def _pane(self, shard, writer, window, events, pane, number, waiting: int, repeats: int, closing=False):
+        """What waits, as one pane under the key's next number, and its repeats counted; stamped at the end
+        of the hour's window, which the close's timer holds the output at: on time downstream, before the
+        hour's close."""
+        waited = list(events.read()) if waiting else []
+        if waiting:
+            events.clear()
+        pane.write((0, 0, 0, closing))
         unique = keep_first_copies(waited, set())
-        yield from self._counted(len(waited) - len(unique), window)
-        current = number.read() or 0
-        number.write(current + 1)
-        yield _at_the_end_of(window, ((shard, writer, current), unique))
+        yield from self._counted(repeats + len(waited) - len(unique), window)
+        if unique:
+            current = number.read() or 0
+            number.write(current + 1)
+            yield _at_the_end_of(window, ((shard, writer, current), unique))
 
     def _counted(self, duplicates: int, window):
         if duplicates:

@@ -10,7 +10,7 @@ import sys
 
 import apache_beam as beam
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue, WindowFn
+from apache_beam.transforms.window import IntervalWindow, TimestampedValue, WindowFn
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
@@ -84,7 +84,8 @@ def test_messages_without_an_id_spread_over_the_shards_and_events_keep_theirs():
     [(event_shard, writer)] = [key for key, elements in packs.items() if any(e[0] == "e-42" for e in elements)]
     assert event_shard == shard_of("e-42", 16)
     assert writer == "", "a bounded input's panes are not split by writer"
-    keyed = [stream_panes._keyed_by_pane(("", start + n, {"n": 0}), 3600, 16)[0] for n in range(200)]
+    hour = IntervalWindow(start // 1000, start // 1000 + 3600)
+    keyed = [stream_panes._keyed_by_pane(("", start + n, {"n": 0}), 3600, 16, hour).value[0] for n in range(200)]
     assert len({shard for _, shard, _ in keyed}) > 8, "nor when they are keyed one by one"
     assert {writer for _, _, writer in keyed} == {writer_id()}
     assert {bucket for bucket, _, _ in keyed} == {start // 1000}, "and each under its hour"

@@ -30,6 +30,7 @@ from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, l
 from tools.ops.audit import audit_type
 from transforms import id_index, index_buckets, publish
 from transforms import late as late_path
+from transforms.dedup import REPEAT
 from transforms.hours import shard_of
 from transforms.id_index import index_bucket
 from transforms.late import WriteLatePaneFn
@@ -148,6 +149,9 @@ def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other
     outputs = write_late(fn, Number(), registry, 0, "w1", [straggler, other, straggler])
     assert sorted(late_ids(settings.layout)) == sorted([straggler, other]), "each id late once"
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1), (LATE, 2)], "and the other copy counted"
+    marked = (other, (START + 1) * 1000, b"", False, REPEAT)  # as GatherPanes sends one on after the close
+    outputs = list(fn.process(((0, "w1"), [marked, marked]), WINDOW_OF_THE_HOUR, Number()))
+    assert outputs == [report(DUPLICATES, 2)], "marked repeats alone: counted, nothing written"
 
 
 def stage_after_the_close(settings, registry, ids: list[str], run_id: str = "run2", shard: int = 0) -> str:
