@@ -82,6 +82,11 @@ def test_the_ledger_counts_what_the_streaming_path_does(tmp_path):
         assert marks["keys"] == marks["timers_set"] == hour.delivered, name
         assert marks["state_writes"] == 2 * hour.delivered, name
         assert marks["bytes"] > marks["elements"] * 36, f"{name}: an id alone is 36 bytes"
+        # The panes are gathered in state: every copy reads and writes its pane's cell, a first copy
+        # adds itself to the bag; each pane reads the bag and its number once more.
+        panes = on_the_way["GatherPanes"]
+        assert panes["elements"] == marks["elements"], name
+        assert panes["state_reads"] >= panes["elements"] and panes["state_writes"] >= panes["elements"] + hour.delivered
         per_event = costs["per_event"]
         assert per_event["shuffles"] == 2
         assert per_event["bytes_shuffled"] == pytest.approx(
