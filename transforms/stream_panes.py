@@ -126,10 +126,7 @@ class GatherPanesFn(beam.DoFn):
         pane=beam.DoFn.StateParam(PANE),
         number=beam.DoFn.StateParam(NUMBER),
     ):
-        _, shard, writer = key
-        waiting, _, repeats, closed = pane.read() or NOTHING_WAITS
-        if not closed:
-            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats)
+        yield from self._what_waits(key, window, events, pane, number)
 
     @on_timer(CLOSE)
     def on_the_close(
@@ -141,11 +138,15 @@ class GatherPanesFn(beam.DoFn):
         number=beam.DoFn.StateParam(NUMBER),
         flush=beam.DoFn.TimerParam(FLUSH),
     ):
+        yield from self._what_waits(key, window, events, pane, number, closing=True)
+        flush.clear()  # nothing waits for it, and it would hold a drain until it fires
+
+    def _what_waits(self, key, window, events, pane, number, closing=False):
+        """On a timer: what waits, as ``_pane``; nothing once the hour has closed."""
         _, shard, writer = key
         waiting, _, repeats, closed = pane.read() or NOTHING_WAITS
         if not closed:
-            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats, closing=True)
-            flush.clear()  # nothing waits for it, and it would hold a drain until it fires
+            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats, closing)
 
     def _pane(self, shard, writer, window, events, pane, number, waiting: int, repeats: int, closing=False):
         """What waits, as one pane under the key's next number, and its repeats counted; stamped at the end
