@@ -241,6 +241,20 @@ def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_
     assert specs == {"events", "pane", "next_file_number"}
 
 
+def test_a_pane_waits_from_its_first_event_and_without_a_clock_goes_out_at_its_count(tmp_path, monkeypatch):
+    gathering = Gathering(settings(tmp_path))
+    gathering.add(event("e1", 600))
+    monkeypatch.setattr(stream_panes, "wall_clock", lambda: 30)
+    gathering.add(event("e2", 600), repeat(event("e1", 600)))
+    assert gathering.flush.at == Timestamp(TRIGGER), "later events do not put the pane off: it waits from its first"
+    counted = Gathering(settings(tmp_path, trigger_events=3))
+    assert counted.add(event("e1", 600), repeat(event("e1", 600)), event("e2", 600)) == []
+    assert counted.flush.at is None, "no clock: the count stands for it"
+    [duplicates, pane] = counted.add(event("e3", 600))
+    assert pane.value == ((0, "w", 0), [event("e1", 600), event("e2", 600), event("e3", 600)]), "the third event"
+    assert duplicates.value.value[1] == 1
+
+
 def test_an_event_reaches_its_pane_stamped_at_the_end_of_its_window_where_the_clocks_timer_holds_the_output():
     """On Dataflow a processing-time timer holds its step's output at the time of the element that set
     it: a straggler's arrival, far behind the watermark, would hold every close of the type."""
