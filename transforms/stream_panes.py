@@ -152,8 +152,9 @@ class GatherPanesFn(beam.DoFn):
         """What waits, as one pane under the key's next number, and its repeats counted; stamped at the end
         of the hour's window, which the close's timer holds the output at: on time downstream, before the
         hour's close."""
-        waited = list(events.read()) if waiting else []
-        if waiting:
+        waited = []
+        if waiting:  # the bag is read only when something waits in it
+            waited = list(events.read())
             events.clear()
         pane.write((0, 0, 0, closing))
         unique = keep_first_copies(waited, set())
