@@ -1,16 +1,18 @@
 """One measured run, in a process of its own: the plain loop, the floor, the backfill
-pipeline, or the streaming path.
+pipeline, the streaming path, or the streaming path's two keyed steps alone.
 
     python -m benchmarks.runs plain_loop --events 200000
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
     python -m benchmarks.runs streaming --events 200000 [--ledger]
+    python -m benchmarks.runs keyed_steps --events 200000
     python -m benchmarks.runs pipeline --events 200000 --codec zstandard
 
 Prints one JSON line: events read, seconds, CPU seconds and peak resident memory (this
 process and its worker processes), and the bytes of the files it published (delivered,
 late and dead-letter, in ``--codec``); with ``--ledger``, the streaming path's cost ledger too (see
-``benchmarks.ledger``; counting slows the run, so its seconds are not a measurement).
+``benchmarks.ledger``; counting slows the run, so its seconds are not a measurement); for
+``keyed_steps``, what they kept and dropped as repeats (see ``benchmarks.keyed_steps``).
 The workload is built first if it is not there yet.
 """
 
@@ -31,7 +33,7 @@ import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
-from benchmarks import floor, ledger, plain_loop, workload
+from benchmarks import floor, keyed_steps, ledger, plain_loop, workload
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import HOUR_SECONDS, Layout
 from event_delivery.contract.registry import load_registry
@@ -67,11 +69,18 @@ def _as_deployed() -> None:
 
 
 def _pipeline(
-    work: workload.Workload, out: pathlib.Path, workers: int, streaming: bool, runner=None, codec=files.AVRO_CODEC
+    work: workload.Workload,
+    out: pathlib.Path,
+    workers: int,
+    streaming: bool,
+    runner=None,
+    codec=files.AVRO_CODEC,
+    branch=None,
 ) -> beam.Pipeline:
     """The delivery path over the whole workload, one branch per type, as one Beam job: the
     backfill's (bounded: one pane per hour and shard) or the streaming job's (every stateful
-    step: repeat marks, panes, deduplication, the close), fed from the archive."""
+    step: repeat marks, panes, deduplication, the close), fed from the archive; or ``branch(name,
+    settings)`` in its place, with the streaming job's settings."""
     _as_deployed()
     options = PipelineOptions(
         flags=[],
@@ -95,7 +104,8 @@ def _pipeline(
             run_id="bench",
             codec=codec,
         )
-        pipeline | f"{_BRANCH[streaming]} {name}" >> Backfill(work.archive_paths(name), settings)
+        path = branch(name, settings) if branch else Backfill(work.archive_paths(name), settings)
+        pipeline | f"{_BRANCH[streaming]} {name}" >> path
     return pipeline
 
 
@@ -107,6 +117,14 @@ def run_pipeline(
 ) -> int:
     _pipeline(work, out, workers, streaming, codec=codec).run().wait_until_finish()
     return work.events
+
+
+def run_keyed_steps(work: workload.Workload, out: pathlib.Path) -> dict[str, int]:
+    """The streaming path's two keyed steps alone (``benchmarks.keyed_steps``), its events loaded
+    before; returns what they kept and dropped as repeats."""
+    result = _pipeline(work, out, 1, streaming=True, branch=keyed_steps.KeyedSteps).run()
+    result.wait_until_finish()
+    return keyed_steps.counted(result)
 
 
 def published_files(out: pathlib.Path) -> list[pathlib.Path]:
@@ -166,7 +184,7 @@ def peak_rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runs", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["plain_loop", "floor", "pipeline", "streaming"])
+    parser.add_argument("what", choices=["plain_loop", "floor", "pipeline", "streaming", "keyed_steps"])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
@@ -181,14 +199,18 @@ def main(argv=None) -> int:
         time.sleep(max(0.0, args.start_at - time.time()))
     try:
         prepared = plain_loop.prepare(work) if args.what == "plain_loop" else None  # before the clock: see there
+        if args.what == "keyed_steps":
+            keyed_steps.load_events(work)  # before the clock too
         started, cpu_before = time.perf_counter(), cpu_seconds()
-        costs = None
+        extra = {}
         if prepared:
             events = plain_loop.run_plain_loop(prepared, out)
         elif args.what == "floor":
             events = floor.run_floor(work, out)
+        elif args.what == "keyed_steps":
+            events, extra = work.events, {"counted": run_keyed_steps(work, out)}
         elif args.ledger:
-            events, costs = work.events, run_ledger(work, out)
+            events, extra = work.events, {"ledger": run_ledger(work, out)}
         else:
             events = run_pipeline(work, out, args.workers, streaming=args.what == "streaming", codec=args.codec)
         seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
@@ -206,7 +228,7 @@ def main(argv=None) -> int:
                 "output_bytes": output_bytes,
                 "compression_cpu_seconds": compression,
                 "peak_rss_bytes": peak_rss_bytes(),
-                **({"ledger": costs} if costs else {}),
+                **extra,
             }
         )
     )

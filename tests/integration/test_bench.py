@@ -7,7 +7,7 @@ import fastavro
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from benchmarks import floor, plain_loop, runs, workload
+from benchmarks import floor, keyed_steps, plain_loop, runs, workload
 from event_delivery.cloud import files
 from event_delivery.contract.partitions import Layout
 from event_delivery.contract.registry import load_registry
@@ -39,6 +39,20 @@ def test_the_floor_and_the_pipeline_do_the_same_work(tmp_path, streaming):
         assert len(by_floor) == len(set(by_floor)), f"{name}: the floor deduplicates too"
         assert hour.dead_lettered == dead_by_floor, name
         assert hour.total == work.counts[name], f"{name}: every archived message is accounted for"
+
+
+def test_the_keyed_steps_alone_keep_each_id_once_and_count_every_repeat(tmp_path):
+    """The run that measures Beam's work on the two keyed steps does that work on every event:
+    each id of the archive kept once, every other copy counted as a repeat."""
+    work = workload.build(tmp_path / "workload", 3000)
+    keyed_steps.load_events(work)
+    ids = [event[0] for events in keyed_steps._EVENTS.values() for event in events]
+    assert len(ids) == 3000
+
+    counted = runs.run_keyed_steps(work, tmp_path / "out")
+
+    assert counted == {"kept": len(set(ids)), "duplicates": len(ids) - len(set(ids))}
+    assert counted["duplicates"] > 0, "the workload repeats ids"
 
 
 def test_the_plain_loop_delivers_what_the_floor_delivers_sealed_alike(tmp_path):

@@ -1,0 +1,72 @@
+"""The streaming path's two keyed steps alone: what Beam's machinery costs an event there.
+
+``MarkRepeats`` (one cell and one timer per id) and ``GatherPanes`` (a bag and a cell per
+(hour, shard, writer), a pane per ``PANE_EVENTS``) as the streaming path runs them, one branch
+per type, fed with the workload's events already encoded, as ``EncryptPersonalFields`` hands
+them on: the same ids, repeats, arrivals and record sizes. Nothing is parsed, sealed or
+written, so the run is the framework's work on those two steps, and the source's: the part
+of the streaming path's cost per event that no step's own code can cut.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics, MetricsFilter
+
+from benchmarks import workload
+from event_delivery.cloud import files
+from event_delivery.contract import slo
+from event_delivery.contract.envelope import parse_received_at
+from transforms.dedup import MarkRepeats
+from transforms.records import encoded_event
+from transforms.stream_panes import GatherPanes
+
+NAMESPACE, KEPT = "keyed_steps", "kept"
+_EVENTS: dict[str, list[tuple]] = {}  # by type; read by the source in this process (the in-memory runner)
+
+
+def load_events(work: workload.Workload) -> None:
+    """Each type's events as ``EncryptPersonalFields`` hands them on, before the clock starts: the
+    archive's ids and arrivals in order, each record the size of its payload (the bytes a shuffle carries)."""
+    for name in workload.MIX:
+        _EVENTS[name] = [
+            encoded_event(
+                r["event_id"], parse_received_at(r["attributes"]["received_at"]), bytes(len(r["payload"])), False
+            )
+            for path in work.archive_paths(name)
+            for r in files.read_avro(path)
+        ]
+
+
+def _events_of(_, name: str):
+    return _EVENTS[name]
+
+
+class KeyedSteps(beam.PTransform):
+    """One type's encoded events through ``MarkRepeats`` and ``GatherPanes``; the panes, late events
+    and reports end there."""
+
+    def __init__(self, name: str, settings):
+        super().__init__()
+        self.name, self.settings = name, settings
+
+    def expand(self, pipeline):
+        events = pipeline | "Start" >> beam.Impulse() | "EncodedEvents" >> beam.FlatMap(_events_of, self.name)
+        marked = events | "MarkRepeats" >> MarkRepeats(self.settings)
+        gathered = marked.events | "GatherPanes" >> GatherPanes(self.settings)
+        gathered.unique | "CountKept" >> beam.Map(_count_kept)
+        return gathered
+
+
+def _count_kept(pane) -> None:
+    _, events = pane
+    Metrics.counter(NAMESPACE, KEPT).inc(len(events))
+
+
+def counted(result) -> dict[str, int]:
+    """``kept`` (the events in the panes) and ``duplicates`` (the repeats dropped) of a finished run."""
+    counters = result.metrics().query(MetricsFilter())["counters"]
+    return {
+        "kept": sum(c.committed for c in counters if c.key.metric.name == KEPT),
+        "duplicates": sum(c.committed for c in counters if c.key.metric.name == slo.DUPLICATES),
+    }
