@@ -5,9 +5,9 @@
 Each measurement runs in a fresh process, and the rounds interleave the plain loop (the
 essential work alone: the lower bound), the floor, two floors at once (how far this
 machine's cores scale the same work with nothing shared), the bounded pipeline (the
-backfill) with 1 worker and with 2 workers, the streaming path with 1 worker, and its two
-keyed steps alone (``benchmarks.keyed_steps``: Beam's work on them, which no step's code can
-cut), so a noisy neighbour hits them all alike; the table quotes medians.
+backfill) with 1 worker and with 2 workers, the streaming path with 1 worker, its two keyed
+steps alone and ``MarkRepeats`` alone (``benchmarks.keyed_steps``: Beam's work on them, which
+no step's code can cut), so a noisy neighbour hits them all alike; the table quotes medians.
 One more streaming run counts its cost ledger per event (``benchmarks.ledger``). Peak
 memory comes from single 1-worker runs at 1x, 2x and 4x the workload; one 2-worker run
 at 4x beside the last shows how scaling grows as the job's fixed cost weighs less. The
@@ -80,6 +80,7 @@ def throughput(events: int, rounds: int, say) -> dict:
         ("pipeline_2_workers", lambda: measured("pipeline", events, 2)),
         ("streaming_1_worker", lambda: measured("streaming", events, 1)),
         ("streaming_keyed_steps", lambda: measured("keyed_steps", events, 1)),
+        ("streaming_mark_repeats", lambda: measured("keyed_steps", events, 1, "--steps", "mark_repeats")),
     )
     runs = {name: [] for name, _ in plan}
     for round_number in range(1, rounds + 1):
@@ -189,7 +190,7 @@ def table(results: dict) -> str:
     t, m = results["throughput"], results["memory"]
     floor, one, two = t["floor"], t["pipeline_1_worker"], t["pipeline_2_workers"]
     loop = t.get("plain_loop")  # results from before the plain loop have none
-    keyed = t.get("streaming_keyed_steps")  # nor those from before this run
+    keyed, mark = t.get("streaming_keyed_steps"), t.get("streaming_mark_repeats")  # nor those from before them
     rows = (  # label, run, cores it used
         *((("plain loop (the essential work alone)", loop, 1),) if loop else ()),
         ("floor (the path's work in one loop)", floor, 1),
@@ -198,6 +199,7 @@ def table(results: dict) -> str:
         ("bounded pipeline, 2 workers", two, 2),
         ("streaming path, 1 worker", t["streaming_1_worker"], 1),
         *((("its two keyed steps alone (Beam's work on them)", keyed, 1),) if keyed else ()),
+        *((("`MarkRepeats` alone", mark, 1),) if mark else ()),
     )
     header = ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s")
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
@@ -210,12 +212,12 @@ def table(results: dict) -> str:
     out = "\n".join(lines)
     if loop:
         out += f"\n\n- The floor runs at {floor['events_per_second'] / loop['events_per_second']:.2f}x the plain loop."
-    if keyed:
-        streaming = t["streaming_1_worker"]
+    if keyed and mark:
+        streaming = t["streaming_1_worker"]["events_per_second"]
         out += (
-            f"\n- The streaming path's two keyed steps alone take "
-            f"{streaming['events_per_second'] / keyed['events_per_second']:.0%} of its time per event: "
-            f"with nothing else to do, it would run at {keyed['events_per_second'] / floor['events_per_second']:.2f}x "
+            f"\n- The streaming path's two keyed steps alone take {streaming / keyed['events_per_second']:.0%} "
+            f"of its time per event, `MarkRepeats` alone {streaming / mark['events_per_second']:.0%}: with nothing "
+            f"else to do, the path would run at {keyed['events_per_second'] / floor['events_per_second']:.2f}x "
             "the floor."
         )
     out += (
@@ -261,7 +263,7 @@ def chart(results: dict, path: pathlib.Path) -> None:
     from matplotlib import pyplot
 
     t, m = results["throughput"], results["memory"]
-    figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(11, 4))
+    figure, (rates, peaks) = pyplot.subplots(1, 2, figsize=(14, 4), gridspec_kw={"width_ratios": [2, 1]})
     names = ["plain_loop", "floor", "floor_2_at_once", "pipeline_1_worker", "pipeline_2_workers", "streaming_1_worker"]
     labels = [
         "plain\nloop",
@@ -272,12 +274,10 @@ def chart(results: dict, path: pathlib.Path) -> None:
         "streaming\n1 worker",
     ]
     colors = ["#555", "#888", "#bbb", "#1f77b4", "#2ca02c", "#d62728"]
-    if "streaming_keyed_steps" in t:
-        names, labels, colors = (
-            [*names, "streaming_keyed_steps"],
-            [*labels, "its keyed\nsteps alone"],
-            [*colors, "#f4a0a0"],
-        )
+    if "streaming_mark_repeats" in t:
+        names += ["streaming_keyed_steps", "streaming_mark_repeats"]
+        labels += ["keyed steps\nalone", "MarkRepeats\nalone"]
+        colors += ["#f4a0a0", "#fbd0d0"]
     bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=colors)
     rates.bar_label(bars, fmt="{:,.0f}")
     rates.set_ylabel("events/s (median)")

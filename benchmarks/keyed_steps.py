@@ -4,8 +4,9 @@
 (hour, shard, writer), a pane per ``PANE_EVENTS``) as the streaming path runs them, one branch
 per type, fed with the workload's events already encoded, as ``EncryptPersonalFields`` hands
 them on: the same ids, repeats, arrivals and record sizes. Nothing is parsed, sealed or
-written, so the run is the framework's work on those two steps, and the source's: the part
-of the streaming path's cost per event that no step's own code can cut.
+written, so the run is the framework's work on those steps, and the source's: the part of the
+streaming path's cost per event that no step's own code can cut. ``MarkRepeats`` runs alone
+too (``STEPS``), to tell the two apart.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from benchmarks import workload
 from event_delivery.cloud import files
 from event_delivery.contract import slo
 from event_delivery.contract.envelope import parse_received_at
-from transforms.dedup import MarkRepeats
+from transforms import collector
+from transforms.dedup import MarkRepeats, is_repeat
 from transforms.records import encoded_event
 from transforms.stream_panes import GatherPanes
 
 NAMESPACE, KEPT = "keyed_steps", "kept"
+STEPS = ("both", "mark_repeats")  # both keyed steps, as the path runs them; MarkRepeats alone
 _EVENTS: dict[str, list[tuple]] = {}  # by type; read by the source in this process (the in-memory runner)
 
 
@@ -39,23 +42,32 @@ def load_events(work: workload.Workload) -> None:
 
 
 def _events_of(_, name: str):
+    collector.tune_for_streams()  # as ParseEvents tunes a worker's, first on the path
     return _EVENTS[name]
 
 
 class KeyedSteps(beam.PTransform):
-    """One type's encoded events through ``MarkRepeats`` and ``GatherPanes``; the panes, late events
-    and reports end there."""
+    """One type's encoded events through ``MarkRepeats`` and, with ``steps`` "both", ``GatherPanes``;
+    what they keep and drop is counted, and ends there."""
 
-    def __init__(self, name: str, settings):
+    def __init__(self, name: str, settings, steps: str = "both"):
         super().__init__()
-        self.name, self.settings = name, settings
+        self.name, self.settings, self.steps = name, settings, steps
 
     def expand(self, pipeline):
         events = pipeline | "Start" >> beam.Impulse() | "EncodedEvents" >> beam.FlatMap(_events_of, self.name)
         marked = events | "MarkRepeats" >> MarkRepeats(self.settings)
+        if self.steps == "mark_repeats":
+            return marked.events | "CountMarked" >> beam.Map(_count_marked)
         gathered = marked.events | "GatherPanes" >> GatherPanes(self.settings)
-        gathered.unique | "CountKept" >> beam.Map(_count_kept)
-        return gathered
+        return gathered.unique | "CountKept" >> beam.Map(_count_kept)
+
+
+def _count_marked(event) -> None:
+    if is_repeat(event):
+        Metrics.counter(NAMESPACE, slo.DUPLICATES).inc()
+    else:
+        Metrics.counter(NAMESPACE, KEPT).inc()
 
 
 def _count_kept(pane) -> None:
@@ -64,7 +76,8 @@ def _count_kept(pane) -> None:
 
 
 def counted(result) -> dict[str, int]:
-    """``kept`` (the events in the panes) and ``duplicates`` (the repeats dropped) of a finished run."""
+    """``kept`` (the events in the panes, or not marked) and ``duplicates`` (the repeats dropped, or
+    marked) of a finished run."""
     counters = result.metrics().query(MetricsFilter())["counters"]
     return {
         "kept": sum(c.committed for c in counters if c.key.metric.name == KEPT),

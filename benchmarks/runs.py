@@ -5,7 +5,7 @@ pipeline, the streaming path, or the streaming path's two keyed steps alone.
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
     python -m benchmarks.runs streaming --events 200000 [--ledger]
-    python -m benchmarks.runs keyed_steps --events 200000
+    python -m benchmarks.runs keyed_steps --events 200000 [--steps mark_repeats]
     python -m benchmarks.runs pipeline --events 200000 --codec zstandard
 
 Prints one JSON line: events read, seconds, CPU seconds and peak resident memory (this
@@ -19,6 +19,7 @@ The workload is built first if it is not there yet.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import pathlib
@@ -119,10 +120,11 @@ def run_pipeline(
     return work.events
 
 
-def run_keyed_steps(work: workload.Workload, out: pathlib.Path) -> dict[str, int]:
-    """The streaming path's two keyed steps alone (``benchmarks.keyed_steps``), its events loaded
+def run_keyed_steps(work: workload.Workload, out: pathlib.Path, steps: str = "both") -> dict[str, int]:
+    """The streaming path's keyed ``steps`` alone (``benchmarks.keyed_steps``), its events loaded
     before; returns what they kept and dropped as repeats."""
-    result = _pipeline(work, out, 1, streaming=True, branch=keyed_steps.KeyedSteps).run()
+    branch = functools.partial(keyed_steps.KeyedSteps, steps=steps)
+    result = _pipeline(work, out, 1, streaming=True, branch=branch).run()
     result.wait_until_finish()
     return keyed_steps.counted(result)
 
@@ -188,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
+    parser.add_argument(
+        "--steps", default="both", choices=keyed_steps.STEPS, help="keyed_steps: both, or MarkRepeats alone."
+    )
     parser.add_argument("--codec", default=files.AVRO_CODEC, choices=files.CODECS, help="The files' Avro codec.")
     parser.add_argument(
         "--start_at", type=float, help="Wall-clock time (epoch seconds) to start at, so that copies run side by side."
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
         elif args.what == "floor":
             events = floor.run_floor(work, out)
         elif args.what == "keyed_steps":
-            events, extra = work.events, {"counted": run_keyed_steps(work, out)}
+            events, extra = work.events, {"counted": run_keyed_steps(work, out, args.steps)}
         elif args.ledger:
             events, extra = work.events, {"ledger": run_ledger(work, out)}
         else:

@@ -41,15 +41,16 @@ def test_the_floor_and_the_pipeline_do_the_same_work(tmp_path, streaming):
         assert hour.total == work.counts[name], f"{name}: every archived message is accounted for"
 
 
-def test_the_keyed_steps_alone_keep_each_id_once_and_count_every_repeat(tmp_path):
-    """The run that measures Beam's work on the two keyed steps does that work on every event:
+@pytest.mark.parametrize("steps", keyed_steps.STEPS)
+def test_the_keyed_steps_alone_keep_each_id_once_and_count_every_repeat(tmp_path, steps):
+    """The runs that measure Beam's work on the keyed steps do that work on every event:
     each id of the archive kept once, every other copy counted as a repeat."""
     work = workload.build(tmp_path / "workload", 3000)
     keyed_steps.load_events(work)
     ids = [event[0] for events in keyed_steps._EVENTS.values() for event in events]
     assert len(ids) == 3000
 
-    counted = runs.run_keyed_steps(work, tmp_path / "out")
+    counted = runs.run_keyed_steps(work, tmp_path / "out", steps)
 
     assert counted == {"kept": len(set(ids)), "duplicates": len(ids) - len(set(ids))}
     assert counted["duplicates"] > 0, "the workload repeats ids"
