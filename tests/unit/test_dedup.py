@@ -206,7 +206,7 @@ class Gathering:
     def __init__(self, settings):
         self.fn = GatherPanesFn(settings)
         self.fn.setup()
-        self.fn.duplicates = self.duplicates = Counted()  # the metric dashboards and alerts read
+        self.fn.duplicates = self.duplicates = Counted()  # the metric the dashboards chart
         self.window = IntervalWindow(600, 600 + WINDOW + LATENESS)
         self.state = dict(events=BagState(), pane=ValueState(), number=ValueState())
         self.flush, self.close = WatermarkTimer(), WatermarkTimer()
