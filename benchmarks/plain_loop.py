@@ -20,7 +20,6 @@ import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from benchmarks.floor import Keys
-from event_delivery.cloud import files
 from event_delivery.contract.envelope import parse_received_at
 from event_delivery.contract.registry import load_registry
 from event_delivery.keys.fields import encrypt_fields
@@ -41,7 +40,7 @@ def prepare(workload) -> list[Messages]:
     keystore = workload.keys.open()
     prepared = []
     for name in (n for n in workload.counts if n[0] != "_"):
-        records = [r for path in workload.archive_paths(name) for r in files.read_avro(path)]
+        records = workload.archived(name)
         keys = Keys(keystore, name)
         keys.fetch_unseal_keys(records)
         messages = [

@@ -57,6 +57,10 @@ class Workload:
     def archive_paths(self, type_name: str) -> list[str]:
         return files.glob(f"{self.archive_root}/{type_name}/*/*/*.avro")
 
+    def archived(self, type_name: str) -> list[dict]:
+        """The type's archived records, file after file."""
+        return [record for path in self.archive_paths(type_name) for record in files.read_avro(path)]
+
 
 def _sized(fields: dict, type_name: str, rng: random.Random) -> dict:
     """Stretches the free-text fields, so payloads range from tens of bytes to a few kB."""

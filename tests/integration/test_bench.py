@@ -46,8 +46,7 @@ def test_the_keyed_steps_alone_keep_each_id_once_and_count_every_repeat(tmp_path
     """The runs that measure Beam's work on the keyed steps do that work on every event:
     each id of the archive kept once, every other copy counted as a repeat."""
     work = workload.build(tmp_path / "workload", 3000)
-    keyed_steps.load_events(work)
-    ids = [event[0] for events in keyed_steps._EVENTS.values() for event in events]
+    ids = [event[0] for events in keyed_steps.load_events(work).values() for event in events]
     assert len(ids) == 3000
 
     counted = runs.run_keyed_steps(work, tmp_path / "out", steps)
