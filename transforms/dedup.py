@@ -159,7 +159,7 @@ class ReadStagedIdsFn(beam.DoFn):
     def process(self, hour_file):
         hour_start, path = hour_file
         try:
-            records = files.read_avro(path)
+            event_ids = files.read_event_ids(path)
         except Exception as error:  # noqa: BLE001 - the seeds hold every close: no file may stall them
             # Gone since the listing (published, moved late), or unreadable: its ids seed no cell,
             # and a copy of them that this run sees again is delivered again. The close still
@@ -168,8 +168,8 @@ class ReadStagedIdsFn(beam.DoFn):
             _LOG.error("a restart could not read the ids of %s (%s): they seed no cell", path, type(error).__name__)
             return
         self.files_read.inc()
-        for record in records:
-            yield TimestampedValue(staged_copy(record["event_id"], hour_start * 1000, path), hour_start)
+        for event_id in event_ids:
+            yield TimestampedValue(staged_copy(event_id, hour_start * 1000, path), hour_start)
 
 
 class IdsStagedByEarlierRuns(beam.PTransform):
@@ -236,7 +236,7 @@ def staged_by_earlier_runs(settings, window, shard: int) -> list[str]:
     layout = settings.layout
     folder = layout.hour(layout.staging, bucket_start_seconds(window))
     paths = partitions.shard_files_of_other_runs(folder, layout.event_type, settings.run_id, shard)
-    return [record["event_id"] for path in paths for record in files.read_avro(path)]
+    return [event_id for path in paths for event_id in files.read_event_ids(path)]
 
 
 def _count_duplicates(counter, duplicates: int):

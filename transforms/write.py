@@ -30,6 +30,10 @@ _LOG = logging.getLogger(__name__)
 WRITE_FAILED = "write_failed"
 # Errors that no retry mends: the file's data, or what the job may do where it writes.
 PERMANENT = (files.AvroWriteError, *retries.DENIED)
+# A staged pane's ids go in its header when its records weigh at least this many times their ids (as JSON):
+# the header adds at most half to the file, and reading it spares decoding the records, ~2.5 µs for one of
+# 80 B and ~4 µs for 250 B, against ~0.1 µs an id in the header. Tinier records cost more bytes than CPU.
+IDS_IN_HEADER_SHARE = 2
 
 
 def failed_write_reason(report_kind: str, error_name: str) -> str:
@@ -85,7 +89,8 @@ class WriteBoundedPaneFn(beam.DoFn):
             return
         path = partitions.join(self._folder(window), self._name(shard, writer, number))
         try:
-            self._write_with_retries(path, self._encoded(elements))
+            encoded = self._encoded(elements)
+            self._write_with_retries(path, encoded, self._event_ids(elements, encoded))
         except PERMANENT as error:
             if not self.give_up_failures:
                 raise
@@ -109,8 +114,19 @@ class WriteBoundedPaneFn(beam.DoFn):
             return [e[2] for e in elements]
         return [self.records.encode(self.to_record(e)) for e in elements]
 
-    def _write_with_retries(self, path: str, encoded: list[bytes]) -> None:
-        write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec)  # noqa: E731
+    def _event_ids(self, elements: list, encoded: list[bytes]) -> list[str] | None:
+        """The ids of a staged pane's events, for its file's header, where the close's index and a restart
+        read them without decoding a record (``files.read_event_ids``). None where decoding costs less than
+        the header weighs (records under ``IDS_IN_HEADER_SHARE`` times their ids' bytes), for a file outside
+        staging (a late file is read by consumers as it is written), and for records encoded here."""
+        if self.to_record is not None or self.root != self.layout.staging:
+            return None
+        event_ids = [e[0] for e in elements]
+        id_bytes = sum(len(i) + 3 for i in event_ids)  # as a JSON list: quoted, comma-separated
+        return event_ids if id_bytes * IDS_IN_HEADER_SHARE <= sum(len(r) for r in encoded) else None
+
+    def _write_with_retries(self, path: str, encoded: list[bytes], event_ids: list[str] | None) -> None:
+        write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec, event_ids)  # noqa: E731
         retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 

@@ -41,17 +41,26 @@ def write_avro(path: str, parsed_schema, records, codec: str = AVRO_CODEC) -> No
 BLOCK_BYTES = 16_000  # where fastavro's writer cuts its blocks, and so where records already encoded are cut
 
 
-def write_encoded_avro(path: str, parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC) -> None:
+EVENT_IDS = "event_delivery.event_ids"  # header metadata: the file's event ids in record order, a JSON list
+
+
+def write_encoded_avro(
+    path: str, parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, event_ids: list[str] | None = None
+) -> None:
     """As ``write_avro``, for records already encoded under ``parsed_schema`` (see ``encoded_avro``)."""
-    write_bytes(path, encoded_avro(parsed_schema, encoded, codec))
+    write_bytes(path, encoded_avro(parsed_schema, encoded, codec, event_ids))
 
 
-def encoded_avro(parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC) -> bytes:
+def encoded_avro(
+    parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, event_ids: list[str] | None = None
+) -> bytes:
     """An Avro container file of records already encoded under ``parsed_schema`` (schemaless, as
     ``fastavro.schemaless_writer`` writes them): their bytes concatenated into the file's blocks,
-    no record decoded or encoded again."""
+    no record decoded or encoded again. ``event_ids``, the records' ids in their order, go in the
+    header, where ``read_event_ids`` finds them without decoding a record."""
     buffer = io.BytesIO()
-    writer = Writer(buffer, parsed_schema, codec=codec)
+    metadata = None if event_ids is None else {EVENT_IDS: json.dumps(event_ids, separators=(",", ":"))}
+    writer = Writer(buffer, parsed_schema, codec=codec, metadata=metadata)
     block, size = [], 0
     for record in encoded:
         block.append(record)
@@ -98,10 +107,14 @@ def read_avro(path: str) -> list[dict]:
 
 
 def read_event_ids(path: str) -> list[str]:
-    """The ``event_id`` of each record in an Avro file, in order; the other fields are skipped, not built."""
+    """The ``event_id`` of each record in an Avro file, in order: from its header if its writer put them
+    there (``encoded_avro``), else from its records, whose other fields are skipped, not built."""
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         data = io.BytesIO(handle.read())
-    writer_schema = fastavro.reader(data).writer_schema
+    header = fastavro.reader(data)
+    if EVENT_IDS in header.metadata:
+        return json.loads(header.metadata[EVENT_IDS])
+    writer_schema = header.writer_schema
     data.seek(0)
     ids_only = {**writer_schema, "fields": [f for f in writer_schema["fields"] if f["name"] == "event_id"]}
     return [record["event_id"] for record in fastavro.reader(data, reader_schema=ids_only)]

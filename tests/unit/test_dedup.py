@@ -472,8 +472,8 @@ def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_even
             records = [{"event_id": i, "received_at": 600_000, **valid_fields(log)} for i in ids]
             files.write_avro(f"{folder}/{name}", log.parsed_delivered_schema, records)
     reads = []
-    read_avro = files.read_avro
-    monkeypatch.setattr(files, "read_avro", lambda path: reads.append(path) or read_avro(path))
+    read_event_ids = files.read_event_ids
+    monkeypatch.setattr(files, "read_event_ids", lambda path: reads.append(path) or read_event_ids(path))
     new_writers = itertools.cycle(["a", "b", "c", "d", "e"])  # this run's worker processes
     monkeypatch.setattr(hours, "writer_id", lambda: next(new_writers))
 

@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import pathlib
+import tempfile
 
 import apache_beam as beam
 import fastavro
@@ -14,17 +15,23 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import IntervalWindow
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from event_delivery.cloud import files
 from event_delivery.contract.registry import event_type_from_schema, load_registry
+from event_delivery.keys.config import KeyConfig
 from event_delivery.keys.fields import decrypt_value
 from tests.messages import valid_fields
-from tests.streams import local_keys
+from tests.streams import local_keys, local_settings
 from transforms import records
 from transforms.personal import EncryptPersonalFields, EncryptPersonalFieldsFn
-from transforms.records import RecordCoder, event_record, schema_fingerprint
+from transforms.records import RecordCoder, encoded_event, event_record, schema_fingerprint
+from transforms.reports import DELIVERED
 from transforms.sealed_dead_letters import UnsealFailedWritesFn
 from transforms.sealing import JobKeyCache
+from transforms.write import WriteBoundedPaneFn
 
 
 def delivered_records(event_type, n: int) -> list[dict]:
@@ -49,6 +56,65 @@ def test_records_encoded_one_by_one_make_the_file_fastavro_writes_of_them(codec,
     assert sum(b.num_records for b in blocks) == n
     assert all(b.size < 2 * files.BLOCK_BYTES for b in blocks), "cut into blocks as fastavro cuts them"
     assert len(blocks) > 1 or n < 100
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_ids=st.lists(st.text(max_size=40), max_size=40))
+def test_a_files_ids_read_from_its_header_are_its_records_ids_in_order(event_ids):
+    # Any text an id may hold (quotes, newlines, separators), and repeats: what the close indexes
+    # and the late path checks must be exactly the ids the file holds.
+    event_type = load_registry()["service_log"]
+    schema, coder = event_type.parsed_delivered_schema, RecordCoder(event_type.parsed_delivered_schema)
+    encoded = [coder.encode(event_record((i, 1000 + n, valid_fields(event_type, n)))) for n, i in enumerate(event_ids)]
+    with_header = files.encoded_avro(schema, encoded, event_ids=event_ids)
+
+    assert _ids_read_from(with_header) == event_ids
+    assert [r["event_id"] for r in fastavro.reader(io.BytesIO(with_header))] == event_ids
+    without = files.encoded_avro(schema, encoded)
+    assert _ids_read_from(without) == event_ids, "a file written before ids were in headers: read from its records"
+
+
+def test_a_file_whose_header_holds_its_ids_is_not_decoded_to_read_them():
+    schema = load_registry()["service_log"].parsed_delivered_schema
+    not_a_record = b"\xff\xff\xff"  # decoding this fails: only the header may be read
+
+    assert _ids_read_from(files.encoded_avro(schema, [not_a_record], event_ids=["e1"])) == ["e1"]
+
+
+@pytest.mark.parametrize(
+    "event_ids, root, in_header",
+    [
+        ([f"e{n}" for n in range(50)], "staging", True),
+        ([f"{n:0200d}" for n in range(50)], "staging", False),  # the ids weigh more than half the records
+        ([f"e{n}" for n in range(50)], "late", False),  # a late file is published as it is written
+    ],
+)
+def test_a_staged_pane_carries_its_ids_in_its_header_where_its_records_weigh_twice_as_much(
+    tmp_path, event_ids, root, in_header
+):
+    log = load_registry()["service_log"]
+    settings = local_settings(str(tmp_path), log, KeyConfig("sqlite:///unused.db", "unused.key"), window_seconds=3600)
+    coder, received_at = RecordCoder(log.parsed_delivered_schema), 3600_000
+    events = [
+        encoded_event(i, received_at, coder.encode(event_record((i, received_at, valid_fields(log, n)))), False)
+        for n, i in enumerate(event_ids)
+    ]
+    fn = WriteBoundedPaneFn(settings, getattr(settings.layout, root), DELIVERED, log.delivered_schema, None)
+    fn.setup()
+
+    [(_, _, path)] = fn.write(((0, ""), events), IntervalWindow(3600, 7200), 0)
+
+    with open(path, "rb") as handle:
+        header = fastavro.reader(handle).metadata
+    assert json.loads(header.get(files.EVENT_IDS, "null")) == (event_ids if in_header else None)
+    assert files.read_event_ids(path) == event_ids
+
+
+def _ids_read_from(data: bytes) -> list[str]:
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "pane.avro"
+        path.write_bytes(data)
+        return files.read_event_ids(str(path))
 
 
 def test_a_record_the_schema_does_not_take_is_refused_without_quoting_it():
