@@ -43,7 +43,7 @@ test: $(INSTALLED)  ## Run every test; starts and stops its own emulators [TEST_
 soak: $(INSTALLED)  ## Every type under load for minutes; prints the figures (SOAK_SECONDS=180 SOAK_RATE=4).
 	$(PY) -m pytest -m soak -s tests/integration/test_soak.py
 
-bench: $(INSTALLED)  ## Cost per event vs the floor, scaling, memory, latency (about 15 min) [ARGS="--events 50000"].
+bench: $(INSTALLED)  ## Cost per event vs the floor, scaling, memory, latency (about 19 min) [ARGS="--events 50000"].
 	$(PY) -m benchmarks.bench $(ARGS)
 
 test-fast: $(INSTALLED)  ## Only the tests that need no emulator.
