@@ -93,13 +93,13 @@ def test_a_staged_pane_carries_its_ids_in_its_header_where_its_records_weigh_twi
     tmp_path, event_ids, root, in_header
 ):
     log = load_registry()["service_log"]
-    settings = local_settings(str(tmp_path), log, KeyConfig("sqlite:///unused.db", "unused.key"), window_seconds=3600)
+    delivery = local_settings(str(tmp_path), log, KeyConfig("sqlite:///unused.db", "unused.key"), window_seconds=3600)
     coder, received_at = RecordCoder(log.parsed_delivered_schema), 3600_000
     events = [
         encoded_event(i, received_at, coder.encode(event_record((i, received_at, valid_fields(log, n)))), False)
         for n, i in enumerate(event_ids)
     ]
-    fn = WriteBoundedPaneFn(settings, getattr(settings.layout, root), DELIVERED, log.delivered_schema, None)
+    fn = WriteBoundedPaneFn(delivery, getattr(delivery.layout, root), DELIVERED, log.delivered_schema, None)
     fn.setup()
 
     [(_, _, path)] = fn.write(((0, ""), events), IntervalWindow(3600, 7200), 0)
