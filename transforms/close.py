@@ -42,6 +42,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
+from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.late import LateMover
 from transforms.publish import (
@@ -64,6 +65,7 @@ PARTS = "parts"
 RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
 
 
+@ANY_OUTPUT
 class CloseHourFn(beam.DoFn):
     REPORTS = BagStateSpec("reports", beam.coders.FastPrimitivesCoder())
     CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
@@ -308,6 +310,7 @@ class AnnounceEveryHour(beam.PTransform):
         )
 
 
+@ANY_OUTPUT
 class AnnounceLeftoverHoursFn(beam.DoFn):
     """At start, one ``left_over`` report per hour that other runs left staged files or a plan
     for, stamped in the hour, so that ``CloseHour`` closes it; or, if the hour has its marker

@@ -34,6 +34,7 @@ from apache_beam.utils.timestamp import Duration
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
+from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.published_hours import HourPublished
 from transforms.reports import DUPLICATES, SUPERSEDED, report
@@ -132,6 +133,7 @@ def _keyed_in_its_hour(event) -> TimestampedValue:
     return TimestampedValue((event[0], event), event[1] / 1000)
 
 
+@ANY_OUTPUT
 class ListStagedByEarlierRunsFn(beam.DoFn):
     """At start, the staged files that stopped runs left for hours without a marker."""
 
@@ -245,6 +247,7 @@ def _count_duplicates(counter, duplicates: int):
         yield beam.pvalue.TaggedOutput(DUPLICATES, report(DUPLICATES, duplicates))
 
 
+@ANY_OUTPUT
 class DeduplicateBoundedPaneFn(beam.DoFn):
     """Keeps the first copy of each id in a pane that holds the whole of its (hour, shard),
     as a bounded input's one pane does, and counts the others. No pane can come after

@@ -20,6 +20,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.partitions import Layout
+from transforms.declared_types import ANY_OUTPUT
 from transforms.id_index import groups, ids_by_group, task_sources, write_bucket
 
 GROUP_KEY = tuple[tuple[int, int, int], typing.Any]  # (hour start, shard, group): a deterministic key coder
@@ -57,6 +58,7 @@ class ReadIndexChunkFn(beam.DoFn):
         yield from read_index_chunk(self.layout, hour_start, task, planned)
 
 
+@ANY_OUTPUT
 class WriteIndexBucketFn(beam.DoFn):
     """``((hour start, shard, group), (chunks, buckets, num_shards, entries by bucket))`` in, one from each
     read task of the shard; once all ``chunks`` have sent theirs, the group's buckets are written, and

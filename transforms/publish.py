@@ -39,6 +39,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from event_delivery.contract.partitions import Layout
+from transforms.declared_types import ANY_OUTPUT
 from transforms.id_index import as_chunks, index_tasks, is_index_task, remove_task_sources, save_task_sources
 from transforms.index_buckets import GROUP_KEY, ReadIndexChunkFn, WriteIndexBucketFn
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
@@ -248,6 +249,7 @@ class WritePartFn(beam.DoFn):
         yield hour_start, (WRITTEN, 1)
 
 
+@ANY_OUTPUT
 class PublishWhenWrittenFn(beam.DoFn):
     """Counts an hour's writes against its plan's (``planned_writes``: its parts and its index's buckets,
     each sent as ``(WRITTEN, 1)`` once it is written); when all are written, publishes it."""

@@ -14,12 +14,14 @@ from event_delivery.contract import envelope, slo
 from event_delivery.contract.dead_letters import ErrorKind, subject_named_in
 from event_delivery.contract.registry import EventType
 from event_delivery.keys.fields import decrypt_value, encrypt_bytes
+from transforms.declared_types import ANY_OUTPUT
 from transforms.records import RecordCoder
 from transforms.sealing import JobKeyCache, SealInBatchesFn, dead_letter_as_arrived, seal_attributes
 
 _NOT_FIELDS = ("event_id", "received_at", "key_id")  # what a delivered record adds to the message's fields
 
 
+@ANY_OUTPUT
 class UnsealFailedWritesFn(beam.DoFn):
     """``(reason, [encoded events])`` in (``transforms.records``); each event out as a ``write_failed`` dead letter
     whose payload is the message as it arrived, its personal fields decrypted again, so

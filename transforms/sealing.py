@@ -33,6 +33,7 @@ from event_delivery.keys.kek import KeysNotFound, KmsIntegrityError, UnknownWrap
 from event_delivery.keys.keystore import SubjectKey
 from event_delivery.keys.wrapping import KeyWrappingReplaced
 from transforms import retries
+from transforms.declared_types import ANY_OUTPUT
 
 KEY_UNAVAILABLE = ErrorKind.KEY_UNAVAILABLE.value  # the output of events whose subject's key is unavailable
 # Keystore errors that no retry mends: a wrapped key that no longer unwraps (altered, or of a format
@@ -114,6 +115,7 @@ class JobKeyCache:
         return self._handle.acquire(lambda: KeyCache(self.keys.open(), self.scope, self.keys.cache_ttl_seconds))
 
 
+@ANY_OUTPUT
 class SealInBatchesFn(beam.DoFn):
     """Seals elements in the bundle that read them, ``BATCH`` at a time, so that keys are
     looked up in one keystore round trip per batch of first-seen subjects.

@@ -37,6 +37,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from event_delivery.contract import slo
 from transforms import hours
+from transforms.declared_types import ANY_OUTPUT
 from transforms.dedup import is_repeat, keep_first_copies
 from transforms.hours import BucketByHour, approximate_bytes, pane_key
 from transforms.reports import DUPLICATES, report
@@ -60,6 +61,7 @@ def _keyed_by_pane(event, window_seconds: int, num_shards: int, window=beam.DoFn
     return _at_the_end_of(window, (pane_key(event, window_seconds, num_shards, hours.writer_id()), event))
 
 
+@ANY_OUTPUT
 class GatherPanesFn(beam.DoFn):
     """``((bucket, shard, writer), event)`` in; numbered panes ``((shard, writer, number), [events])`` out
     while the hour is open, ``late`` events one by one after its close, and ``duplicates`` reports of

@@ -20,6 +20,7 @@ from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms import retries
+from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds
 from transforms.records import RecordCoder
 from transforms.reports import report
@@ -47,6 +48,7 @@ def prepared_record(element) -> dict:
     return element[2]
 
 
+@ANY_OUTPUT
 class WriteBoundedPaneFn(beam.DoFn):
     """Writes the one pane of a bounded input's (hour, shard) as its file number 0."""
 
