@@ -117,15 +117,17 @@ class WriteBoundedPaneFn(beam.DoFn):
         return [self.records.encode(self.to_record(e)) for e in elements]
 
     def _event_ids(self, elements: list, encoded: list[bytes]) -> list[str] | None:
-        """The ids of a staged pane's events, for its file's header, where the close's index and a restart
-        read them without decoding a record (``files.read_event_ids``). None where decoding costs less than
-        the header weighs (records under ``IDS_IN_HEADER_SHARE`` times their ids' bytes), for a file outside
+        """The ids of a staged pane's events, for its file's header (with the records' sizes), where the close's
+        index and a restart read them, and a rewrite cuts the records apart, without decoding a record
+        (``files.read_event_ids``, ``files.rewrite_avro_without``). None where decoding costs less than the
+        header weighs (records under ``IDS_IN_HEADER_SHARE`` times the header's bytes), for a file outside
         staging (a late file is read by consumers as it is written), and for records encoded here."""
         if self.to_record is not None or self.root != self.layout.staging:
             return None
-        event_ids = [e[0] for e in elements]
-        id_bytes = sum(len(i) + 3 for i in event_ids)  # as a JSON list: quoted, comma-separated
-        return event_ids if id_bytes * IDS_IN_HEADER_SHARE <= sum(len(r) for r in encoded) else None
+        event_ids, sizes = [e[0] for e in elements], [len(r) for r in encoded]
+        # as JSON lists, quoted and comma-separated: the ids, and the records' sizes beside them (at most)
+        header_bytes = sum(len(i) + 3 for i in event_ids) + (len(str(max(sizes, default=0))) + 1) * len(sizes)
+        return event_ids if header_bytes * IDS_IN_HEADER_SHARE <= sum(sizes) else None
 
     def _write_with_retries(self, path: str, encoded: list[bytes], event_ids: list[str] | None) -> None:
         write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec, event_ids)  # noqa: E731

@@ -42,6 +42,7 @@ BLOCK_BYTES = 16_000  # where fastavro's writer cuts its blocks, and so where re
 
 
 EVENT_IDS = "event_delivery.event_ids"  # header metadata: the file's event ids in record order, a JSON list
+RECORD_SIZES = "event_delivery.record_sizes"  # header metadata: the bytes of each record, in order, a JSON list
 
 
 def write_encoded_avro(
@@ -57,10 +58,22 @@ def encoded_avro(
     """An Avro container file of records already encoded under ``parsed_schema`` (schemaless, as
     ``fastavro.schemaless_writer`` writes them): their bytes concatenated into the file's blocks,
     no record decoded or encoded again. ``event_ids``, the records' ids in their order, go in the
-    header, where ``read_event_ids`` finds them without decoding a record."""
+    header with the records' sizes, where ``read_event_ids`` finds the ids and ``rewrite_avro_without``
+    cuts the records apart, neither decoding one."""
     buffer = io.BytesIO()
-    metadata = None if event_ids is None else {EVENT_IDS: json.dumps(event_ids, separators=(",", ":"))}
+    metadata = None
+    if event_ids is not None:
+        sizes = [len(record) for record in encoded]
+        compact = {"separators": (",", ":")}
+        metadata = {EVENT_IDS: json.dumps(event_ids, **compact), RECORD_SIZES: json.dumps(sizes, **compact)}
     writer = Writer(buffer, parsed_schema, codec=codec, metadata=metadata)
+    _write_blocks(writer, encoded)
+    writer.flush()
+    return buffer.getvalue()
+
+
+def _write_blocks(writer: Writer, encoded) -> None:
+    """Encoded records into ``writer``'s blocks, cut where fastavro cuts them (``BLOCK_BYTES``)."""
     block, size = [], 0
     for record in encoded:
         block.append(record)
@@ -70,8 +83,6 @@ def encoded_avro(
             block, size = [], 0
     if block:
         writer.write_block(_Block(block))
-    writer.flush()
-    return buffer.getvalue()
 
 
 class _Block:
@@ -153,23 +164,43 @@ def concatenate_avro(sources: list[str], destination: str, codec: str = AVRO_COD
 def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[str], codec: str = AVRO_CODEC) -> int:
     """Writes the records of ``sources``, Avro files of one writer schema, into one file at
     ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in ``event_ids``;
-    returns how many records it holds. Each record is decoded and encoded again."""
-    with FileSystems.open(sources[0], mime_type="application/octet-stream") as handle:
-        schema = fastavro.parse_schema(fastavro.reader(handle).writer_schema)
-    kept = 0
-
-    def records():  # one source in memory at a time, its records decoded as they are written
-        nonlocal kept
+    returns how many records it holds. A source whose header lists its records' ids and sizes (a staged
+    pane's, see ``encoded_avro``) has its records cut out of its blocks as they are encoded; any other
+    has each record decoded and encoded again. One source is held in memory at a time."""
+    kept, writer = 0, None
+    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
         for source in sources:
             with FileSystems.open(source, mime_type="application/octet-stream") as handle:
-                for record in fastavro.reader(io.BytesIO(handle.read())):
-                    if record["event_id"] not in event_ids:
-                        kept += 1
-                        yield record
-
-    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
-        fastavro.writer(out, schema, records(), codec=codec)
+                data = io.BytesIO(handle.read())
+            schema, records = _encoded_records(data)
+            if writer is None:
+                writer, first_schema = Writer(out, schema, codec=codec), schema
+            elif schema != first_schema:
+                raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+            records = [record for event_id, record in records if event_id not in event_ids]
+            _write_blocks(writer, records)
+            kept += len(records)
+        writer.flush()
     return kept
+
+
+def _encoded_records(data: io.BytesIO) -> tuple[dict, list[tuple[str, bytes]]]:
+    """An Avro file's parsed writer schema and its records, ``(event_id, encoded record)``, in order: cut
+    apart by the sizes in its header, or, without them, decoded and encoded again."""
+    header = fastavro.reader(data)
+    schema = fastavro.parse_schema(header.writer_schema)
+    data.seek(0)
+    if EVENT_IDS in header.metadata and RECORD_SIZES in header.metadata:
+        sizes = iter(json.loads(header.metadata[RECORD_SIZES]))
+        blocks = fastavro.block_reader(data)
+        encoded = [block.bytes_.read(next(sizes)) for block in blocks for _ in range(block.num_records)]
+        return schema, list(zip(json.loads(header.metadata[EVENT_IDS]), encoded, strict=True))
+    records = []
+    for record in fastavro.reader(data):
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, schema, record)
+        records.append((record["event_id"], buffer.getvalue()))
+    return schema, records
 
 
 def sizes(pattern: str) -> dict[str, int]:

@@ -81,6 +81,51 @@ def test_a_file_whose_header_holds_its_ids_is_not_decoded_to_read_them():
     assert _ids_read_from(files.encoded_avro(schema, [not_a_record], event_ids=["e1"])) == ["e1"]
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    event_ids=st.lists(st.text(max_size=20), max_size=30),
+    left_out=st.sets(st.text(max_size=20), max_size=3),
+    in_header=st.booleans(),
+    codec=st.sampled_from([files.UNCOMPRESSED, *files.CODECS]),
+)
+def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_apart_or_decoded(
+    event_ids, left_out, in_header, codec
+):
+    event_type = load_registry()["service_log"]
+    schema, coder = event_type.parsed_delivered_schema, RecordCoder(event_type.parsed_delivered_schema)
+    records = [event_record((i, 1000 + n, valid_fields(event_type, n))) for n, i in enumerate(event_ids)]
+    left_out |= set(event_ids[:1])  # an id the files hold, when they hold one
+    halves = (records[: len(records) // 2], records[len(records) // 2 :])  # two panes, one part
+    with tempfile.TemporaryDirectory() as folder:
+        sources = [f"{folder}/pane{n}.avro" for n in range(2)]
+        for path, pane in zip(sources, halves, strict=True):
+            ids = [r["event_id"] for r in pane] if in_header else None
+            files.write_bytes(path, files.encoded_avro(schema, [coder.encode(r) for r in pane], event_ids=ids))
+        staged = [record for path in sources for record in files.read_avro(path)]
+        kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", left_out, codec)
+        with open(f"{folder}/part.avro", "rb") as handle:
+            part = fastavro.reader(handle)
+            assert part.codec == codec
+            written = list(part)
+    assert written == [r for r in staged if r["event_id"] not in left_out] and kept == len(written)
+    assert [r["event_id"] for r in staged] == event_ids
+
+
+def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decoding_them(tmp_path):
+    schema = load_registry()["service_log"].parsed_delivered_schema
+    not_records = [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"]  # decoding these fails: they may only be cut apart
+    pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
+    files.write_bytes(pane, files.encoded_avro(schema, not_records, event_ids=["a", "b", "c"]))
+
+    assert files.rewrite_avro_without([pane], part, {"b"}, files.UNCOMPRESSED) == 2
+    with open(part, "rb") as handle:
+        assert b"".join(block.bytes_.read() for block in fastavro.block_reader(handle)) == b"\xff\xff\xff\xfd\xfd"
+    other = str(tmp_path / "other.avro")  # a pane of another schema: its records cannot join these
+    files.write_bytes(other, files.encoded_avro({**schema, "doc": "another"}, [b"\x00"], event_ids=["d"]))
+    with pytest.raises(ValueError, match="another writer schema"):
+        files.rewrite_avro_without([pane, other], part, set())
+
+
 @pytest.mark.parametrize(
     "event_ids, root, in_header",
     [
@@ -107,6 +152,7 @@ def test_a_staged_pane_carries_its_ids_in_its_header_where_its_records_weigh_twi
     with open(path, "rb") as handle:
         header = fastavro.reader(handle).metadata
     assert json.loads(header.get(files.EVENT_IDS, "null")) == (event_ids if in_header else None)
+    assert (files.RECORD_SIZES in header) == in_header, "the records' sizes go with their ids"
     assert files.read_event_ids(path) == event_ids
 
 
