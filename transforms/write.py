@@ -124,10 +124,9 @@ class WriteBoundedPaneFn(beam.DoFn):
         staging (a late file is read by consumers as it is written), and for records encoded here."""
         if self.to_record is not None or self.root != self.layout.staging:
             return None
-        event_ids, sizes = [e[0] for e in elements], [len(r) for r in encoded]
-        # as JSON lists, quoted and comma-separated: the ids, and the records' sizes beside them (at most)
-        header_bytes = sum(len(i) + 3 for i in event_ids) + (len(str(max(sizes, default=0))) + 1) * len(sizes)
-        return event_ids if header_bytes * IDS_IN_HEADER_SHARE <= sum(sizes) else None
+        event_ids = [e[0] for e in elements]
+        header_bytes = sum(len(k) + len(v.encode("utf-8")) for k, v in files.ids_header(event_ids, encoded).items())
+        return event_ids if header_bytes * IDS_IN_HEADER_SHARE <= sum(len(r) for r in encoded) else None
 
     def _write_with_retries(self, path: str, encoded: list[bytes], event_ids: list[str] | None) -> None:
         write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec, event_ids)  # noqa: E731

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import fastavro
@@ -61,15 +62,18 @@ def encoded_avro(
     header with the records' sizes, where ``read_event_ids`` finds the ids and ``rewrite_avro_without``
     cuts the records apart, neither decoding one."""
     buffer = io.BytesIO()
-    metadata = None
-    if event_ids is not None:
-        sizes = [len(record) for record in encoded]
-        compact = {"separators": (",", ":")}
-        metadata = {EVENT_IDS: json.dumps(event_ids, **compact), RECORD_SIZES: json.dumps(sizes, **compact)}
+    metadata = None if event_ids is None else ids_header(event_ids, encoded)
     writer = Writer(buffer, parsed_schema, codec=codec, metadata=metadata)
     _write_blocks(writer, encoded)
     writer.flush()
     return buffer.getvalue()
+
+
+def ids_header(event_ids: list[str], encoded: list[bytes]) -> dict[str, str]:
+    """The header metadata that lists records' ids and sizes, in their order (see ``encoded_avro``)."""
+    compact = {"separators": (",", ":")}
+    sizes = [len(record) for record in encoded]
+    return {EVENT_IDS: json.dumps(event_ids, **compact), RECORD_SIZES: json.dumps(sizes, **compact)}
 
 
 def _write_blocks(writer: Writer, encoded) -> None:
@@ -166,41 +170,66 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
     ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in ``event_ids``;
     returns how many records it holds. A source whose header lists its records' ids and sizes (a staged
     pane's, see ``encoded_avro``) has its records cut out of its blocks as they are encoded; any other
-    has each record decoded and encoded again. One source is held in memory at a time."""
-    kept, writer = 0, None
-    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
-        for source in sources:
-            with FileSystems.open(source, mime_type="application/octet-stream") as handle:
-                data = io.BytesIO(handle.read())
-            schema, records = _encoded_records(data)
-            if writer is None:
-                writer, first_schema = Writer(out, schema, codec=codec), schema
-            elif schema != first_schema:
+    has each record decoded and encoded again. One source is held in memory at a time, and the first
+    is read before ``destination`` is made: a source that cannot be read leaves no file."""
+    opened = (_opened(source) for source in sources)
+    schema, first = next(opened)
+    kept = 0
+
+    def kept_records():
+        nonlocal kept
+        for source, (source_schema, records) in zip(sources, itertools.chain([(schema, first)], opened), strict=True):
+            if source_schema != schema:
                 raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
-            records = [record for event_id, record in records if event_id not in event_ids]
-            _write_blocks(writer, records)
-            kept += len(records)
+            for event_id, record in records:
+                if event_id not in event_ids:
+                    kept += 1
+                    yield record
+
+    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
+        writer = Writer(out, schema, codec=codec)
+        _write_blocks(writer, kept_records())
         writer.flush()
     return kept
 
 
-def _encoded_records(data: io.BytesIO) -> tuple[dict, list[tuple[str, bytes]]]:
-    """An Avro file's parsed writer schema and its records, ``(event_id, encoded record)``, in order: cut
-    apart by the sizes in its header, or, without them, decoded and encoded again."""
+def _opened(path: str):
+    """An Avro file's parsed writer schema and its records, ``(event_id, encoded record)``, one at a time:
+    cut apart by the sizes in its header (``_cut_apart``), or, without them, decoded and encoded again."""
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        data = io.BytesIO(handle.read())
     header = fastavro.reader(data)
     schema = fastavro.parse_schema(header.writer_schema)
     data.seek(0)
     if EVENT_IDS in header.metadata and RECORD_SIZES in header.metadata:
-        sizes = iter(json.loads(header.metadata[RECORD_SIZES]))
-        blocks = fastavro.block_reader(data)
-        encoded = [block.bytes_.read(next(sizes)) for block in blocks for _ in range(block.num_records)]
-        return schema, list(zip(json.loads(header.metadata[EVENT_IDS]), encoded, strict=True))
-    records = []
+        event_ids, sizes = json.loads(header.metadata[EVENT_IDS]), json.loads(header.metadata[RECORD_SIZES])
+        return schema, _cut_apart(path, data, event_ids, sizes)
+    return schema, _encoded_again(data, schema)
+
+
+def _cut_apart(path: str, data: io.BytesIO, event_ids: list[str], sizes: list[int]):
+    """``(event_id, record)`` of a file whose header lists its records' ids and sizes, each record cut out
+    of its block; a header that does not fit the blocks raises ``ValueError``, never cuts records wrong."""
+    if len(event_ids) != len(sizes):
+        raise ValueError(f"the header of {path} lists {len(event_ids)} ids and {len(sizes)} sizes")
+    records = zip(event_ids, sizes, strict=True)
+    for block in fastavro.block_reader(data):
+        for event_id, size in itertools.islice(records, block.num_records):
+            record = block.bytes_.read(size)
+            if len(record) != size:
+                raise ValueError(f"the record sizes in the header of {path} do not fit its blocks")
+            yield event_id, record
+        if block.bytes_.read(1):
+            raise ValueError(f"the record sizes in the header of {path} do not fit its blocks")
+    if next(records, None) is not None:
+        raise ValueError(f"the header of {path} lists more records than its blocks hold")
+
+
+def _encoded_again(data: io.BytesIO, schema):
     for record in fastavro.reader(data):
         buffer = io.BytesIO()
         fastavro.schemaless_writer(buffer, schema, record)
-        records.append((record["event_id"], buffer.getvalue()))
-    return schema, records
+        yield record["event_id"], buffer.getvalue()
 
 
 def sizes(pattern: str) -> dict[str, int]:

@@ -8,6 +8,7 @@ import io
 import json
 import pathlib
 import tempfile
+from unittest import mock
 
 import apache_beam as beam
 import fastavro
@@ -81,26 +82,31 @@ def test_a_file_whose_header_holds_its_ids_is_not_decoded_to_read_them():
     assert _ids_read_from(files.encoded_avro(schema, [not_a_record], event_ids=["e1"])) == ["e1"]
 
 
+def _ids_only(event_ids, encoded):  # a pane's header as the version before sizes wrote it
+    return {files.EVENT_IDS: json.dumps(event_ids)}
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     event_ids=st.lists(st.text(max_size=20), max_size=30),
     left_out=st.sets(st.text(max_size=20), max_size=3),
-    in_header=st.booleans(),
+    header=st.sampled_from(["ids and sizes", "ids only", "none"]),
     codec=st.sampled_from([files.UNCOMPRESSED, *files.CODECS]),
 )
 def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_apart_or_decoded(
-    event_ids, left_out, in_header, codec
+    event_ids, left_out, header, codec
 ):
     event_type = load_registry()["service_log"]
     schema, coder = event_type.parsed_delivered_schema, RecordCoder(event_type.parsed_delivered_schema)
     records = [event_record((i, 1000 + n, valid_fields(event_type, n))) for n, i in enumerate(event_ids)]
     left_out |= set(event_ids[:1])  # an id the files hold, when they hold one
     halves = (records[: len(records) // 2], records[len(records) // 2 :])  # two panes, one part
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(files, "BLOCK_BYTES", 300):  # blocks of a few
         sources = [f"{folder}/pane{n}.avro" for n in range(2)]
         for path, pane in zip(sources, halves, strict=True):
-            ids = [r["event_id"] for r in pane] if in_header else None
-            files.write_bytes(path, files.encoded_avro(schema, [coder.encode(r) for r in pane], event_ids=ids))
+            ids = None if header == "none" else [r["event_id"] for r in pane]
+            with mock.patch.object(files, "ids_header", _ids_only if header == "ids only" else files.ids_header):
+                files.write_bytes(path, files.encoded_avro(schema, [coder.encode(r) for r in pane], event_ids=ids))
         staged = [record for path in sources for record in files.read_avro(path)]
         kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", left_out, codec)
         with open(f"{folder}/part.avro", "rb") as handle:
@@ -126,12 +132,34 @@ def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decodin
         files.rewrite_avro_without([pane, other], part, set())
 
 
+@pytest.mark.parametrize("sizes", [[3, 2, 2], [3, 1, 1], [3, 1], [3, 1, 2, 1]])
+def test_a_header_whose_sizes_do_not_fit_the_blocks_is_refused_and_leaves_no_file(tmp_path, sizes):
+    schema = load_registry()["service_log"].parsed_delivered_schema
+    pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
+    wrong = {files.EVENT_IDS: json.dumps(["a", "b", "c", "d"][: len(sizes)]), files.RECORD_SIZES: json.dumps(sizes)}
+    with mock.patch.object(files, "ids_header", lambda event_ids, encoded: wrong):
+        files.write_bytes(pane, files.encoded_avro(schema, [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"], event_ids=["a"]))
+
+    with pytest.raises(ValueError, match="header of"):
+        files.rewrite_avro_without([pane], part, set())
+
+
+def test_a_rewrite_whose_first_source_cannot_be_read_leaves_no_file(tmp_path):
+    """A late move of a staged file that is not Avro (cut short before its header ended) fails before it
+    makes the late file, which consumers would read as it is."""
+    (tmp_path / "pane.avro").write_bytes(b"Obj\x01")
+    with pytest.raises(ValueError):
+        files.rewrite_avro_without([str(tmp_path / "pane.avro")], str(tmp_path / "late.avro"), set())
+    assert not (tmp_path / "late.avro").exists()
+
+
 @pytest.mark.parametrize(
     "event_ids, root, in_header",
     [
         ([f"e{n}" for n in range(50)], "staging", True),
         ([f"{n:0200d}" for n in range(50)], "staging", False),  # the ids weigh more than half the records
         ([f"e{n}" for n in range(50)], "late", False),  # a late file is published as it is written
+        ([f"{'é' * 20}{n}" for n in range(50)], "staging", False),  # in JSON each é weighs 6 bytes
     ],
 )
 def test_a_staged_pane_carries_its_ids_in_its_header_where_its_records_weigh_twice_as_much(
