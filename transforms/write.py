@@ -92,7 +92,7 @@ class WriteBoundedPaneFn(beam.DoFn):
         path = partitions.join(self._folder(window), self._name(shard, writer, number))
         try:
             encoded = self._encoded(elements)
-            self._write_with_retries(path, encoded, self._event_ids(elements, encoded))
+            self._write_with_retries(path, encoded, self._ids_header(elements, encoded))
         except PERMANENT as error:
             if not self.give_up_failures:
                 raise
@@ -116,20 +116,20 @@ class WriteBoundedPaneFn(beam.DoFn):
             return [e[2] for e in elements]
         return [self.records.encode(self.to_record(e)) for e in elements]
 
-    def _event_ids(self, elements: list, encoded: list[bytes]) -> list[str] | None:
-        """The ids of a staged pane's events, for its file's header (with the records' sizes), where the close's
-        index and a restart read them, and a rewrite cuts the records apart, without decoding a record
-        (``files.read_event_ids``, ``files.rewrite_avro_without``). None where decoding costs less than the
-        header weighs (records under ``IDS_IN_HEADER_SHARE`` times the header's bytes), for a file outside
+    def _ids_header(self, elements: list, encoded: list[bytes]) -> dict[str, str] | None:
+        """A staged pane's ids and its records' sizes, for its file's header (``files.ids_header``), where the
+        close's index and a restart read the ids, and a rewrite cuts the records apart, without decoding a
+        record (``files.read_event_ids``, ``files.rewrite_avro_without``). None where decoding costs less than
+        the header weighs (records under ``IDS_IN_HEADER_SHARE`` times the header's bytes), for a file outside
         staging (a late file is read by consumers as it is written), and for records encoded here."""
         if self.to_record is not None or self.root != self.layout.staging:
             return None
-        event_ids = [e[0] for e in elements]
-        header_bytes = sum(len(k) + len(v.encode("utf-8")) for k, v in files.ids_header(event_ids, encoded).items())
-        return event_ids if header_bytes * IDS_IN_HEADER_SHARE <= sum(len(r) for r in encoded) else None
+        header = files.ids_header([e[0] for e in elements], encoded)
+        header_bytes = sum(len(k) + len(v.encode("utf-8")) for k, v in header.items())
+        return header if header_bytes * IDS_IN_HEADER_SHARE <= sum(len(r) for r in encoded) else None
 
-    def _write_with_retries(self, path: str, encoded: list[bytes], event_ids: list[str] | None) -> None:
-        write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec, event_ids)  # noqa: E731
+    def _write_with_retries(self, path: str, encoded: list[bytes], header: dict[str, str] | None) -> None:
+        write = lambda: files.write_encoded_avro(path, self.parsed_schema, encoded, self.codec, header)  # noqa: E731
         retries.with_retries(write, passing=lambda error: not isinstance(error, PERMANENT))
 
 

@@ -47,30 +47,29 @@ RECORD_SIZES = "event_delivery.record_sizes"  # header metadata: the bytes of ea
 
 
 def write_encoded_avro(
-    path: str, parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, event_ids: list[str] | None = None
+    path: str, parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, header: dict[str, str] | None = None
 ) -> None:
     """As ``write_avro``, for records already encoded under ``parsed_schema`` (see ``encoded_avro``)."""
-    write_bytes(path, encoded_avro(parsed_schema, encoded, codec, event_ids))
+    write_bytes(path, encoded_avro(parsed_schema, encoded, codec, header))
 
 
 def encoded_avro(
-    parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, event_ids: list[str] | None = None
+    parsed_schema, encoded: list[bytes], codec: str = AVRO_CODEC, header: dict[str, str] | None = None
 ) -> bytes:
     """An Avro container file of records already encoded under ``parsed_schema`` (schemaless, as
     ``fastavro.schemaless_writer`` writes them): their bytes concatenated into the file's blocks,
-    no record decoded or encoded again. ``event_ids``, the records' ids in their order, go in the
-    header with the records' sizes, where ``read_event_ids`` finds the ids and ``rewrite_avro_without``
-    cuts the records apart, neither decoding one."""
+    no record decoded or encoded again. ``header``, the records' ids and sizes (``ids_header``), goes in
+    the file's header, where ``read_event_ids`` finds the ids and ``rewrite_avro_without`` cuts the
+    records apart, neither decoding one."""
     buffer = io.BytesIO()
-    metadata = None if event_ids is None else ids_header(event_ids, encoded)
-    writer = Writer(buffer, parsed_schema, codec=codec, metadata=metadata)
+    writer = Writer(buffer, parsed_schema, codec=codec, metadata=header)
     _write_blocks(writer, encoded)
     writer.flush()
     return buffer.getvalue()
 
 
 def ids_header(event_ids: list[str], encoded: list[bytes]) -> dict[str, str]:
-    """The header metadata that lists records' ids and sizes, in their order (see ``encoded_avro``)."""
+    """The header metadata that lists records' ids and sizes (``EVENT_IDS``, ``RECORD_SIZES``), in their order."""
     compact = {"separators": (",", ":")}
     sizes = [len(record) for record in encoded]
     return {EVENT_IDS: json.dumps(event_ids, **compact), RECORD_SIZES: json.dumps(sizes, **compact)}

@@ -67,7 +67,7 @@ def test_a_files_ids_read_from_its_header_are_its_records_ids_in_order(event_ids
     event_type = load_registry()["service_log"]
     schema, coder = event_type.parsed_delivered_schema, RecordCoder(event_type.parsed_delivered_schema)
     encoded = [coder.encode(event_record((i, 1000 + n, valid_fields(event_type, n)))) for n, i in enumerate(event_ids)]
-    with_header = files.encoded_avro(schema, encoded, event_ids=event_ids)
+    with_header = files.encoded_avro(schema, encoded, header=files.ids_header(event_ids, encoded))
 
     assert _ids_read_from(with_header) == event_ids
     assert [r["event_id"] for r in fastavro.reader(io.BytesIO(with_header))] == event_ids
@@ -79,10 +79,11 @@ def test_a_file_whose_header_holds_its_ids_is_not_decoded_to_read_them():
     schema = load_registry()["service_log"].parsed_delivered_schema
     not_a_record = b"\xff\xff\xff"  # decoding this fails: only the header may be read
 
-    assert _ids_read_from(files.encoded_avro(schema, [not_a_record], event_ids=["e1"])) == ["e1"]
+    header = files.ids_header(["e1"], [not_a_record])
+    assert _ids_read_from(files.encoded_avro(schema, [not_a_record], header=header)) == ["e1"]
 
 
-def _ids_only(event_ids, encoded):  # a pane's header as the version before sizes wrote it
+def _ids_only(event_ids):  # a pane's header as the version before sizes wrote it
     return {files.EVENT_IDS: json.dumps(event_ids)}
 
 
@@ -104,9 +105,9 @@ def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_ap
     with tempfile.TemporaryDirectory() as folder, mock.patch.object(files, "BLOCK_BYTES", 300):  # blocks of a few
         sources = [f"{folder}/pane{n}.avro" for n in range(2)]
         for path, pane in zip(sources, halves, strict=True):
-            ids = None if header == "none" else [r["event_id"] for r in pane]
-            with mock.patch.object(files, "ids_header", _ids_only if header == "ids only" else files.ids_header):
-                files.write_bytes(path, files.encoded_avro(schema, [coder.encode(r) for r in pane], event_ids=ids))
+            encoded, ids = [coder.encode(r) for r in pane], [r["event_id"] for r in pane]
+            written = {"ids and sizes": files.ids_header(ids, encoded), "ids only": _ids_only(ids), "none": None}
+            files.write_bytes(path, files.encoded_avro(schema, encoded, header=written[header]))
         staged = [record for path in sources for record in files.read_avro(path)]
         kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", left_out, codec)
         with open(f"{folder}/part.avro", "rb") as handle:
@@ -121,13 +122,17 @@ def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decodin
     schema = load_registry()["service_log"].parsed_delivered_schema
     not_records = [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"]  # decoding these fails: they may only be cut apart
     pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
-    files.write_bytes(pane, files.encoded_avro(schema, not_records, event_ids=["a", "b", "c"]))
+    files.write_bytes(
+        pane, files.encoded_avro(schema, not_records, header=files.ids_header(["a", "b", "c"], not_records))
+    )
 
     assert files.rewrite_avro_without([pane], part, {"b"}, files.UNCOMPRESSED) == 2
     with open(part, "rb") as handle:
         assert b"".join(block.bytes_.read() for block in fastavro.block_reader(handle)) == b"\xff\xff\xff\xfd\xfd"
     other = str(tmp_path / "other.avro")  # a pane of another schema: its records cannot join these
-    files.write_bytes(other, files.encoded_avro({**schema, "doc": "another"}, [b"\x00"], event_ids=["d"]))
+    files.write_bytes(
+        other, files.encoded_avro({**schema, "doc": "another"}, [b"\x00"], header=files.ids_header(["d"], [b"\x00"]))
+    )
     with pytest.raises(ValueError, match="another writer schema"):
         files.rewrite_avro_without([pane, other], part, set())
 
@@ -137,8 +142,7 @@ def test_a_header_whose_sizes_do_not_fit_the_blocks_is_refused_and_leaves_no_fil
     schema = load_registry()["service_log"].parsed_delivered_schema
     pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
     wrong = {files.EVENT_IDS: json.dumps(["a", "b", "c", "d"][: len(sizes)]), files.RECORD_SIZES: json.dumps(sizes)}
-    with mock.patch.object(files, "ids_header", lambda event_ids, encoded: wrong):
-        files.write_bytes(pane, files.encoded_avro(schema, [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"], event_ids=["a"]))
+    files.write_bytes(pane, files.encoded_avro(schema, [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"], header=wrong))
 
     with pytest.raises(ValueError, match="header of"):
         files.rewrite_avro_without([pane], part, set())

@@ -65,11 +65,11 @@ def fail_writes_under(folder: str, error: Exception, times: int | None = None):
     """``files.write_encoded_avro`` that raises ``error`` for paths under ``folder`` (``times`` times, or always)."""
     real, failures = files.write_encoded_avro, []
 
-    def write_encoded_avro(path, schema, records, codec=files.AVRO_CODEC, event_ids=None):
+    def write_encoded_avro(path, schema, records, codec=files.AVRO_CODEC, header=None):
         if f"/{folder}/" in path and (times is None or len(failures) < times):
             failures.append(path)
             raise error
-        return real(path, schema, records, codec, event_ids)
+        return real(path, schema, records, codec, header)
 
     return write_encoded_avro, failures
 
