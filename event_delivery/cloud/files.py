@@ -169,8 +169,11 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
     ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in ``event_ids``;
     returns how many records it holds. A source whose header lists its records' ids and sizes (a staged
     pane's, see ``encoded_avro``) has its records cut out of its blocks as they are encoded; any other
-    has each record decoded and encoded again. One source is held in memory at a time, and the first
-    is read before ``destination`` is made: a source that cannot be read leaves no file."""
+    has each record decoded and encoded again. One source is held in memory at a time. The first one's
+    header is read before ``destination`` is made, so a file that is not Avro leaves none; an error
+    later leaves none on GCS (Beam cancels the upload), but may leave part of one on a local disk."""
+    if not sources:
+        raise ValueError(f"no sources to write {destination} from")
     opened = (_opened(source) for source in sources)
     schema, first = next(opened)
     kept = 0
@@ -200,7 +203,9 @@ def _opened(path: str):
     header = fastavro.reader(data)
     schema = fastavro.parse_schema(header.writer_schema)
     data.seek(0)
-    if EVENT_IDS in header.metadata and RECORD_SIZES in header.metadata:
+    first_field = header.writer_schema["fields"][0]
+    ids_lead = first_field["name"] == "event_id" and first_field["type"] == "string"  # as every delivered schema
+    if ids_lead and EVENT_IDS in header.metadata and RECORD_SIZES in header.metadata:
         event_ids, sizes = json.loads(header.metadata[EVENT_IDS]), json.loads(header.metadata[RECORD_SIZES])
         return schema, _cut_apart(path, data, event_ids, sizes)
     return schema, _encoded_again(data, schema)
@@ -208,20 +213,34 @@ def _opened(path: str):
 
 def _cut_apart(path: str, data: io.BytesIO, event_ids: list[str], sizes: list[int]):
     """``(event_id, record)`` of a file whose header lists its records' ids and sizes, each record cut out
-    of its block; a header that does not fit the blocks raises ``ValueError``, never cuts records wrong."""
+    of its block; each must begin with its id, as its schema's first field. A header that does not fit
+    the blocks raises ``ValueError``."""
     if len(event_ids) != len(sizes):
         raise ValueError(f"the header of {path} lists {len(event_ids)} ids and {len(sizes)} sizes")
     records = zip(event_ids, sizes, strict=True)
     for block in fastavro.block_reader(data):
         for event_id, size in itertools.islice(records, block.num_records):
             record = block.bytes_.read(size)
-            if len(record) != size:
+            if len(record) != size or not record.startswith(avro_string(event_id)):
                 raise ValueError(f"the record sizes in the header of {path} do not fit its blocks")
             yield event_id, record
         if block.bytes_.read(1):
             raise ValueError(f"the record sizes in the header of {path} do not fit its blocks")
     if next(records, None) is not None:
         raise ValueError(f"the header of {path} lists more records than its blocks hold")
+
+
+def avro_string(text: str) -> bytes:
+    """``text`` as Avro encodes a string: its UTF-8 length as a zigzag varint, then the bytes."""
+    data = text.encode("utf-8")
+    if len(data) < 64:  # a length that fits one byte, as a UUID's does
+        return bytes((len(data) << 1,)) + data
+    length, prefix = len(data) << 1, bytearray()  # zigzag of a length (never negative): twice it
+    while length > 0x7F:
+        prefix.append(length & 0x7F | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + data
 
 
 def _encoded_again(data: io.BytesIO, schema):

@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import IntervalWindow
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from event_delivery.cloud import files
@@ -118,34 +118,81 @@ def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_ap
     assert [r["event_id"] for r in staged] == event_ids
 
 
+def _undecodable(event_ids: list[str]) -> list[bytes]:
+    """Records that begin with their ids, as every delivered schema's do, and that decoding cannot read past
+    them (a ``received_at`` cut short)."""
+    return [files.avro_string(event_id) + b"\xff" * (n + 1) for n, event_id in enumerate(event_ids)]
+
+
 def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decoding_them(tmp_path):
     schema = load_registry()["service_log"].parsed_delivered_schema
-    not_records = [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"]  # decoding these fails: they may only be cut apart
+    not_records = _undecodable(["a", "b", "c"])
     pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
-    files.write_bytes(
-        pane, files.encoded_avro(schema, not_records, header=files.ids_header(["a", "b", "c"], not_records))
-    )
+    header = files.ids_header(["a", "b", "c"], not_records)
+    files.write_bytes(pane, files.encoded_avro(schema, not_records, header=header))
 
     assert files.rewrite_avro_without([pane], part, {"b"}, files.UNCOMPRESSED) == 2
     with open(part, "rb") as handle:
-        assert b"".join(block.bytes_.read() for block in fastavro.block_reader(handle)) == b"\xff\xff\xff\xfd\xfd"
+        written = b"".join(block.bytes_.read() for block in fastavro.block_reader(handle))
+    assert written == not_records[0] + not_records[2]
     other = str(tmp_path / "other.avro")  # a pane of another schema: its records cannot join these
-    files.write_bytes(
-        other, files.encoded_avro({**schema, "doc": "another"}, [b"\x00"], header=files.ids_header(["d"], [b"\x00"]))
-    )
+    header = files.ids_header(["d"], _undecodable(["d"]))
+    files.write_bytes(other, files.encoded_avro({**schema, "doc": "another"}, _undecodable(["d"]), header=header))
     with pytest.raises(ValueError, match="another writer schema"):
         files.rewrite_avro_without([pane, other], part, set())
 
 
-@pytest.mark.parametrize("sizes", [[3, 2, 2], [3, 1, 1], [3, 1], [3, 1, 2, 1]])
-def test_a_header_whose_sizes_do_not_fit_the_blocks_is_refused_and_leaves_no_file(tmp_path, sizes):
+@pytest.mark.parametrize(
+    "event_ids, sizes",
+    [
+        ("abc", [3, 4, 6]),  # the last read comes short
+        ("abc", [3, 4, 4]),  # bytes left in the block
+        ("ab", [3, 4]),  # fewer records listed than the block holds
+        ("abcd", [3, 4, 5, 1]),  # more records listed than the blocks hold
+        ("abc", [4, 4, 4]),  # the sizes add up, but cut the records wrong
+        ("abc", [3, 4]),  # ids and sizes do not pair
+    ],
+)
+def test_a_header_that_does_not_fit_the_records_is_refused(tmp_path, event_ids, sizes):
     schema = load_registry()["service_log"].parsed_delivered_schema
     pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
-    wrong = {files.EVENT_IDS: json.dumps(["a", "b", "c", "d"][: len(sizes)]), files.RECORD_SIZES: json.dumps(sizes)}
-    files.write_bytes(pane, files.encoded_avro(schema, [b"\xff\xff\xff", b"\xfe", b"\xfd\xfd"], header=wrong))
+    records = _undecodable(["a", "b", "c"])  # 3, 4 and 5 bytes
+    wrong = {files.EVENT_IDS: json.dumps(list(event_ids)), files.RECORD_SIZES: json.dumps(sizes)}
+    files.write_bytes(pane, files.encoded_avro(schema, records, header=wrong))
 
     with pytest.raises(ValueError, match="header of"):
         files.rewrite_avro_without([pane], part, set())
+
+
+def test_records_of_a_schema_that_does_not_begin_with_the_id_are_decoded_not_cut(tmp_path):
+    """Cutting checks each record's id where every delivered schema has it, first: a file of any other
+    schema is decoded, whatever its header lists."""
+    delivered = load_registry()["service_log"].parsed_delivered_schema
+    fields = delivered["fields"]
+    schema = fastavro.parse_schema({**delivered, "fields": [*fields[1:], fields[0]]})  # the id last
+    records = [event_record((i, 1000, valid_fields(load_registry()["service_log"], 0))) for i in ("a", "b")]
+    encoded = []
+    for record in records:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, schema, record)
+        encoded.append(buffer.getvalue())
+    bogus = {files.EVENT_IDS: json.dumps(["a", "b"]), files.RECORD_SIZES: json.dumps([1, sum(map(len, encoded)) - 1])}
+    pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
+    files.write_bytes(pane, files.encoded_avro(schema, encoded, header=bogus))
+
+    assert files.rewrite_avro_without([pane], part, {"a"}) == 1
+    assert [r["event_id"] for r in files.read_avro(part)] == ["b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300))
+@example(text="x" * 63)
+@example(text="x" * 64)  # the first length of two bytes
+@example(text="é" * 32)  # 64 bytes in UTF-8
+def test_an_id_is_encoded_as_avro_encodes_a_string(text):
+    encoded = io.BytesIO()
+    fastavro.schemaless_writer(encoded, "string", text)
+    assert files.avro_string(text) == encoded.getvalue()
 
 
 def test_a_rewrite_whose_first_source_cannot_be_read_leaves_no_file(tmp_path):
