@@ -106,8 +106,8 @@ def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_ap
         sources = [f"{folder}/pane{n}.avro" for n in range(2)]
         for path, pane in zip(sources, halves, strict=True):
             encoded, ids = [coder.encode(r) for r in pane], [r["event_id"] for r in pane]
-            written = {"ids and sizes": files.ids_header(ids, encoded), "ids only": _ids_only(ids), "none": None}
-            files.write_bytes(path, files.encoded_avro(schema, encoded, header=written[header]))
+            headers = {"ids and sizes": files.ids_header(ids, encoded), "ids only": _ids_only(ids), "none": None}
+            files.write_bytes(path, files.encoded_avro(schema, encoded, header=headers[header]))
         staged = [record for path in sources for record in files.read_avro(path)]
         kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", left_out, codec)
         with open(f"{folder}/part.avro", "rb") as handle:
