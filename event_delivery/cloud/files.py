@@ -174,13 +174,13 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
     later leaves none on GCS (Beam cancels the upload), but may leave part of one on a local disk."""
     if not sources:
         raise ValueError(f"no sources to write {destination} from")
-    opened = (_opened(source) for source in sources)
-    schema, first = next(opened)
+    schema, first = _opened(sources[0])
     kept = 0
 
     def kept_records():
         nonlocal kept
-        for source, (source_schema, records) in zip(sources, itertools.chain([(schema, first)], opened), strict=True):
+        for number, source in enumerate(sources):
+            source_schema, records = (schema, first) if number == 0 else _opened(source)
             if source_schema != schema:
                 raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
             for event_id, record in records:
