@@ -60,8 +60,8 @@ class KeyedSteps(beam.PTransform):
         events = pipeline | "Start" >> beam.Impulse() | "EncodedEvents" >> beam.FlatMap(_events_of, self.name)
         marked = events | "MarkRepeats" >> MarkRepeats(self.settings)
         if self.steps == "mark_repeats":
-            return marked.events | "CountMarked" >> beam.Map(_count_marked)
-        gathered = marked.events | "GatherPanes" >> GatherPanes(self.settings)
+            return marked | "CountMarked" >> beam.Map(_count_marked)
+        gathered = marked | "GatherPanes" >> GatherPanes(self.settings)
         return gathered.unique | "CountKept" >> beam.Map(_count_kept)
 
 

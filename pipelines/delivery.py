@@ -39,7 +39,7 @@ from transforms.late import WriteLatePanes
 from transforms.parse import ParseEvents
 from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages
-from transforms.reports import DEAD_LETTERED, DELIVERED, SUPERSEDED
+from transforms.reports import DEAD_LETTERED, DELIVERED
 from transforms.sealed_dead_letters import SealDeadLetters
 from transforms.sealing import JobKeyCache
 from transforms.settings import DeliverySettings
@@ -66,10 +66,9 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
     # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
     encrypted = parsed.output | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
-    events, superseded = encrypted.output, ()
+    events = encrypted.output
     if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
-        marked = events | "MarkRepeats" >> MarkRepeats(settings)
-        events, superseded = marked.events, (marked[SUPERSEDED],)
+        events = events | "MarkRepeats" >> MarkRepeats(settings)
     if settings.bounded:
         deduplicated = events | "BucketByHour" >> BucketByHour(settings) | "Deduplicate" >> Deduplicate(settings)
     else:  # one keyed step: after MarkRepeats a runner's bundle holds one id's work, nothing to pack
@@ -93,7 +92,7 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
         >> WriteAvroPanes(settings, layout.dead_letter, DEAD_LETTERED, DEAD_LETTER_SCHEMA, prepared_record)
     )
 
-    reports = (staged.output, deduplicated.duplicates, *superseded, forgotten, late.output, dead_lettered)
+    reports = (staged.output, deduplicated.duplicates, forgotten, late.output, dead_lettered)
     if not settings.bounded:  # hours a drained or stopped run left open close with this run's,
         # and every hour from the start on closes, also when nothing arrives in it
         reports += (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from event_delivery.contract.partitions import Layout
 from transforms import index_buckets, publish
-from transforms.id_index import is_index_task
 
 
 class Cell:
@@ -49,22 +48,15 @@ def index_reader(layout: Layout) -> index_buckets.ReadIndexChunkFn:
     return reader
 
 
-def write_planned(layout: Layout, hour_start: int, plan: dict) -> int:
-    """Writes a planned hour's parts and index, each task once, in plan order; returns how many writes
-    ``PublishWhenWrittenFn`` heard of."""
-    reader, buckets = index_reader(layout), BucketWriter(layout)
-    written = 0
-    for task in publish.to_write(plan):
-        if is_index_task(task):
-            for group_ids in reader.process((hour_start, task)):
-                written += sum(count for _, count in buckets.process(group_ids))
-        else:
-            publish.write_part(layout, hour_start, task)
-            written += 1
-    return written
-
-
 def publish_planned(layout: Layout, hour_start: int, plan: dict) -> dict:
-    """``write_planned``, then the marker; returns the manifest."""
-    assert write_planned(layout, hour_start, plan) == publish.planned_writes(plan), "every planned write heard of"
+    """Writes a planned hour's index, each read task once, in plan order, then its parts, as ``PublishHours``
+    sends them once the last bucket is written, then the marker; returns the manifest."""
+    reader, buckets = index_reader(layout), BucketWriter(layout)
+    indexed = 0
+    for task in publish.index_to_read(plan):
+        for group_ids in reader.process((hour_start, task)):
+            indexed += sum(count for _, count in buckets.process(group_ids))
+    assert indexed == publish.buckets_planned(plan), "every bucket written before the parts"
+    for part in publish.parts_to_write(plan):
+        publish.write_part(layout, hour_start, part)
     return publish.finish_hour(layout, hour_start)

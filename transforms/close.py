@@ -48,20 +48,20 @@ from transforms.late import LateMover
 from transforms.publish import (
     CLOSE_PLAN,
     PLANNED,
-    PublishHours,
+    buckets_planned,
     finish_hour,
+    index_to_read,
     plan_hour,
     plan_path,
-    planned_writes,
-    to_write,
     unplanned,
 )
+from transforms.publish_hours import PublishHours
 from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, LATE, LEFT_OVER, OPENED, report
 from transforms.retries import denied  # what no retry of the bundle mends where the close publishes
 
 _LOG = logging.getLogger(__name__)
 wall_clock = time.time  # module-level, so that a test can hold the clock while the watermark jumps
-PARTS = "parts"
+INDEX_TASKS = "index_tasks"
 RETRY_CLOSE_SECONDS = 600  # between tries of a close denied for good; module-level, so that a test can shorten it
 
 
@@ -217,9 +217,9 @@ class CloseHourFn(beam.DoFn):
         reports.clear()
         if plan is None:
             return  # published by an earlier run
-        for part in to_write(plan):
-            yield beam.pvalue.TaggedOutput(PARTS, (hour_start, part))
-        yield hour_start, (PLANNED, planned_writes(plan))
+        for task in index_to_read(plan):
+            yield beam.pvalue.TaggedOutput(INDEX_TASKS, (hour_start, task))
+        yield hour_start, (PLANNED, buckets_planned(plan))
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
@@ -251,9 +251,10 @@ class CloseHour(beam.PTransform):
         planned = (
             reports
             | "KeyByHour" >> beam.ParDo(KeyByHourFn()).with_output_types(tuple[int, typing.Any])
-            | "CloseWhenDue" >> beam.ParDo(self.fn).with_outputs(PARTS, main="planned")
+            | "CloseWhenDue" >> beam.ParDo(self.fn).with_outputs(INDEX_TASKS, main="planned")
         )
-        return {"planned": planned.planned, "parts": planned[PARTS]} | "PublishHours" >> PublishHours(self.settings)
+        hours = {"planned": planned.planned, INDEX_TASKS: planned[INDEX_TASKS]}
+        return hours | "PublishHours" >> PublishHours(self.settings)
 
 
 class KeyByHourFn(beam.DoFn):

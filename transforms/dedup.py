@@ -1,15 +1,13 @@
-"""Deduplicate by event id within (type, hour), across all panes of the hour, and across
-restarts of the job before the hour closed.
+"""Deduplicate by event id within (type, hour), across all panes of the hour.
 
 A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
 (id, hour), keyed by the id, so each event reads and writes only its own cell however
 full the hour is, and the work spreads over as many keys as there are ids. It marks
 every copy after the first; ``GatherPanes`` (``transforms.stream_panes``), per (hour, shard,
 writer), drops the marked copies before the hour closes and after, when the rest goes to the
-late root. A run that
-starts while hours are open seeds the cells with the ids that the runs before it staged
-for them, each file read once (``IdsStagedByEarlierRuns``). A cell lives
-until one window after its hour closed, and until the close has published the hour
+late root. Copies that runs stopped mid-hour staged, and this run's copies of the same ids,
+are all staged, and the close keeps the first of each id (``transforms.close_repeats``). A
+cell lives until one window after its hour closed, and until the close has published the hour
 (``HourPublished``), so a repeat that comes that late is still counted as a duplicate
 rather than written again. A repeat that comes later still reaches the late path
 unmarked, which drops it against the index of ids that the close left beside the hour
@@ -37,12 +35,12 @@ from event_delivery.contract import partitions, slo
 from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds, hour_windows
 from transforms.published_hours import HourPublished
-from transforms.reports import DUPLICATES, SUPERSEDED, report
+from transforms.reports import DUPLICATES, report
 
 _LOG = logging.getLogger(__name__)
 LATE_PANES = "late"  # the output of panes that came after their hour closed (not the report kind)
 REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
-DELIVERED_HERE = ""  # an id's cell when this run let its first copy through; else the earlier run's file
+DELIVERED_HERE = ""  # an id's cell once this run let its first copy through
 
 
 def is_repeat(event) -> bool:
@@ -50,25 +48,11 @@ def is_repeat(event) -> bool:
     return len(event) > 4
 
 
-def staged_copy(event_id: str, received_at_millis: int, path: str) -> tuple:
-    """An id that an earlier run staged in the file at ``path``: the seed of its cell."""
-    return (event_id, received_at_millis, path)
-
-
-def is_staged_copy(event) -> bool:
-    return isinstance(event[2], str)
-
-
 class MarkRepeatsFn(beam.DoFn):
     """Marks every copy of an id after the first in its hour, with one state cell per (id, hour).
 
-    The cell is empty until a copy is kept: this run's (``DELIVERED_HERE``), or one that an
-    earlier run staged in a file and left when it stopped before the hour closed (that file's
-    path, seeded at start, see ``IdsStagedByEarlierRuns``). A copy of this run that finds a
-    cell is a repeat: it goes on marked, without its record, only to be counted. Seeds and
-    this run's copies race: when this run let a copy through before the seed of its id came,
-    the earlier run's copy is the one too many, and it goes out on the ``superseded`` output
-    as an hour report, ``(file, id)``, for the close to leave out.
+    The cell is empty until this run lets a copy through (``DELIVERED_HERE``). A copy that finds
+    a cell is a repeat: it goes on marked, without its record, only to be counted.
 
     The cell lives until one window after the hour closes, and then until the hour is
     published (``HourPublished``), asked again after one window, two, four and so on. A copy
@@ -95,17 +79,7 @@ class MarkRepeatsFn(beam.DoFn):
         forget=beam.DoFn.TimerParam(FORGET),
     ):
         event_id, event = keyed_event
-        first = seen.read()
-        if is_staged_copy(event):
-            path = event[2]
-            if first is None:
-                seen.write(path)
-                forget.set(window.end + self.remember)
-            elif first != path:  # the cell now names the copy left out, so that a seed read twice is one
-                seen.write(path)
-                yield beam.pvalue.TaggedOutput(SUPERSEDED, report(SUPERSEDED, 1, (path, event_id)))
-            return
-        if first is not None:  # counted downstream, never written: its record goes no further
+        if seen.read() is not None:  # counted downstream, never written: its record goes no further
             event_id, received_at, _, forgotten = event
             yield (event_id, received_at, b"", forgotten, REPEAT)
             return
@@ -133,75 +107,8 @@ def _keyed_in_its_hour(event) -> TimestampedValue:
     return TimestampedValue((event[0], event), event[1] / 1000)
 
 
-@ANY_OUTPUT
-class ListStagedByEarlierRunsFn(beam.DoFn):
-    """At start, the staged files that stopped runs left for hours without a marker."""
-
-    def __init__(self, settings):
-        self.layout = settings.layout
-        self.run_id = settings.run_id
-
-    def setup(self):
-        use_emulator_credentials()
-
-    def process(self, _):
-        for hour_start, paths in partitions.staged_by_other_runs(self.layout, self.run_id).items():
-            if not files.exists(self.layout.marker(hour_start)):
-                yield from ((hour_start, path) for path in paths)
-
-
-class ReadStagedIdsFn(beam.DoFn):
-    """``(hour start, staged file)`` in; a ``staged_copy`` of each of its ids out, stamped in the hour."""
-
-    def setup(self):
-        use_emulator_credentials()
-        self.files_read = beam.metrics.Metrics.counter(slo.NAMESPACE, "restart_files_read")
-        self.files_unread = beam.metrics.Metrics.counter(slo.NAMESPACE, "restart_files_unreadable")
-
-    def process(self, hour_file):
-        hour_start, path = hour_file
-        try:
-            event_ids = files.read_event_ids(path)
-        except Exception as error:  # noqa: BLE001 - the seeds hold every close: no file may stall them
-            # Gone since the listing (published, moved late), or unreadable: its ids seed no cell,
-            # and a copy of them that this run sees again is delivered again. The close still
-            # publishes or moves the file as it finds it.
-            self.files_unread.inc()
-            _LOG.error("a restart could not read the ids of %s (%s): they seed no cell", path, type(error).__name__)
-            return
-        self.files_read.inc()
-        for event_id in event_ids:
-            yield TimestampedValue(staged_copy(event_id, hour_start * 1000, path), hour_start)
-
-
-class IdsStagedByEarlierRuns(beam.PTransform):
-    """Every id that runs stopped mid-hour staged, for ``MarkRepeats`` to seed its cells with.
-
-    A restart reads each of those files once, on any worker, and each id goes to its own
-    cell: what a pane reads after a restart is its own events' cells, as before it. The
-    files are read from a bounded branch, which holds the watermark of ``MarkRepeats``, and
-    so every close, until the last id is seeded: a file it cannot read is skipped and
-    counted, never retried for good.
-    """
-
-    def __init__(self, settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, pipeline):
-        return (
-            pipeline
-            | "Start" >> beam.Impulse()
-            | "ListStagedFiles" >> beam.ParDo(ListStagedByEarlierRunsFn(self.settings))
-            | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadStagedIds" >> beam.ParDo(ReadStagedIdsFn())
-        )
-
-
 class MarkRepeats(beam.PTransform):
-    """Encoded events in (``transforms.records``), the same out (``events``), repeats marked;
-    ``superseded`` hour reports out of copies that earlier runs staged and this run delivered
-    first (see ``MarkRepeatsFn``).
+    """Encoded events in (``transforms.records``), the same out, repeats marked (see ``MarkRepeatsFn``).
 
     ``settings`` are the job's ``DeliverySettings``: its hours, lateness and staging.
     """
@@ -211,14 +118,11 @@ class MarkRepeats(beam.PTransform):
         self.settings = settings
 
     def expand(self, events):
-        s = self.settings
-        seeds = events.pipeline | "IdsStagedByEarlierRuns" >> IdsStagedByEarlierRuns(s)
         return (
-            (events, seeds)
-            | "EventsAndSeeds" >> beam.Flatten()
+            events
             | "KeyById" >> beam.Map(_keyed_in_its_hour)
-            | "IntoHours" >> hour_windows(s)
-            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(s)).with_outputs(SUPERSEDED, main="events")
+            | "IntoHours" >> hour_windows(self.settings)
+            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(self.settings))
         )
 
 

@@ -11,7 +11,9 @@ and its files in a list of its own saved beside the plan (``save_task_sources``)
 ~150 B a file of its chunk, not the plan. A read task (``ids_by_group``) sends, for every group of ``BUCKETS_PER_GROUP``
 buckets of its shard, also an empty one, the chunk's ids that fall in each of them; a group, keyed by
 (hour, shard, group), writes its buckets (``write_bucket``) once every chunk of its shard has sent its
-part. The marker waits for every bucket, so a marker means a complete index.
+part. The marker waits for every bucket, so a marker means a complete index. Each id goes with its file's
+place in the plan, so that a group's key, which sees every copy of its ids, also lists the hour's repeats
+for the parts to leave out (``transforms.close_repeats``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from event_delivery.contract.partitions import Layout
 from transforms.hours import shard_of
 
 IDS_PER_BUCKET = 10_000  # ~400 KB of JSON at ~40 B an id: what a late pane reads per bucket its ids hit
-# The most records of a read task's chunk: what it holds (~26 MB of strings and lists for 36-character
-# ids, measured: every harness thread of a worker may run one), and what it sends on in one commit (each
-# id at most ``MAX_ENTRY_BYTES``: ≤ ~18 MB, ~10 MB for 36-character ids), well below Streaming Engine's
-# ~80 MB.
+# The most records of a read task's chunk: what it holds (strings, and a tuple of (entry, part, place) per
+# id, measured in tests/unit/test_index_buckets.py: every harness thread of a worker may run one), and what
+# it sends on in one commit (each id at most ``MAX_ENTRY_BYTES`` and its place: ≤ ~20 MB, ~12 MB for
+# 36-character ids), well below Streaming Engine's ~80 MB.
 IDS_PER_CHUNK = 250_000
 # The buckets of a shard that one key of ``WriteIndexBuckets`` writes: a chunk sends one element per group,
 # not per bucket, and a key holds at most ~160,000 ids (~6.5 MB) until its chunks have all come.
@@ -92,14 +94,17 @@ def sources_name(task: dict) -> str:
     return f"{SOURCES_PREFIX}s{task['index_of_shard']:03d}-c{task['chunk']:05d}.json"
 
 
-def save_task_sources(staging: str, tasks: list[dict], sources: list[str]) -> None:
-    """Each read task's staged files (of ``sources``, the plan's), in a list of its own in the hour's
-    ``staging`` folder; none for a task with no files. Saved before the plan, which stays the commit point:
-    a close that crashes before it saves its plan saves the lists again, under the same names, and
+def save_task_sources(staging: str, tasks: list[dict], places: dict[str, list[int]]) -> None:
+    """Each read task's staged files (of ``places``, the plan's, ``close_repeats.plan_places``), in a list of
+    its own in the hour's ``staging`` folder, each file with its place in the plan: ``[path, part, place]``;
+    none for a task with no files. Saved before the plan, which stays the commit point: a close that
+    crashes before it saves its plan saves the lists again, under the same names, and
     ``remove_task_sources`` deletes whatever an earlier try left."""
-    by_shard = sources_by_shard(sources, tasks[0]["num_shards"]) if tasks else {}
+    by_shard = sources_by_shard(list(places), tasks[0]["num_shards"]) if tasks else {}
     lists = {
-        partitions.join(staging, sources_name(task)): by_shard[task["index_of_shard"]][slice(*task["files"])]
+        partitions.join(staging, sources_name(task)): [
+            [path, *places[path]] for path in by_shard[task["index_of_shard"]][slice(*task["files"])]
+        ]
         for task in tasks
         if task["files"][0] < task["files"][1]
     }
@@ -109,14 +114,17 @@ def save_task_sources(staging: str, tasks: list[dict], sources: list[str]) -> No
         list(pool.map(files.write_json, lists, lists.values()))
 
 
-def task_sources(staging: str, task: dict, planned_sources) -> list[str]:
-    """The staged files of a read task's chunk: its list (``save_task_sources``), kilobytes; a task of a plan
-    saved before tasks had lists reads its places among its shard's files in the whole plan, which
-    ``planned_sources()`` reads."""
+def task_sources(staging: str, task: dict, planned_sources) -> list[tuple[str, list[int] | None]]:
+    """The staged files of a read task's chunk, each with its place in the plan (``[part, place]``): its list
+    (``save_task_sources``), kilobytes. A list saved before lists held places (a path alone), and a task of a
+    plan saved before tasks had lists, which reads its places among its shard's files in the whole plan
+    (``planned_sources()``), give no places: their ids are indexed, and no repeat among them is dropped."""
     start, stop = task["files"] or (0, None)
     if "chunk" in task:
-        return [] if start == stop else files.read_json(partitions.join(staging, sources_name(task)))
-    return sources_by_shard(planned_sources(), task["num_shards"])[task["index_of_shard"]][start:stop]
+        listed = [] if start == stop else files.read_json(partitions.join(staging, sources_name(task)))
+        return [(source, None) if isinstance(source, str) else (source[0], source[1:]) for source in listed]
+    by_shard = sources_by_shard(planned_sources(), task["num_shards"])
+    return [(source, None) for source in by_shard[task["index_of_shard"]][start:stop]]
 
 
 def remove_task_sources(staging: str) -> None:
@@ -162,12 +170,13 @@ def groups(buckets: int) -> list[range]:
     return [range(first, min(first + BUCKETS_PER_GROUP, buckets)) for first in range(0, buckets, BUCKETS_PER_GROUP)]
 
 
-def ids_by_group(folder: str, task: dict, sources: list[str]):
+def ids_by_group(folder: str, task: dict, sources: list[tuple[str, list[int] | None]]):
     """For every group of buckets of the task's shard (``groups``), ``((shard, group), (chunks, buckets,
     num_shards, entries))``: per bucket of the group, the entries (``index_entry``) of those ids of its
-    chunk's files (``sources``) that fall in the bucket, in the files' order; empty lists too, since a
-    group's writer counts the chunks it has heard from. Lists, not sets: a repeat (rare: superseded copies)
-    costs an entry, and ``write_bucket`` drops it, while a set per bucket would hold more than the ids.
+    chunk's files (``sources``, ``(path, place in the plan)``) that fall in the bucket, in the files' order,
+    each as ``(entry, part, place)`` when its file has a place (``close_repeats``); empty lists too, since a
+    group's writer counts the chunks it has heard from. Lists, not sets: every copy of a repeated id is
+    sent, so that the group's writer can keep the first.
 
     An id of another shard in its files was staged by a run of another shard count: the index of every
     shard may then miss ids that files of other shards hold, so the task writes the sentinel of every
@@ -178,22 +187,23 @@ def ids_by_group(folder: str, task: dict, sources: list[str]):
     if task.get("skipped"):
         _skip(folder, [shard], num_shards, "index_shards_skipped")
         sources = []
-    for source in sources:
+    for source, place in sources:
         event_ids = files.read_event_ids(source)
         if any(i and shard_of(i, num_shards) != shard for i in event_ids):  # no id: sharded by its receipt time
             _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
             split = [[] for _ in range(buckets)]
             break
         for event_id in event_ids:
-            split[index_bucket(event_id, num_shards, buckets)].append(index_entry(event_id))
+            entry = index_entry(event_id) if place is None else (index_entry(event_id), *place)
+            split[index_bucket(event_id, num_shards, buckets)].append(entry)
     for group, members in enumerate(groups(buckets)):
         yield (shard, group), (task["chunks"], buckets, num_shards, [split[bucket] for bucket in members])
 
 
 def write_bucket(folder: str, shard: int, bucket: int, buckets: int, num_shards: int, parts) -> None:
-    """One bucket of a shard's ids, from the entry lists its chunks sent: a sorted JSON list in ``folder``,
-    under a fixed name, so that a retry rewrites it."""
-    entries = sorted({entry for part in parts for entry in part})
+    """One bucket of a shard's ids, from the entry lists its chunks sent (an entry alone, or a copy with its
+    place): a sorted JSON list in ``folder``, under a fixed name, so that a retry rewrites it."""
+    entries = sorted({entry if isinstance(entry, str) else entry[0] for part in parts for entry in part})
     files.write_json(partitions.join(folder, partitions.id_index_name(shard, bucket, buckets, num_shards)), entries)
 
 

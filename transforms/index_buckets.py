@@ -20,6 +20,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract.partitions import Layout
+from transforms.close_repeats import later_copies, save_later_copies
 from transforms.declared_types import ANY_OUTPUT
 from transforms.id_index import groups, ids_by_group, task_sources, write_bucket
 
@@ -61,8 +62,9 @@ class ReadIndexChunkFn(beam.DoFn):
 @ANY_OUTPUT
 class WriteIndexBucketFn(beam.DoFn):
     """``((hour start, shard, group), (chunks, buckets, num_shards, entries by bucket))`` in, one from each
-    read task of the shard; once all ``chunks`` have sent theirs, the group's buckets are written, and
-    ``(hour start, buckets written)`` goes out: once per group. A key holds its group's entries until then
+    read task of the shard; once all ``chunks`` have sent theirs, the group's buckets are written, then the
+    later copies of its ids for the parts to leave out (``close_repeats``), and ``(hour start, buckets
+    written)`` goes out: once per group. A key holds its group's entries until then
     (≤ ``BUCKETS_PER_GROUP`` × ~10,000 ids, ~6.5 MB: a bag of one add per chunk, ~900, and one read),
     and none after. A group that heard ``PUBLISHED`` from a chunk writes nothing (the hour's index is
     another run's) and still counts its buckets, so that its hour's key clears too.
@@ -94,6 +96,9 @@ class WriteIndexBucketFn(beam.DoFn):
             folder = self.layout.hour(self.layout.id_index, hour_start)
             for place, bucket in enumerate(members):
                 write_bucket(folder, shard, bucket, buckets, num_shards, [part[place] for part in parts])
+            copies = [entry for part in parts for listed in part for entry in listed if not isinstance(entry, str)]
+            staging = self.layout.hour(self.layout.staging, hour_start)
+            save_later_copies(staging, shard, group, later_copies(copies))
         entries.clear()
         chunks.clear()
         yield hour_start, len(members)

@@ -188,7 +188,7 @@ def move_late_checked(layout, hour_start: int, staged: str, destination: str, nu
     if not held:
         moved = files.concatenate_avro([staged], destination, codec)
     elif len(held) < len(event_ids):
-        moved = files.rewrite_avro_without([staged], destination, held, codec)
+        moved = files.rewrite_avro_without([staged], destination, {staged: held}, codec)
     else:
         files.delete_existing([destination])
         moved = 0

@@ -2,9 +2,11 @@
 
 ``CloseHour`` decides that an hour is closed and saves its *plan* in the hour's staging
 folder (``_CLOSING.json``) before anything moves: which staged files make which part,
-and the manifest. Then the parts are written side by side, on any worker: a part is
-its pane files' Avro blocks in one file of about ``--target_file_mb``, compressed. Panes
-are staged uncompressed, so each record is compressed once, here, and none is decoded.
+and the manifest. Then the index of the hour's ids is written, which finds the copies of an
+id after its first (``transforms.close_repeats``), and then the parts, side by side, on any
+worker (``transforms.publish_hours``): a part is its pane files' Avro blocks in one file of
+about ``--target_file_mb``, compressed, less those copies. Panes are staged uncompressed, so
+each record is compressed once, here, and none is decoded.
 The plan names each part's codec (``--codec`` when it was saved): a part is written with
 one codec, and so is every part of an hour, also when an update changes the codec meanwhile.
 When every part is written, the marker is written, and only then are the staged files
@@ -25,30 +27,18 @@ moves such files to the late root and counts them there, as it does after the ma
 from __future__ import annotations
 
 import collections
-import logging
 import posixpath
-import time
-import typing
-
-import apache_beam as beam
-from apache_beam.coders import VarIntCoder
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.transforms.window import GlobalWindows
 
 from event_delivery.cloud import files
-from event_delivery.cloud.clients import use_emulator_credentials
-from event_delivery.contract import partitions, slo
+from event_delivery.contract import partitions
 from event_delivery.contract.partitions import Layout
-from transforms.declared_types import ANY_OUTPUT
-from transforms.id_index import as_chunks, index_tasks, is_index_task, remove_task_sources, save_task_sources
-from transforms.index_buckets import GROUP_KEY, ReadIndexChunkFn, WriteIndexBucketFn
-from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN, SUPERSEDED
+from transforms.close_repeats import as_written, later_copies_of_part, note_written, plan_places, remove_close_notes
+from transforms.id_index import as_chunks, index_tasks, remove_task_sources, save_task_sources
+from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN
 
-_LOG = logging.getLogger(__name__)
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 PLANNED, WRITTEN = "planned", "written"
 COUNTED_WITHOUT_A_FILE = (DUPLICATES, FORGOTTEN)  # the reports a manifest counts that name no file
-wall_clock = time.time  # module-level, so that a test can set the clock of the close delay
 
 
 def build_manifest(
@@ -62,7 +52,7 @@ def build_manifest(
     ``replayed`` marks an hour closed by a bounded job (a backfill), long after the fact:
     its close time says nothing about timeliness.
     """
-    duplicates = sum(records for kind, records, _ in reports if kind in (DUPLICATES, SUPERSEDED))
+    duplicates = sum(records for kind, records, _ in reports if kind == DUPLICATES)
     forgotten = sum(records for kind, records, _ in reports if kind == FORGOTTEN)
     dead_letter_files = {path: records for kind, records, path in reports if kind == DEAD_LETTERED}
     delivered = sum(delivered_files.values())
@@ -134,14 +124,12 @@ def plan_hour(
         return None
     sizes = files.sizes(partitions.join(staging, "*.avro"))
     staged = {path: (records, sizes.get(path, 0)) for kind, records, path in collected if kind == DELIVERED}
-    superseded = superseded_ids(collected)
     folder = layout.hour(layout.delivered, hour_start)
     parts = []
     for number, sources in enumerate(group_into_parts(staged, target_file_mb * 1024 * 1024)):
         path = partitions.join(folder, part_name(layout.event_type, number, sources))
-        left_out = sorted(i for source in sources for i in superseded.get(source, ()))
-        records = sum(staged[s][0] for s in sources) - len(left_out)
-        parts.append({"path": path, "sources": sources, "records": records, "left_out": left_out, "codec": codec})
+        records = sum(staged[s][0] for s in sources)
+        parts.append({"path": path, "sources": sources, "records": records, "codec": codec})
     published = {part["path"]: part["records"] for part in parts}
     manifest = build_manifest(
         layout.event_type, hour_start, layout.window_seconds, closes_at, published, collected, replayed
@@ -149,17 +137,9 @@ def plan_hour(
     counted = [[kind, records] for kind, records, path in collected if kind in COUNTED_WITHOUT_A_FILE]
     index = [] if num_shards is None else index_tasks({p: staged[p][0] for p in staged}, num_shards)
     plan = {"manifest": manifest, "parts": parts, "counted": counted, "index": index}
-    save_task_sources(staging, index, list(staged))
+    save_task_sources(staging, index, plan_places(parts))
     files.write_json(saved, plan)
     return plan
-
-
-def superseded_ids(reports: list) -> dict[str, set[str]]:
-    """The ids to leave out of each staged file: copies of a stopped run that this run delivered first."""
-    left_out: dict[str, set[str]] = {}
-    for _, _, (path, event_id) in (r for r in reports if r[0] == SUPERSEDED):
-        left_out.setdefault(path, set()).add(event_id)
-    return left_out
 
 
 def unplanned(plan: dict | None, collected: list) -> list[tuple]:
@@ -171,11 +151,8 @@ def unplanned(plan: dict | None, collected: list) -> list[tuple]:
     listed |= {dead_letters["path"] for dead_letters in plan["manifest"]["dead_letter_files"]}
     # A plan saved before plans kept their counts counts nothing a later run collects.
     counted = collections.Counter((kind, records) for kind, records in plan.get("counted", []))
-    left_out = {(s, i) for part in plan["parts"] for s in part["sources"] for i in part.get("left_out", ())}
     left = []
     for kind, records, path in collected:
-        if kind == SUPERSEDED and tuple(path) in left_out:
-            continue
         if path and path in listed:
             continue
         if not path and counted[(kind, records)]:
@@ -185,29 +162,42 @@ def unplanned(plan: dict | None, collected: list) -> list[tuple]:
     return left
 
 
-def to_write(plan: dict) -> list[dict]:
-    """The tasks an hour's plan sends on: its parts, and the read tasks of the index of its ids."""
-    return plan["parts"] + as_chunks(plan.get("index", []))
+def index_to_read(plan: dict) -> list[dict]:
+    """The read tasks of the index of an hour's ids, which ``CloseHour`` sends on once it saved the plan."""
+    return as_chunks(plan.get("index", []))
 
 
-def planned_writes(plan: dict) -> int:
-    """What an hour's plan writes before its marker, each counted once by ``PublishWhenWrittenFn``: its parts,
-    and the buckets of its index (each once all its shard's chunks were read; a read task counts for none)."""
-    buckets = {task["index_of_shard"]: task["buckets"] for task in as_chunks(plan.get("index", []))}
-    return len(plan["parts"]) + sum(buckets.values())
+def buckets_planned(plan: dict) -> int:
+    """The buckets of an hour's index, each written once all its shard's chunks were read: the parts wait for
+    every one (``PublishHours``), since a bucket's key lists the later copies the parts leave out."""
+    return sum({task["index_of_shard"]: task["buckets"] for task in index_to_read(plan)}.values())
+
+
+def parts_to_write(plan: dict) -> list[dict]:
+    """An hour's parts, each with its number in the plan (where the index lists its later copies)."""
+    return [part | {"number": number} for number, part in enumerate(plan["parts"])]
 
 
 def write_part(layout: Layout, hour_start: int, part: dict) -> None:
-    """Writes one part of a planned hour, unless the hour's marker says it is published. A part
-    whose sources hold superseded copies (rare: only after a restart) is written record by
-    record, without them; any other is copied block by block. Either way it has the codec its
-    plan names (a plan saved before plans named one: deflate, the codec of then)."""
+    """Writes one part of a planned hour, unless the hour's marker says it is published. A part whose
+    sources hold later copies of ids (``close_repeats``), or superseded ones (a plan saved by an earlier
+    version), is written less those, its records cut out of their blocks, and says how many it holds; any
+    other is copied block by block. Either way it has the codec its plan names (a plan saved before plans
+    named one: deflate, the codec of then)."""
     if files.exists(layout.marker(hour_start)):
         return  # its staged files may be gone already: the part is in place
-    if part.get("left_out"):
-        files.rewrite_avro_without(part["sources"], part["path"], set(part["left_out"]), part_codec(part))
+    staging = layout.hour(layout.staging, hour_start)
+    sources = part["sources"]
+    if part.get("left_out"):  # superseded copies, listed by a plan of state layout 5 or earlier
+        leave_out = {source: set(part["left_out"]) for source in sources}
     else:
-        files.concatenate_avro(part["sources"], part["path"], part_codec(part))
+        leave_out = later_copies_of_part(staging, part["number"], sources)
+    if not leave_out:
+        files.concatenate_avro(sources, part["path"], part_codec(part))
+        return
+    records = files.rewrite_avro_without(sources, part["path"], leave_out, part_codec(part))
+    if records != part["records"]:
+        note_written(staging, part["number"], part["path"], records)
 
 
 def planned_sources(layout: Layout, hour_start: int) -> list[str]:
@@ -220,123 +210,20 @@ def part_codec(part: dict) -> str:
 
 
 def finish_hour(layout: Layout, hour_start: int) -> dict:
-    """Once every part is written: the marker, then the read tasks' lists, the plan's staged files and the
-    plan deleted; returns the manifest. The plan goes last, so an attempt that finds none (one before it got
-    that far, its commit lost) finds the marker, and reads the manifest there."""
+    """Once every part is written: the marker, its manifest the plan's as the parts were written
+    (``close_repeats.as_written``), then the read tasks' lists, the parts' notes, the plan's staged files and
+    the plan deleted; returns the manifest. The plan goes last, so an attempt that finds none (one before it
+    got that far, its commit lost) finds the marker, and reads the manifest there."""
     saved = plan_path(layout, hour_start)
     if not files.exists(saved):
         return files.read_json(layout.marker(hour_start))
-    plan = files.read_json(saved)
-    if not files.exists(layout.marker(hour_start)):
-        files.write_json(layout.marker(hour_start), plan["manifest"])
-    remove_task_sources(layout.hour(layout.staging, hour_start))
+    plan, staging = files.read_json(saved), layout.hour(layout.staging, hour_start)
+    if files.exists(layout.marker(hour_start)):
+        manifest = files.read_json(layout.marker(hour_start))
+    else:
+        manifest = as_written(staging, plan["manifest"])
+        files.write_json(layout.marker(hour_start), manifest)
+    remove_task_sources(staging)
+    remove_close_notes(staging)
     files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [saved])
-    return plan["manifest"]
-
-
-class WritePartFn(beam.DoFn):
-    """``(hour start, part)`` in; ``(hour start, (WRITTEN, 1))`` out once the part is written."""
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-
-    def setup(self):
-        use_emulator_credentials()
-
-    def process(self, hour_part):
-        hour_start, part = hour_part
-        write_part(self.layout, hour_start, part)
-        yield hour_start, (WRITTEN, 1)
-
-
-@ANY_OUTPUT
-class PublishWhenWrittenFn(beam.DoFn):
-    """Counts an hour's writes against its plan's (``planned_writes``: its parts and its index's buckets,
-    each sent as ``(WRITTEN, 1)`` once it is written); when all are written, publishes it."""
-
-    PARTS = ReadModifyWriteStateSpec("parts", VarIntCoder())
-    WRITTEN_PARTS = ReadModifyWriteStateSpec("written", VarIntCoder())
-
-    def __init__(self, settings):
-        self.layout = settings.layout
-        self.tier = settings.event_type.tier
-        self.allowed_lateness_seconds = settings.allowed_lateness_seconds
-        self.streaming = not settings.bounded
-
-    def setup(self):
-        use_emulator_credentials()
-        self.delivered = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DELIVERED)
-        self.closed_hours = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_CLOSED)
-        self.close_delay = beam.metrics.Metrics.distribution(slo.NAMESPACE, slo.CLOSE_DELAY_SECONDS)
-        self.overdue = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.HOURS_OVERDUE)
-
-    def process(self, hour_progress, parts=beam.DoFn.StateParam(PARTS), written=beam.DoFn.StateParam(WRITTEN_PARTS)):
-        hour_start, (kind, count) = hour_progress
-        if kind == PLANNED:
-            parts.write(count)
-        else:
-            written.write((written.read() or 0) + count)
-        if parts.read() is None or (written.read() or 0) < parts.read():
-            return
-        manifest = finish_hour(self.layout, hour_start)
-        parts.clear()
-        written.clear()
-        self.delivered.inc(manifest["accounting"]["delivered"])
-        self.closed_hours.inc()
-        if self.streaming:  # a backfill closes hours of the past: its delay says nothing
-            self._measure_timeliness(hour_start)
-        _LOG.info(
-            "closed %s %s: %d records in %d files",
-            self.layout.event_type,
-            partitions.iso_utc(hour_start),
-            manifest["accounting"]["delivered"],
-            len(manifest["files"]),
-        )
-        yield self.layout.marker(hour_start)
-
-    def _measure_timeliness(self, hour_start: int) -> None:
-        delay = wall_clock() - (hour_start + self.layout.window_seconds)
-        self.close_delay.update(int(delay))
-        if slo.is_overdue(self.tier, delay, self.allowed_lateness_seconds):
-            self.overdue.inc()
-
-
-class PublishHours(beam.PTransform):
-    """Planned hours in, as ``CloseHour`` emits them: ``parts`` (``(hour start, part)``, also the index's
-    read tasks) and ``planned`` (``(hour start, (PLANNED, planned_writes))``); marker paths out, in the
-    global window. Parts and read tasks are spread over the workers (else they would run where the close ran,
-    one after another), the ids shuffled to groups of buckets (``transforms.index_buckets``); the hour is
-    published, keyed by hour, when the last of its parts and buckets is written."""
-
-    def __init__(self, settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, planned_hours):
-        layout = self.settings.layout
-        # Out of the hour windows: an hour's elements carry their close time, which a window
-        # function would put in the next hour (a reshuffle windows again), and state kept per
-        # hour key is dropped once the hour is published.
-        spread = (
-            planned_hours["parts"]
-            | "PartsOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
-            | "SpreadParts" >> beam.Reshuffle()
-        )
-        written = (
-            spread
-            | "Parts" >> beam.Filter(lambda hour_part: not is_index_task(hour_part[1]))
-            | "WriteParts" >> beam.ParDo(WritePartFn(layout))
-        )
-        buckets = (
-            spread
-            | "IndexReadTasks" >> beam.Filter(lambda hour_part: is_index_task(hour_part[1]))
-            | "ReadIndexChunks" >> beam.ParDo(ReadIndexChunkFn(layout, planned_sources)).with_output_types(GROUP_KEY)
-            | "WriteIndexBuckets" >> beam.ParDo(WriteIndexBucketFn(layout))
-            | "BucketsWritten" >> beam.MapTuple(lambda hour_start, buckets: (hour_start, (WRITTEN, buckets)))
-        )
-        planned = planned_hours["planned"] | "PlansOutOfTheirHours" >> beam.WindowInto(GlobalWindows())
-        return (
-            (planned, written, buckets)
-            | "PlansAndParts" >> beam.Flatten().with_output_types(tuple[int, typing.Any])  # a deterministic key
-            | "PublishWhenWritten" >> beam.ParDo(PublishWhenWrittenFn(self.settings))
-        )
+    return manifest

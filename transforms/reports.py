@@ -1,8 +1,7 @@
 """Hour reports: what each step tells ``CloseHour`` about an hour it touched.
 
 A report is a plain tuple ``(kind, records, path)``, so it travels with Beam's
-fastest coder. ``path`` is the written file, or empty for duplicate counts (and for a
-superseded copy, the file and the id).
+fastest coder. ``path`` is the written file, or empty for duplicate counts.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ FORGOTTEN = "forgotten"  # delivered events of forgotten subjects, their persona
 ARCHIVED = "archived"  # a pane of raw messages written to the raw archive
 LEFT_OVER = "left_over"  # an hour that earlier runs left staged files for, found at start
 OPENED = "opened"  # an hour the job's clock reached: it closes even if nothing arrives
-# A copy that a stopped run staged and this run delivered first; its ``path`` is ``(file, event id)``.
-SUPERSEDED = "superseded"
-KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED, LEFT_OVER, OPENED, SUPERSEDED)
+KINDS = (DELIVERED, DUPLICATES, LATE, DEAD_LETTERED, FORGOTTEN, ARCHIVED, LEFT_OVER, OPENED)
 
 
 def report(kind: str, records: int, path: str = "") -> tuple:

@@ -21,7 +21,9 @@ DAY_SECONDS = 24 * 3600
 # 4: events cross shuffles and rest in panes as encoded records (``transforms.records``), not field dicts.
 # 5: a stream's panes are gathered in state by ``GatherPanes``, which numbers them too: no grouping
 #    of events into panes, no ``Deduplicate`` step after it.
-STATE_LAYOUT = 5
+# 6: an hour's parts are written after its index, whose keys list the hour's later copies of ids for the
+#    parts to leave out (``transforms.close_repeats``): ``PartsWhenIndexed`` counts the buckets.
+STATE_LAYOUT = 6
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+from collections.abc import Container, Mapping
 
 import fastavro
 from apache_beam.io.filesystems import FileSystems
@@ -164,10 +165,13 @@ def concatenate_avro(sources: list[str], destination: str, codec: str = AVRO_COD
     return records
 
 
-def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[str], codec: str = AVRO_CODEC) -> int:
+def rewrite_avro_without(
+    sources: list[str], destination: str, leave_out: Mapping[str, Container[str]], codec: str = AVRO_CODEC
+) -> int:
     """Writes the records of ``sources``, Avro files of one writer schema, into one file at
-    ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in ``event_ids``;
-    returns how many records it holds. A source whose header lists its records' ids and sizes (a staged
+    ``destination`` compressed with ``codec``, in order, less those whose ``event_id`` is in what
+    ``leave_out`` holds for their source (a source it does not name keeps every record); returns how many
+    records it holds. A source whose header lists its records' ids and sizes (a staged
     pane's, see ``encoded_avro``) has its records cut out of its blocks as they are encoded; any other
     has each record decoded and encoded again. One source is held in memory at a time. The first one's
     header is read before ``destination`` is made, so a file that is not Avro leaves none; an error
@@ -183,8 +187,9 @@ def rewrite_avro_without(sources: list[str], destination: str, event_ids: set[st
             source_schema, records = (schema, first) if number == 0 else _opened(source)
             if source_schema != schema:
                 raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+            left_out = leave_out.get(source, ())
             for event_id, record in records:
-                if event_id not in event_ids:
+                if event_id not in left_out:
                     kept += 1
                     yield record
 

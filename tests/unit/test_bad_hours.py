@@ -75,7 +75,7 @@ def publish_hour(
     if closed_after is not None:
         closes_at = hour_start + WINDOW + closed_after
         plan = publish.plan_hour(layout, hour_start, closes_at, reports, False, target_file_mb=0)
-        for part in plan["parts"]:
+        for part in publish.parts_to_write(plan):
             publish.write_part(layout, hour_start, part)
         publish.finish_hour(layout, hour_start)
         os.utime(layout.marker(hour_start), (closes_at, closes_at))

@@ -16,7 +16,7 @@ from tests.streams import LATENESS, START, WINDOW, local_keys, local_settings
 from transforms import close
 from transforms import publish as publish_hour
 from transforms.records import event_record
-from transforms.reports import DELIVERED, DUPLICATES, SUPERSEDED, report
+from transforms.reports import DELIVERED, DUPLICATES, report
 
 CLOSES_AT = START + WINDOW + LATENESS
 
@@ -37,7 +37,7 @@ def stage(layout: Layout, registry, count: int) -> list[tuple]:
 def publish(layout: Layout, reports: list, target_file_mb: int) -> dict:
     """What ``CloseHour`` and ``PublishHours`` do with an hour, one step after the other."""
     plan = publish_hour.plan_hour(layout, START, CLOSES_AT, reports, False, target_file_mb)
-    for part in plan["parts"]:
+    for part in publish_hour.parts_to_write(plan):
         publish_hour.write_part(layout, START, part)
     return publish_hour.finish_hour(layout, START)
 
@@ -116,20 +116,27 @@ def test_a_file_system_call_is_denied_for_good_only_when_every_cause_was():
 
 
 @pytest.mark.parametrize("target_file_mb", [0, 1])
-def test_copies_a_restarted_run_delivered_first_are_left_out_of_the_earlier_runs_files(
-    tmp_path, registry, target_file_mb
-):
-    """A restart seeds its marks with what the stopped run staged; where this run's copy of an
-    id came first, the stopped run's copy is reported superseded, and the close leaves it out."""
+def test_a_plan_of_state_layout_5_leaves_out_the_superseded_copies_it_lists(tmp_path, registry, target_file_mb):
+    """A job of state layout 5 listed in its plans' parts the copies a restart found superseded. A close of
+    it that crashed after saving its plan is finished by this version, which leaves them out as planned."""
     layout = Layout.under(tmp_path, "service_log", WINDOW)
     reports = stage(layout, registry, 3)
     [_, second, third] = [path for _, _, path in reports]
-    reports += [report(SUPERSEDED, 1, (second, "e1-0")), report(SUPERSEDED, 1, (third, "e2-2"))]
-    manifest = publish(layout, reports, target_file_mb)
+    plan = publish_hour.plan_hour(layout, START, CLOSES_AT, reports, False, target_file_mb)
+    superseded = {second: ["e1-0"], third: ["e2-2"]}
+    for part in plan["parts"]:  # as layout 5 saved it
+        part["left_out"] = [i for source in part["sources"] for i in superseded.get(source, [])]
+        part["records"] -= len(part["left_out"])
+    published = {part["path"]: part["records"] for part in plan["parts"]}
+    counted = [*reports, report(DUPLICATES, 2)]
+    plan["manifest"] = publish_hour.build_manifest("service_log", START, WINDOW, CLOSES_AT, published, counted)
+    files.write_json(publish_hour.plan_path(layout, START), plan)
+    for part in publish_hour.parts_to_write(plan):
+        publish_hour.write_part(layout, START, part)
+    manifest = publish_hour.finish_hour(layout, START)
 
-    assert published_ids(layout, manifest) == ["e0-0", "e1-1", "e2-0", "e2-1"]
+    assert manifest == plan["manifest"] and published_ids(layout, manifest) == ["e0-0", "e1-1", "e2-0", "e2-1"]
     assert sum(f["records"] for f in manifest["files"]) == manifest["accounting"]["delivered"] == 4
-    assert manifest["accounting"]["duplicates"] == 2, "the copies left out are counted as duplicates"
     assert manifest["accounting"]["in"] == 1 + 2 + 3
 
 
@@ -185,23 +192,18 @@ def test_repeats_dropped_after_the_close_are_each_counted_once_whichever_run_dro
 
 def test_only_what_a_saved_plan_was_not_made_from_is_unplanned_even_in_a_plan_of_an_earlier_version(tmp_path, registry):
     """A retried close (or a later run) meets reports the saved plan holds and ones that came after
-    it: only those go late. A plan saved by a version before plans kept their counts, or their
-    left-out copies, is read too: everything without a file counts as after it."""
+    it: only those go late. A plan saved by a version before plans kept their counts is read too:
+    everything without a file counts as after it."""
     layout = Layout.under(tmp_path, "service_log", WINDOW)
     [first, second] = stage(layout, registry, 2)
-    superseded = report(SUPERSEDED, 1, (second[2], "e1-0"))
-    plan = publish_hour.plan_hour(
-        layout, START, CLOSES_AT, [first, second, superseded, report(DUPLICATES, 2)], False, 0
-    )
-    after = [stage(layout, registry, 3)[2], report(DUPLICATES, 2), report(SUPERSEDED, 1, (second[2], "e1-1"))]
-    collected = [first, second, superseded, report(DUPLICATES, 2), *after]
+    plan = publish_hour.plan_hour(layout, START, CLOSES_AT, [first, second, report(DUPLICATES, 2)], False, 0)
+    after = [stage(layout, registry, 3)[2], report(DUPLICATES, 2)]
+    collected = [first, second, report(DUPLICATES, 2), *after]
 
     assert publish_hour.unplanned(plan, collected) == after
-    parts = [{key: value for key, value in part.items() if key != "left_out"} for part in plan["parts"]]
-    earlier_version = {"manifest": plan["manifest"], "parts": parts}
+    earlier_version = {"manifest": plan["manifest"], "parts": plan["parts"]}
     assert publish_hour.unplanned(earlier_version, collected) == [
         collected[2],
-        collected[3],
         *after,
-    ], "without counts or left-out copies, each of them comes after the plan"
+    ], "without counts, each of them comes after the plan"
     assert publish_hour.unplanned(None, collected) == collected, "published, its plan gone: everything is after"

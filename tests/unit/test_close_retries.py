@@ -2,10 +2,10 @@
 any two steps (or a job be cancelled there), and reports keep arriving meanwhile.
 
 ``Runner`` plays Dataflow for one hour: it runs the close's work items (``CloseHourFn``'s
-reports and timer, ``WritePartFn``, the index's ``ReadIndexChunkFn`` and ``WriteIndexBucketFn``,
-``PublishWhenWrittenFn``) one at a time, and commits an item's state and outputs only if it
-finishes. A crash leaves what the item did to the files and loses the rest, and the item is run
-again: a lost commit.
+reports and timer, the index's ``ReadIndexChunkFn`` and ``WriteIndexBucketFn``,
+``WritePartsWhenIndexedFn``, ``WritePartFn``, ``PublishWhenWrittenFn``) one at a time, and commits an
+item's state and outputs only if it finishes. A crash leaves what the item did to the files and loses the
+rest, and the item is run again: a lost commit.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from event_delivery.contract.partitions import Layout
 from tests.messages import valid_fields
 from tests.publishing import Cell, index_reader
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, local_settings
-from transforms import close, index_buckets, late, publish
-from transforms.id_index import is_index_task
+from transforms import close, index_buckets, late, publish, publish_hours
 from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, LEFT_OVER, report
 
@@ -41,15 +40,19 @@ class Crash(Exception):
 class Runner:
     """Dataflow, for the close of the hour at ``START`` in one run of the job."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, eager: tuple[str, ...] = ()):
+        """``eager`` names the steps whose work items run before any other pending one: as Dataflow, which
+        runs the steps side by side, may run them."""
+        self.eager = eager
         self.close_hour = close.CloseHourFn(settings)
-        self.write_part = publish.WritePartFn(settings.layout)
         self.read_chunk = index_reader(settings.layout)
         self.write_bucket = index_buckets.WriteIndexBucketFn(settings.layout)
-        self.publish_hour = publish.PublishWhenWrittenFn(settings)
-        for fn in (self.close_hour, self.write_part, self.write_bucket, self.publish_hour):
+        self.parts_when_indexed = publish_hours.WritePartsWhenIndexedFn(settings.layout)
+        self.write_part = publish_hours.WritePartFn(settings.layout)
+        self.publish_hour = publish_hours.PublishWhenWrittenFn(settings)
+        for fn in (self.close_hour, self.write_bucket, self.parts_when_indexed, self.write_part, self.publish_hour):
             fn.setup()
-        self.state = {"close": {}, "publish": {}}  # per key (the hour's, a bucket's): what is committed
+        self.state = {"close": {}, "indexed": {}, "publish": {}}  # per key (the hour's, a bucket's): what is committed
         self.pending = collections.deque()  # work items, in order
         self.markers = []  # what the job outputs: the paths of the markers it wrote
 
@@ -65,12 +68,13 @@ class Runner:
         item stays pending."""
         while self.pending and items != 0:
             items = None if items is None else items - 1
-            step, element = self.pending[0]
-            key = {"progress": "publish", "bucket": element and element[0]}.get(step, "close")
+            first = next((n for n, (step, _) in enumerate(self.pending) if step in self.eager), 0)
+            step, element = self.pending[first]
+            key = {"indexed": "indexed", "progress": "publish", "bucket": element and element[0]}.get(step, "close")
             values = copy.deepcopy(self.state.get(key, {}))
             outputs = list(self._run(step, element, values))
             self.state[key] = values
-            self.pending.popleft()
+            del self.pending[first]
             self.pending.extend(outputs)
 
     def _run(self, step, element, values):
@@ -84,17 +88,21 @@ class Runner:
         elif step == "close":
             close_again = Cell(values, "close_again")
             for output in self.close_hour.close_when_due(WINDOW_OF_THE_HOUR, close_again=close_again, **close_state):
-                yield ("part", output.value) if isinstance(output, TaggedOutput) else ("progress", output)
-        elif step == "part" and is_index_task(element[1]):
+                yield ("task", output.value) if isinstance(output, TaggedOutput) else ("indexed", output)
+        elif step == "task":
             yield from (("bucket", bucket_ids) for bucket_ids in self.read_chunk.process(element))
-        elif step == "part":
-            yield from (("progress", progress) for progress in self.write_part.process(element))
         elif step == "bucket":
             entries, chunks = Cell(values, "entries", []), Cell(values, "chunks")
             yield from (
-                ("progress", (hour, (publish.WRITTEN, buckets)))
+                ("indexed", (hour, (publish.WRITTEN, buckets)))
                 for hour, buckets in self.write_bucket.process(element, entries, chunks)
             )
+        elif step == "indexed":
+            buckets, indexed = Cell(values, "buckets"), Cell(values, "indexed")
+            for output in self.parts_when_indexed.process(element, buckets=buckets, indexed=indexed):
+                yield ("part", output.value) if isinstance(output, TaggedOutput) else ("progress", output)
+        elif step == "part":
+            yield from (("progress", progress) for progress in self.write_part.process(element))
         else:
             parts, written = Cell(values, "parts"), Cell(values, "written")
             self.markers += self.publish_hour.process(element, parts=parts, written=written)
@@ -170,7 +178,7 @@ def test_each_step_of_the_close_run_twice_does_what_it_does_once(tmp_path, regis
 
     plans = [publish.plan_hour(layout, START, CLOSES_AT, reports, False, 1) for _ in range(2)]
     assert plans[0] == plans[1]
-    for part in plans[0]["parts"]:
+    for part in publish.parts_to_write(plans[0]):
         publish.write_part(layout, START, part)
         publish.write_part(layout, START, part)
     manifests = [publish.finish_hour(layout, START) for _ in range(2)]  # the second: the plan is gone

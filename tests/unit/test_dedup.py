@@ -6,7 +6,6 @@ once the hour closes nothing of its ids is left, whatever arrives afterwards.
 
 from __future__ import annotations
 
-import collections
 import itertools
 
 import apache_beam as beam
@@ -56,7 +55,7 @@ def run(clock, unique, late, duplicates, tmp_path):
     """Runs the stream through bucketing and deduplication and checks what comes out."""
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, late_horizon_seconds=3600)
-        result = (pipeline | clock.finish() | MarkRepeats(s)).events | GatherPanes(s)
+        result = pipeline | clock.finish() | MarkRepeats(s) | GatherPanes(s)
         ids = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         assert_that(ids, equal_to(unique), label="unique")
         assert_that(result.late | "LateIds" >> beam.FlatMap(written_late), equal_to(late), label="late")
@@ -128,7 +127,7 @@ def test_with_lateness_longer_than_the_hour_a_repeat_until_the_close_and_a_windo
     clock.advance(TRIGGER * 2)
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, allowed_lateness_seconds=lateness, late_horizon_seconds=3600)
-        result = (pipeline | clock.finish() | MarkRepeats(s)).events | GatherPanes(s)
+        result = pipeline | clock.finish() | MarkRepeats(s) | GatherPanes(s)
         unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         late = result.late | "LateIds" >> beam.FlatMap(written_late)
         assert_that(unique, equal_to(["e1", "e2"]), label="unique")
@@ -424,7 +423,7 @@ def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_pu
     with streaming_pipeline() as pipeline:
         s = settings(tmp_path, late_horizon_seconds=3600)
         stream = pipeline | clock.finish()
-        marked = (stream | MarkRepeats(s)).events
+        marked = stream | MarkRepeats(s)
         held = lagging_behind(stream, release_after_seconds=WINDOW + LATENESS + 6 * WINDOW)
         lagging = (marked, held) | beam.Flatten()
         result = lagging | GatherPanes(s)
@@ -434,32 +433,10 @@ def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_pu
         assert_that(counted | beam.CombineGlobally(sum).without_defaults(), equal_to([1]), label="duplicates")
 
 
-def test_a_copy_staged_by_an_earlier_run_marks_this_runs_copy_whichever_comes_first(tmp_path):
-    """Seeds (what stopped runs staged) and this run's copies reach a cell in any order; Dataflow
-    gives no order between the bounded branch that reads the files and the subscription."""
-    fn = MarkRepeatsFn(local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path)))
-    seed = dedup.staged_copy("e1", 600_000, "staging/run1-p00000.avro")
-
-    seen, timer = ValueState(), WatermarkTimer()
-    assert mark(fn, seen, timer, seed, event("e1", 600)) == [repeat(event("e1", 600))], "the seed came first"
-
-    seen, timer = ValueState(), WatermarkTimer()
-    [delivered, superseded] = mark(fn, seen, timer, event("e1", 600), seed)
-    assert delivered == event("e1", 600), "this run let its copy through before the seed came"
-    assert superseded.tag == dedup.SUPERSEDED
-    assert superseded.value == (dedup.SUPERSEDED, 1, ("staging/run1-p00000.avro", "e1")), "the earlier copy goes"
-    assert mark(fn, seen, timer, seed, event("e1", 601)) == [repeat(event("e1", 601))], "and nothing else"
-
-    seen, timer = ValueState(), WatermarkTimer()
-    other = dedup.staged_copy("e1", 600_000, "staging/run0-p00003.avro")
-    [superseded] = mark(fn, seen, timer, seed, seed, other)
-    assert superseded.value[2] == ("staging/run0-p00003.avro", "e1"), "two stopped runs staged it: one copy stays"
-
-
-def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_events(tmp_path, monkeypatch):
-    """Earlier runs left N ids for an open hour in files of P writers over the shards. A restarted
-    run reads each of those files once, whatever its own writers, and delivers each id once:
-    the ids it sees again are dropped as duplicates, and what a pane reads is its own events."""
+def test_a_restarted_stream_reads_no_earlier_file_and_stages_its_own_copies_for_the_close(tmp_path, monkeypatch):
+    """Earlier runs left N ids for an open hour in files of P writers over the shards. A restarted run
+    reads none of those files: the ids it sees again are staged once each, as its new ones, and the
+    close keeps the first copy of each id across all runs' files (``tests/unit/test_close_repeats.py``)."""
     earlier_ids, writers, shards = 240, 4, 3
     s = settings(tmp_path, num_shards=shards, run_id="run2", late_horizon_seconds=3600)
     log, layout = s.event_type, s.layout
@@ -484,40 +461,17 @@ def test_a_restart_reads_each_earlier_file_once_and_a_pane_no_more_than_its_even
         stream = stream.add_elements([TimestampedValue(e, 600 + n) for e in batch])
         stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
     with streaming_pipeline() as pipeline:
-        marked = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s)
-        result = marked.events | GatherPanes(s)
-        here = result.unique | "Here" >> beam.FlatMap(lambda pane: [("here", e[0]) for e in pane[1]])
-        gone = marked[dedup.SUPERSEDED] | "LeftOut" >> beam.Map(lambda r: ("left out", r[2][1]))
+        result = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s) | GatherPanes(s)
+        here = result.unique | "Here" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         new = [f"new-{n}-{i}" for n in range(20) for i in range(5)]
-
-        def each_id_once(outcomes):
-            kept_earlier = set(staged) - {i for kind, i in outcomes if kind == "left out"}
-            delivered = collections.Counter([i for kind, i in outcomes if kind == "here"] + sorted(kept_earlier))
-            assert sorted(delivered) == sorted(new + staged) and set(delivered.values()) == {1}, delivered
-
-        assert_that((here, gone) | beam.Flatten(), each_id_once)
-    assert sorted(reads) == sorted(files.glob(f"{folder}/*.avro")), "each earlier file read once, by no pane"
+        assert_that(here, equal_to(new + again))
+    assert reads == [], "no earlier file read"
 
 
-def test_a_staged_file_a_restart_cannot_read_seeds_nothing_and_stalls_nothing(tmp_path):
-    """The seeds hold every close of the type until they are all read: a file gone since the
-    listing, or corrupt, must not fail its bundle (Dataflow would retry it for good)."""
-    log = load_registry()["service_log"]
-    good, corrupt, gone = (str(tmp_path / name) for name in ("good.avro", "corrupt.avro", "gone.avro"))
-    files.write_avro(
-        good, log.parsed_delivered_schema, [{"event_id": "e1", "received_at": 600_000, **valid_fields(log)}]
-    )
-    files.write_bytes(corrupt, b"Obj\x01 not an Avro file")
-    fn = dedup.ReadStagedIdsFn()
-    fn.setup()
-    assert [seed.value for seed in fn.process((600, good))] == [dedup.staged_copy("e1", 600_000, good)]
-    assert list(fn.process((600, corrupt))) == [] and list(fn.process((600, gone))) == []
-
-
-def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_path):
-    """The seeds are the files of runs other than this one, of hours without a marker: this
-    run's own files (a retried bundle's) are no earlier copies, and a closed hour has none
-    to seed. A whole-hour pane reads only its own shard's files and drops their ids."""
+def test_a_whole_hour_pane_drops_what_other_runs_staged_for_its_shard(tmp_path):
+    """A backfill of an hour that a stream left open: its whole-hour pane reads only its own shard's
+    files of other runs (this run's own files, a retried bundle's, are no earlier copies) and drops
+    their ids."""
     s = settings(tmp_path, run_id="run2")
     log, layout = s.event_type, s.layout
 
@@ -527,14 +481,9 @@ def test_a_restart_seeds_only_what_other_runs_staged_for_hours_still_open(tmp_pa
         files.write_avro(path, log.parsed_delivered_schema, records)
         return path
 
-    earlier = stage(0, "run1", 0, ["a1", "a2"])
-    other_shard = stage(0, "run1", 1, ["b1"])
+    stage(0, "run1", 0, ["a1", "a2"])
+    stage(0, "run1", 1, ["b1"])  # another shard's
     stage(0, "run2", 0, ["own"])
-    stage(WINDOW, "run1", 0, ["closed"])
-    files.write_bytes(layout.marker(WINDOW), b"")
-
-    listed = list(dedup.ListStagedByEarlierRunsFn(s).process(None))
-    assert sorted(listed) == sorted([(0, earlier), (0, other_shard)])
     hour = IntervalWindow(0, WINDOW)
     assert sorted(dedup.staged_by_earlier_runs(s, hour, 0)) == ["a1", "a2"]
 

@@ -15,11 +15,11 @@ from tests.unit.test_step_names import built_path
 STREAMING = [
     "ParseEvents/Parse/ParDo(ParseEventFn)",
     "EncryptPersonalFields/SealFields/ParDo(EncryptPersonalFieldsFn)",
-    "MarkRepeats/MarkRepeatedIds/ParDo(MarkRepeatsFn)",
     "GatherPanes/GatherAndNumber/ParDo(GatherPanesFn)",
     "StageDelivered/WriteFiles/ParDo(WritePaneOfItsNumberFn)",
     "WriteLate/WriteFiles/ParDo(WriteLatePaneFn)",
     "CloseHour/CloseWhenDue/ParDo(CloseHourFn)",
+    "CloseHour/PublishHours/PartsWhenIndexed/ParDo(WritePartsWhenIndexedFn)",
 ]
 BOUNDED = [
     "ParseEvents/Parse/ParDo(ParseEventFn)",
@@ -28,6 +28,7 @@ BOUNDED = [
     "StageDelivered/WriteFiles/ParDo(WritePaneOfItsNumberFn)",
     "WriteLate/WriteFiles/ParDo(WriteLatePaneFn)",
     "CloseHour/CloseWhenDue/ParDo(CloseHourFn)",
+    "CloseHour/PublishHours/PartsWhenIndexed/ParDo(WritePartsWhenIndexedFn)",
 ]
 
 

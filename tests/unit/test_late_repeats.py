@@ -28,7 +28,7 @@ from tests.messages import forgotten_event, message, valid_fields
 from tests.publishing import publish_planned
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
-from transforms import id_index, index_buckets, publish
+from transforms import id_index, index_buckets, publish, publish_hours
 from transforms import late as late_path
 from transforms.dedup import REPEAT
 from transforms.hours import shard_of
@@ -368,8 +368,9 @@ def test_a_late_pane_reads_only_the_index_buckets_its_ids_fall_in(tmp_path, regi
 
 
 def test_the_close_emits_each_staged_file_once_however_many_index_tasks_it_emits(tmp_path, registry):
-    """The close emits its parts and index tasks in one commit, under Dataflow's ~80 MB limit: an index
-    task names no files (it reads them from the saved plan), so the commit does not double with them."""
+    """The close emits its index tasks in one commit, under Dataflow's ~80 MB limit, and the hour's parts go
+    out in another once the index is written: an index task names no files (it reads them from a list of its
+    own), so neither commit holds a file twice."""
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
     delivered = {shard: ids_of_shard(shard, 40, "d") for shard in range(SHARDS)}
@@ -381,8 +382,9 @@ def test_the_close_emits_each_staged_file_once_however_many_index_tasks_it_emits
             files.write_avro(path, schema, [event_record(event(registry, event_id))], files.UNCOMPRESSED)
             reports.append(report(DELIVERED, 1, path))
     plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 1, SHARDS)
-    emitted = json.dumps(publish.to_write(plan))
-    assert all(emitted.count(posixpath.basename(path)) == 1 for _, _, path in reports), "each file named once"
+    tasks, parts = json.dumps(publish.index_to_read(plan)), json.dumps(publish.parts_to_write(plan))
+    assert not any(posixpath.basename(path) in tasks for _, _, path in reports), "the close's commit names none"
+    assert all(parts.count(posixpath.basename(path)) == 1 for _, _, path in reports), "the parts' names each once"
     publish_planned(layout, START, plan)
     fn = WriteLatePaneFn(settings)
     fn.setup()
@@ -404,13 +406,13 @@ def stage_files(settings, registry, files_of_ids: list[list[str]]) -> list[tuple
 
 def run_publish_hours(settings, plan: dict) -> list[str]:
     """``PublishHours`` on the local runner, with the hour as ``CloseHour`` emits it; the markers written."""
-    planned = [(START, (publish.PLANNED, publish.planned_writes(plan)))]
+    planned = [(START, (publish.PLANNED, publish.buckets_planned(plan)))]
     with beam.Pipeline(runner=LOCAL_RUNNER) as pipeline:
         hour = {
             "planned": pipeline | "Planned" >> beam.Create(planned),
-            "parts": pipeline | "Parts" >> beam.Create([(START, task) for task in publish.to_write(plan)]),
+            "index_tasks": pipeline | "Tasks" >> beam.Create([(START, task) for task in publish.index_to_read(plan)]),
         }
-        markers = hour | publish.PublishHours(settings)
+        markers = hour | publish_hours.PublishHours(settings)
         assert_that(markers | beam.combiners.ToList(), equal_to([[settings.layout.marker(START)]]))
     return [settings.layout.marker(START)]
 

@@ -108,14 +108,16 @@ def test_a_rewrite_keeps_every_record_but_those_left_out_in_order_whether_cut_ap
             encoded, ids = [coder.encode(r) for r in pane], [r["event_id"] for r in pane]
             headers = {"ids and sizes": files.ids_header(ids, encoded), "ids only": _ids_only(ids), "none": None}
             files.write_bytes(path, files.encoded_avro(schema, encoded, header=headers[header]))
-        staged = [record for path in sources for record in files.read_avro(path)]
-        kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", left_out, codec)
+        staged = {path: files.read_avro(path) for path in sources}
+        leave_out = {sources[0]: left_out, sources[1]: set(event_ids[-1:])}  # each source its own
+        kept = files.rewrite_avro_without(sources, f"{folder}/part.avro", leave_out, codec)
         with open(f"{folder}/part.avro", "rb") as handle:
             part = fastavro.reader(handle)
             assert part.codec == codec
             written = list(part)
-    assert written == [r for r in staged if r["event_id"] not in left_out] and kept == len(written)
-    assert [r["event_id"] for r in staged] == event_ids
+    expected = [r for path in sources for r in staged[path] if r["event_id"] not in leave_out[path]]
+    assert written == expected and kept == len(written)
+    assert [r["event_id"] for path in sources for r in staged[path]] == event_ids
 
 
 def _undecodable(event_ids: list[str]) -> list[bytes]:
@@ -131,7 +133,7 @@ def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decodin
     header = files.ids_header(["a", "b", "c"], not_records)
     files.write_bytes(pane, files.encoded_avro(schema, not_records, header=header))
 
-    assert files.rewrite_avro_without([pane], part, {"b"}, files.UNCOMPRESSED) == 2
+    assert files.rewrite_avro_without([pane], part, {pane: {"b"}}, files.UNCOMPRESSED) == 2
     with open(part, "rb") as handle:
         written = b"".join(block.bytes_.read() for block in fastavro.block_reader(handle))
     assert written == not_records[0] + not_records[2]
@@ -139,7 +141,7 @@ def test_a_rewrite_cuts_records_apart_by_the_sizes_in_the_header_without_decodin
     header = files.ids_header(["d"], _undecodable(["d"]))
     files.write_bytes(other, files.encoded_avro({**schema, "doc": "another"}, _undecodable(["d"]), header=header))
     with pytest.raises(ValueError, match="another writer schema"):
-        files.rewrite_avro_without([pane, other], part, set())
+        files.rewrite_avro_without([pane, other], part, {})
 
 
 @pytest.mark.parametrize(
@@ -161,7 +163,7 @@ def test_a_header_that_does_not_fit_the_records_is_refused(tmp_path, event_ids, 
     files.write_bytes(pane, files.encoded_avro(schema, records, header=wrong))
 
     with pytest.raises(ValueError, match="header of"):
-        files.rewrite_avro_without([pane], part, set())
+        files.rewrite_avro_without([pane], part, {})
 
 
 def test_records_of_a_schema_that_does_not_begin_with_the_id_are_decoded_not_cut(tmp_path):
@@ -180,7 +182,7 @@ def test_records_of_a_schema_that_does_not_begin_with_the_id_are_decoded_not_cut
     pane, part = str(tmp_path / "pane.avro"), str(tmp_path / "part.avro")
     files.write_bytes(pane, files.encoded_avro(schema, encoded, header=bogus))
 
-    assert files.rewrite_avro_without([pane], part, {"a"}) == 1
+    assert files.rewrite_avro_without([pane], part, {pane: {"a"}}) == 1
     assert [r["event_id"] for r in files.read_avro(part)] == ["b"]
 
 
@@ -200,7 +202,7 @@ def test_a_rewrite_whose_first_source_cannot_be_read_leaves_no_file(tmp_path):
     makes the late file, which consumers would read as it is."""
     (tmp_path / "pane.avro").write_bytes(b"Obj\x01")
     with pytest.raises(ValueError):
-        files.rewrite_avro_without([str(tmp_path / "pane.avro")], str(tmp_path / "late.avro"), set())
+        files.rewrite_avro_without([str(tmp_path / "pane.avro")], str(tmp_path / "late.avro"), {})
     assert not (tmp_path / "late.avro").exists()
 
 

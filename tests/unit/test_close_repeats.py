@@ -1,0 +1,148 @@
+"""Repeats dropped at the close: the index's keys see every copy of their ids, whatever file, pane or run
+staged them, keep the first in plan order and list the others; the parts, written after the last bucket,
+leave those out, and the marker counts them as duplicates.
+
+Invariants, not examples: every id is published once, in the part of its first copy; ``in`` stays what the
+plan counted and equals ``delivered + duplicates``; each file holds what the manifest says it holds. Run
+step by step (``tests.publishing``), on the local runner (``PublishHours``), and with a crash between any
+two changes to the files (``tests/unit/test_close_retries.py``'s ``Runner``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from event_delivery.cloud import files
+from event_delivery.contract import partitions
+from tests.publishing import publish_planned
+from tests.streams import local_keys, local_settings
+from tests.unit.test_close_retries import Runner, crash_after, crashes, hour_settings, stage
+from tests.unit.test_late_repeats import CLOSES_AT, SHARDS, START, ids_of_shard, run_publish_hours, stage_files
+from transforms import close, close_repeats, id_index, publish
+from transforms.reports import DUPLICATES, report
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.tuples(st.sampled_from("abcd"), st.integers(0, 3), st.integers(0, 3)), max_size=30))
+def test_of_every_entry_the_first_copy_in_plan_order_is_kept_and_every_other_listed_once(copies):
+    copies = list(copies)  # a pane holds an id once: no two copies share a place
+    later = close_repeats.later_copies(copies)
+    listed = [(entry, part, place) for part, copies_of_part in later.items() for place, entry in copies_of_part]
+    assert len(listed) == len(set(listed)) and set(listed) <= set(copies)
+    kept = set(copies) - set(listed)
+    for entry in {entry for entry, _, _ in copies}:
+        places = sorted((part, place) for e, part, place in copies if e == entry)
+        assert [(part, place) for e, part, place in kept if e == entry] == places[:1], entry
+
+
+def long_ids(shard: int, count: int) -> list[str]:
+    """Ids past ``MAX_ENTRY_BYTES``, which the index holds by their digests."""
+    ids = (("x" * 70) + str(n) for n in range(10_000))
+    return [i for i in ids if id_index.shard_of(i, SHARDS) == shard][:count]
+
+
+def repeating_files() -> list[list[str]]:
+    """Staged files whose ids repeat across files of one shard (two runs', or two writers'), and within
+    none: long ids too, and more ids than a chunk or a bucket holds."""
+    first, second = ids_of_shard(0, 150, "d"), ids_of_shard(1, 40, "d")
+    long = long_ids(0, 4)
+    return [
+        first[:100] + long[:2],
+        first[60:150] + long[1:3],  # 40 ids and a long one again
+        second,
+        second[10:20] + ids_of_shard(1, 5, "n"),
+        first[:5] + long[2:],
+    ]
+
+
+def publish_an_hour_of(tmp_path, registry, monkeypatch, files_of_ids, target_file_mb: int) -> tuple:
+    """Settings and the saved plan of an hour of ``files_of_ids``, in chunks of 100 records, buckets of 10
+    ids and groups of 2 buckets: many keys, and copies of an id that reach its key from several chunks."""
+    monkeypatch.setattr(id_index, "IDS_PER_CHUNK", 100)
+    monkeypatch.setattr(id_index, "IDS_PER_BUCKET", 10)
+    monkeypatch.setattr(id_index, "BUCKETS_PER_GROUP", 2)
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    reports = [*stage_files(settings, registry, files_of_ids), report(DUPLICATES, 3)]
+    return settings, publish.plan_hour(settings.layout, START, CLOSES_AT, reports, False, target_file_mb, SHARDS)
+
+
+def first_parts(plan: dict, ids_of: dict[str, list[str]]) -> dict[str, str]:
+    """The part of each id's first copy in plan order, of staged files whose ids ``ids_of`` holds."""
+    first = {}
+    for part in plan["parts"]:
+        for source in part["sources"]:
+            for event_id in ids_of[source]:
+                first.setdefault(event_id, part["path"])
+    return first
+
+
+def check_each_id_published_once(layout, ids_of: dict[str, list[str]], plan: dict, counted: int) -> None:
+    """Every staged id once, in the part of its first copy in plan order; the accounting adds up (``counted``
+    duplicates reported while the hour was open); each file holds what the manifest says; nothing of the
+    close is left in staging."""
+    manifest = files.read_json(layout.marker(START))
+    held = {f["path"]: files.read_event_ids(f["path"]) for f in manifest["files"]}
+    published = [i for ids in held.values() for i in ids]
+    staged = [i for ids in ids_of.values() for i in ids]
+    assert sorted(published) == sorted(set(staged)) and len(published) < len(staged), "each id once"
+    first = first_parts(plan, ids_of)
+    assert all(event_id in held[path] for event_id, path in first.items()), "in the part of its first copy"
+    accounting = manifest["accounting"]
+    assert accounting["in"] == plan["manifest"]["accounting"]["in"] == len(staged) + counted
+    assert accounting["delivered"] == len(published)
+    assert accounting["duplicates"] == len(staged) - len(published) + counted
+    assert {path: len(ids) for path, ids in held.items()} == {f["path"]: f["records"] for f in manifest["files"]}
+    assert not files.glob(partitions.join(layout.hour(layout.staging, START), "*")), "staging is empty"
+
+
+def staged_ids(plan: dict) -> dict[str, list[str]]:
+    return {source: files.read_event_ids(source) for part in plan["parts"] for source in part["sources"]}
+
+
+@pytest.mark.parametrize("target_file_mb", [0, 1], ids=["a part per file", "one part"])
+def test_an_hour_whose_files_repeat_ids_publishes_each_once_and_counts_the_rest(
+    tmp_path, registry, monkeypatch, target_file_mb
+):
+    settings, plan = publish_an_hour_of(tmp_path, registry, monkeypatch, repeating_files(), target_file_mb)
+    ids_of = staged_ids(plan)
+    publish_planned(settings.layout, START, plan)
+    check_each_id_published_once(settings.layout, ids_of, plan, counted=3)
+
+
+def test_the_local_runner_writes_the_parts_after_the_index_and_drops_the_repeats(tmp_path, registry, monkeypatch):
+    settings, plan = publish_an_hour_of(tmp_path, registry, monkeypatch, repeating_files(), 0)
+    ids_of = staged_ids(plan)
+    run_publish_hours(settings, plan)
+    check_each_id_published_once(settings.layout, ids_of, plan, counted=3)
+
+
+def test_a_close_with_repeats_crashed_between_any_two_steps_publishes_each_id_once(tmp_path, registry, monkeypatch):
+    """Two runs staged copies of the same ids (a restart mid-hour), and the close crashes after each change
+    to the files in turn: the retried close publishes each id once, and counts the others once. The hour's
+    count of buckets and its parts run as soon as they are sent, before any bucket the close's read tasks
+    send: on Dataflow, the steps run side by side, and only the count keeps the parts after the index."""
+    monkeypatch.setattr(close, "wall_clock", lambda: CLOSES_AT + 1)
+    settings = hour_settings(tmp_path / "hour", registry, "run2")
+    ids = ids_of_shard(0, 9, "a")
+    staged = [("run1", 0, ids[:6]), ("run2", 0, ids[3:]), ("run2", 1, ids[::2])]
+    crashed, change = True, 0
+    while crashed:
+        change += 1
+        shutil.rmtree(tmp_path / "hour", ignore_errors=True)
+        runner = Runner(settings, eager=("indexed", "part"))
+        reports = [stage(settings, run, number, 0, ids=of_file) for run, number, of_file in staged]
+        runner.arrive(*reports[1:])  # the first, the stopped run's, the close finds by itself
+        runner.fire_close()
+        with monkeypatch.context() as patch:
+            changes = crash_after(patch, change)
+            crashed = crashes(runner)
+            runner.run()  # the retry
+        [plan, *_] = [doc for name, path, doc in changes if name == "write_json" and path.endswith(publish.CLOSE_PLAN)]
+        ids_of = {path: of_file for (_, _, path), (_, _, of_file) in zip(reports, staged, strict=True)}
+        check_each_id_published_once(settings.layout, ids_of, plan, counted=0)
+        assert runner.markers == [settings.layout.marker(START)], "the hour is published once"
+    assert change > 10, "the close changes the files more often than that"
