@@ -32,10 +32,11 @@ from pipelines.flags import add_trigger_argument
 from pipelines.options import DeliveryOptions, add_streaming_arguments, delivery_settings, exit_on_help
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
-from transforms.close import AnnounceEveryHour, AnnounceLeftoverHours, CloseHour
+from transforms.close import AnnounceEveryHour, CloseHour
 from transforms.dedup import Deduplicate, MarkRepeats
 from transforms.hours import BucketByHour
 from transforms.late import WriteLatePanes
+from transforms.leftover_hours import AnnounceLeftoverHours
 from transforms.parse import ParseEvents
 from transforms.personal import CountForgotten, EncryptPersonalFields
 from transforms.read import ReadMessages

@@ -44,9 +44,8 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.late import LateMover
+from transforms.late import LOOKING_SECONDS, WAITING_SECONDS, LateMover, Waiting
 from transforms.publish import (
-    CLOSE_PLAN,
     PLANNED,
     buckets_planned,
     finish_hour,
@@ -72,6 +71,9 @@ class CloseHourFn(beam.DoFn):
     LATE_COUNTS = ReadModifyWriteStateSpec("late_count_files", VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
     CLOSE_AGAIN = TimerSpec("close_again", TimeDomain.REAL_TIME)
+    WAITING = BagStateSpec("waiting_to_move_late", beam.coders.FastPrimitivesCoder())
+    WAITING_SINCE = ReadModifyWriteStateSpec("waiting_since", VarIntCoder())
+    MOVE_LATE = TimerSpec("move_late", TimeDomain.REAL_TIME)
 
     def __init__(self, settings, publish: bool = True):
         self.settings = settings
@@ -110,6 +112,9 @@ class CloseHourFn(beam.DoFn):
         closed=beam.DoFn.StateParam(CLOSED),
         close=beam.DoFn.TimerParam(CLOSE),
         late_counts=beam.DoFn.StateParam(LATE_COUNTS),
+        waiting=beam.DoFn.StateParam(WAITING),
+        since=beam.DoFn.StateParam(WAITING_SINCE),
+        move_late=beam.DoFn.TimerParam(MOVE_LATE),
     ):
         _, hour_report = keyed_report
         kind, records, _ = hour_report
@@ -122,14 +127,18 @@ class CloseHourFn(beam.DoFn):
         elif kind == LEFT_OVER:
             self._clear_up_after_the_marker(window)
         else:
-            self._after_the_close(hour_report, window, late_counts)
+            self._after_the_close(hour_report, window, late_counts, Waiting(waiting, since, move_late))
 
-    def _after_the_close(self, hour_report, window, late_counts) -> None:
+    def _after_the_close(self, hour_report, window, late_counts, waiting) -> None:
         """A report the hour's manifest does not hold: its file goes to the late root less the ids the hour
-        holds (counted as duplicates beside it), its count beside it."""
+        holds (counted as duplicates beside it), its count beside it. While the hour has no marker, its index
+        is not complete: the file ``waiting`` for it moves once it is written (``move_late_once_published``)."""
         kind, records, path = hour_report
-        if kind == DELIVERED:
-            self.late_files.move(path, bucket_start_seconds(window))
+        hour_start = bucket_start_seconds(window)
+        if kind == DELIVERED and waiting and not files.exists(self.layout.marker(hour_start)):
+            waiting.add(path, wall_clock())
+        elif kind == DELIVERED:
+            self.late_files.move(path, hour_start)
         elif kind == DUPLICATES:
             self._count_late_duplicates(window, records, late_counts)
         elif kind == DEAD_LETTERED:  # its file is in the hour's dead-letter folder, which the audit counts
@@ -145,7 +154,7 @@ class CloseHourFn(beam.DoFn):
             finish_hour(self.layout, hour_start)
         staging = self._folder(self.layout.staging, window)
         for path in partitions.shard_files_of_other_runs(staging, self.layout.event_type, self.run_id):
-            self._after_the_close(report(DELIVERED, files.count_avro_records(path), path), window, None)
+            self._after_the_close(report(DELIVERED, files.count_avro_records(path), path), window, None, None)
 
     def _count_late_duplicates(self, window, records: int, late_counts) -> None:
         """Repeats dropped after the close are counted beside the hour's late files, since
@@ -163,8 +172,11 @@ class CloseHourFn(beam.DoFn):
         closed=beam.DoFn.StateParam(CLOSED),
         close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
         late_counts=beam.DoFn.StateParam(LATE_COUNTS),
+        waiting=beam.DoFn.StateParam(WAITING),
+        since=beam.DoFn.StateParam(WAITING_SINCE),
+        move_late=beam.DoFn.TimerParam(MOVE_LATE),
     ):
-        yield from self._close(window, reports, closed, close_again, late_counts)
+        yield from self._close(window, reports, closed, close_again, late_counts, Waiting(waiting, since, move_late))
 
     @on_timer(CLOSE_AGAIN)
     def close_after_a_denial(
@@ -174,10 +186,13 @@ class CloseHourFn(beam.DoFn):
         closed=beam.DoFn.StateParam(CLOSED),
         close_again=beam.DoFn.TimerParam(CLOSE_AGAIN),
         late_counts=beam.DoFn.StateParam(LATE_COUNTS),
+        waiting=beam.DoFn.StateParam(WAITING),
+        since=beam.DoFn.StateParam(WAITING_SINCE),
+        move_late=beam.DoFn.TimerParam(MOVE_LATE),
     ):
-        yield from self._close(window, reports, closed, close_again, late_counts)
+        yield from self._close(window, reports, closed, close_again, late_counts, Waiting(waiting, since, move_late))
 
-    def _close(self, window, reports, closed, close_again, late_counts):
+    def _close(self, window, reports, closed, close_again, late_counts, waiting):
         if closed.read():
             return  # the marker is written once, even if the runner fires the timer again
         closes_at = window.end.micros / 1e6
@@ -212,7 +227,7 @@ class CloseHourFn(beam.DoFn):
             close_again.set(wall_clock() + RETRY_CLOSE_SECONDS)
             return
         for hour_report in unplanned(plan, collected):  # arrived after an earlier attempt saved the plan
-            self._after_the_close(hour_report, window, late_counts)
+            self._after_the_close(hour_report, window, late_counts, waiting)
         closed.write(True)
         reports.clear()
         if plan is None:
@@ -220,6 +235,25 @@ class CloseHourFn(beam.DoFn):
         for task in index_to_read(plan):
             yield beam.pvalue.TaggedOutput(INDEX_TASKS, (hour_start, task))
         yield hour_start, (PLANNED, buckets_planned(plan))
+
+    @on_timer(MOVE_LATE)
+    def move_late_once_published(
+        self,
+        window=beam.DoFn.WindowParam,
+        waiting=beam.DoFn.StateParam(WAITING),
+        since=beam.DoFn.StateParam(WAITING_SINCE),
+        move_late=beam.DoFn.TimerParam(MOVE_LATE),
+    ):
+        """Moves the files waiting for the hour's marker late, once it is written or they waited long enough."""
+        hour_start = bucket_start_seconds(window)
+        waited = wall_clock() - (since.read() or 0)
+        if not files.exists(self.layout.marker(hour_start)) and waited < WAITING_SECONDS:
+            move_late.set(Timestamp(wall_clock() + LOOKING_SECONDS))
+            return
+        for path in sorted(set(waiting.read())):
+            self.late_files.move(path, hour_start)
+        waiting.clear()
+        since.clear()
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""
@@ -308,42 +342,4 @@ class AnnounceEveryHour(beam.PTransform):
             | "OneClock" >> beam.Map(lambda _: ("clock", None))
             | "WalkTheHours" >> beam.ParDo(AnnounceEveryHourFn(self.settings.window_seconds, wall_clock()))
             | "IntoHours" >> hour_windows(self.settings)
-        )
-
-
-@ANY_OUTPUT
-class AnnounceLeftoverHoursFn(beam.DoFn):
-    """At start, one ``left_over`` report per hour that other runs left staged files or a plan
-    for, stamped in the hour, so that ``CloseHour`` closes it; or, if the hour has its marker
-    (a run stopped while it finished the hour, or before it moved a file staged after the
-    close), clears up after it."""
-
-    def __init__(self, settings):
-        self.layout = settings.layout
-        self.run_id = settings.run_id
-
-    def setup(self):
-        use_emulator_credentials()
-
-    def process(self, _):
-        staged = partitions.staged_by_other_runs(self.layout, self.run_id)
-        planned = partitions.staged_by_other_runs(self.layout, self.run_id, CLOSE_PLAN)
-        for hour_start in sorted(staged.keys() | planned.keys()):
-            yield TimestampedValue(report(LEFT_OVER, 0), hour_start)
-
-
-class AnnounceLeftoverHours(beam.PTransform):
-    """Hours that a drained or stopped run left open, as hour reports for ``CloseHour``."""
-
-    def __init__(self, settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, pipeline):
-        s = self.settings
-        return (
-            pipeline
-            | "Start" >> beam.Impulse()
-            | "FindLeftoverHours" >> beam.ParDo(AnnounceLeftoverHoursFn(s))
-            | "IntoHours" >> hour_windows(s)
         )

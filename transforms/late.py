@@ -16,9 +16,14 @@ files it wrote before under the same numbers, perhaps for panes in another order
 this key numbered at or past the number state kept are no earlier copies, and a pane that
 keeps nothing deletes the file a lost try may have written under its number (a deletion denied for
 good leaves the ids it holds late there, not duplicates too: counted). A pane that
-cannot read what it should (no marker yet: the close is still publishing; an index missing
-or unreadable) is written as it is and counted (``late_panes_unchecked``): the index is a
-way to drop repeats, never a reason to stall.
+cannot read what it should (an index missing or unreadable) is written as it is and counted
+(``late_panes_unchecked``): the index is a way to drop repeats, never a reason to stall.
+
+Until the hour's marker is written its index is not complete (the close has not planned, or is
+publishing). A late pane then is staged for the hour instead, reported delivered: a close that has
+not planned yet publishes it with the hour, one that has keeps it waiting in its state (``Waiting``)
+and moves it late less the ids the hour holds once the marker is written, and no longer than
+``WAITING_SECONDS`` after it began to wait (then unchecked, counted).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import posixpath
 import re
 
 import apache_beam as beam
+from apache_beam.utils.timestamp import Timestamp
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
@@ -35,11 +41,16 @@ from transforms import retries
 from transforms.dedup import is_repeat, keep_first_copies
 from transforms.hours import bucket_start_seconds, shard_of
 from transforms.id_index import ReadBudget, indexed_ids
-from transforms.reports import DUPLICATES, LATE, report
-from transforms.write import WRITE_FAILED, WriteStreamPaneFn, given_up_as_dead_letters
+from transforms.reports import DELIVERED, DUPLICATES, LATE, report
+from transforms.write import WRITE_FAILED, WriteBoundedPaneFn, WriteStreamPaneFn, given_up_as_dead_letters
 
 _LOG = logging.getLogger(__name__)
 NUMBER = WriteStreamPaneFn.NUMBER
+# Files staged for an hour that is closing but not yet published wait for its marker, when its index is
+# complete, to move late less the ids it holds (``Waiting``): looked for this often, for at most this long
+# (then they move unchecked, counted; a drain waits for them no longer than that).
+LOOKING_SECONDS = 60
+WAITING_SECONDS = 1800
 
 
 class WriteLatePaneFn(WriteStreamPaneFn):
@@ -52,12 +63,16 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             settings, settings.layout.late, LATE, schema, None, True, settings.codec, partitions.LATE_SERIES
         )
         self.num_shards = settings.num_shards
+        staging = settings.layout.staging
+        self.stage_as = (settings, staging, DELIVERED, schema, None, True, files.UNCOMPRESSED, partitions.LATE_SERIES)
 
     def default_label(self):
         return "WriteLatePaneFn"  # its own name, not the one its parent keeps for running jobs
 
     def setup(self):
         super().setup()
+        self.staging = WriteBoundedPaneFn(*self.stage_as)
+        self.staging.setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")
         self.left_by_lost_tries = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_files_left_by_lost_tries")
@@ -73,6 +88,13 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             yield from self._counted(repeats)
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
+        if not self._published(window, shard, writer, current):
+            # The hour is still open downstream, or closing: its close publishes the pane or, once its marker
+            # is written and its index complete, moves it late less the ids the hour holds.
+            yield from self._counted(repeats)
+            number.write(current + 1)
+            yield from self.staging.write(((shard, writer), events), window, current)
+            return
         event_ids = {e[0] for e in events}
         held = self._held_by_the_hour(window, shard, event_ids, current)
         kept = [e for e in events if e[0] not in held]
@@ -84,6 +106,17 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         if kept:
             number.write(current + 1)
             yield from self.write(((shard, writer), kept), window, current)
+
+    def _published(self, window, shard: int, writer: str, current: int) -> bool:
+        """Whether the pane's hour has its marker; if so, what a try whose commit was lost may have staged
+        under the pane's number before it was written is deleted (its report was lost with the commit)."""
+        hour_start = bucket_start_seconds(window)
+        if not files.exists(self.layout.marker(hour_start)):
+            return False
+        staged = partitions.join(self.layout.hour(self.layout.staging, hour_start), self._name(shard, writer, current))
+        if files.exists(staged):
+            files.delete_existing([staged])
+        return True
 
     def _counted(self, duplicates: int):
         if duplicates:
@@ -234,6 +267,20 @@ class LateMover:
         for what, error in unchecked:
             self.unchecked.inc()
             _LOG.warning("late file %s was not checked against %s (%s)", staged, what, why(error))
+
+
+class Waiting:
+    """A closing hour's staged files that wait for its marker to move late, in ``CloseHourFn``'s state: a
+    bag, when the first began to wait, and the timer that looks for the marker."""
+
+    def __init__(self, files_waiting, since, look_again):
+        self.files_waiting, self.since, self.look_again = files_waiting, since, look_again
+
+    def add(self, path: str, now: float) -> None:
+        self.files_waiting.add(path)
+        if self.since.read() is None:
+            self.since.write(int(now))
+            self.look_again.set(Timestamp(now + LOOKING_SECONDS))
 
 
 def _keyed_by_shard(pane):

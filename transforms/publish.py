@@ -192,6 +192,8 @@ def write_part(layout: Layout, hour_start: int, part: dict) -> None:
         leave_out = {source: set(part["left_out"]) for source in sources}
     else:
         leave_out = later_copies_of_part(staging, part["number"], sources)
+        if files.exists(layout.marker(hour_start)):
+            return  # published meanwhile: its lists may be gone already
     if not leave_out:
         files.concatenate_avro(sources, part["path"], part_codec(part))
         return
@@ -211,9 +213,10 @@ def part_codec(part: dict) -> str:
 
 def finish_hour(layout: Layout, hour_start: int) -> dict:
     """Once every part is written: the marker, its manifest the plan's as the parts were written
-    (``close_repeats.as_written``), then the read tasks' lists, the parts' notes, the plan's staged files and
-    the plan deleted; returns the manifest. The plan goes last, so an attempt that finds none (one before it
-    got that far, its commit lost) finds the marker, and reads the manifest there."""
+    (``close_repeats.as_written``), then the plan's staged files, the read tasks' lists, the later copies'
+    lists and the parts' notes, and the plan deleted; returns the manifest. The plan goes last, so an
+    attempt that finds none (one before it got that far, its commit lost) finds the marker, and reads the
+    manifest there."""
     saved = plan_path(layout, hour_start)
     if not files.exists(saved):
         return files.read_json(layout.marker(hour_start))
@@ -223,7 +226,11 @@ def finish_hour(layout: Layout, hour_start: int) -> dict:
     else:
         manifest = as_written(staging, plan["manifest"])
         files.write_json(layout.marker(hour_start), manifest)
+    # The staged files go before the lists of later copies: an attempt at a part that found no marker (a stale
+    # one, or an overlapping run's) and then no lists would write every copy over the published part, but
+    # without its sources it fails, and its retry finds the marker.
+    files.delete_existing([source for part in plan["parts"] for source in part["sources"]])
     remove_task_sources(staging)
     remove_close_notes(staging)
-    files.delete_existing([source for part in plan["parts"] for source in part["sources"]] + [saved])
+    files.delete_existing([saved])
     return manifest

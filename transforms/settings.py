@@ -23,7 +23,9 @@ DAY_SECONDS = 24 * 3600
 #    of events into panes, no ``Deduplicate`` step after it.
 # 6: an hour's parts are written after its index, whose keys list the hour's later copies of ids for the
 #    parts to leave out (``transforms.close_repeats``): ``PartsWhenIndexed`` counts the buckets.
-STATE_LAYOUT = 6
+# 7: ``CloseHour`` keeps the staged files that wait for a closing hour's marker to move late (a bag, a
+#    cell, a timer); a late pane of an hour without its marker is staged for its close.
+STATE_LAYOUT = 7
 
 
 @dataclasses.dataclass(frozen=True)

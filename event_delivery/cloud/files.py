@@ -147,22 +147,31 @@ def concatenate_avro(sources: list[str], destination: str, codec: str = AVRO_COD
     many records it holds. Each block is decompressed as it is read and compressed again as it is
     written, so the file has one codec whatever the sources had. Uncompressed sources cost the
     least: their blocks are compressed once, here. One block at a time is held in memory."""
-    records, schema = 0, None
-    with FileSystems.create(destination, mime_type="application/octet-stream") as out:
-        writer = None
-        for source in sources:
-            with FileSystems.open(source, mime_type="application/octet-stream") as handle:
-                blocks = fastavro.block_reader(handle)
-                if writer is None:
-                    schema = blocks.writer_schema
-                    writer = Writer(out, schema, codec=codec)
-                elif blocks.writer_schema != schema:
-                    raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
-                for block in blocks:
-                    writer.write_block(block)
-                    records += block.num_records
-        writer.flush()
+    if not sources:
+        raise ValueError(f"no sources to write {destination} from")
+    records = 0
+    # The first source's header is read before the destination is made: a source that is gone (an attempt
+    # at a part whose hour was published meanwhile, its staged files deleted) leaves the destination as it was.
+    with FileSystems.open(sources[0], mime_type="application/octet-stream") as first:
+        first_blocks = fastavro.block_reader(first)
+        schema = first_blocks.writer_schema
+        with FileSystems.create(destination, mime_type="application/octet-stream") as out:
+            writer = Writer(out, schema, codec=codec)
+            for block in itertools.chain(first_blocks, _blocks_after(sources, schema)):
+                writer.write_block(block)
+                records += block.num_records
+            writer.flush()
     return records
+
+
+def _blocks_after(sources: list[str], schema):
+    """The blocks of every source after the first, one file open at a time; each of the first's ``schema``."""
+    for source in sources[1:]:
+        with FileSystems.open(source, mime_type="application/octet-stream") as handle:
+            blocks = fastavro.block_reader(handle)
+            if blocks.writer_schema != schema:
+                raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+            yield from blocks
 
 
 def rewrite_avro_without(

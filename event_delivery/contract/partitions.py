@@ -103,6 +103,7 @@ def partition_dir(root: str, event_type: str, window_start_seconds: float, windo
 
 STAGED_SERIES = "p"  # panes written to staging, the dead letters, the raw archive: each a root of its own
 LATE_SERIES = "l"  # panes written to the late root, beside staged panes moved there under their own name
+SERIES = (STAGED_SERIES, LATE_SERIES)
 
 
 def pane_file_name(
@@ -177,10 +178,12 @@ def late_duplicates(layout: Layout, window_start_seconds: float) -> int:
 
 
 def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: int | None = None) -> list[str]:
-    """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given)."""
+    """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given), of either
+    series: a late pane is staged too while its hour has no marker (``transforms.late``)."""
     shard_parts = ["*"] if shard is None else [f"s{shard:03d}", f"s{shard:03d}-w*"]
-    paths = [path for part in shard_parts for path in files.glob(join(folder, f"{event_type}-*-p*-{part}.avro"))]
-    return [path for path in paths if f"{event_type}-{run_id}-p" not in path.rsplit("/", 1)[-1]]
+    patterns = [f"{event_type}-*-{series}*-{part}.avro" for series in SERIES for part in shard_parts]
+    paths = [path for pattern in patterns for path in files.glob(join(folder, pattern))]
+    return [path for path in paths if not path.rsplit("/", 1)[-1].startswith(f"{event_type}-{run_id}-")]
 
 
 def staged_by_other_runs(layout: Layout, run_id: str, name: str = "*.avro") -> dict[int, list[str]]:
@@ -188,7 +191,7 @@ def staged_by_other_runs(layout: Layout, run_id: str, name: str = "*.avro") -> d
     left (pane files by default), by the start of their hour."""
     left: dict[int, list[str]] = {}
     for path in files.glob(join(layout.staging, layout.event_type, "dt=*", "hr=*", name)):
-        if f"{layout.event_type}-{run_id}-p" in path.rsplit("/", 1)[-1]:
+        if path.rsplit("/", 1)[-1].startswith(f"{layout.event_type}-{run_id}-"):
             continue
         hour_start = partition_bounds("/".join(path.split("/")[-3:-1]), 1)[0] // 1000
         left.setdefault(hour_start, []).append(path)

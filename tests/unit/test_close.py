@@ -156,7 +156,9 @@ def test_a_close_the_clock_finds_early_publishes_nothing_and_holds_no_drain(tmp_
     fn.setup()
     window = IntervalWindow(START, START + WINDOW + LATENESS)
     closed = Flag()
-    assert list(fn._close(window, reports=None, closed=closed, close_again=Timer(), late_counts=None)) == []
+    assert (
+        list(fn._close(window, reports=None, closed=closed, close_again=Timer(), late_counts=None, waiting=None)) == []
+    )
     assert closed.read() is None and not files.exists(settings.layout.marker(START))
 
 
@@ -184,9 +186,9 @@ def test_repeats_dropped_after_the_close_are_each_counted_once_whichever_run_dro
         late_counts = Flag()
         for records in counts:
             committed = late_counts.read()
-            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts)
+            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts, None)
             late_counts.write(committed)  # the bundle is retried: its state write is lost
-            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts)
+            fn._after_the_close(report(DUPLICATES, records, None), window, late_counts, None)
     assert partitions.late_duplicates(layout, START) == 3 + 5 + 7
 
 

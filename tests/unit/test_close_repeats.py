@@ -10,6 +10,7 @@ two changes to the files (``tests/unit/test_close_retries.py``'s ``Runner``).
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -22,7 +23,7 @@ from tests.publishing import publish_planned
 from tests.streams import local_keys, local_settings
 from tests.unit.test_close_retries import Runner, crash_after, crashes, hour_settings, stage
 from tests.unit.test_late_repeats import CLOSES_AT, SHARDS, START, ids_of_shard, run_publish_hours, stage_files
-from transforms import close, close_repeats, id_index, publish
+from transforms import close, close_repeats, id_index, leftover_hours, publish
 from transforms.reports import DUPLICATES, report
 
 
@@ -146,3 +147,64 @@ def test_a_close_with_repeats_crashed_between_any_two_steps_publishes_each_id_on
         check_each_id_published_once(settings.layout, ids_of, plan, counted=0)
         assert runner.markers == [settings.layout.marker(START)], "the hour is published once"
     assert change > 10, "the close changes the files more often than that"
+
+
+def test_a_stale_part_attempt_that_straddles_the_finish_never_writes_the_copies_over_the_part(
+    tmp_path, registry, monkeypatch
+):
+    """Dataflow may run a stale attempt at a part beside the one whose commit counted: one that found no
+    marker, then reads its lists once the finish deleted them, would write every copy over the published
+    part. The finish deletes the staged files first, so such an attempt fails and its retry finds the marker."""
+    settings, plan = publish_an_hour_of(tmp_path, registry, monkeypatch, repeating_files(), 0)
+    ids_of, layout = staged_ids(plan), settings.layout
+    stale = publish.parts_to_write(plan)[1]  # its file repeats ids of the first
+    remove_notes, failed = publish.remove_close_notes, []
+
+    def remove_while_a_stale_attempt_runs(staging):
+        remove_notes(staging)
+        marker = layout.marker(START)
+        os.rename(marker, marker + ".aside")  # the attempt looked before the marker was written
+        try:
+            publish.write_part(layout, START, stale)
+        except Exception as error:  # noqa: BLE001 - what the runner would retry
+            failed.append(error)
+        finally:
+            os.rename(marker + ".aside", marker)
+
+    monkeypatch.setattr(publish, "remove_close_notes", remove_while_a_stale_attempt_runs)
+    publish_planned(layout, START, plan)
+    assert failed, "the stale attempt found no sources"
+    check_each_id_published_once(layout, ids_of, plan, counted=3)
+
+
+@pytest.mark.parametrize("cancelled_after", range(1, 6))
+def test_a_restart_after_a_cancelled_close_moves_its_copies_late_only_checked(
+    tmp_path, registry, monkeypatch, cancelled_after
+):
+    """Run 1 saved its plan and was cancelled before its marker. Run 2, which reads nothing at start, stages
+    its own copies of run 1's ids (redeliveries) and a new id; its close finds the saved plan, so its pane is
+    not in it: the pane waits for the marker, and goes late less the ids the hour holds."""
+    monkeypatch.setattr(close, "wall_clock", lambda: CLOSES_AT + 1)
+    first, second = (hour_settings(tmp_path, registry, run) for run in ("run1", "run2"))
+    ids = ids_of_shard(0, 5, "a")
+    cancelled = Runner(first)
+    cancelled.arrive(stage(first, "run1", 0, 0, ids=ids[:4]))
+    cancelled.fire_close()
+    cancelled.run(items=1 + cancelled_after)  # its report, its close (the plan), and a few steps more
+    assert not files.exists(first.layout.marker(START))
+
+    resumed = Runner(second)
+    left_over = [r.value for r in leftover_hours.AnnounceLeftoverHoursFn(second).process(None)]
+    resumed.arrive(*left_over, stage(second, "run2", 0, 0, ids=[ids[1], ids[3], ids[4]]))
+    resumed.fire_close()
+    resumed.run()
+
+    layout = first.layout
+    delivered = sorted(
+        i for path in files.glob(f"{layout.hour(layout.delivered, START)}/*.avro") for i in files.read_event_ids(path)
+    )
+    late = sorted(
+        i for path in files.glob(f"{layout.hour(layout.late, START)}/*.avro") for i in files.read_event_ids(path)
+    )
+    assert (delivered, late) == (sorted(ids[:4]), [ids[4]]), "each id once, delivered or late"
+    assert partitions.late_duplicates(layout, START) == 2

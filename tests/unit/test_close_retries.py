@@ -25,11 +25,13 @@ from event_delivery.contract.partitions import Layout
 from tests.messages import valid_fields
 from tests.publishing import Cell, index_reader
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, local_settings
-from transforms import close, index_buckets, late, publish, publish_hours
+from transforms import close, index_buckets, late, leftover_hours, publish, publish_hours
+from transforms.hours import shard_of
 from transforms.records import event_record
 from transforms.reports import DELIVERED, DUPLICATES, LEFT_OVER, report
 
 CLOSES_AT = START + WINDOW + LATENESS
+MOVE_LATE_STATE = ("waiting", "since", "move_late")
 WINDOW_OF_THE_HOUR = IntervalWindow(START, CLOSES_AT)
 
 
@@ -66,7 +68,7 @@ class Runner:
     def run(self, items: int | None = None):
         """Runs the work items until none is left (or ``items`` of them); a crash propagates, and its
         item stays pending."""
-        while self.pending and items != 0:
+        while (self.pending or self.look_for_the_marker()) and items != 0:
             items = None if items is None else items - 1
             first = next((n for n, (step, _) in enumerate(self.pending) if step in self.eager), 0)
             step, element = self.pending[first]
@@ -77,14 +79,27 @@ class Runner:
             del self.pending[first]
             self.pending.extend(outputs)
 
+    def look_for_the_marker(self) -> bool:
+        """Once nothing else is pending, the clock moves on and the close's timer that looks for the marker, if
+        set, fires: a work item of its own."""
+        if self.state["close"].pop("move_late", None) is None:
+            return False
+        self.pending.append(("move_late", None))
+        return True
+
     def _run(self, step, element, values):
         close_state = {
             "reports": Cell(values, "reports", []),
             "closed": Cell(values, "closed"),
             "late_counts": Cell(values, "late_counts"),
+            "waiting": Cell(values, "waiting", []),
+            "since": Cell(values, "since"),
+            "move_late": Cell(values, "move_late"),
         }
         if step == "report":
             self.close_hour.process((START, element), WINDOW_OF_THE_HOUR, close=Cell(values, "close"), **close_state)
+        elif step == "move_late":
+            self.close_hour.move_late_once_published(WINDOW_OF_THE_HOUR, *(close_state[k] for k in MOVE_LATE_STATE))
         elif step == "close":
             close_again = Cell(values, "close_again")
             for output in self.close_hour.close_when_due(WINDOW_OF_THE_HOUR, close_again=close_again, **close_state):
@@ -253,7 +268,7 @@ def test_a_run_cancelled_between_any_two_steps_of_a_close_leaves_an_hour_the_nex
             crashed = crashes(cancelled)  # and the job is cancelled
             stage(first, "run1", 3, 1)  # as it stopped; its report is lost
             resumed = Runner(second)
-            left_over = list(close.AnnounceLeftoverHoursFn(second).process(None))
+            left_over = list(leftover_hours.AnnounceLeftoverHoursFn(second).process(None))
             assert [r.timestamp for r in left_over] == [START], "the next run's start-up finds the hour"
             resumed.arrive(*[r.value for r in left_over], stage(second, "run2", 0, 2), report(DUPLICATES, 1))
             resumed.fire_close()
@@ -296,6 +311,35 @@ def test_a_pane_staged_before_the_close_that_reaches_it_after_goes_late_less_the
     assert written(settings.layout, settings.layout.delivered) == ["run1-0-0", "run1-0-1", "run1-0-2"]
     assert written(settings.layout, settings.layout.late) == ["new"]
     assert partitions.late_duplicates(settings.layout, START) == 1
+
+
+@pytest.mark.parametrize("arrives_after", range(1, 9))
+def test_a_pane_staged_while_the_hour_publishes_waits_for_its_marker_and_goes_late_less_the_hours_ids(
+    tmp_path, registry, arrives_after
+):
+    """A pane that reaches the close after its plan, before its marker (a late pane staged then, or this run's
+    after a cancelled run's close): the index is not complete until the marker, so the pane waits for it in
+    the close's state, and then moves late less the ids the hour holds, at whatever step it arrived."""
+    settings = hour_settings(tmp_path, registry, "run1")
+    ids = [i for i in (f"e{n}" for n in range(100)) if shard_of(i, settings.num_shards) == 0][:6]  # as staged
+    runner = Runner(settings)
+    runner.arrive(stage(settings, "run1", 0, 0, ids=ids[:3]), stage(settings, "run1", 1, 0, ids=ids[3:5]))
+    runner.fire_close()
+    runner.run(items=2 + arrives_after)
+    assert runner.markers == [], "the pane arrives before the marker"
+    runner.arrive(stage(settings, "run1", 2, 0, ids=[ids[1], ids[3], ids[5]]))
+    runner.run(items=1)
+    assert runner.look_for_the_marker(), "the pane waits, and the close looks for the marker on the clock"
+    runner.pending.rotate(1)  # the clock's timer fires before the close's next step
+    runner.run(items=1)
+    assert written(settings.layout, settings.layout.late) == [], "no marker yet: the pane waits on"
+    runner.run()
+    assert written(settings.layout, settings.layout.delivered) == sorted(ids[:5])
+    assert written(settings.layout, settings.layout.late) == [ids[5]] and runner.markers
+    assert partitions.late_duplicates(settings.layout, START) == 2
+    assert not files.glob(partitions.join(settings.layout.hour(settings.layout.staging, START), "*")), (
+        "staging is empty"
+    )
 
 
 def test_a_late_move_denied_for_good_leaves_its_file_staged_and_the_close_goes_on(tmp_path, registry, monkeypatch):

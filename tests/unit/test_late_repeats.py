@@ -154,6 +154,29 @@ def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other
     assert outputs == [report(DUPLICATES, 2)], "marked repeats alone: counted, nothing written"
 
 
+def test_a_late_pane_of_an_hour_without_its_marker_is_staged_for_its_close_and_a_retry_after_it_deletes_that(
+    tmp_path, registry
+):
+    """Before the marker the hour's index is not complete (its close has not planned or not finished): the
+    late pane is staged, reported delivered, for the close to publish it, or to move it late less the ids
+    the hour holds once the marker is written. A try whose commit was lost may have staged it just before
+    the marker; the retry after writes it checked, and deletes what that try staged."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    fn = WriteLatePaneFn(settings)
+    fn.setup()
+    delivered, [new] = ids_of_shard(0, 2, "d"), ids_of_shard(0, 1, "x")
+    number, pane = Number(), [delivered[0], new, new]
+    [repeat, (kind, records, staged)] = write_late(fn, number, registry, 0, "", pane, commit=False)
+    assert repeat == report(DUPLICATES, 1) and (kind, records) == (DELIVERED, 2)
+    assert staged.startswith(settings.layout.staging) and late_ids(settings.layout) == []
+    assert files.read_event_ids(staged) == [delivered[0], new]
+
+    close_an_hour(settings, registry, {0: delivered})
+    outputs = write_late(fn, number, registry, 0, "", pane)  # the retry, after the marker
+    assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 2), (LATE, 1)] and late_ids(settings.layout) == [new]
+    assert not files.exists(staged), "the lost try's staged pane is gone: no report of it reaches the close"
+
+
 def stage_after_the_close(settings, registry, ids: list[str], run_id: str = "run2", shard: int = 0) -> str:
     """A pane file of ``ids`` that a run staged for the hour after it closed; its path."""
     name = partitions.pane_file_name("service_log", run_id, 7, shard, "w9")
