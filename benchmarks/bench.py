@@ -5,9 +5,9 @@
 Each measurement runs in a fresh process, and the rounds interleave the plain loop (the
 essential work alone: the lower bound), the floor, two floors at once (how far this
 machine's cores scale the same work with nothing shared), the bounded pipeline (the
-backfill) with 1 worker and with 2 workers, the streaming path with 1 worker, its two keyed
-steps alone and ``MarkRepeats`` alone (``benchmarks.keyed_steps``: Beam's work on them, which
-no step's code can cut), so a noisy neighbour hits them all alike; the table quotes medians.
+backfill) with 1 worker and with 2 workers, the streaming path with 1 worker, and its keyed
+step alone (``benchmarks.keyed_steps``: Beam's work on it, which no step's code can cut), so a
+noisy neighbour hits them all alike; the table quotes medians.
 One more streaming run counts its cost ledger per event (``benchmarks.ledger``). Peak
 memory comes from single 1-worker runs at 1x, 2x and 4x the workload; one 2-worker run
 at 4x beside the last shows how scaling grows as the job's fixed cost weighs less. The
@@ -80,7 +80,6 @@ def throughput(events: int, rounds: int, say) -> dict:
         ("pipeline_2_workers", lambda: measured("pipeline", events, 2)),
         ("streaming_1_worker", lambda: measured("streaming", events, 1)),
         ("streaming_keyed_steps", lambda: measured("keyed_steps", events, 1)),
-        ("streaming_mark_repeats", lambda: measured("keyed_steps", events, 1, "--steps", "mark_repeats")),
     )
     runs = {name: [] for name, _ in plan}
     for round_number in range(1, rounds + 1):

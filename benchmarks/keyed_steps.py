@@ -1,12 +1,11 @@
-"""The streaming path's two keyed steps alone: what Beam's machinery costs an event there.
+"""The streaming path's keyed step alone: what Beam's machinery costs an event there.
 
-``MarkRepeats`` (one cell and one timer per id) and ``GatherPanes`` (a bag and a cell per
-(hour, shard, writer), a pane per ``PANE_EVENTS``) as the streaming path runs them, one branch
-per type, fed with the workload's events already encoded, as ``EncryptPersonalFields`` hands
-them on: the same ids, repeats, arrivals and record sizes. Nothing is parsed, sealed or
-written, so the run is the framework's work on those steps, and the source's: the part of the
-streaming path's cost per event that no step's own code can cut. ``MarkRepeats`` runs alone
-too (``STEPS``), to tell the two apart.
+``GatherPanes`` (a bag and a cell per (hour, shard, writer), a pane per ``--max_pane_bytes`` or
+trigger) as the streaming path runs it, one branch per type, fed with the workload's events
+already encoded, as ``EncryptPersonalFields`` hands them on: the same ids, repeats, arrivals and
+record sizes. Nothing is parsed, sealed or written, so the run is the framework's work on that
+step, and the source's: the part of the streaming path's cost per event that no step's own code
+can cut.
 """
 
 from __future__ import annotations
@@ -18,15 +17,13 @@ from benchmarks import workload
 from event_delivery.contract import slo
 from event_delivery.contract.envelope import parse_received_at
 from transforms import collector
-from transforms.dedup import MarkRepeats, is_repeat
 from transforms.records import encoded_event
 from transforms.stream_panes import GatherPanes
 
 NAMESPACE, KEPT = "keyed_steps", "kept"
-STEPS = ("both", "mark_repeats")  # both keyed steps, as the path runs them; MarkRepeats alone
 _EVENTS: dict[str, list[tuple]] = {}  # by type; read by the source in this process (the in-memory runner)
-# Made once: a counter made per element would add its making to MarkRepeats' measured cost.
-_KEPT, _REPEATS = Metrics.counter(NAMESPACE, KEPT), Metrics.counter(NAMESPACE, slo.DUPLICATES)
+# Made once: a counter made per element would add its making to the step's measured cost.
+_KEPT = Metrics.counter(NAMESPACE, KEPT)
 
 
 def load_events(work: workload.Workload) -> dict[str, list[tuple]]:
@@ -49,24 +46,16 @@ def _events_of(_, name: str):
 
 
 class KeyedSteps(beam.PTransform):
-    """One type's encoded events through ``MarkRepeats`` and, with ``steps`` "both", ``GatherPanes``;
-    what they keep and drop is counted, and ends there."""
+    """One type's encoded events through ``GatherPanes``; what it keeps and drops is counted, and ends there."""
 
-    def __init__(self, name: str, settings, steps: str = "both"):
+    def __init__(self, name: str, settings):
         super().__init__()
-        self.name, self.settings, self.steps = name, settings, steps
+        self.name, self.settings = name, settings
 
     def expand(self, pipeline):
         events = pipeline | "Start" >> beam.Impulse() | "EncodedEvents" >> beam.FlatMap(_events_of, self.name)
-        marked = events | "MarkRepeats" >> MarkRepeats(self.settings)
-        if self.steps == "mark_repeats":
-            return marked | "CountMarked" >> beam.Map(_count_marked)
-        gathered = marked | "GatherPanes" >> GatherPanes(self.settings)
+        gathered = events | "GatherPanes" >> GatherPanes(self.settings)
         return gathered.unique | "CountKept" >> beam.Map(_count_kept)
-
-
-def _count_marked(event) -> None:
-    (_REPEATS if is_repeat(event) else _KEPT).inc()
 
 
 def _count_kept(pane) -> None:
@@ -75,8 +64,8 @@ def _count_kept(pane) -> None:
 
 
 def counted(result) -> dict[str, int]:
-    """``kept`` (the events in the panes, or not marked) and ``duplicates`` (the repeats dropped, or
-    marked) of a finished run."""
+    """``kept`` (the events in the panes) and ``duplicates`` (the second copies within a pane, which
+    ``GatherPanes`` counts) of a finished run."""
     counters = result.metrics().query(MetricsFilter())["counters"]
     return {
         "kept": sum(c.committed for c in counters if c.key.metric.name == KEPT),

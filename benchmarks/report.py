@@ -30,7 +30,7 @@ def rates_table(t: dict) -> str:
     """The throughput runs' rates, against the floor, with their peak memory and the vCPUs 8M events/s would take."""
     floor = t["floor"]
     loop = t.get("plain_loop")  # results from before the plain loop have none
-    keyed, mark = t.get("streaming_keyed_steps"), t.get("streaming_mark_repeats")  # nor those from before them
+    keyed = t.get("streaming_keyed_steps")  # nor those from before it
     rows = (  # label, run, cores it used
         *((("plain loop (the essential work alone)", loop, 1),) if loop else ()),
         ("floor (the path's work in one loop)", floor, 1),
@@ -38,8 +38,7 @@ def rates_table(t: dict) -> str:
         ("bounded pipeline, 1 worker", t["pipeline_1_worker"], 1),
         ("bounded pipeline, 2 workers", t["pipeline_2_workers"], 2),
         ("streaming path, 1 worker", t["streaming_1_worker"], 1),
-        *((("its two keyed steps alone (Beam's work on them)", keyed, 1),) if keyed else ()),
-        *((("`MarkRepeats` alone", mark, 1),) if mark else ()),
+        *((("its keyed step alone (Beam's work on it)", keyed, 1),) if keyed else ()),
     )
     header = ("run", "events/s", "x floor", "peak MiB", f"vCPUs for {PEAK_EVENTS_PER_SECOND / 1e6:.0f}M/s")
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
@@ -55,14 +54,14 @@ def rates_table(t: dict) -> str:
 def shares(t: dict) -> str:
     """The floor against the plain loop, and the streaming path's time that its keyed steps alone take."""
     floor, loop = t["floor"]["events_per_second"], t.get("plain_loop")
-    keyed, mark = t.get("streaming_keyed_steps"), t.get("streaming_mark_repeats")
+    keyed = t.get("streaming_keyed_steps")
     out = f"\n\n- The floor runs at {floor / loop['events_per_second']:.2f}x the plain loop." if loop else ""
-    if keyed and mark:
+    if keyed:
         streaming = t["streaming_1_worker"]["events_per_second"]
         out += (
-            f"\n- The streaming path's two keyed steps alone take {streaming / keyed['events_per_second']:.0%} "
-            f"of its time per event, `MarkRepeats` alone {streaming / mark['events_per_second']:.0%}: with nothing "
-            f"else to do, the path would run at {keyed['events_per_second'] / floor:.2f}x the floor."
+            f"\n- The streaming path's keyed step alone takes {streaming / keyed['events_per_second']:.0%} "
+            f"of its time per event: with nothing else to do, the path would run at "
+            f"{keyed['events_per_second'] / floor:.2f}x the floor."
         )
     return out
 
@@ -126,10 +125,10 @@ def chart(results: dict, path: pathlib.Path) -> None:
         "streaming\n1 worker",
     ]
     colors = ["#555", "#888", "#bbb", "#1f77b4", "#2ca02c", "#d62728"]
-    if "streaming_mark_repeats" in t:
-        names += ["streaming_keyed_steps", "streaming_mark_repeats"]
-        labels += ["keyed steps\nalone", "MarkRepeats\nalone"]
-        colors += ["#f4a0a0", "#fbd0d0"]
+    if "streaming_keyed_steps" in t:
+        names += ["streaming_keyed_steps"]
+        labels += ["keyed step\nalone"]
+        colors += ["#f4a0a0"]
     bars = rates.bar(labels, [t[n]["events_per_second"] for n in names], color=colors)
     rates.bar_label(bars, fmt="{:,.0f}")
     rates.set_ylabel("events/s (median)")

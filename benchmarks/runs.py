@@ -1,25 +1,24 @@
 """One measured run, in a process of its own: the plain loop, the floor, the backfill
-pipeline, the streaming path, or the streaming path's two keyed steps alone.
+pipeline, the streaming path, or the streaming path's keyed step alone.
 
     python -m benchmarks.runs plain_loop --events 200000
     python -m benchmarks.runs floor --events 200000
     python -m benchmarks.runs pipeline --events 200000 --workers 2
     python -m benchmarks.runs streaming --events 200000 [--ledger]
-    python -m benchmarks.runs keyed_steps --events 200000 [--steps mark_repeats]
+    python -m benchmarks.runs keyed_steps --events 200000
     python -m benchmarks.runs pipeline --events 200000 --codec zstandard
 
 Prints one JSON line: events read, seconds, CPU seconds and peak resident memory (this
 process and its worker processes), and the bytes of the files it published (delivered,
 late and dead-letter, in ``--codec``); with ``--ledger``, the streaming path's cost ledger too (see
 ``benchmarks.ledger``; counting slows the run, so its seconds are not a measurement); for
-``keyed_steps``, what they kept and dropped as repeats (see ``benchmarks.keyed_steps``).
+``keyed_steps``, what it kept and dropped as repeats (see ``benchmarks.keyed_steps``).
 The workload is built first if it is not there yet.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import pathlib
@@ -41,7 +40,6 @@ from event_delivery.contract.registry import load_registry
 from pipelines.backfill import Backfill
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tools.ops import job_flags
-from transforms import published_hours
 from transforms.settings import DeliverySettings
 
 WORKLOADS = pathlib.Path(__file__).parent / ".workloads"
@@ -63,10 +61,6 @@ def _as_deployed() -> None:
     made the streaming path 3.7x slower than the SDK harness runs it on Dataflow; worker
     processes take the size from the job's options."""
     worker_handlers.STATE_CACHE_SIZE_MB = job_flags.SDK_STATE_CACHE_MB
-    # The workload's hour replayed as if live: its input ends as the hour does, and ``MarkRepeats`` then
-    # forgets each id at once, as a live job forgets it once its hour is published (a clock of today would
-    # take the end for a job that lags its close by days, and ask again for each id: timers no live job sets).
-    published_hours.wall_clock = lambda: workload.HOUR + HOUR_SECONDS
 
 
 def _pipeline(
@@ -120,11 +114,10 @@ def run_pipeline(
     return work.events
 
 
-def run_keyed_steps(work: workload.Workload, out: pathlib.Path, steps: str = "both") -> dict[str, int]:
-    """The streaming path's keyed ``steps`` alone (``benchmarks.keyed_steps``), its events loaded
-    before; returns what they kept and dropped as repeats."""
-    branch = functools.partial(keyed_steps.KeyedSteps, steps=steps)
-    result = _pipeline(work, out, 1, streaming=True, branch=branch).run()
+def run_keyed_steps(work: workload.Workload, out: pathlib.Path) -> dict[str, int]:
+    """The streaming path's keyed step alone (``benchmarks.keyed_steps``), its events loaded before;
+    returns what it kept and dropped as repeats."""
+    result = _pipeline(work, out, 1, streaming=True, branch=keyed_steps.KeyedSteps).run()
     result.wait_until_finish()
     return keyed_steps.counted(result)
 
@@ -190,9 +183,6 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="Count the streaming path's cost ledger (slower).")
-    parser.add_argument(
-        "--steps", default="both", choices=keyed_steps.STEPS, help="keyed_steps: both, or MarkRepeats alone."
-    )
     parser.add_argument("--codec", default=files.AVRO_CODEC, choices=files.CODECS, help="The files' Avro codec.")
     parser.add_argument(
         "--start_at", type=float, help="Wall-clock time (epoch seconds) to start at, so that copies run side by side."
@@ -213,7 +203,7 @@ def main(argv=None) -> int:
         elif args.what == "floor":
             events = floor.run_floor(work, out)
         elif args.what == "keyed_steps":
-            events, extra = work.events, {"counted": run_keyed_steps(work, out, args.steps)}
+            events, extra = work.events, {"counted": run_keyed_steps(work, out)}
         elif args.ledger:
             events, extra = work.events, {"ledger": run_ledger(work, out)}
         else:

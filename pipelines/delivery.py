@@ -33,7 +33,7 @@ from pipelines.options import DeliveryOptions, add_streaming_arguments, delivery
 from pipelines.runtime import LOCAL_RUNNER, pipeline_options, start_logging
 from transforms.archive import ArchiveRawMessages
 from transforms.close import AnnounceEveryHour, CloseHour
-from transforms.dedup import Deduplicate, MarkRepeats
+from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour
 from transforms.late import WriteLatePanes
 from transforms.leftover_hours import AnnounceLeftoverHours
@@ -67,12 +67,11 @@ def deliver(messages, settings: DeliverySettings, key_cache: JobKeyCache | None 
     # Sealed where they were read: nothing personal crosses a shuffle in clear. An event whose
     # subject's key is unavailable for good becomes a dead letter: no bundle is retried forever.
     encrypted = parsed.output | "EncryptPersonalFields" >> EncryptPersonalFields(event_type, key_cache)
+    # Repeats within a pane go here; across an hour's panes, at its close (transforms/close_repeats.py).
     events = encrypted.output
-    if not settings.bounded:  # one pane per (hour, shard) needs no marks: the pane decides
-        events = events | "MarkRepeats" >> MarkRepeats(settings)
-    if settings.bounded:
+    if settings.bounded:  # one pane per (hour, shard): the pane decides
         deduplicated = events | "BucketByHour" >> BucketByHour(settings) | "Deduplicate" >> Deduplicate(settings)
-    else:  # one keyed step: after MarkRepeats a runner's bundle holds one id's work, nothing to pack
+    else:
         deduplicated = events | "GatherPanes" >> GatherPanes(settings)
 
     # A pane whose write fails for good becomes dead letters: no bundle is retried forever.

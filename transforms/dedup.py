@@ -1,129 +1,27 @@
-"""Deduplicate by event id within (type, hour), across all panes of the hour.
+"""Deduplicate by event id within (type, hour): within a pane here, across the hour at its close.
 
-A streaming job sees an hour in many panes. ``MarkRepeats`` keeps one state cell per
-(id, hour), keyed by the id, so each event reads and writes only its own cell however
-full the hour is, and the work spreads over as many keys as there are ids. It marks
-every copy after the first; ``GatherPanes`` (``transforms.stream_panes``), per (hour, shard,
-writer), drops the marked copies before the hour closes and after, when the rest goes to the
-late root. Copies that runs stopped mid-hour staged, and this run's copies of the same ids,
-are all staged, and the close keeps the first of each id (``transforms.close_repeats``). A
-cell lives until one window after its hour closed, and until the close has published the hour
-(``HourPublished``), so a repeat that comes that late is still counted as a duplicate
-rather than written again. A repeat that comes later still reaches the late path
-unmarked, which drops it against the index of ids that the close left beside the hour
-(``transforms.late``): delivered and late together hold each id once for the whole late
-horizon, and no cell outlives the publication of its hour by more than a window.
-A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane
-alone decides and no state is kept: a runner can then spread the shards over its
-workers (the local runner runs a stateful step on one worker only).
+A bounded job (a backfill) sees each (hour, shard) in exactly one pane, so the pane alone decides
+(``Deduplicate``) and no state is kept: a runner can then spread the shards over its workers (the
+local runner runs a stateful step on one worker only). A stream sees an hour in many panes, of many
+writers and perhaps of several runs: ``GatherPanes`` (``transforms.stream_panes``) keeps the first
+copy of an id within a pane, every pane is staged, and the hour's close keeps the first copy of each
+id across all of them (``transforms.close_repeats``), through the index of the hour's ids that it
+leaves beside the hour for the late path (``transforms.late``): delivered and late together hold each
+id once for the whole late horizon, and no state per id is kept.
 """
 
 from __future__ import annotations
 
-import logging
-
 import apache_beam as beam
-from apache_beam.coders import StrUtf8Coder
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Duration
 
 from event_delivery.cloud import files
 from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.declared_types import ANY_OUTPUT
-from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.published_hours import HourPublished
+from transforms.hours import bucket_start_seconds
 from transforms.reports import DUPLICATES, report
 
-_LOG = logging.getLogger(__name__)
 LATE_PANES = "late"  # the output of panes that came after their hour closed (not the report kind)
-REPEAT = "repeat"  # the mark ``MarkRepeats`` appends to every copy of an id after the first
-DELIVERED_HERE = ""  # an id's cell once this run let its first copy through
-
-
-def is_repeat(event) -> bool:
-    """Whether ``MarkRepeats`` marked the encoded event (``transforms.records``) as a repeat."""
-    return len(event) > 4
-
-
-class MarkRepeatsFn(beam.DoFn):
-    """Marks every copy of an id after the first in its hour, with one state cell per (id, hour).
-
-    The cell is empty until this run lets a copy through (``DELIVERED_HERE``). A copy that finds
-    a cell is a repeat: it goes on marked, without its record, only to be counted.
-
-    The cell lives until one window after the hour closes, and then until the hour is
-    published (``HourPublished``), asked again after one window, two, four and so on. A copy
-    that arrives after that finds none and is not marked: the late path checks it against the
-    index the close left (``transforms.late``).
-    """
-
-    SEEN = ReadModifyWriteStateSpec("first_copy", StrUtf8Coder())
-    FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
-
-    def __init__(self, settings):
-        self.remember = Duration(seconds=settings.window_seconds)
-        self.settings = settings
-
-    def setup(self):
-        self.published = HourPublished(self.settings)
-        self.kept_unpublished = beam.metrics.Metrics.counter(slo.NAMESPACE, "cells_kept_for_unpublished_hours")
-
-    def process(
-        self,
-        keyed_event,
-        window=beam.DoFn.WindowParam,
-        seen=beam.DoFn.StateParam(SEEN),
-        forget=beam.DoFn.TimerParam(FORGET),
-    ):
-        event_id, event = keyed_event
-        if seen.read() is not None:  # counted downstream, never written: its record goes no further
-            event_id, received_at, _, forgotten = event
-            yield (event_id, received_at, b"", forgotten, REPEAT)
-            return
-        seen.write(DELIVERED_HERE)
-        forget.set(window.end + self.remember)
-        yield event
-
-    @on_timer(FORGET)
-    def forget_id(
-        self,
-        fired_at=beam.DoFn.TimestampParam,
-        window=beam.DoFn.WindowParam,
-        seen=beam.DoFn.StateParam(SEEN),
-        forget=beam.DoFn.TimerParam(FORGET),
-    ):
-        if self.published.may_forget(bucket_start_seconds(window), fired_at.micros / 1e6):
-            seen.clear()
-        else:  # the close lags this step: ask again, each time twice as late
-            self.kept_unpublished.inc()
-            forget.set(fired_at + max(self.remember, fired_at - window.end))
-
-
-def _keyed_in_its_hour(event) -> TimestampedValue:
-    """``(event_id, event)``, stamped with its ``received_at``, which decides its hour."""
-    return TimestampedValue((event[0], event), event[1] / 1000)
-
-
-class MarkRepeats(beam.PTransform):
-    """Encoded events in (``transforms.records``), the same out, repeats marked (see ``MarkRepeatsFn``).
-
-    ``settings`` are the job's ``DeliverySettings``: its hours, lateness and staging.
-    """
-
-    def __init__(self, settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, events):
-        return (
-            events
-            | "KeyById" >> beam.Map(_keyed_in_its_hour)
-            | "IntoHours" >> hour_windows(self.settings)
-            | "MarkRepeatedIds" >> beam.ParDo(MarkRepeatsFn(self.settings))
-        )
 
 
 def keep_first_copies(events: list, seen: set) -> list:

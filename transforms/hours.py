@@ -205,8 +205,8 @@ class BucketByHour(beam.PTransform):
     Every copy of an id lands in the same shard. A stream's panes are split further by
     writer, and cut at ``max_pane_bytes`` (see ``FormPanesFn``); a bounded input's are not
     (writer ``""``): its one pane per (hour, shard) holds every copy of an id, which is how
-    it deduplicates. Packing pays where bundles are read (see ``PackByShardFn``): a stream's events,
-    which come from a keyed stateful step, are gathered into panes by ``transforms.stream_panes``.
+    it deduplicates. Packing pays where bundles are read (see ``PackByShardFn``): a stream's events
+    are gathered into panes by ``transforms.stream_panes``.
 
     When a pane fires is ``pane_trigger``'s. Which pane it is (early, on time, late) is decided downstream by state,
     not by the runner's pane label: the Python DirectRunner labels panes with a

@@ -2,11 +2,10 @@
 (``move_late_checked``): written to the late root, less the ids that their hour already holds, for the
 whole late horizon.
 
-``MarkRepeats`` forgets an id one window after its hour was published: state per id for the
-whole late horizon (7 days) is not affordable at 1M events/s. So the close leaves the
-hour's ids behind, in an *index* beside the hour (``Layout.id_index``), written before
-the marker; late panes, which are rare, read it (``transforms.id_index``), and what a pane
-reads of it and of the late files is bounded by the pane's ``ReadBudget``, never the hour.
+No state per id is kept: for the whole late horizon (7 days) it is not affordable at 1M events/s.
+So the close leaves the hour's ids behind, in an *index* beside the hour (``Layout.id_index``),
+written before the marker; late panes, which are rare, read it (``transforms.id_index``), and what
+a pane reads of it and of the late files is bounded by the pane's ``ReadBudget``, never the hour.
 
 ``WriteLatePanes`` keys late panes by (hour, shard) alone, so one key's work, a pane at a
 time, reads the index and the late files that earlier panes of its shard wrote, and
@@ -38,7 +37,7 @@ from apache_beam.utils.timestamp import Timestamp
 from event_delivery.cloud import files
 from event_delivery.contract import partitions, slo
 from transforms import retries
-from transforms.dedup import is_repeat, keep_first_copies
+from transforms.dedup import keep_first_copies
 from transforms.hours import bucket_start_seconds, shard_of
 from transforms.id_index import ReadBudget, indexed_ids
 from transforms.reports import DELIVERED, DUPLICATES, LATE, report
@@ -81,8 +80,7 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         self, pane_elements, window=beam.DoFn.WindowParam, number=beam.DoFn.StateParam(WriteStreamPaneFn.NUMBER)
     ):
         (shard, writer), pane = pane_elements
-        # Marked repeats (counted here, not one by one at the close), and copies that came after their cells went
-        events = keep_first_copies([e for e in pane if not is_repeat(e)], set())
+        events = keep_first_copies(pane, set())  # a second copy within the pane: counted
         repeats = len(pane) - len(events)
         if not events:
             yield from self._counted(repeats)

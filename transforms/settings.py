@@ -25,7 +25,9 @@ DAY_SECONDS = 24 * 3600
 #    parts to leave out (``transforms.close_repeats``): ``PartsWhenIndexed`` counts the buckets.
 # 7: ``CloseHour`` keeps the staged files that wait for a closing hour's marker to move late (a bag, a
 #    cell, a timer); a late pane of an hour without its marker is staged for its close.
-STATE_LAYOUT = 7
+# 8: no ``MarkRepeats``: an event's body crosses one keyed shuffle, ``GatherPanes``, whose pane cell is
+#    (events waiting, their bytes, whether the hour closed); the close drops an hour's repeats.
+STATE_LAYOUT = 8
 
 
 @dataclasses.dataclass(frozen=True)

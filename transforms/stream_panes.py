@@ -1,10 +1,11 @@
-"""A stream's panes, gathered in state per (hour, shard, writer): repeats dropped, each pane numbered.
+"""A stream's panes, gathered in state per (hour, shard, writer): repeats within a pane dropped, each
+pane numbered.
 
-One keyed step does what a grouping (``GroupByKey`` on a trigger) and a stateful
-deduplication after it did, so an event's body crosses two keyed shuffles on its way to
-its file: ``MarkRepeats`` (by id) and this one. Its state per key is what a grouping's
-buffer holds (the events waiting, in a bag) and what the deduplication kept (whether the
-hour closed, and the number of the next staged file).
+One keyed step does what a grouping (``GroupByKey`` on a trigger) did, so an event's body crosses one
+keyed shuffle on its way to its file: this one. Copies of an id in other panes (another writer's, a
+later pane, another run's) are all staged, and the hour's close keeps the first of each
+(``transforms.close_repeats``). Its state per key is what a grouping's buffer holds (the events waiting,
+in a bag), whether the hour closed, and the number of the next staged file.
 
 A pane goes out when the bytes waiting reach ``max_pane_bytes`` (Streaming Engine refuses
 a value past ~80 MB and a commit past ~180 MB: a work item's commit is its input and at
@@ -32,18 +33,19 @@ import apache_beam as beam
 from apache_beam.coders import BooleanCoder, FastPrimitivesCoder, TupleCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from event_delivery.contract import slo
 from transforms import hours
 from transforms.declared_types import ANY_OUTPUT
-from transforms.dedup import is_repeat, keep_first_copies
+from transforms.dedup import keep_first_copies
 from transforms.hours import BucketByHour, approximate_bytes, pane_key
 from transforms.reports import DUPLICATES, report
 
 LATE_EVENTS = "late_events"  # the output of events that came after their hour closed
-NOTHING_WAITS = (0, 0, 0, False)  # a key's pane cell before its first element
+NOTHING_WAITS = (0, 0, False)  # a key's pane cell before its first event
 wall_clock = time.time  # module-level, so that a test can put it on its TestStream's clock
 
 
@@ -51,6 +53,11 @@ def _at_the_end_of(window, value) -> WindowedValue:
     """``value`` in ``window``, stamped at its end as a grouping stamps its panes. (A ``TimestampedValue``
     would be windowed anew by its stamp, into the next hour.)"""
     return WindowedValue(value, window.max_timestamp(), (window,))
+
+
+def _stamped_with_arrival(event) -> TimestampedValue:
+    """An event stamped with its ``received_at``, which decides its hour."""
+    return TimestampedValue(event, event[1] / 1000)
 
 
 def _keyed_by_pane(event, window_seconds: int, num_shards: int, window=beam.DoFn.WindowParam) -> WindowedValue:
@@ -65,10 +72,7 @@ def _keyed_by_pane(event, window_seconds: int, num_shards: int, window=beam.DoFn
 class GatherPanesFn(beam.DoFn):
     """``((bucket, shard, writer), event)`` in; numbered panes ``((shard, writer, number), [events])`` out
     while the hour is open, ``late`` events one by one after its close, and ``duplicates`` reports of
-    the repeats dropped (marked by ``MarkRepeats``, or a second copy within a pane), one with each pane.
-
-    After the close, marked repeats go on with the late events, whose path counts them per late pane:
-    one report per repeat would reach the hour's close one by one, on its single key.
+    the second copies of an id within a pane, one with each pane.
 
     Late events are grouped by a ``GroupByKey`` downstream, not here: a grouping holds no watermark
     for late data, while a timer here would hold this step's output at their old time, and every
@@ -76,8 +80,8 @@ class GatherPanesFn(beam.DoFn):
     """
 
     EVENTS = BagStateSpec("events", FastPrimitivesCoder())
-    # (events waiting, their bytes, marked repeats waiting, whether the hour closed): read and written once an event
-    PANE = ReadModifyWriteStateSpec("pane", TupleCoder((VarIntCoder(), VarIntCoder(), VarIntCoder(), BooleanCoder())))
+    # (events waiting, their bytes, whether the hour closed): read and written once an event
+    PANE = ReadModifyWriteStateSpec("pane", TupleCoder((VarIntCoder(), VarIntCoder(), BooleanCoder())))
     NUMBER = ReadModifyWriteStateSpec("next_file_number", VarIntCoder())
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
@@ -101,23 +105,20 @@ class GatherPanesFn(beam.DoFn):
         close=beam.DoFn.TimerParam(CLOSE),
     ):
         (_, shard, writer), event = keyed_event
-        waiting, size, repeats, closed = pane.read() or NOTHING_WAITS
+        waiting, size, closed = pane.read() or NOTHING_WAITS
         if closed:
             yield beam.pvalue.TaggedOutput(LATE_EVENTS, event)
             return
-        if not (waiting or repeats):  # the pane's first element
+        if not waiting:  # the pane's first event
             close.set(window.max_timestamp())
             if self.trigger:
                 flush.set(Timestamp(wall_clock()) + self.trigger)
-        if is_repeat(event):  # counted with the pane, never written: its record did not come along
-            repeats += 1
-        else:
-            events.add(event)
-            waiting, size = waiting + 1, size + approximate_bytes(event)
+        events.add(event)
+        waiting, size = waiting + 1, size + approximate_bytes(event)
         if size >= self.max_pane_bytes or (self.trigger_events and waiting >= self.trigger_events):
-            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats)
+            yield from self._pane(shard, writer, window, events, pane, number, waiting)
         else:
-            pane.write((waiting, size, repeats, False))
+            pane.write((waiting, size, False))
 
     @on_timer(FLUSH)
     def on_the_clock(
@@ -146,21 +147,21 @@ class GatherPanesFn(beam.DoFn):
     def _what_waits(self, key, window, events, pane, number, closing=False):
         """On a timer: what waits, as ``_pane``; nothing once the hour has closed."""
         _, shard, writer = key
-        waiting, _, repeats, closed = pane.read() or NOTHING_WAITS
+        waiting, _, closed = pane.read() or NOTHING_WAITS
         if not closed:
-            yield from self._pane(shard, writer, window, events, pane, number, waiting, repeats, closing)
+            yield from self._pane(shard, writer, window, events, pane, number, waiting, closing)
 
-    def _pane(self, shard, writer, window, events, pane, number, waiting: int, repeats: int, closing=False):
-        """What waits, as one pane under the key's next number, and its repeats counted; stamped at the end
-        of the hour's window, which the close's timer holds the output at: on time downstream, before the
-        hour's close."""
+    def _pane(self, shard, writer, window, events, pane, number, waiting: int, closing=False):
+        """What waits, as one pane under the key's next number, its second copies of an id counted; stamped
+        at the end of the hour's window, which the close's timer holds the output at: on time downstream,
+        before the hour's close."""
         waited = []
         if waiting:  # the bag is read only when something waits in it
             waited = list(events.read())
             events.clear()
-        pane.write((0, 0, 0, closing))
+        pane.write((0, 0, closing))
         unique = keep_first_copies(waited, set())
-        yield from self._counted(repeats + len(waited) - len(unique), window)
+        yield from self._counted(len(waited) - len(unique), window)
         if unique:
             current = number.read() or 0
             number.write(current + 1)
@@ -179,7 +180,7 @@ class Gathered(typing.NamedTuple):
 
 
 class GatherPanes(beam.PTransform):
-    """A stream's encoded events in, repeats marked (``MarkRepeats``); ``Gathered`` out: ``unique`` panes
+    """A stream's encoded events in; ``Gathered`` out: ``unique`` panes
     numbered, ``((shard, writer, file number), [events])``; ``late`` panes ``((shard, writer), [events])``,
     the late events grouped as dead letters are (``BucketByHour``); and ``duplicates`` reports. So a
     stream gives what ``Deduplicate`` gives a bounded input.
@@ -195,6 +196,8 @@ class GatherPanes(beam.PTransform):
         s = self.settings
         gathered = (
             events
+            | "StampWithArrival" >> beam.Map(_stamped_with_arrival)
+            | "IntoHours" >> hours.hour_windows(s)
             | "KeyByPane"
             >> beam.Map(_keyed_by_pane, s.window_seconds, s.num_shards).with_output_types(
                 tuple[tuple[int, int, str], typing.Any]

@@ -30,7 +30,6 @@ STEPS = [
     "ReadMessages",
     "ParseEvents",
     "EncryptPersonalFields",
-    "MarkRepeats",
     "GatherPanes",
     "StageDelivered",
     "WriteLate",

@@ -363,6 +363,30 @@ def test_repeats_that_come_after_the_close_in_several_panes_are_each_counted(set
     assert sum(files.read_json(path)["duplicates"] for path in counted) == 6
 
 
+def test_the_same_id_in_another_hour_is_no_duplicate_and_repeats_late_in_a_long_open_hour_are(settings, registry):
+    """The low tier keeps an hour open for two hours after it ends: a producer retry late in the open
+    hour, or just after its close, is not delivered twice, and a copy of an id in the next hour is
+    that hour's own."""
+    s = dataclasses.replace(settings(), allowed_lateness_seconds=2 * WINDOW)
+    log = registry["service_log"]
+    first = [message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(3)]
+    clock = Clock(START)
+    clock.arrive(*first, message(valid_fields(log, 1), "e1", (START + WINDOW + 1) * 1000))  # e1 in the next hour
+    clock.advance(WINDOW + 2 * WINDOW - TRIGGER)  # the hour ended long ago, and is still open
+    clock.arrive(first[1])
+    clock.advance(2 * TRIGGER)  # now it closed
+    clock.arrive(first[2])
+    clock.advance(WINDOW + 2 * WINDOW + TRIGGER)  # and so did the next
+    run(s, clock)
+
+    result = audit(s)
+    assert not result.problems
+    hour, next_hour = (result.hours[partitions.partition(start, WINDOW)] for start in (START, START + WINDOW))
+    assert sorted(hour.delivered_ids) == ["e0", "e1", "e2"] and next_hour.delivered_ids == ["e1"]
+    assert (hour.duplicates, hour.late, next_hour.duplicates) == (2, 0, 0)
+    assert late_ids(s) == [], "delivered and late hold each id once"
+
+
 def test_hours_that_pass_without_traffic_get_markers_that_count_zero(settings, registry, monkeypatch):
     """From the job's start on, every hour closes, also one in which nothing arrived, so that a
     consumer waiting on its marker does not wait forever. Those still open by the clock when the

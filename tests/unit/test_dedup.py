@@ -1,7 +1,6 @@
-"""Deduplication across panes of an hour, bounded state, and late panes after the close.
-
-Bounded state means: while an hour is open its state holds each distinct id once, and
-once the hour closes nothing of its ids is left, whatever arrives afterwards.
+"""Deduplication within a pane: a stream's panes gathered in state (``GatherPanes``), a bounded input's
+whole-hour panes, and what a restart reads. Across an hour's panes, the close drops repeats
+(``tests/unit/test_close_repeats.py``, and the whole path in ``tests/integration/test_delivery_path.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger
 from apache_beam.transforms.window import (
-    FixedWindows,
     GlobalWindows,
     IntervalWindow,
     TimestampCombiner,
@@ -28,9 +26,9 @@ from event_delivery.contract import partitions
 from event_delivery.contract.registry import load_registry
 from pipelines.runtime import LOCAL_BATCH_RUNNER
 from tests.messages import valid_fields
-from tests.streams import LATENESS, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
-from transforms import dedup, hours, published_hours, stream_panes
-from transforms.dedup import REPEAT, Deduplicate, MarkRepeats, MarkRepeatsFn, is_repeat, keep_first_copies
+from tests.streams import LATENESS, TRIGGER, WINDOW, local_keys, local_settings, streaming_pipeline
+from transforms import dedup, hours, stream_panes
+from transforms.dedup import Deduplicate
 from transforms.hours import BucketByHour, shard_of
 from transforms.records import encoded_event
 from transforms.stream_panes import LATE_EVENTS, GatherPanes, GatherPanesFn
@@ -43,97 +41,6 @@ def event(event_id, received_at_seconds):
 def settings(tmp_path, num_shards=3, **more):
     """Three shards unless told otherwise, and a staging folder of the test's own."""
     return local_settings(tmp_path, load_registry()["service_log"], local_keys(tmp_path), num_shards=num_shards, **more)
-
-
-def written_late(pane) -> list[str]:
-    """The ids of a late pane that the late path writes (``WriteLatePaneFn``, before it checks them against
-    the hour): its events' first copies. The rest, marked repeats and second copies, it counts as duplicates."""
-    return [e[0] for e in keep_first_copies([e for e in pane[1] if not is_repeat(e)], set())]
-
-
-def run(clock, unique, late, duplicates, tmp_path):
-    """Runs the stream through bucketing and deduplication and checks what comes out."""
-    with streaming_pipeline() as pipeline:
-        s = settings(tmp_path, late_horizon_seconds=3600)
-        result = pipeline | clock.finish() | MarkRepeats(s) | GatherPanes(s)
-        ids = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
-        assert_that(ids, equal_to(unique), label="unique")
-        assert_that(result.late | "LateIds" >> beam.FlatMap(written_late), equal_to(late), label="late")
-        counted = (
-            (
-                result.duplicates | beam.Map(lambda report: report[1]),
-                result.late | beam.Map(lambda pane: len(pane[1]) - len(written_late(pane))),
-            )
-            | beam.Flatten()
-            | beam.WindowInto(FixedWindows(10**6))  # one window for the whole test
-            | beam.CombineGlobally(sum).without_defaults()
-            | beam.Filter(bool)
-        )
-        assert_that(counted, equal_to(duplicates), label="duplicates")
-
-
-def test_repeats_are_dropped_within_a_pane_and_across_panes(tmp_path):
-    start = 600
-    clock = Clock(start)
-    clock.arrive(*(event(f"e{i}", start + i) for i in range(6)), event("e0", start))  # repeat in the same pane
-    clock.advance(TRIGGER * 2)  # the first pane fires
-    clock.arrive(event("e1", start + 1), event("e2", start + 2), event("e9", start + 9))  # repeats in a later pane
-    clock.advance(TRIGGER * 2)
-    run(clock, unique=["e0", "e1", "e2", "e3", "e4", "e5", "e9"], late=[], duplicates=[3], tmp_path=tmp_path)
-
-
-def test_the_same_id_in_another_hour_is_not_a_duplicate(tmp_path):
-    start = 600
-    clock = Clock(start)
-    clock.arrive(event("e1", start), event("e1", start + WINDOW))
-    clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1", "e1"], late=[], duplicates=[], tmp_path=tmp_path)
-
-
-def test_after_the_close_a_repeat_is_a_duplicate_and_a_straggler_is_late(tmp_path):
-    start = 600
-    clock = Clock(start)
-    clock.arrive(event("e1", start + 1), event("e2", start + 2))
-    clock.advance(WINDOW + LATENESS + TRIGGER)  # the hour closes
-    clock.arrive(event("e1", start + 1), event("e3", start + 3), event("e3", start + 3))  # a repeat, a straggler twice
-    clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1", "e2"], late=["e3"], duplicates=[2], tmp_path=tmp_path)
-
-
-def test_a_repeat_a_window_after_its_hour_was_published_reaches_the_late_path_unmarked(tmp_path, monkeypatch):
-    """The bound of the ids' memory: past it, a repeat is not marked here; the late path drops it
-    against the hour's index (``tests/unit/test_late_repeats.py``)."""
-    start = 600
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: start + 20 * WINDOW)  # the present, past every hour here
-    files.write_json(settings(tmp_path).layout.marker(start), {})  # the close published the hour
-    clock = Clock(start)
-    clock.arrive(event("e1", start + 1))
-    clock.advance(WINDOW + LATENESS + WINDOW + TRIGGER)  # closed, and its ids forgotten
-    clock.arrive(event("e1", start + 1))
-    clock.advance(TRIGGER * 2)
-    run(clock, unique=["e1"], late=["e1"], duplicates=[], tmp_path=tmp_path)
-
-
-def test_with_lateness_longer_than_the_hour_a_repeat_until_the_close_and_a_window_after_is_a_duplicate(tmp_path):
-    """The low tier keeps an hour open for two hours after it ends: an id's cell must outlive
-    that, so a producer retry late in the open hour, or just after its close, is not delivered twice."""
-    start, lateness = 600, 2 * WINDOW
-    clock = Clock(start)
-    clock.arrive(event("e1", start + 1), event("e2", start + 2))
-    clock.advance(WINDOW + lateness - TRIGGER)  # the hour ended long ago, and is still open
-    clock.arrive(event("e1", start + 1))
-    clock.advance(2 * TRIGGER)  # now it closed
-    clock.arrive(event("e2", start + 2))
-    clock.advance(TRIGGER * 2)
-    with streaming_pipeline() as pipeline:
-        s = settings(tmp_path, allowed_lateness_seconds=lateness, late_horizon_seconds=3600)
-        result = pipeline | clock.finish() | MarkRepeats(s) | GatherPanes(s)
-        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
-        late = result.late | "LateIds" >> beam.FlatMap(written_late)
-        assert_that(unique, equal_to(["e1", "e2"]), label="unique")
-        assert_that(late, equal_to([]), label="late")
-        marked = result.late | "Marked" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1] if is_repeat(e)])
-        assert_that(marked, equal_to(["e2"]), label="the repeat after the close, marked: a duplicate")
 
 
 def test_a_bounded_input_keeps_each_id_once_per_hour_and_counts_the_rest(tmp_path):
@@ -223,30 +130,29 @@ class Gathering:
 
 def test_a_streams_pane_drops_repeats_takes_the_next_number_and_after_the_close_its_events_go_one_by_one(tmp_path):
     gathering = Gathering(settings(tmp_path))
-    assert gathering.add(event("e1", 600), repeat(event("e1", 600)), repeat(event("e1", 600))) == []
+    assert gathering.add(event("e1", 600), event("e1", 600), event("e1", 600)) == []
     assert gathering.close.at == gathering.window.max_timestamp(), "the close is set, and holds the output"
     assert gathering.flush.at == Timestamp(TRIGGER), "the pane waits trigger_seconds by the clock"
     [duplicates, pane] = gathering.on_the_clock()
-    assert duplicates.tag == dedup.DUPLICATES and duplicates.value.value[1] == 2, "marked repeats: one report a pane"
+    assert duplicates.tag == dedup.DUPLICATES and duplicates.value.value[1] == 2, "second copies: one report a pane"
     assert pane.value == ((0, "w", 0), [event("e1", 600)]), "a pane, under the key's first number"
     assert pane.timestamp == gathering.window.max_timestamp() and pane.windows == (gathering.window,), "its hour's"
     assert gathering.on_the_clock() == [], "nothing waits: no pane, and no number taken"
     gathering.close.at = None
-    gathering.add(repeat(event("e1", 600)))
-    assert gathering.close.at == gathering.window.max_timestamp(), "a pane of repeats alone waits for the close too"
+    gathering.add(event("e1", 600))  # a copy in a later pane: staged, for the close to drop
+    assert gathering.close.at == gathering.window.max_timestamp(), "a later pane waits for the close too"
     gathering.add(event("e2", 600), event("e2", 600))
     [duplicates, pane] = gathering.on_the_close()
-    assert pane.value == ((0, "w", 1), [event("e2", 600)]), "the close sends what waits, under the next number"
-    assert duplicates.value.value[1] == 2, "the marked repeat, and a second copy within the pane"
+    assert pane.value == ((0, "w", 1), [event("e1", 600), event("e2", 600)]), "what waits, under the next number"
+    assert duplicates.value.value[1] == 1, "the second copy within the pane"
     assert gathering.flush.at is None, "the close clears the clock's timer: it would hold a drain"
     gathering.close.at = None
-    late = gathering.add(event("e3", 600), repeat(event("e1", 600)))
+    late = gathering.add(event("e3", 600), event("e1", 600))
     assert [(out.tag, out.value[0]) for out in late] == [(LATE_EVENTS, "e3"), (LATE_EVENTS, "e1")], "one by one"
-    assert is_repeat(late[1].value), "a marked repeat goes on marked: the late path counts it"
     assert (gathering.flush.at, gathering.close.at) == (None, None), "no timer for late events: it would hold the close"
     assert gathering.state["events"].read() == [] and gathering.state["number"].read() == 2, "nor state"
     assert gathering.on_the_close() == [], "a close that fires again sends nothing"
-    assert gathering.duplicates.total == 2 + 2, "the duplicates metric counts what the reports count"
+    assert gathering.duplicates.total == 2 + 1, "the duplicates metric counts what the reports count"
     specs = {spec.name for spec in GatherPanesFn.__dict__.values() if hasattr(spec, "coder")}
     assert specs == {"events", "pane", "next_file_number"}
 
@@ -255,13 +161,15 @@ def test_a_pane_waits_from_its_first_event_and_without_a_clock_goes_out_at_its_c
     gathering = Gathering(settings(tmp_path))
     gathering.add(event("e1", 600))
     monkeypatch.setattr(stream_panes, "wall_clock", lambda: 30)
-    gathering.add(event("e2", 600), repeat(event("e1", 600)))
+    gathering.add(event("e2", 600), event("e1", 600))
     assert gathering.flush.at == Timestamp(TRIGGER), "later events do not put the pane off: it waits from its first"
     counted = Gathering(settings(tmp_path, trigger_events=3))
-    assert counted.add(event("e1", 600), repeat(event("e1", 600)), event("e2", 600)) == []
+    assert counted.add(event("e1", 600), event("e2", 600)) == []
     assert counted.flush.at is None, "no clock: the count stands for it"
-    [duplicates, pane] = counted.add(event("e3", 600))
+    [pane] = counted.add(event("e3", 600))
     assert pane.value == ((0, "w", 0), [event("e1", 600), event("e2", 600), event("e3", 600)]), "the third event"
+    [duplicates, pane] = counted.add(event("e4", 600), event("e4", 600), event("e5", 600))
+    assert pane.value == ((0, "w", 1), [event("e4", 600), event("e5", 600)]), "a second copy counts, and is dropped"
     assert duplicates.value.value[1] == 1
 
 
@@ -293,102 +201,6 @@ def test_every_event_goes_out_once_and_a_pane_is_cut_when_it_reaches_the_bound_n
     assert [number for (_, _, number), _ in panes] == list(range(len(panes)))
 
 
-def repeat(event) -> tuple:
-    """A marked repeat as it crosses the panes' shuffle: its id, arrival and subject's fate, no record."""
-    event_id, received_at, _, forgotten = event
-    return (event_id, received_at, b"", forgotten, REPEAT)
-
-
-def mark(fn, seen, timer, *elements) -> list:
-    window = IntervalWindow(600, 600 + WINDOW + LATENESS)
-    return [out for element in elements for out in fn.process((element[0], element), window, seen=seen, forget=timer)]
-
-
-def forget(fn, seen, timer):
-    """The cell's timer fires, at the time it was set for."""
-    fn.forget_id(fired_at=timer.at, window=IntervalWindow(600, 600 + WINDOW + LATENESS), seen=seen, forget=timer)
-
-
-def test_an_id_holds_one_cell_until_a_window_after_its_hour_closed_and_its_marker_and_none_after(tmp_path, monkeypatch):
-    s = settings(tmp_path, late_horizon_seconds=3600)
-    fn, seen, timer = MarkRepeatsFn(s), ValueState(), WatermarkTimer()
-    fn.setup()
-    first, again = mark(fn, seen, timer, event("e1", 600), event("e1", 601))
-    assert first == event("e1", 600) and again == repeat(event("e1", 601))
-    due = IntervalWindow(600, 600 + WINDOW + LATENESS).end + WINDOW
-    assert timer.at == due
-    other_seen, other_timer = ValueState(), WatermarkTimer()
-    mark(fn, other_seen, other_timer, event("e2", 602))
-    clock = [due.micros / 1e6 + 1]
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: clock[0])
-
-    forget(fn, seen, timer)
-    assert seen.read() is not None and timer.at == due + WINDOW, "no marker: the close lags, the cell stays"
-    files.write_json(s.layout.marker(600), {})
-    forget(fn, other_seen, other_timer)
-    assert other_seen.read() is not None, "the marker is asked at most once a second"
-    clock[0] = timer.at.micros / 1e6 + 1
-    forget(fn, seen, timer)
-    assert seen.read() is None, "published: later copies go to the late path's index"
-
-
-def test_without_a_marker_a_cell_goes_past_the_late_horizon_or_in_a_drain_after_a_few_questions(tmp_path, monkeypatch):
-    s = settings(tmp_path, late_horizon_seconds=3600)
-    fn = MarkRepeatsFn(s)
-    fn.setup()
-    seen, timer = ValueState(), WatermarkTimer()
-    mark(fn, seen, timer, event("e1", 600))
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: 10**9)  # a present far past the hour
-    timer.at = Timestamp(600 + WINDOW + 3600 + 1)  # the watermark passed the hour's late horizon
-    forget(fn, seen, timer)
-    assert seen.read() is None, "no copy of the hour parses any more"
-
-    seen, timer = ValueState(), WatermarkTimer()
-    mark(fn, seen, timer, event("e1", 600))
-    now = timer.at.micros / 1e6 + 2 * WINDOW  # a drain: the hour closed by the clock, its close not done
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: now)
-    asked = 0
-    while seen.read() is not None:  # the watermark is at infinity: each timer fires as soon as it is set
-        forget(fn, seen, timer)
-        asked += 1
-    assert asked <= 4 and timer.at.micros / 1e6 > now + WINDOW, "the questions back off past the present"
-
-
-def test_a_drained_hour_still_open_by_the_clock_forgets_at_once(tmp_path, monkeypatch):
-    fn, seen, timer = MarkRepeatsFn(settings(tmp_path)), ValueState(), WatermarkTimer()
-    fn.setup()
-    mark(fn, seen, timer, event("e1", 600))
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: 600 + WINDOW - 1)
-    forget(fn, seen, timer)
-    assert seen.read() is None
-
-
-def test_a_worker_clock_a_little_behind_the_watermark_is_no_drain(tmp_path, monkeypatch):
-    fn, seen, timer = MarkRepeatsFn(settings(tmp_path)), ValueState(), WatermarkTimer()
-    fn.setup()
-    mark(fn, seen, timer, event("e1", 600))
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: timer.at.micros / 1e6 - 5)
-    forget(fn, seen, timer)
-    assert seen.read() is not None
-
-
-def test_a_marker_that_cannot_be_asked_for_keeps_the_cell_a_window_more(tmp_path, monkeypatch):
-    """A timer that raised would be retried by the runner for as long as the storage refuses."""
-    s = settings(tmp_path, late_horizon_seconds=3600)
-    fn, seen, timer = MarkRepeatsFn(s), ValueState(), WatermarkTimer()
-    fn.setup()
-    mark(fn, seen, timer, event("e1", 600))
-    due = timer.at
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: due.micros / 1e6 + 1)
-
-    def denied(path):
-        raise PermissionError(path)
-
-    monkeypatch.setattr(files, "exists", denied)
-    forget(fn, seen, timer)
-    assert seen.read() is not None and timer.at == due + WINDOW
-
-
 def lagging_behind(stream, release_after_seconds: int):
     """An empty PCollection whose watermark stays at the stream's first element until processing
     time has gone ``release_after_seconds`` on: flattened into a step's input, it holds that step
@@ -406,31 +218,6 @@ def lagging_behind(stream, release_after_seconds: int):
         | "Hold" >> beam.GroupByKey()
         | "NothingOut" >> beam.FlatMap(lambda _: [])
     )
-
-
-def test_a_repeat_while_the_close_lags_the_marks_by_more_than_a_window_is_not_published_twice(tmp_path, monkeypatch):
-    """Dataflow gives each step its own watermark: the steps after ``MarkRepeats`` may lag it by
-    more than a window. Its cells must outlive that lag (until the hour is published), else a
-    repeat finds no cell and is staged a second time while the hour is still open downstream."""
-    start = 600
-    monkeypatch.setattr(published_hours, "wall_clock", lambda: start + 20 * WINDOW)  # the present, past every hour here
-    clock = Clock(start)
-    clock.arrive(event("e1", start + 1))
-    clock.advance(WINDOW + LATENESS + 3 * WINDOW)  # past the close by three windows, for the marks only
-    clock.arrive(event("e1", start + 1))
-    clock.advance(TRIGGER * 2)
-    clock.advance(10 * WINDOW)  # the stalled step goes on
-    with streaming_pipeline() as pipeline:
-        s = settings(tmp_path, late_horizon_seconds=3600)
-        stream = pipeline | clock.finish()
-        marked = stream | MarkRepeats(s)
-        held = lagging_behind(stream, release_after_seconds=WINDOW + LATENESS + 6 * WINDOW)
-        lagging = (marked, held) | beam.Flatten()
-        result = lagging | GatherPanes(s)
-        unique = result.unique | "UniqueIds" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
-        assert_that(unique, equal_to(["e1"]), label="unique")
-        counted = result.duplicates | beam.Map(lambda report: report[1]) | beam.WindowInto(FixedWindows(10**6))
-        assert_that(counted | beam.CombineGlobally(sum).without_defaults(), equal_to([1]), label="duplicates")
 
 
 def test_a_restarted_stream_reads_no_earlier_file_and_stages_its_own_copies_for_the_close(tmp_path, monkeypatch):
@@ -461,7 +248,7 @@ def test_a_restarted_stream_reads_no_earlier_file_and_stages_its_own_copies_for_
         stream = stream.add_elements([TimestampedValue(e, 600 + n) for e in batch])
         stream = stream.advance_processing_time(TRIGGER * 2).advance_watermark_to(600 + n + 1)
     with streaming_pipeline() as pipeline:
-        result = pipeline | stream.advance_watermark_to_infinity() | MarkRepeats(s) | GatherPanes(s)
+        result = pipeline | stream.advance_watermark_to_infinity() | GatherPanes(s)
         here = result.unique | "Here" >> beam.FlatMap(lambda pane: [e[0] for e in pane[1]])
         new = [f"new-{n}-{i}" for n in range(20) for i in range(5)]
         assert_that(here, equal_to(new + again))

@@ -1,5 +1,5 @@
-"""Repeats that come long after their hour closed, when ``MarkRepeats`` has forgotten their ids:
-delivered and late together still hold each id once per hour, for the whole late horizon.
+"""Repeats that come after their hour closed: delivered and late together still hold each id once per
+hour, for the whole late horizon.
 
 The close leaves the hour's ids in an index beside it; late panes read the buckets of it their
 ids fall in, and the late files of their shard. Dataflow's terms are recreated on purpose: a
@@ -30,7 +30,6 @@ from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, l
 from tools.ops.audit import audit_type
 from transforms import id_index, index_buckets, publish, publish_hours
 from transforms import late as late_path
-from transforms.dedup import REPEAT
 from transforms.hours import shard_of
 from transforms.id_index import index_bucket
 from transforms.late import WriteLatePaneFn
@@ -140,7 +139,7 @@ def test_repeats_days_after_the_close_are_duplicates_and_each_id_is_delivered_or
 
 def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other(tmp_path, registry):
     """Late events are grouped into panes after ``GatherPanes``, which drops no copy of a closed
-    hour: two copies that came after their cell was forgotten can share a late pane."""
+    hour: two copies can share a late pane."""
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     close_an_hour(settings, registry, {0: ids_of_shard(0, 2, "d")})
     fn = WriteLatePaneFn(settings)
@@ -149,9 +148,6 @@ def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other
     outputs = write_late(fn, Number(), registry, 0, "w1", [straggler, other, straggler])
     assert sorted(late_ids(settings.layout)) == sorted([straggler, other]), "each id late once"
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1), (LATE, 2)], "and the other copy counted"
-    marked = (other, (START + 1) * 1000, b"", False, REPEAT)  # as GatherPanes sends one on after the close
-    outputs = list(fn.process(((0, "w1"), [marked, marked]), WINDOW_OF_THE_HOUR, Number()))
-    assert outputs == [report(DUPLICATES, 2)], "marked repeats alone: counted, nothing written"
 
 
 def test_a_late_pane_of_an_hour_without_its_marker_is_staged_for_its_close_and_a_retry_after_it_deletes_that(
@@ -194,7 +190,7 @@ def test_a_file_staged_after_the_close_moves_late_less_what_the_hour_holds_once_
     tmp_path, registry, monkeypatch
 ):
     """A pane that reached the staging folder after the close (the close is the one authority on that)
-    holds copies that came after ``MarkRepeats`` forgot them. Moved late, it keeps only ids the hour
+    may hold copies of ids the hour published. Moved late, it keeps only ids the hour
     does not hold, delivered or late; a try that crashed before deleting it runs again to the same files."""
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     delivered = {shard: ids_of_shard(shard, 5, "d") for shard in range(SHARDS)}
@@ -594,16 +590,16 @@ def stream_settings(tmp_path, registry):
     return local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=3)
 
 
-def test_the_delivery_path_drops_repeats_that_come_after_the_cells_are_gone(stream_settings, registry):
-    """The whole path on a TestStream: ids republished many windows after their hour closed, when
-    ``MarkRepeats`` no longer marks them, are duplicates; a new straggler is late once."""
+def test_the_delivery_path_drops_repeats_that_come_long_after_the_close(stream_settings, registry):
+    """The whole path on a TestStream: ids republished many windows after their hour closed are
+    duplicates; a new straggler is late once."""
     s = stream_settings
     log = registry["service_log"]
     sent = [message(valid_fields(log, i), f"e{i}", (START + i) * 1000) for i in range(6)]
     straggler = message(valid_fields(log, 9), "late-1", (START + 9) * 1000)
     clock = Clock(START)
     clock.arrive(*sent)
-    clock.advance(WINDOW + LATENESS + 4 * WINDOW)  # closed, and the cells forgotten a window after
+    clock.advance(WINDOW + LATENESS + 4 * WINDOW)  # closed and published long ago
     clock.arrive(*sent[:4], straggler)
     clock.advance(TRIGGER * 2)
     clock.arrive(*sent[3:], straggler)  # again, in a later pane

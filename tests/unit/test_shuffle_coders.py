@@ -115,9 +115,9 @@ def test_the_shuffles_and_stateful_steps_keep_their_coders(tmp_path):
 
 
 def test_coders_recorded_anew_need_a_new_state_layout():
-    steps = {"MarkRepeats": {"key": "string_utf8", "state": {}}}
+    steps = {"GatherPanes": {"key": "string_utf8", "state": {}}}
     before = recorded(steps, 3, {})
-    other = {"MarkRepeats": {"key": "FastPrimitivesCoder", "state": {}}}
+    other = {"GatherPanes": {"key": "FastPrimitivesCoder", "state": {}}}
     with pytest.raises(ValueError, match="bump"):
         recorded(other, 3, before)
     assert recorded(other, 4, before) == {"state_layout": 4, "steps": other}
