@@ -44,7 +44,7 @@ from event_delivery.cloud.clients import use_emulator_credentials
 from event_delivery.contract import partitions, slo
 from transforms.declared_types import ANY_OUTPUT
 from transforms.hours import bucket_start_seconds, hour_windows
-from transforms.late import LOOKING_SECONDS, WAITING_SECONDS, LateMover, Waiting
+from transforms.late import LateMover, Waiting
 from transforms.publish import (
     PLANNED,
     buckets_planned,
@@ -246,14 +246,9 @@ class CloseHourFn(beam.DoFn):
     ):
         """Moves the files waiting for the hour's marker late, once it is written or they waited long enough."""
         hour_start = bucket_start_seconds(window)
-        waited = wall_clock() - (since.read() or 0)
-        if not files.exists(self.layout.marker(hour_start)) and waited < WAITING_SECONDS:
-            move_late.set(Timestamp(wall_clock() + LOOKING_SECONDS))
-            return
-        for path in sorted(set(waiting.read())):
+        published = files.exists(self.layout.marker(hour_start))
+        for path in Waiting(waiting, since, move_late).due(published, wall_clock()):
             self.late_files.move(path, hour_start)
-        waiting.clear()
-        since.clear()
 
     def _left_by_earlier_runs(self, window) -> list[tuple]:
         """Reports of the files that runs stopped before the hour closed left for it."""

@@ -180,19 +180,21 @@ def ids_by_group(folder: str, task: dict, sources: list[tuple[str, list[int] | N
 
     An id of another shard in its files was staged by a run of another shard count: the index of every
     shard may then miss ids that files of other shards hold, so the task writes the sentinel of every
-    shard of the hour (beside whatever buckets are written: ``indexed_ids`` takes the sentinel), and sends
-    its buckets empty."""
+    shard of the hour once (beside whatever buckets are written: ``indexed_ids`` takes the sentinel), and
+    sends the ids of its own shard alone, so that the repeats among them are still found."""
     shard, buckets, num_shards = task["index_of_shard"], task["buckets"], task["num_shards"]
     split: list[list[str]] = [[] for _ in range(buckets)]
     if task.get("skipped"):
         _skip(folder, [shard], num_shards, "index_shards_skipped")
         sources = []
+    skipped = False
     for source, place in sources:
         event_ids = files.read_event_ids(source)
         if any(i and shard_of(i, num_shards) != shard for i in event_ids):  # no id: sharded by its receipt time
-            _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
-            split = [[] for _ in range(buckets)]
-            break
+            if not skipped:
+                _skip(folder, range(num_shards), num_shards, "index_hours_of_another_shard_count")
+            skipped = True
+            event_ids = [i for i in event_ids if i and shard_of(i, num_shards) == shard]
         for event_id in event_ids:
             entry = index_entry(event_id) if place is None else (index_entry(event_id), *place)
             split[index_bucket(event_id, num_shards, buckets)].append(entry)

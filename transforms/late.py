@@ -63,7 +63,8 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         )
         self.num_shards = settings.num_shards
         staging = settings.layout.staging
-        self.stage_as = (settings, staging, DELIVERED, schema, None, True, files.UNCOMPRESSED, partitions.LATE_SERIES)
+        uncompressed, series = files.UNCOMPRESSED, partitions.STAGED_LATE_SERIES
+        self.stage_as = (settings, staging, DELIVERED, schema, None, True, uncompressed, series)
 
     def default_label(self):
         return "WriteLatePaneFn"  # its own name, not the one its parent keeps for running jobs
@@ -86,7 +87,7 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             yield from self._counted(repeats)
             return
         current = number.read() or 0  # the file this pane writes: on a retry, the one it wrote before
-        if not self._published(window, shard, writer, current):
+        if not files.exists(self.layout.marker(bucket_start_seconds(window))):
             # The hour is still open downstream, or closing: its close publishes the pane or, once its marker
             # is written and its index complete, moves it late less the ids the hour holds.
             yield from self._counted(repeats)
@@ -104,17 +105,6 @@ class WriteLatePaneFn(WriteStreamPaneFn):
         if kept:
             number.write(current + 1)
             yield from self.write(((shard, writer), kept), window, current)
-
-    def _published(self, window, shard: int, writer: str, current: int) -> bool:
-        """Whether the pane's hour has its marker; if so, what a try whose commit was lost may have staged
-        under the pane's number before it was written is deleted (its report was lost with the commit)."""
-        hour_start = bucket_start_seconds(window)
-        if not files.exists(self.layout.marker(hour_start)):
-            return False
-        staged = partitions.join(self.layout.hour(self.layout.staging, hour_start), self._name(shard, writer, current))
-        if files.exists(staged):
-            files.delete_existing([staged])
-        return True
 
     def _counted(self, duplicates: int):
         if duplicates:
@@ -269,16 +259,32 @@ class LateMover:
 
 class Waiting:
     """A closing hour's staged files that wait for its marker to move late, in ``CloseHourFn``'s state: a
-    bag, when the first began to wait, and the timer that looks for the marker."""
+    bag of ``(path, when it began to wait)``, when the timer that looks for the marker was set, and the
+    timer."""
 
-    def __init__(self, files_waiting, since, look_again):
-        self.files_waiting, self.since, self.look_again = files_waiting, since, look_again
+    def __init__(self, files_waiting, looking, look_again):
+        self.files_waiting, self.looking, self.look_again = files_waiting, looking, look_again
 
     def add(self, path: str, now: float) -> None:
-        self.files_waiting.add(path)
-        if self.since.read() is None:
-            self.since.write(int(now))
+        self.files_waiting.add((path, int(now)))
+        if self.looking.read() is None:
+            self.looking.write(int(now))
             self.look_again.set(Timestamp(now + LOOKING_SECONDS))
+
+    def due(self, published: bool, now: float) -> list[str]:
+        """The files to move now: all once the hour is ``published``, else those that waited long enough;
+        the timer looks again for the rest."""
+        waiting = list(self.files_waiting.read())
+        due = [(path, since) for path, since in waiting if published or now - since >= WAITING_SECONDS]
+        rest = [entry for entry in waiting if entry not in due]
+        self.files_waiting.clear()
+        for entry in rest:
+            self.files_waiting.add(entry)
+        if rest:
+            self.look_again.set(Timestamp(now + LOOKING_SECONDS))
+        else:
+            self.looking.clear()
+        return sorted({path for path, _ in due})
 
 
 def _keyed_by_shard(pane):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import posixpath
+import re
 
 from event_delivery.cloud import files
 from event_delivery.contract import partitions
@@ -39,6 +40,7 @@ from transforms.reports import DEAD_LETTERED, DELIVERED, DUPLICATES, FORGOTTEN
 CLOSE_PLAN = "_CLOSING.json"  # in the hour's staging folder while it closes
 PLANNED, WRITTEN = "planned", "written"
 COUNTED_WITHOUT_A_FILE = (DUPLICATES, FORGOTTEN)  # the reports a manifest counts that name no file
+PANE_NUMBER = re.compile(r"-[plq]\d+(?:-s\d+(?:-w[^/]*)?\.avro)?$")  # what follows the run in a pane file's name
 
 
 def build_manifest(
@@ -81,7 +83,7 @@ def group_into_parts(staged: dict[str, tuple[int, int]], target_bytes: int) -> l
     ``target_bytes`` 0 makes every file a part of its own."""
     parts, size, run = [], 0, None
     for path in sorted(staged):
-        file_run = posixpath.basename(path).rsplit("-p", 1)[0]
+        file_run = PANE_NUMBER.sub("", posixpath.basename(path))
         bytes_ = staged[path][1]
         if not parts or file_run != run or not target_bytes or size + bytes_ > target_bytes:
             parts.append([])

@@ -103,7 +103,10 @@ def partition_dir(root: str, event_type: str, window_start_seconds: float, windo
 
 STAGED_SERIES = "p"  # panes written to staging, the dead letters, the raw archive: each a root of its own
 LATE_SERIES = "l"  # panes written to the late root, beside staged panes moved there under their own name
-SERIES = (STAGED_SERIES, LATE_SERIES)
+# Late panes staged for an hour without its marker yet (``transforms.late``): their own names, in staging and
+# in the late root once moved there, never those of a pane written late.
+STAGED_LATE_SERIES = "q"
+SERIES = (STAGED_SERIES, LATE_SERIES, STAGED_LATE_SERIES)
 
 
 def pane_file_name(

@@ -22,9 +22,10 @@ from event_delivery.contract import partitions
 from tests.publishing import publish_planned
 from tests.streams import local_keys, local_settings
 from tests.unit.test_close_retries import Runner, crash_after, crashes, hour_settings, stage
-from tests.unit.test_late_repeats import CLOSES_AT, SHARDS, START, ids_of_shard, run_publish_hours, stage_files
+from tests.unit.test_late_repeats import CLOSES_AT, SHARDS, START, event, ids_of_shard, run_publish_hours, stage_files
 from transforms import close, close_repeats, id_index, leftover_hours, publish
-from transforms.reports import DUPLICATES, report
+from transforms.records import event_record
+from transforms.reports import DELIVERED, DUPLICATES, report
 
 
 @settings(max_examples=200, deadline=None)
@@ -208,3 +209,28 @@ def test_a_restart_after_a_cancelled_close_moves_its_copies_late_only_checked(
     )
     assert (delivered, late) == (sorted(ids[:4]), [ids[4]]), "each id once, delivered or late"
     assert partitions.late_duplicates(layout, START) == 2
+
+
+def test_repeats_of_this_run_are_dropped_in_a_chunk_beside_a_file_of_another_shard_count(tmp_path, registry):
+    """After a drain and a deploy with another shard count, an old run's file names shard 0 and holds ids of
+    other shards: the index of the hour is skipped (late panes go unchecked, counted), but the ids of the
+    task's own shard are still sent, so this run's repeats in that chunk are dropped."""
+    settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
+    layout, schema = settings.layout, registry["service_log"].parsed_delivered_schema
+    staging = layout.hour(layout.staging, START)
+    old_ids = [i for i in (f"o{n}" for n in range(100)) if id_index.shard_of(i, 3) == 0][:5]  # of 3 shards
+    assert any(id_index.shard_of(i, SHARDS) == 1 for i in old_ids)
+    old = partitions.join(staging, partitions.pane_file_name("service_log", "oldrun", 0, 0, "w9"))
+    files.write_avro(old, schema, [event_record(event(registry, i)) for i in old_ids], files.UNCOMPRESSED)
+    [repeated] = ids_of_shard(0, 1, "x")
+    reports = [report(DELIVERED, len(old_ids), old)]
+    for number, writer in ((0, "w1"), (1, "w2")):  # two writers' panes
+        path = partitions.join(staging, partitions.pane_file_name("service_log", settings.run_id, number, 0, writer))
+        files.write_avro(path, schema, [event_record(event(registry, repeated))], files.UNCOMPRESSED)
+        reports.append(report(DELIVERED, 1, path))
+    plan = publish.plan_hour(layout, START, CLOSES_AT, reports, False, 0, SHARDS)
+    manifest = publish_planned(layout, START, plan)
+
+    published = [i for f in manifest["files"] for i in files.read_event_ids(f["path"])]
+    assert sorted(published) == sorted([*old_ids, repeated]) and manifest["accounting"]["duplicates"] == 1
+    assert files.glob(partitions.join(layout.hour(layout.id_index, START), "*skipped*")), "the index is skipped"

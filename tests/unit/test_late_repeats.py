@@ -25,10 +25,10 @@ from event_delivery.contract import partitions
 from pipelines.delivery import deliver
 from pipelines.runtime import LOCAL_RUNNER
 from tests.messages import forgotten_event, message, valid_fields
-from tests.publishing import publish_planned
+from tests.publishing import Cell, publish_planned
 from tests.streams import LATENESS, START, TRIGGER, WINDOW, Clock, local_keys, local_settings, streaming_pipeline
 from tools.ops.audit import audit_type
-from transforms import id_index, index_buckets, publish, publish_hours
+from transforms import close, id_index, index_buckets, publish, publish_hours
 from transforms import late as late_path
 from transforms.hours import shard_of
 from transforms.id_index import index_bucket
@@ -150,13 +150,14 @@ def test_a_late_pane_that_holds_a_copy_twice_writes_it_once_and_counts_the_other
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 1), (LATE, 2)], "and the other copy counted"
 
 
-def test_a_late_pane_of_an_hour_without_its_marker_is_staged_for_its_close_and_a_retry_after_it_deletes_that(
+def test_a_late_pane_of_an_hour_without_its_marker_is_staged_for_its_close_and_a_lost_trys_stays_for_the_next_run(
     tmp_path, registry
 ):
     """Before the marker the hour's index is not complete (its close has not planned or not finished): the
-    late pane is staged, reported delivered, for the close to publish it, or to move it late less the ids
-    the hour holds once the marker is written. A try whose commit was lost may have staged it just before
-    the marker; the retry after writes it checked, and deletes what that try staged."""
+    late pane is staged under a name of its own, reported delivered, for the close to publish it, or to move
+    it late less the ids the hour holds once the marker is written. A try whose commit was lost may have
+    staged it just before the marker; the retry after writes it checked, and the lost try's file, which no
+    report names, stays staged until a later run's start moves it late less what the hour holds."""
     settings = local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), num_shards=SHARDS)
     fn = WriteLatePaneFn(settings)
     fn.setup()
@@ -170,7 +171,12 @@ def test_a_late_pane_of_an_hour_without_its_marker_is_staged_for_its_close_and_a
     close_an_hour(settings, registry, {0: delivered})
     outputs = write_late(fn, number, registry, 0, "", pane)  # the retry, after the marker
     assert [(kind, n) for kind, n, _ in outputs] == [(DUPLICATES, 2), (LATE, 1)] and late_ids(settings.layout) == [new]
-    assert not files.exists(staged), "the lost try's staged pane is gone: no report of it reaches the close"
+    assert files.exists(staged) and partitions.STAGED_LATE_SERIES + "00000" in staged, "a name no late pane has"
+
+    next_run = close.CloseHourFn(local_settings(tmp_path, registry["service_log"], local_keys(tmp_path), "run2"))
+    next_run.setup()
+    next_run._clear_up_after_the_marker(WINDOW_OF_THE_HOUR)  # at its start
+    assert late_ids(settings.layout) == [new] and not files.exists(staged), "each id delivered or late once"
 
 
 def stage_after_the_close(settings, registry, ids: list[str], run_id: str = "run2", shard: int = 0) -> str:
@@ -614,3 +620,19 @@ def test_the_delivery_path_drops_repeats_that_come_long_after_the_close(stream_s
     assert late_ids(s.layout) == ["late-1"], "delivered and late hold each id once"
     assert (hour.delivered, hour.late, hour.duplicates) == (6, 1, 4 + 3 + 1)
     assert hour.total == len(sent) + 5 + 4, "in = delivered + duplicates + late + dead-lettered"
+
+
+def test_each_file_waits_for_the_marker_no_longer_than_its_own_bound():
+    """A file that began to wait late in another's wait gets the whole wait of its own: the files are due
+    once the hour is published, or each once it waited ``WAITING_SECONDS``; the timer looks again for the
+    rest, and stops once none is left."""
+    values = {}
+    waiting = late_path.Waiting(Cell(values, "waiting", []), Cell(values, "looking"), Cell(values, "timer"))
+    waiting.add("first", 0)
+    waiting.add("second", late_path.WAITING_SECONDS - 60)
+    assert values["timer"] == late_path.LOOKING_SECONDS, "set once, by the first"
+    assert waiting.due(published=False, now=late_path.WAITING_SECONDS - 1) == []
+    assert waiting.due(published=False, now=late_path.WAITING_SECONDS) == ["first"], "the first waited enough"
+    assert values["timer"] == late_path.WAITING_SECONDS + late_path.LOOKING_SECONDS, "and looks again for the rest"
+    assert waiting.due(published=True, now=late_path.WAITING_SECONDS + 60) == ["second"], "published: all of it"
+    assert "looking" not in values and not values.get("waiting"), "nothing waits, nothing looks"
