@@ -95,7 +95,8 @@ def table(results: dict) -> str:
     if results.get("ledger"):
         costs = results["ledger"]["per_event"]
         out += (
-            f"\n- Streaming path, per event: {costs['shuffles']} keyed shuffles, {costs['bytes']:,.0f} bytes shuffled, "
+            f"\n- Streaming path, per event: {costs['shuffles']} keyed shuffle{'s' * (costs['shuffles'] != 1)}, "
+            f"{costs['bytes']:,.0f} bytes shuffled, "
             f"{costs['state_reads']:.2f} state reads, {costs['state_writes']:.2f} state writes, "
             f"{costs['timers_set']:.2f} timers set, {costs['keys']:.2f} keys."
         )
