@@ -46,8 +46,9 @@ from transforms.write import WRITE_FAILED, WriteBoundedPaneFn, WriteStreamPaneFn
 _LOG = logging.getLogger(__name__)
 NUMBER = WriteStreamPaneFn.NUMBER
 # Files staged for an hour that is closing but not yet published wait for its marker, when its index is
-# complete, to move late less the ids it holds (``Waiting``): looked for this often, for at most this long
-# (then they move unchecked, counted; a drain waits for them no longer than that).
+# complete, to move late less the ids it holds (``Waiting``): looked for this often, each for at most this
+# long (then it moves unchecked, counted). A drain expires the close's state: they stay staged for the next
+# run's start.
 LOOKING_SECONDS = 60
 WAITING_SECONDS = 1800
 
