@@ -63,16 +63,16 @@ class WriteLatePaneFn(WriteStreamPaneFn):
             settings, settings.layout.late, LATE, schema, None, True, settings.codec, partitions.LATE_SERIES
         )
         self.num_shards = settings.num_shards
-        staging = settings.layout.staging
-        uncompressed, series = files.UNCOMPRESSED, partitions.STAGED_LATE_SERIES
-        self.stage_as = (settings, staging, DELIVERED, schema, None, True, uncompressed, series)
+        staged_late = (files.UNCOMPRESSED, partitions.STAGED_LATE_SERIES)
+        self.staging = WriteBoundedPaneFn(
+            settings, settings.layout.staging, DELIVERED, schema, None, True, *staged_late
+        )
 
     def default_label(self):
         return "WriteLatePaneFn"  # its own name, not the one its parent keeps for running jobs
 
     def setup(self):
         super().setup()
-        self.staging = WriteBoundedPaneFn(*self.stage_as)
         self.staging.setup()
         self.duplicates = beam.metrics.Metrics.counter(slo.NAMESPACE, slo.DUPLICATES)
         self.unchecked = beam.metrics.Metrics.counter(slo.NAMESPACE, "late_panes_unchecked")

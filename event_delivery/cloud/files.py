@@ -169,9 +169,13 @@ def _blocks_after(sources: list[str], schema):
     for source in sources[1:]:
         with FileSystems.open(source, mime_type="application/octet-stream") as handle:
             blocks = fastavro.block_reader(handle)
-            if blocks.writer_schema != schema:
-                raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+            _check_one_schema(blocks.writer_schema, schema, source, sources[0])
             yield from blocks
+
+
+def _check_one_schema(source_schema, schema, source: str, first: str) -> None:
+    if source_schema != schema:
+        raise ValueError(f"{source} has another writer schema than {first}: they cannot share a file")
 
 
 def rewrite_avro_without(
@@ -194,8 +198,7 @@ def rewrite_avro_without(
         nonlocal kept
         for number, source in enumerate(sources):
             source_schema, records = (schema, first) if number == 0 else _opened(source)
-            if source_schema != schema:
-                raise ValueError(f"{source} has another writer schema than {sources[0]}: they cannot share a file")
+            _check_one_schema(source_schema, schema, source, sources[0])
             left_out = leave_out.get(source, ())
             for event_id, record in records:
                 if event_id not in left_out:

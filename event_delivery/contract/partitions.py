@@ -107,6 +107,7 @@ LATE_SERIES = "l"  # panes written to the late root, beside staged panes moved t
 # in the late root once moved there, never those of a pane written late.
 STAGED_LATE_SERIES = "q"
 SERIES = (STAGED_SERIES, LATE_SERIES, STAGED_LATE_SERIES)
+_PANE_SERIES = re.compile(rf"-[{''.join(SERIES)}]\d+-s\d+(?:-w[^/]*)?\.avro$")  # a pane file's name, after its run
 
 
 def pane_file_name(
@@ -184,9 +185,12 @@ def shard_files_of_other_runs(folder: str, event_type: str, run_id: str, shard: 
     """Pane files in ``folder`` written by runs other than ``run_id`` (of one shard, if given), of either
     series: a late pane is staged too while its hour has no marker (``transforms.late``)."""
     shard_parts = ["*"] if shard is None else [f"s{shard:03d}", f"s{shard:03d}-w*"]
-    patterns = [f"{event_type}-*-{series}*-{part}.avro" for series in SERIES for part in shard_parts]
-    paths = [path for pattern in patterns for path in files.glob(join(folder, pattern))]
-    return [path for path in paths if not path.rsplit("/", 1)[-1].startswith(f"{event_type}-{run_id}-")]
+    # One listing per shard part, whatever the series: a busy hour's folder holds ~290,000 files.
+    paths = [path for part in shard_parts for path in files.glob(join(folder, f"{event_type}-*-{part}.avro"))]
+    names = ((path, path.rsplit("/", 1)[-1]) for path in paths)
+    return [
+        path for path, name in names if _PANE_SERIES.search(name) and not name.startswith(f"{event_type}-{run_id}-")
+    ]
 
 
 def staged_by_other_runs(layout: Layout, run_id: str, name: str = "*.avro") -> dict[int, list[str]]:
